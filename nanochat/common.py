@@ -1,0 +1,127 @@
+"""Shared plumbing for every stage: base dir, device/dtype detection, torchrun init, seeding, printing.
+
+Nothing here knows about models or data; it only answers "where am I running and with what".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def get_base_dir() -> Path:
+    """Root for data, tokenizer, checkpoints, runs and the report (NANOCHAT_BASE_DIR)."""
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def autodetect_device() -> torch.device:
+    """CUDA when present, else CPU. NANOCHAT_DEVICE=cpu|cuda|mps forces one."""
+    forced = os.environ.get("NANOCHAT_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+def autodetect_dtype(device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 on CUDA with SM >= 80, fp32 elsewhere. NANOCHAT_DTYPE overrides."""
+    forced = os.environ.get("NANOCHAT_DTYPE")
+    if forced:
+        if forced not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={forced!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[forced]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class DistInfo:
+    is_ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    device = autodetect_device()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(False, 0, 0, 1, device)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return DistInfo(True, rank, local_rank, world_size, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed so progress shows under torchrun and tee."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report MFU as None rather than a guess.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
+               "RTX 4090": 165e12, "RTX 3090": 71e12, "GH200": 989e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in sorted(_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,137 @@
+"""One logging interface for every stage: Weights & Biases plus a local JSON-lines mirror.
+
+Each `log(metrics, step)` call writes one JSON object to `<base>/runs/<run>/<stage>.jsonl` and, when
+W&B is usable, the same metrics to W&B. W&B follows its own variables (WANDB_MODE, WANDB_PROJECT,
+WANDB_ENTITY, WANDB_API_KEY); with no key and no mode it runs offline and says how to sync later.
+Only rank 0 logs; other ranks get a tracker that does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from nanochat.common import get_base_dir, get_rank
+
+DEFAULT_PROJECT = "nanochat-aquarat"
+
+
+def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default=os.environ.get("NANOCHAT_RUN", "local"),
+                        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN)")
+    parser.add_argument("--no-wandb", action="store_true",
+                        help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def wandb_mode() -> str:
+    """The W&B mode to use: W&B's own variable if set, online with a key, otherwise offline."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    return "offline"
+
+
+class Tracker:
+    def __init__(self, stage: str, run: str = "local", config: dict | None = None,
+                 use_wandb: bool = True, base_dir: Path | None = None):
+        self.stage = stage
+        self.run = run
+        self.active = get_rank() == 0
+        self._wandb_run = None
+        self.path = None
+        if not self.active:
+            return
+        base = Path(base_dir) if base_dir else get_base_dir()
+        run_dir = base / "runs" / run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / f"{stage}.jsonl"
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._write({"event": "start", "stage": stage, "run": run, "time": time.time(),
+                     "config": {k: _jsonable(v) for k, v in (config or {}).items()}})
+        if use_wandb and wandb_mode() != "disabled":
+            self._start_wandb(config or {}, run_dir)
+
+    def _start_wandb(self, config: dict, run_dir: Path) -> None:
+        mode = wandb_mode()
+        try:
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                entity=os.environ.get("WANDB_ENTITY"),
+                name=f"{self.run}-{self.stage}", group=self.run, job_type=self.stage,
+                config=config, mode=mode, dir=str(run_dir), reinit="finish_previous",
+            )
+        except Exception as exc:  # W&B must never take a training run down with it.
+            print(f"[tracking] W&B unavailable ({type(exc).__name__}: {exc}); logging locally to {self.path}",
+                  flush=True)
+            self._wandb_run = None
+            return
+        if mode == "offline":
+            print(f"[tracking] W&B offline (no WANDB_API_KEY). Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
+                  flush=True)
+
+    def _write(self, obj: dict) -> None:
+        self._file.write(json.dumps(obj) + "\n")
+        self._file.flush()
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.active:
+            return
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        self._write({"step": int(step), **clean})
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in clean.items() if not isinstance(v, str)}, step=int(step))
+
+    def summary(self, metrics: dict) -> None:
+        if not self.active:
+            return
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        self._write({"event": "summary", **clean})
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(clean)
+
+    def finish(self) -> None:
+        if not self.active:
+            return
+        self._write({"event": "end", "time": time.time()})
+        self._file.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+        self.active = False
+
+
+def make_tracker(args: argparse.Namespace, stage: str, config: dict | None = None) -> Tracker:
+    """Build the tracker from the flags added by add_tracking_args."""
+    return Tracker(stage, run=args.run, config=config if config is not None else vars(args),
+                   use_wandb=not args.no_wandb)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a stage log back (report, tests); malformed trailing lines from a killed run are skipped."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
