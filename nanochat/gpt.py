@@ -1,0 +1,366 @@
+"""The GPT model: a small, modern, nanochat-class decoder-only transformer.
+
+Architecture (every choice is on purpose, nothing is optional):
+- token embedding (untied from the unembedding `lm_head`), no positional embedding table;
+- rotary position embeddings (RoPE, base 10000) on queries and keys;
+- QK-norm: parameter-free RMSNorm on q and k per head (stabilises attention logits);
+- parameter-free RMSNorm (`F.rms_norm`, no gain) before attention, before the MLP, after the embedding
+  and before the unembedding;
+- ReLU^2 MLP with a 4x hidden width; no biases anywhere;
+- grouped-query / multi-query attention through `n_kv_head` (n_head % n_kv_head == 0);
+- logit soft-capping `softcap * tanh(logits / softcap)`, logits always returned in float32.
+
+The depth dial (`config_from_depth`), one number sets the model:
+    n_embd    = depth * aspect_ratio                  (aspect_ratio=64 by default)
+    n_head    = max(1, n_embd // head_dim)            (head_dim=128 by default; n_embd % n_head == 0 enforced)
+    n_kv_head = n_head                                (full multi-head attention unless you ask for GQA)
+    n_layer   = depth
+Parameter counts with vocab_size=65536 (per layer 12 * n_embd^2; embedding and lm_head each vocab * n_embd):
+    d8  : n_embd 512,  4 heads,  25.2M in blocks + 67.1M embed/unembed =  92.3M total  (58.7M at vocab 32768)
+    d12 : n_embd 768,  6 heads,  84.9M in blocks + 100.7M              = 185.6M total
+    d20 : n_embd 1280, 10 heads, 393.2M in blocks + 167.8M             = 561.0M total
+    d26 : n_embd 1664, 13 heads, 863.8M in blocks + 218.1M             =   1.08B total
+(The "d8 ~ 60M" of the user's table matches a 32K vocabulary; with the 64K default it is 92M.)
+
+Dtype design (one rule): parameters are ALWAYS float32 (they are the master weights, the optimizers
+do their math on them in fp32). The compute dtype is `common.autodetect_dtype(device)`: bf16 on CUDA
+with SM >= 80, fp32 elsewhere, `NANOCHAT_DTYPE` overrides. When it is not fp32, `forward` wraps itself
+in `torch.autocast(device_type, compute_dtype)`, so matmuls run in bf16 while weights, gradients and
+optimizer state stay fp32. Callers do not need their own autocast. Logits are cast to fp32 before the
+soft-cap and the loss. `model.compute_dtype` can be set explicitly (None = autodetect per device).
+fp16 is accepted but there is no GradScaler here: use it for inference only.
+
+Weights init (nanochat-style): embedding N(0, 1) (its output is RMS-normed anyway), lm_head N(0, 0.001)
+(near-uniform initial predictions), q/k/v and MLP input projections U(-a, a) with a = sqrt(3) / sqrt(n_embd)
+(std n_embd^-0.5), and every output projection (attention c_proj, MLP c_proj) ZERO, so each block starts
+as the identity and the residual stream is just the normalised embedding.
+
+Construction on the meta device is supported and cheap (for parameter counting or for
+`model.to_empty(device=...)` followed by `model.init_weights()`): `__init__` skips initialisation when
+the parameters are on the meta device. On a real device `__init__` calls `init_weights()` itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import autodetect_dtype
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head, MQA when 1)
+    n_embd: int = 768
+    softcap: float = 15.0  # logit soft-cap; 0 disables it
+
+
+def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
+                      head_dim: int = 128) -> GPTConfig:
+    """The one dial: see the module docstring for the rules."""
+    if depth < 1:
+        raise ValueError(f"--depth must be >= 1, got {depth}")
+    n_embd = depth * aspect_ratio
+    n_head = max(1, n_embd // head_dim)
+    if n_embd % n_head != 0:
+        raise ValueError(f"depth={depth} * aspect_ratio={aspect_ratio} = {n_embd} is not divisible into "
+                         f"{n_head} heads of ~{head_dim}; pick a depth/aspect_ratio/head_dim that divides")
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # Parameter-free RMSNorm over the last dimension.
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Pre-allocated key/value cache for incremental decoding.
+
+    Layout: (num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim). Each layer's attention calls
+    `insert(layer_idx, k, v)` with the new keys/values (B, H_kv, T_new, D) and gets back views of all
+    keys/values so far (B, H_kv, pos + T_new, D). The position advances after the last layer inserts,
+    so one model forward = one step of the cache. `get_pos()` is the number of tokens already cached.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, seq_len: int, head_dim: int, num_layers: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.batch_size, self.num_kv_heads, self.seq_len = batch_size, num_kv_heads, seq_len
+        self.head_dim, self.num_layers = head_dim, num_layers
+        self.device, self.dtype = torch.device(device), dtype
+        self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, device=device, dtype=dtype)
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def get_pos(self) -> int:
+        return self.pos
+
+    def insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, T, D = k.shape
+        if B != self.batch_size or H != self.num_kv_heads or D != self.head_dim:
+            raise ValueError(f"KVCache was built for (B={self.batch_size}, H_kv={self.num_kv_heads}, D={self.head_dim}) "
+                             f"but got keys of shape (B={B}, H_kv={H}, D={D})")
+        end = self.pos + T
+        if end > self.seq_len:
+            raise ValueError(f"KVCache overflow: {end} tokens > seq_len={self.seq_len}; build a longer cache")
+        self.kv[layer_idx, 0, :, :, self.pos:end] = k
+        self.kv[layer_idx, 1, :, :, self.pos:end] = v
+        keys, values = self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return keys, values
+
+    def repeat_batch(self, n: int) -> "KVCache":
+        """New cache with every row repeated n times (batch 1 prefill -> n samples), same position."""
+        new = KVCache.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.batch_size = self.batch_size * n
+        new.kv = self.kv.repeat_interleave(n, dim=2).contiguous()
+        return new
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.n_embd = config.n_head, config.n_kv_head, config.n_embd
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
+        if config.n_head % config.n_kv_head != 0:
+            raise ValueError(f"n_head={config.n_head} must be divisible by n_kv_head={config.n_kv_head}")
+        self.head_dim = config.n_embd // config.n_head
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache: KVCache | None = None, attn_capture: list | None = None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(norm(q), cos, sin), apply_rotary_emb(norm(k), cos, sin)
+        # (B, H, T, D) for attention; q/k/v share v's dtype (bf16 under autocast), the cache its own.
+        q, k, v = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype), v.transpose(1, 2)
+        pos = 0
+        if kv_cache is not None:
+            pos = kv_cache.get_pos()
+            k, v = kv_cache.insert(self.layer_idx, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        Tq, Tk = q.size(2), k.size(2)
+        # Query i sits at absolute position pos + i and may see keys 0..pos + i.
+        if attn_capture is not None:
+            y = self._explicit_attention(q, k, v, pos, attn_capture)
+        elif Tq == Tk:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        elif Tq == 1:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            mask = causal_mask(Tq, Tk, pos, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+    def _explicit_attention(self, q, k, v, pos, attn_capture):
+        """softmax(QK^T / sqrt(d)) V in fp32, appending the probabilities [B, n_head, Tq, Tk]."""
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:  # same head grouping as SDPA's enable_gqa: query head h uses kv head h // rep
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 even inside bf16 autocast
+            scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
+            mask = causal_mask(q.size(2), k.size(2), pos, q.device)
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            y = probs @ v.float()
+        attn_capture.append(probs)
+        return y.to(v.dtype)
+
+
+def causal_mask(Tq: int, Tk: int, pos: int, device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend. Query i is at absolute position pos + i."""
+    qi = torch.arange(Tq, device=device).unsqueeze(1) + pos
+    kj = torch.arange(Tk, device=device).unsqueeze(0)
+    return kj <= qi
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training context so generation can run past it without a re-alloc.
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # not in state_dict: recomputed from config
+        self.register_buffer("sin", sin, persistent=False)
+        self.compute_dtype: torch.dtype | None = None  # None = common.autodetect_dtype(device) at forward
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @staticmethod
+    def _rotary_tables(seq_len, head_dim, base=10000.0, device=None):
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the rotary tables in place (see module docstring)."""
+        cfg = self.config
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = math.sqrt(3.0) * cfg.n_embd ** -0.5  # uniform with std n_embd^-0.5
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def get_compute_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return autodetect_dtype(device if device is not None else self.get_device())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token (fwd + bwd): 6 * (params in matmuls) + attention score/value matmuls.
+
+        The embedding lookup is not a matmul, so wte is excluded; lm_head is included. The attention term
+        12 * n_layer * n_head * head_dim * sequence_len counts QK^T and AV (2 matmuls x 2 FLOPs x 3 for
+        fwd+bwd) at full context, ignoring the causal halving, as nanochat/PaLM do.
+        """
+        cfg = self.config
+        n_matmul = self.num_params() - self.transformer.wte.weight.numel()
+        head_dim = cfg.n_embd // cfg.n_head
+        return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+
+    def new_kv_cache(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """A KVCache shaped for this model, on its device, in its compute dtype."""
+        cfg = self.config
+        device = device if device is not None else self.get_device()
+        dtype = dtype if dtype is not None else self.get_compute_dtype(device)
+        return KVCache(batch_size, cfg.n_kv_head, seq_len or cfg.sequence_len, cfg.n_embd // cfg.n_head,
+                       cfg.n_layer, device, dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", attn_capture: list | None = None):
+        """idx (B, T) token ids. With targets (B, T, -1 = ignore): cross-entropy loss with `loss_reduction`
+        ("mean" -> scalar over non-ignored tokens; "sum" -> scalar; "none" -> (B, T) with 0 at ignored
+        positions). If every target is -1 the "mean" loss is an exact 0 that still has a graph (backward
+        gives zero grads, never NaN). Without targets: float32 logits (B, T, vocab_size).
+        kv_cache: tokens are placed after the cache's current position (prefill or decode).
+        attn_capture: a list -> the explicit attention path runs and appends one float32 tensor of
+        attention probabilities [B, n_head, Tq, Tk] per layer (Tk includes cached tokens)."""
+        B, T = idx.shape
+        pos = kv_cache.get_pos() if kv_cache is not None else 0
+        if pos + T > self.cos.size(1):
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
+        cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        dtype = self.get_compute_dtype(idx.device)
+        with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x = norm(self.transformer.wte(idx))
+            for block in self.transformer.h:
+                x = block(x, cos_sin, kv_cache, attn_capture)
+            x = norm(x)
+            logits = self.lm_head(x)
+        logits = logits.float()
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        flat_logits, flat_targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if loss_reduction == "mean":
+            # sum / count with count clamped to 1: identical to "mean" normally, 0 (not NaN) if nothing counts.
+            total = F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+            return total / (flat_targets != -1).sum().clamp(min=1)
+        if loss_reduction == "sum":
+            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
+        if loss_reduction == "none":
+            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none").view(B, T)
+        raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+
+    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                         weight_decay: float = 0.0, scalar_lr: float = 0.5, adam_betas=(0.8, 0.95),
+                         muon_momentum: float = 0.95) -> list[torch.optim.Optimizer]:
+        """[AdamW (embedding, lm_head, any <2-D params), Muon (2-D block matrices)], distributed when
+        torch.distributed is initialised. See nanochat/optim.py for the lr rules."""
+        from nanochat.optim import build_optimizers
+        return build_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
+                                matrix_lr=matrix_lr, weight_decay=weight_decay, scalar_lr=scalar_lr,
+                                adam_betas=adam_betas, muon_momentum=muon_momentum)
+
+
+def maybe_compile(model: nn.Module, device: torch.device | str, enabled: bool | None = None) -> nn.Module:
+    """torch.compile the model on CUDA, leave it eager on CPU. NANOCHAT_COMPILE=0/1 overrides the default;
+    an explicit `enabled` overrides both. The compiled wrapper shares parameters with `model`, but its
+    state_dict keys carry an "_orig_mod." prefix: save/load `model` (the original), train with the result.
+    Compile with fixed shapes (dynamic=False): use the uncompiled model for KV-cache decoding."""
+    device = torch.device(device)
+    if enabled is None:
+        env = os.environ.get("NANOCHAT_COMPILE")
+        if env is not None and env not in ("0", "1"):
+            raise ValueError(f"NANOCHAT_COMPILE={env!r}: use 0 or 1")
+        enabled = (env == "1") if env is not None else device.type == "cuda"
+    if not enabled:
+        return model
+    if isinstance(model, GPT) and model.compute_dtype is None:
+        model.compute_dtype = autodetect_dtype(device)  # resolve outside the compiled graph
+    return torch.compile(model, dynamic=False)
