@@ -1,0 +1,210 @@
+"""Batched sampling with the KV cache.
+
+One prompt is prefilled once (batch 1), the cache is expanded to N rows, and the N samples are
+decoded together one token per step. This is what chat_eval (pass@k), chat_cli and RL rollouts use.
+
+What a GenerationResult holds, per sample (row):
+- sequences[i]: the generated token ids only (the prompt is not repeated). When the row stopped on
+  <|assistant_end|> or <|bos|>, that stop token IS included as the last id: RL must be able to
+  reward (and so learn) stopping, and the rendered training conversations also carry
+  <|assistant_end|> with mask 1. A row cut off by max_tokens simply ends (finished[i] is False).
+- masks[i]: 1 for every token the model sampled. All generated tokens are sampled today (there is no
+  tool use that forces tokens in), so masks are all ones; the field exists so RL code never has to
+  guess which tokens it may push gradients through.
+- logprobs[i]: log p(token | prefix) under the model's own distribution at temperature 1, before
+  temperature, top-k or top-p are applied, i.e. log_softmax(logits)[token] of a plain forward. This
+  is the quantity an RL policy-gradient loss recomputes in training mode, so the two are directly
+  comparable (ratio = exp(new - old)). Note that with temperature 0 (greedy) or top-k/top-p the
+  token was drawn from a *different* distribution than these log-probs describe.
+
+Randomness: every row has its own torch.Generator seeded from (seed, row index), and every row
+draws a fresh uniform vector each step whether it is still running or not. So row i's tokens depend
+only on (model, prompt, seed, i, sampling settings): not on num_samples and not on when other rows
+stop. Running with num_samples=2 reproduces the first two rows of a num_samples=8 run.
+Sampling uses the Gumbel-max trick (argmax of logits/T + Gumbel noise), which draws exactly from
+softmax(logits/T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import KVCache
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[list[int]]          # generated ids per row (incl. the stop token when stopped)
+    masks: list[list[int]]              # 1 = sampled by the model
+    logprobs: list[list[float]]         # log p(token) at temperature 1, before top-k/top-p
+    finished: list[bool] = field(default_factory=list)  # True: stopped on a stop token; False: hit max_tokens
+    prompt_len: int = 0
+
+
+def row_seed(seed: int, row: int) -> int:
+    """Seed of row `row` of a batch run with `seed` (a simple mix, so rows and seeds don't collide)."""
+    return (int(seed) * 1_000_003 + int(row) * 7_919 + 12_345) % (2**63 - 1)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Scale by temperature and mask (to -inf) tokens outside top-k and the top-p nucleus. logits: (N, V)."""
+    logits = logits / temperature
+    vocab = logits.size(-1)
+    if top_k is not None and 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _new_cache(self, batch_size: int, seq_len: int) -> KVCache:
+        # the model builds it: its kv-head layout, its device, its compute dtype (bf16 on modern GPUs)
+        return self.model.new_kv_cache(batch_size, seq_len)
+
+    def _check_args(self, tokens, num_samples, max_tokens, temperature, top_k, top_p):
+        if not tokens:
+            raise ValueError("generate: the prompt is empty (it must at least contain <|bos|>)")
+        if num_samples < 1:
+            raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+        if max_tokens < 0:
+            raise ValueError(f"generate: max_tokens must be >= 0, got {max_tokens}")
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
+        # the rotary table reaches past the training context (quality there is the model's problem)
+        limit = getattr(self.model, "rotary_seq_len", self.model.config.sequence_len)
+        if len(tokens) + max_tokens > limit:
+            raise ValueError(f"generate: prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                             f"model's position limit {limit}; shorten the prompt or lower max_tokens")
+
+    @torch.inference_mode()
+    def _steps(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """Yield (next_ids LongTensor (N,), logprobs FloatTensor (N,)) once per decoding step."""
+        device = self._device()
+        n = num_samples
+        gens = []
+        for i in range(n):
+            g = torch.Generator(device=device)
+            g.manual_seed(row_seed(seed, i))
+            gens.append(g)
+        # prefill once with batch 1, then share the prompt's keys/values across the N rows
+        cache = self._new_cache(1, len(tokens) + max_tokens)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=cache)[:, -1, :]
+        cache = cache.repeat_batch(n) if n > 1 else cache
+        logits = logits.expand(n, -1)
+        for step in range(max_tokens):
+            logits = logits.float()
+            logp = F.log_softmax(logits, dim=-1)
+            # one uniform vector per row per step, whatever the other rows do (row independence)
+            noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=device) for g in gens])
+            if temperature == 0.0:
+                next_ids = torch.argmax(logits, dim=-1)
+            else:
+                scaled = filter_logits(logits, temperature, top_k, top_p)
+                gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
+                next_ids = torch.argmax(scaled + gumbel, dim=-1)
+            yield next_ids, logp.gather(1, next_ids[:, None]).squeeze(1)
+            if step + 1 < max_tokens:
+                logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1, :]
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int = 42) -> GenerationResult:
+        """Sample num_samples continuations of one prompt (see the module docstring for the result)."""
+        self._check_args(tokens, num_samples, max_tokens, temperature, top_k, top_p)
+        was_training = self.model.training
+        self.model.eval()
+        n = num_samples
+        seqs = [[] for _ in range(n)]
+        lps = [[] for _ in range(n)]
+        done = [False] * n
+        try:
+            for next_ids, logprobs in self._steps(tokens, n, max_tokens, temperature, top_k, top_p, seed):
+                ids_list, lp_list = next_ids.tolist(), logprobs.tolist()
+                for i in range(n):
+                    if done[i]:
+                        continue  # a finished row keeps decoding (batch shape) but nothing is recorded
+                    seqs[i].append(ids_list[i])
+                    lps[i].append(lp_list[i])
+                    if ids_list[i] in self.stop_tokens:
+                        done[i] = True
+                if all(done):
+                    break
+        finally:
+            self.model.train(was_training)
+        return GenerationResult(sequences=seqs, masks=[[1] * len(s) for s in seqs], logprobs=lps,
+                                finished=done, prompt_len=len(tokens))
+
+    def stream(self, tokens: list[int], max_tokens: int = 256, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 42):
+        """Yield the token ids of one sample as they are decoded (for the CLI); stops after a stop token."""
+        self._check_args(tokens, 1, max_tokens, temperature, top_k, top_p)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for next_ids, _ in self._steps(tokens, 1, max_tokens, temperature, top_k, top_p, seed):
+                tok = int(next_ids[0])
+                yield tok
+                if tok in self.stop_tokens:
+                    return
+        finally:
+            self.model.train(was_training)
+
+
+@torch.inference_mode()
+def generate_nocache(model, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     seed: int = 42, stop_tokens: set[int] | None = None) -> list[list[int]]:
+    """Reference decoder without a KV cache: the full forward of every row's whole sequence each step.
+
+    Same sampling rule and per-row noise as Engine, so with the same seed it produces the same tokens
+    (up to float ties); used by the tests and by scripts/bench_engine.py as the baseline.
+    """
+    device = next(model.parameters()).device
+    stop_tokens = stop_tokens or set()
+    gens = []
+    for i in range(num_samples):
+        g = torch.Generator(device=device)
+        g.manual_seed(row_seed(seed, i))
+        gens.append(g)
+    ids = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
+    out = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for _ in range(max_tokens):
+        logits = model(ids)[:, -1, :].float()
+        noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=device) for g in gens])
+        if temperature == 0.0:
+            next_ids = torch.argmax(logits, dim=-1)
+        else:
+            scaled = filter_logits(logits, temperature, top_k, top_p)
+            next_ids = torch.argmax(scaled - torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7))), dim=-1)
+        for i, t in enumerate(next_ids.tolist()):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in stop_tokens
+        if all(done):
+            break
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+    return out

@@ -1,0 +1,151 @@
+"""Engine: KV-cache batched sampling against plain full forwards (tiny random model, CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.engine import Engine, filter_logits, generate_nocache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    # bytes-only BPE (no merges): 256 + 9 specials, instant to build
+    return Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+
+
+def make_model(tok, seed=0, stop_boost=0.0):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    model = GPT(cfg)
+    with torch.no_grad():
+        # a random init gives near-uniform logits (lm_head std 0.001); make them peaky so ties are impossible
+        model.lm_head.weight.normal_(0.0, 0.5)
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(0.0, 0.1)
+            block.mlp.c_proj.weight.normal_(0.0, 0.1)
+        if stop_boost:
+            # a larger-norm row for <|assistant_end|>: it wins in some states, so rows stop at various steps
+            end = tok.encode_special("<|assistant_end|>")
+            model.lm_head.weight[end] = torch.randn(cfg.n_embd) * 0.5 * stop_boost
+    model.eval()
+    return model
+
+
+def prompt(tok, text="What is 2+2?"):
+    return tok.render_for_completion({"messages": [{"role": "user", "content": text},
+                                                   {"role": "assistant", "content": "x"}]})
+
+
+def test_greedy_equals_argmax_of_full_forwards(tok):
+    model = make_model(tok)
+    ids = prompt(tok)
+    res = Engine(model, tok).generate_batch(ids, num_samples=1, max_tokens=20, temperature=0.0)
+    seq = res.sequences[0]
+    assert len(seq) >= 1
+    # reference: no cache, the whole sequence forwarded every step
+    cur = list(ids)
+    ref = []
+    with torch.no_grad():
+        for _ in range(len(seq)):
+            nxt = int(model(torch.tensor([cur]))[0, -1].argmax())
+            ref.append(nxt)
+            cur.append(nxt)
+    assert seq == ref
+    assert res.masks[0] == [1] * len(seq)
+
+
+def test_logprobs_match_full_forward_log_softmax(tok):
+    model = make_model(tok)
+    ids = prompt(tok)
+    res = Engine(model, tok).generate_batch(ids, num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seed=3)
+    for seq, lps in zip(res.sequences, res.logprobs):
+        assert len(seq) == len(lps)
+        full = torch.tensor([ids + seq])
+        with torch.no_grad():
+            logp = F.log_softmax(model(full)[0].float(), dim=-1)
+        expected = [float(logp[len(ids) - 1 + t, tok_id]) for t, tok_id in enumerate(seq)]
+        assert lps == pytest.approx(expected, abs=1e-4)
+
+
+def test_seed_reproduces_and_differs(tok):
+    model = make_model(tok)
+    eng = Engine(model, tok)
+    ids = prompt(tok)
+    a = eng.generate_batch(ids, num_samples=4, max_tokens=16, temperature=1.0, seed=7)
+    b = eng.generate_batch(ids, num_samples=4, max_tokens=16, temperature=1.0, seed=7)
+    c = eng.generate_batch(ids, num_samples=4, max_tokens=16, temperature=1.0, seed=8)
+    assert a.sequences == b.sequences and a.logprobs == b.logprobs
+    assert a.sequences != c.sequences
+    assert len({tuple(s) for s in a.sequences}) > 1  # rows are different samples, not copies
+
+
+def test_greedy_rows_identical(tok):
+    model = make_model(tok)
+    res = Engine(model, tok).generate_batch(prompt(tok), num_samples=3, max_tokens=10, temperature=0.0)
+    assert res.sequences[0] == res.sequences[1] == res.sequences[2]
+
+
+def test_rows_independent_of_batch_size_and_other_rows_stops(tok):
+    # assistant_end made likely so rows stop at different steps
+    model = make_model(tok, stop_boost=3.0)
+    eng = Engine(model, tok)
+    ids = prompt(tok)
+    big = eng.generate_batch(ids, num_samples=8, max_tokens=30, temperature=1.0, seed=11)
+    small = eng.generate_batch(ids, num_samples=3, max_tokens=30, temperature=1.0, seed=11)
+    end = tok.encode_special("<|assistant_end|>")
+    lengths = {len(s) for s in big.sequences}
+    assert len(lengths) > 1, "test needs rows that stop at different steps"
+    assert any(big.finished)
+    assert small.sequences == big.sequences[:3]
+    for seq, fin in zip(big.sequences, big.finished):
+        assert (seq[-1] == end or seq[-1] == tok.get_bos_token_id()) == fin
+        # nothing after the stop token, and the stop token is kept (RL learns to stop)
+        assert all(t not in (end, tok.get_bos_token_id()) for t in seq[:-1])
+        if not fin:
+            assert len(seq) == 30
+
+
+def test_cache_matches_nocache_reference_sampling(tok):
+    model = make_model(tok)
+    ids = prompt(tok)
+    end = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    res = Engine(model, tok).generate_batch(ids, num_samples=4, max_tokens=15, temperature=0.8, top_p=0.9, seed=5)
+    ref = generate_nocache(model, ids, num_samples=4, max_tokens=15, temperature=0.8, top_p=0.9, seed=5,
+                           stop_tokens=end)
+    assert res.sequences == ref
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    k2 = filter_logits(logits, 1.0, 2, None)
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    p = filter_logits(logits, 1.0, None, 0.7)  # 0.5 < 0.7 -> keep second; 0.8 >= 0.7 -> drop the rest
+    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
+    p1 = filter_logits(logits, 1.0, None, 0.4)  # top token always survives
+    assert torch.isfinite(p1[0, 0]) and torch.isinf(p1[0, 1:]).all()
+
+
+def test_top_k_one_is_greedy(tok):
+    model = make_model(tok)
+    eng = Engine(model, tok)
+    ids = prompt(tok)
+    g = eng.generate_batch(ids, max_tokens=10, temperature=0.0)
+    k1 = eng.generate_batch(ids, max_tokens=10, temperature=1.0, top_k=1, seed=123)
+    assert g.sequences == k1.sequences
+
+
+def test_stream_matches_batch_and_bad_args(tok):
+    model = make_model(tok)
+    eng = Engine(model, tok)
+    ids = prompt(tok)
+    streamed = list(eng.stream(ids, max_tokens=12, temperature=0.9, seed=2))
+    batch = eng.generate_batch(ids, num_samples=1, max_tokens=12, temperature=0.9, seed=2)
+    assert streamed == batch.sequences[0]
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.generate_batch(ids, max_tokens=10_000)
+    with pytest.raises(ValueError, match="temperature"):
+        eng.generate_batch(ids, temperature=-1)
