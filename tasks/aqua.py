@@ -1,0 +1,381 @@
+"""AQuA-RAT (DeepMind, 2017): ~100k algebra word problems, five options A-E, a written rationale.
+
+Sources, in the same example order whichever is used:
+  - Hugging Face `deepmind/aqua_rat` ("raw" config; splits train/validation/test),
+  - a local directory with prepared JSONL (`train.jsonl`, `validation.jsonl`, `test.jsonl`, written by
+    `python -m scripts.prepare_aqua`), or the ORIGINAL JSON-lines files of the AQuA-RAT repository
+    (`train.json`, `dev.json` = validation, `test.json`).
+With data_dir=None, `<base>/data/aqua_rat/<split>.jsonl` is used when prepare_aqua has written it,
+otherwise the Hub.
+
+Each item is a chat conversation:
+  user:      the question, the five options one per line, and the instruction AQUA_INSTRUCTION
+  assistant: the rationale (its own trailing answer statement removed, see clean_rationale)
+             followed by exactly one final line "Answer: X"
+plus "letters" (A-E), "answer" (the gold letter) and "options" (["A)21.5", ...]).
+
+Grading is generative: extract_letter(completion) must name the gold letter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from tasks.common import Task, load_hf_dataset, log
+
+AQUA_LETTERS = ("A", "B", "C", "D", "E")
+ANSWER_PREFIX = "Answer:"  # the final line of every target is f"{ANSWER_PREFIX} {letter}"
+AQUA_INSTRUCTION = 'Solve step by step, then end with the line "Answer: <letter>".'
+HF_PATH, HF_CONFIG = "deepmind/aqua_rat", "raw"
+SPLITS = ("train", "validation", "test")
+ORIGINAL_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
+
+_OFFLINE_HINT = ("AQuA-RAT needs the Hugging Face Hub or a local copy: pass data_dir= (scripts: --data-dir) "
+                 "pointing at a folder with the original train.json/dev.json/test.json, or run "
+                 "`python -m scripts.prepare_aqua --source-dir <that folder>` once to write "
+                 "<base>/data/aqua_rat/*.jsonl, which is then used by default.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows: parsing and validation
+
+
+class BadRow(ValueError):
+    """A row that breaks the AQuA-RAT format (reason in the message)."""
+
+
+_OPTION_RE = re.compile(r"^\s*([A-Za-z])\s*\)(.*)$", re.S)
+
+
+def parse_option(option: str) -> tuple[str, str]:
+    """"A)21.5" -> ("A", "21.5"); also accepts "A) 21.5". Raises BadRow on anything else."""
+    if not isinstance(option, str):
+        raise BadRow(f"option {option!r} is not a string")
+    m = _OPTION_RE.match(option)
+    if not m:
+        raise BadRow(f"option {option!r} is not of the form 'A)value'")
+    return m.group(1), m.group(2).strip()
+
+
+def validate_row(row) -> dict:
+    """Check one raw row and return it normalised: question, values (5), options, rationale, correct."""
+    if not isinstance(row, dict):
+        raise BadRow(f"row is a {type(row).__name__}, expected an object")
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise BadRow("question is missing or empty")
+    options = row.get("options")
+    if not isinstance(options, (list, tuple)) or len(options) != 5:
+        n = len(options) if isinstance(options, (list, tuple)) else type(options).__name__
+        raise BadRow(f"expected exactly 5 options A-E, got {n}")
+    values = []
+    for expected, option in zip(AQUA_LETTERS, options):
+        letter, value = parse_option(option)
+        if letter != expected:
+            raise BadRow(f"option {option!r} should be labelled {expected} (options must be A-E in order)")
+        if not value:
+            raise BadRow(f"option {expected} has no value")
+        values.append(value)
+    correct = row.get("correct")
+    if not isinstance(correct, str) or correct.strip() not in AQUA_LETTERS:
+        raise BadRow(f"correct={correct!r} is not one of A-E")
+    rationale = row.get("rationale") or ""
+    if not isinstance(rationale, str):
+        raise BadRow("rationale is not a string")
+    return {"question": question.strip(), "values": values,
+            "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
+            "rationale": rationale.strip(), "correct": correct.strip()}
+
+
+def iter_validated(rows, split: str, source: str, on_bad_row: str = "skip", max_examples: int | None = None):
+    """Yield normalised rows; a bad row is reported (split, index, source) and skipped or raised."""
+    if on_bad_row not in ("skip", "error"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'error', not {on_bad_row!r}")
+    kept, bad = 0, []
+    for index, row in enumerate(rows):
+        if max_examples is not None and kept >= max_examples:
+            break
+        try:
+            if isinstance(row, BadRow):  # a line that was not even JSON
+                raise row
+            yield validate_row(row)
+            kept += 1
+        except BadRow as e:
+            msg = f"AQuA-RAT {split} row {index} ({source}): {e}"
+            if on_bad_row == "error":
+                raise BadRow(msg + " (on_bad_row='skip' / --on-bad-row skip drops such rows)") from None
+            bad.append(msg)
+    if bad:
+        shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        log(f"AQuA-RAT {split}: skipped {len(bad)} bad row(s) from {source}:\n  {shown}")
+
+
+def read_jsonl_rows(path: Path):
+    """Rows of a JSON-lines file; a line that is not JSON becomes a BadRow (reported by index)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRow(f"line {lineno} is not valid JSON ({e.msg})")
+
+
+def find_local_file(data_dir, split: str) -> Path | None:
+    """Prepared `<split>.jsonl` if present, else the original AQuA-RAT file name, else None."""
+    data_dir = Path(data_dir)
+    for name in (f"{split}.jsonl", ORIGINAL_FILES[split]):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    return None
+
+
+def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples: int | None = None) -> tuple[list[dict], str]:
+    """Validated, normalised rows of one split and a description of where they came from."""
+    if split not in SPLITS:
+        raise ValueError(f"AQuA-RAT split must be one of {SPLITS}, not {split!r}")
+    if data_dir is not None:
+        path = find_local_file(data_dir, split)
+        if path is None:
+            raise FileNotFoundError(f"No AQuA-RAT {split} file in {data_dir}: expected {split}.jsonl "
+                                    f"(scripts.prepare_aqua) or {ORIGINAL_FILES[split]} (original AQuA-RAT)")
+    else:
+        from nanochat.common import get_base_dir
+        path = find_local_file(get_base_dir() / "data" / "aqua_rat", split)
+        if path is not None and path.suffix != ".jsonl":
+            path = None  # only prepare_aqua's own output is picked up implicitly
+    if path is not None:
+        rows = read_jsonl_rows(path)
+        source = str(path)
+    else:
+        rows = load_hf_dataset(HF_PATH, HF_CONFIG, split, hint=_OFFLINE_HINT)
+        source = f"hf:{HF_PATH}/{HF_CONFIG}"
+    return list(iter_validated(rows, split, source, on_bad_row, max_examples)), source
+
+
+# ------------------------------------------------------------------------------------------------
+# Extracting the committed answer letter from free text
+
+# The letter itself is case-sensitive even inside case-insensitive patterns: "a" and "c" are words
+# and variables, never answers.
+_L = r"(?<![A-Za-z0-9])\(?(?-i:(?P<letter>[A-E]))\)?"
+# separators between "answer" and the letter; each repetition consumes a keyword (no regex blow-up)
+_SEP = r"(?:\s*(?:is|was|will\s+be|would\s+be|should\s+be|must\s+be|shall\s+be|=|:|-|–|—|->|=>|⇒))*\s*"
+_OPT = r"(?:(?:option|choice)\s*[:\-]?\s*)?"
+_ANSWER_PATTERNS = [
+    # "Answer: C", "the answer is (C)", "ANSWER:C", "Ans - C", "answer will be option C", "Answer = E"
+    re.compile(r"\b(?:answer|ans)\b" + _SEP + _OPT + _L, re.I),
+    # "correct option is B", "CORRECT OPTION:OPTION E", "right choice: D"
+    re.compile(r"\b(?:correct|right|best)\s+(?:option|choice)" + _SEP + _OPT + _L, re.I),
+    # "C is the correct option", "E is the answer", "Therefore A is correct"
+    re.compile(_L + r"\s+is\s+(?:the\s+)?(?:correct|right|answer)\b", re.I),
+    # "option C is correct", "choice (B) is the right one"
+    re.compile(r"\b(?:option|choice)\s*[:\-]?\s*" + _L + r"\s+is\s+(?:the\s+)?(?:correct|right|answer)\b", re.I),
+    # "Option C" / "So, choice B." as a whole line or closing sentence
+    re.compile(r"(?:^|[.!?;:]\s+)(?:(?:so|thus|hence|therefore|the|final|correct|right)[,\s]+)*"
+               r"(?:option|choice)\s*[:\-]?\s*" + _L + r"[ \t]*[.!]?[ \t]*$", re.I | re.M),
+    # "=> C", "==> D", "∴ B" closing a line
+    re.compile(r"(?:=>|==>|⇒|->|→|∴)\s*" + _L + r"[ \t]*[.!]?[ \t]*$", re.M),
+]
+# Words that may follow an answer letter on the same line without making it suspicious.
+_OK_NEXT_WORDS = {"is", "as", "since", "because", "which", "with", "here", "option", "choice", "correct",
+                  "right", "would", "will", "should", "must", "the", "it", "so", "hence", "thus", "therefore",
+                  "for", "from", "after", "by", "given", "i", "we", "answer", "only", "seems", "looks", "fits"}
+_AFTER_BAD = re.compile(r"""^(?:\s*(?:or|and|/|,|&)\s*\(?(?-i:[A-E])(?![A-Za-z0-9])  # "A or B": undecided
+                              |['’]s\b                                           # "A's share": a person
+                              |[ \t]*[=<>+*/^]                                   # "A = 5": a variable
+                           )""", re.I | re.X)
+_NEXT_WORD = re.compile(r"^[ \t]+([a-z]+)\b")
+_BARE_LINE = re.compile(r"^\s*\(?(?-i:([A-E]))\)?[.!]?\s*$")
+
+
+def _letter_ok(text: str, m: re.Match) -> bool:
+    after = text[m.end("letter"):]
+    if after.startswith(")"):
+        after = after[1:]
+    if _AFTER_BAD.match(after):
+        return False
+    w = _NEXT_WORD.match(after)
+    return not (w and w.group(1) not in _OK_NEXT_WORDS)  # "the answer is A bit larger" is prose
+
+
+def find_answer_statements(text: str) -> list[tuple[int, int, str]]:
+    """All explicit answer statements as (start, end, letter), sorted by position."""
+    found = []
+    for pat in _ANSWER_PATTERNS:
+        for m in pat.finditer(text):
+            if _letter_ok(text, m):
+                found.append((m.start(), m.end(), m.group("letter")))
+    lines = [ln for ln in text.rstrip().split("\n")]
+    if lines:  # a final line that is nothing but a letter ("D", "(D)", "D.") commits to it
+        m = _BARE_LINE.match(lines[-1])
+        if m:
+            start = len(text.rstrip()) - len(lines[-1])
+            found.append((start, start + len(lines[-1]), m.group(1)))
+    found.sort(key=lambda x: (x[1], x[0]))
+    return found
+
+
+_CURRENCY = r"(?:\$|₹|£|€|rs\.?|inr|usd)"
+_NUM = r"[-+−]?(?:\d+\s+\d+/\d+|\d+(?:\.\d+)?/\d+(?:\.\d+)?|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+_VALUE_RE = re.compile(r"^\s*" + _CURRENCY + r"?\s*(" + _NUM + r")\s*(?:" + _CURRENCY + r"|[a-z%°²³/.\s])*$", re.I)
+# a number in running text; "25km" counts, "2x" (a coefficient) and "x2" do not
+_NUM_IN_TEXT = re.compile(r"(?:(?<=[Rr]s\.)|(?<![\w.]))" + _NUM + r"(?![\d/]|\.\d|,\d|[xyznk](?![a-z]))")
+
+
+def _to_float(s: str) -> float | None:
+    s = s.replace(",", "").replace("−", "-").strip()
+    try:
+        if " " in s:  # mixed number "3 1/2"
+            whole, frac = s.split(None, 1)
+            n, d = frac.split("/")
+            sign = -1.0 if whole.startswith("-") else 1.0
+            return float(whole) + sign * float(n) / float(d)
+        if "/" in s:
+            n, d = s.split("/")
+            return float(n) / float(d)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def option_number(value: str) -> float | None:
+    """The number an option value stands for ("$1,200" -> 1200, "16/7 hours" -> 2.2857), else None."""
+    m = _VALUE_RE.match(value)
+    return _to_float(m.group(1)) if m else None
+
+
+# A final value must read as a result: "= 25km", "is Rs. 500", "x: 12", or a line that starts with it.
+# "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own.
+_RESULT_LEAD = re.compile(r"(?:^|=|:|≈|~|\b(?:is|be|are|was|equals|approx\.?|approximately|about))\s*"
+                          + _CURRENCY + r"?\s*$", re.I)
+
+
+def final_number(text: str) -> float | None:
+    """The final computed value: the last number of the last line with a digit, if it reads as a result."""
+    for line in reversed(text.strip().split("\n")):
+        if re.search(r"\d", line):
+            nums = list(_NUM_IN_TEXT.finditer(line))
+            if not nums:
+                return None
+            last = nums[-1]
+            if not _RESULT_LEAD.search(line[:last.start()]):
+                return None
+            return _to_float(last.group(0))
+    return None
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= max(1e-9, 1e-3 * max(abs(a), abs(b)))
+
+
+def extract_letter(completion: str, options: list[str] | None = None) -> str | None:
+    """The answer letter (A-E) a completion commits to, or None.
+
+    1. The LAST explicit answer statement ("Answer: C", "the answer is (C)", "C is the correct option",
+       "Option C" closing a line, "=> C", a last line that is just "C", ...). Letters are uppercase
+       A-E only; a letter followed by another choice ("A or B"), by "=" (a variable) or by ordinary
+       prose ("A bit") does not count.
+    2. Otherwise, with options given: the final number of the text (its last line with a digit)
+       compared with the options' numeric values (units and currency stripped, 0.1% tolerance);
+       exactly one option must match.
+    3. Otherwise None. Precision over recall: a wrong letter is a wrong RL reward.
+    """
+    if not completion:
+        return None
+    statements = find_answer_statements(completion)
+    if statements:
+        return statements[-1][2]
+    if not options:
+        return None
+    target = final_number(completion)
+    if target is None:
+        return None
+    hits = []
+    for i, option in enumerate(options):
+        try:
+            letter, value = parse_option(option)
+        except BadRow:
+            letter, value = AQUA_LETTERS[i] if i < 5 else None, str(option)
+        x = option_number(value)
+        if letter and x is not None and _close(x, target):
+            hits.append(letter)
+    return hits[0] if len(hits) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversations
+
+
+_TRAILING_FILLER = re.compile(r"(?:[\s,;:\-=>⇒∴.]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
+                              r"and|option|choice|is|then|my)\b)*$", re.I)
+
+
+def clean_rationale(rationale: str) -> str:
+    """Drop the rationale's own closing answer statement so the target ends in exactly one "Answer: X".
+
+    Only a statement on the LAST line is removed, together with what follows it on that line when that
+    is short (an echoed value like ") 109 rolls") and lead-in words before it ("So the correct").
+    Statements earlier in the text are kept: they are part of the reasoning. Whatever the original
+    letter said, the target's final line carries the gold letter (a handful of AQuA-RAT rows disagree).
+    """
+    text = rationale.strip()
+    if not text:
+        return ""
+    last_start = text.rfind("\n") + 1
+    statements = [s for s in find_answer_statements(text) if s[0] >= last_start]
+    if not statements:
+        return text
+    start, end, _ = statements[-1]
+    if len(text) - end > 30:  # a long tail after the letter is more reasoning, keep it all
+        return text
+    # the statement may itself open with lead-ins ("Correct answer") that the pattern started after
+    head = text[:start]
+    head = head[:len(head) - len(_TRAILING_FILLER.search(head).group(0))] if head else head
+    return head.rstrip()
+
+
+def render_aqua_prompt(question: str, values: list[str], letters=AQUA_LETTERS) -> str:
+    """The user message shared by AquaRat and SyntheticAqua."""
+    opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
+    return f"{question.strip()}\n\n{opts}\n\n{AQUA_INSTRUCTION}"
+
+
+def make_aqua_conversation(question: str, values: list[str], rationale: str, answer: str) -> dict:
+    """One AQuA-style item: prompt, target (rationale + one final 'Answer: X'), MC keys."""
+    target = (rationale.strip() + "\n" if rationale.strip() else "") + f"{ANSWER_PREFIX} {answer}"
+    return {
+        "messages": [{"role": "user", "content": render_aqua_prompt(question, values)},
+                     {"role": "assistant", "content": target}],
+        "letters": list(AQUA_LETTERS),
+        "answer": answer,
+        "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
+    }
+
+
+class AquaRat(Task):
+    """AQuA-RAT as a generative chat task (see the module docstring for sources and item format)."""
+
+    name = "aqua"
+    eval_type = "generative"
+
+    def __init__(self, split: str = "train", data_dir=None, max_examples: int | None = None,
+                 on_bad_row: str = "skip", **kwargs):
+        super().__init__(**kwargs)
+        self.split = split
+        self.rows, self.source = load_rows(split, data_dir, on_bad_row, max_examples)
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        return make_aqua_conversation(row["question"], row["values"], clean_rationale(row["rationale"]),
+                                      row["correct"])
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        return int(extract_letter(completion, conversation.get("options")) == conversation["answer"])
