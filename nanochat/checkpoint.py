@@ -1,0 +1,406 @@
+"""Checkpoints: atomic save, integrity-checked load, keep-last-N pruning, exact resume.
+
+Layout: <base>/checkpoints/<stage>/<tag>/step_<06d>/
+    model.pt            rank 0: the model state_dict
+    optim_rank<r>.pt    rank r: list of optimizer state_dicts (sharded optimizers differ per rank)
+    meta.json           rank 0, written LAST: the caller's meta + "step", "files" (name -> size, optional
+                        sha256), "world_size" and "rank_state" (one JSON-able entry per rank, e.g. the
+                        data-loader state and RNG state of that rank)
+
+Every file goes to a temporary name, is fsynced and then os.replace()d into place, so a crash leaves either
+the old file or the new one, never half of one. A step directory counts as complete only once meta.json
+exists and every file it lists is present with the recorded size and a readable zip directory (torch.save
+writes zip archives, whose central directory sits at the very end: a truncated file fails to open).
+Everything is loaded with torch.load(weights_only=True): checkpoints hold tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanochat.common import autodetect_device, get_base_dir
+
+STAGES = ("base", "mid", "sft", "rl")
+META_NAME = "meta.json"
+MODEL_NAME = "model.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(stage: str, tag: str) -> Path:
+    """<base>/checkpoints/<stage>/<tag> (not created here; save_checkpoint creates it)."""
+    return get_base_dir() / "checkpoints" / stage / tag
+
+
+def step_dir(ckpt_dir: str | Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"step_{int(step):06d}"
+
+
+def optim_name(rank: int) -> str:
+    return f"optim_rank{rank}.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# atomic file writing
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself lives in the directory entry; fsync the directory so it survives a power cut.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj, path: Path, checksum: bool) -> dict:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        info = {"size": tmp.stat().st_size}
+        if checksum:
+            info["sha256"] = _sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return info
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saving
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip the wrappers' key prefixes: torch.compile adds `_orig_mod.`, DDP adds `module.`."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in ("_orig_mod.", "module."):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        key = key.replace("._orig_mod.", ".")
+        out[key] = value
+    return out
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, optimizer_states: list | None,
+                    meta: dict, rank: int = 0, keep_last: int | None = 2, rank_state: dict | None = None,
+                    checksum: bool = False) -> Path:
+    """Write <ckpt_dir>/step_<step>/ atomically and return that directory.
+
+    Call it on EVERY rank when torch.distributed is initialised (it synchronises them): rank 0 writes
+    model.pt and meta.json, each rank writes optim_rank<r>.pt (when optimizer_states is not None).
+    meta must be JSON-serialisable; "step" is filled in. rank_state (JSON-able, per rank: data-loader
+    state, RNG state, ...) is gathered into meta["rank_state"][r]. keep_last: keep this many newest
+    complete checkpoints (None or 0 keeps all; the newest complete one is never removed).
+    checksum=True also records sha256 of every file (verified on load; costs a read of each file).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    out_dir = step_dir(ckpt_dir, step)
+    meta = dict(meta)
+    meta["step"] = int(step)
+    try:  # fail before touching the disk if meta cannot be written
+        json.dumps(meta)
+        json.dumps(rank_state)
+    except TypeError as e:
+        raise TypeError(f"checkpoint meta/rank_state must be JSON-serialisable (step {step}): {e}") from e
+
+    distributed = _dist_on()
+    world_size = dist.get_world_size() if distributed else 1
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Re-saving a step (e.g. after a resume): mark it incomplete before overwriting anything.
+        (out_dir / META_NAME).unlink(missing_ok=True)
+    if distributed:
+        dist.barrier()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    files: dict[str, dict] = {}
+    if optimizer_states is not None:
+        files[optim_name(rank)] = _atomic_torch_save(list(optimizer_states), out_dir / optim_name(rank), checksum)
+    if rank == 0 and model_state is not None:
+        files[MODEL_NAME] = _atomic_torch_save(clean_state_dict(model_state), out_dir / MODEL_NAME, checksum)
+    _fsync_dir(out_dir)
+
+    gathered = [(files, rank_state)]
+    if distributed:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (files, rank_state))
+
+    if rank == 0:
+        all_files: dict[str, dict] = {}
+        for rank_files, _ in gathered:
+            all_files.update(rank_files)
+        meta["files"] = dict(sorted(all_files.items()))
+        meta["world_size"] = world_size
+        if any(rs is not None for _, rs in gathered):
+            meta["rank_state"] = [rs for _, rs in gathered]
+        meta["saved_at"] = time.time()
+        _atomic_write_text(json.dumps(meta, indent=1), out_dir / META_NAME)  # LAST: marks the step complete
+        if keep_last:
+            _prune(ckpt_dir, keep_last, protect=int(step))
+    if distributed:
+        dist.barrier()  # on return the checkpoint is complete for everyone
+    return out_dir
+
+
+def _prune(ckpt_dir: Path, keep_last: int, protect: int) -> None:
+    """Keep the newest `keep_last` complete steps; drop older ones and broken leftovers of crashed saves."""
+    keep_last = max(1, int(keep_last))
+    complete, broken = [], []
+    for step, path in _list_step_dirs(ckpt_dir):
+        ok, _ = _verify(path, deep=False)
+        (complete if ok else broken).append((step, path))
+    keep = {s for s, _ in complete[-keep_last:]} | {protect}
+    for step, path in complete[:-keep_last] + broken:
+        if step not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# finding and verifying
+
+
+def _list_step_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _read_meta(path: Path) -> dict:
+    with open(path / META_NAME, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
+    """(ok, reason). Shallow: meta.json parses and listed files have their sizes. Deep: zip directories open."""
+    if not (path / META_NAME).exists():
+        return False, "no meta.json (save never finished)"
+    try:
+        meta = _read_meta(path)
+    except (OSError, ValueError) as e:
+        return False, f"unreadable meta.json ({e})"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return False, "meta.json lists no files"
+    for name, info in files.items():
+        f = path / name
+        if not f.exists():
+            return False, f"{name} is missing"
+        size = f.stat().st_size
+        if size != info.get("size"):
+            return False, f"{name} has {size} bytes, meta.json says {info.get('size')} (truncated?)"
+        if deep:
+            try:
+                with zipfile.ZipFile(f) as zf:
+                    zf.infolist()
+            except (zipfile.BadZipFile, OSError) as e:
+                return False, f"{name} is not a readable torch file ({e})"
+    return True, ""
+
+
+def list_complete_steps(ckpt_dir: str | Path) -> list[int]:
+    """All steps that pass verification, oldest first (no warnings)."""
+    return [s for s, p in _list_step_dirs(ckpt_dir) if _verify(p)[0]]
+
+
+def find_last_step(ckpt_dir: str | Path) -> int | None:
+    """Newest complete and readable step in ckpt_dir, or None. Newer broken ones are skipped with a warning."""
+    for step, path in reversed(_list_step_dirs(ckpt_dir)):
+        ok, reason = _verify(path)
+        if ok:
+            return step
+        warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_step(path: Path, device, load_optimizer: bool, rank: int):
+    meta = _read_meta(path)
+    files = meta.get("files", {})
+
+    def load(name):
+        f = path / name
+        expected = files.get(name, {}).get("sha256")
+        if expected and _sha256(f) != expected:
+            raise RuntimeError(f"{f}: sha256 mismatch (file corrupted on disk)")
+        return torch.load(f, map_location=device, weights_only=True)
+
+    model_state = load(MODEL_NAME) if (path / MODEL_NAME).exists() else None
+    optim_states = None
+    if load_optimizer:
+        name = optim_name(rank)
+        if not (path / name).exists():
+            raise FileNotFoundError(
+                f"{path / name} is missing: this checkpoint was saved with world_size={meta.get('world_size')}; "
+                f"resume with the same number of processes or pass load_optimizer=False")
+        optim_states = load(name)
+    return model_state, optim_states, meta
+
+
+def load_checkpoint(ckpt_dir: str | Path, step: int | None = None, device="cpu", load_optimizer: bool = False,
+                    rank: int = 0):
+    """-> (model_state, optim_states | None, meta). step=None: newest complete step; if it fails to load,
+    warn and fall back to the previous one. meta["rank_state"][rank] holds what that rank saved."""
+    ckpt_dir = Path(ckpt_dir)
+    if step is not None:
+        path = step_dir(ckpt_dir, step)
+        ok, reason = _verify(path)
+        if not ok:
+            raise FileNotFoundError(f"checkpoint {path} is not usable: {reason}")
+        return _load_step(path, device, load_optimizer, rank)
+    candidates = [(s, p) for s, p in reversed(_list_step_dirs(ckpt_dir))]
+    for s, path in candidates:
+        ok, reason = _verify(path)
+        if not ok:
+            warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
+            continue
+        try:
+            return _load_step(path, device, load_optimizer, rank)
+        except FileNotFoundError:
+            raise  # a missing optimizer shard is a setup problem, not corruption: say so
+        except Exception as e:  # corrupt payload behind a correct size: try the previous step
+            warnings.warn(f"checkpoint {path} failed to load ({type(e).__name__}: {e}); trying an older one",
+                          stacklevel=2)
+    raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (looked for step_*/meta.json)")
+
+
+def _latest_tag(stage_dir: Path) -> str:
+    best, best_time = None, -1.0
+    if stage_dir.is_dir():
+        for tag_dir in stage_dir.iterdir():
+            for step, path in _list_step_dirs(tag_dir):
+                meta_file = path / META_NAME
+                if meta_file.exists() and meta_file.stat().st_mtime > best_time:
+                    best, best_time = tag_dir.name, meta_file.stat().st_mtime
+    if best is None:
+        raise FileNotFoundError(f"no checkpoints under {stage_dir}: train that stage first "
+                                f"(e.g. python -m scripts.base_train) or pass the right --tag")
+    return best
+
+
+def load_model(stage: str, tag: str | None = None, step: int | None = None, device=None, phase: str = "eval"):
+    """-> (model: GPT, tokenizer, meta) from <base>/checkpoints/<stage>/<tag>. tag None: the tag whose newest
+    checkpoint was written most recently. phase "eval" or "train" sets the module mode."""
+    if phase not in ("eval", "train"):
+        raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
+    from nanochat.gpt import GPT, GPTConfig  # lazy: checkpoint utilities must not need the model to import
+    from nanochat.tokenizer import get_tokenizer
+
+    device = torch.device(device) if device is not None else autodetect_device()
+    stage_dir = get_base_dir() / "checkpoints" / stage
+    tag = tag or _latest_tag(stage_dir)
+    model_state, _, meta = load_checkpoint(stage_dir / tag, step=step, device=device)
+    if model_state is None:
+        raise FileNotFoundError(f"{stage_dir / tag}: checkpoint step {meta.get('step')} has no model.pt")
+    if "model_config" not in meta:
+        raise KeyError(f"{stage_dir / tag}: meta.json of step {meta.get('step')} has no 'model_config'")
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):  # no throwaway random init of a big model on the CPU
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # also fills the non-persistent rotary tables, which the state_dict lacks
+    model.load_state_dict(clean_state_dict(model_state), strict=True)
+    if phase == "train":
+        model.train()
+    else:
+        model.eval()
+    return model, get_tokenizer(), meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG state (JSON-able, for meta.json / rank_state)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def save_rng_state() -> dict:
+    """Python, NumPy, torch CPU and (when present) every CUDA device's generator, as JSON-able data."""
+    version, py_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(py_state), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _b64(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = [_unb64(s) for s in state["cuda"]]
+        if len(cuda_states) != torch.cuda.device_count():
+            warnings.warn(f"RNG state saved with {len(cuda_states)} CUDA devices, now "
+                          f"{torch.cuda.device_count()}: restoring the common ones", stacklevel=2)
+        for i, s in enumerate(cuda_states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device=i)
