@@ -1,0 +1,135 @@
+"""Train the BPE tokenizer on the pretraining text and save it to <base>/tokenizer.
+
+    python -m scripts.tok_train                                  # 2B chars of the default source, vocab 65536
+    python -m scripts.tok_train --source dir --data-dir ./shards --vocab-size 8192 --max-chars 1e8
+
+Documents are capped at --doc-cap characters so a few huge pages cannot dominate the statistics, and
+training stops after --max-chars characters in total. The vocab size includes the special tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from nanochat.common import get_base_dir
+from nanochat.report import write_section
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tracking import add_tracking_args, make_tracker
+
+SANITY_TEXT = "Hello world! 12 + 34 = 46. Ünïcödé 日本 😀 <|bos|>\n\tdef f(x): return x"
+
+
+def count_int(text: str) -> int:
+    """argparse type accepting 2000000000, 2e9 or 2_000_000_000."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 2e9, got {text!r}") from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(value)
+
+
+class ProgressIterator:
+    """Wraps the document stream: enforces the caps, counts what rustbpe consumed, prints progress."""
+
+    def __init__(self, docs, max_chars: int, doc_cap: int, every_s: float = 10.0):
+        self.docs, self.max_chars, self.doc_cap, self.every_s = docs, max_chars, doc_cap, every_s
+        self.chars = self.num_docs = 0
+        self.t0 = self.last = time.time()
+
+    def __iter__(self):
+        for doc in self.docs:
+            if self.chars >= self.max_chars:
+                break
+            doc = doc[: min(self.doc_cap, self.max_chars - self.chars)]
+            self.chars += len(doc)
+            self.num_docs += 1
+            now = time.time()
+            if now - self.last >= self.every_s:
+                self.last = now
+                self.report()
+            yield doc
+
+    def report(self) -> None:
+        elapsed = time.time() - self.t0
+        print(f"[tok_train] {self.chars / 1e6:,.1f}M / {self.max_chars / 1e6:,.1f}M chars "
+              f"({100 * self.chars / self.max_chars:.1f}%) | {self.num_docs:,} docs | {elapsed:.1f}s | "
+              f"{self.chars / max(elapsed, 1e-9) / 1e6:.2f}M chars/s", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=count_int, default=2**16,
+                        help="total vocab size including the %d special tokens (default 65536)" % len(SPECIAL_TOKENS))
+    parser.add_argument("--max-chars", type=count_int, default=2_000_000_000,
+                        help="total characters of training text to use (default 2e9)")
+    parser.add_argument("--doc-cap", type=count_int, default=10_000, help="max characters taken from each document")
+    parser.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"],
+                        help="pretraining text source (see nanochat.dataset.text_iterator)")
+    parser.add_argument("--data-dir", default=None, help="directory of local parquet shards for --source dir")
+    parser.add_argument("--buffer-size", type=count_int, default=8192, help="documents rustbpe pulls per batch")
+    parser.add_argument("--out-dir", default=None, help="where to save (default <base>/tokenizer)")
+    parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    add_tracking_args(parser)
+    args = parser.parse_args(argv)
+
+    from nanochat.dataset import text_iterator  # imported late so --help works without data deps
+
+    base = get_base_dir()
+    out_dir = args.out_dir or base / "tokenizer"
+    print(f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
+          f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""), flush=True)
+    tracker = make_tracker(args, "tok_train")
+
+    docs = text_iterator(split="train", source=args.source, data_dir=args.data_dir,
+                         max_chars=args.max_chars, doc_cap=args.doc_cap)
+    stream = ProgressIterator(docs, args.max_chars, args.doc_cap, args.progress_every)
+    t0 = time.time()
+    tok = Tokenizer.train_from_iterator(iter(stream), args.vocab_size, buffer_size=args.buffer_size)
+    train_s = time.time() - t0
+    stream.report()
+    if stream.chars == 0:
+        raise SystemExit(f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir")
+
+    num_merges = len(tok.get_mergeable_ranks()) - 256
+    if tok.get_vocab_size() < args.vocab_size:  # rustbpe stops early only when no pair is left to merge
+        print(f"[tok_train] warning: the corpus ran out of pairs after {num_merges} merges; vocab is "
+              f"{tok.get_vocab_size()} instead of {args.vocab_size}. Use more text (--max-chars) or a smaller vocab.")
+    tok.meta = {"source": args.source, "data_dir": args.data_dir, "train_chars": stream.chars,
+                "train_docs": stream.num_docs, "doc_cap": args.doc_cap, "max_chars": args.max_chars,
+                "train_seconds": round(train_s, 3), "requested_vocab_size": args.vocab_size}
+    tok.save(out_dir)
+
+    # Sanity: the saved tokenizer reloads and round-trips, and special-token text stays text.
+    loaded = Tokenizer.load(out_dir)
+    ids = loaded.encode(SANITY_TEXT)
+    if loaded.decode(ids) != SANITY_TEXT or loaded.get_bos_token_id() in ids:
+        raise SystemExit(f"[tok_train] error: the saved tokenizer in {out_dir} fails the round-trip check")
+
+    chars_per_s = stream.chars / max(train_s, 1e-9)
+    metrics = {"vocab_size": tok.get_vocab_size(), "num_merges": num_merges, "train_chars": stream.chars,
+               "train_docs": stream.num_docs, "train_seconds": train_s, "chars_per_second": chars_per_s}
+    tracker.log(metrics, step=0)
+    tracker.summary(metrics)
+    tracker.finish()
+
+    write_section(base, "tokenizer", "\n".join([
+        "## Tokenizer training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| vocab size (incl. {len(SPECIAL_TOKENS)} specials) | {tok.get_vocab_size():,} |",
+        f"| merges learned | {num_merges:,} |",
+        f"| source | {args.source}{' (' + str(args.data_dir) + ')' if args.data_dir else ''} |",
+        f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs (cap {args.doc_cap:,} chars/doc) |",
+        f"| training time | {train_s:.1f} s ({chars_per_s / 1e6:.2f}M chars/s) |",
+    ]))
+    print(f"[tok_train] done: vocab {tok.get_vocab_size():,} ({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
+          f"from {stream.chars:,} chars / {stream.num_docs:,} docs in {train_s:.1f}s "
+          f"({chars_per_s / 1e6:.2f}M chars/s) -> {out_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
