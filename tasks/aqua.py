@@ -311,7 +311,7 @@ def extract_letter(completion: str, options: list[str] | None = None) -> str | N
 # Conversations
 
 
-_TRAILING_FILLER = re.compile(r"(?:[\s,;:\-=>⇒∴.]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
+_TRAILING_FILLER = re.compile(r"(?:[\s,;:\-=>⇒∴]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
                               r"and|option|choice|is|then|my)\b)*$", re.I)
 
 
