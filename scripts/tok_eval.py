@@ -81,7 +81,8 @@ def load_baseline(name: str, timeout_s: float):
         try:
             result["enc"] = tiktoken.get_encoding(name)
         except Exception as exc:  # ConnectionError offline, HTTP errors, bad cache...
-            result["err"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}" if str(exc) else type(exc).__name__
+            msg = str(exc).splitlines()[0] if str(exc) else ""
+            result["err"] = f"{type(exc).__name__}: {msg[:90]}{'...' if len(msg) > 90 else ''}"
 
     thread = threading.Thread(target=target, daemon=True)  # daemon: a hung download cannot block exit
     thread.start()

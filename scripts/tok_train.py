@@ -10,6 +10,7 @@ training stops after --max-chars characters in total. The vocab size includes th
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 from nanochat.common import get_base_dir
@@ -31,6 +32,13 @@ def count_int(text: str) -> int:
     return int(value)
 
 
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 class ProgressIterator:
     """Wraps the document stream: enforces the caps, counts what rustbpe consumed, prints progress."""
 
@@ -44,6 +52,8 @@ class ProgressIterator:
             if self.chars >= self.max_chars:
                 break
             doc = doc[: min(self.doc_cap, self.max_chars - self.chars)]
+            if not doc:  # null/empty rows carry no statistics
+                continue
             self.chars += len(doc)
             self.num_docs += 1
             now = time.time()
@@ -54,9 +64,9 @@ class ProgressIterator:
 
     def report(self) -> None:
         elapsed = time.time() - self.t0
-        print(f"[tok_train] {self.chars / 1e6:,.1f}M / {self.max_chars / 1e6:,.1f}M chars "
-              f"({100 * self.chars / self.max_chars:.1f}%) | {self.num_docs:,} docs | {elapsed:.1f}s | "
-              f"{self.chars / max(elapsed, 1e-9) / 1e6:.2f}M chars/s", flush=True)
+        print(f"[tok_train] {human(self.chars)} / {human(self.max_chars)} chars "
+              f"({100 * self.chars / self.max_chars:.1f}% of --max-chars) | {self.num_docs:,} docs | {elapsed:.1f}s | "
+              f"{human(self.chars / max(elapsed, 1e-9))} chars/s", flush=True)
 
 
 def main(argv=None):
@@ -74,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_tracking_args(parser)
     args = parser.parse_args(argv)
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
+        parser.error(f"--vocab-size {args.vocab_size} is too small: need 256 byte tokens + {len(SPECIAL_TOKENS)} specials")
 
     from nanochat.dataset import text_iterator  # imported late so --help works without data deps
 
@@ -81,10 +93,17 @@ def main(argv=None):
     out_dir = args.out_dir or base / "tokenizer"
     print(f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
           f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""), flush=True)
-    tracker = make_tracker(args, "tok_train")
 
     docs = text_iterator(split="train", source=args.source, data_dir=args.data_dir,
                          max_chars=args.max_chars, doc_cap=args.doc_cap)
+    # Pull the first document here so a missing/empty source fails with its own message, not from inside rustbpe.
+    try:
+        first = next(docs, None)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise SystemExit(f"[tok_train] error: cannot read the training text: {exc}") from None
+    if first is None:
+        raise SystemExit(f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir")
+    docs = itertools.chain([first], docs)
     stream = ProgressIterator(docs, args.max_chars, args.doc_cap, args.progress_every)
     t0 = time.time()
     tok = Tokenizer.train_from_iterator(iter(stream), args.vocab_size, buffer_size=args.buffer_size)
@@ -111,6 +130,7 @@ def main(argv=None):
     chars_per_s = stream.chars / max(train_s, 1e-9)
     metrics = {"vocab_size": tok.get_vocab_size(), "num_merges": num_merges, "train_chars": stream.chars,
                "train_docs": stream.num_docs, "train_seconds": train_s, "chars_per_second": chars_per_s}
+    tracker = make_tracker(args, "tok_train")
     tracker.log(metrics, step=0)
     tracker.summary(metrics)
     tracker.finish()
@@ -124,11 +144,11 @@ def main(argv=None):
         f"| merges learned | {num_merges:,} |",
         f"| source | {args.source}{' (' + str(args.data_dir) + ')' if args.data_dir else ''} |",
         f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs (cap {args.doc_cap:,} chars/doc) |",
-        f"| training time | {train_s:.1f} s ({chars_per_s / 1e6:.2f}M chars/s) |",
+        f"| training time | {train_s:.1f} s ({human(chars_per_s)} chars/s) |",
     ]))
     print(f"[tok_train] done: vocab {tok.get_vocab_size():,} ({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
           f"from {stream.chars:,} chars / {stream.num_docs:,} docs in {train_s:.1f}s "
-          f"({chars_per_s / 1e6:.2f}M chars/s) -> {out_dir}", flush=True)
+          f"({human(chars_per_s)} chars/s) -> {out_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def test_scripts_help(capsys):
 
 # ---------------------------------------------------------------------- in-process pieces
 def test_tok_train_flag_validation(capsys):
-    for bad in (["--vocab-size", "abc"], ["--max-chars", "-5"], ["--doc-cap", "1.5"], ["--source", "web"]):
+    for bad in (["--vocab-size", "abc"], ["--vocab-size", "200"], ["--max-chars", "-5"], ["--doc-cap", "1.5"], ["--source", "web"]):
         with pytest.raises(SystemExit) as info:
             tok_train.main(bad)
         assert info.value.code == 2
