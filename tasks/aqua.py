@@ -125,6 +125,12 @@ def read_jsonl_rows(path: Path):
                 yield BadRow(f"line {lineno} is not valid JSON ({e.msg})")
 
 
+def default_data_dir() -> Path:
+    """<base>/data/aqua_rat: where scripts.prepare_aqua writes and AquaRat looks first."""
+    from nanochat.common import get_base_dir
+    return get_base_dir() / "data" / "aqua_rat"
+
+
 def find_local_file(data_dir, split: str) -> Path | None:
     """Prepared `<split>.jsonl` if present, else the original AQuA-RAT file name, else None."""
     data_dir = Path(data_dir)
@@ -134,8 +140,13 @@ def find_local_file(data_dir, split: str) -> Path | None:
     return None
 
 
-def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples: int | None = None) -> tuple[list[dict], str]:
-    """Validated, normalised rows of one split and a description of where they came from."""
+def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples: int | None = None,
+              use_prepared: bool = True) -> tuple[list[dict], str]:
+    """Validated, normalised rows of one split and a description of where they came from.
+
+    data_dir given: that folder only. Otherwise <base>/data/aqua_rat/<split>.jsonl when present
+    (and use_prepared), else the Hugging Face Hub.
+    """
     if split not in SPLITS:
         raise ValueError(f"AQuA-RAT split must be one of {SPLITS}, not {split!r}")
     if data_dir is not None:
@@ -143,11 +154,11 @@ def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples:
         if path is None:
             raise FileNotFoundError(f"No AQuA-RAT {split} file in {data_dir}: expected {split}.jsonl "
                                     f"(scripts.prepare_aqua) or {ORIGINAL_FILES[split]} (original AQuA-RAT)")
+    elif use_prepared:
+        path = default_data_dir() / f"{split}.jsonl"  # only prepare_aqua's own output is picked up implicitly
+        path = path if path.is_file() else None
     else:
-        from nanochat.common import get_base_dir
-        path = find_local_file(get_base_dir() / "data" / "aqua_rat", split)
-        if path is not None and path.suffix != ".jsonl":
-            path = None  # only prepare_aqua's own output is picked up implicitly
+        path = None
     if path is not None:
         rows = read_jsonl_rows(path)
         source = str(path)
@@ -162,7 +173,7 @@ def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples:
 
 # The letter itself is case-sensitive even inside case-insensitive patterns: "a" and "c" are words
 # and variables, never answers.
-_L = r"(?<![A-Za-z0-9])\(?(?-i:(?P<letter>[A-E]))\)?"
+_L = r"(?<![A-Za-z0-9])\(?(?-i:(?P<letter>[A-E]))(?![A-Za-z0-9])\)?"
 # separators between "answer" and the letter; each repetition consumes a keyword (no regex blow-up)
 _SEP = r"(?:\s*(?:is|was|will\s+be|would\s+be|should\s+be|must\s+be|shall\s+be|=|:|-|–|—|->|=>|⇒))*\s*"
 _OPT = r"(?:(?:option|choice)\s*[:\-]?\s*)?"
@@ -311,8 +322,9 @@ def extract_letter(completion: str, options: list[str] | None = None) -> str | N
 # Conversations
 
 
-_TRAILING_FILLER = re.compile(r"(?:[\s,;:\-=>⇒∴]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
-                              r"and|option|choice|is|then|my)\b)*$", re.I)
+# lead-in words left before a removed closing statement, on its own line only ("So the correct")
+_TRAILING_FILLER = re.compile(r"(?:[ \t,;:\-=>⇒∴]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
+                              r"and|option|choice|is|then|my)\b)*\Z", re.I)
 
 
 def clean_rationale(rationale: str) -> str:
@@ -331,6 +343,9 @@ def clean_rationale(rationale: str) -> str:
     if not statements:
         return text
     start, end, _ = statements[-1]
+    for s, e, _ in statements:  # overlapping matches ("Answer: Option C" and "Option C"): cut the widest
+        if e > start:
+            start = min(start, s)
     if len(text) - end > 30:  # a long tail after the letter is more reasoning, keep it all
         return text
     # the statement may itself open with lead-ins ("Correct answer") that the pattern started after
