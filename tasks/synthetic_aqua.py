@@ -23,6 +23,7 @@ Items have the same format as AquaRat (same prompt, rationale + final "Answer: X
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from fractions import Fraction
 from typing import Iterator
@@ -69,11 +70,15 @@ class Problem:
 
 def percent(rng, level):
     if level == "easy":
-        p = rng.choice([10, 20, 25, 50])
-        n = rng.randrange(1, 21) * (100 // {10: 10, 20: 20, 25: 25, 50: 50}[p]) * rng.choice([1, 2])
+        p = rng.choice([10, 20, 25, 50, 75, 30, 40, 5])
+        n = rng.randrange(1, 21) * (100 // math.gcd(p, 100))  # so that p% of n is a whole number
         a = n * p // 100
-        return Problem(f"What is {p}% of {n}?", [f"{p}% of {n} = {n} x {p} / 100 = {a}."], a,
-                       [a + 1, a * 2, n - a, p, a + 10], ("pct", p, n))
+        if rng.random() < 0.5:
+            return Problem(f"What is {p}% of {n}?", [f"{p}% of {n} = {n} x {p} / 100 = {a}."], a,
+                           [a + 1, a * 2, n - a, p, a + 10], ("pct", p, n))
+        return Problem(f"What percent of {n} is {a}?", [f"{a} / {n} x 100 = {p}%."], p,
+                       [100 - p, p + 10, p // 5 if p % 5 == 0 and p > 5 else p + 5, a, p * 2],
+                       ("pct2", p, n), lambda v: f"{num(v)}%")
     if level == "medium":
         while True:  # redraw until the profit is a whole number of dollars
             c, p = rng.randrange(2, 40) * 10, rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
@@ -105,7 +110,7 @@ def percent(rng, level):
 
 def speed(rng, level):
     if level == "easy":
-        s, t = rng.randrange(2, 13), rng.randrange(2, 10)
+        s, t = rng.randrange(2, 16), rng.randrange(2, 10)
         if rng.random() < 0.5:
             return Problem(f"A car goes {s} km/h for {t} hours. How far does it go?",
                            [f"Distance = {s} x {t} = {s * t} km."], s * t,
@@ -155,7 +160,12 @@ _WORK_PAIRS = _pairs_with_integer_together()
 
 def work(rng, level):
     if level == "easy":
-        w, d = rng.randrange(2, 10), rng.randrange(2, 10)
+        w, d = rng.randrange(2, 13), rng.randrange(2, 16)
+        if rng.random() < 0.5:
+            return Problem(f"1 worker builds a wall in {w * d} days. How many days do {w} workers take?",
+                           [f"{w} workers are {w} times as fast: {w * d} / {w} = {d} days."], d,
+                           [w * d - w, d + 1, w, d * 2, w * d // 2 if w * d // 2 != d else d + 3],
+                           ("w1b", w, d), lambda v: f"{num(v)} days")
         return Problem(f"{w} workers build a wall in {d} days. How many days would 1 worker take?",
                        [f"1 worker needs {w} times as long: {w} x {d} = {w * d} days."], w * d,
                        [w + d, d, w * d + w, w * d - d, d * (w + 1)], ("w1", w, d), lambda v: f"{num(v)} days")
@@ -214,7 +224,7 @@ def interest(rng, level):
 
 def ratio(rng, level):
     if level == "easy":
-        b, x = rng.randrange(2, 6), rng.randrange(2, 13)
+        b, x = rng.randrange(2, 8), rng.randrange(2, 21)
         return Problem(f"The ratio of boys to girls is 1:{b}. There are {x} boys. How many girls are there?",
                        [f"Girls = {x} x {b} = {x * b}."], x * b, [x + b, x * b + x, x * (b + 1), x * b - 1, b],
                        ("r1", b, x))
@@ -326,7 +336,7 @@ def averages(rng, level):
 
 def geometry(rng, level):
     if level == "easy":
-        a, b = rng.randrange(2, 13), rng.randrange(2, 13)
+        a, b = rng.randrange(2, 16), rng.randrange(2, 16)
         if rng.random() < 0.5:
             return Problem(f"A rectangle is {a} cm by {b} cm. What is its area?", [f"Area = {a} x {b} = {a * b}."],
                            a * b, [2 * (a + b), a + b, a * b + a, a * b - b, (a + 1) * b], ("g1", a, b),
@@ -354,7 +364,7 @@ def geometry(rng, level):
 def unitary(rng, level):
     item = rng.choice(ITEMS)
     if level == "easy":
-        n, u = rng.randrange(2, 10), rng.randrange(2, 13)
+        n, u = rng.randrange(2, 13), rng.randrange(2, 16)
         if rng.random() < 0.5:
             return Problem(f"{n} {plural(item)} cost ${n * u}. What does one {item} cost?", [f"{n * u} / {n} = {u}."],
                            u, [n * u - n, u + 1, n, u * 2, u - 1], ("u1", n, u), money)
