@@ -58,7 +58,9 @@ def dataset_repo() -> str:
 
 
 def dataset_base_url() -> str:
-    return (os.environ.get("NANOCHAT_DATASET_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    # HF_ENDPOINT is Hugging Face's own variable for mirrors; ours wins when both are set.
+    url = os.environ.get("NANOCHAT_DATASET_BASE_URL") or os.environ.get("HF_ENDPOINT") or DEFAULT_BASE_URL
+    return url.rstrip("/")
 
 
 def shard_url(name: str, repo: str | None = None, base_url: str | None = None) -> str:
@@ -278,3 +280,259 @@ def text_iterator(split: str = "train", source: str = "auto", data_dir: str | Pa
             yield doc
             if max_chars is not None and total >= max_chars:
                 return
+
+
+# ---------------------------------------------------------------------------------------------------------
+# downloading shards
+
+
+class DownloadError(RuntimeError):
+    """A shard could not be downloaded; the message says why and what to do."""
+
+
+class HubUnreachable(DownloadError):
+    pass
+
+
+def verify_parquet(path: str | Path) -> int:
+    """Open the parquet footer and metadata (a truncated or corrupt file fails here); -> number of rows."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
+    return pf.metadata.num_rows
+
+
+def read_sha256_manifest(path: str | Path) -> dict[str, str]:
+    """`sha256sum` output format: '<hex>  <file name>' per line."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            parts = line.split()
+            if len(parts) != 2 or len(parts[0]) != 64:
+                raise ValueError(f"{path}:{n}: expected '<sha256 hex>  <file name>', got {line!r}")
+            out[parts[1].lstrip("*")] = parts[0].lower()
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected_total(resp, offset: int) -> int | None:
+    """Full file size from Content-Range ('bytes a-b/total') or Content-Length (+ resume offset)."""
+    content_range = resp.headers.get("Content-Range", "")
+    if "/" in content_range and not content_range.endswith("/*"):
+        return int(content_range.rsplit("/", 1)[1])
+    if resp.headers.get("Content-Length") is not None:
+        return offset + int(resp.headers["Content-Length"])
+    return None
+
+
+def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, backoff: float = 1.0,
+                   timeout: float = 30.0, sha256: str | None = None, on_bytes=None, abort=None) -> str:
+    """Download one file to out_dir/name. -> "present" (already complete) | "downloaded".
+
+    Resume: bytes already in out_dir/name.tmp are kept and the rest requested with an HTTP Range header
+    (a server that ignores Range answers 200 and the download restarts). The file is renamed into place
+    only after its size matches Content-Length/Content-Range, its parquet footer opens and (if given) its
+    sha256 matches. Transient failures (connection errors, timeouts, 5xx, 429, short reads) are retried
+    with exponential backoff; a 404 or other 4xx is not.
+    """
+    import requests
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
+    if final.exists():
+        try:
+            verify_parquet(final)
+            if sha256 is None or _file_sha256(final) == sha256:
+                return "present"
+        except Exception:
+            pass
+        print(f"{final} is corrupt or incomplete: downloading it again", file=sys.stderr, flush=True)
+        final.unlink()
+    headers = {}
+    if os.environ.get("HF_TOKEN"):  # private/gated repos; never printed
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    host = url.split("/")[2] if "://" in url else url
+    last_error, ever_connected = "no attempt made", False
+    for attempt in range(retries + 1):
+        if abort is not None and abort.is_set():
+            raise DownloadError(f"{name}: cancelled")
+        if attempt:
+            time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
+        offset = tmp.stat().st_size if tmp.exists() else 0
+        req_headers = dict(headers, **({"Range": f"bytes={offset}-"} if offset else {}))
+        try:
+            connected = False
+            with requests.get(url, headers=req_headers, stream=True, timeout=timeout) as resp:
+                connected = ever_connected = True
+                if resp.status_code == 416:  # our partial file is not a prefix of theirs (or is complete)
+                    tmp.unlink(missing_ok=True)
+                    last_error = "HTTP 416 on resume; restarting from byte 0"
+                    continue
+                if resp.status_code == 404:
+                    raise DownloadError(f"{url}: HTTP 404 (no such file: check --repo and the shard count)")
+                if resp.status_code in (401, 403):
+                    raise DownloadError(f"{url}: HTTP {resp.status_code} (access denied: a gated/private repo "
+                                        f"needs HF_TOKEN in the environment)")
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    last_error = f"HTTP {resp.status_code}"
+                    continue
+                if resp.status_code not in (200, 206):
+                    raise DownloadError(f"{url}: unexpected HTTP {resp.status_code}")
+                if resp.status_code == 200 and offset:  # server ignored Range: start over
+                    offset = 0
+                total = _expected_total(resp, offset)
+                with open(tmp, "ab" if offset else "wb") as f:
+                    for chunk in resp.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except requests.exceptions.ConnectionError as e:
+            # raised both for "host unreachable" and for a connection dropped mid-body; keep the partial file
+            what = "connection dropped mid-download" if connected else "connection failed"
+            last_error = f"{what} ({type(e).__name__}: {_short(e)})"
+            continue
+        except (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            last_error = f"{type(e).__name__}: {_short(e)}"
+            continue
+        size = tmp.stat().st_size
+        if total is not None and size != total:
+            last_error = f"got {size} of {total} bytes"
+            if size > total:
+                tmp.unlink()
+            continue
+        try:
+            verify_parquet(tmp)
+        except Exception as e:
+            last_error = f"downloaded file is not a valid parquet file ({_short(e)})"
+            tmp.unlink()  # corrupt: resuming it cannot help
+            continue
+        if sha256 is not None and _file_sha256(tmp) != sha256:
+            last_error = "sha256 mismatch"
+            tmp.unlink()
+            continue
+        os.replace(tmp, final)
+        return "downloaded"
+    if not ever_connected and last_error.startswith("connection failed"):
+        raise HubUnreachable(f"cannot reach {host} ({last_error})")
+    raise DownloadError(f"{name}: giving up after {retries + 1} attempts; last error: {last_error}")
+
+
+def _short(e: Exception, n: int = 160) -> str:
+    s = str(e).replace("\n", " ")
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def download_shards(indices: list[int], out_dir: str | Path, repo: str, base_url: str, workers: int = 4,
+                    retries: int = 5, backoff: float = 1.0, timeout: float = 30.0,
+                    manifest: dict[str, str] | None = None, progress: bool = True) -> dict[str, str]:
+    """Download shard_<i>.parquet for every i (in parallel). -> {name: "present"|"downloaded"}."""
+    import threading
+
+    from tqdm import tqdm
+
+    names = [shard_name(i) for i in indices]
+    abort = threading.Event()
+    results: dict[str, str] = {}
+    errors: list[DownloadError] = []
+    bar = tqdm(total=len(names), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True)
+    received = [0]
+    lock = threading.Lock()
+
+    def on_bytes(n):
+        with lock:
+            received[0] += n
+            bar.set_postfix_str(f"{received[0] / 1e6:.1f} MB", refresh=False)
+
+    def one(name):
+        return download_shard(name, out_dir, shard_url(name, repo, base_url), retries, backoff, timeout,
+                              (manifest or {}).get(name), on_bytes, abort)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(one, name): name for name in names}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            try:
+                results[name] = fut.result()
+            except HubUnreachable as e:
+                abort.set()  # the others would fail the same way: stop them early
+                errors.append(e)
+            except DownloadError as e:
+                errors.append(e)
+            bar.update(1)
+    bar.close()
+    if errors:
+        unreachable = [e for e in errors if isinstance(e, HubUnreachable)]
+        raise unreachable[0] if unreachable else DownloadError("; ".join(str(e) for e in errors[:5]))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Download pretraining shards (parquet) from a Hugging Face dataset repo into "
+                    "<base>/base_data/. Convention: of the shards present, the LAST one (by name) is the "
+                    "validation split and all others are training data, so download at least 2.")
+    parser.add_argument("-n", "--num-shards", type=int, default=-1,
+                        help=f"download shards 0..N-1 (-1: all {MAX_SHARD + 1}); shard N-1 becomes val")
+    parser.add_argument("--repo", default=dataset_repo(),
+                        help=f"HF dataset repo id (env NANOCHAT_DATASET_REPO; default {DEFAULT_REPO})")
+    parser.add_argument("--base-url", default=dataset_base_url(),
+                        help="hub URL (env NANOCHAT_DATASET_BASE_URL; default https://huggingface.co)")
+    parser.add_argument("--out-dir", default=None, help="where to put the shards (default <base>/base_data)")
+    parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--retries", type=int, default=5, help="retries per shard after the first attempt")
+    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s (doubles each time)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="connect/read timeout in seconds")
+    parser.add_argument("--sha256-manifest", default=None,
+                        help="optional sha256sum-format file ('<hex>  shard_00000.parquet' lines) to verify")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    n = MAX_SHARD + 1 if args.num_shards == -1 else args.num_shards
+    if n < 1:
+        parser.error(f"--num-shards must be >= 1 or -1 (all), got {args.num_shards}")
+    if n > MAX_SHARD + 1:
+        print(f"note: the dataset has {MAX_SHARD + 1} shards; downloading all of them", file=sys.stderr)
+        n = MAX_SHARD + 1
+    out_dir = Path(args.out_dir) if args.out_dir else default_data_dir()
+    manifest = read_sha256_manifest(args.sha256_manifest) if args.sha256_manifest else None
+    print(f"downloading {n} shard(s) of {args.repo} from {args.base_url} into {out_dir} "
+          f"({args.workers} workers)", flush=True)
+    t0 = time.time()
+    try:
+        results = download_shards(list(range(n)), out_dir, args.repo, args.base_url, args.workers, args.retries,
+                                  args.backoff, args.timeout, manifest, progress=not args.no_progress)
+    except HubUnreachable as e:
+        print(f"error: {e}.\nCheck the network, or point --base-url (or HF_ENDPOINT) at a mirror. Meanwhile, train on "
+              f"local files with --data-dir PATH (parquet with a 'text' column, or .txt/.md) or on the offline "
+              f"synthetic corpus (--source synthetic).", file=sys.stderr)
+        return 2
+    except DownloadError as e:
+        print(f"error: {e}\nRe-run the same command to resume (complete shards are kept).", file=sys.stderr)
+        return 1
+    fresh = sum(1 for r in results.values() if r == "downloaded")
+    print(f"done in {time.time() - t0:.1f}s: {fresh} downloaded, {len(results) - fresh} already present")
+    files = list_parquet_files(out_dir)
+    if len(files) >= 2:
+        print(f"splits: train = {files[0].name} .. {files[-2].name} ({len(files) - 1} files), "
+              f"val = {files[-1].name} (the last file present)")
+    else:
+        print("note: only one shard present; training needs >= 2 (the last one is the val split)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
