@@ -12,7 +12,8 @@ Architecture (every choice is on purpose, nothing is optional):
 
 The depth dial (`config_from_depth`), one number sets the model:
     n_embd    = depth * aspect_ratio                  (aspect_ratio=64 by default)
-    n_head    = max(1, n_embd // head_dim)            (head_dim=128 by default; n_embd % n_head == 0 enforced)
+    n_head    = max(1, n_embd // head_dim)            (head_dim=128 by default), then lowered until it divides
+                                                      n_embd (d7: 448 -> 2 heads of 224; d11: 4 heads of 176)
     n_kv_head = n_head                                (full multi-head attention unless you ask for GQA)
     n_layer   = depth
 Parameter counts with vocab_size=65536 (per layer 12 * n_embd^2; embedding and lm_head each vocab * n_embd):
@@ -71,9 +72,8 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, asp
         raise ValueError(f"--depth must be >= 1, got {depth}")
     n_embd = depth * aspect_ratio
     n_head = max(1, n_embd // head_dim)
-    if n_embd % n_head != 0:
-        raise ValueError(f"depth={depth} * aspect_ratio={aspect_ratio} = {n_embd} is not divisible into "
-                         f"{n_head} heads of ~{head_dim}; pick a depth/aspect_ratio/head_dim that divides")
+    while n_embd % n_head != 0:  # e.g. d7: 448 = 3 x 149.3 -> 2 heads of 224
+        n_head -= 1
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
 
@@ -232,16 +232,19 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            # _weight=empty skips nn.Embedding's own normal_ init (init_weights does it; on meta it is slow)
+            wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables cover 10x the training context so generation can run past it without a re-alloc.
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
-        cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim, device=self.lm_head.weight.device)
-        self.register_buffer("cos", cos, persistent=False)  # not in state_dict: recomputed from config
-        self.register_buffer("sin", sin, persistent=False)
+        # Filled by init_weights (left empty here so meta-device construction stays cheap);
+        # not in state_dict: always recomputed from the config.
+        table_shape = (1, self.rotary_seq_len, 1, head_dim // 2)
+        self.register_buffer("cos", torch.empty(table_shape), persistent=False)
+        self.register_buffer("sin", torch.empty(table_shape), persistent=False)
         self.compute_dtype: torch.dtype | None = None  # None = common.autodetect_dtype(device) at forward
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()

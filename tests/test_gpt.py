@@ -1,0 +1,243 @@
+"""GPT model: depth dial, param counts, loss reductions, attention capture vs SDPA, KV-cache decoding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth, maybe_compile
+
+TINY = dict(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def tiny_model(seed=0, **overrides):
+    """Tiny fp32 model whose zero-initialised output projections are made non-zero, so attention
+    and the MLP actually shape the logits (a zero c_proj would make cache bugs invisible)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    model.compute_dtype = torch.float32
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.1)
+            block.mlp.c_proj.weight.normal_(std=0.1)
+        model.lm_head.weight.normal_(std=0.1)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------- depth dial and sizes
+
+@pytest.mark.parametrize("depth,n_embd,n_head,lo,hi", [
+    (8, 512, 4, 85e6, 100e6),      # 92.3M with the 64K vocab (58.7M with a 32K vocab)
+    (12, 768, 6, 175e6, 195e6),    # 185.6M
+    (20, 1280, 10, 540e6, 580e6),  # 561.0M  (the ~560M of the user's table)
+    (26, 1664, 13, 1.0e9, 1.15e9), # 1.08B   (~1.1B)
+])
+def test_depth_dial_builds_and_param_counts(depth, n_embd, n_head, lo, hi):
+    config = config_from_depth(depth, vocab_size=65536)
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, n_embd, n_head, n_head)
+    with torch.device("meta"):  # no memory, no init: counting only
+        model = GPT(config)
+    n = model.num_params()
+    assert lo < n < hi, f"d{depth}: {n / 1e6:.1f}M params"
+    expected = depth * 12 * n_embd ** 2 + 2 * 65536 * n_embd
+    assert n == expected
+    head_dim = n_embd // n_head
+    assert model.estimate_flops() == 6 * (n - 65536 * n_embd) + 12 * depth * n_head * head_dim * 2048
+
+
+def test_d8_with_32k_vocab_is_about_60m():
+    with torch.device("meta"):
+        model = GPT(config_from_depth(8, vocab_size=32768))
+    assert 55e6 < model.num_params() < 62e6
+
+
+def test_config_from_depth_rules():
+    with pytest.raises(ValueError, match="depth"):
+        config_from_depth(0, vocab_size=256)
+    assert (config_from_depth(1, vocab_size=256).n_head) == 1  # 64 wide: one head of 64
+    d7 = config_from_depth(7, vocab_size=256)  # 448 // 128 = 3 does not divide 448 -> 2 heads of 224
+    assert (d7.n_embd, d7.n_head, d7.n_kv_head) == (448, 2, 2)
+    for depth in range(1, 33):
+        c = config_from_depth(depth, vocab_size=256)
+        assert c.n_embd % c.n_head == 0 and (c.n_embd // c.n_head) % 2 == 0
+
+
+def test_gqa_config_validation():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPT(GPTConfig(**{**TINY, "n_kv_head": 3}))
+
+
+# ----------------------------------------------------------------------------------- init and forward
+
+def test_init_is_nanochat_style_and_initial_loss_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    for block in model.transformer.h:
+        assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    x = torch.randint(0, 256, (2, 16))
+    loss = model(x, x)
+    assert abs(loss.item() - math.log(256)) < 0.05  # lm_head std 0.001 -> near-uniform predictions
+
+
+def test_meta_then_to_empty_then_init_weights():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**TINY))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    ref = GPT(GPTConfig(**TINY))
+    assert torch.equal(model.cos, ref.cos) and torch.equal(model.sin, ref.sin)
+    logits = model(torch.randint(0, 256, (1, 8)))
+    assert torch.isfinite(logits).all()
+
+
+def test_logits_fp32_softcapped_and_loss_reductions():
+    model = tiny_model()
+    x = torch.randint(0, 256, (2, 12))
+    y = torch.randint(0, 256, (2, 12))
+    y[0, :5] = -1
+    logits = model(x)
+    assert logits.shape == (2, 12, 256) and logits.dtype == torch.float32
+    assert logits.abs().max() <= model.config.softcap
+    ref_mean = F.cross_entropy(logits.view(-1, 256), y.view(-1), ignore_index=-1)
+    torch.testing.assert_close(model(x, y), ref_mean)
+    torch.testing.assert_close(model(x, y, loss_reduction="sum"), ref_mean * (y != -1).sum())
+    per_tok = model(x, y, loss_reduction="none")
+    assert per_tok.shape == (2, 12)
+    assert (per_tok[0, :5] == 0).all()
+    torch.testing.assert_close(per_tok.sum() / (y != -1).sum(), ref_mean)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        model(x, y, loss_reduction="avg")
+
+
+def test_all_ignored_targets_give_zero_loss_with_graph():
+    model = tiny_model().train()
+    x = torch.randint(0, 256, (2, 8))
+    loss = model(x, torch.full((2, 8), -1))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
+    model = tiny_model()
+    x = torch.randint(0, 256, (2, 16))
+    ref = model(x)
+    model.compute_dtype = None
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # autodetect honours the override (CPU autocast here)
+    assert model.get_compute_dtype() == torch.bfloat16
+    out = model(x)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert (out - ref).abs().max() < 0.25 and not torch.equal(out, ref)
+    # bf16 cache decode runs and stays close to the bf16 full forward
+    kv = model.new_kv_cache(2, 32)
+    assert kv.dtype == torch.bfloat16
+    steps = [model(x[:, :10], kv_cache=kv)] + [model(x[:, t:t + 1], kv_cache=kv) for t in range(10, 16)]
+    assert (torch.cat(steps, 1) - out).abs().max() < 0.25
+
+
+# ----------------------------------------------------------------------------------- attention capture
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
+def test_explicit_attention_matches_sdpa(n_kv_head):
+    model = tiny_model(n_kv_head=n_kv_head)
+    x = torch.randint(0, 256, (2, 20))
+    ref = model(x)
+    capture = []
+    out = model(x, attn_capture=capture)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(capture) == model.config.n_layer
+    for probs in capture:
+        assert probs.shape == (2, 4, 20, 20) and probs.dtype == torch.float32
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 20))
+        assert (probs.triu(diagonal=1) == 0).all()  # causal
+
+
+def test_attention_capture_with_kv_cache_has_offset_mask():
+    model = tiny_model()
+    x = torch.randint(0, 256, (1, 12))
+    full_capture = []
+    model(x, attn_capture=full_capture)
+    kv = model.new_kv_cache(1, 32)
+    model(x[:, :8], kv_cache=kv)
+    capture = []
+    model(x[:, 8:], kv_cache=kv, attn_capture=capture)
+    assert capture[0].shape == (1, 4, 4, 12)
+    torch.testing.assert_close(capture[1], full_capture[1][:, :, 8:, :], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_kv_cache_decode_matches_full_forward(n_kv_head):
+    model = tiny_model(n_kv_head=n_kv_head)
+    x = torch.randint(0, 256, (2, 24))
+    full = model(x)
+    kv = model.new_kv_cache(batch_size=2, seq_len=32)
+    outs = [model(x[:, :9], kv_cache=kv)]  # prefill
+    assert kv.get_pos() == 9
+    for t in range(9, 24):  # token-by-token decode
+        outs.append(model(x[:, t:t + 1], kv_cache=kv))
+    assert kv.get_pos() == 24
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_chunked_prefill_uses_offset_causal_mask():
+    model = tiny_model()
+    x = torch.randint(0, 256, (2, 20))
+    full = model(x)
+    kv = KVCache(2, model.config.n_kv_head, 32, 16, model.config.n_layer, "cpu", torch.float32)
+    chunks = [model(x[:, a:b], kv_cache=kv) for a, b in [(0, 5), (5, 12), (12, 13), (13, 20)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
+    kv.reset()
+    assert kv.get_pos() == 0
+    torch.testing.assert_close(model(x[:, :7], kv_cache=kv), full[:, :7], atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_repeat_batch_prefill_once_sample_many():
+    model = tiny_model()
+    prompt = torch.randint(0, 256, (1, 10))
+    kv = model.new_kv_cache(batch_size=1, seq_len=32)
+    model(prompt, kv_cache=kv)
+    kv3 = kv.repeat_batch(3)
+    assert kv3.batch_size == 3 and kv3.get_pos() == 10 and kv.batch_size == 1
+    nxt = torch.tensor([[1], [2], [3]])
+    out = model(nxt, kv_cache=kv3)[:, -1]
+    full = model(torch.cat([prompt.expand(3, -1), nxt], 1))[:, -1]
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    assert kv.get_pos() == 10  # the original cache is untouched
+
+
+def test_kv_cache_overflow_and_shape_errors():
+    model = tiny_model()
+    kv = model.new_kv_cache(batch_size=1, seq_len=8)
+    model(torch.randint(0, 256, (1, 8)), kv_cache=kv)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.randint(0, 256, (1, 1)), kv_cache=kv)
+    with pytest.raises(ValueError, match="KVCache was built"):
+        model(torch.randint(0, 256, (2, 1)), kv_cache=model.new_kv_cache(batch_size=1, seq_len=8))
+
+
+# ----------------------------------------------------------------------------------- compile switch
+
+def test_maybe_compile_switch(monkeypatch):
+    model = tiny_model()
+    monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
+    assert maybe_compile(model, "cpu") is model  # off on CPU by default
+    monkeypatch.setenv("NANOCHAT_COMPILE", "0")
+    assert maybe_compile(model, "cuda") is model  # env switches the CUDA default off
+    assert maybe_compile(model, "cuda", enabled=False) is model
+    monkeypatch.setenv("NANOCHAT_COMPILE", "yes")
+    with pytest.raises(ValueError, match="NANOCHAT_COMPILE"):
+        maybe_compile(model, "cpu")
+    calls = []  # stand-in for torch.compile: importing dynamo costs seconds and only the switch is tested
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append((m, kw)) or "compiled")
+    monkeypatch.setenv("NANOCHAT_COMPILE", "1")
+    model.compute_dtype = None
+    assert maybe_compile(model, "cpu") == "compiled" and calls == [(model, {"dynamic": False})]
+    assert model.compute_dtype == torch.float32  # resolved before compiling, outside the graph
+    monkeypatch.delenv("NANOCHAT_COMPILE")
+    assert maybe_compile(model, "cpu", enabled=True) == "compiled"
