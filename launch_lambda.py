@@ -190,7 +190,9 @@ class ApiError(Exception):
 
 
 class RateLimiter:
-    """Client-side spacing of calls so we stay under the documented limits instead of hitting 429s."""
+    """Client-side spacing of calls so we stay under the documented limits instead of hitting 429s.
+    The interval is counted from the end of the previous call: the server saw it before then, so this
+    spacing holds on the server's clock too, whatever the network delays."""
 
     def __init__(self, interval):
         self.interval = interval
@@ -203,6 +205,8 @@ class RateLimiter:
                 if label and delay > 2:
                     say(f"  waiting {delay:.0f}s ({label})")
                 time.sleep(delay)
+
+    def done(self):
         self.last = time.monotonic()
 
 
@@ -224,16 +228,20 @@ class LambdaAPI:
     def request(self, method, path, body=None, before_retry=None):
         """Returns the envelope's data. Retries 429/5xx/network errors with exponential backoff
         (honouring Retry-After); before_retry() may return a result that makes retrying unnecessary."""
+        is_launch = path.startswith("/instance-operations/launch")
         for attempt in range(self.retries + 1):
-            if path.startswith("/instance-operations/launch"):
+            if is_launch:
                 self.launch_limiter.wait("Lambda allows one launch per 12 s")
             self.limiter.wait()
             retry_after = None
             try:
                 r = self.session.request(method, self.base + path, json=body, timeout=self.timeout)
             except requests.RequestException as e:
-                err = ApiError(0, "network/error", f"{type(e).__name__}: {e}")
-            else:
+                r, err = None, ApiError(0, "network/error", f"{type(e).__name__}: {e}")
+            self.limiter.done()
+            if is_launch:
+                self.launch_limiter.done()
+            if r is not None:
                 try:
                     payload = r.json()
                 except ValueError:
@@ -635,7 +643,7 @@ def cmd_launch(args, settings):
     if not args.no_deploy:
         tree, _, _ = tree_to_ship(args.repo)
         if args.command is None and subprocess.run(["git", "-C", str(args.repo), "cat-file", "-e",
-                                                    f"{tree}:run_aquarat_small.sh"]).returncode != 0:
+                                                    f"{tree}:run_aquarat_small.sh"], capture_output=True).returncode != 0:
             raise LaunchError(f"run_aquarat_small.sh is not in the git tree of {args.repo}; commit it or pass "
                               "--command", EXIT_CONFIG)
     args.name = args.name or f"nanochat-aquarat-{secrets.token_hex(3)}"
@@ -688,7 +696,8 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
     launched = time.monotonic()
     inst = wait_active(api, instance_id, args.active_timeout, args.poll_interval)
     state.update(instance_id, ip=inst["ip"], status="active")
-    remote = Remote(inst["ip"], args.ssh_user, args.ssh_port, args.ssh_key_file, state.known_hosts)
+    remote = Remote(inst["ip"], args.ssh_user, args.ssh_port, args.ssh_key_file, state.known_hosts,
+                    connect_timeout=min(10, max(1, args.ssh_timeout)))
     remote.forget_host()
     say(f"Instance {instance_id} is active at {inst['ip']}.\n"
         f"  SSH:  {remote.human_command()}   (or: python launch_lambda.py ssh {instance_id})\n"

@@ -1,0 +1,527 @@
+"""
+launch_lambda.py against a loopback test double of the Lambda API (validated against the OpenAPI
+spec in ../shared when present) and a real OpenSSH server on loopback: a real deploy (git archive
+over ssh, .env through stdin, tmux, log, rsync fetch) and every failure path ending with no
+running instance and a telling exit code. No secret may appear in output, ssh argv, request
+bodies, or files (other than the remote .env and the local .env the test wrote).
+"""
+
+import ast
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lambda_fake_api import FakeLambda  # noqa: E402
+
+import launch_lambda as ll  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPEC_PATH = REPO_ROOT.parent / "shared" / "specs" / "lambda-cloud-openapi.json"
+LAUNCHER = REPO_ROOT / "launch_lambda.py"
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+LAMBDA_KEY = "lambda-secret-3f9c2e71a0b84d56"
+WANDB_KEY = "wandbsecret0123456789abcdef0123456789abcd"
+SECRETS = (LAMBDA_KEY, WANDB_KEY)
+
+FAKE_PIPELINE = r"""#!/usr/bin/env bash
+# Stand-in for the real orchestrator: writes a report, metrics and checkpoints into NANOCHAT_BASE_DIR.
+set -e
+sleep_s=0; code=0
+while [ $# -gt 0 ]; do
+  case "$1" in --sleep) sleep_s=$2; shift ;; --exit) code=$2; shift ;; esac; shift
+done
+echo "pipeline running with base $NANOCHAT_BASE_DIR"
+echo "wandb key present: ${WANDB_API_KEY:+yes}, project: $WANDB_PROJECT"
+cd "$NANOCHAT_BASE_DIR"
+mkdir -p report runs/r1 checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010 checkpoints/sft/d4/step_000011.tmp checkpoints/rl/d4/step_000005
+echo "# fake report" > report/report.md
+echo '{"step": 1, "rl/acc": 0.5}' > runs/r1/rl.jsonl
+for d in checkpoints/*/d4/step_*; do echo weights > "$d/model.pt"; done
+sleep "$sleep_s"
+echo "pipeline done"
+exit "$code"
+"""
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+@pytest.fixture(scope="module")
+def spec():
+    return json.loads(SPEC_PATH.read_text()) if SPEC_PATH.is_file() else None
+
+
+@pytest.fixture
+def fake(spec):
+    fake = FakeLambda(LAMBDA_KEY, spec).start()
+    fake.on_terminate = lambda inst: kill_tmux(inst["id"])  # a terminated machine takes its processes with it
+    yield fake
+    fake.stop()
+    for iid in fake.instances:
+        kill_tmux(iid)
+    assert not fake.violations, "requests/responses that break the OpenAPI spec:\n" + "\n".join(fake.violations)
+    for r in fake.requests:  # the key travels only in the Authorization header
+        assert not any(s in r["raw"] or s in r["path"] for s in SECRETS), r
+    for r in fake.launches():
+        assert "user_data" not in (r["body"] or {})
+
+
+def kill_tmux(instance_id):
+    subprocess.run(["tmux", "kill-session", "-t", "=" + ll.tmux_session(instance_id)], capture_output=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real sshd on a free loopback port, with its own host key, accepting one generated user key."""
+    if not Path(SSHD).is_file():
+        pytest.skip(f"OpenSSH server not installed ({SSHD} missing): apt-get install openssh-server (.ci/run does)")
+    if not shutil.which("tmux"):
+        pytest.skip("tmux not installed: apt-get install tmux (.ci/run does)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    shutil.copy(d / "user_key.pub", d / "authorized_keys")
+    port = free_port()
+    (d / "sshd_config").write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_key
+PidFile {d}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+UsePAM no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+StrictModes no
+LogLevel VERBOSE
+""")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                if s.recv(64).startswith(b"SSH-"):
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+        time.sleep(0.1)
+    import getpass
+    yield {"port": port, "key": str(d / "user_key"), "user": getpass.getuser(), "dir": d}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A tiny git checkout to ship: the fake pipeline, a committed file with an uncommitted edit, an untracked file."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    (repo / "run_aquarat_small.sh").write_text(FAKE_PIPELINE)
+    (repo / "notes.txt").write_text("committed\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "init"], check=True)
+    (repo / "notes.txt").write_text("edited, not committed\n")
+    (repo / "scratch.txt").write_text("untracked\n")
+    return repo
+
+
+@pytest.fixture
+def env(tmp_path, fake):
+    """Environment for launcher subprocesses: secrets only in a .env file, tiny limits, ssh argv logged."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    for tool in ("ssh", "scp", "rsync"):
+        real = shutil.which(tool)
+        if real:
+            (shim / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "$ARGV_LOG"\nexec {real} "$@"\n')
+            (shim / tool).chmod(0o755)
+    (tmp_path / "secrets.env").write_text(f"LAMBDA_API_KEY={LAMBDA_KEY}\nWANDB_API_KEY={WANDB_KEY}\n"
+                                          "WANDB_PROJECT=aquarat-test\n")
+    (tmp_path / "home").mkdir()
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("LAMBDA_", "WANDB_", "HF_TOKEN", "NANOCHAT_RUN"))}
+    e.update(PATH=f"{shim}:{os.environ['PATH']}", ARGV_LOG=str(tmp_path / "argv.log"), HOME=str(tmp_path / "home"),
+             PYTHONUNBUFFERED="1", LAMBDA_API_BASE=fake.url, LAMBDA_LAUNCHER_STATE_DIR=str(tmp_path / "state"),
+             LAMBDA_RATE_LIMIT_S="0.01", LAMBDA_LAUNCH_RATE_LIMIT_S="0.05", LAMBDA_RETRY_BACKOFF_S="0.05",
+             LAMBDA_RETRIES="3")
+    yield e
+    argv_log = tmp_path / "argv.log"
+    if argv_log.exists():
+        assert not any(s in argv_log.read_text() for s in SECRETS), "a secret reached an ssh/rsync command line"
+    allowed = {tmp_path / "secrets.env"}
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name != ".env" and path not in allowed:
+            data = path.read_bytes()
+            assert not any(s.encode() in data for s in SECRETS), f"a secret was written to {path}"
+
+
+def launcher(env, *args, env_file=True, cwd=None, timeout=60):
+    cmd = [sys.executable, str(LAUNCHER), *args]
+    if env_file and "--" not in args:
+        cmd += ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
+    elif env_file:
+        i = cmd.index("--")
+        cmd[i:i] = ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
+    proc = subprocess.run(cmd, env=env, cwd=cwd or Path(env["HOME"]).parent, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert not any(s in out for s in SECRETS), "a secret was printed:\n" + out
+    return proc, out
+
+
+def ssh_flags(sshd, remote_home):
+    return ["--ssh-user", sshd["user"], "--ssh-port", str(sshd["port"]), "--ssh-key-file", sshd["key"],
+            "--remote-dir", str(remote_home / "nanochat-aquarat"), "--remote-base-dir", str(remote_home / "base")]
+
+
+def launch_args(*extra):
+    return ["launch", "--instance-type", "gpu_8x_h100_sxm5", "--region", "us-west-1", "--poll-interval", "0.1",
+            "--active-timeout", "10", "--ssh-timeout", "10", *extra]
+
+
+def state_of(env):
+    path = Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "instances.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# -----------------------------------------------------------------------------
+# static properties
+
+def test_no_torch_in_import_graph():
+    code = ("import sys; import launch_lambda; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'nanochat', 'wandb')); "
+            "print(bad); assert not bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tree = ast.parse(LAUNCHER.read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"requests", "dotenv"}
+
+
+def test_spec_validation_is_active(spec):
+    if spec is None:
+        pytest.skip(f"{SPEC_PATH} is absent: request/response validation against the OpenAPI spec is skipped")
+    from lambda_fake_api import SpecValidator
+    v = SpecValidator(spec)
+    assert v.check_request("POST", "/api/v1/instance-operations/launch", {"region_name": "us-west-1"})
+    assert v.check_response("GET", "/api/v1/instances", 200, {"data": [{"id": "x"}]})
+    assert not v.check_response("POST", "/api/v1/instance-operations/launch", 400,
+                                {"error": {"code": ll.LambdaAPI.CAPACITY, "message": "m"}})
+
+
+def test_remote_env_text_quotes_and_refuses_unsafe_values():
+    text = ll.remote_env_text({"WANDB_API_KEY": "abc", "WANDB_PROJECT": "p", "LAMBDA_API_KEY": "never", "X": "1"},
+                              extra_keys=["X"])
+    assert text == "WANDB_API_KEY='abc'\nWANDB_PROJECT='p'\nX='1'\n"  # the Lambda key never goes to the instance
+    with pytest.raises(ll.LaunchError) as e:
+        ll.remote_env_text({"WANDB_API_KEY": "a'b"})
+    assert "WANDB_API_KEY" in str(e.value) and "a'b" not in str(e.value)
+
+
+def test_client_rate_limits(fake, monkeypatch):
+    monkeypatch.setenv("LAMBDA_RATE_LIMIT_S", "0.15")
+    monkeypatch.setenv("LAMBDA_LAUNCH_RATE_LIMIT_S", "0.4")
+    fake.launch_window = 0.4  # the fake answers 429 to launches closer than this
+    api = ll.LambdaAPI(fake.url, LAMBDA_KEY, retries=0)
+    for _ in range(3):
+        api.instance_types()
+    body = {"instance_type_name": "gpu_1x_a10", "ssh_key_names": ["laptop"], "region_name": "us-east-1"}
+    ids = [api.launch(dict(body, name=f"n{i}"), set()) for i in range(2)]
+    times = [r["time"] for r in fake.requests]
+    assert all(b - a >= 0.14 for a, b in zip(times, times[1:])), times
+    launch_times = [r["time"] for r in fake.launches()]
+    assert launch_times[1] - launch_times[0] >= 0.39 and len(ids) == 2
+    assert all(r["status"] == 200 for r in fake.requests)
+
+
+# -----------------------------------------------------------------------------
+# API-only paths
+
+def test_seed_form_dry_run_prints_plan_and_cost(env, fake, project):
+    proc, out = launcher(env, "--instance-type", "gpu_8x_h100_sxm5", "--region", "us-west-1", "--dry-run",
+                         "--repo", str(project), "--", "--depth", "20")
+    assert proc.returncode == 0, out
+    assert "DRY RUN" in out and "$23.92/hour" in out and "4 h = $95.68" in out
+    assert "bash run_aquarat_small.sh --depth 20" in out and "ssh key:   laptop" in out
+    assert all(r["method"] == "GET" for r in fake.requests)
+
+
+def test_types_lists_prices_and_capacity(env, fake):
+    proc, out = launcher(env, "types")
+    assert proc.returncode == 0, out
+    line = next(l for l in out.splitlines() if l.startswith("gpu_8x_h100_sxm5"))
+    assert "23.92" in line and "us-west-1, us-east-1" in line
+    assert out.index("gpu_1x_a10") < out.index("gpu_8x_h100_sxm5")  # sorted by price
+
+
+def test_default_command_needs_the_orchestrator_in_the_tree(env, fake, tmp_path):
+    repo = tmp_path / "bare_repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    (repo / "x").write_text("x")
+    subprocess.run(["git", "-C", str(repo), "add", "x"], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    proc, out = launcher(env, *launch_args("--repo", str(repo)))
+    assert proc.returncode == ll.EXIT_CONFIG and "run_aquarat_small.sh is not in the git tree" in out
+    assert not fake.requests  # checked before any API call, so nothing is ever launched for it
+
+
+def test_missing_api_key_is_named(env, fake, tmp_path):
+    (tmp_path / "empty.env").write_text("")
+    for args in (["types"], launch_args("--no-deploy")):
+        proc, out = launcher(env, *args, "--env-file", str(tmp_path / "empty.env"), env_file=False)
+        assert proc.returncode == ll.EXIT_CONFIG and "LAMBDA_API_KEY is not set" in out
+    assert not fake.requests
+
+
+def test_rejected_api_key_exits_3_without_launching(env, fake, tmp_path):
+    (tmp_path / "bad.env").write_text("LAMBDA_API_KEY=not-the-key\n")
+    proc, out = launcher(env, *launch_args("--no-deploy"), "--env-file", str(tmp_path / "bad.env"), env_file=False)
+    assert proc.returncode == ll.EXIT_CONFIG, out
+    assert "global/invalid-api-key" in out and "LAMBDA_API_KEY" in out
+    assert not fake.launches() and not fake.instances
+
+
+def test_capacity_errors_then_success_with_wait(env, fake):
+    fake.no_capacity_launches = 2
+    fake.launch_window = 0.05
+    proc, out = launcher(env, *launch_args("--no-deploy", "--wait-capacity", "0.5"))
+    assert proc.returncode == 0, out
+    assert out.count("us-west-1: insufficient capacity") == 2 and "waiting for capacity" in out
+    assert len(fake.launches()) == 3 and all(r["status"] != 429 for r in fake.launches())
+    (iid,) = [i["id"] for i in fake.running()]
+    assert f"Launched {iid}" in out and "python launch_lambda.py ssh" in out and "$23.92/hour" in out
+    assert state_of(env)[iid]["status"] == "active"
+    assert oct(os.stat(Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "instances.json").st_mode & 0o777) == "0o600"
+    proc, out = launcher(env, "terminate", iid)
+    assert proc.returncode == ll.EXIT_USAGE and "--yes" in out and fake.running()
+    proc, out = launcher(env, "terminate", iid, "--yes")
+    assert proc.returncode == 0 and not fake.running() and state_of(env)[iid]["status"] == "terminated"
+
+
+def test_region_auto_moves_to_another_region(env, fake):
+    fake.no_capacity_launches = 1
+    proc, out = launcher(env, *launch_args("--no-deploy", "--region", "auto"))
+    assert proc.returncode == 0, out
+    assert [r["body"]["region_name"] for r in fake.launches()] == ["us-west-1", "us-east-1"]
+    assert [i["region"]["name"] for i in fake.running()] == ["us-east-1"]
+    fake.running()[0]["status"] = "terminated"
+
+
+def test_no_capacity_exits_5_with_advice(env, fake):
+    fake.capacity["gpu_8x_h100_sxm5"] = []
+    proc, out = launcher(env, *launch_args("--no-deploy"))
+    assert proc.returncode == ll.EXIT_NO_CAPACITY, out
+    assert "no capacity" in out and "--wait-capacity" in out and not fake.launches()
+
+
+def test_429_and_5xx_are_retried_without_double_launch(env, fake):
+    fake.fail("GET", r"/instance-types$", 429, "global/rate-limited", retry_after=1)
+    fake.fail("POST", r"/launch$", 503, "provider/internal-unavailable")
+    fake.fail("POST", r"/launch$", 500, "global/internal-error", create=True)  # launched, but the answer was lost
+    proc, out = launcher(env, *launch_args("--no-deploy"))
+    assert proc.returncode == 0, out
+    types_calls = [r for r in fake.requests if r["path"].endswith("/instance-types")]
+    assert [r["status"] for r in types_calls[:2]] == [429, 200]
+    assert types_calls[1]["time"] - types_calls[0]["time"] >= 0.95  # Retry-After honoured
+    assert "retry 1/3" in out and "did create" in out
+    assert len(fake.instances) == 1 and len(fake.launches()) == 2  # no second launch after the lost answer
+    fake.running()[0]["status"] = "terminated"
+
+
+def test_persistent_5xx_exits_4(env, fake):
+    fake.fail("GET", r"/ssh-keys$", 503, "provider/internal-unavailable", times=10)
+    proc, out = launcher(env, *launch_args("--no-deploy"))
+    assert proc.returncode == ll.EXIT_API, out
+    assert "provider/internal-unavailable" in out and not fake.instances
+
+
+def test_never_active_terminates(env, fake, project):
+    fake.never_active = True
+    proc, out = launcher(env, *launch_args("--active-timeout", "0.5", "--repo", str(project)))
+    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert "not active after" in out and "Terminated" in out
+    assert not fake.running() and len(fake.instances) == 1
+
+
+def test_keep_on_failure_keeps_and_says_so(env, fake, project):
+    fake.never_active = True
+    proc, out = launcher(env, *launch_args("--active-timeout", "0.3", "--keep-on-failure", "--repo", str(project)))
+    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert "STILL RUNNING" in out and len(fake.running()) == 1
+    iid = fake.running()[0]["id"]
+    proc, out = launcher(env, "status")
+    assert proc.returncode == 0 and iid in out and "$23.92/h" in out
+    proc, out = launcher(env, "terminate", iid, "--yes")
+    assert proc.returncode == 0 and not fake.running()
+
+
+def test_ssh_never_answers_terminates(env, fake, project, tmp_path):
+    silent = socket.socket()  # accepts TCP connections (backlog) but never speaks SSH
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        proc, out = launcher(env, *launch_args("--ssh-timeout", "1.5", "--ssh-user", "nobody", "--ssh-port",
+                                               str(silent.getsockname()[1]), "--repo", str(project)))
+    finally:
+        silent.close()
+    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert "never answered" in out and "Terminated" in out and not fake.running()
+
+
+class Reader:
+    """Collects a subprocess's output in a thread so the test can wait for a line."""
+
+    def __init__(self, proc):
+        self.text = ""
+        self.thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _run(self, proc):
+        for line in proc.stdout:
+            self.text += line
+
+    def wait_for(self, needle, timeout=30):
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            assert time.monotonic() < deadline, f"never saw {needle!r} in:\n{self.text}"
+            time.sleep(0.05)
+
+
+def start_launcher(env, *args):
+    cmd = [sys.executable, str(LAUNCHER), *args, "--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(env["HOME"]).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return proc, Reader(proc)
+
+
+def test_ctrl_c_while_booting_terminates(env, fake, project):
+    fake.never_active = True
+    proc, reader = start_launcher(env, *launch_args("--active-timeout", "60", "--repo", str(project)))
+    reader.wait_for(": booting")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
+    reader.thread.join(5)
+    assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
+    assert not any(s in reader.text for s in SECRETS)
+
+
+# -----------------------------------------------------------------------------
+# real SSH deploys
+
+def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path):
+    remote_home = tmp_path / "remote_home"
+    dest = tmp_path / "results"
+    proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project), "--dest", str(dest),
+                                           *ssh_flags(sshd, remote_home), "--", "--sleep", "0.5"))
+    assert proc.returncode == 0, out
+    print(out)
+    (inst,) = fake.instances.values()
+    assert inst["status"] == "terminated" and f"Terminated {inst['id']}" in out
+    # shipped: the committed tree plus uncommitted edits to tracked files, not untracked files
+    rdir = remote_home / "nanochat-aquarat"
+    assert (rdir / "run_aquarat_small.sh").read_text() == FAKE_PIPELINE
+    assert (rdir / "notes.txt").read_text() == "edited, not committed\n"
+    assert not (rdir / "scratch.txt").exists()
+    # the remote .env: mode 600, the forwarded keys only
+    assert oct((rdir / ".env").stat().st_mode & 0o777) == "0o600"
+    assert (rdir / ".env").read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
+    # the pipeline ran in tmux with the .env loaded and the user's flags, and its log streamed back
+    assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
+    assert f"pipeline running with base {remote_home / 'base'}" in out
+    assert "starting in" in (rdir / ".launcher" / "run.log").read_text() and "--sleep 0.5" in out
+    # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
+    assert (dest / "report" / "report.md").read_text() == "# fake report\n"
+    assert json.loads((dest / "runs" / "r1" / "rl.jsonl").read_text())["rl/acc"] == 0.5
+    assert sorted(p.name for p in (dest / "checkpoints" / "sft" / "d4").iterdir()) == ["step_000010"]
+    assert (dest / "checkpoints" / "rl" / "d4" / "step_000005" / "model.pt").exists()
+    assert "pipeline done" in (dest / "run.log").read_text()
+    # host key recorded in the launcher's own known_hosts; ssh never told to skip host key checks
+    known_hosts = Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "known_hosts"
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{sshd['port']}", "-f", str(known_hosts)],
+                           capture_output=True, text=True)
+    assert found.returncode == 0 and "ssh-ed25519" in found.stdout  # (Debian hashes host names)
+    argv = (tmp_path / "argv.log").read_text()
+    assert "StrictHostKeyChecking=accept-new" in argv and "StrictHostKeyChecking=no" not in argv
+    assert "rsync " in argv
+    assert state_of(env)[inst["id"]]["status"] == "terminated"
+
+
+def test_deploy_then_logs_status_fetch_ssh_terminate(env, fake, sshd, project, tmp_path):
+    remote_home = tmp_path / "remote_home"
+    proc, out = launcher(env, *launch_args("--repo", str(project), *ssh_flags(sshd, remote_home),
+                                           "--command", "bash run_aquarat_small.sh --sleep 1"))
+    assert proc.returncode == 0, out
+    (inst,) = fake.running()
+    iid = inst["id"]
+    assert f"logs {iid} --follow" in out and f"terminate {iid}" in out
+    proc, out = launcher(env, "logs", iid, "--follow", "--poll-interval", "0.2")
+    assert proc.returncode == 0, out
+    assert "pipeline done" in out and "exit code 0" in out
+    proc, out = launcher(env, "logs", iid, "--lines", "2")
+    assert proc.returncode == 0 and "finished with exit code 0" in out and "wandb key" not in out
+    proc, out = launcher(env, "status", iid)
+    assert proc.returncode == 0 and "run: finished, exit code 0" in out and "up 0.0" in out
+    proc, out = launcher(env, "fetch", iid, "--dest", str(tmp_path / "got"))
+    assert proc.returncode == 0, out
+    assert (tmp_path / "got" / "report" / "report.md").exists() and "still running" in out
+    proc, out = launcher(env, "ssh", iid, "--", "cat", str(remote_home / "nanochat-aquarat" / "notes.txt"))
+    assert proc.returncode == 0 and out.strip() == "edited, not committed"
+    proc, out = launcher(env, "terminate", iid, "--yes")
+    assert proc.returncode == 0 and not fake.running()
+
+
+def test_remote_failure_fetches_then_terminates(env, fake, sshd, project, tmp_path):
+    dest = tmp_path / "results"
+    proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project), "--dest", str(dest),
+                                           *ssh_flags(sshd, tmp_path / "remote_home"),
+                                           "--command", "bash run_aquarat_small.sh --exit 3"))
+    assert proc.returncode == ll.EXIT_RUN_FAILED, out
+    assert "exited with code 3" in out and "Terminated" in out and not fake.running()
+    assert (dest / "report" / "report.md").exists() and "exit code 3" in (dest / "run.log").read_text()
+
+
+def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):
+    proc, reader = start_launcher(env, *launch_args("--auto-terminate", "--repo", str(project),
+                                                    *ssh_flags(sshd, tmp_path / "remote_home"),
+                                                    "--command", "bash run_aquarat_small.sh --sleep 30"))
+    reader.wait_for("pipeline running")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
+    reader.thread.join(5)
+    assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
+    assert not any(s in reader.text for s in SECRETS)
+
+
+def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    (base / "report").mkdir(parents=True)
+    (base / "report" / "report.md").write_text("r\n")
+    (base / "checkpoints" / "base" / "d4" / "step_000100").mkdir(parents=True)
+    (base / "checkpoints" / "base" / "d4" / "step_000099").mkdir(parents=True)
+    remote = ll.Remote("127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5)
+    monkeypatch.setattr(ll.shutil, "which", lambda name: None)
+    dest = ll.fetch_artifacts(remote, str(tmp_path / "nowhere"), str(base), tmp_path / "out")
+    assert (dest / "report" / "report.md").read_text() == "r\n"
+    assert [p.name for p in (dest / "checkpoints" / "base" / "d4").iterdir()] == ["step_000100"]
