@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import sys
 
 
@@ -194,3 +195,53 @@ def load_hf_dataset(path: str, name: str | None, split: str, hint: str = ""):
         what = f"{path}" + (f" ({name})" if name else "") + f" split {split!r}"
         raise RuntimeError(f"Could not load {what} from Hugging Face: {type(e).__name__}: {e}. "
                            + (hint or "Check the network (or HF_DATASETS_OFFLINE / the local HF cache).")) from e
+
+
+_ROLES = ("system", "user", "assistant")
+_PART_TYPES = ("text", "python", "python_output")
+
+
+def validate_messages(messages) -> list[dict]:
+    """Check a conversation's messages (raises ValueError naming the message) and return them.
+
+    Rules (those of nanochat/tokenizer.render_conversation): a list of {"role", "content"} dicts; an
+    optional system message first; then user/assistant alternating, starting with user and ending with
+    assistant. content is a non-empty string, or (assistant only) a list of {"type", "text"} parts.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    body = messages[1:] if isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
+    if len(body) < 2:
+        raise ValueError("needs at least one user and one assistant message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in _ROLES:
+            raise ValueError(f"message {i} has role {m['role']!r}, expected one of {_ROLES}")
+        if m["role"] == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+        content = m["content"]
+        if isinstance(content, str):
+            if not content.strip():
+                raise ValueError(f"message {i} ({m['role']}) has empty content")
+        elif isinstance(content, list) and m["role"] == "assistant":
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") in _PART_TYPES and isinstance(part.get("text"), str)):
+                    raise ValueError(f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}")
+        else:
+            raise ValueError(f"message {i} ({m['role']}) content must be a string")
+    offset = len(messages) - len(body)
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise ValueError(f"message {i + offset} has role {m['role']!r}, expected {expected!r} "
+                             "(user and assistant must alternate, starting with user)")
+    if body[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (the training target)")
+    return messages
+
+
+def first_letter(completion: str, letters) -> str | None:
+    """The choice letter a categorical completion starts with ("B", " (B)", "B) Paris", "B."), else None."""
+    m = re.match(r"\s*\(?([A-Z])(?![A-Za-z0-9])", completion or "")
+    return m.group(1) if m and m.group(1) in letters else None
