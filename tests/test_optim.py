@@ -1,0 +1,155 @@
+"""Optimizers: AdamW == torch.optim.AdamW, Muon's orthogonalisation, param grouping, 1 vs 2 processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import AdamW, Muon, clip_grad_norm_, zeropower_via_newtonschulz5
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dist_optim_worker  # noqa: E402
+
+TINY = dict(sequence_len=16, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def test_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (11,), (3, 4, 2)]
+    ours = [torch.randn(s, requires_grad=True) for s in shapes]
+    ref = [p.detach().clone().requires_grad_(True) for p in ours]
+    groups = lambda ps: [dict(params=ps[:2], lr=3e-2), dict(params=ps[2:], lr=1e-3, weight_decay=0.0)]
+    opt = AdamW(groups(ours), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, foreach=False)
+    for step in range(6):
+        for a, b in zip(ours, ref):
+            g = torch.randn(a.shape) * (10.0 ** (step - 3))  # grads across scales
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+        if step == 3:  # lr changes mid-run (schedulers) are honoured the same way
+            for o in (opt, opt_ref):
+                o.param_groups[0]["lr"] *= 0.5
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (256, 64), (64, 256), (48, 80)])
+def test_newton_schulz_output_is_near_orthogonal(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape) * 1e-3  # scale-free: the input is normalised first
+    X = zeropower_via_newtonschulz5(G, steps=5)
+    assert X.shape == G.shape and X.dtype == torch.float32  # fp32 on CPU
+    # NS is an odd matrix polynomial: X = U p(S) V^T with G = U S V^T, so p(sigma_i) = (U^T X V)_ii.
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    p_of_s = torch.diagonal(U.T @ X @ Vh.T)
+    torch.testing.assert_close(U @ torch.diag(p_of_s) @ Vh, X, atol=1e-4, rtol=1e-3)
+    assert p_of_s.max() < 1.5
+    # 5 steps lift every direction not tiny relative to the top one into [0.5, 1.5]; a near-null direction
+    # (a square Gaussian has one) is only multiplied by ~3.4^5 and may stay small: Muon accepts that.
+    kept = S >= 0.02 * S.max()
+    assert kept.sum() >= 0.9 * len(S)
+    assert p_of_s[kept].min() > 0.5, p_of_s[kept].min()
+    if shape != (64, 64):  # rectangular Gaussians are well conditioned: the whole spectrum is near 1
+        s = torch.linalg.svdvals(X)
+        assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
+
+
+def test_muon_step_is_scaled_orthogonal_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(128, 32))  # tall: lr scale sqrt(128/32) = 2
+    before = p.detach().clone()
+    opt = Muon([p], lr=0.01, momentum=0.95, nesterov=True)
+    p.grad = torch.randn(128, 32)
+    opt.step()
+    update = (before - p.detach()) / (0.01 * 2.0)
+    s = torch.linalg.svdvals(update)
+    assert s.min() > 0.5 and s.max() < 1.5
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_setup_optimizers_groups_and_lrs():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    adamw, muon = model.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02)
+    assert isinstance(adamw, AdamW) and isinstance(muon, Muon)
+    seen = [p for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len({id(p) for p in seen}) == len(list(model.parameters()))
+    scale = (64 / 768) ** -0.5
+    lm, emb = adamw.param_groups
+    assert lm["params"][0] is model.lm_head.weight and emb["params"][0] is model.transformer.wte.weight
+    assert lm["lr"] == pytest.approx(0.004 * scale) and emb["lr"] == pytest.approx(0.2 * scale)
+    for group in muon.param_groups:
+        assert len({tuple(p.shape) for p in group["params"]}) == 1 and group["lr"] == 0.02
+    for opt in (adamw, muon):
+        for group in opt.param_groups:
+            assert group["initial_lr"] == group["lr"]
+
+
+def test_tiny_model_learns_with_setup_optimizers():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    optimizers = model.setup_optimizers()
+    x = torch.randint(0, 256, (4, 17))
+    losses = []
+    for _ in range(15):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_clip_grad_norm_single_process_matches_torch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    x = torch.randint(0, 256, (2, 17))
+    model(x[:, :-1], x[:, 1:]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.1)
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    norm = clip_grad_norm_(model.setup_optimizers(), 0.1)
+    torch.testing.assert_close(norm, expected)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g * min(1.0, 0.1 / expected.item()), atol=1e-7, rtol=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training_matches_single_process(tmp_path):
+    """Same global batch of 4 rows, 3 steps with clipping: 1 process (full batch), 1 process with 2-step
+    gradient accumulation, and torchrun with 2 gloo ranks (2 rows each) end with the same weights."""
+    torch.set_num_threads(1)
+    single = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4)
+    accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2)
+    env = {**os.environ, "NANOCHAT_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(REPO_ROOT / "tests" / "dist_optim_worker.py"), "--out", str(tmp_path), "--steps", "3", "--batch-size", "4"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name, w in single.items():
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs across ranks"
+        # Muon matrices agree to ~1e-7. The embedding is the loosest: Adam's m/sqrt(v) on elements whose
+        # gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5 on values ~0.2, lr 0.7).
+        tol = dict(atol=1e-6, rtol=1e-5) if "transformer.h." in name else dict(atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(rank0[name], w, **tol, msg=lambda m: f"{name}: 2-proc vs 1-proc: {m}")
+        torch.testing.assert_close(accum[name], w, **tol, msg=lambda m: f"{name}: grad-accum vs 1-proc: {m}")
+    torch.manual_seed(0)  # the worker's initial weights: training must have moved them
+    initial = GPT(GPTConfig(**TINY)).state_dict()
+    assert (single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]).abs().max() > 1e-3
