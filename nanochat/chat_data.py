@@ -20,7 +20,6 @@ import os
 
 import torch
 
-from nanochat.common import print0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +142,10 @@ def build_tasks(args, split: str, device: torch.device) -> list:
         from tasks.customjson import CustomJSON
         if not os.path.isfile(path):
             raise SystemExit(f"--custom-json {path}: no such file")
-        full = CustomJSON(path)
+        try:
+            full = CustomJSON(path)
+        except ValueError as exc:  # names file:line and the problem
+            raise SystemExit(f"--custom-json {path}: {exc}") from exc
         n_val = int(len(full) * args.val_fraction_custom) if len(full) > 1 else 0
         t = full.subset(0, len(full) - n_val) if split == "train" else full.subset(len(full) - n_val)
         if len(t):
@@ -260,7 +262,3 @@ def iter_eval_batches(task, tokenizer, batch_size: int, seq_len: int, rank: int 
             ids, mask = tokenizer.render_conversation(task[j], max_tokens=seq_len + 1)
             rows.append((ids, mask))
         yield collate(rows, pad_id, device)
-
-
-def describe_mixture(label: str) -> None:
-    print0(f"  {label}")

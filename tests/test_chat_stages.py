@@ -1,0 +1,240 @@
+"""Mid-training / SFT / chat_eval / chat_cli end to end on a tiny checkpoint made in the test (CPU).
+
+The fixture writes a real tokenizer (tiktoken files, byte-level plus merges for " A".." E") and a tiny
+GPT saved with checkpoint.save_checkpoint, so every script runs its real loading path.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.chat_data import ConversationLoader, collate
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
+from nanochat.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["--no-wandb"]
+TINY_DATA = ["--aqua-source", "synthetic", "--synthetic-examples", "24", "--synthetic-val-examples", "6",
+             "--device-batch-size", "4", "--max-seq-len", "256"]
+
+
+def tiny_tokenizer() -> Tokenizer:
+    ranks = {bytes([i]): i for i in range(256)}
+    for j, letter in enumerate("ABCDE"):  # " A" .. " E" as single tokens: the categorical fast path
+        ranks[b" " + letter.encode()] = 256 + j
+    return Tokenizer.from_ranks(SPLIT_PATTERN, ranks)
+
+
+def make_base(base_dir: Path, tag: str = "d2", stage: str = "base") -> GPTConfig:
+    tok = tiny_tokenizer()
+    tok.save(base_dir / "tokenizer")
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(cfg)
+    save_checkpoint(checkpoint_dir(stage, tag), 5, model.state_dict(), None,
+                    {"model_config": asdict(cfg), "tag": tag, "stage": stage})
+    return cfg
+
+
+def sft(args, stage="sft"):
+    from scripts.chat_sft import main
+    return main(args + QUIET, stage=stage)
+
+
+# ------------------------------------------------------------------------------------------ units
+
+def test_collate_shifts_and_masks():
+    rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]), ([7, 8, 9], [0, 1, 0])]
+    x, y = collate(rows, pad_id=99)
+    assert x.tolist() == [[1, 2, 3, 4], [7, 8, 99, 99]]
+    assert y.tolist() == [[-1, 3, 4, 5], [8, -1, -1, -1]]
+    x, y = collate(rows, pad_id=99, pad_to=6)
+    assert x.shape == (2, 6) and (y[:, 4:] == -1).all()
+
+
+def test_loader_slots_do_not_depend_on_world_size():
+    tok = tiny_tokenizer()
+    from tasks.synthetic_aqua import SyntheticAqua
+    task = SyntheticAqua("train", num_examples=10)
+    one = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=2, rank=0, world_size=1, seed=3)
+    r0 = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=0, world_size=2, seed=3)
+    r1 = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=1, world_size=2, seed=3)
+    for _ in range(4):  # crosses an epoch boundary (10 conversations, 4 per step)
+        a = one.next_step()
+        b = r0.next_step() + r1.next_step()
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    resumed = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=2, seed=3, state=one.state_dict())
+    nxt = one.next_step()
+    for (xa, ya), (xb, yb) in zip(nxt, resumed.next_step()):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_all_masked_micro_batch_is_finite():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    x = torch.randint(0, 300, (2, 8))
+    y = torch.full((2, 8), -1)
+    loss = model(x, y, loss_reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------ SFT / mid
+
+def test_sft_all_masked_step_gives_finite_loss(base_dir, tmp_path):
+    """A conversation cut (by --max-seq-len) before the assistant speaks: every target of the step is masked."""
+    make_base(base_dir)
+    conv = {"messages": [{"role": "user", "content": "long question " * 20}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "masked.jsonl"
+    path.write_text("\n".join(json.dumps(conv) for _ in range(4)) + "\n")
+    out = sft(["--source-stage", "base", "--aqua-source", "none", "--custom-json", str(path), "--max-seq-len", "16",
+               "--device-batch-size", "2", "--num-iterations", "2", "--eval-every", "0", "--log-every", "1",
+               "--val-fraction-custom", "0.25"])
+    rows = [r for r in read_jsonl(base_dir / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
+    assert len(rows) == 2 and all(r["train/loss"] == 0.0 and r["train/trained_tokens"] == 0 for r in rows)
+    state, _, _ = load_checkpoint(out["ckpt_dir"])
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_mid_then_sft_end_to_end(base_dir, capsys):
+    make_base(base_dir)
+    # sft with no mid checkpoint: falls back to base with a note
+    out = sft(TINY_DATA + ["--num-iterations", "2", "--eval-every", "0", "--tag", "fallback"])
+    assert "no mid checkpoint found" in capsys.readouterr().out
+    assert find_last_step(out["ckpt_dir"]) == 2
+
+    mid = sft(TINY_DATA + ["--num-iterations", "3", "--eval-every", "2", "--log-every", "1"], stage="mid")
+    assert Path(mid["ckpt_dir"]) == checkpoint_dir("mid", "d2")
+    assert mid["val_loss"] is not None and mid["val_loss"] == mid["val_loss"]  # not NaN
+    out = sft(TINY_DATA + ["--num-iterations", "2", "--eval-every", "1", "--log-every", "1"])
+    assert find_last_step(out["ckpt_dir"]) == 2
+    _, _, meta = load_checkpoint(out["ckpt_dir"])
+    assert meta["source_stage"] == "mid" and meta["stage"] == "sft" and meta["tag"] == "d2"
+    rows = read_jsonl(base_dir / "runs" / "local" / "sft.jsonl")
+    assert any("train/loss" in r and "train/tok_per_sec" in r and "train/lr" in r for r in rows)
+    assert any("val/loss" in r for r in rows)
+    assert (base_dir / "report" / "mid.md").is_file() and (base_dir / "report" / "sft.md").is_file()
+    assert "Supervised fine-tuning" in (base_dir / "report" / "sft.md").read_text()
+
+
+def test_both_spellings_of_aqua_flags():
+    from scripts.chat_sft import build_parser
+    p = build_parser("sft")
+    a = p.parse_args(["--aqua_train_examples=20000", "--aqua_val_examples=254"])
+    b = p.parse_args(["--aqua-train-examples", "20000", "--aqua-val-examples=254"])
+    assert a.aqua_train_examples == b.aqua_train_examples == 20000
+    assert a.aqua_val_examples == b.aqua_val_examples == 254
+
+
+def test_resume_is_exact(base_dir):
+    make_base(base_dir)
+    flags = TINY_DATA + ["--source-stage", "base", "--num-iterations", "4", "--save-every", "2", "--eval-every", "0",
+                         "--keep-last", "0"]
+    out = sft(flags, stage="mid")
+    ckpt = Path(out["ckpt_dir"])
+    full, _, _ = load_checkpoint(ckpt, step=4)
+    shutil.rmtree(ckpt / "step_000004")  # "killed" after step 2's checkpoint
+    assert find_last_step(ckpt) == 2
+    sft(flags, stage="mid")
+    resumed, _, _ = load_checkpoint(ckpt, step=4)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    # changing the budget mid-run is refused rather than silently changing the schedule
+    with pytest.raises(SystemExit, match="resume"):
+        sft(TINY_DATA + ["--source-stage", "base", "--num-iterations", "6"], stage="mid")
+
+
+def test_missing_source_and_bad_custom_json(base_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no base checkpoint"):
+        sft(TINY_DATA + ["--source-stage", "base"], stage="mid")
+    make_base(base_dir)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    with pytest.raises(SystemExit, match="bad.jsonl"):
+        sft(["--aqua-source", "none", "--custom-json", str(bad)], stage="mid")
+
+
+# ------------------------------------------------------------------------------------------ eval and CLI
+
+def test_chat_eval_writes_jsonl_and_report(base_dir):
+    make_base(base_dir, stage="sft")
+    from scripts.chat_eval import main
+    rows = main(["-i", "sft", "-a", "SYNTH", "--max-problems", "5", "--num-samples", "2", "--max-tokens", "12",
+                 "--show", "0"] + QUIET)
+    lines = read_jsonl(base_dir / "runs" / "local" / "chat_eval.jsonl")
+    assert len(lines) == 2 and {r["mode"] for r in lines} == {"generative", "categorical"}
+    for r in lines:
+        assert r["source"] == "sft" and r["task"] == "synthetic_aqua" and r["split"] == "test" and r["n"] == 5
+        assert 0.0 <= r["acc"] <= 1.0 and r["chance"] == 0.2
+        assert r["most_frequent_letter"] in "ABCDE" and 0.2 <= r["most_frequent_acc"] <= 1.0
+        assert sum(r["pred_counts"].values()) == 5 and sum(r["gold_counts"].values()) == 5
+        assert sum(sum(v.values()) for v in r["confusion"].values()) == 5
+        assert r["correct"] == sum(r["confusion"][l][l] for l in "ABCDE")
+    gen = next(r for r in lines if r["mode"] == "generative")
+    cat = next(r for r in lines if r["mode"] == "categorical")
+    assert gen["k"] == 2 and 0.0 <= gen["pass@2"] <= 1.0
+    assert cat["scoring"] == "single-token logits" and cat["pred_counts"]["none"] == 0
+    assert rows == lines or len(rows) == 2
+    assert "synthetic_aqua" in (base_dir / "report" / "chat_eval_sft.md").read_text()
+
+
+def test_letter_scorer_matches_logits(base_dir):
+    from scripts.chat_eval import LetterScorer
+    tok = tiny_tokenizer()
+    scorer = LetterScorer(tok)
+    assert scorer.single and scorer.letter_ids == [256, 257, 258, 259, 260]
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                          n_embd=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=1.0)
+    prompt = tok.encode("Q?", prepend="<|bos|>")
+    choice, scores = scorer(model, prompt)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tok.encode("Answer:")]))[0, -1]
+    assert choice == int(torch.argmax(logits[256:261]))
+    # the multi-token path (bytes-only tokenizer: " A" is two tokens) agrees with summed log-probs
+    plain = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    s2 = LetterScorer(plain)
+    assert not s2.single
+    model2 = GPT(GPTConfig(sequence_len=64, vocab_size=plain.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                           n_embd=16)).eval()
+    choice2, scores2 = s2(model2, prompt)
+    ids = prompt + plain.encode("Answer: C")
+    with torch.no_grad():
+        logp = torch.log_softmax(model2(torch.tensor([ids]))[0], -1)
+    n = len(prompt) + len(plain.encode("Answer:"))
+    expected = float(logp[n - 1, ids[n]] + logp[n, ids[n + 1]])
+    assert scores2[2] == pytest.approx(expected, abs=1e-4)
+
+
+def test_chat_eval_real_aqua_dev(base_dir, shared_dir):
+    make_base(base_dir, stage="sft")
+    from scripts.chat_eval import main
+    rows = main(["-i", "sft", "-a", "AQUA", "--split", "dev", "--aqua-data-dir", str(shared_dir / "data" / "aqua_rat"),
+                 "--max-problems", "3", "--max-tokens", "8", "--modes", "categorical"] + QUIET)
+    assert rows[0]["task"] == "aqua" and rows[0]["split"] == "validation" and rows[0]["n"] == 3
+
+
+def test_chat_cli_one_prompt_subprocess(base_dir):
+    make_base(base_dir, stage="sft")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-i", "sft", "-p", "What is 2+2?",
+                          "--max-tokens", "8", "-t", "0"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() != ""
+    res = subprocess.run([sys.executable, "-m", "scripts.sft_train", "--help"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--aqua-train-examples" in res.stdout and "--aqua_train_examples" in res.stdout
