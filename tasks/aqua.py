@@ -260,10 +260,11 @@ def option_number(value: str) -> float | None:
     return _to_float(m.group(1)) if m else None
 
 
-# A final value must read as a result: "= 25km", "is Rs. 500", "x: 12", or a line that starts with it.
-# "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own.
-_RESULT_LEAD = re.compile(r"(?:^|=|:|≈|~|\b(?:is|be|are|was|equals|approx\.?|approximately|about))\s*"
-                          + _CURRENCY + r"?\s*$", re.I)
+# A final value must read as a result: "= 25km", "x: Rs. 500", "≈ 3.3", or a line that starts with it.
+# "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own. "is 12" is
+# not enough either: questions are full of "...is 30% of N", and a completion that merely parrots the
+# question must not earn a reward (with "is" allowed, 35 of 754 bare questions matched some option).
+_RESULT_LEAD = re.compile(r"(?:^|=|:|≈|~|\b(?:approx\.?|approximately))\s*" + _CURRENCY + r"?\s*$", re.I)
 
 
 def final_number(text: str) -> float | None:
@@ -284,6 +285,9 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= max(1e-9, 1e-3 * max(abs(a), abs(b)))
 
 
+_MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\{\s*([^{}]*?)\s*\}")
+
+
 def extract_letter(completion: str, options: list[str] | None = None) -> str | None:
     """The answer letter (A-E) a completion commits to, or None.
 
@@ -298,6 +302,11 @@ def extract_letter(completion: str, options: list[str] | None = None) -> str | N
     """
     if not completion:
         return None
+    # markup models like to wrap answers in: **C**, $C$, \boxed{C}, \text{C}
+    for _ in range(3):  # nested: \boxed{\text{C}}
+        completion = _MARKUP.sub(r"\1", completion)
+    completion = completion.replace("**", "")
+    completion = re.sub(r"\$\(?([A-E])\)?\$", r"\1", completion)
     statements = find_answer_statements(completion)
     if statements:
         return statements[-1][2]

@@ -55,6 +55,13 @@ def write_lines(path, rows):
     ("Answer: A\nwait, that is wrong. Answer: B", "B"),  # the LAST statement wins
     ("Answer is A is correct option", "A"),
     ("the answer is\nC", "C"),
+    ("**Answer: C**", "C"),
+    ("The answer is **(D)**.", "D"),
+    ("so the answer is $\\boxed{B}$", "B"),
+    ("Final answer: \\boxed{\\text{E}}", "E"),
+    ("Answer: $C$", "C"),
+    ("answer choice C", "C"),
+    ("The correct answer is: C", "C"),
 ])
 def test_extract_letter_explicit(text, letter):
     assert extract_letter(text, OPTS) == letter
@@ -143,7 +150,7 @@ def test_extract_letter_on_real_dev_rationales(shared_dir):
         wrong += got is not None and got != r["correct"]
         none += got is None
     print(f"\nreal dev rationales: recovered {recovered}/254, wrong {wrong}, none {none}")
-    # measured: 250 recovered, 0 wrong, 4 none (rationales that state no letter and end in prose)
+    # measured: 249 recovered, 0 wrong, 5 none (rationales that state no letter and end in prose)
     assert wrong == 0
     assert recovered >= 245
 
@@ -157,9 +164,22 @@ def test_value_fallback_on_real_dev_rationales(shared_dir):
         recovered += got == r["correct"]
         wrong += got is not None and got != r["correct"]
     print(f"\nvalue fallback alone: recovered {recovered}/254, wrong {wrong}")
-    # measured: 178 recovered, 2 wrong (both rationales really end on the wrong option's value)
-    assert wrong <= 4
-    assert recovered >= 160
+    # measured: 166 recovered, 1 wrong (that rationale really ends on the wrong option's value)
+    assert wrong <= 3
+    assert recovered >= 150
+
+
+def test_parroting_the_question_earns_nothing(shared_dir):
+    """A completion that only repeats the question (or the whole prompt) must not name a letter."""
+    from tasks.synthetic_aqua import SyntheticAqua
+    task = AquaRat("validation", data_dir=shared_dir / "data" / "aqua_rat")
+    hits = 0
+    for c in list(task) + list(SyntheticAqua("test", 500, "mixed")):
+        prompt = c["messages"][0]["content"]
+        for text in (prompt, prompt.split("\n\n")[0], prompt.rsplit("\n\n", 1)[0]):
+            hits += extract_letter(text, c["options"]) is not None
+    print(f"\nparroted prompts that name a letter: {hits} of {3 * (len(task) + 500)}")
+    assert hits <= 3  # measured 1
 
 
 def test_real_targets_end_in_exactly_one_answer_line(shared_dir):
@@ -223,7 +243,8 @@ def test_original_and_prepared_and_hf_give_identical_items(tmp_path, monkeypatch
     assert from_orig[1]["messages"][1]["content"] == "10 * 2 = 20 km.\nAnswer: C"
     assert from_orig.evaluate(c, "so 4.5\nAnswer: B") == 1
     assert from_orig.evaluate(c, "Answer: C") == 0
-    assert from_orig.evaluate(c, "half of it is 4.5 apples") == 1  # no letter: the final value decides
+    assert from_orig.evaluate(c, "half of it = 4.5 apples") == 1  # no letter: the final value decides
+    assert from_orig.evaluate(c, "half of it is 4.5 apples") == 0  # "is" does not introduce a final value
     assert from_orig.evaluate(c, "4.5 is half of 9") == 0  # the last number (9) is not introduced as a result
 
 
