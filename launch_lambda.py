@@ -45,8 +45,7 @@ DEFAULT_REMOTE_DIR = "nanochat-aquarat"          # relative paths are relative t
 DEFAULT_REMOTE_BASE_DIR = "~/.cache/nanochat"    # the remote NANOCHAT_BASE_DIR
 SUBCOMMANDS = ("types", "launch", "status", "logs", "fetch", "terminate", "ssh")
 # Non-secret and secret settings forwarded into the instance's .env when set locally.
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "HF_TOKEN", "NANOCHAT_RUN")
-SECRET_ENV = ("LAMBDA_API_KEY", "WANDB_API_KEY", "HF_TOKEN")
+FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "HF_TOKEN")
 
 # Exit codes (also listed in --help and QUICKSTART.md).
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -54,11 +53,12 @@ EXIT_CONFIG = 3        # missing/rejected keys, bad flags, no SSH key, unknown i
 EXIT_API = 4           # API error that retries did not fix (quota, invalid parameters, outage)
 EXIT_NO_CAPACITY = 5   # no capacity for the type/region (after --wait-capacity, if given)
 EXIT_NOT_READY = 6     # instance never became active, or SSH never answered
-EXIT_DEPLOY = 7        # shipping code / writing .env / starting tmux failed
+EXIT_DEPLOY = 7        # an SSH step failed: shipping code, writing .env, starting tmux, reading logs, fetching
 EXIT_RUN_FAILED = 8    # the remote command exited non-zero, vanished, or exceeded --max-hours
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM / SIGHUP
 EXIT_CODES_HELP = """exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config/credentials, 4 API error,
-  5 no capacity, 6 instance/SSH never ready, 7 deploy failed, 8 remote run failed, 130 interrupted.
+  5 no capacity, 6 instance/SSH never ready, 7 deploy/transfer over SSH failed, 8 remote run failed,
+  130 interrupted.
 Every failure after a successful launch terminates the instance unless --keep-on-failure."""
 
 
@@ -86,6 +86,10 @@ def utc_now():
 
 def money(cents):
     return f"${cents / 100:,.2f}"
+
+
+def duration(hours):
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.2f} h"
 
 
 def home_relative(path):
@@ -123,6 +127,8 @@ def require_api_key(settings):
 
 def remote_env_text(settings, extra_keys=()):
     """The instance's .env: forwarded settings, one KEY='value' per line (valid for bash and dotenv)."""
+    if "LAMBDA_API_KEY" in extra_keys:
+        raise LaunchError("--forward-env LAMBDA_API_KEY refused: the account key stays on this machine", EXIT_CONFIG)
     lines = []
     for key in list(FORWARDED_ENV) + [k for k in extra_keys if k not in FORWARDED_ENV]:
         value = settings.get(key)
@@ -431,9 +437,11 @@ def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session
     say(f"Writing {home_relative(remote_dir)}/.env (mode 600) with: "
         f"{', '.join(l.split('=')[0] for l in env_text.splitlines()) or 'nothing to forward'}")
     remote.run(f"umask 077 && cat > {rdir}/.env && chmod 600 {rdir}/.env", input_text=env_text)
-    remote.run(f"cat > {rdir}/.launcher/run.sh", input_text=run_script(command, remote_base_dir))
-    remote.run("command -v tmux >/dev/null || { echo 'tmux is not installed on the instance' >&2; exit 1; }")
-    remote.run(f"cd {rdir} && tmux new-session -d -s {session} \"bash '$PWD/.launcher/run.sh'\"")
+    # One more round trip: write the run script (no secrets in it) and start it in a detached tmux session.
+    remote.run(f"cd {rdir} && cat > .launcher/run.sh && "
+               "{ command -v tmux >/dev/null || { echo 'tmux is not installed on the instance' >&2; exit 1; }; } && "
+               f"tmux new-session -d -s {session} \"bash '$PWD/.launcher/run.sh'\"",
+               input_text=run_script(command, remote_base_dir))
     say(f"Started `{command}` in tmux session '{session}' (log: {home_relative(remote_dir)}/.launcher/run.log)")
 
 
@@ -673,12 +681,12 @@ def cmd_launch(args, settings):
     except ApiError as e:
         raise api_failure(e, "launch failed")
     price = itype["price_cents_per_hour"]
-    state.update(instance_id, name=args.name, instance_type=args.instance_type, region=region, status="booting",
-                 price_cents_per_hour=price, launched_at=utc_now().isoformat(), ssh_user=args.ssh_user,
-                 ssh_port=args.ssh_port, ssh_key_file=args.ssh_key_file, remote_dir=args.remote_dir,
-                 remote_base_dir=args.remote_base_dir, tmux_session=tmux_session(instance_id), command=command)
     say(f"Launched {instance_id} ({args.instance_type}, {region}) at {money(price)}/hour. Billing has started.")
-    try:
+    try:  # from here on, any failure terminates the instance (unless --keep-on-failure)
+        state.update(instance_id, name=args.name, instance_type=args.instance_type, region=region, status="booting",
+                     price_cents_per_hour=price, launched_at=utc_now().isoformat(), ssh_user=args.ssh_user,
+                     ssh_port=args.ssh_port, ssh_key_file=args.ssh_key_file, remote_dir=args.remote_dir,
+                     remote_base_dir=args.remote_base_dir, tmux_session=tmux_session(instance_id), command=command)
         return after_launch(api, state, args, instance_id, price, command, env_text)
     except KeyboardInterrupt:
         failure = LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
@@ -734,7 +742,7 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
                           EXIT_RUN_FAILED)
     say(f"Run finished OK. Terminating {instance_id} ...")
     terminate_instance(api, state, instance_id)
-    say(f"Terminated {instance_id} after {hours:.2f} h (~{money(price * hours)}). Results in {dest}")
+    say(f"Terminated {instance_id} after {duration(hours)} (~{money(price * hours)}). Results in {dest}")
     return EXIT_OK
 
 
@@ -812,7 +820,7 @@ def cmd_status(args, settings):
                 f"{inst['status']}  ip={inst.get('ip', '-')}  {money(price)}/h")
         if rec.get("launched_at") and inst["status"] not in ("terminated",):
             hours = (utc_now() - datetime.fromisoformat(rec["launched_at"])).total_seconds() / 3600
-            line += f"  up {hours:.2f} h ~{money(price * hours)}"
+            line += f"  up {duration(hours)} ~{money(price * hours)}"
         say(line + ("" if rec else "  (not launched from here)"))
         if args.id and rec.get("deployed_at") and inst.get("ip") and inst["status"] == "active":
             remote = remote_for(args, state, inst["id"], rec, inst["ip"])
