@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# nanochat-aquarat, every stage end to end:
+#   set-up -> tokenizer -> pretraining -> mid-training -> SFT -> evaluation -> report
+#
+#   bash run_aquarat_small.sh                      # auto: GPU profile when CUDA GPUs are visible, else CPU
+#   bash run_aquarat_small.sh --profile cpu        # tiny model on synthetic AQuA, a laptop is enough
+#   bash run_aquarat_small.sh --profile gpu --depth 12 --run my-run
+#
+# Re-running the same command resumes: finished stages are skipped (marker files under
+# <base>/runs/<run>/), an interrupted stage resumes from its last checkpoint. --force redoes them all.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+    cat <<'EOF'
+Usage: bash run_aquarat_small.sh [options]
+
+  --profile auto|cpu|gpu   cpu: tiny model, synthetic data (minutes on a laptop);
+                           gpu: FineWeb-Edu + AQuA-RAT at --depth, torchrun over all GPUs (default auto)
+  --run NAME               run name for logs, W&B group and markers (default aquarat_small)
+  --depth N                model depth for the gpu profile (default 12)
+  --nproc N                processes for torchrun (default: number of visible GPUs)
+  --shards N               FineWeb-Edu shards to download for the gpu profile (default 24)
+  --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
+  --from STAGE             redo STAGE and every later one (training stages start over with --fresh) (data, tokenizer, tok_eval, base, base_loss,
+                           base_eval, mid, sft, eval)
+  --force                  redo every stage; training stages start over (--fresh deletes their old checkpoints)
+  -h, --help               this text
+
+Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE / WANDB_PROJECT.
+EOF
+}
+
+PROFILE=auto RUN=aquarat_small DEPTH=12 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
+        --run) RUN=${2:?--run needs a value}; shift 2 ;;
+        --depth) DEPTH=${2:?--depth needs a value}; shift 2 ;;
+        --nproc) NPROC=${2:?--nproc needs a value}; shift 2 ;;
+        --shards) SHARDS=${2:?--shards needs a value}; shift 2 ;;
+        --aqua-data-dir) AQUA_DIR=${2:?--aqua-data-dir needs a value}; shift 2 ;;
+        --from) FROM=${2:?--from needs a value}; shift 2 ;;
+        --force) FORCE=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+case "$PROFILE" in auto|cpu|gpu) ;; *) echo "--profile must be auto, cpu or gpu (got '$PROFILE')" >&2; exit 2 ;; esac
+STAGES="data tokenizer tok_eval base base_loss base_eval mid sft eval"
+if [ -n "$FROM" ] && ! [[ " $STAGES " == *" $FROM "* ]]; then
+    echo "--from must be one of: $STAGES (got '$FROM')" >&2; exit 2
+fi
+
+# --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------
+export PATH="$HOME/.local/bin:$PATH"
+if ! command -v uv >/dev/null 2>&1; then
+    echo "[setup] installing uv with pip"
+    python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+fi
+uv sync
+PY=".venv/bin/python"
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export NANOCHAT_RUN="$RUN"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)}"
+RUN_DIR="$NANOCHAT_BASE_DIR/runs/$RUN"
+mkdir -p "$RUN_DIR"
+LOG="$RUN_DIR/pipeline.log"
+
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$PROFILE" = auto ]; then
+    if [ "$NGPU" -gt 0 ]; then PROFILE=gpu; else PROFILE=cpu; fi
+fi
+if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ]; then
+    echo "--profile gpu asked for, but torch sees no CUDA GPU; use --profile cpu" >&2; exit 2
+fi
+NPROC=${NPROC:-$([ "$PROFILE" = gpu ] && echo "$NGPU" || echo 1)}
+if [ "$NPROC" -gt 1 ]; then
+    LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
+else
+    LAUNCH=("$PY" -m)
+fi
+
+echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC base=$NANOCHAT_BASE_DIR (log: $LOG)" | tee -a "$LOG"
+
+# A stage runs unless its marker says it finished; --from/--force redo it. Output is tee'd to the log.
+REDO=$FORCE
+stage() {
+    local name=$1; shift
+    [ "$name" = "$FROM" ] && REDO=1
+    local marker="$RUN_DIR/.done_$name"
+    if [ -f "$marker" ] && [ "$REDO" = 0 ]; then
+        echo "[pipeline] $name: done earlier, skipping ($marker)" | tee -a "$LOG"
+        return 0
+    fi
+    rm -f "$marker"
+    # A training stage being redone starts over (--fresh); otherwise it resumes its last checkpoint.
+    local extra=()
+    if [ "$REDO" = 1 ] && [[ " base mid sft " == *" $name "* ]]; then extra=(--fresh); fi
+    echo "[pipeline] $name: $(date -u +%FT%TZ)" | tee -a "$LOG"
+    "$@" "${extra[@]}" 2>&1 | tee -a "$LOG"
+    touch "$marker"
+}
+
+if [ "$PROFILE" = cpu ]; then
+    # Tiny everything: the offline synthetic AQuA set is the data and the oracle (learnable in minutes).
+    TOK=(--source synthetic --vocab-size 2048 --max-chars 3000000)
+    BASE=(--depth 4 --aspect-ratio 32 --head-dim 32 --max-seq-len 256 --source synthetic
+          --device-batch-size 16 --total-batch-size 4096 --num-iterations 600
+          --eval-every 200 --sample-every 300 --save-every 100)
+    MID=(--aqua-source synthetic --synthetic-examples 4000 --synthetic-difficulty easy
+         --max-seq-len 256 --device-batch-size 16 --num-epochs 1 --save-every 100)
+    SFT=(--aqua-source synthetic --synthetic-examples 4000 --synthetic-difficulty easy
+         --max-seq-len 256 --device-batch-size 16 --num-epochs 2 --save-every 100)
+    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 200 --max-tokens 128)
+else
+    TOK=(--source fineweb --vocab-size 65536 --max-chars 2000000000)
+    BASE=(--depth "$DEPTH" --source fineweb --device-batch-size 32)
+    AQUA=(--aqua-source hf)
+    [ -n "$AQUA_DIR" ] && AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_DIR")
+    MID=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254 --synthetic-examples 20000 --mix-synthetic)
+    SFT=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254)
+    EVAL=(-a AQUA,SYNTH --split test --num-samples 4 --temperature 0.7)
+    [ -n "$AQUA_DIR" ] && EVAL+=(--aqua-data-dir "$AQUA_DIR")
+    stage data "$PY" -m nanochat.dataset -n "$SHARDS"
+fi
+
+stage tokenizer "$PY" -m scripts.tok_train "${TOK[@]}"
+stage tok_eval "$PY" -m scripts.tok_eval
+stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}"
+stage base_loss "${LAUNCH[@]}" scripts.base_loss
+[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval
+stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}"
+stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}"
+stage eval "${LAUNCH[@]}" scripts.chat_eval -i sft "${EVAL[@]}"
+# The report is rebuilt every time, from whatever the stages have written so far.
+"$PY" -m scripts.report --run "$RUN" 2>&1 | tee -a "$LOG"
+
+echo "[pipeline] finished. Report: $NANOCHAT_BASE_DIR/report/report.md" | tee -a "$LOG"
