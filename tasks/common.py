@@ -11,6 +11,7 @@ a 100k-row task shuffled and cut to 500 rows costs 100k ints, not 100k conversat
 
 from __future__ import annotations
 
+import operator
 import os
 import random
 import re
@@ -68,8 +69,10 @@ class Task:
         indices = self._index_map()
         if isinstance(key, slice):
             return [self.get_example(i) for i in indices[key]]
-        if not isinstance(key, int):
-            raise TypeError(f"{type(self).__name__} indices must be int or slice, not {type(key).__name__}")
+        try:
+            key = operator.index(key)  # numpy / torch integers too
+        except TypeError:
+            raise TypeError(f"{type(self).__name__} indices must be int or slice, not {type(key).__name__}") from None
         if key < 0:
             key += len(indices)
         if not 0 <= key < len(indices):

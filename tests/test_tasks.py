@@ -39,6 +39,8 @@ def test_indexing_and_slicing():
         t[10]
     with pytest.raises(TypeError):
         t["3"]
+    import numpy as np
+    assert t[np.int64(4)]["i"] == 4  # samplers hand out numpy integers
     r = Numbers(10, start=2, stop=9, step=3)
     assert ids(r) == [2, 5, 8] and len(r) == 3
     assert ids(Numbers(5, stop=100)) == list(range(5))
