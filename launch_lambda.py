@@ -343,6 +343,8 @@ class Remote:
         return shlex.join(parts)
 
     def run(self, command, input_text=None, stdin=None, timeout=None, check=True, capture=True):
+        if input_text is None and stdin is None:
+            stdin = subprocess.DEVNULL  # never let ssh swallow the terminal's keystrokes
         proc = subprocess.run(self.ssh_argv(command), input=input_text.encode() if input_text is not None else None,
                               stdin=stdin, capture_output=capture, timeout=timeout)
         if check and proc.returncode != 0:
@@ -433,10 +435,11 @@ def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session
         archive.stdout.close()
         if archive.wait() != 0:
             raise LaunchError("git archive failed", EXIT_DEPLOY)
-    # Secrets travel only on ssh's stdin; umask 077 means the file is never readable by others, not even briefly.
+    # Secrets travel only on ssh's stdin. The old file is removed first so the new one is created under
+    # umask 077: it is never readable by others, not even for a moment.
     say(f"Writing {home_relative(remote_dir)}/.env (mode 600) with: "
         f"{', '.join(l.split('=')[0] for l in env_text.splitlines()) or 'nothing to forward'}")
-    remote.run(f"umask 077 && cat > {rdir}/.env && chmod 600 {rdir}/.env", input_text=env_text)
+    remote.run(f"umask 077 && rm -f {rdir}/.env && cat > {rdir}/.env && chmod 600 {rdir}/.env", input_text=env_text)
     # One more round trip: write the run script (no secrets in it) and start it in a detached tmux session.
     remote.run(f"cd {rdir} && cat > .launcher/run.sh && "
                "{ command -v tmux >/dev/null || { echo 'tmux is not installed on the instance' >&2; exit 1; }; } && "
@@ -492,10 +495,11 @@ def follow_run(remote, remote_dir, session, poll, ssh_timeout, max_seconds=None,
 
 
 def fetch_artifacts(remote, remote_dir, remote_base_dir, dest):
-    """Report, runs/ metrics, the last checkpoint step of every stage/tag, and the run log."""
+    """Report, runs/ metrics, the tokenizer (needed to use the checkpoints), the last checkpoint step of
+    every stage/tag, and the run log."""
     base = home_relative(remote_base_dir)
     qbase = shlex.quote(base)
-    listing = remote.run(f"cd {qbase} 2>/dev/null || exit 0; for p in report runs; do [ -e $p ] && echo $p; done; "
+    listing = remote.run(f"cd {qbase} 2>/dev/null || exit 0; for p in report runs tokenizer; do [ -e $p ] && echo $p; done; "
                          f"ls -d checkpoints/*/*/step_* 2>/dev/null; true").stdout.decode().split()
     last_steps = {}
     for p in listing:
@@ -978,7 +982,7 @@ def build_parser():
     p.add_argument("--follow", action="store_true", help="stream until the run finishes")
     p.add_argument("--lines", type=int, default=100, help="lines to show without --follow (default %(default)s)")
     p.add_argument("--poll-interval", type=float, default=5, help="seconds between polls with --follow")
-    p = sub.add_parser("fetch", parents=[common, sshp], help="download report, metrics, final checkpoints, log")
+    p = sub.add_parser("fetch", parents=[common, sshp], help="download report, metrics, tokenizer, final checkpoints, log")
     p.add_argument("id")
     p.add_argument("--dest", default=None, help="local directory (default lambda-results/<id>)")
     p = sub.add_parser("terminate", parents=[common], help="terminate an instance (stops billing)")

@@ -43,8 +43,9 @@ done
 echo "pipeline running with base $NANOCHAT_BASE_DIR"
 echo "wandb key present: ${WANDB_API_KEY:+yes}, project: $WANDB_PROJECT"
 cd "$NANOCHAT_BASE_DIR"
-mkdir -p report runs/r1 checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010 checkpoints/sft/d4/step_000011.tmp checkpoints/rl/d4/step_000005
+mkdir -p report runs/r1 tokenizer checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010 checkpoints/sft/d4/step_000011.tmp checkpoints/rl/d4/step_000005
 echo "# fake report" > report/report.md
+echo "fake tokenizer" > tokenizer/tokenizer.pkl
 echo '{"step": 1, "rl/acc": 0.5}' > runs/r1/rl.jsonl
 for d in checkpoints/*/d4/step_*; do echo weights > "$d/model.pt"; done
 sleep "$sleep_s"
@@ -453,6 +454,7 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
     assert (dest / "report" / "report.md").read_text() == "# fake report\n"
     assert json.loads((dest / "runs" / "r1" / "rl.jsonl").read_text())["rl/acc"] == 0.5
+    assert (dest / "tokenizer" / "tokenizer.pkl").exists()
     assert sorted(p.name for p in (dest / "checkpoints" / "sft" / "d4").iterdir()) == ["step_000010"]
     assert (dest / "checkpoints" / "rl" / "d4" / "step_000005" / "model.pt").exists()
     assert "pipeline done" in (dest / "run.log").read_text()
