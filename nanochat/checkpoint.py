@@ -199,7 +199,7 @@ def _prune(ckpt_dir: Path, keep_last: int, protect: int) -> None:
     keep_last = max(1, int(keep_last))
     complete, broken = [], []
     for step, path in _list_step_dirs(ckpt_dir):
-        ok, _ = _verify(path, deep=False)
+        ok, _ = _verify(path)  # deep: a same-size but garbled file must not count as a keeper
         (complete if ok else broken).append((step, path))
     keep = {s for s, _ in complete[-keep_last:]} | {protect}
     for step, path in complete[:-keep_last] + broken:

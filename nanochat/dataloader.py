@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from nanochat import dataset as ds
@@ -142,8 +143,9 @@ class DataLoader:
         flat: list[int] = []
         for _ in range(self.batch_size):
             self._next_row(flat)
-        rows = torch.tensor(flat, dtype=torch.long).view(self.batch_size, self.seq_len + 1)
-        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        rows = np.array(flat, dtype=np.int64).reshape(self.batch_size, self.seq_len + 1)
+        inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
+        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
         self.batches += 1
         if self.device.type == "cuda":
             # pinned host memory lets the copy overlap with compute

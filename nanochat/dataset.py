@@ -403,7 +403,7 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
         except requests.exceptions.ConnectionError as e:
             # raised both for "host unreachable" and for a connection dropped mid-body; keep the partial file
             what = "connection dropped mid-download" if connected else "connection failed"
-            last_error = f"{what} ({type(e).__name__}: {_short(e)})"
+            last_error = f"{what}: {_root_cause(e)}"
             continue
         except (requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             last_error = f"{type(e).__name__}: {_short(e)}"
@@ -429,6 +429,15 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
     if not ever_connected and last_error.startswith("connection failed"):
         raise HubUnreachable(f"cannot reach {host} ({last_error})")
     raise DownloadError(f"{name}: giving up after {retries + 1} attempts; last error: {last_error}")
+
+
+def _root_cause(e: Exception) -> str:
+    # requests wraps urllib3 wraps socket errors; the useful part is e.g. "[Errno 111] Connection refused"
+    import re as _re
+
+    text = str(e)
+    m = _re.search(r"\[Errno [^\]]+\] [^'\")(]+", text) or _re.search(r"(Name|Temporary failure)[^'\")(]+", text)
+    return m.group(0).strip() if m else _short(e)
 
 
 def _short(e: Exception, n: int = 160) -> str:
@@ -516,9 +525,9 @@ def main(argv=None) -> int:
         results = download_shards(list(range(n)), out_dir, args.repo, args.base_url, args.workers, args.retries,
                                   args.backoff, args.timeout, manifest, progress=not args.no_progress)
     except HubUnreachable as e:
-        print(f"error: {e}.\nCheck the network, or point --base-url (or HF_ENDPOINT) at a mirror. Meanwhile, train on "
-              f"local files with --data-dir PATH (parquet with a 'text' column, or .txt/.md) or on the offline "
-              f"synthetic corpus (--source synthetic).", file=sys.stderr)
+        print(f"error: {e}.\nCheck the network, or point --base-url (or HF_ENDPOINT) at a mirror. Meanwhile, "
+              f"train on local files with --data-dir PATH (parquet with a 'text' column, or .txt/.md) or on "
+              f"the offline synthetic corpus (--source synthetic).", file=sys.stderr)
         return 2
     except DownloadError as e:
         print(f"error: {e}\nRe-run the same command to resume (complete shards are kept).", file=sys.stderr)

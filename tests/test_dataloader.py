@@ -95,7 +95,7 @@ def _rank_docs(units):
     return [d for u in units for d in ds.load_unit(u)]
 
 
-@pytest.mark.parametrize("row_group_size", [10, 1000])  # 12 units, and 2 units (< 2 ranks? no: split by doc)
+@pytest.mark.parametrize("row_group_size", [10, 1000])  # train = 12 row groups; or 1 (< 2 ranks: split by doc)
 def test_two_ranks_disjoint_and_complete(tmp_path, tok, row_group_size):
     docs = _write_corpus(tmp_path / "c", n_files=2, docs_per_file=120, row_group_size=row_group_size)
     _, units = ds.list_units("train", "dir", tmp_path / "c")
@@ -136,3 +136,15 @@ def test_val_loader_and_device(tmp_path, tok):
     loader = DataLoader(tok, 2, 32, "val", data_dir=tmp_path / "c", device="cpu")
     x, y = loader.next_batch()
     assert x.device.type == "cpu" and x.is_contiguous() and y.is_contiguous()
+
+
+def test_synthetic_source_resume(tok, monkeypatch):
+    pytest.importorskip("tasks.synthetic_aqua")
+    monkeypatch.setattr(ds, "SYN_TRAIN_UNITS", 3)
+    kw = dict(batch_size=2, seq_len=256, split="train", source="synthetic", buffer_size=16)
+    ref = DataLoader(tok, **kw)
+    reference = _take(ref, 8)
+    a = DataLoader(tok, **kw)
+    _take(a, 5)
+    b = DataLoader(tok, **kw, state=a.state_dict())
+    assert all(torch.equal(x0, x1) for (x0, _), (x1, _) in zip(reference[5:], _take(b, 3)))
