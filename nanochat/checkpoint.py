@@ -161,6 +161,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
         out_dir.mkdir(parents=True, exist_ok=True)
         # Re-saving a step (e.g. after a resume): mark it incomplete before overwriting anything.
         (out_dir / META_NAME).unlink(missing_ok=True)
+        for stale in out_dir.glob("*.tmp*"):  # leftovers of a save that was killed midway
+            stale.unlink(missing_ok=True)
     if distributed:
         dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -433,10 +433,8 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
 
 def _root_cause(e: Exception) -> str:
     # requests wraps urllib3 wraps socket errors; the useful part is e.g. "[Errno 111] Connection refused"
-    import re as _re
-
     text = str(e)
-    m = _re.search(r"\[Errno [^\]]+\] [^'\")(]+", text) or _re.search(r"(Name|Temporary failure)[^'\")(]+", text)
+    m = re.search(r"\[Errno [^\]]+\] [^'\")(]+", text) or re.search(r"(Name|Temporary failure)[^'\")(]+", text)
     return m.group(0).strip() if m else _short(e)
 
 

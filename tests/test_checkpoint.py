@@ -91,6 +91,10 @@ def test_crash_mid_save_and_truncation_fall_back(tmp_path):
     # the next save prunes the broken leftovers but keeps what is complete
     _save(d, 4, keep_last=2)
     assert sorted(p.name for p in d.iterdir()) == ["step_000001", "step_000004"]
+    # re-saving a step whose earlier save was killed clears the stale temp files
+    (d / "step_000004" / "optim_rank0.pt.tmp999").write_bytes(b"partial")
+    _save(d, 4, keep_last=2)
+    assert sorted(p.name for p in (d / "step_000004").iterdir()) == ["meta.json", "model.pt", "optim_rank0.pt"]
 
 
 def test_corrupt_payload_with_right_size_falls_back_on_load(tmp_path):
