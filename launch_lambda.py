@@ -99,6 +99,12 @@ def home_relative(path):
     return path[2:] if path.startswith("~/") else path
 
 
+def shown(path):
+    """How a remote path reads in messages: '~/x' for home-relative ones."""
+    path = home_relative(path)
+    return path if path.startswith("/") else "~/" + path.removeprefix("./")
+
+
 # -----------------------------------------------------------------------------
 # Environment and secrets
 
@@ -107,7 +113,7 @@ def load_settings(env_file):
     candidates = [Path(env_file)] if env_file else [Path.cwd() / ".env", REPO_ROOT / ".env"]
     settings = {}
     for path in candidates:
-        if path.is_file():
+        if path.exists() and not path.is_dir():
             settings = {k: v for k, v in dotenv_values(path).items() if v is not None}
             break
         if env_file:
@@ -425,7 +431,7 @@ def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session
     rdir = shlex.quote(home_relative(remote_dir))
     tree, dirty, n_untracked = tree_to_ship(repo)
     say(f"Shipping {git(repo, 'rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''} "
-        f"to {remote.target}:{home_relative(remote_dir)} (git archive over ssh)")
+        f"to {remote.target}:{shown(remote_dir)} (git archive over ssh)")
     if n_untracked:
         say(f"  note: {n_untracked} untracked file(s) are not shipped (git add them to include them)")
     archive = subprocess.Popen(["git", "-C", str(repo), "archive", "--format=tar", tree], stdout=subprocess.PIPE)
@@ -437,7 +443,7 @@ def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session
             raise LaunchError("git archive failed", EXIT_DEPLOY)
     # Secrets travel only on ssh's stdin. The old file is removed first so the new one is created under
     # umask 077: it is never readable by others, not even for a moment.
-    say(f"Writing {home_relative(remote_dir)}/.env (mode 600) with: "
+    say(f"Writing {shown(remote_dir)}/.env (mode 600) with: "
         f"{', '.join(l.split('=')[0] for l in env_text.splitlines()) or 'nothing to forward'}")
     remote.run(f"umask 077 && rm -f {rdir}/.env && cat > {rdir}/.env && chmod 600 {rdir}/.env", input_text=env_text)
     # One more round trip: write the run script (no secrets in it) and start it in a detached tmux session.
@@ -445,7 +451,7 @@ def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session
                "{ command -v tmux >/dev/null || { echo 'tmux is not installed on the instance' >&2; exit 1; }; } && "
                f"tmux new-session -d -s {session} \"bash '$PWD/.launcher/run.sh'\"",
                input_text=run_script(command, remote_base_dir))
-    say(f"Started `{command}` in tmux session '{session}' (log: {home_relative(remote_dir)}/.launcher/run.log)")
+    say(f"Started `{command}` in tmux session '{session}' (log: {shown(remote_dir)}/.launcher/run.log)")
 
 
 def poll_run(remote, remote_dir, session, offset):
@@ -650,7 +656,7 @@ def cmd_launch(args, settings):
         say("warning: WANDB_API_KEY is not set (environment or .env): the run will log to W&B offline "
             "on the instance; metrics are still mirrored under runs/ and fetched.")
     env_text = remote_env_text(settings, args.forward_env)
-    if args.ssh_key_file and not Path(args.ssh_key_file).expanduser().is_file():
+    if args.ssh_key_file and not Path(args.ssh_key_file).is_file():
         raise LaunchError(f"--ssh-key-file {args.ssh_key_file} does not exist", EXIT_CONFIG)
     if not args.no_deploy:
         tree, _, _ = tree_to_ship(args.repo)
@@ -678,9 +684,12 @@ def cmd_launch(args, settings):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         say("Interrupted; checking that no instance was launched ...")
         known = {i["id"] for i in existing}
-        for inst in api.instances():
-            if inst.get("name") == args.name and inst["id"] not in known:
-                cleanup_after_failure(api, state, inst["id"], args.keep_on_failure, "interrupted")
+        try:
+            for inst in api.instances():
+                if inst.get("name") == args.name and inst["id"] not in known:
+                    cleanup_after_failure(api, state, inst["id"], args.keep_on_failure, "interrupted")
+        except ApiError as e:
+            say(f"!!! could not check ({e}): look at https://cloud.lambda.ai/instances for '{args.name}'")
         raise LaunchError("interrupted before the instance was ready", EXIT_INTERRUPTED)
     except ApiError as e:
         raise api_failure(e, "launch failed")
@@ -765,13 +774,15 @@ def dry_run(api, args, command):
         regions = [r["name"] for r in item["regions_with_capacity_available"]]
         say(f"  type:      {args.instance_type}: {item['instance_type']['description']}")
         say(f"  capacity:  {', '.join(regions) or 'none right now'}")
+        if args.ssh_key_name and args.ssh_key_name not in keys:
+            raise LaunchError(f"--ssh-key-name {args.ssh_key_name!r} is not on your account; keys: {keys}", EXIT_CONFIG)
         say(f"  ssh key:   {args.ssh_key_name or (keys[0] if len(keys) == 1 else 'ask among ' + ', '.join(keys))}")
     say(f"  plan:      launch {args.instance_type} in region {args.region} named {args.name}"
         + (f" (wait up to {args.wait_capacity} min for capacity)" if args.wait_capacity else ""))
     if args.no_deploy:
         say("  then:      nothing (--no-deploy): print the SSH command and leave the instance running")
     else:
-        say(f"  then:      ship {args.repo} (git archive) to {home_relative(args.remote_dir)}, write .env (600), "
+        say(f"  then:      ship {args.repo} (git archive) to {shown(args.remote_dir)}, write .env (600), "
             f"run in tmux: {command}")
         say(f"  NANOCHAT_BASE_DIR on the instance: {args.remote_base_dir}")
         say("  finally:   " + ("watch, fetch artifacts, terminate (--auto-terminate)" if args.auto_terminate
@@ -1014,6 +1025,8 @@ def parse_args(argv):
             if getattr(args, name) <= 0:
                 raise LaunchError(f"--{name.replace('_', '-')} must be > 0", EXIT_USAGE)
         args.repo = Path(args.repo).resolve()
+        if args.ssh_key_file:  # recorded in the state file, so later `logs`/`fetch` work from any directory
+            args.ssh_key_file = str(Path(args.ssh_key_file).expanduser().resolve())
     return args
 
 
@@ -1035,6 +1048,9 @@ def main(argv=None):
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except ApiError as e:  # safety net; commands normally translate these themselves
+        print(f"error: Lambda API: {e}", file=sys.stderr, flush=True)
+        return EXIT_API
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
