@@ -76,25 +76,33 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
 
-    def _update_one(self, p: torch.Tensor, group: dict) -> None:
-        g = p.grad
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf = state["momentum_buffer"]
-        buf.lerp_(g, 1 - group["momentum"])
-        g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-        update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"]).to(p.dtype)
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+    def _update(self, params: list, group: dict) -> None:
+        """Update same-shape params together: momentum per param, one batched Newton-Schulz for all."""
+        directions = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - group["momentum"])
+            directions.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        updates = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
+        rows, cols = params[0].shape
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # per-shape scaling
+        for p, update in zip(params, updates):
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update.to(p.dtype), alpha=-lr)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            by_shape: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update_one(p, group)
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for params in by_shape.values():
+                self._update(params, group)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -206,7 +214,7 @@ class DistMuon(Muon):
                 chunk = params[base:base + world_size]
                 mine = base + rank
                 if mine < len(params):
-                    self._update_one(params[mine], group)
+                    self._update([params[mine]], group)
                     src = params[mine].detach().clone()  # a separate send buffer: never alias the output
                 else:
                     src = torch.zeros_like(chunk[0])  # padding rank: sends junk nobody keeps
