@@ -99,6 +99,14 @@ class KVCache:
     `insert(layer_idx, k, v)` with the new keys/values (B, H_kv, T_new, D) and gets back views of all
     keys/values so far (B, H_kv, pos + T_new, D). The position advances after the last layer inserts,
     so one model forward = one step of the cache. `get_pos()` is the number of tokens already cached.
+
+    Sampling n continuations of one prompt (what the engine does):
+        cache = model.new_kv_cache(batch_size=1, seq_len=len(prompt) + max_tokens)  # model's device/dtype
+        logits = model(torch.tensor([prompt]), kv_cache=cache)[:, -1]    # prefill once: (1, V)
+        cache = cache.repeat_batch(n)                                    # n rows, same position
+        ... sample next ids (n,) from logits.expand(n, -1) ...
+        logits = model(next_ids[:, None], kv_cache=cache)[:, -1]         # one decode step: (n, V)
+    Prefilling several tokens onto a non-empty cache is fine too (the causal mask is offset by get_pos()).
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, seq_len: int, head_dim: int, num_layers: int,

@@ -19,11 +19,16 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import clip_grad_norm_
 
 
+def tiny_config(seq_len: int = 16) -> GPTConfig:
+    # 3 layers: the MLP shape groups hold 3 matrices, so with 2 ranks DistMuon's padding slot is exercised.
+    return GPTConfig(sequence_len=seq_len, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
+
+
 def train(out_dir: str, steps: int = 3, batch_size: int = 4, seq_len: int = 16, grad_accum: int = 1,
           clip: float = 1.0, rank: int = 0, world_size: int = 1) -> dict:
     """Train the tiny model; returns (and saves to <out_dir>/rank<rank>.pt) the final state_dict."""
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=seq_len, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    config = tiny_config(seq_len)
     model = GPT(config)
     # Non-zero output projections so every matrix gets a gradient from step 0.
     with torch.no_grad():

@@ -152,7 +152,7 @@ def test_two_process_training_matches_single_process(tmp_path):
         torch.testing.assert_close(rank0[name], w, **tol, msg=lambda m: f"{name}: 2-proc vs 1-proc: {m}")
         torch.testing.assert_close(accum[name], w, **tol, msg=lambda m: f"{name}: grad-accum vs 1-proc: {m}")
     torch.manual_seed(0)  # the worker's initial weights: training must have moved them
-    initial = GPT(GPTConfig(**TINY)).state_dict()
+    initial = GPT(dist_optim_worker.tiny_config()).state_dict()
     assert (single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]).abs().max() > 1e-3
 
 
