@@ -39,7 +39,7 @@ import torch.distributed as dist
 # Newton-Schulz orthogonalisation
 
 @torch.no_grad()
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate the polar factor U V^T of G = U S V^T with a quintic Newton-Schulz iteration.
 
     The coefficients (3.4445, -4.7750, 2.0315) push singular values towards ~[0.7, 1.2] quickly rather
@@ -47,7 +47,9 @@ def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5) -> torch.Tensor
     iteration is robust to it), fp32 on CPU (CPU bf16 matmuls are slow and tests want determinism).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    if dtype is None:
+        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT

@@ -25,16 +25,17 @@ from nanochat.common import autodetect_device, peak_flops, print0, synchronize
 from nanochat.gpt import GPT, config_from_depth, maybe_compile
 
 
-def time_steps(fn, steps: int, warmup: int, device) -> float:
-    """Seconds per call of fn(), after warmup calls (compilation, allocator, caches)."""
+def time_steps(fn, steps: int, warmup: int, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per call of fn(), after warmup calls (compile, caches).
+    CPU seconds barely move when other jobs share the machine; wall seconds do."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         fn()
     synchronize(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def bench(config, device, batch_size: int, steps: int, warmup: int, compile_model: bool | None) -> dict:
@@ -60,13 +61,15 @@ def bench(config, device, batch_size: int, steps: int, warmup: int, compile_mode
     tokens = batch_size * config.sequence_len
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_s = time_steps(train_step, steps, warmup, device)
+    train_s, train_cpu_s = time_steps(train_step, steps, warmup, device)
     model.eval()
-    infer_s = time_steps(infer_step, steps, warmup, device)
+    infer_s, infer_cpu_s = time_steps(infer_step, steps, warmup, device)
     flops = model.estimate_flops()
     out = dict(params=model.num_params(), dtype=str(model.get_compute_dtype(device)).replace("torch.", ""),
                compiled=train_model is not model, train_tok_s=tokens / train_s, infer_tok_s=tokens / infer_s,
                train_flops_per_tok=flops)
+    if device.type == "cpu":
+        out["train_tok_per_cpu_s"], out["infer_tok_per_cpu_s"] = tokens / train_cpu_s, tokens / infer_cpu_s
     peak = peak_flops(device)
     if peak:
         out["train_mfu"] = flops * out["train_tok_s"] / peak
@@ -83,10 +86,14 @@ def report(name: str, batch_size: int, config, r: dict) -> None:
     line = f"    train     : {r['train_tok_s']:>12,.0f} tok/s"
     if "train_mfu" in r:
         line += f"   MFU {100 * r['train_mfu']:.1f}%"
+    if "train_tok_per_cpu_s" in r:
+        line += f"   ({r['train_tok_per_cpu_s']:,.0f} tok per CPU-second)"
     print0(line)
     line = f"    inference : {r['infer_tok_s']:>12,.0f} tok/s  (forward only, no grad)"
     if "infer_mfu" in r:
         line += f"   MFU {100 * r['infer_mfu']:.1f}%"
+    if "infer_tok_per_cpu_s" in r:
+        line += f"   ({r['infer_tok_per_cpu_s']:,.0f} tok per CPU-second)"
     print0(line)
     if "peak_mem_gib" in r:
         print0(f"    peak memory: {r['peak_mem_gib']:.1f} GiB")

@@ -62,6 +62,14 @@ def test_newton_schulz_output_is_near_orthogonal(shape):
         assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
 
 
+def test_newton_schulz_in_bf16_as_on_cuda_is_still_near_orthogonal():
+    torch.manual_seed(0)
+    X = zeropower_via_newtonschulz5(torch.randn(256, 64), dtype=torch.bfloat16)
+    assert X.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(X.float())
+    assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
+
+
 def test_muon_step_is_scaled_orthogonal_update():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(128, 32))  # tall: lr scale sqrt(128/32) = 2
