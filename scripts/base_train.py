@@ -26,6 +26,9 @@ Checkpoints go to <base>/checkpoints/base/<tag>/step_NNNNNN (model, per-rank opt
 data-loader positions, RNG). Re-running the same command resumes from the newest complete one
 (a killed run loses at most --save-every steps and continues bit-exactly on CPU); --fresh deletes
 the tag's checkpoints and starts over. Nothing is ever deleted without --fresh.
+
+Under torchrun, name the run with NANOCHAT_RUN=... rather than --run: torchrun's own argument parser
+rejects "--run" anywhere on its command line as an ambiguous abbreviation of its --run-path.
 """
 
 from __future__ import annotations
@@ -201,8 +204,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    # Running figures that survive a resume (kept in the checkpoint's meta.json).
+    stats = {"smooth_loss": 0.0, "smooth_count": 0, "train_time": 0.0, "timed_steps": 0, "train_loss": None,
+             "val_bpb": None, "min_val_bpb": None}
     start_step, loader_states, resumed_meta = 0, [None] * grad_accum, None
-    smooth_loss, smooth_count = 0.0, 0  # EMA of the logged train loss (debiased by the count)
     if last_step is not None:
         model_state, optim_states, meta = load_checkpoint(ckpt_dir, step=last_step, device=device,
                                                           load_optimizer=True, rank=rank)
@@ -219,8 +224,8 @@ def main(argv=None) -> None:
         rank_state = meta["rank_state"][rank]
         loader_states = rank_state["loaders"]
         restore_rng_state(rank_state["rng"])
+        stats.update(meta.get("stats", {}))
         start_step, resumed_meta = last_step, meta
-        smooth_loss, smooth_count = meta.get("smooth_loss", 0.0), meta.get("smooth_count", 0)
         print0(f"Resuming {ckpt_dir} from step {last_step}")
     train_model = maybe_compile(model, device)
 
@@ -232,6 +237,9 @@ def main(argv=None) -> None:
                          f"or use --fresh / another --tag.")
     if start_step > num_iterations:
         raise SystemExit(f"checkpoint step {start_step} is past num_iterations={num_iterations}")
+    if start_step == num_iterations:
+        print0(f"Training already complete at step {start_step}: only the final evaluation and report are redone "
+               f"(use --fresh to retrain)")
 
     print0(f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
            f"seq {config.sequence_len}, {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
@@ -254,20 +262,20 @@ def main(argv=None) -> None:
 
     run_config = {**vars(args), "tag": tag, "num_params": num_params, "flops_per_token": flops_per_token,
                   "num_iterations": num_iterations, "grad_accum": grad_accum, "world_size": world_size,
-                  "device": str(device), "dtype": str(autodetect_dtype(device)), "model_config": asdict(config)}
+                  "device": str(device), "dtype": str(autodetect_dtype(device)), "model_config": asdict(config),
+                  "resumed_from": start_step}
     tracker = make_tracker(args, STAGE, run_config)
     peak = peak_flops(device)
 
-    # ---- training loop: step = number of optimizer steps already taken
-    val_bpb, min_val_bpb, samples = None, float("inf"), []
-    train_time, timed_steps, last_loss, last_mfu, last_tok_per_sec = 0.0, 0, float("nan"), None, None
-    ema_beta = 0.9
+    # ---- training loop: `step` = optimizer steps taken so far
+    samples, ema_beta = [], 0.9
     step = start_step
     while True:
         last = step == num_iterations
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             val_bpb = evaluate_val()
-            min_val_bpb = min(min_val_bpb, val_bpb)
+            stats["val_bpb"] = val_bpb
+            stats["min_val_bpb"] = min(val_bpb, stats["min_val_bpb"] or float("inf"))
             print0(f"step {step:05d}/{num_iterations} | val bpb {val_bpb:.4f}")
             tracker.log({"val/bpb": val_bpb}, step=step)
         want_samples = args.sample_every >= 0 and (last or (args.sample_every > 0 and step % args.sample_every == 0))
@@ -303,47 +311,49 @@ def main(argv=None) -> None:
         step += 1
 
         if step > start_step + 1 or num_iterations - start_step == 1:  # the first step pays compile/warmup
-            train_time += dt
-            timed_steps += 1
+            stats["train_time"] += dt
+            stats["timed_steps"] += 1
         if step % args.log_every == 0 or step == num_iterations:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            last_loss = loss_sum.item() / (grad_accum * world_size)
-            smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * last_loss
-            smooth_count += 1
-            debiased = smooth_loss / (1 - ema_beta ** smooth_count)
-            last_tok_per_sec = total_batch_size / dt
-            metrics = {"train/loss": last_loss, "train/loss_smooth": debiased, "train/lrm": lrm,
+            train_loss = loss_sum.item() / (grad_accum * world_size)
+            stats["train_loss"] = train_loss
+            stats["smooth_loss"] = ema_beta * stats["smooth_loss"] + (1 - ema_beta) * train_loss
+            stats["smooth_count"] += 1
+            smooth = stats["smooth_loss"] / (1 - ema_beta ** stats["smooth_count"])
+            tok_per_sec = total_batch_size / dt
+            metrics = {"train/loss": train_loss, "train/loss_smooth": smooth, "train/lrm": lrm,
                        "train/muon_momentum": momentum, "train/grad_norm": grad_norm.item(),
-                       "train/tok_per_sec": last_tok_per_sec, "train/step_time_s": dt,
+                       "train/tok_per_sec": tok_per_sec, "train/step_time_s": dt,
                        "train/tokens": step * total_batch_size, "train/mem_mb": memory_mb(device)}
-            if peak:
-                last_mfu = 100.0 * flops_per_token * total_batch_size / dt / (peak * world_size)
-                metrics["train/mfu"] = last_mfu
+            mfu_text = ""
+            if peak:  # percent of the devices' peak bf16 FLOP/s
+                metrics["train/mfu"] = 100.0 * flops_per_token * tok_per_sec / (peak * world_size)
+                mfu_text = f" | mfu {metrics['train/mfu']:.1f}%"
             tracker.log(metrics, step=step)
-            mfu_text = f" | mfu {last_mfu:.1f}%" if peak else ""
-            print0(f"step {step:05d}/{num_iterations} | loss {last_loss:.4f} (smooth {debiased:.4f}) | lrm {lrm:.3f} "
-                   f"| gnorm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {last_tok_per_sec:,.0f} tok/s{mfu_text}")
+            print0(f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} "
+                   f"| gnorm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s{mfu_text}")
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
             meta = {"model_config": asdict(config), "stage": STAGE, "tag": tag, "num_iterations": num_iterations,
                     "grad_accum": grad_accum, "total_batch_size": total_batch_size,
-                    "device_batch_size": args.device_batch_size, "smooth_loss": smooth_loss, "smooth_count": smooth_count,
-                    "train_loss": last_loss, "val_bpb": val_bpb, "args": vars(args)}
+                    "device_batch_size": args.device_batch_size, "stats": stats, "args": vars(args)}
             save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
                             rank=rank, keep_last=args.keep_last,
                             rank_state={"loaders": [l.state_dict() for l in loaders], "rng": save_rng_state()})
 
-    # ---- wrap up
+    # ---- wrap up (figures accumulate over resumes)
+    train_time, timed_steps = stats["train_time"], stats["timed_steps"]
     avg_tok_per_sec = total_batch_size * timed_steps / train_time if train_time > 0 else None
-    avg_mfu = (100.0 * flops_per_token * avg_tok_per_sec / (peak * world_size)) if (peak and avg_tok_per_sec) else None
-    summary = {"final/val_bpb": val_bpb, "final/min_val_bpb": min_val_bpb, "final/train_loss": last_loss,
-               "final/tok_per_sec": avg_tok_per_sec, "final/mfu": avg_mfu, "final/steps": num_iterations,
-               "final/tokens": num_iterations * total_batch_size, "final/mem_mb": memory_mb(device),
-               "final/train_time_s": train_time}
+    avg_mfu = 100.0 * flops_per_token * avg_tok_per_sec / (peak * world_size) if (peak and avg_tok_per_sec) else None
+    summary = {"final/val_bpb": stats["val_bpb"], "final/min_val_bpb": stats["min_val_bpb"],
+               "final/train_loss": stats["train_loss"], "final/tok_per_sec": avg_tok_per_sec, "final/mfu": avg_mfu,
+               "final/steps": num_iterations, "final/tokens": num_iterations * total_batch_size,
+               "final/mem_mb": memory_mb(device), "final/train_time_s": train_time}
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         lines = [
             "## Base model pretraining (base_train)", "",
             f"- checkpoint: `{ckpt_dir}` (step {num_iterations})",
@@ -356,12 +366,12 @@ def main(argv=None) -> None:
             f"{device.type} ({autodetect_dtype(device)})",
             f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix {args.matrix_lr}, "
             f"weight decay {args.weight_decay}, warmup {args.warmup_ratio}, warmdown {args.warmdown_ratio}",
-            f"- final train loss: {last_loss:.4f}",
-            f"- validation bits per byte: final {val_bpb:.4f}, best {min_val_bpb:.4f}",
+            f"- final train loss: {fmt(stats['train_loss'])}",
+            f"- validation bits per byte: final {fmt(stats['val_bpb'])}, best {fmt(stats['min_val_bpb'])}",
             f"- throughput: {avg_tok_per_sec:,.0f} tok/s" if avg_tok_per_sec else "- throughput: n/a (no timed steps)",
             f"- MFU: {avg_mfu:.1f}%" if avg_mfu is not None else "- MFU: n/a (peak FLOPs unknown for this device)",
             f"- peak memory: {memory_mb(device):,.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})",
-            f"- training time: {train_time / 60:.1f} min (timed steps)",
+            f"- training time: {train_time:.1f} s over {timed_steps} timed steps (first step of each session excluded)",
         ]
         if samples:
             lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
