@@ -352,7 +352,8 @@ class GPT(nn.Module):
                          weight_decay: float = 0.0, scalar_lr: float = 0.5, adam_betas=(0.8, 0.95),
                          muon_momentum: float = 0.95) -> list[torch.optim.Optimizer]:
         """[AdamW (embedding, lm_head, any <2-D params), Muon (2-D block matrices)], distributed when
-        torch.distributed is initialised. See nanochat/optim.py for the lr rules."""
+        torch.distributed is initialised: then do NOT wrap the model in DDP, step() averages the gradients
+        (use optim.clip_grad_norm_(optimizers, max_norm) for clipping). See nanochat/optim.py for the lr rules."""
         from nanochat.optim import build_optimizers
         return build_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                 matrix_lr=matrix_lr, weight_decay=weight_decay, scalar_lr=scalar_lr,
