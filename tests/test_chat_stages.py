@@ -238,3 +238,51 @@ def test_chat_cli_one_prompt_subprocess(base_dir):
     res = subprocess.run([sys.executable, "-m", "scripts.sft_train", "--help"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--aqua-train-examples" in res.stdout and "--aqua_train_examples" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ torchrun (gloo)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
+    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches (same rows, same loss normalisation);
+    chat_eval split over 2 ranks gives the same counts as one process."""
+    make_base(base_dir)
+    flags = ["--source-stage", "base", "--aqua-source", "synthetic", "--synthetic-examples", "16",
+             "--synthetic-val-examples", "4", "--device-batch-size", "2", "--max-seq-len", "256",
+             "--num-iterations", "3", "--eval-every", "0", "--log-every", "1"]
+    sft(flags + ["--grad-accum", "2"])
+    base2 = tmp_path / "base2"
+    base2.mkdir()
+    shutil.copytree(base_dir / "tokenizer", base2 / "tokenizer")
+    shutil.copytree(base_dir / "checkpoints" / "base", base2 / "checkpoints" / "base")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base2), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "NANOCHAT_RUN": "local"}  # not --run: torchrun's parser eats it
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port", str(_free_port())]
+    res = subprocess.run(launcher + ["-m", "scripts.chat_sft", *flags, "--grad-accum", "1", "--no-wandb"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 proc x 1 micro" in res.stdout
+    w1, _, _ = load_checkpoint(checkpoint_dir("sft", "d2"), step=3)
+    w2, _, meta2 = load_checkpoint(base2 / "checkpoints" / "sft" / "d2", step=3)
+    assert meta2["world_size"] == 2
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=2e-5), k
+    l1 = [r["train/loss"] for r in read_jsonl(base_dir / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
+    l2 = [r["train/loss"] for r in read_jsonl(base2 / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
+    assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
+
+    from scripts.chat_eval import main as eval_main
+    ev = ["-i", "sft", "-a", "SYNTH", "--max-problems", "5", "--max-tokens", "6", "--show", "0"]
+    single = eval_main(ev + QUIET)
+    res = subprocess.run(launcher[:-1] + [str(_free_port()), "-m", "scripts.chat_eval", *ev, "--no-wandb"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    multi = read_jsonl(base2 / "runs" / "local" / "chat_eval.jsonl")
+    assert [(r["mode"], r["n"], r["confusion"]) for r in multi] == [(r["mode"], r["n"], r["confusion"]) for r in single]
