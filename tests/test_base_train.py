@@ -1,0 +1,243 @@
+"""Pretraining end to end on CPU with real subprocesses: a tiny run, torchrun x2 == grad accumulation,
+SIGKILL + resume == uninterrupted, truncated-checkpoint fallback, and base_loss/base_eval on the result.
+
+Everything is tiny (depth 1, n_embd 64, vocab 512 trained here with rustbpe on the offline synthetic
+corpus, 64-token rows) and single-threaded per process, so the file runs in about a minute on 2 cores.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint import find_last_step
+from nanochat.tracking import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64",
+        "--device-batch-size", "2", "--source", "synthetic", "--eval-tokens", "512", "--sample-every", "-1",
+        "--run", "t", "--tag", "tiny", "--no-wandb"]
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    """A 512-token BPE tokenizer trained with rustbpe on the synthetic pretraining corpus (once per module)."""
+    from nanochat.tokenizer import Tokenizer
+    from tasks.synthetic_aqua import synthetic_texts
+
+    out = tmp_path_factory.mktemp("tok")
+    tok = Tokenizer.train_from_iterator(synthetic_texts(400, seed=7), 512)
+    tok.save(out)
+    return out
+
+
+@pytest.fixture
+def base(base_dir, trained_tokenizer):
+    import shutil
+
+    shutil.copytree(trained_tokenizer, base_dir / "tokenizer")
+    return base_dir
+
+
+def env_for(base: Path) -> dict:
+    # one thread per process: two processes on two cores, no oversubscription; same for every run compared
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "NANOCHAT_DEVICE": "cpu",
+            "OMP_NUM_THREADS": "1", "NANOCHAT_COMPILE": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def run(args, base, timeout=300, module="scripts.base_train", check=True):
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env_for(base),
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture
+def inproc(monkeypatch):
+    """Run a script's main(argv) inside pytest (no 5-10 s torch import), single-threaded like the subprocesses."""
+    monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def call(args, module="scripts.base_train"):
+        import importlib
+
+        importlib.import_module(module).main(list(args))
+
+    yield call
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ckpt(base: Path, tag="tiny") -> Path:
+    return base / "checkpoints" / "base" / tag
+
+
+def final_weights(base: Path, tag="tiny") -> dict:
+    d = ckpt(base, tag)
+    step = find_last_step(d)
+    return torch.load(d / f"step_{step:06d}" / "model.pt", weights_only=True)
+
+
+def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inproc, capsys):
+    args = TINY + ["--num-iterations", "30", "--total-batch-size", "256", "--eval-every", "15",
+                   "--sample-every", "30", "--save-every", "10", "--keep-last", "2", "--warmdown-ratio", "0.3"]
+    proc = run(args, base)  # the real CLI once
+    assert "1 proc x 2 micro x 2 rows x 64" in proc.stdout
+
+    rows = read_jsonl(base / "runs" / "t" / "base.jsonl")
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    for key in ("train/loss", "train/loss_smooth", "train/lrm", "train/grad_norm", "train/tok_per_sec",
+                "train/mem_mb", "train/muon_momentum", "train/tokens"):
+        assert key in train[-1], key
+    assert "train/mfu" not in train[-1]  # CPU: peak FLOPs unknown, so no made-up MFU
+    assert train[0]["train/loss"] > train[-1]["train/loss"] + 1.0, "loss did not go down"
+    assert train[0]["train/lrm"] == 1.0 and train[-1]["train/lrm"] < 0.2  # warmdown over the last 30%
+    vals = [r for r in rows if "val/bpb" in r]
+    assert [r["step"] for r in vals] == [0, 15, 30] and vals[-1]["val/bpb"] < vals[0]["val/bpb"]
+    assert any("samples/0" in r for r in rows)
+    summary = [r for r in rows if r.get("event") == "summary"][-1]
+    assert summary["final/steps"] == 30 and summary["final/tok_per_sec"] > 0
+
+    steps = sorted(p.name for p in ckpt(base).iterdir())
+    assert steps == ["step_000020", "step_000030"]  # keep-last 2
+    meta = json.loads((ckpt(base) / "step_000030" / "meta.json").read_text())
+    assert meta["num_iterations"] == 30 and meta["rank_state"][0]["loaders"][0]["batches"] == 30
+    report = (base / "report" / "base_train.md").read_text()
+    assert "validation bits per byte" in report and "tok/s" in report
+
+    # Same command again: the run is complete, nothing is retrained or rewritten.
+    before = (ckpt(base) / "step_000030" / "model.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    inproc(args)
+    assert "already complete at step 30" in capsys.readouterr().out
+    assert (ckpt(base) / "step_000030" / "model.pt").stat().st_mtime_ns == before
+    assert "throughput: n/a" not in (base / "report" / "base_train.md").read_text()  # figures kept in meta
+    # A different model under the same tag is refused (use --fresh or another --tag) ...
+    wider = list(args)
+    wider[wider.index("--aspect-ratio") + 1] = "128"
+    with pytest.raises(SystemExit, match="--fresh"):
+        inproc(wider)
+    # ... and a total batch that does not split into micro-steps is a clear error.
+    with pytest.raises(SystemExit, match="must be a multiple of .* = 128"):
+        inproc(TINY + ["--num-iterations", "2", "--total-batch-size", "200"])
+
+    # base_loss (the CLI): train/val bits per byte of that checkpoint, plus samples
+    run(["--tag", "tiny", "--source", "synthetic", "--device-batch-size", "2", "--split-tokens", "512",
+         "--sample-tokens", "8", "--run", "t", "--no-wandb"], base, module="scripts.base_loss")
+    loss_rows = [r for r in read_jsonl(base / "runs" / "t" / "base_loss.jsonl") if "loss/val_bpb" in r]
+    assert 0 < loss_rows[-1]["loss/val_bpb"] < vals[0]["val/bpb"]
+    # same val data and model as base_train's last evaluation (which used 2 rows x 64 x 4 steps too)
+    assert loss_rows[-1]["loss/val_bpb"] == pytest.approx(vals[-1]["val/bpb"], rel=1e-4)
+    assert loss_rows[-1]["loss/train_bpb"] < vals[0]["val/bpb"]
+    assert "train bpb" in (base / "report" / "base_loss.md").read_text()
+
+    # base_eval: CORE on a tiny local bundle, through the BPE tokenizer
+    from tests.test_core_eval import write_bundle
+
+    bundle = write_bundle(tmp_path / "eval_bundle")
+    inproc(["--tag", "tiny", "--bundle-dir", str(bundle), "--run", "t", "--no-wandb"], module="scripts.base_eval")
+    core_rows = [r for r in read_jsonl(base / "runs" / "t" / "base_eval.jsonl") if "core/core" in r and "step" in r]
+    assert -2.0 < core_rows[-1]["core/core"] < 1.0 and core_rows[-1]["step"] == 30
+
+
+def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc):
+    common = TINY + ["--num-iterations", "6", "--total-batch-size", "256", "--eval-every", "0",
+                     "--save-every", "0"]
+    inproc(common)  # reference: 1 process x 2 micro-steps
+    base2 = tmp_path / "base2"
+    base2.mkdir()
+    (base2 / "tokenizer").symlink_to(base / "tokenizer")
+    cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           "-m", "scripts.base_train", *common]
+    # NANOCHAT_RUN, not --run: torchrun's own parser rejects "--run" anywhere on its command line as an
+    # ambiguous abbreviation of its --run-path
+    cmd.remove("--run"), cmd.remove("t")
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env={**env_for(base2), "NANOCHAT_RUN": "t"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 proc x 1 micro" in proc.stdout
+    d2 = ckpt(base2) / "step_000006"
+    assert (d2 / "optim_rank0.pt").is_file() and (d2 / "optim_rank1.pt").is_file()  # Muon state is sharded
+
+    w1, w2 = final_weights(base), final_weights(base2)
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=2e-5), (k, (w1[k] - w2[k]).abs().max())
+    # training moved the weights: the output projections start at exactly zero
+    assert w1["transformer.h.0.mlp.c_proj.weight"].abs().max() > 1e-3
+    l1 = [r["train/loss"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r]
+    l2 = [r["train/loss"] for r in read_jsonl(base2 / "runs" / "t" / "base.jsonl") if "train/loss" in r]
+    assert len(l1) == 6 and l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base, tmp_path, inproc):
+    args = TINY + ["--num-iterations", "100", "--total-batch-size", "128", "--eval-every", "0",
+                   "--save-every", "4", "--keep-last", "3"]
+    cmd = [sys.executable, "-m", "scripts.base_train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            # >= 2 complete checkpoints (older ones get pruned, so look at whatever is there now)
+            if len(list(ckpt(base).glob("step_*/meta.json"))) >= 2:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = find_last_step(ckpt(base))
+    assert killed_at is not None and 8 <= killed_at < 100
+
+    # Truncate the newest checkpoint's weights: the restart must notice and use the one before.
+    newest = ckpt(base) / f"step_{killed_at:06d}" / "model.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    proc2 = run(args, base)
+    assert f"from step {killed_at - 4}" in proc2.stdout, proc2.stdout[-2000:]
+    assert "skipping checkpoint" in proc2.stderr and "truncated" in proc2.stderr
+
+    # Reference: the same run uninterrupted, in its own base dir (in-process, also single-threaded).
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "tokenizer").symlink_to(base / "tokenizer")
+    os.environ["NANOCHAT_BASE_DIR"] = str(ref)  # restored by the base_dir fixture's monkeypatch
+    inproc(args)
+    w_ref, w_resumed = final_weights(ref), final_weights(base)
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_resumed[k]), (k, (w_ref[k] - w_resumed[k]).abs().max())
+    steps = [r["step"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r]
+    assert steps[-1] == 100
+
+
+def test_fresh_deletes_only_when_asked(base, inproc):
+    args = TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--eval-every", "0", "--save-every", "1"]
+    inproc(args)
+    assert find_last_step(ckpt(base)) == 2
+    with pytest.raises(SystemExit, match="num_iterations"):  # a different budget under the same tag
+        inproc(args + ["--num-iterations", "3"])
+    assert find_last_step(ckpt(base)) == 2
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        inproc(args + ["--tag", "other", "--resume", "require"])
+    inproc(args + ["--num-iterations", "3", "--fresh"])
+    assert find_last_step(ckpt(base)) == 3
