@@ -91,7 +91,7 @@ mod tests {
         let c = ChunkCounter::new();
         c.add_texts(&sp, texts).unwrap();
         let counts = c.into_counts();
-        let m = train_bpe(counts.iter().map(|(k, v)| (k.as_bytes(), *v)), merges);
+        let m = train_bpe(counts.iter().map(|(k, v)| (&k[..], *v)), merges);
         let vocab = token_bytes(&m);
         (Encoder::new(&vocab, Splitter::new(GPT4_PATTERN).unwrap()), vocab)
     }

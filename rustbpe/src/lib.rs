@@ -106,7 +106,7 @@ impl Tokenizer {
         let num_merges = (vocab_size - 256) as usize;
         let merges = py.detach(|| {
             let counts = counter.into_counts();
-            train_bpe(counts.iter().map(|(k, c)| (k.as_bytes(), *c)), num_merges)
+            train_bpe(counts.iter().map(|(k, c)| (&k[..], *c)), num_merges)
         });
         self.vocab = token_bytes(&merges);
         self.merges = merges;

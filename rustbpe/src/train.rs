@@ -32,9 +32,46 @@ use crate::split::Splitter;
 // ---------------------------------------------------------------------------------------------
 // Stage 1: chunk counting.
 
+/// Chunks of up to 15 bytes (most of them) are counted under an integer key (bytes plus length),
+/// which hashes and compares much faster than a string; longer ones under their text.
+#[derive(Default)]
+struct Counts {
+    small: FxHashMap<u128, u64>,
+    large: FxHashMap<Box<str>, u64>,
+}
+
+const SMALL: usize = 15;
+
+#[inline]
+fn small_key(b: &[u8]) -> u128 {
+    let mut buf = [0u8; 16];
+    buf[..b.len()].copy_from_slice(b);
+    buf[15] = b.len() as u8;
+    u128::from_le_bytes(buf)
+}
+
+#[inline]
+fn small_bytes(k: u128) -> Vec<u8> {
+    let buf = k.to_le_bytes();
+    buf[..buf[15] as usize].to_vec()
+}
+
+impl Counts {
+    #[inline]
+    fn add(&mut self, chunk: &str) {
+        if chunk.len() <= SMALL {
+            *self.small.entry(small_key(chunk.as_bytes())).or_insert(0) += 1;
+        } else if let Some(c) = self.large.get_mut(chunk) {
+            *c += 1;
+        } else {
+            self.large.insert(chunk.into(), 1);
+        }
+    }
+}
+
 pub struct ChunkCounter {
-    /// One map per rayon thread; each thread only ever locks its own (uncontended).
-    maps: Vec<Mutex<FxHashMap<Box<str>, u64>>>,
+    /// One table per rayon thread; each thread only ever locks its own (uncontended).
+    maps: Vec<Mutex<Counts>>,
 }
 
 impl Default for ChunkCounter {
@@ -46,7 +83,7 @@ impl Default for ChunkCounter {
 impl ChunkCounter {
     pub fn new() -> Self {
         let n = rayon::current_num_threads().max(1);
-        ChunkCounter { maps: (0..n).map(|_| Mutex::new(FxHashMap::default())).collect() }
+        ChunkCounter { maps: (0..n).map(|_| Mutex::new(Counts::default())).collect() }
     }
 
     /// Split and count every text of `texts`, in parallel. Err: a regex runtime error.
@@ -60,14 +97,7 @@ impl ChunkCounter {
                 if i >= texts.len() {
                     break;
                 }
-                let r = splitter.for_each(texts[i].as_ref(), |chunk| {
-                    if let Some(c) = map.get_mut(chunk) {
-                        *c += 1;
-                    } else {
-                        map.insert(chunk.into(), 1);
-                    }
-                });
-                if let Err(e) = r {
+                if let Err(e) = splitter.for_each(texts[i].as_ref(), |chunk| map.add(chunk)) {
                     error.lock().unwrap().get_or_insert(e);
                     next.store(texts.len(), Ordering::Relaxed);
                     break;
@@ -85,19 +115,25 @@ impl ChunkCounter {
         }
     }
 
-    /// All distinct chunks with their counts (order unspecified).
-    pub fn into_counts(self) -> Vec<(Box<str>, u64)> {
-        let mut maps: Vec<_> = self.maps.into_iter().map(|m| m.into_inner().unwrap()).collect();
-        // Merge the smaller maps into the largest one.
-        maps.sort_by_key(|m| Reverse(m.len()));
+    /// All distinct chunks (as bytes) with their counts, order unspecified.
+    pub fn into_counts(self) -> Vec<(Vec<u8>, u64)> {
+        let mut maps: Vec<Counts> = self.maps.into_iter().map(|m| m.into_inner().unwrap()).collect();
+        // Merge the other tables into the largest one.
+        maps.sort_by_key(|m| Reverse(m.small.len() + m.large.len()));
         let mut it = maps.into_iter();
         let mut total = it.next().unwrap_or_default();
         for m in it {
-            for (k, v) in m {
-                *total.entry(k).or_insert(0) += v;
+            for (k, v) in m.small {
+                *total.small.entry(k).or_insert(0) += v;
+            }
+            for (k, v) in m.large {
+                *total.large.entry(k).or_insert(0) += v;
             }
         }
-        total.into_iter().collect()
+        let mut out = Vec::with_capacity(total.small.len() + total.large.len());
+        out.extend(total.small.into_iter().map(|(k, v)| (small_bytes(k), v)));
+        out.extend(total.large.into_iter().map(|(k, v)| (k.into_boxed_bytes().into_vec(), v)));
+        out
     }
 }
 
@@ -189,6 +225,7 @@ where
         }
     }
 
+    table.reserve(table.len() * 4);
     let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
         table.iter().filter(|(_, e)| e.count > 0).map(|(&p, e)| (e.count, Reverse(p))).collect();
 
@@ -214,9 +251,8 @@ where
         for &w in &occ {
             merge_word(&mut words, w, a, b, new_id, &mut table, &mut new_pairs);
         }
-        // Every occurrence is merged, so (a, b) dropped to zero and left the table.
-        debug_assert!(!table.contains_key(&pair));
-        table.remove(&pair);
+        // Every occurrence is merged, so (a, b) dropped to zero.
+        debug_assert_eq!(table[&pair].count, 0);
         for &p in &new_pairs {
             if let Some(e) = table.get(&p) {
                 if e.count > 0 {
@@ -230,16 +266,13 @@ where
 
 #[inline]
 fn dec(table: &mut PairTable, p: u64, f: i64) {
-    match table.entry(p) {
-        Entry::Occupied(mut e) => {
-            e.get_mut().count -= f;
-            // Gone for good: an existing pair never gains occurrences (see module docs).
-            if e.get().count <= 0 {
-                debug_assert_eq!(e.get().count, 0);
-                e.remove();
-            }
-        }
-        Entry::Vacant(_) => debug_assert!(false, "decrementing an unknown pair"),
+    // Entries stay in the table at zero (removing them would leave tombstones that force
+    // rehashes); an existing pair never regains occurrences, so its chunk list can go.
+    let e = table.get_mut(&p).expect("decremented pair is counted");
+    e.count -= f;
+    debug_assert!(e.count >= 0);
+    if e.count == 0 {
+        e.words = Vec::new();
     }
 }
 
@@ -421,7 +454,7 @@ mod tests {
         let sp = Splitter::new(GPT4_PATTERN).unwrap();
         counter.add_texts(&sp, &[text, text, "the the the fox"]).unwrap();
         let counts = counter.into_counts();
-        let chunks: Vec<(&[u8], u64)> = counts.iter().map(|(k, c)| (k.as_bytes(), *c)).collect();
+        let chunks: Vec<(&[u8], u64)> = counts.iter().map(|(k, c)| (&k[..], *c)).collect();
         check(&chunks, 200);
     }
 
@@ -429,15 +462,17 @@ mod tests {
     fn counter_counts() {
         let counter = ChunkCounter::new();
         let sp = Splitter::new(GPT4_PATTERN).unwrap();
-        let texts: Vec<String> = (0..100).map(|i| format!("hello world {i}")).collect();
+        let long = "x".repeat(40);
+        let texts: Vec<String> = (0..100).map(|i| format!("hello world {i} {long}")).collect();
         counter.add_texts(&sp, &texts).unwrap();
         let mut counts = counter.into_counts();
         counts.sort();
-        let get = |k: &str| counts.iter().find(|(c, _)| &**c == k).map(|x| x.1);
+        let get = |k: &str| counts.iter().find(|(c, _)| c == k.as_bytes()).map(|x| x.1);
         assert_eq!(get("hello"), Some(100));
         assert_eq!(get(" world"), Some(100));
         assert_eq!(get(" "), Some(100));
         assert_eq!(get("7"), Some(1));
+        assert_eq!(get(&format!(" {long}")), Some(100));
     }
 
     #[test]
