@@ -241,3 +241,28 @@ def test_fresh_deletes_only_when_asked(base, inproc):
         inproc(args + ["--tag", "other", "--resume", "require"])
     inproc(args + ["--num-iterations", "3", "--fresh"])
     assert find_last_step(ckpt(base)) == 3
+
+
+def test_schedule_and_budget_rules():
+    from types import SimpleNamespace
+
+    from scripts.base_train import lr_multiplier, muon_momentum, resolve_num_iterations
+
+    # 10% warmup, flat, 20% linear warmdown to final_lr_frac
+    lrm = [lr_multiplier(s, 100, 0.1, 0.2, 0.1) for s in range(100)]
+    assert lrm[0] == pytest.approx(0.1) and lrm[9] == 1.0 and lrm[50] == 1.0 and lrm[80] == 1.0
+    assert lrm[90] == pytest.approx(0.5 + 0.5 * 0.1) and lrm[99] == pytest.approx(0.05 + 0.95 * 0.1)
+    assert all(a >= b for a, b in zip(lrm[80:], lrm[81:]))
+    assert muon_momentum(0, 300) == pytest.approx(0.85) and muon_momentum(150, 300) == pytest.approx(0.90)
+    assert muon_momentum(10_000, 300) == pytest.approx(0.95) and muon_momentum(0, 0) == pytest.approx(0.95)
+
+    def budget(**kw):
+        args = SimpleNamespace(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0)
+        args.__dict__.update(kw)
+        return resolve_num_iterations(args, num_params=1_000_000, flops_per_token=6e6, total_batch_size=4096)[0]
+
+    assert budget(num_iterations=7) == 7  # explicit wins
+    assert budget(target_flops=6e6 * 4096 * 50) == 50  # FLOPs / (FLOPs per token * tokens per step)
+    assert budget() == 20 * 1_000_000 // 4096  # Chinchilla: 20 tokens per parameter
+    with pytest.raises(SystemExit, match="no token budget"):
+        budget(target_param_data_ratio=0)
