@@ -52,21 +52,6 @@ def write_corpus(data_dir: Path, train_docs=900, val_docs=60) -> None:
         pq.write_table(pa.table({"text": chunk}), data_dir / f"shard_{k:05d}.parquet", row_group_size=100)
 
 
-def data_ready() -> str | None:
-    import rustbpe
-
-    if not hasattr(rustbpe, "Tokenizer"):
-        return "rustbpe.Tokenizer is not built yet"
-    try:
-        import nanochat.dataset  # noqa: F401
-    except ImportError:
-        return "nanochat.dataset is not written yet"
-    return None
-
-
-needs_training = pytest.mark.skipif(data_ready() is not None, reason=str(data_ready()))
-
-
 def run_script(module: str, *args: str, base: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -85,7 +70,6 @@ def save_small_tokenizer(base: Path) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------- end to end (subprocess)
-@needs_training
 def test_tok_train_then_eval_on_local_corpus(tmp_path, base_dir):
     data = tmp_path / "shards"
     write_corpus(data)

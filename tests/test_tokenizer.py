@@ -68,15 +68,6 @@ def bpe_tok():
     return Tokenizer.from_ranks(SPLIT_PATTERN, reference_ranks(CORPUS, 400))
 
 
-def rustbpe_ready():
-    import rustbpe
-
-    return hasattr(rustbpe, "Tokenizer")
-
-
-needs_rustbpe = pytest.mark.skipif(not rustbpe_ready(), reason="rustbpe.Tokenizer is not built yet")
-
-
 # ---------------------------------------------------------------------- vocabulary and encoding
 def test_specials_follow_merges(byte_tok, bpe_tok):
     for tok in (byte_tok, bpe_tok):
@@ -346,7 +337,6 @@ def test_train_too_small_vocab():
         Tokenizer.train_from_iterator(iter(CORPUS), 260)
 
 
-@needs_rustbpe
 def test_train_from_iterator_vocab_and_merges():
     vocab_size = 300
     tok = Tokenizer.train_from_iterator(iter(CORPUS * 3), vocab_size)
@@ -359,7 +349,6 @@ def test_train_from_iterator_vocab_and_merges():
     assert tok.encode("<|bos|>") != [tok.get_bos_token_id()]
 
 
-@needs_rustbpe
 def test_train_accepts_generator_and_saves(tmp_path):
     def gen():
         for i in range(200):
