@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=42, help="model init seed")
     g = p.add_argument_group("evaluation, samples, logging")
     g.add_argument("--eval-every", type=int, default=250, help="val bits-per-byte every N steps (0: only at the end)")
-    g.add_argument("--eval-tokens", type=int, default=10 * 524288, help="val tokens per evaluation")
+    g.add_argument("--eval-tokens", type=int, default=-1,
+                   help="val tokens per evaluation (-1: 10 x --total-batch-size, i.e. ten steps' worth)")
     g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (0: only at the end, -1: never)")
     g.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
     g.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
@@ -252,7 +253,8 @@ def main(argv=None) -> None:
                           world_size=num_slots, source=args.source, data_dir=args.data_dir, device=device,
                           state=loader_states[i])
                for i in range(grad_accum)]
-    val_steps = max(1, args.eval_tokens // tokens_per_micro)
+    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * args.total_batch_size
+    val_steps = max(1, eval_tokens // tokens_per_micro)
 
     def evaluate_val() -> float:
         # A fresh loader each time: every evaluation scores the same first val tokens.
