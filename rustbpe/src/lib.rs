@@ -73,35 +73,45 @@ impl Tokenizer {
 
         let counter = ChunkCounter::new();
         let buffer_size = buffer_size as usize;
-        let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
-        let mut index = 0usize;
-        loop {
-            // Pull one buffer with the GIL held.
-            buffer.clear();
-            let mut exhausted = false;
-            while buffer.len() < buffer_size {
-                let Some(item) = it.next() else {
-                    exhausted = true;
+        // Pipeline: while a background thread splits and counts buffer k (no GIL needed), this
+        // thread pulls buffer k+1 from Python with the GIL held. The scope joins the worker on
+        // every exit path, errors included.
+        std::thread::scope(|scope| -> PyResult<()> {
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<(), String>>> = None;
+            let mut index = 0usize;
+            loop {
+                let mut buffer: Vec<String> = Vec::with_capacity(buffer_size.min(1 << 16));
+                let mut exhausted = false;
+                while buffer.len() < buffer_size {
+                    let Some(item) = it.next() else {
+                        exhausted = true;
+                        break;
+                    };
+                    let item = item?;
+                    let s = item.cast::<PyString>().map_err(|_| {
+                        PyTypeError::new_err(format!(
+                            "train_from_iterator: item {index} is {}, expected str",
+                            type_name(&item)
+                        ))
+                    })?;
+                    buffer.push(s.to_str()?.to_owned());
+                    index += 1;
+                }
+                py.check_signals()?;
+                if let Some(job) = pending.take() {
+                    py.detach(|| job.join()).expect("counting thread panicked").map_err(value_error)?;
+                }
+                let (counter, splitter) = (&counter, &splitter);
+                pending = Some(scope.spawn(move || counter.add_texts(splitter, &buffer)));
+                if exhausted {
                     break;
-                };
-                let item = item?;
-                let s = item.cast::<PyString>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "train_from_iterator: item {index} is {}, expected str",
-                        type_name(&item)
-                    ))
-                })?;
-                buffer.push(s.to_str()?.to_owned());
-                index += 1;
+                }
             }
-            py.check_signals()?;
-            // Split and count with the GIL released.
-            py.detach(|| counter.add_texts(&splitter, &buffer)).map_err(value_error)?;
-            if exhausted {
-                break;
+            if let Some(job) = pending.take() {
+                py.detach(|| job.join()).expect("counting thread panicked").map_err(value_error)?;
             }
-        }
-        drop(buffer);
+            Ok(())
+        })?;
 
         let num_merges = (vocab_size - 256) as usize;
         let merges = py.detach(|| {
