@@ -34,7 +34,6 @@ rejects "--run" anywhere on its command line as an ambiguous abbreviation of its
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import shutil
 import time
@@ -228,6 +227,14 @@ def main(argv=None) -> None:
         stats.update(meta.get("stats", {}))
         start_step, resumed_meta = last_step, meta
         print0(f"Resuming {ckpt_dir} from step {last_step}")
+        harmless = {"eval_every", "eval_tokens", "sample_every", "sample_tokens", "log_every", "save_every",
+                    "keep_last", "resume", "fresh", "run", "no_wandb"}
+        old_args = meta.get("args", {})
+        changed = {k: (old_args[k], v) for k, v in vars(args).items()
+                   if k in old_args and k not in harmless and old_args[k] != v}
+        if changed:
+            print0(f"WARNING: resuming with flags that differ from the checkpoint's run: "
+                   + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
     train_model = maybe_compile(model, device)
 
     total_batch_size = args.total_batch_size
