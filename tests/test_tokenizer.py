@@ -277,7 +277,8 @@ def test_visualize(bpe_tok):
 
 
 # ---------------------------------------------------------------------- save / load
-def test_save_load_identical(bpe_tok, tmp_path):
+def test_save_load_identical(bpe_tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would otherwise cache even a local file in /tmp
     d = bpe_tok.save(tmp_path / "tok")
     assert {p.name for p in d.iterdir()} == {"tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt"}
     loaded = Tokenizer.load(d)
