@@ -36,23 +36,25 @@ use crate::split::Splitter;
 /// which hashes and compares much faster than a string; longer ones under their text.
 #[derive(Default)]
 struct Counts {
-    small: FxHashMap<u128, u64>,
+    small: FxHashMap<(u64, u64), u64>,
     large: FxHashMap<Box<str>, u64>,
 }
 
 const SMALL: usize = 15;
 
+/// Bytes (up to 15) and length packed in two words: 24-byte table entries, 8-byte aligned.
 #[inline]
-fn small_key(b: &[u8]) -> u128 {
+fn small_key(b: &[u8]) -> (u64, u64) {
     let mut buf = [0u8; 16];
     buf[..b.len()].copy_from_slice(b);
     buf[15] = b.len() as u8;
-    u128::from_le_bytes(buf)
+    let k = u128::from_le_bytes(buf);
+    (k as u64, (k >> 64) as u64)
 }
 
 #[inline]
-fn small_bytes(k: u128) -> Vec<u8> {
-    let buf = k.to_le_bytes();
+fn small_bytes(k: (u64, u64)) -> Vec<u8> {
+    let buf = (k.0 as u128 | (k.1 as u128) << 64).to_le_bytes();
     buf[..buf[15] as usize].to_vec()
 }
 
