@@ -250,15 +250,35 @@ class ConversationLoader:
         return {"cursor": self.cursor}
 
 
+def answer_letter_ids(tokenizer, letters="ABCDE") -> dict[int, str] | None:
+    """{token id: letter} for " A".." E" when each is one token (how "Answer: C" ends), else None."""
+    ids = {}
+    for letter in letters:
+        enc = tokenizer.encode(" " + letter)
+        if len(enc) != 1:
+            return None
+        ids[enc[0]] = letter
+    return ids
+
+
 def iter_eval_batches(task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                       max_examples: int | None = None, device="cpu"):
-    """Micro-batches over the first max_examples conversations of `task`, this rank's share (rank::world)."""
+    """(inputs, targets, letter_positions) micro-batches over the first max_examples conversations of
+    `task`, this rank's share (rank::world). letter_positions: [(row, t)] where targets[row, t] is the
+    answer letter of a multiple-choice conversation (its last token before <|assistant_end|>), used for
+    the teacher-forced letter accuracy."""
     n = len(task) if max_examples is None or max_examples < 0 else min(len(task), max_examples)
     mine = list(range(rank, n, world_size))
     pad_id = tokenizer.encode_special("<|assistant_end|>")
+    letter_ids = answer_letter_ids(tokenizer)
     for i in range(0, len(mine), batch_size):
-        rows = []
+        rows, letter_pos = [], []
         for j in mine[i:i + batch_size]:
-            ids, mask = tokenizer.render_conversation(task[j], max_tokens=seq_len + 1)
+            conv = task[j]
+            ids, mask = tokenizer.render_conversation(conv, max_tokens=seq_len + 1)
+            if (letter_ids and conv.get("answer") and len(ids) >= 3 and ids[-1] == pad_id
+                    and letter_ids.get(ids[-2]) == conv["answer"]):
+                letter_pos.append((len(rows), len(ids) - 3))  # targets are shifted by one
             rows.append((ids, mask))
-        yield collate(rows, pad_id, device)
+        x, y = collate(rows, pad_id, device)
+        yield x, y, letter_pos

@@ -31,8 +31,10 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from nanochat.chat_data import ConversationLoader, add_data_args, build_mixture, iter_eval_batches, resolve_aqua_source
+from nanochat.chat_data import (ConversationLoader, add_data_args, answer_letter_ids, build_mixture, iter_eval_batches,
+                                resolve_aqua_source)
 from nanochat.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, load_model, restore_rng_state,
                                  save_checkpoint, save_rng_state)
 from nanochat.common import (autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0,
@@ -193,20 +195,35 @@ def main(argv=None, stage: str = "sft") -> dict:
                                 rank=rank, world_size=world_size, seed=args.seed, device=device, state=loader_state,
                                 pad_to_seq_len=compiled)  # fixed shapes: no recompiles under torch.compile
 
+    letter_ids = answer_letter_ids(tokenizer)
+    letter_vocab = torch.tensor(sorted(letter_ids), device=device) if letter_ids else None
+
     @torch.no_grad()
-    def evaluate_val() -> float | None:
+    def evaluate_val() -> tuple[float | None, float | None]:
+        """(mean loss per trained token, teacher-forced answer-letter accuracy) on the held-out conversations.
+        The letter accuracy: given the gold rationale, is the gold letter the most likely of " A".." E"?
+        It separates "can look up the option" from "can compute the value" (chat_eval scores both)."""
         if val_task is None:
-            return None
+            return None, None
         model.eval()
-        tot = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of token losses, token count)
-        for x, y in iter_eval_batches(val_task, tokenizer, args.device_batch_size, seq_len, rank, world_size,
-                                      args.eval_examples, device):
-            tot[0] += model(x, y, loss_reduction="sum").double()
+        tot = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, tokens, letter hits, letters
+        for x, y, letter_pos in iter_eval_batches(val_task, tokenizer, args.device_batch_size, seq_len, rank,
+                                                  world_size, args.eval_examples, device):
+            logits = model(x)
+            tot[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                                      reduction="sum").double()
             tot[1] += (y != -1).sum()
+            if letter_pos and letter_vocab is not None:
+                rows = torch.tensor([r for r, _ in letter_pos], device=device)
+                cols = torch.tensor([t for _, t in letter_pos], device=device)
+                pred = letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)]
+                tot[2] += (pred == y[rows, cols]).sum()
+                tot[3] += len(letter_pos)
         if info.is_ddp:
             dist.all_reduce(tot, op=dist.ReduceOp.SUM)
         model.train()
-        return (tot[0] / tot[1].clamp(min=1)).item()
+        letter_acc = (tot[2] / tot[3]).item() if tot[3] > 0 else None
+        return (tot[0] / tot[1].clamp(min=1)).item(), letter_acc
 
     run_config = {**vars(args), "stage": stage, "tag": tag, "source_stage": source_stage,
                   "source_tag": src_meta.get("tag"), "source_step": src_meta.get("step"),
@@ -216,19 +233,21 @@ def main(argv=None, stage: str = "sft") -> dict:
     tracker = make_tracker(args, stage, run_config)
 
     # ---- training loop (step = optimizer steps already taken)
-    val_loss, first_val, min_val = None, None, float("inf")
+    val_loss, first_val, min_val, letter_acc = None, None, float("inf"), None
     last_loss, train_time, timed_steps, trained_tokens_total = float("nan"), 0.0, 0, 0
     step = start_step
     model.train()
     while True:
         last = step == num_iterations
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_loss = evaluate_val()
+            val_loss, letter_acc = evaluate_val()
             if val_loss is not None:
                 first_val = val_loss if first_val is None else first_val
                 min_val = min(min_val, val_loss)
-                print0(f"step {step:05d}/{num_iterations} | val loss {val_loss:.4f}")
-                tracker.log({"val/loss": val_loss}, step=step)
+                extra = f" | teacher-forced letter acc {letter_acc:.3f}" if letter_acc is not None else ""
+                print0(f"step {step:05d}/{num_iterations} | val loss {val_loss:.4f}{extra}")
+                tracker.log({"val/loss": val_loss, **({"val/letter_acc": letter_acc} if letter_acc is not None
+                                                        else {})}, step=step)
         if last:
             break
 
@@ -287,7 +306,7 @@ def main(argv=None, stage: str = "sft") -> dict:
                             rank_state={"loader": loader.state_dict(), "rng": save_rng_state()})
 
     # ---- wrap up
-    summary = {"final/train_loss": last_loss, "final/val_loss": val_loss,
+    summary = {"final/train_loss": last_loss, "final/val_loss": val_loss, "final/letter_acc": letter_acc,
                "final/min_val_loss": min_val if min_val < float("inf") else None, "final/steps": num_iterations,
                "final/train_time_s": train_time}
     tracker.summary(summary)
@@ -309,11 +328,14 @@ def main(argv=None, stage: str = "sft") -> dict:
             f"- final train loss: {fmt(last_loss)}",
             f"- val loss (per assistant token): first {fmt(first_val)}, final {fmt(val_loss)}, best "
             f"{fmt(summary['final/min_val_loss'])}",
+            f"- teacher-forced answer-letter accuracy (val, gold rationale given; chance 0.2): "
+            f"{fmt(letter_acc)}",
             f"- training time: {train_time / 60:.1f} min on {world_size} x {device.type}",
         ]
         write_section(base_dir, stage, "\n".join(lines))
     cleanup_distributed()
-    return {"val_loss": val_loss, "train_loss": last_loss, "ckpt_dir": str(ckpt_dir), "steps": num_iterations}
+    return {"val_loss": val_loss, "letter_acc": letter_acc, "train_loss": last_loss, "ckpt_dir": str(ckpt_dir),
+            "steps": num_iterations}
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_mid_then_sft_end_to_end(base_dir, capsys):
     mid = sft(TINY_DATA + ["--num-iterations", "3", "--eval-every", "2", "--log-every", "1"], stage="mid")
     assert Path(mid["ckpt_dir"]) == checkpoint_dir("mid", "d2")
     assert mid["val_loss"] is not None and mid["val_loss"] == mid["val_loss"]  # not NaN
+    assert 0.0 <= mid["letter_acc"] <= 1.0  # " A".." E" are single tokens in the fixture tokenizer
     out = sft(TINY_DATA + ["--num-iterations", "2", "--eval-every", "1", "--log-every", "1"])
     assert find_last_step(out["ckpt_dir"]) == 2
     _, _, meta = load_checkpoint(out["ckpt_dir"])
