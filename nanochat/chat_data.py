@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
+import re
 
 import torch
+
+from tasks.common import Task
 
 
 
@@ -51,6 +55,9 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
                    choices=["easy", "medium", "hard", "mixed"], help="synthetic problem difficulty")
     g.add_argument("--mix-synthetic", action="store_true",
                    help="also train on synthetic problems when the AQuA source is hf/dir")
+    g.add_argument("--lookup-examples", type=int, default=d.get("lookup_examples", 0),
+                   help="option-lookup drills (find the option holding a given value, answer 'Answer: X') built "
+                        "from the AQuA/synthetic training options; teaches the answer line's lookup (0: off)")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
     g.add_argument("--gsm8k-examples", type=int, default=0, help="GSM8K problems (Hugging Face; 0: off)")
     g.add_argument("--mmlu-examples", type=int, default=0, help="MMLU auxiliary-train problems (Hugging Face; 0: off)")
@@ -87,28 +94,41 @@ def _hf_task(what: str, flag: str, build):
 def build_tasks(args, split: str, device: torch.device) -> list:
     """The list of tasks for `split` ("train" or "val") from the data flags. Each task is sized and
     ready; returns [(task, label)]. Raises SystemExit with a clear message when a source fails."""
-    from tasks.common import Task
     tasks: list[tuple[Task, str]] = []
     source = resolve_aqua_source(args, device)
     aqua_split = "train" if split == "train" else "validation"
+    drill_source = None  # an MC task whose options feed the option-lookup drills (same split)
     if source in ("hf", "dir"):
         from tasks.aqua import AquaRat
         n = _cap(args.aqua_train_examples if split == "train" else args.aqua_val_examples)
-        if n != 0:
+        if n != 0 or args.lookup_examples > 0:
             data_dir = args.aqua_data_dir if source == "dir" else None
             try:
-                task = AquaRat(aqua_split, data_dir=data_dir, max_examples=n)
+                task = AquaRat(aqua_split, data_dir=data_dir, max_examples=n if n != 0 else DRILL_SOURCE_SIZE)
             except Exception as exc:
                 where = f"--aqua-data-dir {data_dir}" if data_dir else "Hugging Face deepmind/aqua_rat"
                 raise SystemExit(f"AQuA-RAT {aqua_split} split could not be loaded from {where} "
                                  f"({type(exc).__name__}: {exc}). Use --aqua-source synthetic offline.") from exc
-            tasks.append((task, f"aqua/{aqua_split} ({len(task)})"))
+            drill_source = task
+            if n != 0:
+                tasks.append((task, f"aqua/{aqua_split} ({len(task)})"))
     if source == "synthetic" or args.mix_synthetic:
         from tasks.synthetic_aqua import SyntheticAqua
         n = args.synthetic_examples if split == "train" else args.synthetic_val_examples
         if n > 0:
             task = SyntheticAqua(aqua_split, num_examples=n, difficulty=args.synthetic_difficulty)
             tasks.append((task, f"synthetic_aqua/{aqua_split}/{args.synthetic_difficulty} ({len(task)})"))
+        if drill_source is None and args.lookup_examples > 0:
+            drill_source = SyntheticAqua(aqua_split, num_examples=max(n, DRILL_SOURCE_SIZE),
+                                         difficulty=args.synthetic_difficulty)
+    if args.lookup_examples > 0:
+        if drill_source is None:
+            raise SystemExit("--lookup-examples needs multiple-choice problems to draw options from: "
+                             "use --aqua-source hf|dir|synthetic (not none)")
+        # drills over options of the same split: no test options leak into training
+        n = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
+        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1)
+        tasks.append((task, f"option_lookup ({len(task)})"))
     # Hugging Face chat tasks: off by default, and only their train splits are used for training;
     # for the eval loss a small slice of their test/val split.
     val_n = lambda n: max(1, n // 20)  # noqa: E731
@@ -156,9 +176,61 @@ def build_tasks(args, split: str, device: torch.device) -> list:
     return tasks
 
 
+DRILL_SOURCE_SIZE = 2000  # problems whose options feed the drills when the problems themselves are not trained on
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:/\d+)?")
+
+
+class OptionLookup(Task):
+    """Drill for the last step of a multiple-choice answer: given a value, name the option that holds it.
+
+    Built from the options of a source MC task (AquaRat or SyntheticAqua items, their own split):
+        user:      "Which option is 90?" and the options block, formatted exactly as in the AQuA prompt
+        assistant: "The value is 90.\nAnswer: C"
+    so the letter is looked up where a real rationale ends, with the same tokens. Like nanochat's spelling
+    drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
+    of the rationales long before it learns to find the option holding its result, and it learns that
+    lookup much faster in these short conversations than inside long problems (measured: see the chat
+    helper's report). Items whose value is ambiguous (two options with the same number) are redrawn.
+    """
+
+    name = "option_lookup"
+    eval_type = "generative"
+
+    def __init__(self, source: Task, num_examples: int, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if len(source) == 0:
+            raise ValueError("OptionLookup: the source task is empty")
+        self.source, self.n, self.seed = source, int(num_examples), seed
+
+    def num_examples(self) -> int:
+        return self.n
+
+    def get_example(self, index: int) -> dict:
+        rng = random.Random(f"option_lookup/{self.seed}/{index}")
+        for _ in range(100):
+            item = self.source[rng.randrange(len(self.source))]
+            options, letters = item.get("options"), item.get("letters")
+            if not options or not letters:
+                raise ValueError(f"OptionLookup: an item of {self.source.name} has no 'options'/'letters'")
+            values = [o.split(")", 1)[1].strip() for o in options]
+            numbers = [(m.group(0) if (m := _NUMBER.search(v)) else v) for v in values]
+            k = rng.randrange(len(values))
+            if numbers.count(numbers[k]) == 1:
+                break
+        opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
+        return {"messages": [{"role": "user", "content": f"Which option is {numbers[k]}?\n\n{opts}"},
+                             {"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"}],
+                "letters": list(letters), "answer": letters[k], "options": list(options), "task": self.name}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        from tasks.aqua import extract_letter
+        return int(extract_letter(completion) == conversation["answer"])
+
+
 def build_mixture(args, split: str, device: torch.device, seed: int = 42):
     """(TaskMixture or None, description) for `split`."""
     from tasks.common import TaskMixture
+
     tasks = build_tasks(args, split, device)
     if not tasks:
         return None, "none"
@@ -264,9 +336,9 @@ def answer_letter_ids(tokenizer, letters="ABCDE") -> dict[int, str] | None:
 def iter_eval_batches(task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                       max_examples: int | None = None, device="cpu"):
     """(inputs, targets, letter_positions) micro-batches over the first max_examples conversations of
-    `task`, this rank's share (rank::world). letter_positions: [(row, t)] where targets[row, t] is the
-    answer letter of a multiple-choice conversation (its last token before <|assistant_end|>), used for
-    the teacher-forced letter accuracy."""
+    `task`, this rank's share (rank::world). letter_positions: [(row, t, task name)] where targets[row, t]
+    is the answer letter of a multiple-choice conversation (its last token before <|assistant_end|>),
+    used for the teacher-forced letter accuracy."""
     n = len(task) if max_examples is None or max_examples < 0 else min(len(task), max_examples)
     mine = list(range(rank, n, world_size))
     pad_id = tokenizer.encode_special("<|assistant_end|>")
@@ -278,7 +350,7 @@ def iter_eval_batches(task, tokenizer, batch_size: int, seq_len: int, rank: int 
             ids, mask = tokenizer.render_conversation(conv, max_tokens=seq_len + 1)
             if (letter_ids and conv.get("answer") and len(ids) >= 3 and ids[-1] == pad_id
                     and letter_ids.get(ids[-2]) == conv["answer"]):
-                letter_pos.append((len(rows), len(ids) - 3))  # targets are shifted by one
+                letter_pos.append((len(rows), len(ids) - 3, conv.get("task", task.name)))  # targets shift by one
             rows.append((ids, mask))
         x, y = collate(rows, pad_id, device)
         yield x, y, letter_pos

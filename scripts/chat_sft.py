@@ -198,15 +198,18 @@ def main(argv=None, stage: str = "sft") -> dict:
     letter_ids = answer_letter_ids(tokenizer)
     letter_vocab = torch.tensor(sorted(letter_ids), device=device) if letter_ids else None
 
+    letter_tasks = sorted({t.name for t in val_task.tasks}) if val_task is not None else []
+
     @torch.no_grad()
-    def evaluate_val() -> tuple[float | None, float | None]:
-        """(mean loss per trained token, teacher-forced answer-letter accuracy) on the held-out conversations.
+    def evaluate_val() -> tuple[float | None, dict]:
+        """(mean loss per trained token, {task: teacher-forced answer-letter accuracy}) on held-out conversations.
         The letter accuracy: given the gold rationale, is the gold letter the most likely of " A".." E"?
-        It separates "can look up the option" from "can compute the value" (chat_eval scores both)."""
+        It separates "can find the option" from "can compute the value" (chat_eval scores both)."""
         if val_task is None:
-            return None, None
+            return None, {}
         model.eval()
-        tot = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, tokens, letter hits, letters
+        tot = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, trained tokens
+        letters = torch.zeros(len(letter_tasks), 2, device=device, dtype=torch.float64)  # hits, count per task
         for x, y, letter_pos in iter_eval_batches(val_task, tokenizer, args.device_batch_size, seq_len, rank,
                                                   world_size, args.eval_examples, device):
             logits = model(x)
@@ -214,16 +217,18 @@ def main(argv=None, stage: str = "sft") -> dict:
                                       reduction="sum").double()
             tot[1] += (y != -1).sum()
             if letter_pos and letter_vocab is not None:
-                rows = torch.tensor([r for r, _ in letter_pos], device=device)
-                cols = torch.tensor([t for _, t in letter_pos], device=device)
-                pred = letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)]
-                tot[2] += (pred == y[rows, cols]).sum()
-                tot[3] += len(letter_pos)
+                rows = torch.tensor([r for r, _, _ in letter_pos], device=device)
+                cols = torch.tensor([t for _, t, _ in letter_pos], device=device)
+                hits = letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)] == y[rows, cols]
+                for (_, _, name), hit in zip(letter_pos, hits.tolist()):
+                    letters[letter_tasks.index(name)] += torch.tensor([float(hit), 1.0], device=device,
+                                                                      dtype=torch.float64)
         if info.is_ddp:
             dist.all_reduce(tot, op=dist.ReduceOp.SUM)
+            dist.all_reduce(letters, op=dist.ReduceOp.SUM)
         model.train()
-        letter_acc = (tot[2] / tot[3]).item() if tot[3] > 0 else None
-        return (tot[0] / tot[1].clamp(min=1)).item(), letter_acc
+        accs = {name: (letters[i, 0] / letters[i, 1]).item() for i, name in enumerate(letter_tasks) if letters[i, 1] > 0}
+        return (tot[0] / tot[1].clamp(min=1)).item(), accs
 
     run_config = {**vars(args), "stage": stage, "tag": tag, "source_stage": source_stage,
                   "source_tag": src_meta.get("tag"), "source_step": src_meta.get("step"),
@@ -233,7 +238,7 @@ def main(argv=None, stage: str = "sft") -> dict:
     tracker = make_tracker(args, stage, run_config)
 
     # ---- training loop (step = optimizer steps already taken)
-    val_loss, first_val, min_val, letter_acc = None, None, float("inf"), None
+    val_loss, first_val, min_val, letter_acc = None, None, float("inf"), {}
     last_loss, train_time, timed_steps, trained_tokens_total = float("nan"), 0.0, 0, 0
     step = start_step
     model.train()
@@ -244,10 +249,10 @@ def main(argv=None, stage: str = "sft") -> dict:
             if val_loss is not None:
                 first_val = val_loss if first_val is None else first_val
                 min_val = min(min_val, val_loss)
-                extra = f" | teacher-forced letter acc {letter_acc:.3f}" if letter_acc is not None else ""
+                extra = "".join(f" | letter acc {k} {v:.3f}" for k, v in letter_acc.items())
                 print0(f"step {step:05d}/{num_iterations} | val loss {val_loss:.4f}{extra}")
-                tracker.log({"val/loss": val_loss, **({"val/letter_acc": letter_acc} if letter_acc is not None
-                                                        else {})}, step=step)
+                tracker.log({"val/loss": val_loss, **{f"val/letter_acc/{k}": v for k, v in letter_acc.items()}},
+                            step=step)
         if last:
             break
 
@@ -306,7 +311,8 @@ def main(argv=None, stage: str = "sft") -> dict:
                             rank_state={"loader": loader.state_dict(), "rng": save_rng_state()})
 
     # ---- wrap up
-    summary = {"final/train_loss": last_loss, "final/val_loss": val_loss, "final/letter_acc": letter_acc,
+    summary = {"final/train_loss": last_loss, "final/val_loss": val_loss,
+               **{f"final/letter_acc/{k}": v for k, v in letter_acc.items()},
                "final/min_val_loss": min_val if min_val < float("inf") else None, "final/steps": num_iterations,
                "final/train_time_s": train_time}
     tracker.summary(summary)
@@ -328,8 +334,8 @@ def main(argv=None, stage: str = "sft") -> dict:
             f"- final train loss: {fmt(last_loss)}",
             f"- val loss (per assistant token): first {fmt(first_val)}, final {fmt(val_loss)}, best "
             f"{fmt(summary['final/min_val_loss'])}",
-            f"- teacher-forced answer-letter accuracy (val, gold rationale given; chance 0.2): "
-            f"{fmt(letter_acc)}",
+            "- teacher-forced answer-letter accuracy (val, gold rationale given; chance 0.2): "
+            + (", ".join(f"{k} {v:.3f}" for k, v in letter_acc.items()) or "n/a"),
             f"- training time: {train_time / 60:.1f} min on {world_size} x {device.type}",
         ]
         write_section(base_dir, stage, "\n".join(lines))

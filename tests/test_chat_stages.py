@@ -6,6 +6,7 @@ GPT saved with checkpoint.save_checkpoint, so every script runs its real loading
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,27 @@ def test_loader_slots_do_not_depend_on_world_size():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_option_lookup_drills():
+    from nanochat.chat_data import OptionLookup
+    from tasks.aqua import extract_letter
+    from tasks.synthetic_aqua import SyntheticAqua
+    source = SyntheticAqua("train", num_examples=50)
+    drills = OptionLookup(source, num_examples=40, seed=0)
+    letters = []
+    for conv in drills:
+        user, target = conv["messages"][0]["content"], conv["messages"][1]["content"]
+        value = user.split("?", 1)[0].removeprefix("Which option is ")
+        # the named option is the only one holding that number, and the target ends in its letter
+        holders = [o for o in conv["options"] if value in re.findall(r"\d+(?:\.\d+)?(?:/\d+)?", o.split(")", 1)[1])]
+        assert len(holders) == 1 and holders[0][0] == conv["answer"]
+        assert target.endswith(f"Answer: {conv['answer']}") and extract_letter(target) == conv["answer"]
+        assert drills.evaluate(conv, target) == 1
+        assert f"{conv['answer']}) " in user  # same options block as the AQuA prompt
+        letters.append(conv["answer"])
+    assert len(set(letters)) == 5
+    assert [c["messages"] for c in drills[:5]] == [c["messages"] for c in OptionLookup(source, 40, seed=0)[:5]]
+
+
 def test_all_masked_micro_batch_is_finite():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
@@ -117,7 +139,7 @@ def test_mid_then_sft_end_to_end(base_dir, capsys):
     mid = sft(TINY_DATA + ["--num-iterations", "3", "--eval-every", "2", "--log-every", "1"], stage="mid")
     assert Path(mid["ckpt_dir"]) == checkpoint_dir("mid", "d2")
     assert mid["val_loss"] is not None and mid["val_loss"] == mid["val_loss"]  # not NaN
-    assert 0.0 <= mid["letter_acc"] <= 1.0  # " A".." E" are single tokens in the fixture tokenizer
+    assert 0.0 <= mid["letter_acc"]["synthetic_aqua"] <= 1.0  # " A".." E" are single tokens in the fixture tokenizer
     out = sft(TINY_DATA + ["--num-iterations", "2", "--eval-every", "1", "--log-every", "1"])
     assert find_last_step(out["ckpt_dir"]) == 2
     _, _, meta = load_checkpoint(out["ckpt_dir"])
