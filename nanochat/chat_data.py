@@ -58,6 +58,9 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
     g.add_argument("--lookup-examples", type=int, default=d.get("lookup_examples", 0),
                    help="option-lookup drills (find the option holding a given value, answer 'Answer: X') built "
                         "from the AQuA/synthetic training options; teaches the answer line's lookup (0: off)")
+    g.add_argument("--lookup-turns", type=int, default=d.get("lookup_turns", 1),
+                   help="lookups per drill conversation: follow-up questions about the same options block "
+                        "(more lookup targets per token)")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
     g.add_argument("--gsm8k-examples", type=int, default=0, help="GSM8K problems (Hugging Face; 0: off)")
     g.add_argument("--mmlu-examples", type=int, default=0, help="MMLU auxiliary-train problems (Hugging Face; 0: off)")
@@ -127,7 +130,7 @@ def build_tasks(args, split: str, device: torch.device) -> list:
                              "use --aqua-source hf|dir|synthetic (not none)")
         # drills over options of the same split: no test options leak into training
         n = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
-        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1)
+        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1, turns=args.lookup_turns)
         tasks.append((task, f"option_lookup ({len(task)})"))
     # Hugging Face chat tasks: off by default, and only their train splits are used for training;
     # for the eval loss a small slice of their test/val split.
@@ -190,17 +193,21 @@ class OptionLookup(Task):
     drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
     of the rationales long before it learns to find the option holding its result, and it learns that
     lookup much faster in these short conversations than inside long problems (measured: see the chat
-    helper's report). Items whose value is ambiguous (two options with the same number) are redrawn.
+    helper's report). With turns > 1 the user follows up about other options of the same block, so one
+    conversation carries several lookups (the last one is the item's "answer"). Options whose number is
+    ambiguous (two options with the same number) are never asked about.
     """
 
     name = "option_lookup"
     eval_type = "generative"
 
-    def __init__(self, source: Task, num_examples: int, seed: int = 0, **kwargs):
+    def __init__(self, source: Task, num_examples: int, seed: int = 0, turns: int = 1, **kwargs):
         super().__init__(**kwargs)
         if len(source) == 0:
             raise ValueError("OptionLookup: the source task is empty")
-        self.source, self.n, self.seed = source, int(num_examples), seed
+        if turns < 1:
+            raise ValueError(f"OptionLookup: turns must be >= 1, got {turns}")
+        self.source, self.n, self.seed, self.turns = source, int(num_examples), seed, int(turns)
 
     def num_examples(self) -> int:
         return self.n
@@ -214,13 +221,19 @@ class OptionLookup(Task):
                 raise ValueError(f"OptionLookup: an item of {self.source.name} has no 'options'/'letters'")
             values = [o.split(")", 1)[1].strip() for o in options]
             numbers = [(m.group(0) if (m := _NUMBER.search(v)) else v) for v in values]
-            k = rng.randrange(len(values))
-            if numbers.count(numbers[k]) == 1:
+            unique = [k for k in range(len(values)) if numbers.count(numbers[k]) == 1]
+            if unique:
                 break
+        # drawn WITH replacement: asking each option once would let the last answer be found by elimination
+        asked = [rng.choice(unique) for _ in range(self.turns)]
         opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
-        return {"messages": [{"role": "user", "content": f"Which option is {numbers[k]}?\n\n{opts}"},
-                             {"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"}],
-                "letters": list(letters), "answer": letters[k], "options": list(options), "task": self.name}
+        messages = []
+        for t, k in enumerate(asked):
+            question = f"Which option is {numbers[k]}?"
+            messages.append({"role": "user", "content": f"{question}\n\n{opts}" if t == 0 else question})
+            messages.append({"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"})
+        return {"messages": messages, "letters": list(letters), "answer": letters[asked[-1]],
+                "options": list(options), "task": self.name}
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         from tasks.aqua import extract_letter
