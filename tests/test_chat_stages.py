@@ -101,6 +101,25 @@ def test_option_lookup_drills():
     assert [c["messages"] for c in drills[:5]] == [c["messages"] for c in OptionLookup(source, 40, seed=0)[:5]]
 
 
+
+def test_option_lookup_follow_up_turns():
+    from nanochat.chat_data import OptionLookup
+    from tasks.synthetic_aqua import SyntheticAqua
+    source = SyntheticAqua("train", num_examples=50)
+    drills = OptionLookup(source, num_examples=20, seed=3, turns=4)
+    for conv in drills:
+        msgs = conv["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * 4
+        options = {o.split(")", 1)[0]: o.split(")", 1)[1].strip() for o in conv["options"]}
+        for user, reply in zip(msgs[0::2], msgs[1::2]):
+            value = user["content"].split("?", 1)[0].removeprefix("Which option is ")
+            letter = reply["content"].rsplit("Answer: ", 1)[1]
+            assert value in options[letter]  # every turn's answer holds the asked value
+        assert conv["answer"] == msgs[-1]["content"][-1]
+        assert "A) " in msgs[0]["content"] and "A) " not in msgs[2]["content"]  # options shown once
+    with pytest.raises(ValueError, match="turns"):
+        OptionLookup(source, num_examples=5, turns=0)
+
 def test_all_masked_micro_batch_is_finite():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
