@@ -21,8 +21,10 @@ DEFAULT_PROJECT = "nanochat-aquarat"
 
 
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default=os.environ.get("NANOCHAT_RUN", "local"),
-                        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN)")
+    # --run-name too: torchrun's own parser rejects a bare --run (ambiguous with its --run-path)
+    parser.add_argument("--run", "--run-name", dest="run", default=os.environ.get("NANOCHAT_RUN", "local"),
+                        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN; "
+                             "spell it --run-name under torchrun)")
     parser.add_argument("--no-wandb", action="store_true",
                         help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)")
 

@@ -91,3 +91,14 @@ def test_report_script_reset_keeps_previous(base_dir):
     subprocess.run([sys.executable, "-m", "scripts.report", "--reset"], check=True, env=env)
     assert (base_dir / "report.previous" / "report.md").exists()
     assert not (base_dir / "report" / "sft.md").exists()
+
+
+def test_run_name_flag_spellings(monkeypatch):
+    import argparse
+    from nanochat.tracking import add_tracking_args
+    monkeypatch.setenv("NANOCHAT_RUN", "from-env")
+    parser = argparse.ArgumentParser()
+    add_tracking_args(parser)
+    assert parser.parse_args([]).run == "from-env"
+    assert parser.parse_args(["--run", "a"]).run == "a"
+    assert parser.parse_args(["--run-name", "b"]).run == "b"  # the spelling torchrun lets through
