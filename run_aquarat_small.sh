@@ -4,6 +4,7 @@
 #
 #   bash run_aquarat_small.sh                      # auto: GPU profile when CUDA GPUs are visible, else CPU
 #   bash run_aquarat_small.sh --profile cpu        # tiny model on synthetic AQuA, a laptop is enough
+#   bash run_aquarat_small.sh --profile smoke      # every stage for a few steps: checks the set-up (~2 min)
 #   bash run_aquarat_small.sh --profile gpu --depth 12 --run my-run
 #
 # Re-running the same command resumes: finished stages are skipped (marker files under
@@ -15,7 +16,9 @@ usage() {
     cat <<'EOF'
 Usage: bash run_aquarat_small.sh [options]
 
-  --profile auto|cpu|gpu   cpu: tiny model, synthetic data (minutes on a laptop);
+  --profile auto|cpu|gpu|smoke
+                           cpu: tiny model, synthetic data (minutes on a laptop);
+                           smoke: every stage for a few steps, to check an install (learns nothing);
                            gpu: FineWeb-Edu + AQuA-RAT at --depth, torchrun over all GPUs (default auto)
   --run NAME               run name for logs, W&B group and markers (default aquarat_small)
   --depth N                model depth for the gpu profile (default 12)
@@ -46,7 +49,7 @@ while [ $# -gt 0 ]; do
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
-case "$PROFILE" in auto|cpu|gpu) ;; *) echo "--profile must be auto, cpu or gpu (got '$PROFILE')" >&2; exit 2 ;; esac
+case "$PROFILE" in auto|cpu|gpu|smoke) ;; *) echo "--profile must be auto, cpu, gpu or smoke (got '$PROFILE')" >&2; exit 2 ;; esac
 STAGES="data tokenizer tok_eval base base_loss base_eval mid sft eval"
 if [ -n "$FROM" ] && ! [[ " $STAGES " == *" $FROM "* ]]; then
     echo "--from must be one of: $STAGES (got '$FROM')" >&2; exit 2
@@ -103,12 +106,26 @@ stage() {
     touch "$marker"
 }
 
-if [ "$PROFILE" = cpu ]; then
+if [ "$PROFILE" = smoke ]; then
+    # The plumbing of every stage in a couple of minutes on any machine; the numbers mean nothing.
+    TOK=(--source synthetic --vocab-size 512 --max-chars 200000)
+    BASE=(--depth 2 --aspect-ratio 32 --head-dim 32 --max-seq-len 128 --source synthetic
+          --device-batch-size 4 --total-batch-size 512 --num-iterations 10
+          --eval-every 5 --eval-tokens 1024 --sample-every -1 --save-every 5)
+    BASE_LOSS=(--source synthetic --device-batch-size 4 --split-tokens 2048 --sample-tokens 8)
+    MID=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16 --lookup-examples 32
+         --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
+    SFT=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
+         --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
+    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 8 --max-tokens 16)
+elif [ "$PROFILE" = cpu ]; then
     # Tiny everything: the offline synthetic AQuA set is the data and the oracle (learnable in minutes).
-    TOK=(--source synthetic --vocab-size 2048 --max-chars 3000000)
+    # the synthetic corpus only supports ~750 merges: a bigger vocab would stop early anyway
+    TOK=(--source synthetic --vocab-size 1024 --max-chars 2000000)
     BASE=(--depth 4 --aspect-ratio 32 --head-dim 32 --max-seq-len 256 --source synthetic
           --device-batch-size 16 --total-batch-size 4096 --num-iterations 600
           --eval-every 200 --sample-every 300 --save-every 100)
+    BASE_LOSS=(--source synthetic --device-batch-size 16 --split-tokens 131072)
     MID=(--aqua-source synthetic --synthetic-examples 4000 --synthetic-difficulty easy
          --max-seq-len 256 --device-batch-size 16 --num-epochs 1 --save-every 100)
     SFT=(--aqua-source synthetic --synthetic-examples 4000 --synthetic-difficulty easy
@@ -117,6 +134,7 @@ if [ "$PROFILE" = cpu ]; then
 else
     TOK=(--source fineweb --vocab-size 65536 --max-chars 2000000000)
     BASE=(--depth "$DEPTH" --source fineweb --device-batch-size 32)
+    BASE_LOSS=(--source fineweb --device-batch-size 32)
     AQUA=(--aqua-source hf)
     [ -n "$AQUA_DIR" ] && AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_DIR")
     MID=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254 --synthetic-examples 20000 --mix-synthetic)
@@ -129,8 +147,8 @@ fi
 stage tokenizer "$PY" -m scripts.tok_train "${TOK[@]}"
 stage tok_eval "$PY" -m scripts.tok_eval
 stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}"
-stage base_loss "${LAUNCH[@]}" scripts.base_loss
-[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval
+stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}"
+[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500
 stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}"
 stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}"
 stage eval "${LAUNCH[@]}" scripts.chat_eval -i sft "${EVAL[@]}"
