@@ -15,7 +15,7 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.report import write_section
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, split_pattern
 from nanochat.tracking import add_tracking_args, make_tracker
 
 SANITY_TEXT = "Hello world! 12 + 34 = 46. Ünïcödé 日本 😀 <|bos|>\n\tdef f(x): return x"
@@ -75,6 +75,9 @@ def main(argv=None):
                         help="total vocab size including the %d special tokens (default 65536)" % len(SPECIAL_TOKENS))
     parser.add_argument("--max-chars", type=count_int, default=2_000_000_000,
                         help="total characters of training text to use (default 2e9)")
+    parser.add_argument("--max-digits", type=int, default=2, choices=[1, 2, 3],
+                        help="digits per pre-token chunk: numbers are split into runs of at most this many "
+                             "digits before BPE (2: the default; 3: GPT-4's, every number < 1000 can be one token)")
     parser.add_argument("--doc-cap", type=count_int, default=10_000, help="max characters taken from each document")
     parser.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"],
                         help="pretraining text source (see nanochat.dataset.text_iterator)")
@@ -106,7 +109,8 @@ def main(argv=None):
     docs = itertools.chain([first], docs)
     stream = ProgressIterator(docs, args.max_chars, args.doc_cap, args.progress_every)
     t0 = time.time()
-    tok = Tokenizer.train_from_iterator(iter(stream), args.vocab_size, buffer_size=args.buffer_size)
+    tok = Tokenizer.train_from_iterator(iter(stream), args.vocab_size, pattern=split_pattern(args.max_digits),
+                                         buffer_size=args.buffer_size)
     train_s = time.time() - t0
     stream.report()
     if stream.chars == 0:

@@ -176,3 +176,16 @@ def test_tok_eval_with_baselines(base_dir, monkeypatch, capsys):
 def test_tok_eval_without_tokenizer_says_what_to_run(base_dir):
     with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
         tok_eval.main(["--no-wandb"])
+
+
+def test_max_digits_sets_the_number_chunking(base_dir):
+    # synthetic corpus: numbers up to a few hundred; with 3-digit chunks "120" can become one token
+    for digits, max_tokens_for_120 in ((3, 1), (2, 2)):
+        tok_train.main(["--source", "synthetic", "--vocab-size", "1500", "--max-chars", "400000",
+                        "--max-digits", str(digits), "--no-wandb"])
+        tok = get_tokenizer()
+        assert rf"\p{{N}}{{1,{digits}}}" in tok.pattern
+        pieces = [tok.decode([i]) for i in tok.encode("A) 120 apples")]
+        assert len([p for p in pieces if p.strip().isdigit()]) == max_tokens_for_120, pieces
+    with pytest.raises(SystemExit):
+        tok_train.main(["--max-digits", "4"])
