@@ -30,6 +30,13 @@ from tasks.common import Task
 # flags and the task mixture
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     """Data flags shared by mid_train and chat_sft (defaults overridable per stage)."""
     d = {"aqua_train_examples": -1, "aqua_val_examples": 254, "synthetic_examples": 5000,
@@ -58,7 +65,7 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
     g.add_argument("--lookup-examples", type=int, default=d.get("lookup_examples", 0),
                    help="option-lookup drills (find the option holding a given value, answer 'Answer: X') built "
                         "from the AQuA/synthetic training options; teaches the answer line's lookup (0: off)")
-    g.add_argument("--lookup-turns", type=int, default=d.get("lookup_turns", 1),
+    g.add_argument("--lookup-turns", type=_at_least_one, default=d.get("lookup_turns", 1),
                    help="lookups per drill conversation: follow-up questions about the same options block "
                         "(more lookup targets per token)")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
@@ -191,9 +198,9 @@ class OptionLookup(Task):
         assistant: "The value is 90.\nAnswer: C"
     so the letter is looked up where a real rationale ends, with the same tokens. Like nanochat's spelling
     drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
-    of the rationales long before it learns to find the option holding its result, and it learns that
-    lookup much faster in these short conversations than inside long problems (measured: see the chat
-    helper's report). With turns > 1 the user follows up about other options of the same block, so one
+    of the rationales long before it learns to find the option holding its result, and these short
+    conversations put one lookup target in every ~40 tokens instead of one per whole problem (whether a
+    tiny model then learns it is another matter: README, "What the CPU profile shows"). With turns > 1 the user follows up about other options of the same block, so one
     conversation carries several lookups (the last one is the item's "answer"). Options whose number is
     ambiguous (two options with the same number) are never asked about.
     """

@@ -53,6 +53,7 @@ def split_pattern(max_digits: int = 2) -> str:
         raise ValueError(f"max_digits must be 1, 2 or 3, got {max_digits}")
     return SPLIT_PATTERN.replace(r"\p{N}{1,2}", rf"\p{{N}}{{1,{max_digits}}}")
 
+
 RANKS_FILE = "tokenizer.tiktoken"
 CONFIG_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"

@@ -119,6 +119,13 @@ def test_option_lookup_follow_up_turns():
         assert "A) " in msgs[0]["content"] and "A) " not in msgs[2]["content"]  # options shown once
     with pytest.raises(ValueError, match="turns"):
         OptionLookup(source, num_examples=5, turns=0)
+    import argparse
+    from nanochat.chat_data import add_data_args
+    parser = argparse.ArgumentParser()
+    add_data_args(parser)
+    assert parser.parse_args(["--lookup-turns", "3"]).lookup_turns == 3
+    with pytest.raises(SystemExit):  # a clear usage error, not a traceback from inside the stage
+        parser.parse_args(["--lookup-turns", "0"])
 
 def test_all_masked_micro_batch_is_finite():
     torch.manual_seed(0)
