@@ -199,10 +199,12 @@ class OptionLookup(Task):
     so the letter is looked up where a real rationale ends, with the same tokens. Like nanochat's spelling
     drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
     of the rationales long before it learns to find the option holding its result, and these short
-    conversations put one lookup target in every ~40 tokens instead of one per whole problem (whether a
-    tiny model then learns it is another matter: README, "What the CPU profile shows"). With turns > 1 the user follows up about other options of the same block, so one
-    conversation carries several lookups (the last one is the item's "answer"). Options whose number is
-    ambiguous (two options with the same number) are never asked about.
+    conversations put one lookup target in every ~40 tokens instead of one per whole problem. Whether a
+    tiny model learns it, and whether that carries over, is another matter (README, "What the CPU profile
+    shows"): one run reached 0.5 on drills and stayed at 0.2 on problems -- here the value comes before
+    the options, in a problem after them. With turns > 1 the user follows up about other options of the
+    same block, so one conversation carries several lookups (the last one is the item's "answer"). Options
+    whose number is ambiguous (two options with the same number) are never asked about.
     """
 
     name = "option_lookup"
