@@ -68,6 +68,9 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
     g.add_argument("--lookup-turns", type=_at_least_one, default=d.get("lookup_turns", 1),
                    help="lookups per drill conversation: follow-up questions about the same options block "
                         "(more lookup targets per token)")
+    g.add_argument("--lookup-value-after-options", action="store_true",
+                   help="drills ask for the value after the options block, where a problem's result comes, "
+                        "instead of before it")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
     g.add_argument("--gsm8k-examples", type=int, default=0, help="GSM8K problems (Hugging Face; 0: off)")
     g.add_argument("--mmlu-examples", type=int, default=0, help="MMLU auxiliary-train problems (Hugging Face; 0: off)")
@@ -137,7 +140,8 @@ def build_tasks(args, split: str, device: torch.device) -> list:
                              "use --aqua-source hf|dir|synthetic (not none)")
         # drills over options of the same split: no test options leak into training
         n = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
-        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1, turns=args.lookup_turns)
+        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1, turns=args.lookup_turns,
+                            value_after_options=args.lookup_value_after_options)
         tasks.append((task, f"option_lookup ({len(task)})"))
     # Hugging Face chat tasks: off by default, and only their train splits are used for training;
     # for the eval loss a small slice of their test/val split.
@@ -195,6 +199,7 @@ class OptionLookup(Task):
 
     Built from the options of a source MC task (AquaRat or SyntheticAqua items, their own split):
         user:      "Which option is 90?" and the options block, formatted exactly as in the AQuA prompt
+                   (value_after_options: the block first, then the question)
         assistant: "The value is 90.\nAnswer: C"
     so the letter is looked up where a real rationale ends, with the same tokens. Like nanochat's spelling
     drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
@@ -210,13 +215,18 @@ class OptionLookup(Task):
     name = "option_lookup"
     eval_type = "generative"
 
-    def __init__(self, source: Task, num_examples: int, seed: int = 0, turns: int = 1, **kwargs):
+    def __init__(self, source: Task, num_examples: int, seed: int = 0, turns: int = 1,
+                 value_after_options: bool = False, min_options: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if len(source) == 0:
             raise ValueError("OptionLookup: the source task is empty")
         if turns < 1:
             raise ValueError(f"OptionLookup: turns must be >= 1, got {turns}")
+        if min_options is not None and min_options < 2:
+            raise ValueError(f"OptionLookup: min_options must be >= 2, got {min_options}")
         self.source, self.n, self.seed, self.turns = source, int(num_examples), seed, int(turns)
+        self.value_after_options = value_after_options  # the question after the block, as a problem's result
+        self.min_options = min_options  # show a random min_options..all of them (an easier curriculum)
 
     def num_examples(self) -> int:
         return self.n
@@ -235,11 +245,24 @@ class OptionLookup(Task):
                 break
         # drawn WITH replacement: asking each option once would let the last answer be found by elimination
         asked = [rng.choice(unique) for _ in range(self.turns)]
+        if self.min_options is not None and self.min_options < len(values):
+            shown = set(asked)
+            others = [k for k in range(len(values)) if k not in shown]
+            count = max(len(shown), rng.randint(self.min_options, len(values)))
+            shown |= set(rng.sample(others, count - len(shown)))
+            keep = sorted(shown)  # in their original order, relettered A, B, ...
+            asked = [keep.index(k) for k in asked]
+            values, numbers = [values[k] for k in keep], [numbers[k] for k in keep]
+            options = [f"{l}) {v}" for l, v in zip(letters, values)]
+            letters = letters[:len(keep)]
         opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
         messages = []
         for t, k in enumerate(asked):
             question = f"Which option is {numbers[k]}?"
-            messages.append({"role": "user", "content": f"{question}\n\n{opts}" if t == 0 else question})
+            content = question
+            if t == 0:
+                content = f"{opts}\n\n{question}" if self.value_after_options else f"{question}\n\n{opts}"
+            messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"})
         return {"messages": messages, "letters": list(letters), "answer": letters[asked[-1]],
                 "options": list(options), "task": self.name}

@@ -100,8 +100,6 @@ def test_option_lookup_drills():
     assert len(set(letters)) == 5
     assert [c["messages"] for c in drills[:5]] == [c["messages"] for c in OptionLookup(source, 40, seed=0)[:5]]
 
-
-
 def test_option_lookup_follow_up_turns():
     from nanochat.chat_data import OptionLookup
     from tasks.synthetic_aqua import SyntheticAqua
@@ -124,8 +122,57 @@ def test_option_lookup_follow_up_turns():
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     assert parser.parse_args(["--lookup-turns", "3"]).lookup_turns == 3
+    assert parser.parse_args(["--lookup-value-after-options"]).lookup_value_after_options
     with pytest.raises(SystemExit):  # a clear usage error, not a traceback from inside the stage
         parser.parse_args(["--lookup-turns", "0"])
+
+
+def test_option_lookup_question_after_options_and_fewer_options():
+    from nanochat.chat_data import OptionLookup
+    from tasks.synthetic_aqua import SyntheticAqua
+    source = SyntheticAqua("train", num_examples=50)
+    after = OptionLookup(source, num_examples=20, seed=1, value_after_options=True)
+    before = OptionLookup(source, num_examples=20, seed=1)
+    for a, b in zip(after, before):
+        user = a["messages"][0]["content"]
+        assert user.startswith("A) ") and user.endswith("?")
+        question, opts = b["messages"][0]["content"].split("\n\n", 1)
+        assert user == f"{opts}\n\n{question}" and a["messages"][1] == b["messages"][1]  # same drill, reordered
+    counts = set()
+    for conv in OptionLookup(source, num_examples=60, seed=2, min_options=2):
+        shown = conv["messages"][0]["content"].split("\n\n", 1)[1].split("\n")
+        counts.add(len(shown))
+        assert [line[0] for line in shown] == list("ABCDE"[:len(shown)]) == conv["letters"]
+        value = conv["messages"][0]["content"].split("?", 1)[0].removeprefix("Which option is ")
+        assert value in shown["ABCDE".index(conv["answer"])]  # relettered, and still the right option
+    assert counts == {2, 3, 4, 5}
+    with pytest.raises(ValueError, match="min_options"):
+        OptionLookup(source, num_examples=5, min_options=1)
+
+
+def test_probe_lookup_runs_and_reinitialises_only_what_it_names(base_dir):
+    from scripts import probe_lookup
+    make_base(base_dir)
+    curve = probe_lookup.main(["--steps", "3", "--batch-size", "2", "--eval-every", "1", "--eval-drills", "4",
+                               "--letter-only", "--curriculum", "--value-after-options"])
+    assert [s for s, _ in curve] == [0, 1, 2, 3] and all(0.0 <= acc <= 1.0 for _, acc in curve)
+    assert probe_lookup.main(["--init", "random", "--steps", "1", "--eval-drills", "4"])[-1][0] == 1
+
+    from nanochat.checkpoint import load_model
+    tok = tiny_tokenizer()
+    for what, changed in (("number-embeddings", {"transformer.wte.weight"}),
+                          ("attention-qk", {f"transformer.h.{i}.attn.{w}.weight" for i in range(2) for w in ("c_q", "c_k")})):
+        model, _, _ = load_model("base", device="cpu")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        probe_lookup.reinitialise(model, tok, what)
+        after = model.state_dict()
+        assert {k for k in before if not torch.equal(before[k], after[k])} == changed
+        if what == "number-embeddings":
+            digit_rows = {i for i in range(tok.get_vocab_size()) if tok.decode([i]).strip().isdigit()}
+            moved = {i for i in range(tok.get_vocab_size()) if not torch.equal(before["transformer.wte.weight"][i],
+                                                                                after["transformer.wte.weight"][i])}
+            assert moved == digit_rows and len(digit_rows) == 10
+
 
 def test_all_masked_micro_batch_is_finite():
     torch.manual_seed(0)
