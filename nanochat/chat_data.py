@@ -68,9 +68,11 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
     g.add_argument("--lookup-turns", type=_at_least_one, default=d.get("lookup_turns", 1),
                    help="lookups per drill conversation: follow-up questions about the same options block "
                         "(more lookup targets per token)")
-    g.add_argument("--lookup-value-after-options", action="store_true",
-                   help="drills ask for the value after the options block, where a problem's result comes, "
-                        "instead of before it")
+    g.add_argument("--lookup-style", choices=LOOKUP_STYLES, nargs="+", default=["value-first"],
+                   help="how a drill names its value: value-first (the question, then the options block), "
+                        "options-first (the block, then the question), model-picks (the block only; the "
+                        "assistant states a value of its choice, then its letter, as a problem's answer line); "
+                        "several styles share --lookup-examples evenly")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
     g.add_argument("--gsm8k-examples", type=int, default=0, help="GSM8K problems (Hugging Face; 0: off)")
     g.add_argument("--mmlu-examples", type=int, default=0, help="MMLU auxiliary-train problems (Hugging Face; 0: off)")
@@ -139,10 +141,12 @@ def build_tasks(args, split: str, device: torch.device) -> list:
             raise SystemExit("--lookup-examples needs multiple-choice problems to draw options from: "
                              "use --aqua-source hf|dir|synthetic (not none)")
         # drills over options of the same split: no test options leak into training
-        n = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
-        task = OptionLookup(drill_source, num_examples=n, seed=0 if split == "train" else 1, turns=args.lookup_turns,
-                            value_after_options=args.lookup_value_after_options)
-        tasks.append((task, f"option_lookup ({len(task)})"))
+        total = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
+        for k, style in enumerate(args.lookup_style):
+            n = total // len(args.lookup_style) + (k < total % len(args.lookup_style))
+            task = OptionLookup(drill_source, num_examples=n, seed=10 * k + (0 if split == "train" else 1),
+                                turns=args.lookup_turns, style=style)
+            tasks.append((task, f"option_lookup/{style} ({len(task)})"))
     # Hugging Face chat tasks: off by default, and only their train splits are used for training;
     # for the eval loss a small slice of their test/val split.
     val_n = lambda n: max(1, n // 20)  # noqa: E731
@@ -190,42 +194,46 @@ def build_tasks(args, split: str, device: torch.device) -> list:
     return tasks
 
 
+LOOKUP_STYLES = ("value-first", "options-first", "model-picks")
 DRILL_SOURCE_SIZE = 2000  # problems whose options feed the drills when the problems themselves are not trained on
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:/\d+)?")
 
 
 class OptionLookup(Task):
-    """Drill for the last step of a multiple-choice answer: given a value, name the option that holds it.
+    """Drill for the last step of a multiple-choice answer: name the letter of the option holding a value.
 
-    Built from the options of a source MC task (AquaRat or SyntheticAqua items, their own split):
-        user:      "Which option is 90?" and the options block, formatted exactly as in the AQuA prompt
-                   (value_after_options: the block first, then the question)
-        assistant: "The value is 90.\nAnswer: C"
-    so the letter is looked up where a real rationale ends, with the same tokens. Like nanochat's spelling
-    drills in mid-training, it isolates one skill the full task needs: a tiny model learns the arithmetic
-    of the rationales long before it learns to find the option holding its result, and these short
-    conversations put one lookup target in every ~40 tokens instead of one per whole problem. Whether a
-    tiny model learns it, and whether that carries over, is another matter (README, "What the CPU profile
-    shows"): one run reached 0.5 on drills and stayed at 0.2 on problems -- here the value comes before
-    the options, in a problem after them. With turns > 1 the user follows up about other options of the
-    same block, so one conversation carries several lookups (the last one is the item's "answer"). Options
-    whose number is ambiguous (two options with the same number) are never asked about.
+    Built from the options of a source MC task (AquaRat or SyntheticAqua items, their own split), with
+    the options block formatted exactly as in the AQuA prompt. Three styles:
+        value-first    user: "Which option is 90?" then the block;  assistant: "The value is 90.\nAnswer: C"
+        options-first  user: the block, then "Which option is 90?"; assistant: the same
+        model-picks    user: the block, then "Pick one of the options: give its value, then its letter.";
+                       assistant: the same, for an option drawn at random
+    Like nanochat's spelling drills, it isolates one skill the full task needs, with one lookup target in
+    every ~40 tokens instead of one per whole problem: a tiny model learns the arithmetic of the
+    rationales long before it finds the option holding its result. Only model-picks teaches the lookup a
+    problem needs: in a problem the value exists only in the assistant's own text, after the options.
+    When the user names the value, the model can do the lookup at the user's words (or, value-first,
+    mark the option while reading the block) -- drills learned to 0.98 that way left the letter after a
+    worked rationale at chance (README, "What the CPU profile shows"). With turns > 1 the user follows up
+    about the same block, so one conversation carries several lookups (the last one is the item's
+    "answer"). Options whose number is ambiguous (two options with the same number) are never used.
     """
 
     name = "option_lookup"
     eval_type = "generative"
 
     def __init__(self, source: Task, num_examples: int, seed: int = 0, turns: int = 1,
-                 value_after_options: bool = False, min_options: int | None = None, **kwargs):
+                 style: str = "value-first", min_options: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if len(source) == 0:
             raise ValueError("OptionLookup: the source task is empty")
         if turns < 1:
             raise ValueError(f"OptionLookup: turns must be >= 1, got {turns}")
+        if style not in LOOKUP_STYLES:
+            raise ValueError(f"OptionLookup: style must be one of {LOOKUP_STYLES}, got {style!r}")
         if min_options is not None and min_options < 2:
             raise ValueError(f"OptionLookup: min_options must be >= 2, got {min_options}")
-        self.source, self.n, self.seed, self.turns = source, int(num_examples), seed, int(turns)
-        self.value_after_options = value_after_options  # the question after the block, as a problem's result
+        self.source, self.n, self.seed, self.turns, self.style = source, int(num_examples), seed, int(turns), style
         self.min_options = min_options  # show a random min_options..all of them (an easier curriculum)
 
     def num_examples(self) -> int:
@@ -258,10 +266,13 @@ class OptionLookup(Task):
         opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
         messages = []
         for t, k in enumerate(asked):
-            question = f"Which option is {numbers[k]}?"
+            if self.style == "model-picks":
+                question = "Pick one of the options: give its value, then its letter." if t == 0 else "Pick one again."
+            else:
+                question = f"Which option is {numbers[k]}?"
             content = question
             if t == 0:
-                content = f"{opts}\n\n{question}" if self.value_after_options else f"{question}\n\n{opts}"
+                content = f"{question}\n\n{opts}" if self.style == "value-first" else f"{opts}\n\n{question}"
             messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"})
         return {"messages": messages, "letters": list(letters), "answer": letters[asked[-1]],

@@ -1,14 +1,16 @@
 """Probe: how fast does a model learn the option lookup ("which option holds 120?" -> its letter)?
 
 Trains on option-lookup drills only (nanochat.chat_data.OptionLookup over easy synthetic problems) and
-prints the teacher-forced letter accuracy on held-out drills every --eval-every steps (chance 0.2). It
-isolates the step the CPU profile's tiny model fails on, in minutes instead of a whole pipeline run, so
-set-ups can be compared: the pretrained base checkpoint vs the same architecture from random weights,
-the loss on the letter only, a curriculum of fewer options, the question after the options block (as a
-problem's result comes after its options), re-initialised weights. Nothing is saved.
+prints, every --eval-every steps, the teacher-forced letter accuracy on held-out drills and on held-out
+easy synthetic problems (the letter after the gold worked rationale; chance 0.2 for both). The second
+says whether the drill skill carries over to problems, which the probe never trains on. It isolates the
+step the CPU profile's tiny model found hardest, in minutes instead of a whole pipeline run, so set-ups
+can be compared: drill styles, the pretrained base checkpoint vs the same architecture from random
+weights, the loss on the letter only, a curriculum of fewer options, re-initialised weights. Nothing
+is saved.
 
     python -m scripts.probe_lookup                          # from the latest base checkpoint
-    python -m scripts.probe_lookup --init random --value-after-options --steps 1200
+    python -m scripts.probe_lookup --style model-picks --steps 3000
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import time
 
 import torch
 
-from nanochat.chat_data import OptionLookup, answer_letter_ids, collate, iter_eval_batches
+from nanochat.chat_data import LOOKUP_STYLES, OptionLookup, answer_letter_ids, collate, iter_eval_batches
 from nanochat.checkpoint import load_model
 from nanochat.common import print0, seed_everything
 from nanochat.gpt import GPT
 from scripts.chat_sft import lr_multiplier
+from tasks.common import TaskMixture
 from tasks.synthetic_aqua import SyntheticAqua
 
 
@@ -53,7 +56,7 @@ def letter_accuracy(model: GPT, val_task, tokenizer, letter_vocab: torch.Tensor,
     return hits / max(1, total)
 
 
-def main(argv=None) -> list[tuple[int, float]]:
+def main(argv=None) -> list[tuple[int, float, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init", choices=["base", "random"], default="base",
                         help="start from the base checkpoint, or from random weights of the same architecture")
@@ -63,13 +66,15 @@ def main(argv=None) -> list[tuple[int, float]]:
     parser.add_argument("--init-lr-frac", type=float, default=0.3, help="x the default learning rates (as mid_train)")
     parser.add_argument("--warmdown-ratio", type=float, default=0.2)
     parser.add_argument("--letter-only", action="store_true", help="loss on the answer letter only")
-    parser.add_argument("--value-after-options", action="store_true",
-                        help="the drill asks its question after the options block instead of before it")
+    parser.add_argument("--style", choices=LOOKUP_STYLES, nargs="+", default=["value-first"],
+                        help="drill style(s) (nanochat.chat_data.OptionLookup); several are mixed evenly, and "
+                             "the held-out drills are of the last one")
     parser.add_argument("--curriculum", action="store_true",
                         help="for the first 60%% of the steps, drills show a random 2 to 5 of the options")
     parser.add_argument("--reinit", choices=["none", "number-embeddings", "attention-qk"], default="none")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--eval-drills", type=int, default=256, help="held-out drills (validation split)")
+    parser.add_argument("--eval-drills", type=int, default=256,
+                        help="held-out drills, and as many held-out problems (validation split)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -86,12 +91,12 @@ def main(argv=None) -> list[tuple[int, float]]:
     letter_vocab = torch.tensor(sorted(letter_ids))
 
     source = SyntheticAqua("train", num_examples=20_000, difficulty="easy")
-    drills = OptionLookup(source, args.steps * args.batch_size, seed=args.seed,
-                          value_after_options=args.value_after_options)
-    easy = OptionLookup(source, args.steps * args.batch_size, seed=args.seed,
-                        value_after_options=args.value_after_options, min_options=2)
-    val = OptionLookup(SyntheticAqua("validation", num_examples=2000, difficulty="easy"), args.eval_drills,
-                       seed=99, value_after_options=args.value_after_options)
+    n = args.steps * args.batch_size
+    drills = TaskMixture([OptionLookup(source, n, seed=args.seed, style=s) for s in args.style], seed=args.seed)
+    easy = TaskMixture([OptionLookup(source, n, seed=args.seed, style=s, min_options=2) for s in args.style],
+                       seed=args.seed)
+    val_problems = SyntheticAqua("validation", num_examples=max(2000, args.eval_drills), difficulty="easy")
+    val = OptionLookup(val_problems, args.eval_drills, seed=99, style=args.style[-1])
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     optimizers = model.setup_optimizers()
@@ -105,8 +110,11 @@ def main(argv=None) -> list[tuple[int, float]]:
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             acc = letter_accuracy(model, val, tokenizer, letter_vocab, args.batch_size)
-            curve.append((step, acc))
-            print0(f"step {step:05d} | drill letter acc {acc:.3f} | {time.time() - t0:.0f}s")
+            transfer = letter_accuracy(model, val_problems.subset(0, args.eval_drills), tokenizer, letter_vocab,
+                                       args.batch_size)
+            curve.append((step, acc, transfer))
+            print0(f"step {step:05d} | drill letter acc {acc:.3f} | problem letter acc {transfer:.3f} | "
+                   f"{time.time() - t0:.0f}s")
         if step == args.steps:
             break
         task = easy if args.curriculum and step < 0.6 * args.steps else drills

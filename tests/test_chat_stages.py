@@ -122,22 +122,37 @@ def test_option_lookup_follow_up_turns():
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     assert parser.parse_args(["--lookup-turns", "3"]).lookup_turns == 3
-    assert parser.parse_args(["--lookup-value-after-options"]).lookup_value_after_options
-    with pytest.raises(SystemExit):  # a clear usage error, not a traceback from inside the stage
-        parser.parse_args(["--lookup-turns", "0"])
+    assert parser.parse_args(["--lookup-style", "model-picks"]).lookup_style == ["model-picks"]
+    assert parser.parse_args([]).lookup_style == ["value-first"]
+    for bad in (["--lookup-turns", "0"], ["--lookup-style", "after"]):
+        with pytest.raises(SystemExit):  # a clear usage error, not a traceback from inside the stage
+            parser.parse_args(bad)
 
 
-def test_option_lookup_question_after_options_and_fewer_options():
+def test_option_lookup_styles_and_fewer_options():
     from nanochat.chat_data import OptionLookup
     from tasks.synthetic_aqua import SyntheticAqua
     source = SyntheticAqua("train", num_examples=50)
-    after = OptionLookup(source, num_examples=20, seed=1, value_after_options=True)
+    after = OptionLookup(source, num_examples=20, seed=1, style="options-first")
+    picks = OptionLookup(source, num_examples=20, seed=1, style="model-picks", turns=2)
     before = OptionLookup(source, num_examples=20, seed=1)
     for a, b in zip(after, before):
         user = a["messages"][0]["content"]
         assert user.startswith("A) ") and user.endswith("?")
         question, opts = b["messages"][0]["content"].split("\n\n", 1)
         assert user == f"{opts}\n\n{question}" and a["messages"][1] == b["messages"][1]  # same drill, reordered
+    letters = []
+    for conv in picks:
+        options = {o.split(")", 1)[0]: o.split(")", 1)[1].strip() for o in conv["options"]}
+        users = [m["content"] for m in conv["messages"][0::2]]
+        assert users[0].startswith("A) ") and "Pick one" in users[0] and users[1] == "Pick one again."
+        for user, reply in zip(users, [m["content"] for m in conv["messages"][1::2]]):
+            value, letter = reply.removeprefix("The value is ").split(".\nAnswer: ")
+            assert value in options[letter] and value not in user.split("\n\n")[-1]  # only the assistant names it
+            letters.append(letter)
+    assert set(letters) == set("ABCDE")
+    with pytest.raises(ValueError, match="style"):
+        OptionLookup(source, num_examples=5, style="after")
     counts = set()
     for conv in OptionLookup(source, num_examples=60, seed=2, min_options=2):
         shown = conv["messages"][0]["content"].split("\n\n", 1)[1].split("\n")
@@ -150,12 +165,26 @@ def test_option_lookup_question_after_options_and_fewer_options():
         OptionLookup(source, num_examples=5, min_options=1)
 
 
+def test_lookup_styles_share_the_drill_budget():
+    import argparse
+    from nanochat.chat_data import OptionLookup, add_data_args, build_tasks
+    parser = argparse.ArgumentParser()
+    add_data_args(parser)
+    args = parser.parse_args(["--aqua-source", "synthetic", "--synthetic-examples", "20", "--lookup-examples", "7",
+                              "--lookup-style", "options-first", "model-picks"])
+    drills = [t for t, _ in build_tasks(args, "train", torch.device("cpu")) if isinstance(t, OptionLookup)]
+    assert [(t.style, len(t)) for t in drills] == [("options-first", 4), ("model-picks", 3)]
+    first, second = (t[0]["messages"][0]["content"].split("\n\n")[0] for t in drills)
+    assert first != second  # different drills, not the same ones restyled
+
+
 def test_probe_lookup_runs_and_reinitialises_only_what_it_names(base_dir):
     from scripts import probe_lookup
     make_base(base_dir)
     curve = probe_lookup.main(["--steps", "3", "--batch-size", "2", "--eval-every", "1", "--eval-drills", "4",
-                               "--letter-only", "--curriculum", "--value-after-options"])
-    assert [s for s, _ in curve] == [0, 1, 2, 3] and all(0.0 <= acc <= 1.0 for _, acc in curve)
+                               "--letter-only", "--curriculum", "--style", "options-first", "model-picks"])
+    assert [s for s, _, _ in curve] == [0, 1, 2, 3]
+    assert all(0.0 <= acc <= 1.0 and 0.0 <= transfer <= 1.0 for _, acc, transfer in curve)
     assert probe_lookup.main(["--init", "random", "--steps", "1", "--eval-drills", "4"])[-1][0] == 1
 
     from nanochat.checkpoint import load_model

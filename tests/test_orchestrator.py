@@ -23,6 +23,7 @@ def run_pipeline(args, base_dir, timeout=900):
     (["--from", "rl-ish"], "--from must be one of"),
     (["--bogus"], "unknown option '--bogus'"),
     (["--run"], "--run needs a value"),
+    (["--seed"], "--seed needs a value"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(args, message, base_dir):
     result = run_pipeline(args, base_dir, timeout=60)
@@ -32,7 +33,7 @@ def test_bad_flags_are_refused_before_anything_runs(args, message, base_dir):
 
 
 def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
-    first = run_pipeline(["--profile", "smoke", "--run", "smk"], base_dir)
+    first = run_pipeline(["--profile", "smoke", "--run", "smk", "--seed", "7"], base_dir)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = base_dir / "runs" / "smk"
     stages = ["tokenizer", "tok_eval", "base", "base_loss", "mid", "sft", "eval"]
@@ -40,6 +41,9 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
     assert not (run_dir / ".done_base_eval").exists()  # CORE needs the downloaded bundle: gpu profile only
     for stage in ["checkpoints/base", "checkpoints/mid", "checkpoints/sft", "tokenizer"]:
         assert any((base_dir / stage).iterdir())
+    for stage in ["base", "mid", "sft"]:  # --seed reached every training stage
+        meta = sorted((base_dir / "checkpoints" / stage).glob("*/step_*/meta.json"))[-1]
+        assert json.loads(meta.read_text())["args"]["seed"] == 7
     rows = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
     assert {(r["source"], r["task"], r["split"], r["mode"]) for r in rows} == {
         ("sft", "synthetic_aqua", "test", "generative"), ("sft", "synthetic_aqua", "test", "categorical")}
@@ -53,13 +57,13 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
     # Same command again: nothing is retrained.
     sft_marker = run_dir / ".done_sft"
     stamp = sft_marker.stat().st_mtime_ns
-    again = run_pipeline(["--profile", "smoke", "--run", "smk"], base_dir)
+    again = run_pipeline(["--profile", "smoke", "--run", "smk", "--seed", "7"], base_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(f"[pipeline] {s}: done earlier, skipping" in again.stdout for s in stages)
     assert sft_marker.stat().st_mtime_ns == stamp
 
     # --from eval redoes the evaluation (and the report) only.
-    redo = run_pipeline(["--profile", "smoke", "--run", "smk", "--from", "eval"], base_dir)
+    redo = run_pipeline(["--profile", "smoke", "--run", "smk", "--seed", "7", "--from", "eval"], base_dir)
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "[pipeline] sft: done earlier, skipping" in redo.stdout
     assert "[pipeline] eval: done earlier" not in redo.stdout and "[pipeline] eval: " in redo.stdout
