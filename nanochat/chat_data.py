@@ -389,6 +389,14 @@ def answer_letter_ids(tokenizer, letters="ABCDE") -> dict[int, str] | None:
     return ids
 
 
+def letter_hits(logits: torch.Tensor, targets: torch.Tensor, letter_pos, letter_vocab: torch.Tensor) -> torch.Tensor:
+    """For each (row, t, _) of letter_pos (from iter_eval_batches): is the gold letter targets[row, t] the
+    most likely of the letter tokens letter_vocab at logits[row, t]? (the teacher-forced letter accuracy)"""
+    rows = torch.tensor([r for r, _, _ in letter_pos], dtype=torch.long, device=logits.device)
+    cols = torch.tensor([t for _, t, _ in letter_pos], dtype=torch.long, device=logits.device)
+    return letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)] == targets[rows, cols]
+
+
 def iter_eval_batches(task, tokenizer, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
                       max_examples: int | None = None, device="cpu"):
     """(inputs, targets, letter_positions) micro-batches over the first max_examples conversations of

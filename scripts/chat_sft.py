@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_data import (ConversationLoader, add_data_args, answer_letter_ids, build_mixture, iter_eval_batches,
-                                resolve_aqua_source)
+                                letter_hits, resolve_aqua_source)
 from nanochat.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, load_model, restore_rng_state,
                                  save_checkpoint, save_rng_state)
 from nanochat.common import (autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0,
@@ -217,9 +217,7 @@ def main(argv=None, stage: str = "sft") -> dict:
                                       reduction="sum").double()
             tot[1] += (y != -1).sum()
             if letter_pos and letter_vocab is not None:
-                rows = torch.tensor([r for r, _, _ in letter_pos], device=device)
-                cols = torch.tensor([t for _, t, _ in letter_pos], device=device)
-                hits = letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)] == y[rows, cols]
+                hits = letter_hits(logits, y, letter_pos, letter_vocab)
                 for (_, _, name), hit in zip(letter_pos, hits.tolist()):
                     letters[letter_tasks.index(name)] += torch.tensor([float(hit), 1.0], device=device,
                                                                       dtype=torch.float64)

@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from nanochat.chat_data import LOOKUP_STYLES, OptionLookup, answer_letter_ids, collate, iter_eval_batches
+from nanochat.chat_data import (LOOKUP_STYLES, OptionLookup, answer_letter_ids, collate, iter_eval_batches,
+                                letter_hits)
 from nanochat.checkpoint import load_model
 from nanochat.common import print0, seed_everything
 from nanochat.gpt import GPT
@@ -47,10 +48,7 @@ def letter_accuracy(model: GPT, val_task, tokenizer, letter_vocab: torch.Tensor,
     model.eval()
     hits = total = 0
     for x, y, letter_pos in iter_eval_batches(val_task, tokenizer, batch_size, model.config.sequence_len):
-        logits = model(x)
-        rows = torch.tensor([r for r, _, _ in letter_pos])
-        cols = torch.tensor([t for _, t, _ in letter_pos])
-        hits += (letter_vocab[logits[rows, cols][:, letter_vocab].argmax(-1)] == y[rows, cols]).sum().item()
+        hits += letter_hits(model(x), y, letter_pos, letter_vocab).sum().item()
         total += len(letter_pos)
     model.train()
     return hits / max(1, total)
@@ -97,6 +95,7 @@ def main(argv=None) -> list[tuple[int, float, float]]:
                        seed=args.seed)
     val_problems = SyntheticAqua("validation", num_examples=max(2000, args.eval_drills), difficulty="easy")
     val = OptionLookup(val_problems, args.eval_drills, seed=99, style=args.style[-1])
+    held_out_problems = val_problems.subset(0, args.eval_drills)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     optimizers = model.setup_optimizers()
@@ -110,8 +109,7 @@ def main(argv=None) -> list[tuple[int, float, float]]:
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             acc = letter_accuracy(model, val, tokenizer, letter_vocab, args.batch_size)
-            transfer = letter_accuracy(model, val_problems.subset(0, args.eval_drills), tokenizer, letter_vocab,
-                                       args.batch_size)
+            transfer = letter_accuracy(model, held_out_problems, tokenizer, letter_vocab, args.batch_size)
             curve.append((step, acc, transfer))
             print0(f"step {step:05d} | drill letter acc {acc:.3f} | problem letter acc {transfer:.3f} | "
                    f"{time.time() - t0:.0f}s")

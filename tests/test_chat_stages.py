@@ -100,6 +100,7 @@ def test_option_lookup_drills():
     assert len(set(letters)) == 5
     assert [c["messages"] for c in drills[:5]] == [c["messages"] for c in OptionLookup(source, 40, seed=0)[:5]]
 
+
 def test_option_lookup_follow_up_turns():
     from nanochat.chat_data import OptionLookup
     from tasks.synthetic_aqua import SyntheticAqua
