@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import re
 
 import torch
 
 from tasks.common import Task
 
 
-
 # ------------------------------------------------------------------------------------------------
 # flags and the task mixture
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -60,19 +50,12 @@ def add_data_args(parser: argparse.ArgumentParser, defaults: dict | None = None)
                    help="synthetic validation problems for the eval loss")
     g.add_argument("--synthetic-difficulty", default=d["synthetic_difficulty"],
                    choices=["easy", "medium", "hard", "mixed"], help="synthetic problem difficulty")
+    g.add_argument("--synthetic-option-checks", action=argparse.BooleanOptionalAction, default=True,
+                   help="synthetic rationales end by checking the options in order ('A) 4 no', 'B) 12 yes'); "
+                        "without, they end at the computed value and the letter must be looked up "
+                        "(tasks/synthetic_aqua.py)")
     g.add_argument("--mix-synthetic", action="store_true",
                    help="also train on synthetic problems when the AQuA source is hf/dir")
-    g.add_argument("--lookup-examples", type=int, default=d.get("lookup_examples", 0),
-                   help="option-lookup drills (find the option holding a given value, answer 'Answer: X') built "
-                        "from the AQuA/synthetic training options; teaches the answer line's lookup (0: off)")
-    g.add_argument("--lookup-turns", type=_at_least_one, default=d.get("lookup_turns", 1),
-                   help="lookups per drill conversation: follow-up questions about the same options block "
-                        "(more lookup targets per token)")
-    g.add_argument("--lookup-style", choices=LOOKUP_STYLES, nargs="+", default=["value-first"],
-                   help="how a drill names its value: value-first (the question, then the options block), "
-                        "options-first (the block, then the question), model-picks (the block only; the "
-                        "assistant states a value of its choice, then its letter, as a problem's answer line); "
-                        "several styles share --lookup-examples evenly")
     g.add_argument("--smoltalk-examples", type=int, default=0, help="SmolTalk conversations (Hugging Face; 0: off)")
     g.add_argument("--gsm8k-examples", type=int, default=0, help="GSM8K problems (Hugging Face; 0: off)")
     g.add_argument("--mmlu-examples", type=int, default=0, help="MMLU auxiliary-train problems (Hugging Face; 0: off)")
@@ -112,41 +95,25 @@ def build_tasks(args, split: str, device: torch.device) -> list:
     tasks: list[tuple[Task, str]] = []
     source = resolve_aqua_source(args, device)
     aqua_split = "train" if split == "train" else "validation"
-    drill_source = None  # an MC task whose options feed the option-lookup drills (same split)
     if source in ("hf", "dir"):
         from tasks.aqua import AquaRat
         n = _cap(args.aqua_train_examples if split == "train" else args.aqua_val_examples)
-        if n != 0 or args.lookup_examples > 0:
+        if n != 0:
             data_dir = args.aqua_data_dir if source == "dir" else None
             try:
-                task = AquaRat(aqua_split, data_dir=data_dir, max_examples=n if n != 0 else DRILL_SOURCE_SIZE)
+                task = AquaRat(aqua_split, data_dir=data_dir, max_examples=n)
             except Exception as exc:
                 where = f"--aqua-data-dir {data_dir}" if data_dir else "Hugging Face deepmind/aqua_rat"
                 raise SystemExit(f"AQuA-RAT {aqua_split} split could not be loaded from {where} "
                                  f"({type(exc).__name__}: {exc}). Use --aqua-source synthetic offline.") from exc
-            drill_source = task
-            if n != 0:
-                tasks.append((task, f"aqua/{aqua_split} ({len(task)})"))
+            tasks.append((task, f"aqua/{aqua_split} ({len(task)})"))
     if source == "synthetic" or args.mix_synthetic:
         from tasks.synthetic_aqua import SyntheticAqua
         n = args.synthetic_examples if split == "train" else args.synthetic_val_examples
         if n > 0:
-            task = SyntheticAqua(aqua_split, num_examples=n, difficulty=args.synthetic_difficulty)
+            task = SyntheticAqua(aqua_split, num_examples=n, difficulty=args.synthetic_difficulty,
+                                 check_options=args.synthetic_option_checks)
             tasks.append((task, f"synthetic_aqua/{aqua_split}/{args.synthetic_difficulty} ({len(task)})"))
-        if drill_source is None and args.lookup_examples > 0:
-            drill_source = SyntheticAqua(aqua_split, num_examples=max(n, DRILL_SOURCE_SIZE),
-                                         difficulty=args.synthetic_difficulty)
-    if args.lookup_examples > 0:
-        if drill_source is None:
-            raise SystemExit("--lookup-examples needs multiple-choice problems to draw options from: "
-                             "use --aqua-source hf|dir|synthetic (not none)")
-        # drills over options of the same split: no test options leak into training
-        total = args.lookup_examples if split == "train" else min(200, max(1, args.lookup_examples // 20))
-        for k, style in enumerate(args.lookup_style):
-            n = total // len(args.lookup_style) + (k < total % len(args.lookup_style))
-            task = OptionLookup(drill_source, num_examples=n, seed=10 * k + (0 if split == "train" else 1),
-                                turns=args.lookup_turns, style=style)
-            tasks.append((task, f"option_lookup/{style} ({len(task)})"))
     # Hugging Face chat tasks: off by default, and only their train splits are used for training;
     # for the eval loss a small slice of their test/val split.
     val_n = lambda n: max(1, n // 20)  # noqa: E731
@@ -192,95 +159,6 @@ def build_tasks(args, split: str, device: torch.device) -> list:
         raise SystemExit("the training mixture is empty: enable a data source (e.g. --aqua-source synthetic "
                          "--synthetic-examples 5000)")
     return tasks
-
-
-LOOKUP_STYLES = ("value-first", "options-first", "model-picks")
-DRILL_SOURCE_SIZE = 2000  # problems whose options feed the drills when the problems themselves are not trained on
-_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:/\d+)?")
-
-
-class OptionLookup(Task):
-    """Drill for the last step of a multiple-choice answer: name the letter of the option holding a value.
-
-    Built from the options of a source MC task (AquaRat or SyntheticAqua items, their own split), with
-    the options block formatted exactly as in the AQuA prompt. Three styles:
-        value-first    user: "Which option is 90?" then the block;  assistant: "The value is 90.\nAnswer: C"
-        options-first  user: the block, then "Which option is 90?"; assistant: the same
-        model-picks    user: the block, then "Pick one of the options: give its value, then its letter.";
-                       assistant: the same, for an option drawn at random
-    Like nanochat's spelling drills, it isolates one skill the full task needs, with one lookup target in
-    every ~40 tokens instead of one per whole problem: a tiny model learns the arithmetic of the
-    rationales long before it finds the option holding its result. Only model-picks teaches the lookup a
-    problem needs: in a problem the value exists only in the assistant's own text, after the options.
-    When the user names the value, the model can do the lookup at the user's words (or, value-first,
-    mark the option while reading the block) -- drills learned to 0.98 that way left the letter after a
-    worked rationale at chance (README, "What the CPU profile shows"). With turns > 1 the user follows up
-    about the same block, so one conversation carries several lookups (the last one is the item's
-    "answer"). Options whose number is ambiguous (two options with the same number) are never used.
-    """
-
-    name = "option_lookup"
-    eval_type = "generative"
-
-    def __init__(self, source: Task, num_examples: int, seed: int = 0, turns: int = 1,
-                 style: str = "value-first", min_options: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if len(source) == 0:
-            raise ValueError("OptionLookup: the source task is empty")
-        if turns < 1:
-            raise ValueError(f"OptionLookup: turns must be >= 1, got {turns}")
-        if style not in LOOKUP_STYLES:
-            raise ValueError(f"OptionLookup: style must be one of {LOOKUP_STYLES}, got {style!r}")
-        if min_options is not None and min_options < 2:
-            raise ValueError(f"OptionLookup: min_options must be >= 2, got {min_options}")
-        self.source, self.n, self.seed, self.turns, self.style = source, int(num_examples), seed, int(turns), style
-        self.min_options = min_options  # show a random min_options..all of them (an easier curriculum)
-
-    def num_examples(self) -> int:
-        return self.n
-
-    def get_example(self, index: int) -> dict:
-        rng = random.Random(f"option_lookup/{self.seed}/{index}")
-        for _ in range(100):
-            item = self.source[rng.randrange(len(self.source))]
-            options, letters = item.get("options"), item.get("letters")
-            if not options or not letters:
-                raise ValueError(f"OptionLookup: an item of {self.source.name} has no 'options'/'letters'")
-            values = [o.split(")", 1)[1].strip() for o in options]
-            numbers = [(m.group(0) if (m := _NUMBER.search(v)) else v) for v in values]
-            unique = [k for k in range(len(values)) if numbers.count(numbers[k]) == 1]
-            if unique:
-                break
-        # drawn WITH replacement: asking each option once would let the last answer be found by elimination
-        asked = [rng.choice(unique) for _ in range(self.turns)]
-        if self.min_options is not None and self.min_options < len(values):
-            shown = set(asked)
-            others = [k for k in range(len(values)) if k not in shown]
-            count = max(len(shown), rng.randint(self.min_options, len(values)))
-            shown |= set(rng.sample(others, count - len(shown)))
-            keep = sorted(shown)  # in their original order, relettered A, B, ...
-            asked = [keep.index(k) for k in asked]
-            values, numbers = [values[k] for k in keep], [numbers[k] for k in keep]
-            options = [f"{l}) {v}" for l, v in zip(letters, values)]
-            letters = letters[:len(keep)]
-        opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
-        messages = []
-        for t, k in enumerate(asked):
-            if self.style == "model-picks":
-                question = "Pick one of the options: give its value, then its letter." if t == 0 else "Pick one again."
-            else:
-                question = f"Which option is {numbers[k]}?"
-            content = question
-            if t == 0:
-                content = f"{question}\n\n{opts}" if self.style == "value-first" else f"{opts}\n\n{question}"
-            messages.append({"role": "user", "content": content})
-            messages.append({"role": "assistant", "content": f"The value is {numbers[k]}.\nAnswer: {letters[k]}"})
-        return {"messages": messages, "letters": list(letters), "answer": letters[asked[-1]],
-                "options": list(options), "task": self.name}
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        from tasks.aqua import extract_letter
-        return int(extract_letter(completion) == conversation["answer"])
 
 
 def build_mixture(args, split: str, device: torch.device, seed: int = 42):

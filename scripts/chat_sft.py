@@ -204,7 +204,9 @@ def main(argv=None, stage: str = "sft") -> dict:
     def evaluate_val() -> tuple[float | None, dict]:
         """(mean loss per trained token, {task: teacher-forced answer-letter accuracy}) on held-out conversations.
         The letter accuracy: given the gold rationale, is the gold letter the most likely of " A".." E"?
-        It separates "can find the option" from "can compute the value" (chat_eval scores both)."""
+        On AQuA-RAT it separates "can find the option" from "can compute the value" (chat_eval scores both);
+        on synthetic problems whose rationale checks the options, the gold checks name the option, so it
+        only says the checks are being followed -- chat_eval's generative accuracy is the real figure."""
         if val_task is None:
             return None, {}
         model.eval()

@@ -17,7 +17,9 @@ Determinism and disjoint splits:
   - the correct letter is exactly uniform: each block of 5 consecutive indices uses each letter once,
     in a seeded random order.
 Items have the same format as AquaRat (same prompt, rationale + final "Answer: X" target, "letters",
-"answer", "options") plus "family" and "difficulty".
+"answer", "options") plus "family" and "difficulty". The rationale's worked steps are followed by a
+check of the options in order, up to the right one ("A) 4 no", "B) 12 yes"; see option_checks);
+check_options=False leaves it out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 from fractions import Fraction
 from typing import Iterator
 
@@ -444,8 +447,28 @@ def _options(problem: Problem, rng, position: int) -> list[str]:
     return wrong[:position] + [right] + wrong[position:]
 
 
-def generate(split: str, index: int, difficulty: str = "easy", seed: int = 0) -> dict:
-    """The item `index` of a split, as a conversation dict (deterministic in all four arguments)."""
+_LEADING_NUMBER = re.compile(r"\D*\d+(?:[.:/]\d+)*")  # "$96", "90" of "90 sq cm", "3:4", "2.5" of "2.5 kg"
+
+
+def option_checks(values: list[str], position: int) -> list[str]:
+    """The rationale's last lines: the options in order, each marked no, up to the right one, marked yes.
+
+    Why: naming the letter of the option that holds a computed value is a backward lookup (the letter
+    comes before the value in "B) 12"), and tiny models did not learn it -- not from problems, nor from
+    100,000+ lookup drills (README, "What the CPU profile shows"). Walking the options forward needs only
+    copying (letter -> its value, what induction heads do) and a same-number test, which is learned in a
+    few hundred steps. Each option is cut after its number ("C) 90 no" for "90 sq cm") so that the
+    yes/no comes right after the number it judges; options the cut would make alike are shown whole."""
+    heads = [m.group(0) if (m := _LEADING_NUMBER.match(v)) else v for v in values]
+    if len(set(heads)) < len(heads):
+        heads = values
+    return [f"{AQUA_LETTERS[k]}) {heads[k]} " + ("yes" if k == position else "no") for k in range(position + 1)]
+
+
+def generate(split: str, index: int, difficulty: str = "easy", seed: int = 0, check_options: bool = True) -> dict:
+    """The item `index` of a split, as a conversation dict (deterministic in all its arguments).
+
+    With check_options the rationale ends with option_checks(); without, it ends at the computed value."""
     if split not in SPLIT_BUCKETS:
         raise ValueError(f"split must be one of {tuple(SPLIT_BUCKETS)}, not {split!r}")
     if difficulty not in LEVELS + ("mixed",):
@@ -462,7 +485,8 @@ def generate(split: str, index: int, difficulty: str = "easy", seed: int = 0) ->
     else:  # pragma: no cover - 1000 misses at p=0.9 each does not happen
         raise RuntimeError(f"could not draw a {split} problem for index {index}")
     values = _options(problem, rng, position)
-    conv = make_aqua_conversation(problem.question, values, "\n".join(problem.steps), AQUA_LETTERS[position])
+    steps = problem.steps + (option_checks(values, position) if check_options else [])
+    conv = make_aqua_conversation(problem.question, values, "\n".join(steps), AQUA_LETTERS[position])
     conv["family"], conv["difficulty"] = family, level
     return conv
 
@@ -474,16 +498,17 @@ class SyntheticAqua(Task):
     eval_type = "generative"
 
     def __init__(self, split: str = "train", num_examples: int = 1000, difficulty: str = "easy", seed: int = 0,
-                 **kwargs):
+                 check_options: bool = True, **kwargs):
         super().__init__(**kwargs)
         generate(split, 0, difficulty, seed)  # validates split/difficulty now, not at first use
         self.split, self.n, self.difficulty, self.seed = split, int(num_examples), difficulty, seed
+        self.check_options = check_options
 
     def num_examples(self) -> int:
         return self.n
 
     def get_example(self, index: int) -> dict:
-        return generate(self.split, index, self.difficulty, self.seed)
+        return generate(self.split, index, self.difficulty, self.seed, self.check_options)
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         return int(extract_letter(completion, conversation.get("options")) == conversation["answer"])

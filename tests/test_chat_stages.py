@@ -6,7 +6,6 @@ GPT saved with checkpoint.save_checkpoint, so every script runs its real loading
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -80,128 +79,32 @@ def test_loader_slots_do_not_depend_on_world_size():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_option_lookup_drills():
-    from nanochat.chat_data import OptionLookup
-    from tasks.aqua import extract_letter
-    from tasks.synthetic_aqua import SyntheticAqua
-    source = SyntheticAqua("train", num_examples=50)
-    drills = OptionLookup(source, num_examples=40, seed=0)
-    letters = []
-    for conv in drills:
-        user, target = conv["messages"][0]["content"], conv["messages"][1]["content"]
-        value = user.split("?", 1)[0].removeprefix("Which option is ")
-        # the named option is the only one holding that number, and the target ends in its letter
-        holders = [o for o in conv["options"] if value in re.findall(r"\d+(?:\.\d+)?(?:/\d+)?", o.split(")", 1)[1])]
-        assert len(holders) == 1 and holders[0][0] == conv["answer"]
-        assert target.endswith(f"Answer: {conv['answer']}") and extract_letter(target) == conv["answer"]
-        assert drills.evaluate(conv, target) == 1
-        assert f"{conv['answer']}) " in user  # same options block as the AQuA prompt
-        letters.append(conv["answer"])
-    assert len(set(letters)) == 5
-    assert [c["messages"] for c in drills[:5]] == [c["messages"] for c in OptionLookup(source, 40, seed=0)[:5]]
-
-
-def test_option_lookup_follow_up_turns():
-    from nanochat.chat_data import OptionLookup
-    from tasks.synthetic_aqua import SyntheticAqua
-    source = SyntheticAqua("train", num_examples=50)
-    drills = OptionLookup(source, num_examples=20, seed=3, turns=4)
-    for conv in drills:
-        msgs = conv["messages"]
-        assert [m["role"] for m in msgs] == ["user", "assistant"] * 4
-        options = {o.split(")", 1)[0]: o.split(")", 1)[1].strip() for o in conv["options"]}
-        for user, reply in zip(msgs[0::2], msgs[1::2]):
-            value = user["content"].split("?", 1)[0].removeprefix("Which option is ")
-            letter = reply["content"].rsplit("Answer: ", 1)[1]
-            assert value in options[letter]  # every turn's answer holds the asked value
-        assert conv["answer"] == msgs[-1]["content"][-1]
-        assert "A) " in msgs[0]["content"] and "A) " not in msgs[2]["content"]  # options shown once
-    with pytest.raises(ValueError, match="turns"):
-        OptionLookup(source, num_examples=5, turns=0)
+def test_synthetic_option_checks_flag():
     import argparse
-    from nanochat.chat_data import add_data_args
+    from nanochat.chat_data import add_data_args, build_tasks
     parser = argparse.ArgumentParser()
     add_data_args(parser)
-    assert parser.parse_args(["--lookup-turns", "3"]).lookup_turns == 3
-    assert parser.parse_args(["--lookup-style", "model-picks"]).lookup_style == ["model-picks"]
-    assert parser.parse_args([]).lookup_style == ["value-first"]
-    for bad in (["--lookup-turns", "0"], ["--lookup-style", "after"]):
-        with pytest.raises(SystemExit):  # a clear usage error, not a traceback from inside the stage
-            parser.parse_args(bad)
+    targets = {}
+    for flag in ("--synthetic-option-checks", "--no-synthetic-option-checks"):
+        args = parser.parse_args(["--aqua-source", "synthetic", "--synthetic-examples", "5", flag])
+        (task, _), = build_tasks(args, "train", torch.device("cpu"))
+        targets[flag] = task[0]["messages"][1]["content"]
+    checked, plain = targets["--synthetic-option-checks"], targets["--no-synthetic-option-checks"]
+    assert checked.split("\n")[-2].endswith(" yes") and " yes" not in plain and " no\n" not in plain
+    assert parser.parse_args([]).synthetic_option_checks is True
 
 
-def test_option_lookup_styles_and_fewer_options():
-    from nanochat.chat_data import OptionLookup
-    from tasks.synthetic_aqua import SyntheticAqua
-    source = SyntheticAqua("train", num_examples=50)
-    after = OptionLookup(source, num_examples=20, seed=1, style="options-first")
-    picks = OptionLookup(source, num_examples=20, seed=1, style="model-picks", turns=2)
-    before = OptionLookup(source, num_examples=20, seed=1)
-    for a, b in zip(after, before):
-        user = a["messages"][0]["content"]
-        assert user.startswith("A) ") and user.endswith("?")
-        question, opts = b["messages"][0]["content"].split("\n\n", 1)
-        assert user == f"{opts}\n\n{question}" and a["messages"][1] == b["messages"][1]  # same drill, reordered
-    letters = []
-    for conv in picks:
-        options = {o.split(")", 1)[0]: o.split(")", 1)[1].strip() for o in conv["options"]}
-        users = [m["content"] for m in conv["messages"][0::2]]
-        assert users[0].startswith("A) ") and "Pick one" in users[0] and users[1] == "Pick one again."
-        for user, reply in zip(users, [m["content"] for m in conv["messages"][1::2]]):
-            value, letter = reply.removeprefix("The value is ").split(".\nAnswer: ")
-            assert value in options[letter] and value not in user.split("\n\n")[-1]  # only the assistant names it
-            letters.append(letter)
-    assert set(letters) == set("ABCDE")
-    with pytest.raises(ValueError, match="style"):
-        OptionLookup(source, num_examples=5, style="after")
-    counts = set()
-    for conv in OptionLookup(source, num_examples=60, seed=2, min_options=2):
-        shown = conv["messages"][0]["content"].split("\n\n", 1)[1].split("\n")
-        counts.add(len(shown))
-        assert [line[0] for line in shown] == list("ABCDE"[:len(shown)]) == conv["letters"]
-        value = conv["messages"][0]["content"].split("?", 1)[0].removeprefix("Which option is ")
-        assert value in shown["ABCDE".index(conv["answer"])]  # relettered, and still the right option
-    assert counts == {2, 3, 4, 5}
-    with pytest.raises(ValueError, match="min_options"):
-        OptionLookup(source, num_examples=5, min_options=1)
-
-
-def test_lookup_styles_share_the_drill_budget():
-    import argparse
-    from nanochat.chat_data import OptionLookup, add_data_args, build_tasks
-    parser = argparse.ArgumentParser()
-    add_data_args(parser)
-    args = parser.parse_args(["--aqua-source", "synthetic", "--synthetic-examples", "20", "--lookup-examples", "7",
-                              "--lookup-style", "options-first", "model-picks"])
-    drills = [t for t, _ in build_tasks(args, "train", torch.device("cpu")) if isinstance(t, OptionLookup)]
-    assert [(t.style, len(t)) for t in drills] == [("options-first", 4), ("model-picks", 3)]
-    first, second = (t[0]["messages"][0]["content"].split("\n\n")[0] for t in drills)
-    assert first != second  # different drills, not the same ones restyled
-
-
-def test_probe_lookup_runs_and_reinitialises_only_what_it_names(base_dir):
-    from scripts import probe_lookup
+def test_probe_answer_format_runs_both_endings(base_dir):
+    from scripts import probe_answer_format
     make_base(base_dir)
-    curve = probe_lookup.main(["--steps", "3", "--batch-size", "2", "--eval-every", "1", "--eval-drills", "4",
-                               "--letter-only", "--curriculum", "--style", "options-first", "model-picks"])
-    assert [s for s, _, _ in curve] == [0, 1, 2, 3]
-    assert all(0.0 <= acc <= 1.0 and 0.0 <= transfer <= 1.0 for _, acc, transfer in curve)
-    assert probe_lookup.main(["--init", "random", "--steps", "1", "--eval-drills", "4"])[-1][0] == 1
-
-    from nanochat.checkpoint import load_model
-    tok = tiny_tokenizer()
-    for what, changed in (("number-embeddings", {"transformer.wte.weight"}),
-                          ("attention-qk", {f"transformer.h.{i}.attn.{w}.weight" for i in range(2) for w in ("c_q", "c_k")})):
-        model, _, _ = load_model("base", device="cpu")
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        probe_lookup.reinitialise(model, tok, what)
-        after = model.state_dict()
-        assert {k for k in before if not torch.equal(before[k], after[k])} == changed
-        if what == "number-embeddings":
-            digit_rows = {i for i in range(tok.get_vocab_size()) if tok.decode([i]).strip().isdigit()}
-            moved = {i for i in range(tok.get_vocab_size()) if not torch.equal(before["transformer.wte.weight"][i],
-                                                                                after["transformer.wte.weight"][i])}
-            assert moved == digit_rows and len(digit_rows) == 10
+    for ending in ("checks", "value"):
+        curve = probe_answer_format.main(["--ending", ending, "--steps", "2", "--batch-size", "2", "--eval-every", "1",
+                                          "--eval-problems", "3", "--max-tokens", "4"])
+        assert [s for s, _, _ in curve] == [0, 1, 2]
+        # 3 problems: every figure is a count out of 3 (an untrained model gets ~none right)
+        assert all(round(acc * 3, 6) in (0, 1, 2, 3) and round(line * 3, 6) in (0, 1, 2, 3) for _, acc, line in curve)
+    with pytest.raises(SystemExit):
+        probe_answer_format.main(["--ending", "letter"])
 
 
 def test_all_masked_micro_batch_is_finite():

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from tasks.aqua import AQUA_INSTRUCTION, extract_letter, parse_option
-from tasks.synthetic_aqua import FAMILIES, LEVELS, SyntheticAqua, generate, synthetic_texts
+from tasks.synthetic_aqua import FAMILIES, LEVELS, SyntheticAqua, generate, option_checks, synthetic_texts
 
 
 def question_of(conv):
@@ -72,12 +72,35 @@ def test_items_are_well_formed(level):
         assert task.evaluate(c, target) == 1
         wrong = "ABCDE"[("ABCDE".index(c["answer"]) + 1) % 5]
         assert task.evaluate(c, f"Answer: {wrong}") == 0
-        # the rationale's final value picks the right option on its own (checks option/rationale agreement);
+        # the worked steps end with a check of the options, in order, up to the right one
+        k = "ABCDE".index(c["answer"])
+        lines = target.split("\n")
+        worked, checks = lines[:-2 - k], lines[-2 - k:-1]
+        assert [line.rsplit(" ", 1)[1] for line in checks] == ["no"] * k + ["yes"]
+        shown = [line.rsplit(" ", 1)[0].split(") ", 1) for line in checks]
+        assert [letter for letter, _ in shown] == list("ABCDE"[:k + 1])
+        # each option as given, or cut right after its number ("90" of "90 sq cm")
+        assert all(v.startswith(head) and head[-1].isdigit() or head == v for (_, head), v in zip(shown, values))
+        # the steps' final value picks the right option on its own (checks option/rationale agreement);
         # P:R ratio answers are not numbers, so the value fallback does not apply to them
-        rationale = target.rsplit("\n", 1)[0]
-        if not rationale.startswith("P:R"):
-            assert extract_letter(rationale, c["options"]) == c["answer"], (rationale, c["options"])
+        if not worked[0].startswith("P:R"):
+            assert extract_letter("\n".join(worked), c["options"]) == c["answer"], (worked, c["options"])
     assert set(families) == set(FAMILIES)  # all nine families show up at every level
+
+
+def test_option_checks_cut_options_after_their_number_unless_that_makes_them_alike():
+    assert option_checks(["90 sq cm", "$96", "3:4", "2.5 kg", "12"], 2) == ["A) 90 no", "B) $96 no", "C) 3:4 yes"]
+    assert option_checks(["3 kg", "3 km", "4 kg", "5 kg", "6 kg"], 1) == ["A) 3 kg no", "B) 3 km yes"]
+
+
+def test_check_options_false_gives_the_same_item_without_the_checks():
+    for i in range(20):
+        checked, plain = generate("test", i, "mixed"), generate("test", i, "mixed", check_options=False)
+        k = "ABCDE".index(checked["answer"])
+        lines = checked["messages"][1]["content"].split("\n")
+        assert plain["messages"][1]["content"].split("\n") == lines[:-2 - k] + lines[-1:]
+        assert plain["messages"][0] == checked["messages"][0] and plain["answer"] == checked["answer"]
+    assert SyntheticAqua("test", 5, check_options=False)[3] == generate("test", 3, check_options=False)
 
 
 def test_easy_items_are_short():
@@ -88,8 +111,8 @@ def test_easy_items_are_short():
         full.append(len(c["messages"][0]["content"]) + len(target))
     print(f"\neasy: question+target max {max(lengths)} chars, whole prompt+target max {max(full)} "
           f"(mean {sum(full) / len(full):.0f})")
-    assert max(lengths) < 160  # measured ~125
-    assert max(full) < 300  # measured ~250 including options and the instruction
+    assert max(lengths) < 230  # measured ~206 (the option checks add up to five short lines)
+    assert max(full) < 360  # measured ~330 including options and the instruction (~150 tokens at most)
 
 
 def test_task_views_work_on_synthetic():
