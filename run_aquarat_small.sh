@@ -118,7 +118,7 @@ if [ "$PROFILE" = smoke ]; then
           --device-batch-size 4 --total-batch-size 512 --num-iterations 10
           --eval-every 5 --eval-tokens 1024 --sample-every -1 --save-every 5)
     BASE_LOSS=(--source synthetic --device-batch-size 4 --split-tokens 2048 --sample-tokens 8)
-    MID=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16 --lookup-examples 32
+    MID=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
          --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
     SFT=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
          --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
@@ -127,23 +127,20 @@ elif [ "$PROFILE" = cpu ]; then
     # Tiny everything: the offline synthetic AQuA set is the data and the oracle (learnable in minutes).
     # 3-digit chunks: the synthetic corpus then holds its numbers (< 1000) as single tokens (~1700 ids).
     TOK=(--source synthetic --vocab-size 2048 --max-digits 3 --max-chars 2000000)
-    # 2 heads of 64: in our CPU trials the option lookup was learned in some runs with 64-dim heads,
-    # never with 4 heads of 32 (README, "What the CPU profile shows").
+    # 2 heads of 64: the shape of the runs measured in the README ("What the CPU profile shows").
     BASE=(--depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256 --source synthetic
           --device-batch-size 16 --total-batch-size 4096 --num-iterations 300
           --eval-every 100 --sample-every 150 --save-every 100)
     BASE_LOSS=(--source synthetic --device-batch-size 16 --split-tokens 131072)
-    # Mid-training is option-lookup drills (the options block, then "which option is 120?"): the skill a
-    # tiny model learns last, isolated in short conversations. It is learned abruptly, after ~1,000-2,500
-    # steps of drills, hence 3,500. SFT then teaches the worked rationales. (That the drill skill does not
-    # yet carry over to problems is open work: README, "What the CPU profile shows".)
-    MID=(--aqua-source synthetic --synthetic-examples 200 --synthetic-difficulty easy --lookup-examples 112000
-         --lookup-style options-first --max-seq-len 256 --device-batch-size 32 --init-lr-frac 0.3
+    # Mid-training and SFT are easy synthetic problems; their rationales end by checking the options in
+    # order ("B) 12 yes"), which a tiny model learns in a few hundred steps (README, "What the CPU profile
+    # shows"). Mid-training: 32,000 problems = 1,000 steps; SFT: 500 steps over 8,000 of them.
+    MID=(--aqua-source synthetic --synthetic-examples 32000 --synthetic-difficulty easy
+         --max-seq-len 256 --device-batch-size 32 --init-lr-frac 0.3 --eval-every 250 --save-every 250)
+    SFT=(--aqua-source synthetic --synthetic-examples 8000 --synthetic-difficulty easy
+         --max-seq-len 256 --device-batch-size 16 --init-lr-frac 0.3 --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
-    SFT=(--aqua-source synthetic --synthetic-examples 8000 --synthetic-difficulty easy --lookup-examples 4000
-         --lookup-style options-first --max-seq-len 256 --device-batch-size 16 --init-lr-frac 0.3 --warmdown-ratio 0.3
-         --eval-every 250 --save-every 250)
-    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 200 --max-tokens 64)
+    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 200 --max-tokens 128)
 else
     TOK=(--source fineweb --vocab-size 65536 --max-chars 2000000000)
     BASE=(--depth "$DEPTH" --source fineweb --device-batch-size 32)
