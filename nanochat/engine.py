@@ -1,7 +1,9 @@
 """Batched sampling with the KV cache.
 
-One prompt is prefilled once (batch 1), the cache is expanded to N rows, and the N samples are
-decoded together one token per step. This is what chat_eval (pass@k), chat_cli and RL rollouts use.
+`generate_multi` samples N continuations of each of P prompts in one batch of P x N rows: the P
+prompts (of any lengths) are prefilled together, right-aligned with left padding (KVCache.pad), the
+cache is expanded to N rows per prompt, and all rows decode together one token per step. RL rollouts
+use it; `generate_batch` is the one-prompt case (chat_eval's pass@k, chat_cli, samples).
 
 What a GenerationResult holds, per sample (row):
 - sequences[i]: the generated token ids only (the prompt is not repeated). When the row stopped on
@@ -17,10 +19,12 @@ What a GenerationResult holds, per sample (row):
   comparable (ratio = exp(new - old)). Note that with temperature 0 (greedy) or top-k/top-p the
   token was drawn from a *different* distribution than these log-probs describe.
 
-Randomness: every row has its own torch.Generator seeded from (seed, row index), and every row
-draws a fresh uniform vector each step whether it is still running or not. So row i's tokens depend
-only on (model, prompt, seed, i, sampling settings): not on num_samples and not on when other rows
-stop. Running with num_samples=2 reproduces the first two rows of a num_samples=8 run.
+Randomness: sample i of a prompt with seed s has its own torch.Generator seeded from row_seed(s, i),
+and every row draws a fresh uniform vector each step whether it is still running or not. So its
+tokens depend only on (model, prompt, s, i, sampling settings): not on num_samples, not on the other
+prompts in the batch and not on when other rows stop. Running with num_samples=2 reproduces the first
+two rows of a num_samples=8 run, and a prompt sampled inside a batch of 8 prompts gives the same tokens
+as that prompt alone (up to float round-off in the logits, which only matters at exact ties).
 Sampling uses the Gumbel-max trick (argmax of logits/T + Gumbel noise), which draws exactly from
 softmax(logits/T).
 """
@@ -32,7 +36,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import KVCache
 
 
 @dataclass
@@ -66,6 +69,30 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return logits
 
 
+def sample_next(logits: torch.Tensor, gens: list, temperature: float, top_k: int | None,
+                top_p: float | None) -> torch.Tensor:
+    """Next ids (N,) from float logits (N, V), one generator per row. Each row draws its uniform
+    vector even when greedy, so a row's random stream does not depend on the decoding mode."""
+    noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=logits.device) for g in gens])
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    scaled = filter_logits(logits, temperature, top_k, top_p)
+    # Gumbel-max: argmax(logits / T + Gumbel noise) is an exact draw from softmax(logits / T)
+    gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
+    return torch.argmax(scaled + gumbel, dim=-1)
+
+
+def row_generators(seeds: list[int], num_samples: int, device) -> list[torch.Generator]:
+    """Generators of the rows of a P x num_samples batch, prompt-major (row p * num_samples + i)."""
+    gens = []
+    for seed in seeds:
+        for i in range(num_samples):
+            g = torch.Generator(device=device)
+            g.manual_seed(row_seed(seed, i))
+            gens.append(g)
+    return gens
+
+
 class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
@@ -75,13 +102,11 @@ class Engine:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _new_cache(self, batch_size: int, seq_len: int) -> KVCache:
-        # the model builds it: its kv-head layout, its device, its compute dtype (bf16 on modern GPUs)
-        return self.model.new_kv_cache(batch_size, seq_len)
-
-    def _check_args(self, tokens, num_samples, max_tokens, temperature, top_k, top_p):
-        if not tokens:
-            raise ValueError("generate: the prompt is empty (it must at least contain <|bos|>)")
+    def _check_args(self, prompts, num_samples, max_tokens, temperature, top_k, top_p):
+        if not prompts:
+            raise ValueError("generate: no prompts given")
+        if any(not tokens for tokens in prompts):
+            raise ValueError("generate: a prompt is empty (it must at least contain <|bos|>)")
         if num_samples < 1:
             raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
         if max_tokens < 0:
@@ -94,54 +119,54 @@ class Engine:
             raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p}")
         # the rotary table reaches past the training context (quality there is the model's problem)
         limit = getattr(self.model, "rotary_seq_len", self.model.config.sequence_len)
-        if len(tokens) + max_tokens > limit:
-            raise ValueError(f"generate: prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+        longest = max(len(tokens) for tokens in prompts)
+        if longest + max_tokens > limit:
+            raise ValueError(f"generate: prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"model's position limit {limit}; shorten the prompt or lower max_tokens")
 
     @torch.inference_mode()
-    def _steps(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
-        """Yield (next_ids LongTensor (N,), logprobs FloatTensor (N,)) once per decoding step."""
+    def _steps(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p):
+        """Yield (next_ids LongTensor (P*N,), logprobs FloatTensor (P*N,)) once per decoding step."""
         device = self._device()
-        n = num_samples
-        gens = []
-        for i in range(n):
-            g = torch.Generator(device=device)
-            g.manual_seed(row_seed(seed, i))
-            gens.append(g)
-        # prefill once with batch 1, then share the prompt's keys/values across the N rows
-        cache = self._new_cache(1, len(tokens) + max_tokens)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        gens = row_generators(seeds, num_samples, device)
+        longest = max(len(tokens) for tokens in prompts)
+        # Prefill the P prompts once, right-aligned (left padding), then share each prompt's keys and
+        # values across its N rows. The pad token's value does not matter: no query ever sees it.
+        cache = self.model.new_kv_cache(len(prompts), longest + max_tokens)
+        pads = [longest - len(tokens) for tokens in prompts]
+        if any(pads):
+            cache.pad = torch.tensor(pads, dtype=torch.long, device=device)
+        bos = self.tokenizer.get_bos_token_id()
+        ids = torch.tensor([[bos] * pad + tokens for pad, tokens in zip(pads, prompts)], device=device)
         logits = self.model(ids, kv_cache=cache)[:, -1, :]
-        cache = cache.repeat_batch(n) if n > 1 else cache
-        logits = logits.expand(n, -1)
+        if num_samples > 1:
+            cache = cache.repeat_batch(num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)
         for step in range(max_tokens):
             logits = logits.float()
-            logp = F.log_softmax(logits, dim=-1)
-            # one uniform vector per row per step, whatever the other rows do (row independence)
-            noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=device) for g in gens])
-            if temperature == 0.0:
-                next_ids = torch.argmax(logits, dim=-1)
-            else:
-                scaled = filter_logits(logits, temperature, top_k, top_p)
-                gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
-                next_ids = torch.argmax(scaled + gumbel, dim=-1)
-            yield next_ids, logp.gather(1, next_ids[:, None]).squeeze(1)
+            next_ids = sample_next(logits, gens, temperature, top_k, top_p)
+            yield next_ids, F.log_softmax(logits, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
             if step + 1 < max_tokens:
                 logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1, :]
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+    def generate_multi(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                       seed: int = 42) -> GenerationResult:
-        """Sample num_samples continuations of one prompt (see the module docstring for the result)."""
-        self._check_args(tokens, num_samples, max_tokens, temperature, top_k, top_p)
+                       seeds: list[int] | None = None) -> list[GenerationResult]:
+        """num_samples continuations of each prompt, all decoded in one batch; one result per prompt.
+        seeds[p] seeds prompt p's rows (default: 42 for every prompt)."""
+        seeds = list(seeds) if seeds is not None else [42] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        self._check_args(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         was_training = self.model.training
         self.model.eval()
-        n = num_samples
+        n = len(prompts) * num_samples
         seqs = [[] for _ in range(n)]
         lps = [[] for _ in range(n)]
         done = [False] * n
         try:
-            for next_ids, logprobs in self._steps(tokens, n, max_tokens, temperature, top_k, top_p, seed):
+            steps = self._steps(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p)
+            for next_ids, logprobs in steps:
                 ids_list, lp_list = next_ids.tolist(), logprobs.tolist()
                 for i in range(n):
                     if done[i]:
@@ -154,17 +179,29 @@ class Engine:
                     break
         finally:
             self.model.train(was_training)
-        return GenerationResult(sequences=seqs, masks=[[1] * len(s) for s in seqs], logprobs=lps,
-                                finished=done, prompt_len=len(tokens))
+        results = []
+        for p, tokens in enumerate(prompts):
+            rows = range(p * num_samples, (p + 1) * num_samples)
+            results.append(GenerationResult(
+                sequences=[seqs[i] for i in rows], masks=[[1] * len(seqs[i]) for i in rows],
+                logprobs=[lps[i] for i in rows], finished=[done[i] for i in rows], prompt_len=len(tokens)))
+        return results
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
+                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int = 42) -> GenerationResult:
+        """Sample num_samples continuations of one prompt (see the module docstring for the result)."""
+        return self.generate_multi([tokens], num_samples, max_tokens, temperature, top_k, top_p,
+                                   seeds=[seed])[0]
 
     def stream(self, tokens: list[int], max_tokens: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 42):
         """Yield the token ids of one sample as they are decoded (for the CLI); stops after a stop token."""
-        self._check_args(tokens, 1, max_tokens, temperature, top_k, top_p)
+        self._check_args([tokens], 1, max_tokens, temperature, top_k, top_p)
         was_training = self.model.training
         self.model.eval()
         try:
-            for next_ids, _ in self._steps(tokens, 1, max_tokens, temperature, top_k, top_p, seed):
+            for next_ids, _ in self._steps([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
                 tok = int(next_ids[0])
                 yield tok
                 if tok in self.stop_tokens:
@@ -184,22 +221,12 @@ def generate_nocache(model, tokens: list[int], num_samples: int = 1, max_tokens:
     """
     device = next(model.parameters()).device
     stop_tokens = stop_tokens or set()
-    gens = []
-    for i in range(num_samples):
-        g = torch.Generator(device=device)
-        g.manual_seed(row_seed(seed, i))
-        gens.append(g)
+    gens = row_generators([seed], num_samples, device)
     ids = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
     out = [[] for _ in range(num_samples)]
     done = [False] * num_samples
     for _ in range(max_tokens):
-        logits = model(ids)[:, -1, :].float()
-        noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=device) for g in gens])
-        if temperature == 0.0:
-            next_ids = torch.argmax(logits, dim=-1)
-        else:
-            scaled = filter_logits(logits, temperature, top_k, top_p)
-            next_ids = torch.argmax(scaled - torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7))), dim=-1)
+        next_ids = sample_next(model(ids)[:, -1, :].float(), gens, temperature, top_k, top_p)
         for i, t in enumerate(next_ids.tolist()):
             if not done[i]:
                 out[i].append(t)

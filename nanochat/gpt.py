@@ -84,7 +84,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (1, T, 1, D/2)."""
+    """Rotate pairs (first half, second half) of the head dimension. x: (B, T, H, D); cos/sin: (1 or B, T, 1, D/2)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
@@ -107,6 +107,11 @@ class KVCache:
         ... sample next ids (n,) from logits.expand(n, -1) ...
         logits = model(next_ids[:, None], kv_cache=cache)[:, -1]         # one decode step: (n, V)
     Prefilling several tokens onto a non-empty cache is fine too (the causal mask is offset by get_pos()).
+
+    Prompts of different lengths in one batch (RL rollouts): `pad` holds, per row, how many slots at the
+    start are left padding. Prompts are right-aligned so every row writes its next token into the same
+    slot; row b's token in slot s sits at position s - pad[b], and no query ever attends to a pad slot.
+    GPT.forward turns `pad` into per-row rotary positions and an attention mask (attention_mask below).
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, seq_len: int, head_dim: int, num_layers: int,
@@ -116,9 +121,7 @@ class KVCache:
         self.device, self.dtype = torch.device(device), dtype
         self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, device=device, dtype=dtype)
         self.pos = 0
-
-    def reset(self) -> None:
-        self.pos = 0
+        self.pad: torch.Tensor | None = None  # (batch_size,) left-pad slots per row; None = no padding
 
     def get_pos(self) -> int:
         return self.pos
@@ -144,7 +147,21 @@ class KVCache:
         new.__dict__.update(self.__dict__)
         new.batch_size = self.batch_size * n
         new.kv = self.kv.repeat_interleave(n, dim=2).contiguous()
+        if self.pad is not None:
+            new.pad = self.pad.repeat_interleave(n)
         return new
+
+
+def attention_mask(pad: torch.Tensor, pos: int, T: int) -> torch.Tensor:
+    """Boolean (B, 1, T, pos + T) mask for left-padded rows, True = may attend.
+
+    Query i of row b (slot pos + i) sees the slots pad[b] .. pos + i. A query that is itself a pad slot
+    sees only itself: a row of all -inf would give NaN, and the NaN would leak into later layers
+    through that slot's keys and values (0 * NaN is NaN), even though no real query reads them."""
+    q = torch.arange(pos, pos + T, device=pad.device)[:, None]
+    k = torch.arange(pos + T, device=pad.device)[None, :]
+    visible = (k <= q)[None] & (k[None] >= pad[:, None, None])
+    return (visible | (k == q)[None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,7 +181,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
 
-    def forward(self, x, cos_sin, kv_cache: KVCache | None = None, attn_capture: list | None = None):
+    def forward(self, x, cos_sin, kv_cache: KVCache | None = None, attn_capture: list | None = None,
+                attn_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -180,8 +198,11 @@ class CausalSelfAttention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         Tq, Tk = q.size(2), k.size(2)
         # Query i sits at absolute position pos + i and may see keys 0..pos + i.
+        gqa = self.n_kv_head != self.n_head
         if attn_capture is not None:
-            y = self._explicit_attention(q, k, v, pos, attn_capture)
+            y = self._explicit_attention(q, k, v, pos, attn_capture, attn_mask)
+        elif attn_mask is not None:  # left-padded rows (see KVCache)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif Tq == Tk:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
         elif Tq == 1:
@@ -192,18 +213,41 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
-    def _explicit_attention(self, q, k, v, pos, attn_capture):
-        """softmax(QK^T / sqrt(d)) V in fp32, appending the probabilities [B, n_head, Tq, Tk]."""
+    def _explicit_attention(self, q, k, v, pos, attn_capture, attn_mask=None):
+        """softmax(QK^T / sqrt(d)) V in fp32, handing the probabilities [B, n_head, Tq, Tk] to
+        attn_capture.append (a list keeps them; AttentionEntropy reduces them on the spot)."""
         rep = self.n_head // self.n_kv_head
         if rep > 1:  # same head grouping as SDPA's enable_gqa: query head h uses kv head h // rep
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 even inside bf16 autocast
             scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
-            mask = causal_mask(q.size(2), k.size(2), pos, q.device)
+            mask = attn_mask if attn_mask is not None else causal_mask(q.size(2), k.size(2), pos, q.device)
             probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
             y = probs @ v.float()
         attn_capture.append(probs)
         return y.to(v.dtype)
+
+
+class AttentionEntropy:
+    """An attn_capture that keeps, per layer, only the entropy of each head's attention distribution.
+
+    Each layer's probabilities are reduced to entropies (nats) as soon as the layer has them, so at most
+    one layer's matrix is alive at a time. `keep_probs=True` also keeps the probabilities of batch row 0
+    (one (n_head, Tq, Tk) tensor per layer) for a heatmap."""
+
+    def __init__(self, keep_probs: bool = False):
+        self.entropy: list[torch.Tensor] = []  # per layer: (B, n_head, Tq)
+        self.probs: list[torch.Tensor] = []
+        self.keep_probs = keep_probs
+
+    def append(self, probs: torch.Tensor) -> None:
+        self.entropy.append(torch.special.entr(probs).sum(-1))  # entr(0) = 0: masked keys add nothing
+        if self.keep_probs:
+            self.probs.append(probs[0].detach().cpu())
+
+    def per_layer(self) -> list[float]:
+        """Mean entropy of each layer over batch rows, heads and query positions."""
+        return [e.mean().item() for e in self.entropy]
 
 
 def causal_mask(Tq: int, Tk: int, pos: int, device) -> torch.Tensor:
@@ -229,8 +273,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None):
-        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture)
+    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture, attn_mask)
         x = x + self.mlp(norm(x))
         return x
 
@@ -318,18 +362,27 @@ class GPT(nn.Module):
         positions). If every target is -1 the "mean" loss is an exact 0 that still has a graph (backward
         gives zero grads, never NaN). Without targets: float32 logits (B, T, vocab_size).
         kv_cache: tokens are placed after the cache's current position (prefill or decode).
-        attn_capture: a list -> the explicit attention path runs and appends one float32 tensor of
-        attention probabilities [B, n_head, Tq, Tk] per layer (Tk includes cached tokens)."""
+        attn_capture: a list (or AttentionEntropy) -> the explicit attention path runs and appends one
+        float32 tensor of attention probabilities [B, n_head, Tq, Tk] per layer (Tk includes cached
+        tokens). Without it the fused SDPA kernels run and no probabilities are ever materialised."""
         B, T = idx.shape
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         if pos + T > self.cos.size(1):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
-        cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        pad = kv_cache.pad if kv_cache is not None else None
+        attn_mask = None
+        if pad is None:
+            cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        else:
+            # left-padded rows: row b's slot s holds position s - pad[b] (pad slots clamp to 0, unseen)
+            positions = (torch.arange(pos, pos + T, device=idx.device)[None, :] - pad[:, None]).clamp(min=0)
+            cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+            attn_mask = attention_mask(pad, pos, T)
         dtype = self.get_compute_dtype(idx.device)
         with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = norm(self.transformer.wte(idx))
             for block in self.transformer.h:
-                x = block(x, cos_sin, kv_cache, attn_capture)
+                x = block(x, cos_sin, kv_cache, attn_capture, attn_mask)
             x = norm(x)
             logits = self.lm_head(x)
         logits = logits.float()
