@@ -35,17 +35,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import shutil
-import time
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, restore_rng_state,
-                                 save_checkpoint, save_rng_state)
-from nanochat.common import (autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, peak_flops,
-                             print0, seed_everything, synchronize)
+from nanochat.checkpoint import checkpoint_dir
+from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, peak_flops, print0, seed_everything
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth, maybe_compile
@@ -54,6 +50,7 @@ from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.training import StepTimer, save, set_lr, start_or_resume
 
 STAGE = "base"
 SAMPLE_PROMPTS = [
@@ -193,43 +190,24 @@ def main(argv=None) -> None:
 
     # ---- checkpoint: fresh start or resume
     ckpt_dir = checkpoint_dir(STAGE, tag)
-    if args.fresh:
-        if rank == 0 and ckpt_dir.exists():
-            print0(f"--fresh: deleting {ckpt_dir}")
-            shutil.rmtree(ckpt_dir)
-        if info.is_ddp:
-            dist.barrier()
-    last_step = None if args.fresh else find_last_step(ckpt_dir)
-    if last_step is None and args.resume == "require":
-        raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     # Running figures that survive a resume (kept in the checkpoint's meta.json).
     stats = {"smooth_loss": 0.0, "smooth_count": 0, "train_time": 0.0, "timed_steps": 0, "train_loss": None,
              "val_bpb": None, "min_val_bpb": None}
-    start_step, loader_states, resumed_meta = 0, [None] * grad_accum, None
-    if last_step is not None:
-        model_state, optim_states, meta = load_checkpoint(ckpt_dir, step=last_step, device=device,
-                                                          load_optimizer=True, rank=rank)
-        if meta.get("model_config") != asdict(config):
-            raise SystemExit(f"{ckpt_dir} holds a model with config {meta.get('model_config')}, but these flags give "
-                             f"{asdict(config)}. Use --fresh to overwrite it, or a different --tag.")
-        if meta.get("world_size") != world_size or meta.get("grad_accum") != grad_accum:
-            raise SystemExit(f"{ckpt_dir} step {last_step} was written by {meta.get('world_size')} process(es) x "
-                             f"{meta.get('grad_accum')} micro-steps; now {world_size} x {grad_accum}. Resume with the "
-                             f"same --nproc_per_node and batch flags, or start over with --fresh.")
-        model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
-        rank_state = meta["rank_state"][rank]
-        loader_states = rank_state["loaders"]
-        restore_rng_state(rank_state["rng"])
-        stats.update(meta.get("stats", {}))
-        start_step, resumed_meta = last_step, meta
-        print0(f"Resuming {ckpt_dir} from step {last_step}")
+    start_step, resumed_meta, rank_state = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh,
+                                                           args.resume)
+    loader_states = rank_state["loaders"] if rank_state else [None] * grad_accum
+    if resumed_meta is not None:
+        if resumed_meta.get("world_size") != world_size or resumed_meta.get("grad_accum") != grad_accum:
+            raise SystemExit(f"{ckpt_dir} step {start_step} was written by {resumed_meta.get('world_size')} "
+                             f"process(es) x {resumed_meta.get('grad_accum')} micro-steps; now {world_size} x "
+                             f"{grad_accum}. Resume with the same --nproc_per_node and batch flags, or start over "
+                             f"with --fresh.")
+        stats.update(resumed_meta.get("stats", {}))
         harmless = {"eval_every", "eval_tokens", "sample_every", "sample_tokens", "log_every", "save_every",
                     "keep_last", "resume", "fresh", "run", "no_wandb"}
-        old_args = meta.get("args", {})
+        old_args = resumed_meta.get("args", {})
         changed = {k: (old_args[k], v) for k, v in vars(args).items()
                    if k in old_args and k not in harmless and old_args[k] != v}
         if changed:
@@ -279,6 +257,7 @@ def main(argv=None) -> None:
     # ---- training loop: `step` = optimizer steps taken so far
     samples, ema_beta = [], 0.9
     step = start_step
+    timer = StepTimer(device, start_step, num_iterations, stats["train_time"], stats["timed_steps"])
     while True:
         last = step == num_iterations
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -296,8 +275,7 @@ def main(argv=None) -> None:
         if last:
             break
 
-        synchronize(device)
-        t0 = time.time()
+        timer.start()
         loss_sum = torch.zeros((), device=device)
         for loader in loaders:
             x, y = loader.next_batch()
@@ -307,21 +285,14 @@ def main(argv=None) -> None:
         grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         momentum = muon_momentum(step, args.momentum_warmup_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if "momentum" in group:  # Muon groups
-                    group["momentum"] = momentum
+        set_lr(optimizers, lrm, momentum)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        timer.stop()
+        dt = timer.last
         step += 1
-
-        if step > start_step + 1 or num_iterations - start_step == 1:  # the first step pays compile/warmup
-            stats["train_time"] += dt
-            stats["timed_steps"] += 1
+        stats["train_time"], stats["timed_steps"] = timer.total, timer.count
         if step % args.log_every == 0 or step == num_iterations:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
@@ -347,9 +318,8 @@ def main(argv=None) -> None:
             meta = {"model_config": asdict(config), "stage": STAGE, "tag": tag, "num_iterations": num_iterations,
                     "grad_accum": grad_accum, "total_batch_size": total_batch_size,
                     "device_batch_size": args.device_batch_size, "stats": stats, "args": vars(args)}
-            save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                            rank=rank, keep_last=args.keep_last,
-                            rank_state={"loaders": [l.state_dict() for l in loaders], "rng": save_rng_state()})
+            save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last,
+                 {"loaders": [loader.state_dict() for loader in loaders]})
 
     # ---- wrap up (figures accumulate over resumes)
     train_time, timed_steps = stats["train_time"], stats["timed_steps"]

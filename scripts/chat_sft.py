@@ -25,8 +25,6 @@ Report section: <base>/report/<stage>.md.
 from __future__ import annotations
 
 import argparse
-import shutil
-import time
 from dataclasses import asdict
 
 import torch
@@ -35,14 +33,13 @@ import torch.nn.functional as F
 
 from nanochat.chat_data import (ConversationLoader, add_data_args, answer_letter_ids, build_mixture, iter_eval_batches,
                                 letter_hits, resolve_aqua_source)
-from nanochat.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, load_model, restore_rng_state,
-                                 save_checkpoint, save_rng_state)
-from nanochat.common import (autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0,
-                             seed_everything, synchronize)
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model
+from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0, seed_everything
 from nanochat.gpt import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.training import StepTimer, save, set_lr, start_or_resume
 
 # Per-stage defaults: mid-training is the longer, higher-lr pass right after pretraining; SFT a gentle
 # final pass. Everything is a flag.
@@ -115,8 +112,6 @@ def lr_multiplier(step: int, num_iterations: int, warmdown_ratio: float) -> floa
 
 def main(argv=None, stage: str = "sft") -> dict:
     args = build_parser(stage).parse_args(argv)
-    if args.fresh and args.resume == "require":
-        raise SystemExit("--fresh and --resume require contradict each other")
     info = init_distributed()
     device, rank, world_size = info.device, info.rank, info.world_size
     base_dir = get_base_dir()
@@ -157,37 +152,16 @@ def main(argv=None, stage: str = "sft") -> dict:
 
     # ---- checkpoint: fresh start or resume
     ckpt_dir = checkpoint_dir(stage, tag)
-    if args.fresh:
-        if rank == 0 and ckpt_dir.exists():
-            print0(f"--fresh: deleting {ckpt_dir}")
-            shutil.rmtree(ckpt_dir)
-        if info.is_ddp:
-            dist.barrier()
-    last_step = None if args.fresh else find_last_step(ckpt_dir)
-    if last_step is None and args.resume == "require":
-        raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    start_step, loader_state = 0, None
-    if last_step is not None:
-        model_state, optim_states, meta = load_checkpoint(ckpt_dir, step=last_step, device=device,
-                                                          load_optimizer=True, rank=rank)
-        if meta.get("model_config") != asdict(config):
-            raise SystemExit(f"{ckpt_dir} holds a model with config {meta.get('model_config')}, the source has "
-                             f"{asdict(config)}. Use --fresh to overwrite it, or another --tag.")
-        if meta.get("num_iterations") != num_iterations or meta.get("per_step") != per_step:
-            raise SystemExit(f"{ckpt_dir} step {last_step} belongs to a run of {meta.get('num_iterations')} steps x "
-                             f"{meta.get('per_step')} conversations; these flags give {num_iterations} x {per_step}. "
-                             f"Keep the flags (and process count) to resume, or use --fresh / another --tag.")
-        model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
-        rank_state = meta["rank_state"][rank]
-        loader_state = rank_state["loader"]
-        restore_rng_state(rank_state["rng"])
-        start_step = last_step
-        print0(f"Resuming {ckpt_dir} from step {last_step}")
-    else:
+    start_step, resumed, rank_state = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh, args.resume)
+    if resumed is not None and (resumed.get("num_iterations") != num_iterations
+                                or resumed.get("per_step") != per_step):
+        raise SystemExit(f"{ckpt_dir} step {start_step} belongs to a run of {resumed.get('num_iterations')} steps "
+                         f"x {resumed.get('per_step')} conversations; these flags give {num_iterations} x "
+                         f"{per_step}. Keep the flags (and process count) to resume, or use --fresh / another --tag.")
+    loader_state = rank_state["loader"] if rank_state else None
+    if resumed is None:
         seed_everything(args.seed)
     train_model = maybe_compile(model, device)
     compiled = train_model is not model
@@ -239,7 +213,8 @@ def main(argv=None, stage: str = "sft") -> dict:
 
     # ---- training loop (step = optimizer steps already taken)
     val_loss, first_val, min_val, letter_acc = None, None, float("inf"), {}
-    last_loss, train_time, timed_steps, trained_tokens_total = float("nan"), 0.0, 0, 0
+    last_loss, trained_tokens_total = float("nan"), 0
+    timer = StepTimer(device, start_step, num_iterations)
     step = start_step
     model.train()
     while True:
@@ -256,8 +231,7 @@ def main(argv=None, stage: str = "sft") -> dict:
         if last:
             break
 
-        synchronize(device)
-        t0 = time.time()
+        timer.start()
         micro = loader.next_step()
         # the step's trained-token count over every micro-batch and rank: the loss denominator
         counts = torch.tensor([float(sum(int((y != -1).sum()) for _, y in micro)),
@@ -273,19 +247,14 @@ def main(argv=None, stage: str = "sft") -> dict:
             (loss * (world_size / n_target)).backward()
         grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
         lrm = lr_multiplier(step, num_iterations, args.warmdown_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * args.init_lr_frac * lrm
+        set_lr(optimizers, args.init_lr_frac * lrm)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.time() - t0
+        timer.stop()
+        dt = timer.last
         step += 1
         trained_tokens_total += int(counts[0].item())
-        if step > start_step + 1 or num_iterations - start_step == 1:  # the first step pays warm-up/compile
-            train_time += dt
-            timed_steps += 1
 
         if step % args.log_every == 0 or step == num_iterations:
             if info.is_ddp:
@@ -306,15 +275,13 @@ def main(argv=None, stage: str = "sft") -> dict:
                     "per_step": per_step, "source_stage": source_stage, "source_tag": src_meta.get("tag"),
                     "source_step": src_meta.get("step"), "train_loss": last_loss, "val_loss": val_loss,
                     "args": vars(args)}
-            save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                            rank=rank, keep_last=args.keep_last,
-                            rank_state={"loader": loader.state_dict(), "rng": save_rng_state()})
+            save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last, {"loader": loader.state_dict()})
 
     # ---- wrap up
     summary = {"final/train_loss": last_loss, "final/val_loss": val_loss,
                **{f"final/letter_acc/{k}": v for k, v in letter_acc.items()},
                "final/min_val_loss": min_val if min_val < float("inf") else None, "final/steps": num_iterations,
-               "final/train_time_s": train_time}
+               "final/train_time_s": timer.total}
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
@@ -336,7 +303,7 @@ def main(argv=None, stage: str = "sft") -> dict:
             f"{fmt(summary['final/min_val_loss'])}",
             "- teacher-forced answer-letter accuracy (val, gold rationale given; chance 0.2): "
             + (", ".join(f"{k} {v:.3f}" for k, v in letter_acc.items()) or "n/a"),
-            f"- training time: {train_time / 60:.1f} min on {world_size} x {device.type}",
+            f"- training time: {timer.total / 60:.1f} min on {world_size} x {device.type}",
         ]
         write_section(base_dir, stage, "\n".join(lines))
     cleanup_distributed()

@@ -1,0 +1,91 @@
+"""The training-loop plumbing every training stage shares (base_train, chat_sft/mid_train, chat_rl).
+
+- `start_or_resume`: --fresh deletes the stage's checkpoints, otherwise the newest complete one (if any)
+  is loaded into the model and optimizers, its model config checked, and this rank's RNG restored.
+- `set_lr`: the schedule's multiplier applied to every param group's initial lr (and Muon's momentum).
+- `save`: a checkpoint of model, optimizers and meta, with this rank's RNG state added to its state.
+- `StepTimer`: wall time of the optimizer steps, the first step of each session left out (it pays
+  for warm-up and torch.compile), so throughput figures survive a resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+
+import torch.distributed as dist
+
+from nanochat.checkpoint import (find_last_step, load_checkpoint, restore_rng_state, save_checkpoint,
+                                 save_rng_state)
+from nanochat.common import print0, synchronize
+
+
+def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str):
+    """-> (start step, meta of the resumed checkpoint or None, this rank's saved state or None).
+
+    fresh: delete ckpt_dir first. resume "require": fail when there is nothing to resume. A checkpoint
+    holding a model of another shape is refused (the flags changed: --fresh or another --tag)."""
+    if fresh and resume == "require":
+        raise SystemExit("--fresh and --resume require contradict each other")
+    if fresh:
+        if info.rank == 0 and ckpt_dir.exists():
+            print0(f"--fresh: deleting {ckpt_dir}")
+            shutil.rmtree(ckpt_dir)
+        if info.is_ddp:
+            dist.barrier()
+    last_step = None if fresh else find_last_step(ckpt_dir)
+    if last_step is None:
+        if resume == "require":
+            raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
+        return 0, None, None
+    model_state, optim_states, meta = load_checkpoint(ckpt_dir, step=last_step, device=info.device,
+                                                      load_optimizer=True, rank=info.rank)
+    if meta.get("model_config") != asdict(model.config):
+        raise SystemExit(f"{ckpt_dir} holds a model with config {meta.get('model_config')}, but this run "
+                         f"has {asdict(model.config)}. Use --fresh to overwrite it, or another --tag.")
+    model.load_state_dict(model_state, strict=True)
+    for opt, state in zip(optimizers, optim_states):
+        opt.load_state_dict(state)
+    rank_state = meta["rank_state"][info.rank]
+    restore_rng_state(rank_state["rng"])
+    print0(f"Resuming {ckpt_dir} from step {last_step}")
+    return last_step, meta, rank_state
+
+
+def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+            if momentum is not None and "momentum" in group:  # Muon groups
+                group["momentum"] = momentum
+
+
+def save(ckpt_dir, step: int, model, optimizers, meta: dict, rank: int, keep_last: int,
+         rank_state: dict) -> None:
+    """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here."""
+    save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                    rank=rank, keep_last=keep_last, rank_state={**rank_state, "rng": save_rng_state()})
+
+
+class StepTimer:
+    """timer.start(); ...one optimizer step...; timer.stop() -> timer.last (s); total/count over the
+    timed steps."""
+
+    def __init__(self, device, start_step: int, num_iterations: int, total: float = 0.0, count: int = 0):
+        self.device, self.total, self.count, self.last = device, total, count, 0.0
+        self.first = start_step + 1
+        self.only_one = num_iterations - start_step == 1  # then time it anyway: there is nothing else
+        self.step = start_step
+
+    def start(self) -> None:
+        synchronize(self.device)  # queued GPU work would otherwise land in the wrong step
+        self._t0 = time.time()
+
+    def stop(self) -> None:
+        synchronize(self.device)
+        self.last = time.time() - self._t0
+        self.step += 1
+        if self.step > self.first or self.only_one:
+            self.total += self.last
+            self.count += 1
