@@ -4,6 +4,9 @@ Each `log(metrics, step)` call writes one JSON object to `<base>/runs/<run>/<sta
 W&B is usable, the same metrics to W&B. W&B follows its own variables (WANDB_MODE, WANDB_PROJECT,
 WANDB_ENTITY, WANDB_API_KEY); with no key and no mode it runs offline and says how to sync later.
 Only rank 0 logs; other ranks get a tracker that does nothing.
+
+Media: a metric value may be an `Image` (a PNG on disk: W&B gets a wandb.Image, the JSON line the
+path) or a `Histogram` (W&B gets a wandb.Histogram, the JSON line count/mean/min/max and the bins).
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from nanochat.common import get_base_dir, get_rank
 
@@ -29,7 +35,45 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
                         help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)")
 
 
+@dataclass
+class Image:
+    path: str | Path
+    caption: str | None = None
+
+
+@dataclass
+class Histogram:
+    values: object  # anything np.asarray takes: a list, a numpy array, a CPU tensor
+    bins: int = 20
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = np.asarray(self.values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        counts, edges = np.histogram(values, bins=self.bins) if values.size else (np.zeros(0), np.zeros(0))
+        return values, counts, edges
+
+    def summary(self) -> dict:
+        values, counts, edges = self.numpy()
+        if not values.size:
+            return {"count": 0}
+        return {"count": int(values.size), "mean": float(values.mean()), "min": float(values.min()),
+                "max": float(values.max()), "counts": counts.tolist(), "edges": edges.tolist()}
+
+
+def _to_wandb(value):
+    import wandb
+
+    if isinstance(value, Image):
+        return wandb.Image(str(value.path), caption=value.caption)
+    _, counts, edges = value.numpy()
+    return wandb.Histogram(np_histogram=(counts, edges)) if counts.size else None
+
+
 def _jsonable(value):
+    if isinstance(value, Image):
+        return str(value.path)
+    if isinstance(value, Histogram):
+        return value.summary()
     if hasattr(value, "item"):  # torch / numpy scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -97,7 +141,11 @@ class Tracker:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         self._write({"step": int(step), **clean})
         if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in clean.items() if not isinstance(v, str)}, step=int(step))
+            out = {k: v for k, v in clean.items() if not isinstance(v, (str, dict))}
+            for k, v in metrics.items():
+                if isinstance(v, (Image, Histogram)) and (media := _to_wandb(v)) is not None:
+                    out[k] = media
+            self._wandb_run.log(out, step=int(step))
 
     def summary(self, metrics: dict) -> None:
         if not self.active:

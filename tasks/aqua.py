@@ -288,6 +288,21 @@ def _close(a: float, b: float) -> bool:
 _MARKUP = re.compile(r"\\(?:boxed|text|textbf|mathrm)\{\s*([^{}]*?)\s*\}")
 
 
+def _strip_markup(completion: str) -> str:
+    """Drop the markup models like to wrap answers in: **C**, $C$, \\boxed{C}, \\text{C}."""
+    for _ in range(3):  # nested: \\boxed{\\text{C}}
+        completion = _MARKUP.sub(r"\1", completion)
+    completion = completion.replace("**", "")
+    return re.sub(r"\$\(?([A-E])\)?\$", r"\1", completion)
+
+
+def answer_letters(completion: str) -> list[str]:
+    """The letters of every explicit answer statement in the completion, in order of position."""
+    if not completion:
+        return []
+    return [letter for _, _, letter in find_answer_statements(_strip_markup(completion))]
+
+
 def extract_letter(completion: str, options: list[str] | None = None) -> str | None:
     """The answer letter (A-E) a completion commits to, or None.
 
@@ -302,14 +317,9 @@ def extract_letter(completion: str, options: list[str] | None = None) -> str | N
     """
     if not completion:
         return None
-    # markup models like to wrap answers in: **C**, $C$, \boxed{C}, \text{C}
-    for _ in range(3):  # nested: \boxed{\text{C}}
-        completion = _MARKUP.sub(r"\1", completion)
-    completion = completion.replace("**", "")
-    completion = re.sub(r"\$\(?([A-E])\)?\$", r"\1", completion)
-    statements = find_answer_statements(completion)
-    if statements:
-        return statements[-1][2]
+    letters = answer_letters(completion)
+    if letters:
+        return letters[-1]
     if not options:
         return None
     target = final_number(completion)

@@ -1,0 +1,451 @@
+"""RL: rewards, advantages, loss weights, diagnostics against hand-computed values, one update on a
+crafted batch, and chat_rl end to end (metrics in the JSONL and the offline W&B run, SIGKILL resume,
+torchrun x2 == one process). Tiny models, CPU."""
+
+import glob
+import math
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat import diagnostics as diag
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint
+from nanochat.common import DistInfo
+from nanochat.gpt import GPT, AttentionEntropy, GPTConfig
+from nanochat.rl import (correctness_reward, format_bonus, group_advantages, policy_loss, rollout_seed,
+                         token_weights, well_formed)
+from nanochat.tracking import Histogram, Image, Tracker, read_jsonl
+from tasks.aqua import answer_letters
+from tasks.synthetic_aqua import SyntheticAqua
+from test_chat_stages import make_base, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RL = ["--aqua-source", "synthetic", "--train-examples", "40", "--eval-problems", "4",
+           "--examples-per-step", "2", "--num-samples", "4", "--max-new-tokens", "12", "--eval-every", "2",
+           "--eval-samples", "2", "--attn-every", "2", "--attn-heatmap-every", "3", "--attn-probes", "2",
+           "--device-batch-size", "4", "--init-lr-frac", "1.0"]
+
+
+
+@pytest.fixture(scope="module")
+def answering_sft(tmp_path_factory):
+    """A base dir holding a tiny SFT checkpoint that answers "Answer: X" (a letter it mostly guesses):
+    its groups get mixed rewards, so RL steps have a signal to follow."""
+    import json
+    from dataclasses import asdict
+
+    from nanochat.checkpoint import save_checkpoint
+    from scripts.chat_sft import main as sft_main
+
+    root = tmp_path_factory.mktemp("rl_sft")
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(root)
+    try:
+        tok = tiny_tokenizer()
+        tok.save(root / "tokenizer")
+        torch.manual_seed(0)
+        cfg = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                        n_embd=32)
+        save_checkpoint(checkpoint_dir("base", "d2"), 1, GPT(cfg).state_dict(), None,
+                        {"model_config": asdict(cfg), "tag": "d2", "stage": "base"})
+        data = root / "answers.jsonl"
+        with open(data, "w") as f:
+            for conv in SyntheticAqua("train", num_examples=64):
+                messages = [conv["messages"][0], {"role": "assistant", "content": f"Answer: {conv['answer']}"}]
+                f.write(json.dumps({"messages": messages}) + "\n")
+        sft_main(["--source-stage", "base", "--aqua-source", "none", "--custom-json", str(data),
+                  "--val-fraction-custom", "0", "--max-seq-len", "512", "--device-batch-size", "8",
+                  "--num-iterations", "40", "--init-lr-frac", "1.0", "--eval-every", "0", "--no-wandb"],
+                 stage="sft")
+    finally:
+        if old is None:
+            os.environ.pop("NANOCHAT_BASE_DIR")
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+    return root
+
+
+def use_checkpoint(answering_sft, base_dir):
+    shutil.copytree(answering_sft, base_dir, dirs_exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ rewards
+
+def test_correctness_reward_refuses_two_letters_and_grades_one():
+    task = SyntheticAqua("train", num_examples=3)
+    conv = task[0]
+    gold = conv["answer"]
+    other = "A" if gold != "A" else "B"
+    assert correctness_reward(task, conv, f"some work\nAnswer: {gold}") == 1.0
+    assert correctness_reward(task, conv, f"Answer: {other}") == 0.0
+    assert correctness_reward(task, conv, f"Answer: {other}\nno wait\nAnswer: {gold}") == 0.0  # hedging
+    assert correctness_reward(task, conv, f"Answer: {gold}\nso the answer is {gold}") == 1.0  # same letter twice
+    assert answer_letters(f"the answer is {other}. Answer: {gold}") == [other, gold]
+
+
+def test_format_reward_and_anneal():
+    assert well_formed("x = 4\nAnswer: C", finished=True)
+    assert not well_formed("x = 4\nAnswer: C", finished=False)  # truncated
+    assert not well_formed("Answer: B\nAnswer: C", finished=True)
+    assert not well_formed("Answer: C and more", finished=True)
+    assert format_bonus(0.1, 10, 0) == pytest.approx(0.1)
+    assert format_bonus(0.1, 10, 5) == pytest.approx(0.05)
+    assert format_bonus(0.1, 10, 20) == 0.0
+    assert format_bonus(0.1, 0, 1000) == pytest.approx(0.1)
+
+
+def test_rollout_seed_depends_on_all_three():
+    seeds = {rollout_seed(s, t, q) for s in (1, 2) for t in (0, 1) for q in (0, 1, 2)}
+    assert len(seeds) == 12
+
+
+def test_group_advantages_and_zero_signal():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.1]])
+    adv, zero = group_advantages(rewards, std_norm=False)
+    assert zero.tolist() == [False, True, False]
+    assert adv[0].tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert adv[1].tolist() == [0.0] * 4
+    assert adv[2].tolist() == pytest.approx([-0.025, -0.025, -0.025, 0.075])
+    adv_std, _ = group_advantages(rewards, std_norm=True)
+    assert adv_std[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-3)  # std 0.5
+
+
+def test_token_weights_each_normaliser():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    # this rank holds 4 tokens of 2 sequences; the global batch has 10 tokens in 4 sequences
+    tok = token_weights(mask, "token", global_tokens=10, global_seqs=4, max_new_tokens=8)
+    close = lambda a, b: torch.testing.assert_close(a, torch.tensor(b))  # noqa: E731
+    close(tok, [[0.1, 0.1, 0.1, 0], [0.1, 0, 0, 0]])
+    close(token_weights(mask, "sequence", 10, 4, 8), [[1 / 12, 1 / 12, 1 / 12, 0], [0.25, 0, 0, 0]])
+    close(token_weights(mask, "constant", 10, 4, 8), [[1 / 32] * 3 + [0], [1 / 32, 0, 0, 0]])
+    with pytest.raises(ValueError, match="normaliser"):
+        token_weights(mask, "bogus", 1, 1, 1)
+
+
+def test_policy_loss_clips_and_kl_penalty():
+    logp = torch.log(torch.tensor([[0.5, 0.5]]))
+    old = torch.log(torch.tensor([[0.25, 0.5]]))  # ratio 2 on token 0, 1 on token 1
+    w = torch.ones(1, 2)
+    loss, clipped = policy_loss(logp, old, torch.tensor([1.0]), w, clip_eps=0.2, clip_eps_high=0.3)
+    assert loss.item() == pytest.approx(-(1.3 + 1.0))  # positive advantage: ratio capped at 1 + eps_high
+    assert clipped.tolist() == [[True, False]]
+    loss_neg, clipped_neg = policy_loss(logp, old, torch.tensor([-1.0]), w, 0.2, 0.3)
+    assert loss_neg.item() == pytest.approx(2.0 + 1.0)  # negative advantage: the larger ratio is kept
+    assert not clipped_neg.any()
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    with_kl, _ = policy_loss(logp, logp.detach(), torch.tensor([0.0]), w, 0.2, 0.2, kl_coef=0.5, ref_logp=ref)
+    r = math.log(0.5)  # log ref - log pi on token 0; 0 on token 1
+    assert with_kl.item() == pytest.approx(0.5 * (math.exp(r) - 1 - r))
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+def test_letter_kl_and_margin_by_hand():
+    letter_ids = [3, 4, 5, 6, 7]
+    pol = torch.full((1, 10), -5.0)
+    ref = torch.full((1, 10), -5.0)
+    pol[0, letter_ids] = torch.tensor([2.0, 0.0, 0.0, 0.0, 1.0])
+    ref[0, letter_ids] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0])
+    p = torch.softmax(torch.tensor([2.0, 0.0, 0.0, 0.0, 1.0]), 0)
+    expected = float((p * (p.log() - math.log(0.2))).sum())
+    assert diag.letter_kl(pol, ref, letter_ids).item() == pytest.approx(expected)
+    assert diag.letter_kl(pol, pol, letter_ids).item() == pytest.approx(0.0, abs=1e-7)
+    # correct letter A (index 0): 2 - max(0, 0, 0, 1) = 1; correct E: 1 - 2 = -1
+    margins = diag.letter_margin(pol.repeat(2, 1), letter_ids, torch.tensor([0, 4]))
+    assert margins.tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_sequence_kl_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    kl, k3 = diag.sequence_kl(logp, ref, mask)
+    assert kl.item() == pytest.approx(0.5 + -1.0)
+    r = [-0.5, 1.0]
+    assert k3.item() == pytest.approx(sum(math.exp(x) - 1 - x for x in r))
+
+
+def test_letter_counts_sum_to_completions():
+    counts = diag.letter_counts(["A", "C", None, "C", "Z"])
+    assert counts == {"A": 1, "B": 0, "C": 2, "D": 0, "E": 0, "none": 2}
+    assert sum(counts.values()) == 5
+
+
+def test_answer_letter_position_finds_the_last_answer():
+    tok = tiny_tokenizer()
+    letter_ids = diag.letter_token_ids(tok)
+    assert letter_ids == [tok.encode(" " + c)[0] for c in "ABCDE"]
+    ids = tok.encode("Answer: B\nno.\nAnswer: D")
+    pos = diag.answer_letter_position(ids, tok, letter_ids)
+    assert pos == len(ids) - 1 and ids[pos] == letter_ids[3]
+    assert diag.answer_letter_position(tok.encode("no answer here"), tok, letter_ids) is None
+    assert diag.answer_letter_position(tok.encode("Answer: 42"), tok, letter_ids) is None
+
+
+def test_attention_entropy_reduces_inside_attention():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=16))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_q.weight.mul_(8)  # sharper attention than the init's near-uniform
+    x = torch.randint(0, 64, (1, 10))
+    full = []
+    model(x, attn_capture=full)
+    probs = full[0]
+    by_hand = -(probs * probs.clamp(min=1e-30).log()).sum(-1).mean().item()
+    capture = AttentionEntropy(keep_probs=True)
+    model(x, attn_capture=capture)
+    assert capture.per_layer()[0] == pytest.approx(by_hand, rel=1e-5)
+    assert capture.entropy[0].shape == (1, 2, 10) and capture.probs[0].shape == (2, 10, 10)
+    per_layer, kept = diag.attention_entropy(model, [x[0].tolist()], keep_probs=True)
+    assert per_layer == pytest.approx(capture.per_layer()) and len(kept) == 2
+    # position 0 sees only itself (entropy 0); the last sees 10 keys (entropy <= log 10)
+    assert capture.entropy[0][0, :, 0].abs().max() < 1e-6
+    assert (capture.entropy[0] <= math.log(10) + 1e-5).all()
+
+
+# ------------------------------------------------------------------------------------------ one update
+
+def _crafted(tok, model):
+    """One question, two completions by hand: the right answer (reward 1) and a wrong one (reward 0)."""
+    from scripts.chat_rl import Completion
+
+    conv = SyntheticAqua("train", num_examples=1)[0]
+    prompt = tok.render_for_completion(conv)
+    end = tok.encode_special("<|assistant_end|>")
+    gold = conv["answer"]
+    wrong = "A" if gold != "A" else "B"
+    letter_ids = diag.letter_token_ids(tok)
+    rows = []
+    for i, (letter, reward) in enumerate([(gold, 1.0), (wrong, 0.0)]):
+        body = tok.encode(f"Answer: {letter}")
+        ids = prompt + body + [end]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+        lps = [float(logp[len(prompt) - 1 + t, ids[len(prompt) + t]]) for t in range(len(body) + 1)]
+        rows.append(Completion(ids=ids, prompt_len=len(prompt), logprobs=lps, finished=True, reward=reward,
+                               correct=bool(reward), letter=letter, letter_pos=len(prompt) + len(body) - 1,
+                               gold="ABCDE".index(gold), sample=i))
+    return [rows], letter_ids
+
+
+def _seq_logp(model, c):
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([c.ids[:-1]]))[0], -1)
+    return sum(float(logp[t - 1, c.ids[t]]) for t in range(c.prompt_len, len(c.ids)))
+
+
+def _rl_args(**overrides):
+    from scripts.chat_rl import parse_args
+    return Namespace(**{**vars(parse_args(["--num-samples", "2"])), **overrides})
+
+
+def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
+    from scripts.chat_rl import train_step
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(cfg)
+    ref = GPT(cfg)
+    ref.load_state_dict(model.state_dict())
+    ref.requires_grad_(False)
+    groups, letter_ids = _crafted(tok, model)
+    good, bad = groups[0]
+    before = (_seq_logp(model, good), _seq_logp(model, bad))
+    rewards = torch.tensor([[good.reward, bad.reward]])
+    adv, zero = group_advantages(rewards, std_norm=False)
+    optimizers = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    args = _rl_args(device_batch_size=2)
+    info = DistInfo(False, 0, 0, 1, torch.device("cpu"))
+    pad = tok.encode_special("<|assistant_end|>")
+    stats = train_step(model, ref, optimizers, groups, adv, zero, args, info, letter_ids, pad)
+    # the policy equals the reference before the first update: both KLs are exactly 0
+    assert stats["kl_seq"] == [0.0, 0.0] and stats["kl_letter"] == [0.0, 0.0]
+    assert len(stats["margin"]) == 2 and stats["grad_norm"] > 0
+    assert stats["logprob_gap"] / stats["gap_tokens"] < 1e-4  # engine-style log-probs = training forward
+    after = (_seq_logp(model, good), _seq_logp(model, bad))
+    assert after[0] > before[0] and after[1] < before[1]
+    stats2 = train_step(model, ref, optimizers, groups, adv, zero, args, info, letter_ids, pad)
+    assert all(v > 0 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 0  # the policy has moved
+    assert stats2["kl_seq_k3"][0] > 0
+
+
+# ------------------------------------------------------------------------------------------ tracking media
+
+def read_offline_wandb(run_dir: Path) -> list[dict]:
+    """History rows of an offline W&B run, parsed from its run-*.wandb file (W&B's record log: 7-byte
+    header, 32 KiB blocks of records with a 7-byte crc/length/type header, payloads are protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[-1]
+    data = Path(path).read_bytes()
+    pos, block, buf, rows = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            continue
+        buf += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+
+
+def test_tracker_logs_images_and_histograms(base_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    png = tmp_path / "x.png"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.figure(figsize=(1, 1))
+    plt.savefig(png)
+    plt.close()
+    tracker = Tracker("rl", run="media", config={})
+    tracker.log({"rl/acc": 0.5, "img": Image(png), "hist": Histogram([1.0, 2.0, 2.0, float("nan")], bins=2)},
+                step=3)
+    tracker.finish()
+    row = [r for r in read_jsonl(base_dir / "runs" / "media" / "rl.jsonl") if "step" in r][0]
+    assert row["img"] == str(png)
+    assert row["hist"]["count"] == 3 and row["hist"]["counts"] == [1, 2] and row["hist"]["mean"] == pytest.approx(5 / 3)
+    history = read_offline_wandb(base_dir / "runs" / "media")
+    keys = set().union(*history)
+    assert "rl/acc" in keys and any(k.startswith("img") for k in keys) and "hist/_type" in keys
+
+
+# ------------------------------------------------------------------------------------------ chat_rl end to end
+
+def rl(args):
+    from scripts.chat_rl import main
+    return main(args)
+
+
+def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    use_checkpoint(answering_sft, base_dir)
+    out = rl(TINY_RL + ["--num-steps", "4", "--save-every", "2", "--run", "e2e"])
+    assert 0.0 <= out["acc"] <= 1.0
+    rows = read_jsonl(base_dir / "runs" / "e2e" / "rl.jsonl")
+    logged = [r for r in rows if "step" in r]
+    keys = set().union(*logged)
+    required = {"rl/acc", "rl/mean_reward", "rl/kl_letter_mean", "rl/kl_sequence_mean", "rl/letter_margin_mean",
+                "attn/entropy_mean", "attn/entropy/layer_0", "attn/entropy/layer_1", "rl/reward_std",
+                "rl/completion_len_mean", "rl/completion_len_max", "rl/truncation_rate", "rl/zero_signal_groups",
+                "rl/clip_frac", "rl/grad_norm", "rl/lr", "rl/step_time_s", "rl/rollout_tok_per_s", "rl/pass@2",
+                "rl/kl_sequence_k3_mean"} | {f"rl/letter_pred_counts/{k}" for k in "ABCDE"} | {
+                "rl/letter_pred_counts/none"}
+    assert required <= keys, required - keys
+    steps = [r for r in logged if "rl/mean_reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:  # the counts cover every completion of the step
+        assert sum(r[f"rl/letter_pred_counts/{k}"] for k in list("ABCDE") + ["none"]) == 2 * 4
+    assert steps[0]["rl/kl_sequence_mean"] == pytest.approx(0.0, abs=1e-6)  # step 0: policy == reference
+    assert steps[0]["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[-1]["rl/kl_sequence_k3_mean"] > 0 and steps[-1]["rl/kl_letter_mean"] > 0  # it moved
+    assert any(r["rl/zero_signal_groups"] < r["rl/groups"] for r in steps)  # some groups had a signal
+    assert (base_dir / "report" / "heatmap_rl_layer_0.png").exists() and (base_dir / "report" / "rl.md").exists()
+    history = read_offline_wandb(base_dir / "runs" / "e2e")
+    wandb_keys = set().union(*history)
+    assert {k for k in required if not k.startswith("rl/kl_letter") and not k.startswith("rl/letter_margin")} \
+        <= wandb_keys
+    assert find_last_step(checkpoint_dir("rl", "d2")) == 4
+
+
+def test_chat_rl_refuses_bad_flags_before_work(base_dir, capsys):
+    make_base(base_dir, stage="sft")
+    for bad, msg in [(["--num-samples", "1"], "num-samples"), (["--temperature", "0"], "temperature"),
+                     (["--kl-sample-frac", "0"], "kl-sample-frac"), (["--ppo-epochs", "0"], "ppo-epochs")]:
+        with pytest.raises(SystemExit):
+            rl(TINY_RL + bad)
+        assert msg in capsys.readouterr().err
+    rl(TINY_RL + ["--num-steps", "2", "--no-wandb"])
+    with pytest.raises(SystemExit, match="other settings"):  # resuming with changed training flags
+        rl(TINY_RL + ["--num-steps", "2", "--seed", "7", "--no-wandb"])
+
+
+def _env(base):
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1", "NANOCHAT_RUN": "local"}
+
+
+def _same_weights(a_dir, b_dir, step, atol=0.0):
+    wa, _, _ = load_checkpoint(a_dir, step=step)
+    wb, _, _ = load_checkpoint(b_dir, step=step)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=atol), (k, (wa[k] - wb[k]).abs().max().item(),
+                                                                  (wa[k] != wb[k]).sum().item())
+
+
+def test_chat_rl_sigkill_resume_equals_uninterrupted(answering_sft, base_dir, tmp_path):
+    use_checkpoint(answering_sft, base_dir)
+    flags = TINY_RL + ["--num-steps", "8", "--save-every", "1", "--keep-last", "0", "--no-wandb"]
+    killed = tmp_path / "killed"
+    shutil.copytree(base_dir, killed)
+    cmd = [sys.executable, "-m", "scripts.chat_rl", *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = killed / "checkpoints" / "rl" / "d2"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(ckpt.glob("step_*/meta.json"))) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    killed_at = find_last_step(ckpt)
+    assert killed_at is not None and 3 <= killed_at < 8
+    again = subprocess.run(cmd, cwd=REPO, env=_env(killed), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"from step {killed_at}" in again.stdout
+    rl(flags)  # uninterrupted, in this process's base dir
+    _same_weights(checkpoint_dir("rl", "d2"), ckpt, 8)
+
+
+def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_path):
+    from test_chat_stages import _free_port
+
+    use_checkpoint(answering_sft, base_dir)
+    # the default lr: Adam's first step divides by |grad|, so round-off in a near-zero gradient is
+    # amplified to ~1e-4 of the lr; the grad norm (not scale-free) is compared separately below
+    flags = TINY_RL + ["--examples-per-step", "4", "--num-steps", "1", "--eval-every", "0", "--no-wandb",
+                       "--device-batch-size", "3", "--init-lr-frac", "0.05"]
+    two = tmp_path / "two"
+    shutil.copytree(base_dir, two)
+    rl(flags)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port()), "-m", "scripts.chat_rl", *flags]
+    res = subprocess.run(launcher, cwd=REPO, env=_env(two), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    _same_weights(checkpoint_dir("rl", "d2"), two / "checkpoints" / "rl" / "d2", 1, atol=2e-5)
+    one_rows = [r for r in read_jsonl(base_dir / "runs" / "local" / "rl.jsonl") if "rl/mean_reward" in r]
+    two_rows = [r for r in read_jsonl(two / "runs" / "local" / "rl.jsonl") if "rl/mean_reward" in r]
+    assert one_rows[0]["rl/zero_signal_groups"] < 4 and one_rows[0]["rl/grad_norm"] > 0  # a real update
+    for key in ("rl/mean_reward", "rl/completion_len_mean", "rl/kl_sequence_mean", "rl/grad_norm",
+                "rl/letter_margin_mean", "rl/zero_signal_groups", "rl/letter_pred_counts/none"):
+        assert one_rows[0][key] == pytest.approx(two_rows[0][key], rel=1e-4, abs=1e-6), key
+    res = subprocess.run(launcher[:5] + [str(_free_port())] + launcher[6:] + ["--examples-per-step", "3"],
+                         cwd=REPO, env=_env(two), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "divisible" in res.stdout + res.stderr
