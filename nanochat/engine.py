@@ -125,8 +125,11 @@ class Engine:
                              f"model's position limit {limit}; shorten the prompt or lower max_tokens")
 
     @torch.inference_mode()
-    def _steps(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p):
-        """Yield (next_ids LongTensor (P*N,), logprobs FloatTensor (P*N,)) once per decoding step."""
+    def _decode(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p):
+        """Yield (rows, next_ids, logprobs) once per decoding step: the rows (indices into the P*N batch,
+        prompt-major) still running, and their sampled ids and log-probs as lists. A row stops after a
+        stop token; once at most half of the batch still runs, the finished rows are dropped from it
+        (their cache rows are copied out), so the tail of long completions decodes a smaller batch."""
         device = self._device()
         gens = row_generators(seeds, num_samples, device)
         longest = max(len(tokens) for tokens in prompts)
@@ -142,12 +145,27 @@ class Engine:
         if num_samples > 1:
             cache = cache.repeat_batch(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)
+        rows = list(range(len(prompts) * num_samples))  # batch position -> row
+        stopped = [False] * len(rows)  # per batch position
         for step in range(max_tokens):
             logits = logits.float()
             next_ids = sample_next(logits, gens, temperature, top_k, top_p)
-            yield next_ids, F.log_softmax(logits, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
-            if step + 1 < max_tokens:
-                logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1, :]
+            logprobs = F.log_softmax(logits, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+            ids_list = next_ids.tolist()
+            live = [b for b in range(len(rows)) if not stopped[b]]
+            lp_list = logprobs.tolist()
+            yield [rows[b] for b in live], [ids_list[b] for b in live], [lp_list[b] for b in live]
+            for b in live:
+                stopped[b] = ids_list[b] in self.stop_tokens
+            running = [b for b in range(len(rows)) if not stopped[b]]
+            if not running or step + 1 == max_tokens:
+                return
+            if len(running) <= len(rows) // 2:
+                keep = torch.tensor(running, device=device)
+                cache, next_ids = cache.keep_rows(keep), next_ids.index_select(0, keep)
+                rows, gens = [rows[b] for b in running], [gens[b] for b in running]
+                stopped = [False] * len(rows)
+            logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1, :]
 
     def generate_multi(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -165,18 +183,12 @@ class Engine:
         lps = [[] for _ in range(n)]
         done = [False] * n
         try:
-            steps = self._steps(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p)
-            for next_ids, logprobs in steps:
-                ids_list, lp_list = next_ids.tolist(), logprobs.tolist()
-                for i in range(n):
-                    if done[i]:
-                        continue  # a finished row keeps decoding (batch shape) but nothing is recorded
-                    seqs[i].append(ids_list[i])
-                    lps[i].append(lp_list[i])
-                    if ids_list[i] in self.stop_tokens:
-                        done[i] = True
-                if all(done):
-                    break
+            steps = self._decode(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p)
+            for rows, ids_list, lp_list in steps:  # only the rows still running
+                for row, tok, lp in zip(rows, ids_list, lp_list):
+                    seqs[row].append(tok)
+                    lps[row].append(lp)
+                    done[row] = tok in self.stop_tokens
         finally:
             self.model.train(was_training)
         results = []
@@ -201,11 +213,8 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for next_ids, _ in self._steps([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
-                tok = int(next_ids[0])
-                yield tok
-                if tok in self.stop_tokens:
-                    return
+            for _, ids_list, _ in self._decode([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
+                yield ids_list[0]
         finally:
             self.model.train(was_training)
 

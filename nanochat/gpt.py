@@ -151,6 +151,16 @@ class KVCache:
             new.pad = self.pad.repeat_interleave(n)
         return new
 
+    def keep_rows(self, rows: torch.Tensor) -> "KVCache":
+        """New cache holding only the given batch rows (finished samples leave the decode batch)."""
+        new = KVCache.__new__(KVCache)
+        new.__dict__.update(self.__dict__)
+        new.batch_size = len(rows)
+        new.kv = self.kv.index_select(2, rows)
+        if self.pad is not None:
+            new.pad = self.pad.index_select(0, rows)
+        return new
+
 
 def attention_mask(pad: torch.Tensor, pos: int, T: int) -> torch.Tensor:
     """Boolean (B, 1, T, pos + T) mask for left-padded rows, True = may attend.

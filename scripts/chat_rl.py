@@ -35,6 +35,7 @@ Logs: stage "rl" (<base>/runs/<run>/rl.jsonl and W&B); report section "rl".
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import random
 import time
@@ -205,7 +206,12 @@ def load_split(args, source: str, split: str, n: int):
 def question_index(seed: int, q: int, n: int) -> int:
     """Problem behind global question number q: each pass over the n problems is a fresh permutation."""
     epoch, pos = divmod(q, n)
-    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)[pos]
+    return _pass_order(seed, epoch, n)[pos]
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(seed: int, epoch: int, n: int) -> list[int]:
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
 
 
 # ------------------------------------------------------------------------------------------------
