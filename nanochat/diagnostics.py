@@ -1,8 +1,9 @@
 """How the policy moves during RL: the numbers behind the rl/* and attn/* metrics.
 
-All of them are computed from model outputs the RL step already has (the policy's training forward and
-the frozen reference model's forward over the same sampled tokens); nothing here runs a model itself
-except `attention_entropy`, which runs one capture forward per probe.
+All of them come from the models: the policy's side from the rollout itself (the engine's log-probs
+and letter logits as it sampled), the reference's from `completion_logits` (one no-grad forward per
+group, the prompt shared through a KV cache), attention entropy from `attention_entropy` on fixed
+probes.
 
 - The answer letter of a completion is the token after its last "Answer:" (`answer_letter_position`).
   At that position the five letter tokens, as the tokenizer writes them after "Answer:" (" A" .. " E"),
@@ -35,7 +36,7 @@ def letter_token_ids(tokenizer) -> list[int] | None:
     ids = []
     for letter in LETTERS:
         full = tokenizer.encode(f"Answer: {letter}")
-        if full[:len(prefix)] != prefix or len(full) != len(prefix) + 1:
+        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
             return None
         ids.append(full[-1])
     return ids
@@ -50,7 +51,7 @@ def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> 
     if start < 0:
         return None
     target = start + len(ANSWER_PREFIX)  # the letter's byte: first non-space after the colon
-    while text[target:target + 1] == b" ":
+    while text[target : target + 1] == b" ":
         target += 1
     offset = 0
     for i, piece in enumerate(pieces):
@@ -60,14 +61,40 @@ def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> 
     return None
 
 
-def letter_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, letter_ids: list[int]) -> torch.Tensor:
+@torch.no_grad()
+def completion_logits(
+    model, prompt: list[int], completions: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """Float logits (k, longest, V): row i, position j predicts token j of completions[i] (all of them
+    continue the same prompt). The prompt is forwarded once and its keys/values shared by the k rows
+    (a KV cache), so a group of samples costs one prompt plus its completions, not k whole sequences.
+    Shorter rows are padded at the end; their extra positions are garbage, to be masked by the caller."""
+    device = next(model.parameters()).device
+    longest = max(len(c) for c in completions)
+    cache = model.new_kv_cache(1, len(prompt) + longest)
+    first = model(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1:]  # predicts token 0
+    first = first.expand(len(completions), 1, first.size(-1))
+    if longest == 1:
+        return first.float()
+    cache = cache.repeat_batch(len(completions))
+    rest = torch.tensor(
+        [c[:-1] + [pad_id] * (longest - len(c)) for c in completions], device=device
+    )
+    return torch.cat([first, model(rest, kv_cache=cache)], dim=1).float()
+
+
+def letter_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, letter_ids: list[int]
+) -> torch.Tensor:
     """(N,) KL(policy || reference) over the five letters, from full-vocabulary logits (N, V)."""
     logp = F.log_softmax(policy_logits[:, letter_ids].float(), dim=-1)
     logq = F.log_softmax(ref_logits[:, letter_ids].float(), dim=-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def letter_margin(policy_logits: torch.Tensor, letter_ids: list[int], correct: torch.Tensor) -> torch.Tensor:
+def letter_margin(
+    policy_logits: torch.Tensor, letter_ids: list[int], correct: torch.Tensor
+) -> torch.Tensor:
     """(N,) logit of the correct letter (index 0-4 in `correct`) minus the best of the other four."""
     letters = policy_logits[:, letter_ids].float()
     right = letters.gather(1, correct[:, None]).squeeze(1)
@@ -75,7 +102,9 @@ def letter_margin(policy_logits: torch.Tensor, letter_ids: list[int], correct: t
     return right - others
 
 
-def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per completion (rows of (N, T) log-probs of the sampled tokens, mask 1 on completion tokens):
     (sum of log pi - log pi_ref, sum of the k3 estimator exp(r) - 1 - r with r = log pi_ref - log pi)."""
     mask = mask.float()
@@ -110,8 +139,13 @@ def attention_entropy(model, probes: list[list[int]], keep_probs: bool = False):
     return (totals / weights).tolist(), first_probs
 
 
-def save_heatmaps(probs_per_layer: list[torch.Tensor], labels: list[str], out_dir, step: int,
-                  prefix: str = "heatmap_rl") -> list:
+def save_heatmaps(
+    probs_per_layer: list[torch.Tensor],
+    labels: list[str],
+    out_dir,
+    step: int,
+    prefix: str = "heatmap_rl",
+) -> list:
     """One PNG per layer (attention averaged over heads, queries down, keys across); returns the paths."""
     import matplotlib
 
@@ -121,8 +155,10 @@ def save_heatmaps(probs_per_layer: list[torch.Tensor], labels: list[str], out_di
     paths = []
     for layer, probs in enumerate(probs_per_layer):
         fig, ax = plt.subplots(figsize=(5, 4.5))
-        image = ax.imshow(probs.float().mean(0).numpy(), cmap="viridis", vmin=0.0, aspect="auto")
-        ax.set_title(f"layer {layer} attention, mean over heads (step {step})", fontsize=9)
+        # square-root colour scale: most weight sits on a few keys, the rest would all look black
+        scale = matplotlib.colors.PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+        image = ax.imshow(probs.float().mean(0).numpy(), cmap="viridis", norm=scale, aspect="auto")
+        ax.set_title(f"layer {layer} attention, mean over heads, sqrt scale (step {step})", fontsize=9)
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
         if len(labels) <= 48:  # token labels stay readable on short probes only

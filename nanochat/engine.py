@@ -18,9 +18,11 @@ What a GenerationResult holds, per sample (row):
   is the quantity an RL policy-gradient loss recomputes in training mode, so the two are directly
   comparable (ratio = exp(new - old)). Note that with temperature 0 (greedy) or top-k/top-p the
   token was drawn from a *different* distribution than these log-probs describe.
+- watched[i] (only with watch_ids): per generated token, the logits of the watched ids at the step
+  that sampled it (RL reads the policy's five answer-letter logits there, at no extra forward).
 
 Randomness: sample i of a prompt with seed s has its own torch.Generator seeded from row_seed(s, i),
-and every row draws a fresh uniform vector each step whether it is still running or not. So its
+and every row draws a fresh uniform vector each step while it runs. So its
 tokens depend only on (model, prompt, s, i, sampling settings): not on num_samples, not on the other
 prompts in the batch and not on when other rows stop. Running with num_samples=2 reproduces the first
 two rows of a num_samples=8 run, and a prompt sampled inside a batch of 8 prompts gives the same tokens
@@ -45,6 +47,7 @@ class GenerationResult:
     logprobs: list[list[float]]         # log p(token) at temperature 1, before top-k/top-p
     finished: list[bool] = field(default_factory=list)  # True: stopped on a stop token; False: hit max_tokens
     prompt_len: int = 0
+    watched: list[list[list[float]]] | None = None  # per row, per token: logits of watch_ids
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -125,9 +128,10 @@ class Engine:
                              f"model's position limit {limit}; shorten the prompt or lower max_tokens")
 
     @torch.inference_mode()
-    def _decode(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p):
-        """Yield (rows, next_ids, logprobs) once per decoding step: the rows (indices into the P*N batch,
-        prompt-major) still running, and their sampled ids and log-probs as lists. A row stops after a
+    def _decode(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids=None):
+        """Yield (rows, next_ids, logprobs, watched) once per decoding step: the rows (indices into the
+        P*N batch, prompt-major) still running, and their sampled ids, log-probs and (with watch_ids)
+        logits of the watched ids, as lists. A row stops after a
         stop token; once at most half of the batch still runs, the finished rows are dropped from it
         (their cache rows are copied out), so the tail of long completions decodes a smaller batch."""
         device = self._device()
@@ -154,7 +158,9 @@ class Engine:
             ids_list = next_ids.tolist()
             live = [b for b in range(len(rows)) if not stopped[b]]
             lp_list = logprobs.tolist()
-            yield [rows[b] for b in live], [ids_list[b] for b in live], [lp_list[b] for b in live]
+            watched = logits[:, watch_ids].tolist() if watch_ids else None
+            yield ([rows[b] for b in live], [ids_list[b] for b in live], [lp_list[b] for b in live],
+                   [watched[b] for b in live] if watched else None)
             for b in live:
                 stopped[b] = ids_list[b] in self.stop_tokens
             running = [b for b in range(len(rows)) if not stopped[b]]
@@ -169,9 +175,10 @@ class Engine:
 
     def generate_multi(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                       seeds: list[int] | None = None) -> list[GenerationResult]:
+                       seeds: list[int] | None = None, watch_ids: list[int] | None = None
+                       ) -> list[GenerationResult]:
         """num_samples continuations of each prompt, all decoded in one batch; one result per prompt.
-        seeds[p] seeds prompt p's rows (default: 42 for every prompt)."""
+        seeds[p] seeds prompt p's rows (default: 42 for every prompt); watch_ids: see `watched`."""
         seeds = list(seeds) if seeds is not None else [42] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -181,11 +188,14 @@ class Engine:
         n = len(prompts) * num_samples
         seqs = [[] for _ in range(n)]
         lps = [[] for _ in range(n)]
+        watched = [[] for _ in range(n)] if watch_ids else None
         done = [False] * n
         try:
-            steps = self._decode(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p)
-            for rows, ids_list, lp_list in steps:  # only the rows still running
-                for row, tok, lp in zip(rows, ids_list, lp_list):
+            steps = self._decode(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids)
+            for rows, ids_list, lp_list, watch_list in steps:  # only the rows still running
+                for k, (row, tok, lp) in enumerate(zip(rows, ids_list, lp_list)):
+                    if watched is not None:
+                        watched[row].append(watch_list[k])
                     seqs[row].append(tok)
                     lps[row].append(lp)
                     done[row] = tok in self.stop_tokens
@@ -196,7 +206,8 @@ class Engine:
             rows = range(p * num_samples, (p + 1) * num_samples)
             results.append(GenerationResult(
                 sequences=[seqs[i] for i in rows], masks=[[1] * len(seqs[i]) for i in rows],
-                logprobs=[lps[i] for i in rows], finished=[done[i] for i in rows], prompt_len=len(tokens)))
+                logprobs=[lps[i] for i in rows], finished=[done[i] for i in rows], prompt_len=len(tokens),
+                watched=[watched[i] for i in rows] if watched is not None else None))
         return results
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
@@ -213,7 +224,7 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for _, ids_list, _ in self._decode([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
+            for _, ids_list, _, _ in self._decode([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
                 yield ids_list[0]
         finally:
             self.model.train(was_training)

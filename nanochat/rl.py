@@ -18,7 +18,9 @@ def rollout_seed(seed: int, step: int, question: int) -> int:
     """Sampling seed of one question's group: depends on (seed, step, global question index) only, so
     the rollouts of a step are the same whatever the number of ranks and across a resume. The engine
     then seeds sample i of the group from (this seed, i)."""
-    return (int(seed) * 1_000_000_007 + int(step) * 2_654_435_761 + int(question) * 97_531) % (2**62)
+    return (int(seed) * 1_000_000_007 + int(step) * 2_654_435_761 + int(question) * 97_531) % (
+        2**62
+    )
 
 
 def correctness_reward(task, conversation: dict, completion: str) -> float:
@@ -41,7 +43,9 @@ def format_bonus(format_reward: float, anneal_steps: int, step: int) -> float:
     return format_reward * max(0.0, 1.0 - step / anneal_steps)
 
 
-def group_advantages(rewards: torch.Tensor, std_norm: bool, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards: torch.Tensor, std_norm: bool, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards (P, G) -> (advantages (P, G), zero_signal (P,) bool).
 
     Advantage = reward - group mean (divided by the group std with std_norm). A group whose rewards are
@@ -54,8 +58,9 @@ def group_advantages(rewards: torch.Tensor, std_norm: bool, eps: float = 1e-6) -
     return adv.masked_fill(zero_signal[:, None], 0.0), zero_signal
 
 
-def token_weights(mask: torch.Tensor, kind: str, global_tokens: float, global_seqs: float,
-                  max_new_tokens: int) -> torch.Tensor:
+def token_weights(
+    mask: torch.Tensor, kind: str, global_tokens: float, global_seqs: float, max_new_tokens: int
+) -> torch.Tensor:
     """Per-token loss weights (N, T) that make the summed loss over the GLOBAL batch the chosen mean.
 
     token:    1 / (completion tokens in the global batch)       -- every token counts the same
@@ -71,9 +76,16 @@ def token_weights(mask: torch.Tensor, kind: str, global_tokens: float, global_se
     raise ValueError(f"loss normaliser must be token, sequence or constant, got {kind!r}")
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, weights: torch.Tensor,
-                clip_eps: float, clip_eps_high: float, kl_coef: float = 0.0,
-                ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    weights: torch.Tensor,
+    clip_eps: float,
+    clip_eps_high: float,
+    kl_coef: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate (PPO/GRPO) with an optional k3 KL penalty, summed with `weights`.
 
     logp/old_logp/ref_logp (N, T): log-probs of the sampled tokens; adv (N,) per completion. On the first

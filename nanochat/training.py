@@ -16,8 +16,13 @@ from dataclasses import asdict
 
 import torch.distributed as dist
 
-from nanochat.checkpoint import (find_last_step, load_checkpoint, restore_rng_state, save_checkpoint,
-                                 save_rng_state)
+from nanochat.checkpoint import (
+    find_last_step,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_rng_state,
+)
 from nanochat.common import print0, synchronize
 
 
@@ -39,11 +44,14 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
         if resume == "require":
             raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
         return 0, None, None
-    model_state, optim_states, meta = load_checkpoint(ckpt_dir, step=last_step, device=info.device,
-                                                      load_optimizer=True, rank=info.rank)
+    model_state, optim_states, meta = load_checkpoint(
+        ckpt_dir, step=last_step, device=info.device, load_optimizer=True, rank=info.rank
+    )
     if meta.get("model_config") != asdict(model.config):
-        raise SystemExit(f"{ckpt_dir} holds a model with config {meta.get('model_config')}, but this run "
-                         f"has {asdict(model.config)}. Use --fresh to overwrite it, or another --tag.")
+        raise SystemExit(
+            f"{ckpt_dir} holds a model with config {meta.get('model_config')}, but this run "
+            f"has {asdict(model.config)}. Use --fresh to overwrite it, or another --tag."
+        )
     model.load_state_dict(model_state, strict=True)
     for opt, state in zip(optimizers, optim_states):
         opt.load_state_dict(state)
@@ -61,21 +69,34 @@ def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None
                 group["momentum"] = momentum
 
 
-def save(ckpt_dir, step: int, model, optimizers, meta: dict, rank: int, keep_last: int,
-         rank_state: dict) -> None:
+def save(
+    ckpt_dir, step: int, model, optimizers, meta: dict, rank: int, keep_last: int, rank_state: dict
+) -> None:
     """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here."""
-    save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                    rank=rank, keep_last=keep_last, rank_state={**rank_state, "rng": save_rng_state()})
+    save_checkpoint(
+        ckpt_dir,
+        step,
+        model.state_dict(),
+        [opt.state_dict() for opt in optimizers],
+        meta,
+        rank=rank,
+        keep_last=keep_last,
+        rank_state={**rank_state, "rng": save_rng_state()},
+    )
 
 
 class StepTimer:
     """timer.start(); ...one optimizer step...; timer.stop() -> timer.last (s); total/count over the
     timed steps."""
 
-    def __init__(self, device, start_step: int, num_iterations: int, total: float = 0.0, count: int = 0):
+    def __init__(
+        self, device, start_step: int, num_iterations: int, total: float = 0.0, count: int = 0
+    ):
         self.device, self.total, self.count, self.last = device, total, count, 0.0
         self.first = start_step + 1
-        self.only_one = num_iterations - start_step == 1  # then time it anyway: there is nothing else
+        self.only_one = (
+            num_iterations - start_step == 1
+        )  # then time it anyway: there is nothing else
         self.step = start_step
 
     def start(self) -> None:

@@ -211,7 +211,7 @@ def main(argv=None) -> None:
         changed = {k: (old_args[k], v) for k, v in vars(args).items()
                    if k in old_args and k not in harmless and old_args[k] != v}
         if changed:
-            print0(f"WARNING: resuming with flags that differ from the checkpoint's run: "
+            print0("WARNING: resuming with flags that differ from the checkpoint's run: "
                    + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
     train_model = maybe_compile(model, device)
 

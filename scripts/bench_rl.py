@@ -27,16 +27,25 @@ from scripts import chat_rl
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="RL rollout and diagnostics speed (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="RL rollout and diagnostics speed (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("-i", "--source-stage", default="sft", choices=["mid", "sft", "rl"])
     p.add_argument("--source-tag", default=None)
     p.add_argument("--prompts", type=int, default=8, help="questions per step")
     p.add_argument("--samples", type=int, default=8, help="completions per question")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6, help="RL steps timed per setting (after one warm-up)")
+    p.add_argument(
+        "--steps", type=int, default=6, help="RL steps timed per setting (after one warm-up)"
+    )
     p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--kl-sample-frac", type=float, default=1.0, help="as chat_rl's flag, for the 'on' setting")
+    p.add_argument(
+        "--kl-sample-frac",
+        type=float,
+        default=None,
+        help="chat_rl's flag, for the 'on' setting (default: chat_rl's default)",
+    )
     p.add_argument("--aqua-source", default="synthetic", choices=["synthetic", "hf", "dir"])
     p.add_argument("--aqua-data-dir", default=None)
     return p.parse_args(argv)
@@ -56,23 +65,33 @@ def bench_rollouts(engine, tokenizer, task, args, device):
     kw = dict(num_samples=args.samples, max_tokens=args.max_new_tokens, temperature=1.0)
     engine.generate_multi(prompts[:2], **{**kw, "max_tokens": 4}, seeds=seeds[:2])  # warm-up
     batched, t_batched = timed(lambda: engine.generate_multi(prompts, seeds=seeds, **kw), device)
-    looped, t_looped = timed(lambda: [engine.generate_batch(p, seed=s, **kw) for p, s in zip(prompts, seeds)],
-                             device)
+    looped, t_looped = timed(
+        lambda: [engine.generate_batch(p, seed=s, **kw) for p, s in zip(prompts, seeds)], device
+    )
     tokens = sum(len(s) for r in batched for s in r.sequences)
-    same = sum(a == b for rb, rl in zip(batched, looped) for a, b in zip(rb.sequences, rl.sequences))
+    same = sum(
+        a == b for rb, rl in zip(batched, looped) for a, b in zip(rb.sequences, rl.sequences)
+    )
     rows = args.prompts * args.samples
-    print(f"rollouts, {args.prompts} prompts x {args.samples} samples x <= {args.max_new_tokens} new tokens "
-          f"({tokens} tokens generated; {same}/{rows} rows identical in both):")
+    print(
+        f"rollouts, {args.prompts} prompts x {args.samples} samples x <= {args.max_new_tokens} new tokens "
+        f"({tokens} tokens generated; {same}/{rows} rows identical in both):"
+    )
     print(f"  looped generate_batch : {t_looped:6.2f} s  {tokens / t_looped:8,.0f} tok/s")
     print(f"  batched generate_multi: {t_batched:6.2f} s  {tokens / t_batched:8,.0f} tok/s")
     print(f"  ratio batched / looped: {t_looped / t_batched:.2f}x")
 
 
 def bench_diagnostics(model, tokenizer, task, probes, args, device):
-    base = chat_rl.parse_args(["--num-samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
-                               "--examples-per-step", str(args.prompts), "--device-batch-size",
-                               str(args.device_batch_size), "--kl-sample-frac", str(args.kl_sample_frac)])
-    settings = {"on": base, "off": argparse.Namespace(**{**vars(base), "diagnostics": False, "kl_coef": 0.0})}
+    flags = ["--num-samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
+             "--examples-per-step", str(args.prompts), "--device-batch-size", str(args.device_batch_size)]
+    if args.kl_sample_frac is not None:
+        flags += ["--kl-sample-frac", str(args.kl_sample_frac)]
+    base = chat_rl.parse_args(flags)
+    settings = {
+        "on": base,
+        "off": argparse.Namespace(**{**vars(base), "diagnostics": False, "kl_coef": 0.0}),
+    }
     info = DistInfo(False, 0, 0, 1, device)
     letter_ids = chat_rl.diag.letter_token_ids(tokenizer)
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -84,41 +103,67 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
     times = {name: [] for name in settings}
     for step in range(args.steps + 1):
         for name, (policy, engine, optimizers, a) in runs.items():
+
             def one_step():
                 questions = list(range(step * args.prompts, (step + 1) * args.prompts))
                 groups = chat_rl.rollout(engine, tokenizer, task, questions, step, a, letter_ids)
                 rewards = torch.tensor([[c.reward for c in g] for g in groups])
                 adv, zero = group_advantages(rewards, a.adv_std_norm)
-                chat_rl.train_step(policy, ref if a.diagnostics else None, optimizers, groups, adv, zero, a, info,
-                                   letter_ids, pad)
+                chat_rl.train_step(
+                    policy,
+                    ref if a.diagnostics else None,
+                    optimizers,
+                    groups,
+                    adv,
+                    zero,
+                    a,
+                    info,
+                    letter_ids,
+                    pad,
+                )
+
             _, dt = timed(one_step, device)
             if step > 0:  # step 0 warms up
                 times[name].append(dt)
     # attention entropy every --attn-every steps and heatmaps every --attn-heatmap-every, amortised
     _, t_attn = timed(lambda: chat_rl.diag.attention_entropy(model, probes), device)
-    _, t_heat = timed(lambda: chat_rl.diag.attention_entropy(model, probes[:1], keep_probs=True), device)
+    _, t_heat = timed(
+        lambda: chat_rl.diag.attention_entropy(model, probes[:1], keep_probs=True), device
+    )
     amortised = t_attn / base.attn_every + t_heat / base.attn_heatmap_every
     on = sum(times["on"]) / len(times["on"]) + amortised
     off = sum(times["off"]) / len(times["off"])
-    print(f"RL step time, {args.steps} steps each, interleaved (kl-sample-frac {args.kl_sample_frac}):")
+    print(
+        f"RL step time, {args.steps} steps each, interleaved (kl-sample-frac {base.kl_sample_frac}):"
+    )
     print(f"  diagnostics off (--no-diagnostics, --kl-coef 0): {off:6.3f} s/step")
-    print(f"  diagnostics on  (reference forward, KL, margins; attention entropy every {base.attn_every} "
-          f"and heatmaps every {base.attn_heatmap_every} steps, {amortised * 1000:.1f} ms/step amortised): "
-          f"{on:6.3f} s/step")
+    print(
+        f"  diagnostics on  (reference forward, KL, margins; attention entropy every {base.attn_every} "
+        f"and heatmaps every {base.attn_heatmap_every} steps, {amortised * 1000:.1f} ms/step amortised): "
+        f"{on:6.3f} s/step"
+    )
     print(f"  ratio on / off: {on / off:.3f}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = autodetect_device()
-    model, tokenizer, meta = load_model(args.source_stage, tag=args.source_tag, device=device, phase="eval")
+    model, tokenizer, meta = load_model(
+        args.source_stage, tag=args.source_tag, device=device, phase="eval"
+    )
     cfg = model.config
-    print(f"model: {args.source_stage}/{meta.get('tag')} step {meta.get('step')}, depth {cfg.n_layer}, n_embd "
-          f"{cfg.n_embd}, {model.num_params():,} params on {device.type}, {torch.get_num_threads()} threads")
-    source_args = argparse.Namespace(synthetic_difficulty="easy", aqua_data_dir=args.aqua_data_dir)
+    print(
+        f"model: {args.source_stage}/{meta.get('tag')} step {meta.get('step')}, depth {cfg.n_layer}, n_embd "
+        f"{cfg.n_embd}, {model.num_params():,} params on {device.type}, {torch.get_num_threads()} threads"
+    )
+    source_args = argparse.Namespace(
+        synthetic_difficulty="easy", synthetic_seed=1, aqua_data_dir=args.aqua_data_dir
+    )
     task = chat_rl.load_split(source_args, args.aqua_source, "train", 2000)
     val = chat_rl.load_split(source_args, args.aqua_source, "validation", 8)
-    probes = [tokenizer.render_conversation(val[i], max_tokens=cfg.sequence_len)[0] for i in range(4)]
+    probes = [
+        tokenizer.render_conversation(val[i], max_tokens=cfg.sequence_len)[0] for i in range(4)
+    ]
     bench_rollouts(Engine(model, tokenizer), tokenizer, task, args, device)
     bench_diagnostics(model, tokenizer, task, probes, args, device)
 

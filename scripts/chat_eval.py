@@ -21,6 +21,8 @@ frequent gold letter. Each rank takes problems rank::world_size; counts are all-
 
 Output: <base>/runs/<run>/chat_eval.jsonl, one line per (task, mode), e.g.
   {"source": "sft", "task": "aqua", "split": "test", "mode": "generative", "acc": 0.31, "n": 254, ...}
+The generative line also lists the greedy result of every problem ("per_problem", 1 = right), which
+scripts/compare_evals.py pairs across checkpoints (paired counts and an exact sign test).
 (task "synthetic_aqua" for SYNTH) and the report section <base>/report/chat_eval_<source>.md.
 """
 
@@ -66,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the k samples")
     p.add_argument("--top-k", type=int, default=None, help="top-k for the k samples")
     p.add_argument("--max-tokens", type=int, default=256, help="max tokens of each generated rationale")
+    p.add_argument("--batch-prompts", type=int, default=32, help="problems whose completions decode together")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
     p.add_argument("--show", type=int, default=2, help="print this many greedy completions")
     add_tracking_args(p)
@@ -78,8 +81,8 @@ def parse_args(argv=None):
     args.mode_list = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.mode_list) <= {"generative", "categorical"} or not args.mode_list:
         p.error(f"--modes: use generative and/or categorical, got {args.modes!r}")
-    if args.num_samples < 1:
-        p.error("--num-samples must be >= 1")
+    if args.num_samples < 1 or args.batch_prompts < 1:
+        p.error("--num-samples and --batch-prompts must be >= 1")
     return args
 
 
@@ -149,38 +152,48 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
     conf = {m: torch.zeros(5, 6, dtype=torch.float64, device=device) for m in ("generative", "categorical")}
     gold_counts = torch.zeros(5, dtype=torch.float64, device=device)
     tallies = torch.zeros(4, dtype=torch.float64, device=device)  # pass@k hits, sample hits, samples, gen tokens
+    greedy_right = torch.zeros(n, dtype=torch.float64, device=device)  # per problem, for paired comparisons
     shown = 0
     t0 = time.time()
-    mine = range(rank, n, world_size)
-    for count, i in enumerate(mine):
-        conv = task[i]
-        gold = conv["answer"]
-        gold_counts[LETTERS.index(gold)] += 1
-        prompt = tokenizer.render_for_completion(conv)
-        if "generative" in args.mode_list:
-            greedy = engine.generate_batch(prompt, num_samples=1, max_tokens=args.max_tokens, temperature=0.0)
-            text = tokenizer.decode(_strip_stop(greedy.sequences[0], engine))
-            pred = extract_letter(text, conv.get("options"))
-            conf["generative"][LETTERS.index(gold), letter_index(pred)] += 1
-            tallies[3] += len(greedy.sequences[0])
-            if rank == 0 and shown < args.show:
-                print0(f"--- {name} #{i} gold {gold} greedy-pred {pred}\n{text.strip()}\n")
-                shown += 1
+    mine = list(range(rank, n, world_size))
+    done_count = 0
+    for start in range(0, len(mine), args.batch_prompts):
+        chunk = mine[start:start + args.batch_prompts]
+        convs = [task[i] for i in chunk]
+        prompts = [tokenizer.render_for_completion(conv) for conv in convs]
+        greedy, sampled = None, None
+        if "generative" in args.mode_list:  # the chunk's prompts decode together (Engine.generate_multi)
+            greedy = engine.generate_multi(prompts, 1, args.max_tokens, temperature=0.0)
             if args.num_samples > 1:
-                res = engine.generate_batch(prompt, num_samples=args.num_samples, max_tokens=args.max_tokens,
-                                            temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
+                sampled = engine.generate_multi(prompts, args.num_samples, args.max_tokens,
+                                                temperature=args.temperature, top_k=args.top_k,
+                                                seeds=[args.seed + i for i in chunk])
+        for k, (i, conv, prompt) in enumerate(zip(chunk, convs, prompts)):
+            gold = conv["answer"]
+            gold_counts[LETTERS.index(gold)] += 1
+            if greedy is not None:
+                text = tokenizer.decode(_strip_stop(greedy[k].sequences[0], engine))
+                pred = extract_letter(text, conv.get("options"))
+                conf["generative"][LETTERS.index(gold), letter_index(pred)] += 1
+                greedy_right[i] = float(pred == gold)
+                tallies[3] += len(greedy[k].sequences[0])
+                if rank == 0 and shown < args.show:
+                    print0(f"--- {name} #{i} gold {gold} greedy-pred {pred}\n{text.strip()}\n")
+                    shown += 1
+            if sampled is not None:
                 hits = [extract_letter(tokenizer.decode(_strip_stop(s, engine)), conv.get("options")) == gold
-                        for s in res.sequences]
+                        for s in sampled[k].sequences]
                 tallies[0] += float(any(hits))
                 tallies[1] += sum(hits)
                 tallies[2] += len(hits)
-        if "categorical" in args.mode_list:
-            choice, _ = scorer(model, prompt)
-            conf["categorical"][LETTERS.index(gold), choice] += 1
-        if rank == 0 and (count + 1) % 25 == 0:
-            print0(f"  {name}: {(count + 1) * world_size}/{n} problems, {time.time() - t0:.0f}s")
+            if "categorical" in args.mode_list:
+                choice, _ = scorer(model, prompt)
+                conf["categorical"][LETTERS.index(gold), choice] += 1
+        done_count += len(chunk)
+        if rank == 0:
+            print0(f"  {name}: {done_count * world_size}/{n} problems, {time.time() - t0:.0f}s")
     if dist.is_available() and dist.is_initialized():
-        for t in list(conf.values()) + [gold_counts, tallies]:
+        for t in list(conf.values()) + [gold_counts, tallies, greedy_right]:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
     total = int(gold_counts.sum().item())
@@ -200,6 +213,7 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
                              for j, g in enumerate(LETTERS)}}
         if mode == "generative":
             row["greedy"] = True
+            row["per_problem"] = [int(v) for v in greedy_right.tolist()]  # 1 = problem i answered right
             row["mean_completion_tokens"] = tallies[3].item() / max(total, 1)
             if args.num_samples > 1:
                 row.update({"k": args.num_samples, "temperature": args.temperature,

@@ -47,105 +47,276 @@ import torch.nn.functional as F
 
 from nanochat import diagnostics as diag
 from nanochat.checkpoint import checkpoint_dir, load_model
-from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0
+from nanochat.common import (
+    autodetect_dtype,
+    cleanup_distributed,
+    get_base_dir,
+    init_distributed,
+    print0,
+)
 from nanochat.engine import Engine
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import report_dir, write_section
-from nanochat.rl import (correctness_reward, format_bonus, group_advantages, policy_loss, rollout_seed,
-                         token_weights, well_formed)
+from nanochat.rl import (
+    correctness_reward,
+    format_bonus,
+    group_advantages,
+    policy_loss,
+    rollout_seed,
+    token_weights,
+    well_formed,
+)
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
 from nanochat.training import StepTimer, save, set_lr, start_or_resume
 from tasks.aqua import extract_letter
 
 STAGE = "rl"
 # Flags that change what is trained: a resume with any of them changed is refused.
-SCHEDULE_FLAGS = ("seed", "num_steps", "examples_per_step", "num_samples", "max_new_tokens", "temperature",
-                  "top_k", "top_p", "format_reward", "format_anneal_steps", "mask_truncated", "adv_std_norm",
-                  "loss_norm", "ppo_epochs", "clip_eps", "clip_eps_high", "kl_coef", "init_lr_frac",
-                  "matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "warmdown_ratio",
-                  "grad_clip", "aqua_source", "train_examples", "synthetic_difficulty")
+SCHEDULE_FLAGS = (
+    "seed",
+    "num_steps",
+    "examples_per_step",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "format_reward",
+    "format_anneal_steps",
+    "mask_truncated",
+    "adv_std_norm",
+    "loss_norm",
+    "ppo_epochs",
+    "clip_eps",
+    "clip_eps_high",
+    "kl_coef",
+    "init_lr_frac",
+    "matrix_lr",
+    "embedding_lr",
+    "unembedding_lr",
+    "weight_decay",
+    "warmdown_ratio",
+    "grad_clip",
+    "aqua_source",
+    "train_examples",
+    "synthetic_difficulty",
+    "synthetic_seed",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_rl",
-                                description="GRPO-style RL on AQuA-style multiple choice (see the module "
-                                            "docstring for what one step does).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.chat_rl",
+        description="GRPO-style RL on AQuA-style multiple choice (see the module "
+        "docstring for what one step does).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("source checkpoint (the policy's start and the frozen reference)")
     g.add_argument("-i", "--source-stage", default="sft", choices=["mid", "sft", "rl"])
-    g.add_argument("--source-tag", default=None, help="tag of the source checkpoint (default: its latest)")
-    g.add_argument("--source-step", type=int, default=None, help="step of the source checkpoint (default: last)")
+    g.add_argument(
+        "--source-tag", default=None, help="tag of the source checkpoint (default: its latest)"
+    )
+    g.add_argument(
+        "--source-step",
+        type=int,
+        default=None,
+        help="step of the source checkpoint (default: last)",
+    )
     g.add_argument("--tag", default=None, help="output checkpoint tag (default: the source's tag)")
     g = p.add_argument_group("problems")
-    g.add_argument("--aqua-source", default="auto", choices=["auto", "hf", "dir", "synthetic"],
-                   help="hf: Hugging Face deepmind/aqua_rat; dir: --aqua-data-dir; synthetic: the offline "
-                        "generator; auto: dir if --aqua-data-dir is given, hf on CUDA, synthetic on CPU")
-    g.add_argument("--aqua-data-dir", default=None, help="local AQuA-RAT directory (original or prepared)")
-    g.add_argument("--train-examples", type=int, default=-1,
-                   help="training questions to draw from (-1: the whole train split; synthetic: 20000)")
-    g.add_argument("--synthetic-difficulty", default="easy", choices=["easy", "medium", "hard", "mixed"])
-    g.add_argument("--eval-problems", type=int, default=254,
-                   help="validation problems for rl/acc (AQuA-RAT dev has 254; -1: all)")
+    g.add_argument(
+        "--aqua-source",
+        default="auto",
+        choices=["auto", "hf", "dir", "synthetic"],
+        help="hf: Hugging Face deepmind/aqua_rat; dir: --aqua-data-dir; synthetic: the offline "
+        "generator; auto: dir if --aqua-data-dir is given, hf on CUDA, synthetic on CPU",
+    )
+    g.add_argument(
+        "--aqua-data-dir", default=None, help="local AQuA-RAT directory (original or prepared)"
+    )
+    g.add_argument(
+        "--train-examples",
+        type=int,
+        default=-1,
+        help="training questions to draw from (-1: the whole train split; synthetic: 20000)",
+    )
+    g.add_argument(
+        "--synthetic-difficulty", default="easy", choices=["easy", "medium", "hard", "mixed"]
+    )
+    g.add_argument(
+        "--synthetic-seed",
+        type=int,
+        default=1,
+        help="generator seed of the synthetic training questions: mid-training and SFT use seed 0, "
+        "so seed 1 gives train-split problems they never saw (validation always uses seed 0)",
+    )
+    g.add_argument(
+        "--eval-problems",
+        type=int,
+        default=254,
+        help="validation problems for rl/acc (AQuA-RAT dev has 254; -1: all)",
+    )
     g = p.add_argument_group("rollouts")
-    g.add_argument("--examples-per-step", type=int, default=16, help="questions per step (all ranks)")
-    g.add_argument("--num-samples", type=int, default=8, help="completions per question (the group)")
+    g.add_argument(
+        "--examples-per-step", type=int, default=32, help="questions per step (all ranks)"
+    )
+    g.add_argument(
+        "--num-samples", type=int, default=8, help="completions per question (the group)"
+    )
     g.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature (anything but 1 makes the loss's ratio off-policy)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature (anything but 1 makes the loss's ratio off-policy)",
+    )
     g.add_argument("--top-k", type=int, default=None, help="top-k sampling (off-policy when set)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (off-policy when set)")
-    g.add_argument("--rollout-prompts", type=int, default=0,
-                   help="prompts decoded together per batch on a rank (0: all of the rank's questions)")
+    g.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling (off-policy when set)"
+    )
+    g.add_argument(
+        "--rollout-prompts",
+        type=int,
+        default=0,
+        help="prompts decoded together per batch on a rank (0: all of the rank's questions)",
+    )
     g = p.add_argument_group("reward and advantage")
-    g.add_argument("--format-reward", type=float, default=0.0,
-                   help="bonus for one well-formed final 'Answer: X' line in a finished completion")
-    g.add_argument("--format-anneal-steps", type=int, default=0,
-                   help="the format bonus decays linearly to 0 over this many steps (0: constant)")
-    g.add_argument("--mask-truncated", action="store_true",
-                   help="leave completions cut off by --max-new-tokens out of the loss")
-    g.add_argument("--truncation-warn", type=float, default=0.2,
-                   help="warn when more than this fraction of a step's completions is truncated")
-    g.add_argument("--adv-std-norm", action="store_true", help="divide advantages by the group's reward std")
+    g.add_argument(
+        "--format-reward",
+        type=float,
+        default=0.0,
+        help="bonus for one well-formed final 'Answer: X' line in a finished completion",
+    )
+    g.add_argument(
+        "--format-anneal-steps",
+        type=int,
+        default=0,
+        help="the format bonus decays linearly to 0 over this many steps (0: constant)",
+    )
+    g.add_argument(
+        "--mask-truncated",
+        action="store_true",
+        help="leave completions cut off by --max-new-tokens out of the loss",
+    )
+    g.add_argument(
+        "--truncation-warn",
+        type=float,
+        default=0.2,
+        help="warn when more than this fraction of a step's completions is truncated",
+    )
+    g.add_argument(
+        "--adv-std-norm", action="store_true", help="divide advantages by the group's reward std"
+    )
     g = p.add_argument_group("loss")
-    g.add_argument("--loss-norm", default="token", choices=["token", "sequence", "constant"],
-                   help="token: mean over the global batch's completion tokens; sequence: mean of per-"
-                        "completion means; constant: sum / (completions * max-new-tokens), Dr. GRPO")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="optimizer passes over each rollout batch")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip below (1 - eps) and above")
-    g.add_argument("--clip-eps-high", type=float, default=None,
-                   help="upper clip 1 + eps_high (DAPO's clip-higher; default: --clip-eps)")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the reference (0: tracked only)")
-    g.add_argument("--device-batch-size", type=int, default=16, help="completions per training micro-batch")
+    g.add_argument(
+        "--loss-norm",
+        default="token",
+        choices=["token", "sequence", "constant"],
+        help="token: mean over the global batch's completion tokens; sequence: mean of per-"
+        "completion means; constant: sum / (completions * max-new-tokens), Dr. GRPO",
+    )
+    g.add_argument(
+        "--ppo-epochs", type=int, default=1, help="optimizer passes over each rollout batch"
+    )
+    g.add_argument(
+        "--clip-eps", type=float, default=0.2, help="ratio clip below (1 - eps) and above"
+    )
+    g.add_argument(
+        "--clip-eps-high",
+        type=float,
+        default=None,
+        help="upper clip 1 + eps_high (DAPO's clip-higher; default: --clip-eps)",
+    )
+    g.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.0,
+        help="k3 KL penalty to the reference (0: tracked only)",
+    )
+    g.add_argument(
+        "--device-batch-size", type=int, default=16, help="completions per training micro-batch"
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--num-steps", type=int, default=100, help="RL steps")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (x init-lr-frac)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (x init-lr-frac)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of block matrices (x init-lr-frac)")
+    g.add_argument(
+        "--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (x init-lr-frac)"
+    )
+    g.add_argument(
+        "--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (x init-lr-frac)"
+    )
+    g.add_argument(
+        "--matrix-lr", type=float, default=0.02, help="Muon lr of block matrices (x init-lr-frac)"
+    )
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--init-lr-frac", type=float, default=0.05, help="multiplier on the three lrs above")
-    g.add_argument("--warmdown-ratio", type=float, default=1.0,
-                   help="fraction of the steps at the end over which the lr decays linearly to 0")
+    g.add_argument(
+        "--init-lr-frac", type=float, default=0.05, help="multiplier on the three lrs above"
+    )
+    g.add_argument(
+        "--warmdown-ratio",
+        type=float,
+        default=1.0,
+        help="fraction of the steps at the end over which the lr decays linearly to 0",
+    )
     g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
     g.add_argument("--seed", type=int, default=42, help="question order and rollout sampling seed")
     g = p.add_argument_group("evaluation and diagnostics")
-    g.add_argument("--eval-every", type=int, default=25, help="rl/acc every N steps (0: start and end only)")
-    g.add_argument("--eval-samples", type=int, default=4, help="k of pass@k at temperature 1 (1: greedy only)")
-    g.add_argument("--eval-prompts", type=int, default=32, help="validation prompts decoded together")
-    g.add_argument("--diagnostics", action=argparse.BooleanOptionalAction, default=True,
-                   help="reference forward, KL, margins and attention entropy (--no-diagnostics: all off)")
-    g.add_argument("--kl-sample-frac", type=float, default=1.0,
-                   help="tracked KL and margins on the first ceil(frac * num-samples) completions of each "
-                        "group only (the reference forward's cost shrinks with it)")
-    g.add_argument("--attn-every", type=int, default=25, help="attention entropy every N steps (0: off)")
-    g.add_argument("--attn-heatmap-every", type=int, default=100, help="attention heatmaps every N steps (0: off)")
-    g.add_argument("--attn-probes", type=int, default=4, help="validation conversations probed for entropy")
-    g.add_argument("--log-every", type=int, default=1, help="print a line every N steps (all are logged)")
+    g.add_argument(
+        "--eval-every", type=int, default=25, help="rl/acc every N steps (0: start and end only)"
+    )
+    g.add_argument(
+        "--eval-samples", type=int, default=4, help="k of pass@k at temperature 1 (1: greedy only)"
+    )
+    g.add_argument(
+        "--eval-prompts", type=int, default=32, help="validation prompts decoded together"
+    )
+    g.add_argument(
+        "--diagnostics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reference forward, KL, margins and attention entropy (--no-diagnostics: all off)",
+    )
+    g.add_argument(
+        "--kl-sample-frac",
+        type=float,
+        default=0.125,
+        help="the reference scores the completions of the first ceil(frac * groups) groups of "
+        "each rank: tracked KL and margins come from that subsample (the reference forward "
+        "is the diagnostics' main cost; 1: every completion)",
+    )
+    g.add_argument(
+        "--attn-every", type=int, default=25, help="attention entropy every N steps (0: off)"
+    )
+    g.add_argument(
+        "--attn-heatmap-every",
+        type=int,
+        default=100,
+        help="attention heatmaps every N steps (0: off)",
+    )
+    g.add_argument(
+        "--attn-probes", type=int, default=4, help="validation conversations probed for entropy"
+    )
+    g.add_argument(
+        "--log-every", type=int, default=1, help="print a line every N steps (all are logged)"
+    )
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (0: only the final one)")
-    g.add_argument("--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)")
-    g.add_argument("--resume", default="auto", choices=["auto", "require"],
-                   help="auto: resume if this tag has a checkpoint; require: fail if there is none")
-    g.add_argument("--fresh", action="store_true", help="DELETE this tag's rl checkpoints and start over")
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=50,
+        help="checkpoint every N steps (0: only the final one)",
+    )
+    g.add_argument(
+        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
+    )
+    g.add_argument(
+        "--resume",
+        default="auto",
+        choices=["auto", "require"],
+        help="auto: resume if this tag has a checkpoint; require: fail if there is none",
+    )
+    g.add_argument(
+        "--fresh", action="store_true", help="DELETE this tag's rl checkpoints and start over"
+    )
     add_tracking_args(p)
     args = p.parse_args(argv)
     if args.clip_eps_high is None:
@@ -153,10 +324,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     problems = []
     if args.num_samples < 2:
         problems.append("--num-samples must be >= 2 (group advantages need at least two samples)")
-    if args.examples_per_step < 1 or args.num_steps < 1 or args.max_new_tokens < 1 or args.device_batch_size < 1:
-        problems.append("--examples-per-step, --num-steps, --max-new-tokens and --device-batch-size must be >= 1")
+    if (
+        args.examples_per_step < 1
+        or args.num_steps < 1
+        or args.max_new_tokens < 1
+        or args.device_batch_size < 1
+    ):
+        problems.append(
+            "--examples-per-step, --num-steps, --max-new-tokens and --device-batch-size must be >= 1"
+        )
     if args.temperature <= 0:
-        problems.append("--temperature must be > 0 (greedy rollouts make every sample of a group the same)")
+        problems.append(
+            "--temperature must be > 0 (greedy rollouts make every sample of a group the same)"
+        )
     if args.ppo_epochs < 1:
         problems.append("--ppo-epochs must be >= 1")
     if args.clip_eps <= 0 or args.clip_eps_high <= 0:
@@ -188,18 +368,27 @@ def load_split(args, source: str, split: str, n: int):
     """The task of one split: AQuA-RAT (hf/dir) or synthetic problems; n < 0 = the whole split."""
     if source == "synthetic":
         from tasks.synthetic_aqua import SyntheticAqua
+
         size = n if n > 0 else (20000 if split == "train" else 254)
-        return SyntheticAqua(split, num_examples=size, difficulty=args.synthetic_difficulty)
+        seed = args.synthetic_seed if split == "train" else 0
+        return SyntheticAqua(
+            split, num_examples=size, difficulty=args.synthetic_difficulty, seed=seed
+        )
     from tasks.aqua import AquaRat
+
     data_dir = args.aqua_data_dir if source == "dir" else None
     try:
         task = AquaRat(split, data_dir=data_dir, max_examples=None if n < 0 else n)
     except Exception as exc:
         where = f"--aqua-data-dir {data_dir}" if data_dir else "Hugging Face deepmind/aqua_rat"
-        raise SystemExit(f"AQuA-RAT {split} could not be loaded from {where} ({type(exc).__name__}: {exc}). "
-                         f"Pass --aqua-data-dir, or use --aqua-source synthetic offline.") from exc
+        raise SystemExit(
+            f"AQuA-RAT {split} could not be loaded from {where} ({type(exc).__name__}: {exc}). "
+            f"Pass --aqua-data-dir, or use --aqua-source synthetic offline."
+        ) from exc
     if len(task) == 0:
-        raise SystemExit(f"AQuA-RAT {split} from {task.source} has no valid rows: nothing to train or score on")
+        raise SystemExit(
+            f"AQuA-RAT {split} from {task.source} has no valid rows: nothing to train or score on"
+        )
     return task
 
 
@@ -220,19 +409,24 @@ def _pass_order(seed: int, epoch: int, n: int) -> list[int]:
 
 @dataclass
 class Completion:
-    ids: list[int]           # prompt + completion
+    ids: list[int]  # prompt + completion
     prompt_len: int
-    logprobs: list[float]    # the engine's log-probs of the completion tokens
+    logprobs: list[float]  # the engine's log-probs of the completion tokens
     finished: bool
     reward: float
     correct: bool
-    letter: str | None       # the letter the completion chose (extract_letter)
-    letter_pos: int | None   # index in ids of its final answer-letter token
-    gold: int                # index 0-4 of the gold letter
-    sample: int              # index inside its group
+    letter: str | None  # the letter the completion chose (extract_letter)
+    letter_pos: int | None  # index in ids of its final answer-letter token
+    letter_logits: (
+        list[float] | None
+    )  # the policy's logits of " A".." E" where it chose that letter
+    gold: int  # index 0-4 of the gold letter
+    sample: int  # index inside its group
 
 
-def rollout(engine, tokenizer, task, questions: list[int], step: int, args, letter_ids) -> list[list[Completion]]:
+def rollout(
+    engine, tokenizer, task, questions: list[int], step: int, args, letter_ids
+) -> list[list[Completion]]:
     """Sample and score the groups of this rank's questions (global question numbers)."""
     convs = [task[question_index(args.seed, q, len(task))] for q in questions]
     prompts = [tokenizer.render_for_completion(conv) for conv in convs]
@@ -240,9 +434,16 @@ def rollout(engine, tokenizer, task, questions: list[int], step: int, args, lett
     chunk = args.rollout_prompts or len(prompts)
     results = []
     for i in range(0, len(prompts), chunk):
-        results += engine.generate_multi(prompts[i:i + chunk], num_samples=args.num_samples,
-                                         max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seeds=seeds[i:i + chunk])
+        results += engine.generate_multi(
+            prompts[i : i + chunk],
+            num_samples=args.num_samples,
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seeds=seeds[i : i + chunk],
+            watch_ids=letter_ids,
+        )
     bonus = format_bonus(args.format_reward, args.format_anneal_steps, step)
     groups = []
     for conv, prompt, res in zip(convs, prompts, results):
@@ -253,11 +454,21 @@ def rollout(engine, tokenizer, task, questions: list[int], step: int, args, lett
             correct = correctness_reward(task, conv, text)
             reward = correct + (bonus if bonus and well_formed(text, fin) else 0.0)
             pos = diag.answer_letter_position(body, tokenizer, letter_ids) if letter_ids else None
-            group.append(Completion(ids=prompt + seq, prompt_len=len(prompt), logprobs=lps, finished=fin,
-                                    reward=reward, correct=bool(correct),
-                                    letter=extract_letter(text, conv.get("options")),
-                                    letter_pos=None if pos is None else len(prompt) + pos,
-                                    gold="ABCDE".index(conv["answer"]), sample=i))
+            group.append(
+                Completion(
+                    ids=prompt + seq,
+                    prompt_len=len(prompt),
+                    logprobs=lps,
+                    finished=fin,
+                    reward=reward,
+                    correct=bool(correct),
+                    letter=extract_letter(text, conv.get("options")),
+                    letter_pos=None if pos is None else len(prompt) + pos,
+                    letter_logits=None if pos is None else res.watched[i][pos],
+                    gold="ABCDE".index(conv["answer"]),
+                    sample=i,
+                )
+            )
         groups.append(group)
     return groups
 
@@ -274,8 +485,10 @@ def batch_tensors(rows: list[Completion], pad_id: int, device, mask_truncated: b
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for r, c in enumerate(rows):
         ids = torch.tensor(c.ids, dtype=torch.long)
-        x[r, :len(c.ids) - 1] = ids[:-1]
-        y[r, c.prompt_len - 1:len(c.ids) - 1] = ids[c.prompt_len:]  # position t predicts token t + 1
+        x[r, : len(c.ids) - 1] = ids[:-1]
+        y[r, c.prompt_len - 1 : len(c.ids) - 1] = ids[
+            c.prompt_len :
+        ]  # position t predicts token t + 1
     comp = y != -1
     train = comp.clone()
     if mask_truncated:
@@ -289,85 +502,121 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -nll.view(targets.shape) * (targets != -1)
 
 
-def diagnose(policy_logits, ref_logits, logp, ref_logp, comp, rows, letter_ids, out: dict) -> None:
-    """Append per-completion KL, k3 KL and (where there is an answer letter) letter KL and margin."""
-    seq_kl, seq_k3 = diag.sequence_kl(logp, ref_logp, comp)
-    out["kl_seq"] += seq_kl.tolist()
-    out["kl_seq_k3"] += seq_k3.tolist()
-    lettered = [r for r, c in enumerate(rows) if c.letter_pos is not None]
-    if letter_ids and lettered:
-        at = torch.tensor([rows[r].letter_pos - 1 for r in lettered], device=logp.device)  # logits before it
-        idx = torch.tensor(lettered, device=logp.device)
-        pol, ref = policy_logits[idx, at], ref_logits[idx, at]
-        gold = torch.tensor([rows[r].gold for r in lettered], device=logp.device)
-        out["kl_letter"] += diag.letter_kl(pol, ref, letter_ids).tolist()
-        out["margin"] += diag.letter_margin(pol, letter_ids, gold).tolist()
+def diagnose(ref_model, groups, args, letter_ids, pad_id) -> dict:
+    """Per completion: sequence KL (and k3) to the reference, and where there is an answer letter,
+    letter KL and margin. The policy's side comes from the rollout itself (the engine's log-probs and
+    letter logits: the policy before this step's update); the reference scores the completions of the
+    first ceil(kl-sample-frac * groups) groups of this rank, one prompt forward per group."""
+    out = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": []}
+    for group in groups[: math.ceil(args.kl_sample_frac * len(groups))]:
+        prompt = group[0].ids[: group[0].prompt_len]
+        completions = [c.ids[c.prompt_len :] for c in group]
+        ref = diag.completion_logits(ref_model, prompt, completions, pad_id)
+        targets = torch.tensor(
+            [c + [-1] * (ref.size(1) - len(c)) for c in completions], device=ref.device
+        )
+        policy_logp = torch.tensor(
+            [c.logprobs + [0.0] * (ref.size(1) - len(c.logprobs)) for c in group], device=ref.device
+        )
+        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, token_logprobs(ref, targets), targets != -1)
+        out["kl_seq"] += seq_kl.tolist()
+        out["kl_seq_k3"] += seq_k3.tolist()
+        lettered = [r for r, c in enumerate(group) if c.letter_pos is not None]
+        if letter_ids and lettered:
+            at = torch.tensor(
+                [group[r].letter_pos - group[r].prompt_len for r in lettered], device=ref.device
+            )
+            ref_letters = ref[torch.tensor(lettered, device=ref.device), at]
+            # the policy's five letter logits, placed in a full-vocabulary row for the shared helpers
+            policy_letters = torch.full_like(ref_letters, float("-inf"))
+            policy_letters[:, letter_ids] = torch.tensor(
+                [group[r].letter_logits for r in lettered], device=ref.device
+            )
+            gold = torch.tensor([group[r].gold for r in lettered], device=ref.device)
+            out["kl_letter"] += diag.letter_kl(policy_letters, ref_letters, letter_ids).tolist()
+            out["margin"] += diag.letter_margin(policy_letters, letter_ids, gold).tolist()
+    return out
 
 
-def train_step(model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id):
+def train_step(
+    model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id
+):
     """The ppo-epochs optimizer steps on one rollout batch; returns the step's statistics (this rank)."""
     device, world = info.device, info.world_size
+    stats = {
+        "kl_seq": [],
+        "kl_seq_k3": [],
+        "kl_letter": [],
+        "margin": [],
+        "clipped": 0.0,
+        "clip_tokens": 0.0,
+        "logprob_gap": 0.0,
+        "gap_tokens": 0.0,
+        "grad_norm": 0.0,
+    }
+    if (
+        args.diagnostics
+    ):  # how far the policy (as it sampled, before this update) is from the reference
+        stats.update(diagnose(ref_model, groups, args, letter_ids, pad_id))
     rows = [c for group in groups for c in group]
     row_adv = [a for group_adv in adv.tolist() for a in group_adv]
-    row_zero = [bool(z) for z in zero_signal.tolist() for _ in range(args.num_samples)]
-    diag_samples = math.ceil(args.kl_sample_frac * args.num_samples)
-    want_diag = args.diagnostics
-    # Rows that train: their group has signal. The rest only feed diagnostics (no graph, no backward).
-    trained = [i for i in range(len(rows)) if not row_zero[i]]
-    watched = [i for i in range(len(rows)) if row_zero[i] and want_diag and rows[i].sample < diag_samples]
-    micro = lambda idx: [idx[k:k + args.device_batch_size] for k in range(0, len(idx), args.device_batch_size)]  # noqa: E731
-    batches = [(b, True) for b in micro(trained)] + [(b, False) for b in micro(watched)]
+    # Only rows whose group has a signal train; the others have zero advantage everywhere.
+    trained = [i for i, c in enumerate(rows) if not zero_signal[i // args.num_samples]]
+    batches = [
+        trained[k : k + args.device_batch_size]
+        for k in range(0, len(trained), args.device_batch_size)
+    ]
 
     # the global normalisers of the loss (every rank and micro-batch shares them)
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for i in trained:
-        n_tok = len(rows[i].ids) - rows[i].prompt_len
-        if args.mask_truncated and not rows[i].finished:
-            continue
-        counts += torch.tensor([float(n_tok), 1.0], dtype=torch.float64, device=device)
+        if not (args.mask_truncated and not rows[i].finished):
+            counts += torch.tensor(
+                [float(len(rows[i].ids) - rows[i].prompt_len), 1.0],
+                dtype=torch.float64,
+                device=device,
+            )
     if info.is_ddp:
         dist.all_reduce(counts)
     global_tokens, global_seqs = counts.tolist()
 
-    stats = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": [], "clipped": 0.0, "clip_tokens": 0.0,
-             "logprob_gap": 0.0, "gap_tokens": 0.0, "grad_norm": 0.0}
-    cache = {}  # per micro-batch: old and reference log-probs for the later epochs
+    first_pass = {}  # per micro-batch: old (and reference) log-probs for the later epochs
     for epoch in range(args.ppo_epochs):
-        for b, (idx, trains) in enumerate(batches):
-            if epoch > 0 and not trains:
-                continue
+        for b, idx in enumerate(batches):
             sub = [rows[i] for i in idx]
             x, y, comp, train_mask = batch_tensors(sub, pad_id, device, args.mask_truncated)
-            with torch.set_grad_enabled(trains):
-                logits = model(x)
-                logp = token_logprobs(logits, y)
+            logp = token_logprobs(model(x), y)
             if epoch == 0:
-                need_ref = args.kl_coef > 0 or want_diag
-                ref_logits = ref_logp = None
-                if need_ref:
+                ref_logp = None
+                if args.kl_coef > 0:
                     with torch.no_grad():
-                        ref_logits = ref_model(x)
-                        ref_logp = token_logprobs(ref_logits, y)
-                    if want_diag:
-                        keep = [r for r, c in enumerate(sub) if c.sample < diag_samples]
-                        if keep:
-                            k = torch.tensor(keep, device=device)
-                            diagnose(logits.detach()[k], ref_logits[k], logp.detach()[k], ref_logp[k], comp[k],
-                                     [sub[r] for r in keep], letter_ids, stats)
+                        ref_logp = token_logprobs(ref_model(x), y)
                 engine_lp = torch.zeros_like(logp)
                 for r, c in enumerate(sub):
-                    engine_lp[r, c.prompt_len - 1:len(c.ids) - 1] = torch.tensor(c.logprobs, device=device)
+                    engine_lp[r, c.prompt_len - 1 : len(c.ids) - 1] = torch.tensor(
+                        c.logprobs, device=device
+                    )
                 stats["logprob_gap"] += ((logp.detach() - engine_lp).abs() * comp).sum().item()
                 stats["gap_tokens"] += comp.sum().item()
-                cache[b] = (logp.detach(), ref_logp if args.kl_coef > 0 else None)
-            if not trains:
-                continue
-            old_logp, ref_lp = cache[b]
-            weights = token_weights(train_mask, args.loss_norm, global_tokens, global_seqs, args.max_new_tokens)
+                first_pass[b] = (logp.detach(), ref_logp)
+            old_logp, ref_logp = first_pass[b]
+            weights = token_weights(
+                train_mask, args.loss_norm, global_tokens, global_seqs, args.max_new_tokens
+            )
             a = torch.tensor([row_adv[i] for i in idx], device=device)
-            loss, clipped = policy_loss(logp, old_logp, a, weights, args.clip_eps, args.clip_eps_high,
-                                        args.kl_coef, ref_lp)
-            (loss * world).backward()  # the optimizers average gradients over ranks: * world = global sum
+            loss, clipped = policy_loss(
+                logp,
+                old_logp,
+                a,
+                weights,
+                args.clip_eps,
+                args.clip_eps_high,
+                args.kl_coef,
+                ref_logp,
+            )
+            (
+                loss * world
+            ).backward()  # the optimizers average gradients over ranks: * world = global sum
             stats["clipped"] += clipped.sum().item()
             stats["clip_tokens"] += train_mask.sum().item()
         grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
@@ -386,16 +635,23 @@ def train_step(model, ref_model, optimizers, groups, adv, zero_signal, args, inf
 def evaluate(engine, tokenizer, task, n: int, args, info) -> dict:
     """Greedy accuracy and pass@k (temperature 1) on the first n validation problems, over all ranks."""
     mine = list(range(info.rank, n, info.world_size))
-    tally = torch.zeros(4, dtype=torch.float64, device=info.device)  # greedy hits, pass@k hits, sample hits, n
+    tally = torch.zeros(
+        4, dtype=torch.float64, device=info.device
+    )  # greedy hits, pass@k hits, sample hits, n
     for start in range(0, len(mine), args.eval_prompts):
-        idx = mine[start:start + args.eval_prompts]
+        idx = mine[start : start + args.eval_prompts]
         convs = [task[i] for i in idx]
         prompts = [tokenizer.render_for_completion(conv) for conv in convs]
         greedy = engine.generate_multi(prompts, 1, args.max_new_tokens, temperature=0.0, seeds=idx)
         sampled = None
         if args.eval_samples > 1:
-            sampled = engine.generate_multi(prompts, args.eval_samples, args.max_new_tokens, temperature=1.0,
-                                            seeds=[args.seed * 7 + i for i in idx])
+            sampled = engine.generate_multi(
+                prompts,
+                args.eval_samples,
+                args.max_new_tokens,
+                temperature=1.0,
+                seeds=[args.seed * 7 + i for i in idx],
+            )
         for k, conv in enumerate(convs):
             grade = lambda seq: task.evaluate(conv, tokenizer.decode(engine_text(seq, engine)))  # noqa: E731
             tally[0] += grade(greedy[k].sequences[0])
@@ -439,12 +695,26 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
     rows = [c for group in groups for c in group]
     lengths = [len(c.ids) - c.prompt_len for c in rows]
     rewards = [c.reward for c in rows]
-    sums = torch.tensor([len(rows), sum(rewards), sum(r * r for r in rewards), sum(c.correct for c in rows),
-                         sum(lengths), sum(not c.finished for c in rows), float(zero_signal.sum()),
-                         len(groups), stats["clipped"], stats["clip_tokens"], stats["logprob_gap"],
-                         stats["gap_tokens"], sum(c.letter_pos is not None for c in rows)]
-                        + [letter_counts[k] for k in list(diag.LETTERS) + ["none"]],
-                        dtype=torch.float64, device=info.device)
+    sums = torch.tensor(
+        [
+            len(rows),
+            sum(rewards),
+            sum(r * r for r in rewards),
+            sum(c.correct for c in rows),
+            sum(lengths),
+            sum(not c.finished for c in rows),
+            float(zero_signal.sum()),
+            len(groups),
+            stats["clipped"],
+            stats["clip_tokens"],
+            stats["logprob_gap"],
+            stats["gap_tokens"],
+            sum(c.letter_pos is not None for c in rows),
+        ]
+        + [letter_counts[k] for k in list(diag.LETTERS) + ["none"]],
+        dtype=torch.float64,
+        device=info.device,
+    )
     longest = torch.tensor([max(lengths)], dtype=torch.float64, device=info.device)
     lists = {k: stats[k] for k in ("kl_seq", "kl_seq_k3", "kl_letter", "margin")}
     if info.is_ddp:
@@ -456,16 +726,31 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
     s = sums.tolist()
     n = max(s[0], 1.0)
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-    out = {"rl/mean_reward": s[1] / n, "rl/reward_std": math.sqrt(max(s[2] / n - (s[1] / n) ** 2, 0.0)),
-           "rl/sample_acc": s[3] / n, "rl/completion_len_mean": s[4] / n, "rl/completion_len_max": longest.item(),
-           "rl/truncation_rate": s[5] / n, "rl/zero_signal_groups": s[6], "rl/groups": s[7],
-           "rl/clip_frac": s[8] / max(s[9], 1.0), "rl/logprob_gap_mean": s[10] / max(s[11], 1.0),
-           "rl/answered_frac": s[12] / n, "rl/grad_norm": stats["grad_norm"]}
+    out = {
+        "rl/mean_reward": s[1] / n,
+        "rl/reward_std": math.sqrt(max(s[2] / n - (s[1] / n) ** 2, 0.0)),
+        "rl/sample_acc": s[3] / n,
+        "rl/completion_len_mean": s[4] / n,
+        "rl/completion_len_max": longest.item(),
+        "rl/truncation_rate": s[5] / n,
+        "rl/zero_signal_groups": s[6],
+        "rl/groups": s[7],
+        "rl/clip_frac": s[8] / max(s[9], 1.0),
+        "rl/logprob_gap_mean": s[10] / max(s[11], 1.0),
+        "rl/answered_frac": s[12] / n,
+        "rl/grad_norm": stats["grad_norm"],
+    }
     for k, letter in enumerate(list(diag.LETTERS) + ["none"]):
         out[f"rl/letter_pred_counts/{letter}"] = s[13 + k]
     if args.diagnostics:
-        out.update({"rl/kl_sequence_mean": mean(lists["kl_seq"]), "rl/kl_sequence_k3_mean": mean(lists["kl_seq_k3"]),
-                    "rl/kl_letter_mean": mean(lists["kl_letter"]), "rl/letter_margin_mean": mean(lists["margin"])})
+        out.update(
+            {
+                "rl/kl_sequence_mean": mean(lists["kl_seq"]),
+                "rl/kl_sequence_k3_mean": mean(lists["kl_seq_k3"]),
+                "rl/kl_letter_mean": mean(lists["kl_letter"]),
+                "rl/letter_margin_mean": mean(lists["margin"]),
+            }
+        )
         if lists["margin"]:
             out["rl/letter_margin_hist"] = Histogram(lists["margin"])
     return out
@@ -487,60 +772,99 @@ def main(argv=None) -> dict:
     info = init_distributed()
     device, rank, world = info.device, info.rank, info.world_size
     if args.examples_per_step % world != 0:
-        raise SystemExit(f"--examples-per-step {args.examples_per_step} must be divisible by the {world} "
-                         f"processes (each rank samples an equal share of the questions)")
+        raise SystemExit(
+            f"--examples-per-step {args.examples_per_step} must be divisible by the {world} "
+            f"processes (each rank samples an equal share of the questions)"
+        )
     if args.temperature != 1.0 or args.top_k is not None or args.top_p is not None:
-        print0("WARNING: temperature != 1 or top-k/top-p: the samples do not come from the policy's own "
-               "distribution, so the loss's ratio and the tracked sequence KL are off-policy estimates")
+        print0(
+            "WARNING: temperature != 1 or top-k/top-p: the samples do not come from the policy's own "
+            "distribution, so the loss's ratio and the tracked sequence KL are off-policy estimates"
+        )
     base_dir = get_base_dir()
 
     # ---- model: the policy and its frozen reference (the same starting weights)
-    model, tokenizer, src_meta = load_model(args.source_stage, tag=args.source_tag, step=args.source_step,
-                                            device=device, phase="train")
+    model, tokenizer, src_meta = load_model(
+        args.source_stage, tag=args.source_tag, step=args.source_step, device=device, phase="train"
+    )
     ref_model = None
     if args.diagnostics or args.kl_coef > 0:
-        ref_model, _, _ = load_model(args.source_stage, tag=args.source_tag, step=args.source_step,
-                                     device=device, phase="eval")
+        ref_model, _, _ = load_model(
+            args.source_stage,
+            tag=args.source_tag,
+            step=args.source_step,
+            device=device,
+            phase="eval",
+        )
         ref_model.requires_grad_(False)
     tag = args.tag or src_meta.get("tag") or f"d{model.config.n_layer}"
     letter_ids = diag.letter_token_ids(tokenizer)
     if letter_ids is None:
-        print0("note: ' A'..' E' are not single tokens after 'Answer:' in this tokenizer: letter KL and "
-               "margins are off")
+        print0(
+            "note: ' A'..' E' are not single tokens after 'Answer:' in this tokenizer: letter KL and "
+            "margins are off"
+        )
 
     # ---- problems
     source = resolve_source(args, device)
     train_task = load_split(args, source, "train", args.train_examples)
     val_task = load_split(args, source, "validation", args.eval_problems)
     n_eval = len(val_task) if args.eval_problems < 0 else min(args.eval_problems, len(val_task))
-    probes = [tokenizer.render_conversation(val_task[i], max_tokens=model.config.sequence_len)[0]
-              for i in range(min(args.attn_probes, len(val_task)))]
-    print0(f"rl: {args.source_stage}/{src_meta.get('tag')} step {src_meta.get('step')} -> rl/{tag}; "
-           f"{source} problems: {len(train_task)} train, {n_eval} validation; {args.num_steps} steps x "
-           f"{args.examples_per_step} questions x {args.num_samples} samples on {world} x {device.type}")
+    probes = [
+        tokenizer.render_conversation(val_task[i], max_tokens=model.config.sequence_len)[0]
+        for i in range(min(args.attn_probes, len(val_task)))
+    ]
+    print0(
+        f"rl: {args.source_stage}/{src_meta.get('tag')} step {src_meta.get('step')} -> rl/{tag}; "
+        f"{source} problems: {len(train_task)} train, {n_eval} validation; {args.num_steps} steps x "
+        f"{args.examples_per_step} questions x {args.num_samples} samples on {world} x {device.type}"
+    )
 
     # ---- optimizer, checkpoint
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=args.unembedding_lr,
+        embedding_lr=args.embedding_lr,
+        matrix_lr=args.matrix_lr,
+        weight_decay=args.weight_decay,
+    )
     ckpt_dir = checkpoint_dir(STAGE, tag)
-    start_step, resumed, _ = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh, args.resume)
+    start_step, resumed, _ = start_or_resume(
+        ckpt_dir, info, model, optimizers, args.fresh, args.resume
+    )
     stats_kept = {"first_acc": None, "best_acc": None, "train_time": 0.0, "timed_steps": 0}
     if resumed is not None:
         old = resumed.get("args", {})
-        changed = [f"{k}: {old.get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS if old.get(k) != getattr(args, k)]
+        changed = [
+            f"{k}: {old.get(k)} -> {getattr(args, k)}"
+            for k in SCHEDULE_FLAGS
+            if old.get(k) != getattr(args, k)
+        ]
         if changed:
-            raise SystemExit(f"{ckpt_dir} step {start_step} was trained with other settings ({', '.join(changed)}). "
-                             f"Keep the flags to resume, or use --fresh / another --tag.")
+            raise SystemExit(
+                f"{ckpt_dir} step {start_step} was trained with other settings ({', '.join(changed)}). "
+                f"Keep the flags to resume, or use --fresh / another --tag."
+            )
         stats_kept.update(resumed.get("stats", {}))
-    run_config = {**vars(args), "stage": STAGE, "tag": tag, "source_tag": src_meta.get("tag"),
-                  "source_step": src_meta.get("step"), "problem_source": source, "world_size": world,
-                  "device": str(device), "dtype": str(autodetect_dtype(device)),
-                  "model_config": asdict(model.config), "resumed_from": start_step}
+    run_config = {
+        **vars(args),
+        "stage": STAGE,
+        "tag": tag,
+        "source_tag": src_meta.get("tag"),
+        "source_step": src_meta.get("step"),
+        "problem_source": source,
+        "world_size": world,
+        "device": str(device),
+        "dtype": str(autodetect_dtype(device)),
+        "model_config": asdict(model.config),
+        "resumed_from": start_step,
+    }
     tracker = make_tracker(args, STAGE, run_config)
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     per_rank = args.examples_per_step // world
-    timer = StepTimer(device, start_step, args.num_steps, stats_kept["train_time"], stats_kept["timed_steps"])
+    timer = StepTimer(
+        device, start_step, args.num_steps, stats_kept["train_time"], stats_kept["timed_steps"]
+    )
     last_eval = {}
 
     # ---- the loop: `step` = RL steps already taken
@@ -549,15 +873,26 @@ def main(argv=None) -> dict:
         last = step == args.num_steps
         if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
             last_eval = evaluate(engine, tokenizer, val_task, n_eval, args, info)
-            stats_kept["first_acc"] = stats_kept["first_acc"] if stats_kept["first_acc"] is not None \
+            stats_kept["first_acc"] = (
+                stats_kept["first_acc"]
+                if stats_kept["first_acc"] is not None
                 else last_eval["rl/acc"]
+            )
             stats_kept["best_acc"] = max(stats_kept["best_acc"] or 0.0, last_eval["rl/acc"])
             tracker.log(last_eval, step=step)
-            print0(f"step {step:04d}/{args.num_steps} | eval " + " | ".join(f"{k} {v:.3f}" for k, v in last_eval.items()))
+            print0(
+                f"step {step:04d}/{args.num_steps} | eval "
+                + " | ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
+            )
         attn_now = args.diagnostics and args.attn_every > 0 and step % args.attn_every == 0
-        heat_now = args.diagnostics and args.attn_heatmap_every > 0 and step % args.attn_heatmap_every == 0
+        heat_now = (
+            args.diagnostics and args.attn_heatmap_every > 0 and step % args.attn_heatmap_every == 0
+        )
         if (attn_now or heat_now or (last and args.diagnostics)) and rank == 0 and probes:
-            tracker.log(attention_metrics(model, tokenizer, probes, step, heat_now or last, base_dir), step=step)
+            tracker.log(
+                attention_metrics(model, tokenizer, probes, step, heat_now or last, base_dir),
+                step=step,
+            )
         if last:
             break
 
@@ -570,60 +905,113 @@ def main(argv=None) -> dict:
         adv, zero_signal = group_advantages(rewards, args.adv_std_norm)
         lrm = lr_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
-        stats = train_step(model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id)
+        stats = train_step(
+            model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id
+        )
         timer.stop()
         step += 1
 
         counts = diag.letter_counts([c.letter for group in groups for c in group])
         metrics = step_metrics(groups, zero_signal, stats, args, info, counts)
-        new_tokens = torch.tensor([float(sum(len(c.ids) - c.prompt_len for g in groups for c in g))], device=device)
+        new_tokens = torch.tensor(
+            [float(sum(len(c.ids) - c.prompt_len for g in groups for c in g))], device=device
+        )
         if info.is_ddp:
             dist.all_reduce(new_tokens)
-        metrics.update({"rl/lr": args.matrix_lr * args.init_lr_frac * lrm, "rl/lrm": lrm,
-                        "rl/step_time_s": timer.last, "rl/rollout_time_s": rollout_s,
-                        "rl/rollout_tok_per_s": new_tokens.item() / max(rollout_s, 1e-9),
-                        "rl/format_bonus": format_bonus(args.format_reward, args.format_anneal_steps, step - 1)})
+        metrics.update(
+            {
+                "rl/lr": args.matrix_lr * args.init_lr_frac * lrm,
+                "rl/lrm": lrm,
+                "rl/step_time_s": timer.last,
+                "rl/rollout_time_s": rollout_s,
+                "rl/rollout_tok_per_s": new_tokens.item() / max(rollout_s, 1e-9),
+                "rl/format_bonus": format_bonus(
+                    args.format_reward, args.format_anneal_steps, step - 1
+                ),
+            }
+        )
         tracker.log(metrics, step=step)
         if metrics["rl/truncation_rate"] > args.truncation_warn:
-            print0(f"WARNING step {step}: {metrics['rl/truncation_rate']:.0%} of the completions hit "
-                   f"--max-new-tokens {args.max_new_tokens} (raise it, or --mask-truncated)")
+            print0(
+                f"WARNING step {step}: {metrics['rl/truncation_rate']:.0%} of the completions hit "
+                f"--max-new-tokens {args.max_new_tokens} (raise it, or --mask-truncated)"
+            )
         if step % args.log_every == 0 or step == args.num_steps:
-            kl = (f" | kl seq {metrics['rl/kl_sequence_mean']:.4f} letter {metrics['rl/kl_letter_mean']:.4f} "
-                  f"| margin {metrics['rl/letter_margin_mean']:.2f}") if args.diagnostics else ""
-            print0(f"step {step:04d}/{args.num_steps} | reward {metrics['rl/mean_reward']:.3f} | "
-                   f"zero-signal {int(metrics['rl/zero_signal_groups'])}/{int(metrics['rl/groups'])}{kl} | "
-                   f"len {metrics['rl/completion_len_mean']:.0f} | {timer.last:.2f}s "
-                   f"(rollout {rollout_s:.2f}s, {metrics['rl/rollout_tok_per_s']:,.0f} tok/s)")
+            kl = (
+                (
+                    f" | kl seq {metrics['rl/kl_sequence_mean']:.4f} letter {metrics['rl/kl_letter_mean']:.4f} "
+                    f"| margin {metrics['rl/letter_margin_mean']:.2f}"
+                )
+                if args.diagnostics
+                else ""
+            )
+            print0(
+                f"step {step:04d}/{args.num_steps} | reward {metrics['rl/mean_reward']:.3f} | "
+                f"zero-signal {int(metrics['rl/zero_signal_groups'])}/{int(metrics['rl/groups'])}{kl} | "
+                f"len {metrics['rl/completion_len_mean']:.0f} | {timer.last:.2f}s "
+                f"(rollout {rollout_s:.2f}s, {metrics['rl/rollout_tok_per_s']:,.0f} tok/s)"
+            )
 
         if step == args.num_steps or (args.save_every > 0 and step % args.save_every == 0):
             stats_kept.update(train_time=timer.total, timed_steps=timer.count)
-            meta = {"model_config": asdict(model.config), "stage": STAGE, "tag": tag, "args": vars(args),
-                    "source_stage": args.source_stage, "source_tag": src_meta.get("tag"),
-                    "source_step": src_meta.get("step"), "num_iterations": args.num_steps, "stats": stats_kept,
-                    "eval": last_eval}
+            meta = {
+                "model_config": asdict(model.config),
+                "stage": STAGE,
+                "tag": tag,
+                "args": vars(args),
+                "source_stage": args.source_stage,
+                "source_tag": src_meta.get("tag"),
+                "source_step": src_meta.get("step"),
+                "num_iterations": args.num_steps,
+                "stats": stats_kept,
+                "eval": last_eval,
+            }
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last, {})
 
     # ---- wrap up
-    summary = {"final/acc": last_eval.get("rl/acc"), "final/first_acc": stats_kept["first_acc"],
-               "final/best_acc": stats_kept["best_acc"], "final/steps": args.num_steps,
-               "final/train_time_s": timer.total}
+    summary = {
+        "final/acc": last_eval.get("rl/acc"),
+        "final/first_acc": stats_kept["first_acc"],
+        "final/best_acc": stats_kept["best_acc"],
+        "final/steps": args.num_steps,
+        "final/train_time_s": timer.total,
+    }
     if f"rl/pass@{args.eval_samples}" in last_eval:
         summary[f"final/pass@{args.eval_samples}"] = last_eval[f"rl/pass@{args.eval_samples}"]
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
-        write_report(base_dir, args, src_meta, tag, source, len(train_task), n_eval, stats_kept, last_eval,
-                     timer, world, device)
+        write_report(
+            base_dir,
+            args,
+            src_meta,
+            tag,
+            source,
+            len(train_task),
+            n_eval,
+            stats_kept,
+            last_eval,
+            timer,
+            world,
+            device,
+        )
     cleanup_distributed()
-    return {"acc": last_eval.get("rl/acc"), "first_acc": stats_kept["first_acc"], "ckpt_dir": str(ckpt_dir),
-            **last_eval}
+    return {
+        "acc": last_eval.get("rl/acc"),
+        "first_acc": stats_kept["first_acc"],
+        "ckpt_dir": str(ckpt_dir),
+        **last_eval,
+    }
 
 
-def write_report(base_dir, args, src_meta, tag, source, n_train, n_eval, kept, last_eval, timer, world, device):
+def write_report(
+    base_dir, args, src_meta, tag, source, n_train, n_eval, kept, last_eval, timer, world, device
+):
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     pass_k = last_eval.get(f"rl/pass@{args.eval_samples}")
     lines = [
-        "## Reinforcement learning (chat_rl)", "",
+        "## Reinforcement learning (chat_rl)",
+        "",
         f"- checkpoint: `{checkpoint_dir(STAGE, tag)}` (step {args.num_steps}), from {args.source_stage}/"
         f"{src_meta.get('tag')} step {src_meta.get('step')}; the reference model is that checkpoint, frozen",
         f"- problems: {source}, {n_train} train questions; rl/acc on {n_eval} validation problems (greedy)",
@@ -633,7 +1021,8 @@ def write_report(base_dir, args, src_meta, tag, source, n_train, n_eval, kept, l
         f"{args.ppo_epochs} epoch(s)), KL coefficient {args.kl_coef}, advantage std-norm {args.adv_std_norm}, "
         f"format reward {args.format_reward}",
         f"- validation accuracy (greedy): start {fmt(kept['first_acc'])} -> end {fmt(last_eval.get('rl/acc'))} "
-        f"(best {fmt(kept['best_acc'])})" + (f"; pass@{args.eval_samples} {fmt(pass_k)}" if pass_k is not None else ""),
+        f"(best {fmt(kept['best_acc'])})"
+        + (f"; pass@{args.eval_samples} {fmt(pass_k)}" if pass_k is not None else ""),
         f"- training time: {timer.total / 60:.1f} min on {world} x {device.type}",
     ]
     write_section(base_dir, STAGE, "\n".join(lines))

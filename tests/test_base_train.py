@@ -7,17 +7,16 @@ corpus, 64-token rows) and single-threaded per process, so the file runs in abou
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from nanochat.checkpoint import find_last_step
+from helpers import sigkill_after_checkpoints
 from nanochat.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,22 +189,7 @@ def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base
     args = TINY + ["--num-iterations", "100", "--total-batch-size", "128", "--eval-every", "0",
                    "--save-every", "4", "--keep-last", "3"]
     cmd = [sys.executable, "-m", "scripts.base_train", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            # >= 2 complete checkpoints (older ones get pruned, so look at whatever is there now)
-            if len(list(ckpt(base).glob("step_*/meta.json"))) >= 2:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_after_checkpoints(cmd, env_for(base), ckpt(base), 2)
     killed_at = find_last_step(ckpt(base))
     assert killed_at is not None and 8 <= killed_at < 100
 

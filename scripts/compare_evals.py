@@ -1,0 +1,108 @@
+"""Paired comparison of two checkpoints' greedy answers on the same problems, with an exact sign test.
+
+    python -m scripts.compare_evals sft rl ~/.cache/nanochat/runs/aquarat_small/chat_eval.jsonl
+    python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl   # pooled over runs
+
+For each chat_eval.jsonl given (one per run or seed), the newest generative line of each source for
+the task and split is taken; both must cover the same problems. Per file and pooled: problems both get
+right, only A, only B, neither; the accuracy of each; and the exact two-sided sign test on the
+discordant pairs (under "A and B are equally good", only-A vs only-B is Binomial(n, 1/2)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from nanochat.tracking import read_jsonl
+
+
+def sign_test(a_only: int, b_only: int) -> float:
+    """Exact two-sided p-value of a_only vs b_only discordant pairs under p = 1/2."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def newest_row(rows: list[dict], source: str, task: str, split: str, path: Path) -> dict:
+    found = [
+        r
+        for r in rows
+        if r.get("source") == source
+        and r.get("task") == task
+        and r.get("split") == split
+        and r.get("mode") == "generative"
+        and "per_problem" in r
+    ]
+    if not found:
+        raise SystemExit(
+            f"{path}: no generative chat_eval line of source {source!r} on {task}/{split} with "
+            f"per-problem results (run scripts.chat_eval -i {source} first)"
+        )
+    return found[-1]
+
+
+def paired_counts(a: list[int], b: list[int]) -> dict:
+    return {
+        "both": sum(x and y for x, y in zip(a, b)),
+        "a_only": sum(x and not y for x, y in zip(a, b)),
+        "b_only": sum(y and not x for x, y in zip(a, b)),
+        "neither": sum(not x and not y for x, y in zip(a, b)),
+        "n": len(a),
+        "a_right": sum(a),
+        "b_right": sum(b),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(
+        description="Paired greedy comparison of two checkpoints (see the docstring)."
+    )
+    p.add_argument("a", help="source A (e.g. sft)")
+    p.add_argument("b", help="source B (e.g. rl)")
+    p.add_argument("files", nargs="+", type=Path, help="chat_eval.jsonl files, one per run; pooled")
+    p.add_argument(
+        "--task",
+        default="synthetic_aqua",
+        help="task name in the eval lines (aqua, synthetic_aqua)",
+    )
+    p.add_argument("--split", default="test")
+    args = p.parse_args(argv)
+    pooled = {"both": 0, "a_only": 0, "b_only": 0, "neither": 0, "n": 0, "a_right": 0, "b_right": 0}
+    print(
+        f"{'file':<48} {'n':>5} {args.a + ' acc':>9} {args.b + ' acc':>9} {'both':>5} "
+        f"{args.a + ' only':>9} {args.b + ' only':>9} {'p':>8}"
+    )
+    for path in args.files:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file")
+        rows = read_jsonl(path)
+        ra = newest_row(rows, args.a, args.task, args.split, path)
+        rb = newest_row(rows, args.b, args.task, args.split, path)
+        if len(ra["per_problem"]) != len(rb["per_problem"]):
+            raise SystemExit(
+                f"{path}: {args.a} was scored on {len(ra['per_problem'])} problems, {args.b} on "
+                f"{len(rb['per_problem'])}: evaluate both with the same --max-problems"
+            )
+        c = paired_counts(ra["per_problem"], rb["per_problem"])
+        for k in pooled:
+            pooled[k] += c[k]
+        print(
+            f"{str(path)[-48:]:<48} {c['n']:>5} {c['a_right'] / c['n']:>9.3f} {c['b_right'] / c['n']:>9.3f} "
+            f"{c['both']:>5} {c['a_only']:>9} {c['b_only']:>9} {sign_test(c['a_only'], c['b_only']):>8.2g}"
+        )
+    p_value = sign_test(pooled["a_only"], pooled["b_only"])
+    n = max(pooled["n"], 1)
+    print(
+        f"{'pooled':<48} {pooled['n']:>5} {pooled['a_right'] / n:>9.3f} {pooled['b_right'] / n:>9.3f} "
+        f"{pooled['both']:>5} {pooled['a_only']:>9} {pooled['b_only']:>9} {p_value:>8.2g}"
+    )
+    return {**pooled, "p": p_value}
+
+
+if __name__ == "__main__":
+    main()
