@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # nanochat-aquarat, every stage end to end:
-#   set-up -> tokenizer -> pretraining -> mid-training -> SFT -> evaluation -> report
+#   set-up -> tokenizer -> pretraining -> mid-training -> SFT -> RL -> evaluation -> report
 #
 #   bash run_aquarat_small.sh                      # auto: GPU profile when CUDA GPUs are visible, else CPU
 #   bash run_aquarat_small.sh --profile cpu        # tiny model on synthetic AQuA, a laptop is enough
 #   bash run_aquarat_small.sh --profile smoke      # every stage for a few steps: checks the set-up (~2 min)
-#   bash run_aquarat_small.sh --profile gpu --depth 12 --run my-run
+#   bash run_aquarat_small.sh --profile gpu --depth 20 --run my-run
 #
 # Re-running the same command resumes: finished stages are skipped (marker files under
 # <base>/runs/<run>/), an interrupted stage resumes from its last checkpoint. --force redoes them all.
+# Everything a run trains or writes is its own: checkpoints are tagged with the run name, the report is
+# <base>/report/<run>/report.md. .env (beside this script) is read first; the environment wins.
 # The whole script is one { ... } block: bash parses it completely before running any of it, so
 # editing or git-pulling this file while a run is in progress cannot derail that run.
 {
@@ -23,22 +25,25 @@ Usage: bash run_aquarat_small.sh [options]
                            cpu: tiny model, synthetic data (minutes on a laptop);
                            smoke: every stage for a few steps, to check an install (learns nothing);
                            gpu: FineWeb-Edu + AQuA-RAT at --depth, torchrun over all GPUs (default auto)
-  --run NAME               run name for logs, W&B group and markers (default aquarat_small)
-  --depth N                model depth for the gpu profile (default 12)
+  --run NAME               run name: checkpoint tags, logs, W&B group, markers, report (default aquarat_small)
+  --depth N                model depth for the gpu profile (default 8; 20 for the larger run)
   --nproc N                processes for torchrun (default: number of visible GPUs)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default 24)
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
   --seed N                 seed of the training stages (weight init, data order; default 42)
-  --from STAGE             redo STAGE and every later one (training stages start over with --fresh) (data, tokenizer, tok_eval, base, base_loss,
-                           base_eval, mid, sft, eval)
+  --from STAGE             redo STAGE and every later one (training stages start over with --fresh):
+                           data, tokenizer, tok_eval, base, base_loss, base_eval, mid, sft, rl, eval
   --force                  redo every stage; training stages start over (--fresh deletes their old checkpoints)
+  --gpu-hourly-price USD   what the machine costs per hour, for the report's cost per stage (default 0:
+                           no cost shown; launch_lambda.py passes the instance's price)
   -h, --help               this text
 
-Environment: NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE / WANDB_PROJECT.
+Environment (or .env): NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE /
+WANDB_PROJECT / WANDB_ENTITY / WANDB_BASE_URL, HF_TOKEN. See .env.template.
 EOF
 }
 
-PROFILE=auto RUN=aquarat_small DEPTH=12 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42
+PROFILE=auto RUN=aquarat_small DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
@@ -49,13 +54,14 @@ while [ $# -gt 0 ]; do
         --aqua-data-dir) AQUA_DIR=${2:?--aqua-data-dir needs a value}; shift 2 ;;
         --from) FROM=${2:?--from needs a value}; shift 2 ;;
         --seed) SEED=${2:?--seed needs a value}; shift 2 ;;
+        --gpu-hourly-price) PRICE=${2:?--gpu-hourly-price needs a value}; shift 2 ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
 case "$PROFILE" in auto|cpu|gpu|smoke) ;; *) echo "--profile must be auto, cpu, gpu or smoke (got '$PROFILE')" >&2; exit 2 ;; esac
-STAGES="data tokenizer tok_eval base base_loss base_eval mid sft eval"
+STAGES="data tokenizer tok_eval base base_loss base_eval mid sft rl eval"
 if [ -n "$FROM" ] && ! [[ " $STAGES " == *" $FROM "* ]]; then
     echo "--from must be one of: $STAGES (got '$FROM')" >&2; exit 2
 fi
@@ -68,6 +74,11 @@ if ! command -v uv >/dev/null 2>&1; then
 fi
 uv sync
 PY=".venv/bin/python"
+
+# .env with python-dotenv's reading of it (as launch_lambda.py does); variables already set win.
+if [ -f .env ]; then
+    eval "$("$PY" -m nanochat.envfile .env)"
+fi
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export NANOCHAT_RUN="$RUN"
@@ -84,6 +95,7 @@ if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ]; then
     echo "--profile gpu asked for, but torch sees no CUDA GPU; use --profile cpu" >&2; exit 2
 fi
 NPROC=${NPROC:-$([ "$PROFILE" = gpu ] && echo "$NGPU" || echo 1)}
+DEVICE=$([ "$PROFILE" = gpu ] && echo cuda || echo cpu)
 if [ "$NPROC" -gt 1 ]; then
     LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
 else
@@ -92,11 +104,20 @@ fi
 
 echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC base=$NANOCHAT_BASE_DIR (log: $LOG)" | tee -a "$LOG"
 
+# W&B: find out once, in seconds, whether its server answers; if not, every stage runs offline
+# (instead of each waiting ~100 s in wandb.init) and the line printed says how to sync later.
+WANDB_CHECK=$("$PY" -m nanochat.tracking --check-wandb "$RUN_DIR") || true
+if [ -n "$WANDB_CHECK" ]; then
+    export WANDB_MODE=offline
+    echo "[pipeline] $WANDB_CHECK" | tee -a "$LOG"
+fi
+
 # A stage runs unless its marker says it finished; --from/--force redo it. Output is tee'd to the log.
 REDO=$FORCE
 stage() {
     local name=$1; shift
-    [ "$name" = "$FROM" ] && REDO=1
+    # --from eval redoes eval_mid, eval_sft and eval_rl
+    if [ "$name" = "$FROM" ] || [[ "$name" == "${FROM}_"* ]]; then REDO=1; fi
     local marker="$RUN_DIR/.done_$name"
     if [ -f "$marker" ] && [ "$REDO" = 0 ]; then
         echo "[pipeline] $name: done earlier, skipping ($marker)" | tee -a "$LOG"
@@ -105,9 +126,13 @@ stage() {
     rm -f "$marker"
     # A training stage being redone starts over (--fresh); otherwise it resumes its last checkpoint.
     local extra=()
-    if [ "$REDO" = 1 ] && [[ " base mid sft " == *" $name "* ]]; then extra=(--fresh); fi
+    if [ "$REDO" = 1 ] && [[ " base mid sft rl " == *" $name "* ]]; then extra=(--fresh); fi
     echo "[pipeline] $name: $(date -u +%FT%TZ)" | tee -a "$LOG"
+    local t0=$SECONDS
     "$@" "${extra[@]}" 2>&1 | tee -a "$LOG"
+    # wall time, processes and device of the stage, for the report's time and cost table
+    printf '{"stage": "%s", "seconds": %d, "processes": %d, "device": "%s", "finished": "%s"}\n' \
+        "$name" $((SECONDS - t0)) "$NPROC" "$DEVICE" "$(date -u +%FT%TZ)" >> "$RUN_DIR/stages.jsonl"
     touch "$marker"
 }
 
@@ -122,6 +147,9 @@ if [ "$PROFILE" = smoke ]; then
          --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
     SFT=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
          --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
+    RL=(--aqua-source synthetic --train-examples 32 --eval-problems 8 --examples-per-step 2
+        --num-samples 2 --max-new-tokens 16 --num-steps 2 --eval-every 0 --eval-samples 2
+        --attn-every 1 --attn-heatmap-every 2 --save-every 1)
     EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 8 --max-tokens 16)
 elif [ "$PROFILE" = cpu ]; then
     # Tiny everything: the offline synthetic AQuA set is the data and the oracle (learnable in minutes).
@@ -140,7 +168,13 @@ elif [ "$PROFILE" = cpu ]; then
     SFT=(--aqua-source synthetic --synthetic-examples 8000 --synthetic-difficulty easy
          --max-seq-len 256 --device-batch-size 16 --init-lr-frac 0.3 --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
-    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 200 --max-tokens 128)
+    # RL: the README's measured setting ("What RL does to the CPU profile's model"): 240 steps of 32
+    # questions x 8 samples on fresh synthetic train problems, ~7 min on 2 cores.
+    RL=(--aqua-source synthetic --synthetic-difficulty easy --examples-per-step 32 --num-samples 8
+        --max-new-tokens 128 --num-steps 240 --init-lr-frac 0.05 --eval-every 80 --eval-problems 200
+        --eval-samples 1 --save-every 40)
+    EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 400 --synthetic-examples 400
+          --max-tokens 128)
 else
     TOK=(--source fineweb --vocab-size 65536 --max-chars 2000000000)
     BASE=(--depth "$DEPTH" --source fineweb --device-batch-size 32)
@@ -149,22 +183,33 @@ else
     [ -n "$AQUA_DIR" ] && AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_DIR")
     MID=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254 --synthetic-examples 20000 --mix-synthetic)
     SFT=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254)
-    EVAL=(-a AQUA,SYNTH --split test --num-samples 4 --temperature 0.7)
+    # AQuA-RAT train questions, rl/acc on dev; rationales run long, so 512 new tokens (the truncation
+    # rate is logged and warned about; the final test evaluation is the eval stages below).
+    RL=("${AQUA[@]}" --examples-per-step 32 --num-samples 8 --max-new-tokens 512 --num-steps 300
+        --eval-every 50 --eval-problems 254 --eval-samples 4 --save-every 50)
+    EVAL=(-a AQUA,SYNTH --split test --num-samples 4 --temperature 0.7 --max-tokens 512)
     [ -n "$AQUA_DIR" ] && EVAL+=(--aqua-data-dir "$AQUA_DIR")
     stage data "$PY" -m nanochat.dataset -n "$SHARDS"
 fi
 
+# Every checkpoint of this run is tagged with its name: another run in the same base dir has its own.
+TAG=(--tag "$RUN")
+FROM_RUN=(--source-tag "$RUN" --tag "$RUN")
 stage tokenizer "$PY" -m scripts.tok_train "${TOK[@]}"
 stage tok_eval "$PY" -m scripts.tok_eval
-stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}" --seed "$SEED"
-stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}"
-[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500
-stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}" --seed "$SEED"
-stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}" --seed "$SEED"
-stage eval "${LAUNCH[@]}" scripts.chat_eval -i sft "${EVAL[@]}"
+stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}" --seed "$SEED" "${TAG[@]}"
+stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}" "${TAG[@]}"
+[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500 "${TAG[@]}"
+stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}" --seed "$SEED" "${FROM_RUN[@]}"
+stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}" --seed "$SEED" "${FROM_RUN[@]}"
+stage rl "${LAUNCH[@]}" scripts.chat_rl "${RL[@]}" --seed "$SEED" "${FROM_RUN[@]}"
+# The three chat checkpoints on the same problems with the same decoding: the report's accuracy table.
+for source in mid sft rl; do
+    stage "eval_$source" "${LAUNCH[@]}" scripts.chat_eval -i "$source" --model-tag "$RUN" "${EVAL[@]}"
+done
 # The report is rebuilt every time, from whatever the stages have written so far.
-"$PY" -m scripts.report --run "$RUN" 2>&1 | tee -a "$LOG"
+"$PY" -m scripts.report --run "$RUN" --hourly-price "$PRICE" 2>&1 | tee -a "$LOG"
 
-echo "[pipeline] finished. Report: $NANOCHAT_BASE_DIR/report/report.md" | tee -a "$LOG"
+echo "[pipeline] finished. Report: $NANOCHAT_BASE_DIR/report/$RUN/report.md" | tee -a "$LOG"
 exit 0
 }

@@ -1,6 +1,7 @@
-"""The run report: `<base>/report/report.md` with PNG plots beside it.
+"""The run report: `<base>/report/<run>/report.md` with PNG plots beside it.
 
-Stages write their own markdown sections into `<base>/report/<section>.md` as they finish; this module
+Stages write their own markdown sections into `<base>/report/<run>/<section>.md` as they finish (each
+run has its own folder: two runs in one base dir never mix their reports); this module
 stitches them together in pipeline order, adds an environment header, and draws plots from the
 stage logs in `<base>/runs/<run>/<stage>.jsonl`. Plots are drawn only for metrics that were logged,
 so a partial pipeline still gets an honest partial report.
@@ -9,6 +10,7 @@ so a partial pipeline still gets an honest partial report.
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 import subprocess
 from pathlib import Path
@@ -19,29 +21,32 @@ from nanochat.tracking import read_jsonl
 SECTION_ORDER = ["tokenizer", "tok_eval", "base_train", "base_loss", "base_eval", "mid", "sft",
                  "chat_eval_base", "chat_eval_mid", "chat_eval_sft", "rl", "chat_eval_rl"]
 
-# (plot file stem, title, stage log, metric keys). A plot is drawn when any key has data.
+# (plot file stem, title, stage log, metric keys, y label, log scale). Drawn when any key has data.
 PLOTS = [
-    ("loss_base", "Pretraining loss", "base", ["loss", "train/loss"]),
-    ("bpb_base", "Validation bits per byte", "base", ["val/bpb"]),
-    ("loss_mid", "Mid-training loss", "mid", ["loss", "train/loss", "val_loss", "val/loss"]),
-    ("loss_sft", "SFT loss", "sft", ["loss", "train/loss", "val_loss", "val/loss"]),
-    ("rl_reward", "RL mean reward", "rl", ["rl/mean_reward"]),
-    ("rl_accuracy", "RL accuracy", "rl", ["rl/acc"]),
-    ("rl_kl", "KL to reference", "rl", ["rl/kl_letter_mean", "rl/kl_sequence_mean"]),
-    ("rl_margin", "Letter logit margin", "rl", ["rl/letter_margin_mean"]),
-    ("attn_entropy", "Attention entropy (mean)", "rl", ["attn/entropy_mean"]),
+    ("loss_base", "Pretraining loss", "base", ["train/loss", "loss"], "nats/token", True),
+    ("bpb_base", "Validation bits per byte", "base", ["val/bpb"], "bits/byte", True),
+    ("loss_mid", "Mid-training loss", "mid", ["train/loss", "val/loss"], "nats/token", True),
+    ("loss_sft", "SFT loss", "sft", ["train/loss", "val/loss"], "nats/token", True),
+    ("rl_reward", "RL mean reward (sampled completions)", "rl", ["rl/mean_reward"], "reward", False),
+    ("rl_accuracy", "RL validation accuracy (greedy)", "rl", ["rl/acc"], "accuracy", False),
+    ("rl_kl", "KL to the reference", "rl",
+     ["rl/kl_sequence_mean", "rl/kl_sequence_k3_mean", "rl/kl_letter_mean"], "nats", False),
+    ("rl_margin", "Letter logit margin (correct - best other)", "rl", ["rl/letter_margin_mean"],
+     "logits", False),
+    ("attn_entropy", "Attention entropy (mean over layers)", "rl", ["attn/entropy_mean"], "nats", False),
 ]
+SPARSE = 25  # series with at most this many points are drawn as markers: they were measured only there
 
 
-def report_dir(base_dir: Path) -> Path:
-    path = Path(base_dir) / "report"
+def report_dir(base_dir: Path, run: str) -> Path:
+    path = Path(base_dir) / "report" / run
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def write_section(base_dir: Path, name: str, markdown: str) -> Path:
-    """Write one stage's section atomically (a crashed stage never leaves half a section)."""
-    path = report_dir(base_dir) / f"{name}.md"
+def write_section(base_dir: Path, run: str, name: str, markdown: str) -> Path:
+    """Write one stage's section of run `run` atomically (a crashed stage never leaves half a section)."""
+    path = report_dir(base_dir, run) / f"{name}.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(markdown.rstrip() + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -58,7 +63,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]]) -> None:
+def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]], ylabel: str = "",
+                log: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,10 +72,17 @@ def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]]) -> 
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, label=label, linewidth=1.2)
+        if len(xs) <= SPARSE:
+            ax.plot(xs, ys, "o", label=label, markersize=4)
+        else:
+            ax.plot(xs, ys, label=label, linewidth=1.0)
+    values = [y for _, ys in curves.values() for y in ys]
+    if log and values and min(values) > 0:
+        ax.set_yscale("log")  # losses fall by orders of magnitude: linear hides everything after the start
     ax.set_title(title)
     ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
     if len(curves) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -78,8 +91,37 @@ def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]]) -> 
 
 
 def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
+    """Share of each predicted letter (and none) per RL step, stacked: how the choices drift."""
     letters = ["A", "B", "C", "D", "E", "none"]
-    last = next((r for r in reversed(rows) if any(f"rl/letter_pred_counts/{l}" in r for l in letters)), None)
+    rows = [r for r in rows if "step" in r and f"rl/letter_pred_counts/{letters[0]}" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    totals = [max(sum(float(r.get(f"rl/letter_pred_counts/{l}", 0)) for l in letters), 1.0) for r in rows]
+    shares = [[float(r.get(f"rl/letter_pred_counts/{l}", 0)) / t for r, t in zip(rows, totals)] for l in letters]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.stackplot(steps, shares, labels=letters, alpha=0.85)
+    ax.set_ylim(0, 1)
+    ax.set_title("Letters chosen by the sampled completions")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of completions")
+    ax.legend(fontsize=7, ncol=6, loc="lower center")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_margin_histogram(out: Path, rows: list[dict]) -> bool:
+    """The last logged histogram of letter margins (rl/letter_margin_hist: counts over bin edges)."""
+    last = next((r["rl/letter_margin_hist"] for r in reversed(rows)
+                 if isinstance(r.get("rl/letter_margin_hist"), dict) and r["rl/letter_margin_hist"].get("counts")),
+                None)
     if last is None:
         return False
     import matplotlib
@@ -87,10 +129,14 @@ def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = [float(last.get(f"rl/letter_pred_counts/{l}", 0)) for l in letters]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(letters, counts, color="#4477aa")
-    ax.set_title(f"Predicted letters (step {last['step']})")
+    edges, counts = last["edges"], last["counts"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge", color="#4477aa")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    step = next(r["step"] for r in reversed(rows) if r.get("rl/letter_margin_hist") is not None)
+    ax.set_title(f"Letter margins at the answer, step {step} (> 0: correct letter preferred)")
+    ax.set_xlabel("logit of the correct letter - best other")
+    ax.set_ylabel("completions")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -102,7 +148,8 @@ def _plot_entropy_per_layer(out: Path, rows: list[dict]) -> bool:
                   key=lambda k: int(k.rsplit("_", 1)[1]))
     if not keys:
         return False
-    _plot_lines(out, "Attention entropy per layer", {k.rsplit("/", 1)[1]: _series(rows, k) for k in keys})
+    _plot_lines(out, "Attention entropy per layer", {k.rsplit("/", 1)[1]: _series(rows, k) for k in keys},
+                ylabel="nats")
     return True
 
 
@@ -125,29 +172,100 @@ def _environment() -> str:
     return "\n".join(lines)
 
 
-def generate_report(base_dir: Path, run: str) -> Path:
+def sign_test(a_only: int, b_only: int) -> float:
+    """Exact two-sided p-value of a_only vs b_only discordant pairs under p = 1/2 (the sign test)."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_counts(a: list[int], b: list[int]) -> dict:
+    """Problems both right, only A, only B, neither (per-problem 0/1 lists of the same problems)."""
+    return {"both": sum(x and y for x, y in zip(a, b)), "a_only": sum(x and not y for x, y in zip(a, b)),
+            "b_only": sum(y and not x for x, y in zip(a, b)),
+            "neither": sum(not x and not y for x, y in zip(a, b)), "n": len(a), "a_right": sum(a),
+            "b_right": sum(b)}
+
+
+def _time_table(rows: list[dict], hourly_price: float) -> list[str]:
+    """Wall time (and cost) per stage from the orchestrator's stages.jsonl; the latest run of each."""
+    latest = {}
+    for row in rows:
+        if "stage" in row and "seconds" in row:
+            latest[row["stage"]] = row
+    if not latest:
+        return []
+    cost = hourly_price > 0
+    lines = ["## Time per stage", "", "| stage | wall time | processes | device |" + (" cost (USD) |" if cost else ""),
+             "|---|---|---|---|" + ("---|" if cost else "")]
+    total = 0
+    for name, row in latest.items():
+        total += row["seconds"]
+        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min | {row['processes']} | {row['device']} |"
+                     + (f" {row['seconds'] / 3600 * hourly_price:.2f} |" if cost else ""))
+    lines.append(f"| total | {total / 60:.1f} min | | |" + (f" {total / 3600 * hourly_price:.2f} |" if cost else ""))
+    return lines + [""]
+
+
+SOURCES = ["base", "mid", "sft", "rl"]
+
+
+def _accuracy_table(rows: list[dict]) -> list[str]:
+    """Every checkpoint's newest score per task/split/mode side by side, with the baselines, and the
+    paired SFT -> RL comparison where both have per-problem results on the same problems."""
+    newest = {}
+    for row in rows:
+        if {"source", "task", "split", "mode", "acc"} <= row.keys():
+            newest[(row["task"], row["split"], row["mode"], row["source"])] = row
+    if not newest:
+        return []
+    lines = ["## Accuracy", "", "| task | split | mode | " + " | ".join(s for s in SOURCES) +
+             " | n | chance | always-most-frequent |", "|---" * (len(SOURCES) + 6) + "|"]
+    for task, split, mode in sorted({k[:3] for k in newest}):
+        cells = [newest.get((task, split, mode, s)) for s in SOURCES]
+        any_row = next(c for c in cells if c)
+        lines.append(f"| {task} | {split} | {mode} | " + " | ".join(f"{c['acc']:.3f}" if c else "-" for c in cells)
+                     + f" | {any_row['n']} | 0.200 | {any_row['most_frequent_acc']:.3f} "
+                     f"({any_row['most_frequent_letter']}) |")
+    for task, split, mode in sorted({k[:3] for k in newest}):
+        sft, rl = newest.get((task, split, mode, "sft")), newest.get((task, split, mode, "rl"))
+        if sft and rl and "per_problem" in sft and len(sft["per_problem"]) == len(rl.get("per_problem", [])):
+            c = paired_counts(sft["per_problem"], rl["per_problem"])
+            lines += ["", f"SFT -> RL on the same {c['n']} {task}/{split} problems (greedy): RL right and SFT "
+                      f"wrong {c['b_only']}, SFT right and RL wrong {c['a_only']}, exact sign test p = "
+                      f"{sign_test(c['a_only'], c['b_only']):.2g}."]
+    return lines + [""]
+
+
+def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path:
     """Assemble report.md from the section files and the run's stage logs; returns its path."""
     base_dir = Path(base_dir)
-    rdir = report_dir(base_dir)
+    rdir = report_dir(base_dir, run)
     run_dir = base_dir / "runs" / run
     logs = {p.stem: read_jsonl(p) for p in sorted(run_dir.glob("*.jsonl"))} if run_dir.is_dir() else {}
 
     parts = [f"# nanochat-aquarat report — run `{run}`", "", "## Environment", _environment(), ""]
+    parts += _time_table(logs.get("stages", []), hourly_price)
+    parts += _accuracy_table(logs.get("chat_eval", []))
     present = {p.stem for p in rdir.glob("*.md") if p.name != "report.md"}
     ordered = [s for s in SECTION_ORDER if s in present] + sorted(present - set(SECTION_ORDER))
     for name in ordered:
         parts += [(rdir / f"{name}.md").read_text(encoding="utf-8").rstrip(), ""]
 
     images = []
-    for stem, title, stage, keys in PLOTS:
+    for stem, title, stage, keys, ylabel, log in PLOTS:
         curves = {k: _series(logs.get(stage, []), k) for k in keys}
         curves = {k: v for k, v in curves.items() if v[0]}
         if curves:
-            _plot_lines(rdir / f"{stem}.png", title, curves)
+            _plot_lines(rdir / f"{stem}.png", title, curves, ylabel, log)
             images.append((title, f"{stem}.png"))
     rl_rows = logs.get("rl", [])
     if _plot_letter_counts(rdir / "rl_letter_counts.png", rl_rows):
-        images.append(("Predicted-letter distribution", "rl_letter_counts.png"))
+        images.append(("Predicted-letter distribution over RL steps", "rl_letter_counts.png"))
+    if _plot_margin_histogram(rdir / "rl_margin_hist.png", rl_rows):
+        images.append(("Letter-margin histogram", "rl_margin_hist.png"))
     if _plot_entropy_per_layer(rdir / "attn_entropy_layers.png", rl_rows):
         images.append(("Attention entropy per layer", "attn_entropy_layers.png"))
     images += [(p.stem.replace("_", " "), p.name) for p in sorted(rdir.glob("heatmap_*.png"))]

@@ -166,6 +166,23 @@ class Tracker:
         self.active = False
 
 
+def check_wandb(run_dir: Path, timeout: float = 10.0) -> str | None:
+    """None when W&B will not be contacted (offline/disabled, no key) or its server answers; otherwise
+    one line saying it is unreachable and how to upload the offline runs later. Any HTTP answer counts
+    as reachable: this only asks whether the network path exists (seconds, not wandb.init's minutes)."""
+    if wandb_mode() != "online":
+        return None
+    import requests
+
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    try:
+        requests.get(url, timeout=timeout)
+    except requests.RequestException as exc:
+        return (f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. Upload later "
+                f"with: wandb sync {run_dir}/wandb/offline-run-*")
+    return None
+
+
 def make_tracker(args: argparse.Namespace, stage: str, config: dict | None = None) -> Tracker:
     """Build the tracker from the flags added by add_tracking_args."""
     return Tracker(stage, run=args.run, config=config if config is not None else vars(args),
@@ -185,3 +202,14 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+if __name__ == "__main__":
+    # python -m nanochat.tracking --check-wandb RUN_DIR: prints the unreachable line, or nothing
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--check-wandb":
+        raise SystemExit("usage: python -m nanochat.tracking --check-wandb RUN_DIR")
+    line = check_wandb(Path(sys.argv[2]))
+    if line:
+        print(line)

@@ -89,7 +89,7 @@ def main(argv=None) -> None:
                  f"{info.world_size} process(es); {elapsed:.0f}s", "",
                  "| task | accuracy | centred |", "|---|---|---|"]
         lines += [f"| {k} | {out['results'][k]:.4f} | {out['centered'][k]:+.4f} |" for k in out["results"]]
-        write_section(base_dir, stage_name, "\n".join(lines))
+        write_section(base_dir, args.run, stage_name, "\n".join(lines))
     cleanup_distributed()
 
 

@@ -88,7 +88,7 @@ def main(argv=None) -> None:
                  f"- evaluated: {steps * tokens_per_step:,} tokens per split (source `{args.source}`)"]
         if samples:
             lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
-        write_section(get_base_dir(), stage_name, "\n".join(lines))
+        write_section(get_base_dir(), args.run, stage_name, "\n".join(lines))
     cleanup_distributed()
 
 

@@ -354,7 +354,7 @@ def main(argv=None) -> None:
         ]
         if samples:
             lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
-        write_section(base_dir, "base_train", "\n".join(lines))
+        write_section(base_dir, args.run, "base_train", "\n".join(lines))
     cleanup_distributed()
 
 

@@ -114,6 +114,7 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
                     ref if a.diagnostics else None,
                     optimizers,
                     groups,
+                    questions,
                     adv,
                     zero,
                     a,

@@ -279,7 +279,7 @@ def main(argv=None) -> list[dict]:
         for row in all_rows:
             md += ["", f"Confusion ({row['task']}, {row['mode']}; rows gold, columns predicted):", ""]
             md += confusion_markdown(row)
-        write_section(get_base_dir(), f"chat_eval_{args.source}", "\n".join(md))
+        write_section(get_base_dir(), args.run, f"chat_eval_{args.source}", "\n".join(md))
         print0(f"wrote {run_dir / 'chat_eval.jsonl'}")
     cleanup_distributed()
     return all_rows

@@ -347,6 +347,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append("--kl-sample-frac must be in (0, 1]")
     if args.eval_samples < 1 or args.eval_prompts < 1:
         problems.append("--eval-samples and --eval-prompts must be >= 1")
+    if args.eval_problems == 0 or args.eval_problems < -1 or args.train_examples == 0 or args.train_examples < -1:
+        problems.append("--eval-problems and --train-examples must be >= 1 (or -1: the whole split)")
+    if args.rollout_prompts < 0:
+        problems.append("--rollout-prompts must be >= 0 (0: all of a rank's questions at once)")
+    if args.clip_eps >= 1:
+        problems.append("--clip-eps must be < 1 (the ratio is clipped below at 1 - eps)")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -502,31 +508,33 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -nll.view(targets.shape) * (targets != -1)
 
 
-def diagnose(ref_model, groups, args, letter_ids, pad_id) -> dict:
+def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
     """Per completion: sequence KL (and k3) to the reference, and where there is an answer letter,
     letter KL and margin. The policy's side comes from the rollout itself (the engine's log-probs and
-    letter logits: the policy before this step's update); the reference scores the completions of the
-    first ceil(kl-sample-frac * groups) groups of this rank, one prompt forward per group."""
+    letter logits: the policy before this step's update); the reference scores the groups of every
+    round(1 / kl-sample-frac)-th global question (so the subsample does not depend on the number of
+    ranks), one prompt forward per group."""
     out = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": []}
-    for group in groups[: math.ceil(args.kl_sample_frac * len(groups))]:
+    stride = max(1, round(1.0 / args.kl_sample_frac))
+    for q, group in zip(questions, groups):
+        if q % stride:
+            continue
         prompt = group[0].ids[: group[0].prompt_len]
         completions = [c.ids[c.prompt_len :] for c in group]
         ref = diag.completion_logits(ref_model, prompt, completions, pad_id)
-        targets = torch.tensor(
-            [c + [-1] * (ref.size(1) - len(c)) for c in completions], device=ref.device
-        )
+        width = ref.size(1)
+        targets = torch.tensor([c + [-1] * (width - len(c)) for c in completions], device=ref.device)
         policy_logp = torch.tensor(
-            [c.logprobs + [0.0] * (ref.size(1) - len(c.logprobs)) for c in group], device=ref.device
+            [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in group], device=ref.device
         )
-        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, token_logprobs(ref, targets), targets != -1)
+        ref_logp = token_logprobs(ref, targets)
+        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, ref_logp, targets != -1)
         out["kl_seq"] += seq_kl.tolist()
         out["kl_seq_k3"] += seq_k3.tolist()
         lettered = [r for r, c in enumerate(group) if c.letter_pos is not None]
         if letter_ids and lettered:
-            at = torch.tensor(
-                [group[r].letter_pos - group[r].prompt_len for r in lettered], device=ref.device
-            )
-            ref_letters = ref[torch.tensor(lettered, device=ref.device), at]
+            at = [group[r].letter_pos - group[r].prompt_len for r in lettered]
+            ref_letters = ref[torch.tensor(lettered), torch.tensor(at)]
             # the policy's five letter logits, placed in a full-vocabulary row for the shared helpers
             policy_letters = torch.full_like(ref_letters, float("-inf"))
             policy_letters[:, letter_ids] = torch.tensor(
@@ -538,47 +546,46 @@ def diagnose(ref_model, groups, args, letter_ids, pad_id) -> dict:
     return out
 
 
-def train_step(
-    model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id
-):
-    """The ppo-epochs optimizer steps on one rollout batch; returns the step's statistics (this rank)."""
-    device, world = info.device, info.world_size
-    stats = {
-        "kl_seq": [],
-        "kl_seq_k3": [],
-        "kl_letter": [],
-        "margin": [],
-        "clipped": 0.0,
-        "clip_tokens": 0.0,
-        "logprob_gap": 0.0,
-        "gap_tokens": 0.0,
-        "grad_norm": 0.0,
-    }
-    if (
-        args.diagnostics
-    ):  # how far the policy (as it sampled, before this update) is from the reference
-        stats.update(diagnose(ref_model, groups, args, letter_ids, pad_id))
-    rows = [c for group in groups for c in group]
-    row_adv = [a for group_adv in adv.tolist() for a in group_adv]
-    # Only rows whose group has a signal train; the others have zero advantage everywhere.
-    trained = [i for i, c in enumerate(rows) if not zero_signal[i // args.num_samples]]
-    batches = [
-        trained[k : k + args.device_batch_size]
-        for k in range(0, len(trained), args.device_batch_size)
-    ]
-
-    # the global normalisers of the loss (every rank and micro-batch shares them)
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for i in trained:
-        if not (args.mask_truncated and not rows[i].finished):
-            counts += torch.tensor(
-                [float(len(rows[i].ids) - rows[i].prompt_len), 1.0],
-                dtype=torch.float64,
-                device=device,
-            )
+def loss_normalisers(rows, args, info) -> tuple[float, float]:
+    """(completion tokens, completions) of the GLOBAL batch that the loss may train on: every
+    completion counts, zero-signal ones too (they carry zero advantage, so a batch that is mostly
+    solved takes a proportionally smaller step, and --loss-norm constant stays constant); with
+    --mask-truncated, truncated completions are out."""
+    kept = [c for c in rows if c.finished or not args.mask_truncated]
+    counts = torch.tensor(
+        [float(sum(len(c.ids) - c.prompt_len for c in kept)), float(len(kept))],
+        dtype=torch.float64,
+        device=info.device,
+    )
     if info.is_ddp:
         dist.all_reduce(counts)
-    global_tokens, global_seqs = counts.tolist()
+    return counts[0].item(), counts[1].item()
+
+
+def train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal, args, info,
+               letter_ids, pad_id):
+    """The ppo-epochs optimizer steps on one rollout batch; returns the step's statistics (this rank)."""
+    device, world = info.device, info.world_size
+    stats = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": [], "clipped": 0.0,
+             "clip_tokens": 0.0, "logprob_gap": 0.0, "gap_tokens": 0.0, "grad_norm": 0.0,
+             "skipped": False}
+    if args.diagnostics:  # the policy as it sampled (before this update) against the reference
+        stats.update(diagnose(ref_model, groups, questions, args, letter_ids, pad_id))
+    rows = [c for group in groups for c in group]
+    row_adv = [a for group_adv in adv.tolist() for a in group_adv]
+    # Zero-signal groups have zero advantage everywhere: no forward/backward unless the KL penalty
+    # applies to them too.
+    trained = [i for i in range(len(rows))
+               if args.kl_coef > 0 or not zero_signal[i // args.num_samples]]
+    size = args.device_batch_size
+    batches = [trained[k : k + size] for k in range(0, len(trained), size)]
+    global_tokens, global_seqs = loss_normalisers(rows, args, info)
+    anything = torch.tensor([float(len(trained))], device=device)
+    if info.is_ddp:
+        dist.all_reduce(anything)
+    if anything.item() == 0:  # every group on every rank is zero-signal: no update at all
+        stats["skipped"] = True
+        return stats
 
     first_pass = {}  # per micro-batch: old (and reference) log-probs for the later epochs
     for epoch in range(args.ppo_epochs):
@@ -591,34 +598,25 @@ def train_step(
                 if args.kl_coef > 0:
                     with torch.no_grad():
                         ref_logp = token_logprobs(ref_model(x), y)
+                # how far the trainer's log-probs are from the sampler's (bf16, kernels, ...)
                 engine_lp = torch.zeros_like(logp)
                 for r, c in enumerate(sub):
-                    engine_lp[r, c.prompt_len - 1 : len(c.ids) - 1] = torch.tensor(
-                        c.logprobs, device=device
-                    )
+                    span = slice(c.prompt_len - 1, len(c.ids) - 1)
+                    engine_lp[r, span] = torch.tensor(c.logprobs, device=device)
                 stats["logprob_gap"] += ((logp.detach() - engine_lp).abs() * comp).sum().item()
                 stats["gap_tokens"] += comp.sum().item()
                 first_pass[b] = (logp.detach(), ref_logp)
             old_logp, ref_logp = first_pass[b]
-            weights = token_weights(
-                train_mask, args.loss_norm, global_tokens, global_seqs, args.max_new_tokens
-            )
+            weights = token_weights(train_mask, args.loss_norm, global_tokens, global_seqs,
+                                    args.max_new_tokens)
             a = torch.tensor([row_adv[i] for i in idx], device=device)
-            loss, clipped = policy_loss(
-                logp,
-                old_logp,
-                a,
-                weights,
-                args.clip_eps,
-                args.clip_eps_high,
-                args.kl_coef,
-                ref_logp,
-            )
-            (
-                loss * world
-            ).backward()  # the optimizers average gradients over ranks: * world = global sum
-            stats["clipped"] += clipped.sum().item()
-            stats["clip_tokens"] += train_mask.sum().item()
+            loss, clipped = policy_loss(logp, old_logp, a, weights, args.clip_eps,
+                                        args.clip_eps_high, args.kl_coef, ref_logp)
+            # the optimizers average gradients over ranks, so * world makes it the global sum
+            (loss * world).backward()
+            if epoch > 0:  # on the first pass the ratio is exactly 1: nothing can be clipped
+                stats["clipped"] += clipped.sum().item()
+                stats["clip_tokens"] += train_mask.sum().item()
         grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
         for opt in optimizers:
             opt.step()
@@ -674,14 +672,14 @@ def engine_text(seq: list[int], engine) -> list[int]:
     return seq[:-1] if seq and seq[-1] in engine.stop_tokens else seq
 
 
-def attention_metrics(model, tokenizer, probes, step: int, heatmaps: bool, base_dir) -> dict:
+def attention_metrics(model, tokenizer, probes, step: int, heatmaps: bool, out_dir) -> dict:
     """attn/entropy_mean, attn/entropy/layer_<i>, and (heatmaps) one image per layer of probe 0."""
     per_layer, probs = diag.attention_entropy(model, probes, keep_probs=heatmaps)
     out = {"attn/entropy_mean": sum(per_layer) / len(per_layer)}
     out.update({f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)})
     if heatmaps and probs:
         labels = [tokenizer.id_to_token(t) for t in probes[0]]
-        for i, path in enumerate(diag.save_heatmaps(probs, labels, report_dir(base_dir), step)):
+        for i, path in enumerate(diag.save_heatmaps(probs, labels, out_dir, step)):
             out[f"attn/heatmap/layer_{i}"] = Image(path, caption=f"layer {i}, step {step}")
     return out
 
@@ -738,6 +736,7 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
         "rl/clip_frac": s[8] / max(s[9], 1.0),
         "rl/logprob_gap_mean": s[10] / max(s[11], 1.0),
         "rl/answered_frac": s[12] / n,
+        "rl/update_skipped": float(stats["skipped"]),
         "rl/grad_norm": stats["grad_norm"],
     }
     for k, letter in enumerate(list(diag.LETTERS) + ["none"]):
@@ -798,6 +797,9 @@ def main(argv=None) -> dict:
         )
         ref_model.requires_grad_(False)
     tag = args.tag or src_meta.get("tag") or f"d{model.config.n_layer}"
+    if args.source_stage == STAGE and tag == src_meta.get("tag"):
+        raise SystemExit(f"-i rl with output tag {tag!r} would train into its own source (and --fresh would "
+                         f"delete it): pass another --tag")
     letter_ids = diag.letter_token_ids(tokenizer)
     if letter_ids is None:
         print0(
@@ -844,6 +846,14 @@ def main(argv=None) -> dict:
                 f"{ckpt_dir} step {start_step} was trained with other settings ({', '.join(changed)}). "
                 f"Keep the flags to resume, or use --fresh / another --tag."
             )
+        if resumed.get("world_size") != world:  # Muon's state is sharded per rank
+            raise SystemExit(f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
+                             f"process(es), this run has {world}: resume with the same number, or --fresh")
+        began = (resumed.get("source_tag"), resumed.get("source_step"))
+        if began != (src_meta.get("tag"), src_meta.get("step")):
+            raise SystemExit(f"{ckpt_dir} started from {args.source_stage}/{began[0]} step {began[1]}, but the "
+                             f"reference now resolves to {src_meta.get('tag')} step {src_meta.get('step')}: "
+                             f"pass --source-tag {began[0]} --source-step {began[1]} to resume, or --fresh")
         stats_kept.update(resumed.get("stats", {}))
     run_config = {
         **vars(args),
@@ -890,7 +900,7 @@ def main(argv=None) -> dict:
         )
         if (attn_now or heat_now or (last and args.diagnostics)) and rank == 0 and probes:
             tracker.log(
-                attention_metrics(model, tokenizer, probes, step, heat_now or last, base_dir),
+                attention_metrics(model, tokenizer, probes, step, heat_now or last, report_dir(base_dir, args.run)),
                 step=step,
             )
         if last:
@@ -905,9 +915,8 @@ def main(argv=None) -> dict:
         adv, zero_signal = group_advantages(rewards, args.adv_std_norm)
         lrm = lr_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
-        stats = train_step(
-            model, ref_model, optimizers, groups, adv, zero_signal, args, info, letter_ids, pad_id
-        )
+        stats = train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal, args,
+                           info, letter_ids, pad_id)
         timer.stop()
         step += 1
 
@@ -1025,7 +1034,7 @@ def write_report(
         + (f"; pass@{args.eval_samples} {fmt(pass_k)}" if pass_k is not None else ""),
         f"- training time: {timer.total / 60:.1f} min on {world} x {device.type}",
     ]
-    write_section(base_dir, STAGE, "\n".join(lines))
+    write_section(base_dir, args.run, STAGE, "\n".join(lines))
 
 
 if __name__ == "__main__":

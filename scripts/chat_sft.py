@@ -305,7 +305,7 @@ def main(argv=None, stage: str = "sft") -> dict:
             + (", ".join(f"{k} {v:.3f}" for k, v in letter_acc.items()) or "n/a"),
             f"- training time: {timer.total / 60:.1f} min on {world_size} x {device.type}",
         ]
-        write_section(base_dir, stage, "\n".join(lines))
+        write_section(base_dir, args.run, stage, "\n".join(lines))
     cleanup_distributed()
     return {"val_loss": val_loss, "letter_acc": letter_acc, "train_loss": last_loss, "ckpt_dir": str(ckpt_dir),
             "steps": num_iterations}

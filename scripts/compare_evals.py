@@ -12,20 +12,10 @@ discordant pairs (under "A and B are equally good", only-A vs only-B is Binomial
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
+from nanochat.report import paired_counts, sign_test
 from nanochat.tracking import read_jsonl
-
-
-def sign_test(a_only: int, b_only: int) -> float:
-    """Exact two-sided p-value of a_only vs b_only discordant pairs under p = 1/2."""
-    n = a_only + b_only
-    if n == 0:
-        return 1.0
-    k = min(a_only, b_only)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def newest_row(rows: list[dict], source: str, task: str, split: str, path: Path) -> dict:
@@ -44,18 +34,6 @@ def newest_row(rows: list[dict], source: str, task: str, split: str, path: Path)
             f"per-problem results (run scripts.chat_eval -i {source} first)"
         )
     return found[-1]
-
-
-def paired_counts(a: list[int], b: list[int]) -> dict:
-    return {
-        "both": sum(x and y for x, y in zip(a, b)),
-        "a_only": sum(x and not y for x, y in zip(a, b)),
-        "b_only": sum(y and not x for x, y in zip(a, b)),
-        "neither": sum(not x and not y for x, y in zip(a, b)),
-        "n": len(a),
-        "a_right": sum(a),
-        "b_right": sum(b),
-    }
 
 
 def main(argv=None) -> dict:
@@ -88,6 +66,8 @@ def main(argv=None) -> dict:
                 f"{path}: {args.a} was scored on {len(ra['per_problem'])} problems, {args.b} on "
                 f"{len(rb['per_problem'])}: evaluate both with the same --max-problems"
             )
+        if not ra["per_problem"]:
+            raise SystemExit(f"{path}: the {args.a} and {args.b} lines cover no problems")
         c = paired_counts(ra["per_problem"], rb["per_problem"])
         for k in pooled:
             pooled[k] += c[k]

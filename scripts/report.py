@@ -1,7 +1,7 @@
-"""Build the markdown report (`<base>/report/report.md`) from stage sections and logs.
+"""Build the markdown report of a run (`<base>/report/<run>/report.md`) from its sections and logs.
 
     python -m scripts.report --run myrun          # assemble the report
-    python -m scripts.report --reset              # clear old sections before a new pipeline run
+    python -m scripts.report --run myrun --reset  # set the run's old report aside (kept) and start empty
 """
 
 import argparse
@@ -16,19 +16,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tracking_args(parser)
     parser.add_argument("--reset", action="store_true",
-                        help="move the current report directory to report.previous/ and start empty")
+                        help="move the run's report directory to <run>.previous/ and start empty")
+    parser.add_argument("--hourly-price", type=float, default=0.0,
+                        help="USD per hour of the machine, for the cost per stage (0: no cost shown)")
     args = parser.parse_args(argv)
     base = get_base_dir()
     if args.reset:
-        rdir = report_dir(base)
-        previous = base / "report.previous"
+        rdir = report_dir(base, args.run)
+        previous = rdir.with_name(f"{args.run}.previous")
         if previous.exists():
             shutil.rmtree(previous)
         rdir.rename(previous)  # kept, not deleted: a reset never loses the last report
-        report_dir(base)
+        report_dir(base, args.run)
         print(f"Report reset; the previous one is in {previous}")
         return
-    path = generate_report(base, args.run)
+    path = generate_report(base, args.run, hourly_price=args.hourly_price)
     print(f"Report written to {path}")
 
 

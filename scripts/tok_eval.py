@@ -182,7 +182,7 @@ def main(argv=None):
     if notes:
         md += [""] + [f"- {n}" for n in notes]
     base = get_base_dir()
-    path = write_section(base, "tok_eval", "\n".join(md))
+    path = write_section(base, args.run, "tok_eval", "\n".join(md))
     print(f"[tok_eval] report section -> {path}")
 
     tracker = make_tracker(args, "tok_eval")

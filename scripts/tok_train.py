@@ -139,7 +139,7 @@ def main(argv=None):
     tracker.summary(metrics)
     tracker.finish()
 
-    write_section(base, "tokenizer", "\n".join([
+    write_section(base, args.run, "tokenizer", "\n".join([
         "## Tokenizer training",
         "",
         "| setting | value |",

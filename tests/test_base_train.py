@@ -117,7 +117,7 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
     assert steps == ["step_000020", "step_000030"]  # keep-last 2
     meta = json.loads((ckpt(base) / "step_000030" / "meta.json").read_text())
     assert meta["num_iterations"] == 30 and meta["rank_state"][0]["loaders"][0]["batches"] == 30
-    report = (base / "report" / "base_train.md").read_text()
+    report = (base / "report" / "t" / "base_train.md").read_text()
     assert "validation bits per byte" in report and "tok/s" in report
 
     # Same command again: the run is complete, nothing is retrained or rewritten.
@@ -126,7 +126,7 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
     inproc(args)
     assert "already complete at step 30" in capsys.readouterr().out
     assert (ckpt(base) / "step_000030" / "model.pt").stat().st_mtime_ns == before
-    assert "throughput: n/a" not in (base / "report" / "base_train.md").read_text()  # figures kept in meta
+    assert "throughput: n/a" not in (base / "report" / "t" / "base_train.md").read_text()  # figures kept in meta
     # A different model under the same tag is refused (use --fresh or another --tag) ...
     wider = list(args)
     wider[wider.index("--aspect-ratio") + 1] = "128"
@@ -144,7 +144,7 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
     # same val data and model as base_train's last evaluation (which used 2 rows x 64 x 4 steps too)
     assert loss_rows[-1]["loss/val_bpb"] == pytest.approx(vals[-1]["val/bpb"], rel=1e-4)
     assert loss_rows[-1]["loss/train_bpb"] < vals[0]["val/bpb"]
-    assert "train bpb" in (base / "report" / "base_loss.md").read_text()
+    assert "train bpb" in (base / "report" / "t" / "base_loss.md").read_text()
 
     # base_eval: CORE on a tiny local bundle, through the BPE tokenizer
     from tests.test_core_eval import write_bundle

@@ -153,8 +153,8 @@ def test_mid_then_sft_end_to_end(base_dir, capsys):
     rows = read_jsonl(base_dir / "runs" / "local" / "sft.jsonl")
     assert any("train/loss" in r and "train/tok_per_sec" in r and "train/lr" in r for r in rows)
     assert any("val/loss" in r for r in rows)
-    assert (base_dir / "report" / "mid.md").is_file() and (base_dir / "report" / "sft.md").is_file()
-    assert "Supervised fine-tuning" in (base_dir / "report" / "sft.md").read_text()
+    assert (base_dir / "report" / "local" / "mid.md").is_file() and (base_dir / "report" / "local" / "sft.md").is_file()
+    assert "Supervised fine-tuning" in (base_dir / "report" / "local" / "sft.md").read_text()
 
 
 def test_both_spellings_of_aqua_flags():
@@ -215,7 +215,7 @@ def test_chat_eval_writes_jsonl_and_report(base_dir):
     assert gen["k"] == 2 and 0.0 <= gen["pass@2"] <= 1.0
     assert cat["scoring"] == "single-token logits" and cat["pred_counts"]["none"] == 0
     assert rows == lines or len(rows) == 2
-    assert "synthetic_aqua" in (base_dir / "report" / "chat_eval_sft.md").read_text()
+    assert "synthetic_aqua" in (base_dir / "report" / "local" / "chat_eval_sft.md").read_text()
 
 
 def test_letter_scorer_matches_logits(base_dir):

@@ -266,7 +266,7 @@ def test_base_eval_script_on_tiny_checkpoint(tmp_path, base_dir, byte_tok):
     logged = [r for r in rows if "core/core" in r]
     assert logged and logged[-1]["core/core"] == pytest.approx(expected["core"], abs=1e-6)
     assert logged[-1]["core/acc/tiny_mc"] == pytest.approx(expected["results"]["tiny_mc"])
-    section = (base_dir / "report" / "base_eval.md").read_text()
+    section = (base_dir / "report" / "t" / "base_eval.md").read_text()
     assert "CORE" in section and "tiny_schema" in section
     # offline with no bundle: one clear message (SystemExit, so no traceback), nothing left behind
     from scripts import base_eval

@@ -170,6 +170,21 @@ def test_multi_prompt_batch_equals_one_prompt_at_a_time(tok):
     assert len({len(s) for r in batched for s in r.sequences}) > 1
 
 
+def test_batch_with_finished_rows_dropped_matches_nocache_reference(tok):
+    # rows stop at different steps, so the decode batch shrinks (KVCache.keep_rows) along the way
+    model = make_model(tok, stop_boost=3.0)
+    end = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+    prompts = [prompt(tok, "Hi"), prompt(tok, "What is 7 times 8?")]
+    batched = Engine(model, tok).generate_multi(prompts, num_samples=6, max_tokens=30, temperature=1.0,
+                                                seeds=[3, 4])
+    lengths = [len(s) for r in batched for s in r.sequences]
+    assert min(lengths) * 2 < max(lengths), "test needs rows that stop well before others"
+    for p, seed, res in zip(prompts, [3, 4], batched):
+        ref = generate_nocache(model, p, num_samples=6, max_tokens=30, temperature=1.0, seed=seed,
+                               stop_tokens=end)
+        assert res.sequences == ref
+
+
 def test_left_padded_forward_matches_unpadded(tok):
     model = make_model(tok)
     short, long_ = prompt(tok, "Hi"), prompt(tok, "A longer prompt here")

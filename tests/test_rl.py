@@ -371,7 +371,7 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
     args = _rl_args(device_batch_size=2)
     info = DistInfo(False, 0, 0, 1, torch.device("cpu"))
     pad = tok.encode_special("<|assistant_end|>")
-    stats = train_step(model, ref, optimizers, groups, adv, zero, args, info, letter_ids, pad)
+    stats = train_step(model, ref, optimizers, groups, [0], adv, zero, args, info, letter_ids, pad)
     # the policy equals the reference before the first update: both KLs are 0 (float round-off only:
     # the policy side is the rollout's, the reference scores through a KV cache)
     assert stats["kl_seq"] == pytest.approx([0.0, 0.0], abs=1e-5)
@@ -383,11 +383,58 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
     after = (_seq_logp(model, good), _seq_logp(model, bad))
     assert after[0] > before[0] and after[1] < before[1]
     groups2, _ = _crafted(tok, model)  # sampled again by the updated policy
-    stats2 = train_step(model, ref, optimizers, groups2, adv, zero, args, info, letter_ids, pad)
+    stats2 = train_step(model, ref, optimizers, groups2, [0], adv, zero, args, info, letter_ids, pad)
     assert (
         all(v > 1e-4 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 1e-3
     )  # the policy has moved
     assert stats2["kl_seq_k3"][0] > 1e-4
+
+
+def _tiny_policy(tok):
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                    n_embd=32)
+    model, ref = GPT(cfg), GPT(cfg)
+    ref.load_state_dict(model.state_dict())
+    return model, ref.requires_grad_(False)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"ppo_epochs": 3, "kl_coef": 0.1, "loss_norm": "sequence", "clip_eps": 0.1, "clip_eps_high": 0.3},
+    {"loss_norm": "constant", "mask_truncated": True, "adv_std_norm": True},
+])
+def test_train_step_variants_update_and_stay_finite(overrides):
+    from scripts.chat_rl import train_step
+
+    tok = tiny_tokenizer()
+    model, ref = _tiny_policy(tok)
+    groups, letter_ids = _crafted(tok, model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adv, zero = group_advantages(torch.tensor([[1.0, 0.0]]), std_norm=overrides.get("adv_std_norm", False))
+    args = _rl_args(device_batch_size=1, init_lr_frac=1.0, **overrides)
+    stats = train_step(model, ref, model.setup_optimizers(), groups, [0], adv, zero, args,
+                       DistInfo(False, 0, 0, 1, torch.device("cpu")), letter_ids,
+                       tok.encode_special("<|assistant_end|>"))
+    assert not stats["skipped"] and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if overrides.get("ppo_epochs", 1) > 1:  # later passes see ratios != 1 and clip some tokens
+        assert stats["clip_tokens"] > 0 and stats["clipped"] > 0
+
+
+def test_all_zero_signal_step_leaves_the_weights_alone():
+    from scripts.chat_rl import train_step
+
+    tok = tiny_tokenizer()
+    model, ref = _tiny_policy(tok)
+    groups, letter_ids = _crafted(tok, model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adv, zero = group_advantages(torch.tensor([[1.0, 1.0]]), std_norm=False)
+    args = _rl_args(device_batch_size=2, grad_clip=0.0)  # no clipping: nothing may divide by no grads
+    stats = train_step(model, ref, model.setup_optimizers(), groups, [0], adv, zero, args,
+                       DistInfo(False, 0, 0, 1, torch.device("cpu")), letter_ids,
+                       tok.encode_special("<|assistant_end|>"))
+    assert stats["skipped"] and len(stats["kl_seq"]) == 2  # still diagnosed, not trained
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------ tracking media
@@ -516,8 +563,8 @@ def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, m
     assert any(
         r["rl/zero_signal_groups"] < r["rl/groups"] for r in steps
     )  # some groups had a signal
-    assert (base_dir / "report" / "heatmap_rl_layer_0.png").exists() and (
-        base_dir / "report" / "rl.md"
+    assert (base_dir / "report" / "e2e" / "heatmap_rl_layer_0.png").exists() and (
+        base_dir / "report" / "e2e" / "rl.md"
     ).exists()
     history = read_offline_wandb(base_dir / "runs" / "e2e")
     wandb_keys = set().union(*history)
@@ -654,7 +701,8 @@ def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_pat
 
 
 def test_sign_test_and_paired_counts(tmp_path, capsys):
-    from scripts.compare_evals import main as compare, paired_counts, sign_test
+    from nanochat.report import paired_counts, sign_test
+    from scripts.compare_evals import main as compare
 
     assert sign_test(0, 10) == pytest.approx(2 / 1024)
     assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0

@@ -72,11 +72,13 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
             row = {"step": step, "rl/mean_reward": step / 3, "attn/entropy/layer_0": 1.0,
                    "attn/entropy/layer_1": 0.5, **{f"rl/letter_pred_counts/{l}": 2 for l in "ABCDE"}}
             fh.write(json.dumps(row) + "\n")
-    write_section(base_dir, "sft", "## SFT\nloss 1.0")
-    write_section(base_dir, "base_train", "## Base\nloss 2.0")
+    write_section(base_dir, "r", "sft", "## SFT\nloss 1.0")
+    write_section(base_dir, "r", "base_train", "## Base\nloss 2.0")
+    write_section(base_dir, "other", "base_train", "## Other run")
     report = generate_report(base_dir, "r").read_text()
     assert report.index("## Base") < report.index("## SFT")
-    rdir = base_dir / "report"
+    assert "Other run" not in report  # another run's sections stay in its own folder
+    rdir = base_dir / "report" / "r"
     for png in ["loss_base.png", "rl_reward.png", "rl_letter_counts.png", "attn_entropy_layers.png"]:
         assert (rdir / png).stat().st_size > 1000
         assert f"({png})" in report
@@ -84,13 +86,13 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
 
 
 def test_report_script_reset_keeps_previous(base_dir):
-    write_section(base_dir, "sft", "## SFT")
+    write_section(base_dir, "r", "sft", "## SFT")
     env = {**__import__("os").environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     subprocess.run([sys.executable, "-m", "scripts.report", "--run", "r"], check=True, env=env)
-    assert (base_dir / "report" / "report.md").exists()
-    subprocess.run([sys.executable, "-m", "scripts.report", "--reset"], check=True, env=env)
-    assert (base_dir / "report.previous" / "report.md").exists()
-    assert not (base_dir / "report" / "sft.md").exists()
+    assert (base_dir / "report" / "r" / "report.md").exists()
+    subprocess.run([sys.executable, "-m", "scripts.report", "--run", "r", "--reset"], check=True, env=env)
+    assert (base_dir / "report" / "r.previous" / "report.md").exists()
+    assert not (base_dir / "report" / "r" / "sft.md").exists()
 
 
 def test_run_name_flag_spellings(monkeypatch):
@@ -102,3 +104,45 @@ def test_run_name_flag_spellings(monkeypatch):
     assert parser.parse_args([]).run == "from-env"
     assert parser.parse_args(["--run", "a"]).run == "a"
     assert parser.parse_args(["--run-name", "b"]).run == "b"  # the spelling torchrun lets through
+
+
+def test_envfile_exports_what_the_environment_lacks(tmp_path, monkeypatch):
+    from nanochat.envfile import export_lines
+
+    env = tmp_path / ".env"
+    env.write_text("WANDB_PROJECT=from-file\nWANDB_ENTITY=team x\nWANDB_API_KEY=\nNANOCHAT_RUN='quoted run'\n"
+                   "# a comment\nexport HF_TOKEN=hf_abc\n")
+    monkeypatch.setenv("WANDB_ENTITY", "from-env")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("NANOCHAT_RUN", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    lines = export_lines(str(env))
+    assert "export WANDB_PROJECT=from-file" in lines
+    assert "export NANOCHAT_RUN='quoted run'" in lines and "export HF_TOKEN=hf_abc" in lines
+    assert not any("WANDB_ENTITY" in line for line in lines)  # the environment wins
+    assert not any("WANDB_API_KEY" in line for line in lines)  # empty values are skipped
+    out = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m nanochat.envfile {env})"; '
+                          'echo "$NANOCHAT_RUN|$WANDB_PROJECT"'], capture_output=True, text=True,
+                         env={k: v for k, v in __import__("os").environ.items()
+                              if k not in ("NANOCHAT_RUN", "WANDB_PROJECT")})
+    assert out.stdout.strip() == "quoted run|from-file"
+
+
+def test_check_wandb_is_quick_and_quiet_when_offline(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert tracking.check_wandb(tmp_path) is None  # no key: offline anyway, nothing to ask
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    t0 = time.time()
+    line = tracking.check_wandb(tmp_path)
+    assert time.time() - t0 < 15
+    assert "unreachable" in line and f"wandb sync {tmp_path}/wandb/offline-run-*" in line
+    assert "k" * 40 not in line
