@@ -61,6 +61,22 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
     return last_step, meta, rank_state
 
 
+# Flags every stage may change on a resume: they change what is logged or kept, not what is trained.
+HARMLESS_FLAGS = {"eval_every", "eval_tokens", "eval_examples", "sample_every", "sample_tokens", "log_every",
+                  "save_every", "keep_last", "resume", "fresh", "run", "no_wandb"}
+
+
+def refuse_changed_flags(ckpt_dir, step: int, old_args: dict, args, harmless=()) -> None:
+    """Stop when a resume would continue a run with flags that change what it trains."""
+    skip = HARMLESS_FLAGS | set(harmless)
+    changed = [f"--{k.replace('_', '-')} {old_args[k]} -> {v}" for k, v in vars(args).items()
+               if k in old_args and k not in skip and old_args[k] != v]
+    if changed:
+        raise SystemExit(f"{ckpt_dir} step {step} was trained with other settings ({', '.join(changed)}). "
+                         f"Resume with the same flags, or start over with --fresh (run_aquarat_small.sh: "
+                         f"--force), or use another --run / --tag.")
+
+
 def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None:
     for opt in optimizers:
         for group in opt.param_groups:

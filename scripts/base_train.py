@@ -50,7 +50,7 @@ from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import StepTimer, save, set_lr, start_or_resume
+from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
 
 STAGE = "base"
 SAMPLE_PROMPTS = [
@@ -205,14 +205,7 @@ def main(argv=None) -> None:
                              f"{grad_accum}. Resume with the same --nproc_per_node and batch flags, or start over "
                              f"with --fresh.")
         stats.update(resumed_meta.get("stats", {}))
-        harmless = {"eval_every", "eval_tokens", "sample_every", "sample_tokens", "log_every", "save_every",
-                    "keep_last", "resume", "fresh", "run", "no_wandb"}
-        old_args = resumed_meta.get("args", {})
-        changed = {k: (old_args[k], v) for k, v in vars(args).items()
-                   if k in old_args and k not in harmless and old_args[k] != v}
-        if changed:
-            print0("WARNING: resuming with flags that differ from the checkpoint's run: "
-                   + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+        refuse_changed_flags(ckpt_dir, start_step, resumed_meta.get("args", {}), args)
     train_model = maybe_compile(model, device)
 
     total_batch_size = args.total_batch_size

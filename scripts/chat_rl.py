@@ -67,41 +67,15 @@ from nanochat.rl import (
     well_formed,
 )
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
-from nanochat.training import StepTimer, save, set_lr, start_or_resume
+from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
 from tasks.aqua import extract_letter
 
 STAGE = "rl"
-# Flags that change what is trained: a resume with any of them changed is refused.
-SCHEDULE_FLAGS = (
-    "seed",
-    "num_steps",
-    "examples_per_step",
-    "num_samples",
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "format_reward",
-    "format_anneal_steps",
-    "mask_truncated",
-    "adv_std_norm",
-    "loss_norm",
-    "ppo_epochs",
-    "clip_eps",
-    "clip_eps_high",
-    "kl_coef",
-    "init_lr_frac",
-    "matrix_lr",
-    "embedding_lr",
-    "unembedding_lr",
-    "weight_decay",
-    "warmdown_ratio",
-    "grad_clip",
-    "aqua_source",
-    "train_examples",
-    "synthetic_difficulty",
-    "synthetic_seed",
-)
+# Flags that may change on a resume besides the common ones (nanochat/training.HARMLESS_FLAGS): they
+# change what is measured or how work is batched, not what is trained.
+RESUME_HARMLESS = {"eval_samples", "eval_prompts", "eval_problems", "diagnostics", "kl_sample_frac",
+                   "attn_every", "attn_heatmap_every", "attn_probes", "truncation_warn", "rollout_prompts",
+                   "device_batch_size", "source_tag", "source_step", "tag"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -835,17 +809,7 @@ def main(argv=None) -> dict:
     )
     stats_kept = {"first_acc": None, "best_acc": None, "train_time": 0.0, "timed_steps": 0}
     if resumed is not None:
-        old = resumed.get("args", {})
-        changed = [
-            f"{k}: {old.get(k)} -> {getattr(args, k)}"
-            for k in SCHEDULE_FLAGS
-            if old.get(k) != getattr(args, k)
-        ]
-        if changed:
-            raise SystemExit(
-                f"{ckpt_dir} step {start_step} was trained with other settings ({', '.join(changed)}). "
-                f"Keep the flags to resume, or use --fresh / another --tag."
-            )
+        refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
         if resumed.get("world_size") != world:  # Muon's state is sharded per rank
             raise SystemExit(f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
                              f"process(es), this run has {world}: resume with the same number, or --fresh")

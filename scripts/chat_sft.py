@@ -39,7 +39,7 @@ from nanochat.gpt import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import StepTimer, save, set_lr, start_or_resume
+from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
 
 # Per-stage defaults: mid-training is the longer, higher-lr pass right after pretraining; SFT a gentle
 # final pass. Everything is a flag.
@@ -155,6 +155,8 @@ def main(argv=None, stage: str = "sft") -> dict:
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                         matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     start_step, resumed, rank_state = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh, args.resume)
+    if resumed is not None:
+        refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args)
     if resumed is not None and (resumed.get("num_iterations") != num_iterations
                                 or resumed.get("per_step") != per_step):
         raise SystemExit(f"{ckpt_dir} step {start_step} belongs to a run of {resumed.get('num_iterations')} steps "

@@ -315,3 +315,14 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     multi = read_jsonl(base2 / "runs" / "local" / "chat_eval.jsonl")
     assert [(r["mode"], r["n"], r["confusion"]) for r in multi] == [(r["mode"], r["n"], r["confusion"]) for r in single]
+
+
+def test_resume_with_changed_training_flags_is_refused(base_dir):
+    make_base(base_dir)
+    flags = ["--source-stage", "base", *TINY_DATA, "--num-iterations", "2", "--eval-every", "0"]
+    sft(flags)
+    sft(flags + ["--log-every", "5", "--eval-every", "1"])  # harmless: logging and eval cadence
+    with pytest.raises(SystemExit, match=r"--seed 42 -> 7.*--fresh"):
+        sft(flags + ["--seed", "7"])
+    with pytest.raises(SystemExit, match="--init-lr-frac"):
+        sft(flags + ["--init-lr-frac", "0.5"])
