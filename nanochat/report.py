@@ -53,6 +53,24 @@ def write_section(base_dir: Path, run: str, name: str, markdown: str) -> Path:
     return path
 
 
+def current_rows(rows: list[dict]) -> list[dict]:
+    """The rows of a stage log that describe its latest run: a fresh start (a "start" event whose config
+    has no resumed_from) replaces everything before it; a resume from step k drops the older rows past
+    k, whose work was lost and is redone."""
+    out: list[dict] = []
+    for row in rows:
+        if row.get("event") == "start":
+            resumed = (row.get("config") or {}).get("resumed_from") or 0
+            out = [r for r in out if r.get("step", 0) <= resumed] if resumed else []
+        out.append(row)
+    return out
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))]
+
+
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for row in rows:
@@ -74,8 +92,12 @@ def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]], yla
     for label, (xs, ys) in curves.items():
         if len(xs) <= SPARSE:
             ax.plot(xs, ys, "o", label=label, markersize=4)
-        else:
+        elif len(xs) <= 50:
             ax.plot(xs, ys, label=label, linewidth=1.0)
+        else:  # noisy per-step values: faint, with a running mean on top that shows the trend
+            window = max(5, len(xs) // 25)
+            line, = ax.plot(xs, ys, linewidth=0.6, alpha=0.3)
+            ax.plot(xs, _running_mean(ys, window), color=line.get_color(), linewidth=1.4, label=f"{label} (mean of {window})")
     values = [y for _, ys in curves.values() for y in ys]
     if log and values and min(values) > 0:
         ax.set_yscale("log")  # losses fall by orders of magnitude: linear hides everything after the start
@@ -104,10 +126,12 @@ def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
     steps = [r["step"] for r in rows]
     totals = [max(sum(float(r.get(f"rl/letter_pred_counts/{l}", 0)) for l in letters), 1.0) for r in rows]
     shares = [[float(r.get(f"rl/letter_pred_counts/{l}", 0)) / t for r, t in zip(rows, totals)] for l in letters]
+    window = max(1, len(steps) // 25)  # a running mean: one step's 64-256 completions are a noisy sample
+    shares = [_running_mean(share, window) for share in shares]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.stackplot(steps, shares, labels=letters, alpha=0.85)
     ax.set_ylim(0, 1)
-    ax.set_title("Letters chosen by the sampled completions")
+    ax.set_title("Letters chosen by the sampled completions" + (f" (mean of {window} steps)" if window > 1 else ""))
     ax.set_xlabel("step")
     ax.set_ylabel("share of completions")
     ax.legend(fontsize=7, ncol=6, loc="lower center")
@@ -244,7 +268,7 @@ def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path
     base_dir = Path(base_dir)
     rdir = report_dir(base_dir, run)
     run_dir = base_dir / "runs" / run
-    logs = {p.stem: read_jsonl(p) for p in sorted(run_dir.glob("*.jsonl"))} if run_dir.is_dir() else {}
+    logs = {p.stem: current_rows(read_jsonl(p)) for p in sorted(run_dir.glob("*.jsonl"))} if run_dir.is_dir() else {}
 
     parts = [f"# nanochat-aquarat report — run `{run}`", "", "## Environment", _environment(), ""]
     parts += _time_table(logs.get("stages", []), hourly_price)

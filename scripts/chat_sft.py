@@ -210,7 +210,8 @@ def main(argv=None, stage: str = "sft") -> dict:
                   "source_tag": src_meta.get("tag"), "source_step": src_meta.get("step"),
                   "num_iterations": num_iterations, "per_step": per_step, "world_size": world_size,
                   "device": str(device), "dtype": str(autodetect_dtype(device)), "model_config": asdict(config),
-                  "train_mixture": train_desc, "val_mixture": val_desc, "seq_len": seq_len}
+                  "train_mixture": train_desc, "val_mixture": val_desc, "seq_len": seq_len,
+                  "resumed_from": start_step}
     tracker = make_tracker(args, stage, run_config)
 
     # ---- training loop (step = optimizer steps already taken)

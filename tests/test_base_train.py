@@ -218,7 +218,7 @@ def test_fresh_deletes_only_when_asked(base, inproc):
     args = TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--eval-every", "0", "--save-every", "1"]
     inproc(args)
     assert find_last_step(ckpt(base)) == 2
-    with pytest.raises(SystemExit, match="num_iterations"):  # a different budget under the same tag
+    with pytest.raises(SystemExit, match="--num-iterations 2 -> 3"):  # another budget, same tag
         inproc(args + ["--num-iterations", "3"])
     assert find_last_step(ckpt(base)) == 2
     with pytest.raises(SystemExit, match="no complete checkpoint"):

@@ -13,7 +13,7 @@ SCRIPT = REPO / "run_aquarat_small.sh"
 
 
 def run_pipeline(args, base_dir, timeout=900, extra_env=None):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), WANDB_MODE="offline", **(extra_env or {}))
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "offline", **(extra_env or {})}
     env = {k: v for k, v in env.items() if v != ""}  # "" = unset it
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

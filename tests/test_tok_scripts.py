@@ -88,14 +88,14 @@ def test_tok_train_then_eval_on_local_corpus(tmp_path, base_dir):
     text = make_docs(1, seed=123)[0]
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) < len(text.encode("utf-8")) / 2.5  # merges learned from this corpus
-    assert (base_dir / "report" / "tokenizer.md").read_text().startswith("## Tokenizer training")
+    assert (base_dir / "report" / "local" / "tokenizer.md").read_text().startswith("## Tokenizer training")
     rows = read_jsonl(base_dir / "runs" / "local" / "tok_train.jsonl")
     assert any(r.get("vocab_size") == 512 and r.get("train_chars") == meta["train_chars"] for r in rows)
 
     res = run_script("scripts.tok_eval", "--source", "dir", "--data-dir", str(data), "--download-timeout", "20",
                      "--no-wandb", base=base_dir)
     assert res.returncode == 0, res.stdout + res.stderr
-    section = (base_dir / "report" / "tok_eval.md").read_text()
+    section = (base_dir / "report" / "local" / "tok_eval.md").read_text()
     for name in ("prose", "code", "math", "val", "all"):
         assert f"| {name} |" in section
         assert any(line.startswith(name) for line in res.stdout.splitlines())
@@ -153,7 +153,7 @@ def test_tok_eval_offline_note(base_dir, monkeypatch, capsys):
     tok_eval.main(["--val-chars", "0", "--no-wandb"])
     out = capsys.readouterr().out
     assert "gpt2 comparison skipped" in out and "gpt4 comparison skipped" in out and "network" in out
-    section = (base_dir / "report" / "tok_eval.md").read_text()
+    section = (base_dir / "report" / "local" / "tok_eval.md").read_text()
     assert "| math |" in section and "comparison skipped" in section and "ours vs" not in section
 
 
@@ -163,7 +163,7 @@ def test_tok_eval_with_baselines(base_dir, monkeypatch, capsys):
                                    mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
     monkeypatch.setattr(tok_eval, "load_baseline", lambda name, timeout_s: (byte_level, None))
     tok_eval.main(["--val-chars", "0", "--run", "evalrun", "--no-wandb"])
-    section = (base_dir / "report" / "tok_eval.md").read_text()
+    section = (base_dir / "report" / "evalrun" / "tok_eval.md").read_text()
     assert "ours vs gpt2" in section and "ours vs gpt4" in section and "comparison skipped" not in section
     rows = read_jsonl(base_dir / "runs" / "evalrun" / "tok_eval.jsonl")
     m = next(r for r in rows if "bytes_per_token/prose" in r)

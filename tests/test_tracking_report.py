@@ -146,3 +146,13 @@ def test_check_wandb_is_quick_and_quiet_when_offline(tmp_path, monkeypatch):
     assert time.time() - t0 < 15
     assert "unreachable" in line and f"wandb sync {tmp_path}/wandb/offline-run-*" in line
     assert "k" * 40 not in line
+
+
+def test_report_reads_the_latest_run_of_a_stage_log():
+    from nanochat.report import current_rows
+
+    rows = [{"event": "start", "config": {}}, {"step": 1, "x": 1}, {"step": 2, "x": 2},
+            {"event": "start", "config": {"resumed_from": 1}}, {"step": 2, "x": 20},  # killed at 2
+            {"event": "start", "config": {"resumed_from": 0}}, {"step": 1, "x": 100}]  # started over
+    assert [r.get("x") for r in current_rows(rows[:5])] == [None, 1, None, 20]
+    assert [r.get("x") for r in current_rows(rows)] == [None, 100]
