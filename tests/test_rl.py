@@ -68,6 +68,12 @@ TINY_RL = [
 ]
 
 
+def tiny_config(tok) -> GPTConfig:
+    """2 layers of 32 wide, context 512: the byte-level prompts of synthetic problems fit."""
+    return GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2,
+                     n_kv_head=2, n_embd=32)
+
+
 @pytest.fixture(scope="module")
 def answering_sft(tmp_path_factory):
     """A base dir holding a tiny SFT checkpoint that answers "Answer: X" (a letter it mostly guesses):
@@ -85,14 +91,7 @@ def answering_sft(tmp_path_factory):
         tok = tiny_tokenizer()
         tok.save(root / "tokenizer")
         torch.manual_seed(0)
-        cfg = GPTConfig(
-            sequence_len=512,
-            vocab_size=tok.get_vocab_size(),
-            n_layer=2,
-            n_head=2,
-            n_kv_head=2,
-            n_embd=32,
-        )
+        cfg = tiny_config(tok)
         save_checkpoint(
             checkpoint_dir("base", "d2"),
             1,
@@ -350,14 +349,7 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = GPTConfig(
-        sequence_len=512,
-        vocab_size=tok.get_vocab_size(),
-        n_layer=2,
-        n_head=2,
-        n_kv_head=2,
-        n_embd=32,
-    )
+    cfg = tiny_config(tok)
     model = GPT(cfg)
     ref = GPT(cfg)
     ref.load_state_dict(model.state_dict())
@@ -392,8 +384,7 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
 
 def _tiny_policy(tok):
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                    n_embd=32)
+    cfg = tiny_config(tok)
     model, ref = GPT(cfg), GPT(cfg)
     ref.load_state_dict(model.state_dict())
     return model, ref.requires_grad_(False)
