@@ -102,6 +102,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
+    def without_stop(self, seq: list[int]) -> list[int]:
+        """A generated row's ids minus the stop token it ended on (the text the model wrote)."""
+        return seq[:-1] if seq and seq[-1] in self.stop_tokens else seq
+
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -77,6 +77,14 @@ def refuse_changed_flags(ckpt_dir, step: int, old_args: dict, args, harmless=())
                          f"--force), or use another --run / --tag.")
 
 
+def warmdown_multiplier(step: int, num_steps: int, warmdown_ratio: float) -> float:
+    """1.0, then linear decay to 0 over the last warmdown_ratio of the steps (chat stages)."""
+    warmdown = round(warmdown_ratio * num_steps)
+    if warmdown <= 0 or step < num_steps - warmdown:
+        return 1.0
+    return max(0.0, (num_steps - step) / warmdown)
+
+
 def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None:
     for opt in optimizers:
         for group in opt.param_groups:

@@ -172,7 +172,7 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
             gold = conv["answer"]
             gold_counts[LETTERS.index(gold)] += 1
             if greedy is not None:
-                text = tokenizer.decode(_strip_stop(greedy[k].sequences[0], engine))
+                text = tokenizer.decode(engine.without_stop(greedy[k].sequences[0]))
                 pred = extract_letter(text, conv.get("options"))
                 conf["generative"][LETTERS.index(gold), letter_index(pred)] += 1
                 greedy_right[i] = float(pred == gold)
@@ -181,7 +181,7 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
                     print0(f"--- {name} #{i} gold {gold} greedy-pred {pred}\n{text.strip()}\n")
                     shown += 1
             if sampled is not None:
-                hits = [extract_letter(tokenizer.decode(_strip_stop(s, engine)), conv.get("options")) == gold
+                hits = [extract_letter(tokenizer.decode(engine.without_stop(s)), conv.get("options")) == gold
                         for s in sampled[k].sequences]
                 tallies[0] += float(any(hits))
                 tallies[1] += sum(hits)
@@ -223,10 +223,6 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
             row["scoring"] = "single-token logits" if scorer.single else "summed continuation log-probs"
         rows.append(row)
     return rows
-
-
-def _strip_stop(seq: list[int], engine: Engine) -> list[int]:
-    return seq[:-1] if seq and seq[-1] in engine.stop_tokens else seq
 
 
 def confusion_markdown(row: dict) -> list[str]:

@@ -14,14 +14,16 @@ One step, top to bottom (the loop in main):
    different letters earn 0), plus an optional --format-reward for one well-formed final "Answer: X",
    annealed to 0 over --format-anneal-steps.
 3. advantages: reward minus the group mean (--adv-std-norm also divides by the group std). Groups
-   whose rewards are all equal carry no signal: they are left out of the loss, and counted.
+   whose rewards are all equal carry no signal: they get no backward pass (unless --kl-coef), and are
+   counted; a step with no signal on any rank makes no update.
 4. loss: the clipped surrogate -min(ratio * A, clip(ratio) * A) per completion token, plus an
    optional k3 KL penalty to the reference (--kl-coef, 0 by default: KL is then tracked, not
-   optimised), summed with weights that make it a mean over the GLOBAL batch (--loss-norm: per token,
-   per sequence, or Dr. GRPO's constant). --ppo-epochs > 1 reuses the batch, one optimizer step per
+   optimised), summed with weights that make it a mean over the GLOBAL batch, every completion counted
+   (--loss-norm: per token, per sequence, or Dr. GRPO's constant). --ppo-epochs > 1 reuses the batch, one optimizer step per
    pass; the ratio is 1 on the first pass (old log-probs = the current ones, detached).
-5. diagnostics from the same forwards plus one forward of the frozen reference model (a copy of the
-   starting weights): letter KL, sequence KL, letter margin, predicted-letter counts (see
+5. diagnostics: the policy's side read off the rollout (the engine's log-probs and letter logits),
+   the frozen reference (a copy of the starting weights) scoring every round(1 / --kl-sample-frac)-th
+   question's group: letter KL, sequence KL, letter margin, predicted-letter counts (see
    nanochat/diagnostics.py); attention entropy per layer on fixed probe conversations every
    --attn-every steps, heatmaps every --attn-heatmap-every steps.
 Every --eval-every steps and at the end: rl/acc = greedy accuracy on the validation split (AQuA-RAT
@@ -67,7 +69,7 @@ from nanochat.rl import (
     well_formed,
 )
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
-from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
+from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
 from tasks.aqua import extract_letter
 
 STAGE = "rl"
@@ -253,9 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kl-sample-frac",
         type=float,
         default=0.125,
-        help="the reference scores the completions of the first ceil(frac * groups) groups of "
-        "each rank: tracked KL and margins come from that subsample (the reference forward "
-        "is the diagnostics' main cost; 1: every completion)",
+        help="the reference scores the groups of every round(1 / frac)-th question (the same ones "
+        "on any number of ranks): tracked KL and margins come from that subsample (the reference "
+        "forward is the diagnostics' main cost; 1: every completion)",
     )
     g.add_argument(
         "--attn-every", type=int, default=25, help="attention entropy every N steps (0: off)"
@@ -429,7 +431,7 @@ def rollout(
     for conv, prompt, res in zip(convs, prompts, results):
         group = []
         for i, (seq, lps, fin) in enumerate(zip(res.sequences, res.logprobs, res.finished)):
-            body = seq[:-1] if fin else seq  # the stop token is trained on, but is not text
+            body = engine.without_stop(seq)  # the stop token is trained on, but is not text
             text = tokenizer.decode(body)
             correct = correctness_reward(task, conv, text)
             reward = correct + (bonus if bonus and well_formed(text, fin) else 0.0)
@@ -566,12 +568,12 @@ def train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal
         for b, idx in enumerate(batches):
             sub = [rows[i] for i in idx]
             x, y, comp, train_mask = batch_tensors(sub, pad_id, device, args.mask_truncated)
-            logp = token_logprobs(model(x), y)
+            logp = -model(x, y, loss_reduction="none")  # log p of each target, 0 off the completion
             if epoch == 0:
                 ref_logp = None
                 if args.kl_coef > 0:
                     with torch.no_grad():
-                        ref_logp = token_logprobs(ref_model(x), y)
+                        ref_logp = -ref_model(x, y, loss_reduction="none")
                 # how far the trainer's log-probs are from the sampler's (bf16, kernels, ...)
                 engine_lp = torch.zeros_like(logp)
                 for r, c in enumerate(sub):
@@ -625,7 +627,7 @@ def evaluate(engine, tokenizer, task, n: int, args, info) -> dict:
                 seeds=[args.seed * 7 + i for i in idx],
             )
         for k, conv in enumerate(convs):
-            grade = lambda seq: task.evaluate(conv, tokenizer.decode(engine_text(seq, engine)))  # noqa: E731
+            grade = lambda seq: task.evaluate(conv, tokenizer.decode(engine.without_stop(seq)))  # noqa: E731
             tally[0] += grade(greedy[k].sequences[0])
             tally[3] += 1
             if sampled is not None:
@@ -640,10 +642,6 @@ def evaluate(engine, tokenizer, task, n: int, args, info) -> dict:
         out[f"rl/pass@{args.eval_samples}"] = tally[1].item() / total
         out["rl/eval_sample_acc"] = tally[2].item() / (total * args.eval_samples)
     return out
-
-
-def engine_text(seq: list[int], engine) -> list[int]:
-    return seq[:-1] if seq and seq[-1] in engine.stop_tokens else seq
 
 
 def attention_metrics(model, tokenizer, probes, step: int, heatmaps: bool, out_dir) -> dict:
@@ -730,13 +728,6 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-
-
-def lr_multiplier(step: int, num_steps: int, warmdown_ratio: float) -> float:
-    warmdown = round(warmdown_ratio * num_steps)
-    if warmdown <= 0 or step < num_steps - warmdown:
-        return 1.0
-    return max(0.0, (num_steps - step) / warmdown)
 
 
 def main(argv=None) -> dict:
@@ -877,7 +868,7 @@ def main(argv=None) -> dict:
         rollout_s = time.time() - t0
         rewards = torch.tensor([[c.reward for c in group] for group in groups])
         adv, zero_signal = group_advantages(rewards, args.adv_std_norm)
-        lrm = lr_multiplier(step, args.num_steps, args.warmdown_ratio)
+        lrm = warmdown_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
         stats = train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal, args,
                            info, letter_ids, pad_id)

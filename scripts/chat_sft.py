@@ -39,7 +39,7 @@ from nanochat.gpt import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
+from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
 
 # Per-stage defaults: mid-training is the longer, higher-lr pass right after pretraining; SFT a gentle
 # final pass. Everything is a flag.
@@ -100,14 +100,6 @@ def has_checkpoint(stage: str, tag: str | None) -> bool:
     root = get_base_dir() / "checkpoints" / stage
     dirs = [root / tag] if tag else (list(root.iterdir()) if root.is_dir() else [])
     return any(find_last_step(d) is not None for d in dirs if d.is_dir())
-
-
-def lr_multiplier(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """1.0, then linear decay to 0 over the last warmdown_ratio of the steps."""
-    warmdown = round(warmdown_ratio * num_iterations)
-    if warmdown <= 0 or step < num_iterations - warmdown:
-        return 1.0
-    return max(0.0, (num_iterations - step) / warmdown)
 
 
 def main(argv=None, stage: str = "sft") -> dict:
@@ -249,7 +241,7 @@ def main(argv=None, stage: str = "sft") -> dict:
             # optimizers average gradients over ranks, hence * world_size to get sum / global count
             (loss * (world_size / n_target)).backward()
         grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
-        lrm = lr_multiplier(step, num_iterations, args.warmdown_ratio)
+        lrm = warmdown_multiplier(step, num_iterations, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
         for opt in optimizers:
             opt.step()

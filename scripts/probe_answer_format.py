@@ -24,7 +24,7 @@ from nanochat.chat_data import collate
 from nanochat.checkpoint import load_model
 from nanochat.common import print0, seed_everything
 from nanochat.engine import Engine
-from scripts.chat_sft import lr_multiplier
+from nanochat.training import warmdown_multiplier
 from tasks.synthetic_aqua import SyntheticAqua
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> list[tuple[int, float, float]]:
             break
         batch = range(step * args.batch_size, (step + 1) * args.batch_size)
         x, y = collate([tokenizer.render_conversation(train[i]) for i in batch], pad_id)
-        lrm = lr_multiplier(step, args.steps, args.warmdown_ratio)
+        lrm = warmdown_multiplier(step, args.steps, args.warmdown_ratio)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * args.init_lr_frac * lrm
