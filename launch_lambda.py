@@ -645,8 +645,18 @@ def cleanup_after_failure(api, state, instance_id, keep, reason):
         signal.signal(signal.SIGINT, previous)
 
 
-def remote_command(args):
-    return args.command or shlex.join(shlex.split(DEFAULT_COMMAND) + args.run_args)
+def remote_command(args, price_cents=None):
+    """The command run on the node. The default one asks for the gpu profile outright (a node whose torch
+    cannot see its GPUs then stops at once instead of running the cpu profile on a billed machine) and
+    passes the instance's price for the report's cost per stage, unless the user's own flags say otherwise."""
+    if args.command:
+        return args.command
+    argv = shlex.split(DEFAULT_COMMAND) + args.run_args
+    if "--profile" not in args.run_args:
+        argv += ["--profile", "gpu"]
+    if price_cents is not None and "--gpu-hourly-price" not in args.run_args:
+        argv += ["--gpu-hourly-price", f"{price_cents / 100:.2f}"]
+    return shlex.join(argv)
 
 
 def cmd_launch(args, settings):
@@ -694,6 +704,7 @@ def cmd_launch(args, settings):
     except ApiError as e:
         raise api_failure(e, "launch failed")
     price = itype["price_cents_per_hour"]
+    command = remote_command(args, price)
     say(f"Launched {instance_id} ({args.instance_type}, {region}) at {money(price)}/hour. Billing has started.")
     try:  # from here on, any failure terminates the instance (unless --keep-on-failure)
         state.update(instance_id, name=args.name, instance_type=args.instance_type, region=region, status="booting",
@@ -771,6 +782,7 @@ def dry_run(api, args, command):
         except ApiError as e:
             raise api_failure(e, "dry run")
         price = item["instance_type"]["price_cents_per_hour"]
+        command = remote_command(args, price)
         regions = [r["name"] for r in item["regions_with_capacity_available"]]
         say(f"  type:      {args.instance_type}: {item['instance_type']['description']}")
         say(f"  capacity:  {', '.join(regions) or 'none right now'}")

@@ -36,11 +36,11 @@ SECRETS = (LAMBDA_KEY, WANDB_KEY)
 FAKE_PIPELINE = r"""#!/usr/bin/env bash
 # Stand-in for the real orchestrator: writes a report, metrics and checkpoints into NANOCHAT_BASE_DIR.
 set -e
-sleep_s=0; code=0
+sleep_s=0; code=0; args="$*"
 while [ $# -gt 0 ]; do
   case "$1" in --sleep) sleep_s=$2; shift ;; --exit) code=$2; shift ;; esac; shift
 done
-echo "pipeline running with base $NANOCHAT_BASE_DIR"
+echo "pipeline running with base $NANOCHAT_BASE_DIR, args: $args"
 echo "wandb key present: ${WANDB_API_KEY:+yes}, project: $WANDB_PROJECT"
 cd "$NANOCHAT_BASE_DIR"
 mkdir -p report runs/r1 tokenizer checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010 checkpoints/sft/d4/step_000011.tmp checkpoints/rl/d4/step_000005
@@ -264,7 +264,9 @@ def test_seed_form_dry_run_prints_plan_and_cost(env, fake, project):
                          "--repo", str(project), "--", "--depth", "20")
     assert proc.returncode == 0, out
     assert "DRY RUN" in out and "$23.92/hour" in out and "4 h = $95.68" in out
-    assert "bash run_aquarat_small.sh --depth 20" in out and "ssh key:   laptop" in out
+    # the default command asks for the gpu profile and passes the instance's price to the report
+    assert "bash run_aquarat_small.sh --depth 20 --profile gpu --gpu-hourly-price 23.92" in out
+    assert "ssh key:   laptop" in out
     assert all(r["method"] == "GET" for r in fake.requests)
 
 
@@ -449,7 +451,7 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     assert (rdir / ".env").read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
     # the pipeline ran in tmux with the .env loaded and the user's flags, and its log streamed back
     assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
-    assert f"pipeline running with base {remote_home / 'base'}" in out
+    assert f"pipeline running with base {remote_home / 'base'}, args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92" in out
     assert "starting in" in (rdir / ".launcher" / "run.log").read_text() and "--sleep 0.5" in out
     # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
     assert (dest / "report" / "report.md").read_text() == "# fake report\n"
