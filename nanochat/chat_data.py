@@ -106,6 +106,13 @@ def build_tasks(args, split: str, device: torch.device) -> list:
                 where = f"--aqua-data-dir {data_dir}" if data_dir else "Hugging Face deepmind/aqua_rat"
                 raise SystemExit(f"AQuA-RAT {aqua_split} split could not be loaded from {where} "
                                  f"({type(exc).__name__}: {exc}). Use --aqua-source synthetic offline.") from exc
+            if len(task) == 0:  # every row malformed (each was named above), or an empty file
+                from tasks.aqua import find_local_file
+                where = find_local_file(data_dir, aqua_split) if data_dir else "Hugging Face deepmind/aqua_rat"
+                flag = "--aqua-train-examples" if split == "train" else "--aqua-val-examples"
+                raise SystemExit(f"AQuA-RAT {aqua_split} split in {where} has no usable rows (empty, or every "
+                                 f"row malformed: see the skipped rows above). Fix the file, or pass {flag} 0 "
+                                 f"to leave AQuA-RAT out of the {split} mixture.")
             tasks.append((task, f"aqua/{aqua_split} ({len(task)})"))
     if source == "synthetic" or args.mix_synthetic:
         from tasks.synthetic_aqua import SyntheticAqua

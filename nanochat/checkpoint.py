@@ -342,7 +342,11 @@ def _latest_tag(stage_dir: Path) -> str:
 
 def load_model(stage: str, tag: str | None = None, step: int | None = None, device=None, phase: str = "eval"):
     """-> (model: GPT, tokenizer, meta) from <base>/checkpoints/<stage>/<tag>. tag None: the tag whose newest
-    checkpoint was written most recently. phase "eval" or "train" sets the module mode."""
+    checkpoint was written most recently. phase "eval" or "train" sets the module mode.
+
+    The tokenizer is the one the checkpoint records (meta["tokenizer"]), else tokenizer_dir(). What a user
+    can fix (no such checkpoint, a tokenizer that is not the one the model was trained with) ends the
+    program with a one-line message (SystemExit): entry points call this, not library code."""
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
     from nanochat.gpt import GPT, GPTConfig  # lazy: checkpoint utilities must not need the model to import
@@ -350,13 +354,22 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
 
     device = torch.device(device) if device is not None else autodetect_device()
     stage_dir = get_base_dir() / "checkpoints" / stage
-    tag = tag or _latest_tag(stage_dir)
-    model_state, _, meta = load_checkpoint(stage_dir / tag, step=step, device=device)
+    try:
+        tag = tag or _latest_tag(stage_dir)
+        model_state, _, meta = load_checkpoint(stage_dir / tag, step=step, device=device)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{exc}") from None
     if model_state is None:
         raise FileNotFoundError(f"{stage_dir / tag}: checkpoint step {meta.get('step')} has no model.pt")
     if "model_config" not in meta:
         raise KeyError(f"{stage_dir / tag}: meta.json of step {meta.get('step')} has no 'model_config'")
     config = GPTConfig(**meta["model_config"])
+    where = f"{stage_dir / tag} step {meta.get('step')}"
+    try:
+        tokenizer = get_tokenizer(checkpoint_tokenizer_dir(meta))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"{where} needs its tokenizer: {exc}") from None
+    check_tokenizer(meta, tokenizer, config.vocab_size, where)
     with torch.device("meta"):  # no throwaway random init of a big model on the CPU
         model = GPT(config)
     model.to_empty(device=device)
@@ -366,7 +379,35 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
         model.train()
     else:
         model.eval()
-    return model, get_tokenizer(), meta
+    return model, tokenizer, meta
+
+
+def checkpoint_tokenizer_dir(meta: dict) -> Path | None:
+    """The tokenizer directory a checkpoint records (relative paths are under the base dir), when it
+    exists; None (the default tokenizer_dir()) for checkpoints that record none."""
+    record = meta.get("tokenizer") or {}
+    if not record.get("dir"):
+        return None
+    directory = get_base_dir() / record["dir"]  # an absolute recorded path stays absolute
+    return directory if directory.is_dir() else None
+
+
+def check_tokenizer(meta: dict, tokenizer, model_vocab: int, where: str) -> None:
+    """Refuse a tokenizer other than the one the model was trained with: ids would mean other tokens (and
+    ids past the model's vocabulary crash the embedding)."""
+    record = meta.get("tokenizer") or {}
+    have = tokenizer.fingerprint() if record.get("ranks_sha256") else None
+    directory = tokenizer.directory or "the tokenizer"
+    if have is not None and have["ranks_sha256"] != record["ranks_sha256"]:
+        raise SystemExit(
+            f"{where} was trained with another tokenizer ({record['vocab_size']} tokens, ranks sha256 "
+            f"{record['ranks_sha256'][:12]}) than {directory} ({have['vocab_size']} tokens, "
+            f"{have['ranks_sha256'][:12]}): it was retrained since. Point NANOCHAT_TOKENIZER_DIR at the "
+            f"run's own tokenizer, or retrain from the base stage (run_aquarat_small.sh --from tokenizer).")
+    if tokenizer.get_vocab_size() > model_vocab:
+        raise SystemExit(f"{where}: the tokenizer at {directory} has {tokenizer.get_vocab_size()} tokens but "
+                         f"the model only {model_vocab}: not the tokenizer it was trained with (retrain from "
+                         f"the base stage, or point NANOCHAT_TOKENIZER_DIR at the right one)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ the ids right after the last merge. Special tokens are only ever produced by `en
 the chat renderer: text that *looks* like "<|bos|>" is encoded as ordinary bytes, so user data can
 never inject control tokens.
 
-On disk (`<base>/tokenizer/`):
+On disk (`<base>/tokenizer/`, or NANOCHAT_TOKENIZER_DIR: run_aquarat_small.sh gives each run its own,
+`<base>/runs/<run>/tokenizer/`):
   tokenizer.tiktoken   the mergeable ranks, tiktoken's own format ("<base64 bytes> <rank>" per line;
                        `tiktoken.load.load_tiktoken_bpe` reads it)
   tokenizer.json       split pattern, special tokens, vocab size, a sha256 of the ranks file, training meta
@@ -106,6 +107,7 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name=f"nanochat-aquarat-{n + len(special_tokens)}", pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=special_tokens)
         self.bos_token_id = special_tokens["<|bos|>"]
+        self.directory: Path | None = None  # where load() read it from
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -158,15 +160,25 @@ class Tokenizer:
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as exc:
                 raise ValueError(f"{ranks_path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from exc
-        return cls(config["pattern"], ranks, config["special_tokens"], config.get("meta"))
+        tok = cls(config["pattern"], ranks, config["special_tokens"], config.get("meta"))
+        tok.directory = directory
+        return tok
+
+    def _ranks_file_bytes(self) -> bytes:
+        lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
+                 for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        return ("\n".join(lines) + "\n").encode("ascii")
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records of the tokenizer it was trained with: a model only makes sense with
+        exactly these merges (ids mean tokens), so loading it with another tokenizer is refused."""
+        return {"vocab_size": self.get_vocab_size(), "ranks_sha256": _sha256(self._ranks_file_bytes())}
 
     def save(self, directory) -> Path:
         """Write the three files into `directory` (created if needed); returns the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
-                 for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
-        raw = ("\n".join(lines) + "\n").encode("ascii")
+        raw = self._ranks_file_bytes()
         _atomic_write_bytes(directory / RANKS_FILE, raw)
         tb_tmp = directory / f".{TOKEN_BYTES_FILE}.tmp-{os.getpid()}"
         torch.save(self.token_bytes(), tb_tmp)
@@ -382,26 +394,40 @@ def _validated_messages(conversation) -> list[dict]:
 
 # ---------------------------------------------------------------------- the project's tokenizer
 def tokenizer_dir() -> Path:
+    """NANOCHAT_TOKENIZER_DIR when set (run_aquarat_small.sh sets one per run), else <base>/tokenizer."""
     from nanochat.common import get_base_dir
 
-    return get_base_dir() / "tokenizer"
+    return Path(os.environ.get("NANOCHAT_TOKENIZER_DIR") or get_base_dir() / "tokenizer")
 
 
-def get_tokenizer() -> Tokenizer:
-    """The tokenizer every stage uses: <base>/tokenizer (NANOCHAT_BASE_DIR)."""
-    directory = tokenizer_dir()
+def get_tokenizer(directory=None) -> Tokenizer:
+    """The tokenizer in `directory` (default tokenizer_dir())."""
+    directory = Path(directory) if directory is not None else tokenizer_dir()
     if not (directory / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no tokenizer at {directory}: train one first with `python -m scripts.tok_train` "
-                                f"(same NANOCHAT_BASE_DIR)")
+                                f"(same NANOCHAT_BASE_DIR and NANOCHAT_TOKENIZER_DIR)")
     return Tokenizer.load(directory)
 
 
-def get_token_bytes(device="cpu") -> torch.Tensor:
+def get_token_bytes(device="cpu", directory=None) -> torch.Tensor:
     """1-D int32 tensor [vocab]: bytes per token id (0 for specials), for bits-per-byte."""
-    directory = tokenizer_dir()
+    directory = Path(directory) if directory is not None else tokenizer_dir()
     path = directory / TOKEN_BYTES_FILE
     if path.is_file():
         token_bytes = torch.load(path, map_location="cpu")
     else:  # older/hand-made dirs: derive it from the tokenizer itself
-        token_bytes = get_tokenizer().token_bytes()
+        token_bytes = get_tokenizer(directory).token_bytes()
     return token_bytes.to(device)
+
+
+def tokenizer_record(tokenizer: Tokenizer) -> dict:
+    """For checkpoint meta: where the tokenizer lives (relative to the base dir when inside it, so a base
+    dir fetched from a GPU node to a laptop still resolves) and its fingerprint."""
+    from nanochat.common import get_base_dir
+
+    directory = Path(tokenizer.directory or tokenizer_dir()).resolve()
+    try:
+        where = str(directory.relative_to(get_base_dir().resolve()))
+    except ValueError:
+        where = str(directory)
+    return {"dir": where, **tokenizer.fingerprint()}

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     seq_len = args.max_seq_len or model.config.sequence_len
     tokens_per_step = args.device_batch_size * seq_len * info.world_size
     steps = max(1, args.split_tokens // tokens_per_step)
-    token_bytes = get_token_bytes(info.device)
+    token_bytes = get_token_bytes(info.device, tokenizer.directory)
     print0(f"{args.stage} checkpoint {tag or ''} step {step}: {steps} x {tokens_per_step:,} tokens per split")
 
     bpb = {}

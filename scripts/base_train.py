@@ -40,7 +40,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import checkpoint_dir
+from nanochat.checkpoint import check_tokenizer, checkpoint_dir
 from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, peak_flops, print0, seed_everything
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
@@ -48,7 +48,7 @@ from nanochat.gpt import GPT, config_from_depth, maybe_compile
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
 from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
 
@@ -199,6 +199,7 @@ def main(argv=None) -> None:
                                                            args.resume)
     loader_states = rank_state["loaders"] if rank_state else [None] * grad_accum
     if resumed_meta is not None:
+        check_tokenizer(resumed_meta, tokenizer, config.vocab_size, f"{ckpt_dir} step {start_step}")
         if resumed_meta.get("world_size") != world_size or resumed_meta.get("grad_accum") != grad_accum:
             raise SystemExit(f"{ckpt_dir} step {start_step} was written by {resumed_meta.get('world_size')} "
                              f"process(es) x {resumed_meta.get('grad_accum')} micro-steps; now {world_size} x "
@@ -308,8 +309,8 @@ def main(argv=None) -> None:
                    f"| gnorm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s{mfu_text}")
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
-            meta = {"model_config": asdict(config), "stage": STAGE, "tag": tag, "num_iterations": num_iterations,
-                    "grad_accum": grad_accum, "total_batch_size": total_batch_size,
+            meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": STAGE,
+                    "tag": tag, "num_iterations": num_iterations, "grad_accum": grad_accum, "total_batch_size": total_batch_size,
                     "device_batch_size": args.device_batch_size, "stats": stats, "args": vars(args)}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last,
                  {"loaders": [loader.state_dict() for loader in loaders]})

@@ -68,6 +68,7 @@ from nanochat.rl import (
     token_weights,
     well_formed,
 )
+from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
 from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
 from tasks.aqua import extract_letter
@@ -920,6 +921,7 @@ def main(argv=None) -> dict:
             stats_kept.update(train_time=timer.total, timed_steps=timer.count)
             meta = {
                 "model_config": asdict(model.config),
+                "tokenizer": tokenizer_record(tokenizer),
                 "stage": STAGE,
                 "tag": tag,
                 "args": vars(args),

@@ -38,6 +38,7 @@ from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir,
 from nanochat.gpt import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
+from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
 from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
 
@@ -266,7 +267,7 @@ def main(argv=None, stage: str = "sft") -> dict:
                    f"{tok_per_sec:,.0f} tok/s | epoch {loader.epoch:.2f}")
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
-            meta = {"model_config": asdict(config), "stage": stage, "tag": tag, "num_iterations": num_iterations,
+            meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": stage, "tag": tag, "num_iterations": num_iterations,
                     "per_step": per_step, "source_stage": source_stage, "source_tag": src_meta.get("tag"),
                     "source_step": src_meta.get("step"), "train_loss": last_loss, "val_loss": val_loss,
                     "args": vars(args)}

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from pathlib import Path
 
 from nanochat.common import get_base_dir
 from nanochat.report import write_section
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, split_pattern
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, split_pattern, tokenizer_dir
 from nanochat.tracking import add_tracking_args, make_tracker
 
 SANITY_TEXT = "Hello world! 12 + 34 = 46. Ünïcödé 日本 😀 <|bos|>\n\tdef f(x): return x"
@@ -83,7 +84,7 @@ def main(argv=None):
                         help="pretraining text source (see nanochat.dataset.text_iterator)")
     parser.add_argument("--data-dir", default=None, help="directory of local parquet shards for --source dir")
     parser.add_argument("--buffer-size", type=count_int, default=8192, help="documents rustbpe pulls per batch")
-    parser.add_argument("--out-dir", default=None, help="where to save (default <base>/tokenizer)")
+    parser.add_argument("--out-dir", default=None, help="where to save (default NANOCHAT_TOKENIZER_DIR, else <base>/tokenizer)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_tracking_args(parser)
     args = parser.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv=None):
     from nanochat.dataset import text_iterator  # imported late so --help works without data deps
 
     base = get_base_dir()
-    out_dir = args.out_dir or base / "tokenizer"
+    out_dir = Path(args.out_dir) if args.out_dir else tokenizer_dir()
     print(f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
           f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""), flush=True)
 

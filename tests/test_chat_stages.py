@@ -194,6 +194,37 @@ def test_missing_source_and_bad_custom_json(base_dir, tmp_path):
         sft(["--aqua-source", "none", "--custom-json", str(bad)], stage="mid")
 
 
+def test_bad_data_gets_one_line_errors(base_dir, tmp_path):
+    make_base(base_dir)
+    good = {"question": "1+1?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "1+1=2",
+            "correct": "B"}
+    aqua = tmp_path / "aqua"
+    aqua.mkdir()
+    bad_rows = [{**good, "options": good["options"][:4]}, {**good, "correct": "F"}]
+    (aqua / "train.json").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
+    (aqua / "dev.json").write_text(json.dumps(good) + "\n")
+    dir_data = ["--aqua-source", "dir", "--aqua-data-dir", str(aqua), "--device-batch-size", "2"]
+    with pytest.raises(SystemExit, match=r"train split in .*train.json has no usable rows.*"
+                                         r"--aqua-train-examples 0"):
+        sft(dir_data)
+    (aqua / "train.json").write_text(json.dumps(good) + "\n")
+    (aqua / "dev.json").write_text("")  # an empty split
+    with pytest.raises(SystemExit, match=r"validation split in .*dev.json has no usable rows.*"
+                                         r"--aqua-val-examples 0"):
+        sft(dir_data)
+    with pytest.raises(SystemExit, match="the training mixture is empty"):
+        sft(["--aqua-source", "none"])
+    assert not (base_dir / "checkpoints" / "sft").exists()  # refused before anything was written
+
+
+def test_missing_checkpoint_is_one_line_not_a_traceback(base_dir):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "rl", "--max-problems", "2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"no checkpoints under {base_dir / 'checkpoints' / 'rl'}" in res.stderr
+
+
 # ------------------------------------------------------------------------------------------ eval and CLI
 
 def test_chat_eval_writes_jsonl_and_report(base_dir):

@@ -143,7 +143,7 @@ def test_load_model_roundtrip(tmp_path, base_dir, monkeypatch):
     gpt = pytest.importorskip("nanochat.gpt")
     tok_mod = pytest.importorskip("nanochat.tokenizer")
     tok = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
-    monkeypatch.setattr(tok_mod, "get_tokenizer", lambda: tok)
+    monkeypatch.setattr(tok_mod, "get_tokenizer", lambda directory=None: tok)
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(sequence_len=16, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
                         n_embd=16)
@@ -161,7 +161,7 @@ def test_load_model_roundtrip(tmp_path, base_dir, monkeypatch):
     model.eval()
     with torch.no_grad():
         assert torch.allclose(model(idx), loaded(idx))
-    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    with pytest.raises(SystemExit, match="no checkpoints"):  # one line for the user, no traceback
         ck.load_model("sft")
 
 
@@ -193,3 +193,36 @@ def test_two_rank_save_gloo(tmp_path):
     for r in (0, 1):
         _, optim, _ = ck.load_checkpoint(d, load_optimizer=True, rank=r)
         assert optim[0]["rank"].item() == r
+
+
+def test_load_model_refuses_another_tokenizer(base_dir):
+    """A checkpoint records the tokenizer it was trained with; a tokenizer retrained in its place since
+    (another run, another vocabulary) is refused in one line instead of feeding the model foreign ids."""
+    gpt = pytest.importorskip("nanochat.gpt")
+    tok_mod = pytest.importorskip("nanochat.tokenizer")
+    byte_ranks = {bytes([i]): i for i in range(256)}
+    first = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, byte_ranks)
+    first.save(tok_mod.tokenizer_dir())
+    first = tok_mod.get_tokenizer()
+    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=first.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
+                        n_embd=16)
+    meta = {"model_config": cfg.__dict__, "tokenizer": tok_mod.tokenizer_record(first)}
+    assert meta["tokenizer"]["dir"] == "tokenizer"  # relative: a fetched base dir still resolves
+    ck.save_checkpoint(ck.checkpoint_dir("base", "d1"), 1, gpt.GPT(cfg).state_dict(), None, meta)
+    _, tokenizer, _ = ck.load_model("base", device="cpu")
+    assert tokenizer.fingerprint() == first.fingerprint()
+
+    # same vocabulary size, other merges: ids would silently mean other tokens
+    swapped = {**byte_ranks, b"a": 98, b"b": 97}
+    tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, swapped).save(tok_mod.tokenizer_dir())
+    with pytest.raises(SystemExit, match="trained with another tokenizer .* retrained since"):
+        ck.load_model("base", device="cpu")
+
+    # a checkpoint that records no tokenizer: a vocabulary larger than the model's is still refused
+    bigger = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {**byte_ranks, b"ab": 256})
+    bigger.save(tok_mod.tokenizer_dir())
+    ck.save_checkpoint(ck.checkpoint_dir("base", "old"), 1, gpt.GPT(cfg).state_dict(), None,
+                       {"model_config": cfg.__dict__})
+    with pytest.raises(SystemExit, match=f"has {bigger.get_vocab_size()} tokens but the model only "
+                                         f"{cfg.vocab_size}"):
+        ck.load_model("base", tag="old", device="cpu")
