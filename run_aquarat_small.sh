@@ -36,6 +36,12 @@ Usage: bash run_aquarat_small.sh [options]
   --force                  redo every stage; training stages start over (--fresh deletes their old checkpoints)
   --gpu-hourly-price USD   what the machine costs per hour, for the report's cost per stage (default 0:
                            no cost shown; launch_lambda.py passes the instance's price)
+  --stage-args STAGE=ARGS  extra flags for one stage, after the profile's own (the last of a repeated
+                           flag wins): --stage-args "rl=--num-steps 600 --max-new-tokens 768".
+                           STAGE is a stage name, or eval for all three evaluations; repeatable
+  --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
+                           gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
+                           a GPU node's run before paying for one (the test suite does this)
   -h, --help               this text
 
 Environment (or .env): NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE /
@@ -44,6 +50,8 @@ EOF
 }
 
 PROFILE=auto RUN=aquarat_small DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
+REHEARSAL=0
+declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) PROFILE=${2:?--profile needs a value}; shift 2 ;;
@@ -55,6 +63,13 @@ while [ $# -gt 0 ]; do
         --from) FROM=${2:?--from needs a value}; shift 2 ;;
         --seed) SEED=${2:?--seed needs a value}; shift 2 ;;
         --gpu-hourly-price) PRICE=${2:?--gpu-hourly-price needs a value}; shift 2 ;;
+        --stage-args)
+            spec=${2:?--stage-args needs STAGE=ARGS}
+            if [[ "$spec" != *=* ]]; then
+                echo "--stage-args wants STAGE=ARGS, e.g. \"rl=--num-steps 600\" (got '$spec')" >&2; exit 2
+            fi
+            STAGE_ARGS[${spec%%=*}]="${STAGE_ARGS[${spec%%=*}]:-} ${spec#*=}"; shift 2 ;;
+        --cpu-rehearsal) REHEARSAL=1; shift ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -64,6 +79,15 @@ case "$PROFILE" in auto|cpu|gpu|smoke) ;; *) echo "--profile must be auto, cpu, 
 STAGES="data tokenizer tok_eval base base_loss base_eval mid sft rl eval"
 if [ -n "$FROM" ] && ! [[ " $STAGES " == *" $FROM "* ]]; then
     echo "--from must be one of: $STAGES (got '$FROM')" >&2; exit 2
+fi
+for name in "${!STAGE_ARGS[@]}"; do
+    if ! [[ " $STAGES eval_mid eval_sft eval_rl " == *" $name "* ]]; then
+        echo "--stage-args: unknown stage '$name'; stages are: $STAGES (eval = all three evaluations)" >&2
+        exit 2
+    fi
+done
+if [ "$REHEARSAL" = 1 ] && [ "$PROFILE" != gpu ]; then
+    echo "--cpu-rehearsal rehearses the gpu profile: add --profile gpu" >&2; exit 2
 fi
 
 # --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------
@@ -85,24 +109,34 @@ export NANOCHAT_RUN="$RUN"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)}"
 RUN_DIR="$NANOCHAT_BASE_DIR/runs/$RUN"
 mkdir -p "$RUN_DIR"
+# The run's own tokenizer: another run (another profile's vocabulary) cannot replace it under this run's
+# checkpoints, which record it and refuse any other.
+export NANOCHAT_TOKENIZER_DIR="${NANOCHAT_TOKENIZER_DIR:-$RUN_DIR/tokenizer}"
 LOG="$RUN_DIR/pipeline.log"
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$PROFILE" = auto ]; then
     if [ "$NGPU" -gt 0 ]; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
-if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ]; then
+if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ] && [ "$REHEARSAL" = 0 ]; then
     echo "--profile gpu asked for, but torch sees no CUDA GPU; use --profile cpu" >&2; exit 2
 fi
+if [ "$REHEARSAL" = 1 ]; then
+    NGPU=0  # the stages see no GPU either: CPU, fp32, gloo
+    export CUDA_VISIBLE_DEVICES=""
+    NPROC=${NPROC:-2}
+fi
 NPROC=${NPROC:-$([ "$PROFILE" = gpu ] && echo "$NGPU" || echo 1)}
-DEVICE=$([ "$PROFILE" = gpu ] && echo cuda || echo cpu)
+DEVICE=$([ "$NGPU" -gt 0 ] && [ "$PROFILE" = gpu ] && echo cuda || echo cpu)
 if [ "$NPROC" -gt 1 ]; then
     LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
 else
     LAUNCH=("$PY" -m)
 fi
 
-echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC base=$NANOCHAT_BASE_DIR (log: $LOG)" | tee -a "$LOG"
+echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC device=$DEVICE base=$NANOCHAT_BASE_DIR" \
+     "(log: $LOG)" | tee -a "$LOG"
+[ "$REHEARSAL" = 1 ] && echo "[pipeline] --cpu-rehearsal: the gpu profile's stages, on CPU" | tee -a "$LOG"
 
 # W&B: find out once, in seconds, whether its server answers; if not, every stage runs offline
 # (instead of each waiting ~100 s in wandb.init) and the line printed says how to sync later.
@@ -127,12 +161,19 @@ stage() {
     # A training stage being redone starts over (--fresh); otherwise it resumes its last checkpoint.
     local extra=()
     if [ "$REDO" = 1 ] && [[ " base mid sft rl " == *" $name "* ]]; then extra=(--fresh); fi
+    # --stage-args: split on spaces, after the profile's flags (argparse keeps the last value)
+    local more="${STAGE_ARGS[$name]:-}"
+    [[ "$name" == eval_* ]] && more="${STAGE_ARGS[eval]:-} $more"
+    local words=()
+    read -r -a words <<< "$more"
+    extra+=("${words[@]}")
     echo "[pipeline] $name: $(date -u +%FT%TZ)" | tee -a "$LOG"
-    local t0=$SECONDS
+    local t0=$SECONDS procs=1
+    [[ " $* " == *" torch.distributed.run "* ]] && procs=$NPROC
     "$@" "${extra[@]}" 2>&1 | tee -a "$LOG"
     # wall time, processes and device of the stage, for the report's time and cost table
     printf '{"stage": "%s", "seconds": %d, "processes": %d, "device": "%s", "finished": "%s"}\n' \
-        "$name" $((SECONDS - t0)) "$NPROC" "$DEVICE" "$(date -u +%FT%TZ)" >> "$RUN_DIR/stages.jsonl"
+        "$name" $((SECONDS - t0)) "$procs" "$DEVICE" "$(date -u +%FT%TZ)" >> "$RUN_DIR/stages.jsonl"
     touch "$marker"
 }
 

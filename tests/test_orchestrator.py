@@ -57,8 +57,11 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
     assert all((run_dir / f".done_{s}").is_file() for s in STAGES)
     assert not (run_dir / ".done_base_eval").exists()  # CORE needs the downloaded bundle: gpu profile only
     for stage in ["base", "mid", "sft", "rl"]:  # tagged with the run; --seed reached every training stage
-        meta = sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[-1]
-        assert json.loads(meta.read_text())["args"]["seed"] == 7
+        meta = json.loads(sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[-1]
+                          .read_text())
+        assert meta["args"]["seed"] == 7
+        assert meta["tokenizer"]["dir"] == "runs/smk/tokenizer"  # the run's own tokenizer, recorded
+    assert not (base_dir / "tokenizer").exists()
     rows = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
     assert {(r["source"], r["mode"]) for r in rows} == {
         (s, m) for s in ("mid", "sft", "rl") for m in ("generative", "categorical")}
@@ -101,5 +104,117 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
         meta = sorted((base_dir / "checkpoints" / stage / "smk2").glob("step_*/meta.json"))[-1]
         assert json.loads(meta.read_text())["args"]["seed"] == 8
     assert sft_meta.stat().st_mtime_ns == sft_stamp
+    assert json.loads(sft_meta.read_text())["tokenizer"]["dir"] == "runs/smk/tokenizer"
+    assert (base_dir / "runs" / "smk2" / "tokenizer" / "tokenizer.json").is_file()
     assert "run `smk2`" in (base_dir / "report" / "smk2" / "report.md").read_text()
     assert "run `smk`" in (base_dir / "report" / "smk" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gpu profile, rehearsed on CPU: its stages and flags, local stand-ins for what it downloads, and
+# --stage-args that change sizes only.
+
+def _serve_directory(root: Path):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _fineweb_stand_in(root: Path, shards: int = 2) -> Path:
+    """Parquet shards (column `text`, several row groups) at the Hugging Face URL layout the data stage
+    downloads from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.synthetic_aqua import synthetic_texts
+
+    repo_dir = root / "datasets" / "karpathy" / "fineweb-edu-100b-shuffle" / "resolve" / "main"
+    repo_dir.mkdir(parents=True)
+    for i in range(shards):
+        docs = list(synthetic_texts(240, seed=100 + i))
+        pq.write_table(pa.table({"text": docs}), repo_dir / f"shard_{i:05d}.parquet", row_group_size=60)
+    return root
+
+
+def _aqua_stand_in(shared_dir: Path, out: Path) -> Path:
+    """train.json / dev.json / test.json in AQuA-RAT's original JSON-lines format, cut from the 254 real
+    dev problems in ../shared."""
+    rows = (shared_dir / "data" / "aqua_rat" / "dev.json").read_text().splitlines()
+    out.mkdir()
+    for name, part in (("train.json", rows[:200]), ("dev.json", rows[200:228]), ("test.json", rows[228:])):
+        (out / name).write_text("\n".join(part) + "\n")
+    return out
+
+
+GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
+    "tokenizer": "--vocab-size 512 --max-chars 200000",
+    "base": "--aspect-ratio 32 --head-dim 32 --max-seq-len 128 --device-batch-size 2 --total-batch-size 512"
+            " --num-iterations 4 --eval-every 2 --eval-tokens 1024 --sample-every -1 --save-every 2",
+    "base_loss": "--device-batch-size 2 --split-tokens 1024 --sample-tokens 8",
+    "base_eval": "--max-per-task 4",
+    "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64 --synthetic-val-examples 8"
+           " --max-seq-len 256"
+           " --device-batch-size 2 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    "sft": "--aqua-train-examples 64 --aqua-val-examples 8 --max-seq-len 256 --device-batch-size 2"
+           " --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    "rl": "--train-examples 16 --examples-per-step 2 --num-samples 2 --max-new-tokens 16 --num-steps 2"
+          " --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
+    "eval": "--max-problems 4 --synthetic-examples 4 --num-samples 2 --max-tokens 16",
+}
+GPU_STAGES = ["data", "tokenizer", "tok_eval", "base", "base_loss", "base_eval", "mid", "sft", "rl",
+              "eval_mid", "eval_sft", "eval_rl"]
+
+
+def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path, shared_dir):
+    from test_core_eval import write_bundle
+
+    hub = _serve_directory(_fineweb_stand_in(tmp_path / "hub"))
+    aqua = _aqua_stand_in(shared_dir, tmp_path / "aqua_rat")
+    write_bundle(base_dir / "eval_bundle")  # where base_eval looks before downloading the bundle
+    sizes = [a for stage, flags in GPU_SIZES.items() for a in ("--stage-args", f"{stage}={flags}")]
+    try:
+        result = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", "2", "--run", "rehearsal",
+                               "--depth", "2", "--shards", "2", "--aqua-data-dir", str(aqua),
+                               "--gpu-hourly-price", "3.0", *sizes], base_dir,
+                              extra_env={"NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
+                                         "OMP_NUM_THREADS": "1"})
+    finally:
+        hub.shutdown()
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    run_dir = base_dir / "runs" / "rehearsal"
+    assert all((run_dir / f".done_{s}").is_file() for s in GPU_STAGES)
+    assert sorted(p.name for p in (base_dir / "base_data").iterdir()) == ["shard_00000.parquet",
+                                                                          "shard_00001.parquet"]
+    stages = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
+    by_name = {s["stage"]: s for s in stages}
+    assert {by_name[s]["processes"] for s in ("base", "mid", "sft", "rl", "eval_rl")} == {2}
+    assert by_name["tokenizer"]["processes"] == 1  # single-process stages are not billed as two
+    assert all(s["device"] == "cpu" for s in stages)
+    # the gpu profile's own flags reached the stages; only the sizes were overridden
+    base_meta = json.loads(sorted((base_dir / "checkpoints" / "base" / "rehearsal").glob(
+        "step_*/meta.json"))[-1].read_text())
+    assert base_meta["args"]["source"] == "fineweb" and base_meta["args"]["depth"] == 2
+    rl_meta = json.loads(sorted((base_dir / "checkpoints" / "rl" / "rehearsal").glob(
+        "step_*/meta.json"))[-1].read_text())
+    assert rl_meta["args"]["aqua_source"] == "dir" and rl_meta["args"]["num_steps"] == 2
+    rows = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
+    assert {(r["source"], r["task"]) for r in rows} == {
+        (s, t) for s in ("mid", "sft", "rl") for t in ("aqua", "synthetic_aqua")}
+    core = [json.loads(line) for line in (run_dir / "base_eval.jsonl").read_text().splitlines()]
+    assert any("core/core" in row for row in core)
+    report_dir = base_dir / "report" / "rehearsal"
+    report = (report_dir / "report.md").read_text()
+    for heading in ["Tokenizer training", "pretraining", "CORE", "Mid-training", "Supervised fine-tuning",
+                    "Reinforcement learning", "## Accuracy", "## Time per stage", "cost (USD)"]:
+        assert heading in report, heading
+    for png in ["rl_reward.png", "rl_kl.png", "rl_letter_counts.png", "attn_entropy_layers.png"]:
+        assert (report_dir / png).is_file() and f"({png})" in report, png
