@@ -501,17 +501,20 @@ def follow_run(remote, remote_dir, session, poll, ssh_timeout, max_seconds=None,
 
 
 def fetch_artifacts(remote, remote_dir, remote_base_dir, dest):
-    """Report, runs/ metrics, the tokenizer (needed to use the checkpoints), the last checkpoint step of
-    every stage/tag, and the run log."""
+    """Report, runs/ metrics (and the runs' own tokenizers), the tokenizer (needed to use the checkpoints),
+    the last complete checkpoint step of every stage/tag, and the run log."""
     base = home_relative(remote_base_dir)
     qbase = shlex.quote(base)
     listing = remote.run(f"cd {qbase} 2>/dev/null || exit 0; for p in report runs tokenizer; do [ -e $p ] && echo $p; done; "
-                         f"ls -d checkpoints/*/*/step_* 2>/dev/null; true").stdout.decode().split()
+                         f"ls checkpoints/*/*/step_*/meta.json 2>/dev/null; true").stdout.decode().split()
     last_steps = {}
     for p in listing:
-        parent, _, leaf = p.rpartition("/")
-        if p.startswith("checkpoints/") and re.fullmatch(r"step_\d+", leaf):  # skips half-written step_*.tmp
-            last_steps[parent] = max(last_steps.get(parent, p), p, key=lambda q: int(q.rsplit("_", 1)[1]))
+        # a step is complete once its meta.json exists (written last): a save killed midway is skipped
+        if p.startswith("checkpoints/") and p.endswith("/meta.json"):
+            p = p.rpartition("/")[0]
+            parent, _, leaf = p.rpartition("/")
+            if re.fullmatch(r"step_\d+", leaf):
+                last_steps[parent] = max(last_steps.get(parent, p), p, key=lambda q: int(q.rsplit("_", 1)[1]))
     paths = [p for p in listing if not p.startswith("checkpoints/")] + sorted(last_steps.values())
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,8 @@ mkdir -p report runs/r1 tokenizer checkpoints/sft/d4/step_000002 checkpoints/sft
 echo "# fake report" > report/report.md
 echo "fake tokenizer" > tokenizer/tokenizer.pkl
 echo '{"step": 1, "rl/acc": 0.5}' > runs/r1/rl.jsonl
-for d in checkpoints/*/d4/step_*; do echo weights > "$d/model.pt"; done
+for d in checkpoints/*/d4/step_*; do echo weights > "$d/model.pt"; echo '{}' > "$d/meta.json"; done
+mkdir -p checkpoints/sft/d4/step_000012 && echo half > checkpoints/sft/d4/step_000012/model.pt  # save killed
 sleep "$sleep_s"
 echo "pipeline done"
 exit "$code"
@@ -530,8 +531,10 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
     base = tmp_path / "base"
     (base / "report").mkdir(parents=True)
     (base / "report" / "report.md").write_text("r\n")
-    (base / "checkpoints" / "base" / "d4" / "step_000100").mkdir(parents=True)
-    (base / "checkpoints" / "base" / "d4" / "step_000099").mkdir(parents=True)
+    for step in (99, 100):  # complete steps: meta.json is written last
+        (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}").mkdir(parents=True)
+        (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}" / "meta.json").write_text("{}")
+    (base / "checkpoints" / "base" / "d4" / "step_000101").mkdir()  # a save killed before its meta.json
     remote = ll.Remote("127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5)
     monkeypatch.setattr(ll.shutil, "which", lambda name: None)
     dest = ll.fetch_artifacts(remote, str(tmp_path / "nowhere"), str(base), tmp_path / "out")
