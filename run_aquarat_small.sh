@@ -4,7 +4,7 @@
 #
 #   bash run_aquarat_small.sh                      # auto: GPU profile when CUDA GPUs are visible, else CPU
 #   bash run_aquarat_small.sh --profile cpu        # tiny model on synthetic AQuA, a laptop is enough
-#   bash run_aquarat_small.sh --profile smoke      # every stage for a few steps: checks the set-up (~2 min)
+#   bash run_aquarat_small.sh --profile smoke      # the stages for a few steps: checks the set-up (~2 min)
 #   bash run_aquarat_small.sh --profile gpu --depth 20 --run my-run
 #
 # Re-running the same command resumes: finished stages are skipped (marker files under
@@ -23,9 +23,11 @@ Usage: bash run_aquarat_small.sh [options]
 
   --profile auto|cpu|gpu|smoke
                            cpu: tiny model, synthetic data (minutes on a laptop);
-                           smoke: every stage for a few steps, to check an install (learns nothing);
+                           smoke: every stage but the downloads (data, base_eval) for a few steps, to
+                           check an install (learns nothing);
                            gpu: FineWeb-Edu + AQuA-RAT at --depth, torchrun over all GPUs (default auto)
-  --run NAME               run name: checkpoint tags, logs, W&B group, markers, report (default aquarat_small)
+  --run NAME               run name: checkpoint tags, logs, W&B group, markers, report
+                           (default NANOCHAT_RUN, else aquarat_small)
   --depth N                model depth for the gpu profile (default 8; 20 for the larger run)
   --nproc N                processes for torchrun (default: number of visible GPUs)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default 24)
@@ -49,7 +51,7 @@ WANDB_PROJECT / WANDB_ENTITY / WANDB_BASE_URL, HF_TOKEN. See .env.template.
 EOF
 }
 
-PROFILE=auto RUN=aquarat_small DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
+PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
 REHEARSAL=0
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
@@ -86,6 +88,15 @@ for name in "${!STAGE_ARGS[@]}"; do
         exit 2
     fi
 done
+if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "--seed must be a whole number (got '$SEED')" >&2; exit 2; fi
+for pair in "--depth:$DEPTH" "--shards:$SHARDS" "--nproc:${NPROC:-1}"; do
+    if ! [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]]; then
+        echo "${pair%%:*} must be a whole number above 0 (got '${pair#*:}')" >&2; exit 2
+    fi
+done
+if ! [[ "$PRICE" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+    echo "--gpu-hourly-price must be a number of dollars, e.g. 23.92 (got '$PRICE')" >&2; exit 2
+fi
 if [ "$REHEARSAL" = 1 ] && [ "$PROFILE" != gpu ]; then
     echo "--cpu-rehearsal rehearses the gpu profile: add --profile gpu" >&2; exit 2
 fi
@@ -105,8 +116,8 @@ if [ -f .env ]; then
 fi
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+RUN=${RUN:-${NANOCHAT_RUN:-aquarat_small}}
 export NANOCHAT_RUN="$RUN"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)}"
 RUN_DIR="$NANOCHAT_BASE_DIR/runs/$RUN"
 mkdir -p "$RUN_DIR"
 # The run's own tokenizer: another run (another profile's vocabulary) cannot replace it under this run's
@@ -128,6 +139,9 @@ if [ "$REHEARSAL" = 1 ]; then
 fi
 NPROC=${NPROC:-$([ "$PROFILE" = gpu ] && echo "$NGPU" || echo 1)}
 DEVICE=$([ "$NGPU" -gt 0 ] && [ "$PROFILE" = gpu ] && echo cuda || echo cpu)
+# CPU threads per process: the cores shared among the processes (torchrun's own default is 1 thread)
+CORES=$(nproc 2>/dev/null || echo 1)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
 if [ "$NPROC" -gt 1 ]; then
     LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
 else
@@ -137,6 +151,23 @@ fi
 echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC device=$DEVICE base=$NANOCHAT_BASE_DIR" \
      "(log: $LOG)" | tee -a "$LOG"
 [ "$REHEARSAL" = 1 ] && echo "[pipeline] --cpu-rehearsal: the gpu profile's stages, on CPU" | tee -a "$LOG"
+
+# A run is one set of settings: re-running it with other ones would skip the stages already done
+# with the old settings and mix the two. Refused, unless --force / --from say which stages to redo.
+SETTINGS="profile=$PROFILE seed=$SEED"
+[ "$PROFILE" = gpu ] && SETTINGS+=" depth=$DEPTH shards=$SHARDS aqua-data-dir=${AQUA_DIR:-hf}"
+for name in $(printf '%s\n' "${!STAGE_ARGS[@]}" | sort); do
+    SETTINGS+=" $name=[$(echo ${STAGE_ARGS[$name]})]"
+done
+if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ] \
+        && [ "$FORCE" = 0 ] && [ -z "$FROM" ]; then
+    echo "run '$RUN' was made with: $(cat "$RUN_DIR/settings")" >&2
+    echo "this command asks for:  $SETTINGS" >&2
+    echo "Use another --run NAME for a separate run, or redo this one with the new settings:" \
+         "--force (every stage) or --from STAGE (that stage and the later ones)." >&2
+    exit 2
+fi
+echo "$SETTINGS" > "$RUN_DIR/settings"
 
 # W&B: find out once, in seconds, whether its server answers; if not, every stage runs offline
 # (instead of each waiting ~100 s in wandb.init) and the line printed says how to sync later.

@@ -25,6 +25,12 @@ def run_pipeline(args, base_dir, timeout=900, extra_env=None):
     (["--bogus"], "unknown option '--bogus'"),
     (["--run"], "--run needs a value"),
     (["--seed"], "--seed needs a value"),
+    (["--nproc", "two"], "--nproc must be a whole number above 0"),
+    (["--seed", "-1"], "--seed must be a whole number"),
+    (["--gpu-hourly-price", "$3"], "--gpu-hourly-price must be a number"),
+    (["--stage-args", "rl"], "--stage-args wants STAGE=ARGS"),
+    (["--stage-args", "sfx=--num-iterations 3"], "--stage-args: unknown stage 'sfx'"),
+    (["--cpu-rehearsal"], "--cpu-rehearsal rehearses the gpu profile: add --profile gpu"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(args, message, base_dir):
     result = run_pipeline(args, base_dir, timeout=60)
@@ -85,6 +91,13 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(f"[pipeline] {s}: done earlier, skipping" in again.stdout for s in STAGES)
     assert rl_marker.stat().st_mtime_ns == stamp
+
+    # The same run with another seed would skip the stages done with the old one: refused, in one go.
+    other_seed = run_pipeline(["--profile", "smoke", "--run", "smk", "--seed", "9"], base_dir, timeout=120)
+    assert other_seed.returncode == 2
+    assert "run 'smk' was made with: profile=smoke seed=7" in other_seed.stderr
+    assert "another --run NAME" in other_seed.stderr and "--force" in other_seed.stderr
+    assert "[pipeline] tokenizer" not in other_seed.stdout and rl_marker.stat().st_mtime_ns == stamp
 
     # --from eval redoes the three evaluations (and the report) only.
     redo = run_pipeline(["--profile", "smoke", "--run", "smk", "--seed", "7", "--from", "eval"], base_dir)
