@@ -208,6 +208,11 @@ stage() {
     touch "$marker"
 }
 
+# A stage this profile leaves out, and why: the report says so instead of silently lacking it.
+not_run() {
+    printf '{"stage": "%s", "not_run": "%s"}\n' "$1" "$2" >> "$RUN_DIR/stages.jsonl"
+}
+
 if [ "$PROFILE" = smoke ]; then
     # The plumbing of every stage in a couple of minutes on any machine; the numbers mean nothing.
     TOK=(--source synthetic --vocab-size 512 --max-chars 200000)
@@ -262,6 +267,10 @@ else
     EVAL=(-a AQUA,SYNTH --split test --num-samples 4 --temperature 0.7 --max-tokens 512)
     [ -n "$AQUA_DIR" ] && EVAL+=(--aqua-data-dir "$AQUA_DIR")
     stage data "$PY" -m nanochat.dataset -n "$SHARDS"
+fi
+if [ "$PROFILE" != gpu ]; then
+    not_run data "the $PROFILE profile pretrains on the offline synthetic corpus"
+    not_run base_eval "CORE needs the downloaded eval bundle and a FineWeb-Edu model: gpu profile only"
 fi
 
 # Every checkpoint of this run is tagged with its name: another run in the same base dir has its own.

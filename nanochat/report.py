@@ -233,6 +233,27 @@ def _time_table(rows: list[dict], hourly_price: float) -> list[str]:
     return lines + [""]
 
 
+# Stage logs of a complete pipeline (the orchestrator's stage names in brackets where they differ)
+EXPECTED_LOGS = {"tokenizer": "tokenizer", "base": "base", "base_eval": "base_eval", "mid": "mid",
+                 "sft": "sft", "rl": "rl", "chat_eval": "eval"}
+
+
+def _not_in_report(stage_rows: list[dict], logs: dict, missing_plots: list[str]) -> list[str]:
+    """What this report lacks and why: stages the orchestrator left out on purpose (it records the
+    reason), stages that have not run (yet), and plots whose metrics were never logged."""
+    left_out = {}
+    for row in stage_rows:
+        if "not_run" in row:
+            left_out[row["stage"]] = row["not_run"]
+        elif "seconds" in row:
+            left_out.pop(row["stage"], None)
+    lines = [f"- stage {name}: not run ({why})" for name, why in left_out.items()]
+    lines += [f"- stage {stage}: no log yet (not run, or still running)" for log, stage in EXPECTED_LOGS.items()
+              if log not in logs and stage not in left_out]
+    lines += [f"- plot {what}" for what in missing_plots]
+    return ["## Not in this report", ""] + lines + [""] if lines else []
+
+
 SOURCES = ["base", "mid", "sft", "rl"]
 
 
@@ -278,24 +299,32 @@ def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path
     for name in ordered:
         parts += [(rdir / f"{name}.md").read_text(encoding="utf-8").rstrip(), ""]
 
-    images = []
+    images, missing = [], []
     for stem, title, stage, keys, ylabel, log in PLOTS:
         curves = {k: _series(logs.get(stage, []), k) for k in keys}
         curves = {k: v for k, v in curves.items() if v[0]}
         if curves:
             _plot_lines(rdir / f"{stem}.png", title, curves, ylabel, log)
             images.append((title, f"{stem}.png"))
+        elif stage in logs:
+            missing.append(f"{title}: the {stage} stage logged none of {', '.join(keys)}")
     rl_rows = logs.get("rl", [])
-    if _plot_letter_counts(rdir / "rl_letter_counts.png", rl_rows):
-        images.append(("Predicted-letter distribution over RL steps", "rl_letter_counts.png"))
-    if _plot_margin_histogram(rdir / "rl_margin_hist.png", rl_rows):
-        images.append(("Letter-margin histogram", "rl_margin_hist.png"))
-    if _plot_entropy_per_layer(rdir / "attn_entropy_layers.png", rl_rows):
-        images.append(("Attention entropy per layer", "attn_entropy_layers.png"))
+    rl_plots = [(_plot_letter_counts, "rl_letter_counts", "Predicted-letter distribution over RL steps",
+                 "rl/letter_pred_counts/*"),
+                (_plot_margin_histogram, "rl_margin_hist", "Letter-margin histogram", "rl/letter_margin_hist"),
+                (_plot_entropy_per_layer, "attn_entropy_layers", "Attention entropy per layer",
+                 "attn/entropy/layer_*")]
+    for draw, stem, title, key in rl_plots:
+        if draw(rdir / f"{stem}.png", rl_rows):
+            images.append((title, f"{stem}.png"))
+        elif rl_rows:
+            missing.append(f"{title}: the rl stage logged no {key} (--no-diagnostics, or no step reached "
+                           f"its cadence)")
     images += [(p.stem.replace("_", " "), p.name) for p in sorted(rdir.glob("heatmap_*.png"))]
 
     if images:
         parts += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for title, name in images]
+    parts += _not_in_report(logs.get("stages", []), logs, missing)
     if not ordered and not images:
         parts += ["_No stage has written results yet._", ""]
 

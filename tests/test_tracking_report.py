@@ -83,6 +83,16 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
         assert (rdir / png).stat().st_size > 1000
         assert f"({png})" in report
     assert not (rdir / "loss_sft.png").exists()  # nothing logged, nothing drawn
+    # ... and what is missing is said, with the reason where the pipeline recorded one
+    missing = report[report.index("## Not in this report"):]
+    assert "Letter-margin histogram: the rl stage logged no rl/letter_margin_hist" in missing
+    assert "RL validation accuracy (greedy): the rl stage logged none of rl/acc" in missing
+    assert "stage mid: no log yet" in missing and "stage rl: no log" not in missing
+    with open(run_dir / "stages.jsonl", "w") as fh:
+        fh.write(json.dumps({"stage": "base_eval", "not_run": "gpu profile only"}) + "\n")
+    report = generate_report(base_dir, "r").read_text()
+    assert "- stage base_eval: not run (gpu profile only)" in report
+    assert "stage base_eval: no log yet" not in report
 
 
 def test_report_script_reset_keeps_previous(base_dir):
