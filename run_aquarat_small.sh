@@ -44,6 +44,8 @@ Usage: bash run_aquarat_small.sh [options]
   --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
                            gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
                            a GPU node's run before paying for one (the test suite does this)
+  --no-sync                skip `uv sync`: keep .venv as it is (e.g. a torch build installed by hand
+                           for an older CUDA driver)
   -h, --help               this text
 
 Environment (or .env): NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE /
@@ -52,7 +54,7 @@ EOF
 }
 
 PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
-REHEARSAL=0
+REHEARSAL=0 NO_SYNC=0
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,6 +74,7 @@ while [ $# -gt 0 ]; do
             fi
             STAGE_ARGS[${spec%%=*}]="${STAGE_ARGS[${spec%%=*}]:-} ${spec#*=}"; shift 2 ;;
         --cpu-rehearsal) REHEARSAL=1; shift ;;
+        --no-sync) NO_SYNC=1; shift ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -102,12 +105,17 @@ if [ "$REHEARSAL" = 1 ] && [ "$PROFILE" != gpu ]; then
 fi
 
 # --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------
-export PATH="$HOME/.local/bin:$PATH"
-if ! command -v uv >/dev/null 2>&1; then
-    echo "[setup] installing uv with pip"
-    python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
+source scripts/install_uv.sh
+if ! command -v cargo >/dev/null 2>&1 && ! .venv/bin/python -c "import rustbpe" >/dev/null 2>&1; then
+    # maturin (>= 1.8.4) then installs a Rust toolchain by itself; uv's output says little meanwhile
+    echo "[setup] no Rust toolchain on PATH: building rustbpe first fetches one into" \
+         "~/.cache/puccinialin (about 670 MB, a few minutes, once)"
 fi
-uv sync
+if [ "$NO_SYNC" = 1 ] && [ -x .venv/bin/python ]; then
+    echo "[setup] --no-sync: using .venv as it is"
+else
+    uv sync
+fi
 PY=".venv/bin/python"
 
 # .env with python-dotenv's reading of it (as launch_lambda.py does); variables already set win.
@@ -126,11 +134,32 @@ export NANOCHAT_TOKENIZER_DIR="${NANOCHAT_TOKENIZER_DIR:-$RUN_DIR/tokenizer}"
 LOG="$RUN_DIR/pipeline.log"
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+# GPUs that torch cannot use (typically a driver older than the CUDA torch was built for): stop, rather
+# than run the CPU profile for hours on a billed GPU node.
+if [ "$NGPU" -eq 0 ] && [ "$REHEARSAL" = 0 ] && [[ "$PROFILE" == auto || "$PROFILE" == gpu ]] \
+        && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+    "$PY" - "${DRIVER:-unknown}" >&2 <<'PYEOF'
+import sys, torch
+driver, cuda = sys.argv[1], torch.version.cuda or "none (a CPU-only build)"
+major = cuda.split(".")[0]
+need = {"13": "580", "12": "525", "11": "450"}.get(major, "a matching")
+print(f"nvidia-smi sees GPUs (driver {driver}), but torch {torch.__version__} cannot use them: it is built "
+      f"for CUDA {cuda}, which needs NVIDIA driver >= {need}.\n"
+      f"Update the driver, or install the torch build for this node's CUDA (https://download.pytorch.org/whl/,"
+      f" e.g. uv pip install --reinstall torch --index-url https://download.pytorch.org/whl/cu126)"
+      f" and run again with --no-sync so uv keeps it.\n"
+      f"Also check CUDA_VISIBLE_DEVICES. --profile cpu runs on the CPU instead.")
+PYEOF
+    exit 2
+fi
 if [ "$PROFILE" = auto ]; then
     if [ "$NGPU" -gt 0 ]; then PROFILE=gpu; else PROFILE=cpu; fi
 fi
 if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ] && [ "$REHEARSAL" = 0 ]; then
-    echo "--profile gpu asked for, but torch sees no CUDA GPU; use --profile cpu" >&2; exit 2
+    echo "--profile gpu asked for, but torch sees no CUDA GPU (and nvidia-smi lists none):" \
+         "use --profile cpu" >&2
+    exit 2
 fi
 if [ "$REHEARSAL" = 1 ]; then
     NGPU=0  # the stages see no GPU either: CPU, fp32, gloo

@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     run_config = {**vars(args), "tag": tag, "num_params": num_params, "flops_per_token": flops_per_token,
                   "num_iterations": num_iterations, "grad_accum": grad_accum, "world_size": world_size,
                   "device": str(device), "dtype": str(autodetect_dtype(device)), "model_config": asdict(config),
-                  "resumed_from": start_step}
+                  "resumed_from": start_step, "cpu_threads": torch.get_num_threads()}
     tracker = make_tracker(args, STAGE, run_config)
     peak = peak_flops(device)
 

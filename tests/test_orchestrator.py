@@ -160,10 +160,22 @@ def _fineweb_stand_in(root: Path, shards: int = 2) -> Path:
     return root
 
 
-def _aqua_stand_in(shared_dir: Path, out: Path) -> Path:
+def _aqua_stand_in(out: Path) -> Path:
     """train.json / dev.json / test.json in AQuA-RAT's original JSON-lines format, cut from the 254 real
-    dev problems in ../shared."""
-    rows = (shared_dir / "data" / "aqua_rat" / "dev.json").read_text().splitlines()
+    dev problems in ../shared, or (where ../shared is absent) 254 sums written in the same format."""
+    from conftest import SHARED_DIR
+
+    real = SHARED_DIR / "data" / "aqua_rat" / "dev.json"
+    if real.is_file():
+        rows = real.read_text().splitlines()
+    else:
+        rows = []
+        for i in range(254):
+            a, b, letter = 10 + i, 3 + i % 7, "ABCDE"[i % 5]
+            values = [a + b + d - i % 5 for d in range(5)]
+            rows.append(json.dumps({"question": f"What is {a} + {b}?", "correct": letter,
+                                    "options": [f"{l}){v}" for l, v in zip("ABCDE", values)],
+                                    "rationale": f"{a} + {b} = {a + b}"}))
     out.mkdir()
     for name, part in (("train.json", rows[:200]), ("dev.json", rows[200:228]), ("test.json", rows[228:])):
         (out / name).write_text("\n".join(part) + "\n")
@@ -189,19 +201,24 @@ GPU_STAGES = ["data", "tokenizer", "tok_eval", "base", "base_loss", "base_eval",
               "eval_mid", "eval_sft", "eval_rl"]
 
 
-def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path, shared_dir):
+def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
     from test_core_eval import write_bundle
 
     hub = _serve_directory(_fineweb_stand_in(tmp_path / "hub"))
-    aqua = _aqua_stand_in(shared_dir, tmp_path / "aqua_rat")
+    aqua = _aqua_stand_in(tmp_path / "aqua_rat")
     write_bundle(base_dir / "eval_bundle")  # where base_eval looks before downloading the bundle
     sizes = [a for stage, flags in GPU_SIZES.items() for a in ("--stage-args", f"{stage}={flags}")]
+    # a 4-core machine as far as the orchestrator can tell: 2 threads for each of the 2 processes
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nproc").write_text("#!/bin/sh\necho 4\n")
+    (fake_bin / "nproc").chmod(0o755)
     try:
         result = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", "2", "--run", "rehearsal",
                                "--depth", "2", "--shards", "2", "--aqua-data-dir", str(aqua),
                                "--gpu-hourly-price", "3.0", *sizes], base_dir,
                               extra_env={"NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
-                                         "OMP_NUM_THREADS": "1"})
+                                         "OMP_NUM_THREADS": "", "PATH": f"{fake_bin}:{os.environ['PATH']}"})
     finally:
         hub.shutdown()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
@@ -218,6 +235,9 @@ def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path, shared_
     base_meta = json.loads(sorted((base_dir / "checkpoints" / "base" / "rehearsal").glob(
         "step_*/meta.json"))[-1].read_text())
     assert base_meta["args"]["source"] == "fineweb" and base_meta["args"]["depth"] == 2
+    start = next(json.loads(line) for line in (run_dir / "base.jsonl").read_text().splitlines()
+                 if '"event": "start"' in line)
+    assert start["config"]["cpu_threads"] == 2  # the cores divided among the ranks, not all of them each
     rl_meta = json.loads(sorted((base_dir / "checkpoints" / "rl" / "rehearsal").glob(
         "step_*/meta.json"))[-1].read_text())
     assert rl_meta["args"]["aqua_source"] == "dir" and rl_meta["args"]["num_steps"] == 2

@@ -1,0 +1,77 @@
+"""Set-up on a bare node: installing uv where the system Python refuses pip (PEP 668), and refusing to
+run the CPU profile on a node whose GPUs torch cannot use."""
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reachable(host: str, port: int = 443) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_install_uv_on_an_externally_managed_python(tmp_path):
+    """Debian's own /usr/bin/python3 is "externally managed" as Ubuntu 24.04's is: pip --user is refused,
+    so uv goes into a private venv, from PyPI, with nothing else on PATH."""
+    if not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED") or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs a distribution Python marked EXTERNALLY-MANAGED at /usr/bin/python3")
+    if shutil.which("uv", path="/usr/bin:/bin"):
+        pytest.skip("uv is installed system-wide: nothing to install")
+    if not _reachable("pypi.org"):
+        pytest.skip("PyPI is unreachable from here")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    res = subprocess.run(["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh; uv --version"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "the system Python is externally managed" in res.stdout
+    assert res.stdout.strip().splitlines()[-1].startswith("uv ")
+    uv = home / ".local" / "bin" / "uv"
+    assert uv.is_symlink() and "uv-venv" in os.readlink(uv)
+
+    # already installed: nothing to do, nothing printed
+    again = subprocess.run(["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh"], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout == ""
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# nvidia-smi of a node with an old driver: it sees the GPUs, torch's CUDA build cannot use them
+case "$*" in
+  *-L*) echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)" ;;
+  *driver_version*) echo "535.104.05" ;;
+  *) echo "NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]])
+def test_gpus_that_torch_cannot_use_stop_the_pipeline(base_dir, tmp_path, profile):
+    """auto would otherwise pick the CPU profile and run it for hours on a billed GPU node."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PATH": f"{fake_bin}:{os.environ['PATH']}",
+           "WANDB_MODE": "offline"}
+    res = subprocess.run(["bash", "run_aquarat_small.sh", "--run", "node", *profile], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    import torch
+    assert f"nvidia-smi sees GPUs (driver 535.104.05), but torch {torch.__version__} cannot use them" in res.stderr
+    if torch.version.cuda:
+        assert f"built for CUDA {torch.version.cuda}" in res.stderr
+    assert "--no-sync" in res.stderr and "--profile cpu" in res.stderr and "Traceback" not in res.stderr
+    assert not list((base_dir / "runs").glob("*/.done_*"))  # no stage ran
