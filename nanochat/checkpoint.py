@@ -423,14 +423,16 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def save_rng_state() -> dict:
-    """Python, NumPy, torch CPU and (when present) every CUDA device's generator, as JSON-able data."""
+    """Python, NumPy, torch CPU and (when CUDA is in use) this process's own CUDA device generator, as
+    JSON-able data. Only the local device: each rank owns one GPU, and reading every device's state
+    would create a CUDA context on all of them from every rank."""
     version, py_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(py_state), gauss],
              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
              "torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = _b64(torch.cuda.get_rng_state())  # the current device, set by init_distributed
     return state
 
 
@@ -441,9 +443,8 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
-        cuda_states = [_unb64(s) for s in state["cuda"]]
-        if len(cuda_states) != torch.cuda.device_count():
-            warnings.warn(f"RNG state saved with {len(cuda_states)} CUDA devices, now "
-                          f"{torch.cuda.device_count()}: restoring the common ones", stacklevel=2)
-        for i, s in enumerate(cuda_states[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, device=i)
+        saved = state["cuda"]
+        if isinstance(saved, list):  # checkpoints before the local-device format held every device's
+            saved = saved[torch.cuda.current_device()] if torch.cuda.current_device() < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(_unb64(saved))  # the current device
