@@ -57,6 +57,11 @@ class DataLoader:
         if state is not None:
             self._restore(state)
 
+    @property
+    def passes(self) -> float:
+        """How far through this rank's data: 1.0 = every unit read once; above 1, documents repeat."""
+        return self.epoch + self.unit / max(1, len(self.units))
+
     # ---------------------------------------------------------------- state
     def _fingerprint(self, units) -> str:
         # Enough to notice a changed corpus (more shards downloaded, different dir) on resume.

@@ -149,6 +149,38 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
+    """The largest micro-batch <= `batch` whose forward + backward fits in memory, halving on
+    out-of-memory; grad accumulation grows to keep the total batch. Probed with one step on zero tokens
+    (no optimizer step, no RNG drawn: training itself is unchanged); all ranks take the smallest fit.
+    The optimizer state, allocated at the first real step, is not in the probe: at the very edge of
+    memory that step can still run out."""
+    while True:
+        try:
+            ids = torch.zeros(batch, seq_len, dtype=torch.long, device=info.device)
+            train_model(ids, ids).backward()
+            fits = True
+        except torch.OutOfMemoryError:
+            fits = False
+        model.zero_grad(set_to_none=True)
+        if info.device.type == "cuda":
+            torch.cuda.empty_cache()
+        # the next try: the largest divisor of batch up to its half (the total batch stays divisible)
+        smaller = max((d for d in range(1, batch // 2 + 1) if batch % d == 0), default=0)
+        agreed = torch.tensor([batch if fits else smaller], device=info.device)
+        if info.is_ddp:
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if int(agreed.item()) == batch:
+            return batch
+        smaller = int(agreed.item())
+        if smaller < 1:
+            raise SystemExit(f"out of memory even with a micro-batch of {batch} x {seq_len} tokens: a smaller "
+                             f"--max-seq-len or --depth, or a GPU with more memory")
+        print0(f"note: a micro-batch of {batch} x {seq_len} tokens does not fit in memory: trying {smaller} "
+               f"(more gradient accumulation, the same total batch)")
+        batch = smaller
+
+
 def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
     engine = Engine(model, tokenizer)
     outs = []
@@ -173,8 +205,6 @@ def main(argv=None) -> None:
             f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
             f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_micro} "
             f"(e.g. {max(1, args.total_batch_size // tokens_per_micro) * tokens_per_micro})")
-    grad_accum = args.total_batch_size // tokens_per_micro
-    num_slots = world_size * grad_accum
 
     # ---- tokenizer and model
     tokenizer = get_tokenizer()
@@ -197,6 +227,16 @@ def main(argv=None) -> None:
              "val_bpb": None, "min_val_bpb": None}
     start_step, resumed_meta, rank_state = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh,
                                                            args.resume)
+    train_model = maybe_compile(model, device)
+    # The micro-batch: a resumed run keeps the one it was started with (the data layout depends on it);
+    # a fresh one takes the largest that fits, halving --device-batch-size on out-of-memory.
+    if resumed_meta is not None:
+        device_batch = resumed_meta.get("device_batch_size", args.device_batch_size)
+    else:
+        device_batch = fit_device_batch(train_model, model, args.device_batch_size, args.max_seq_len, info)
+    tokens_per_micro = device_batch * args.max_seq_len * world_size
+    grad_accum = args.total_batch_size // tokens_per_micro
+    num_slots = world_size * grad_accum
     loader_states = rank_state["loaders"] if rank_state else [None] * grad_accum
     if resumed_meta is not None:
         check_tokenizer(resumed_meta, tokenizer, config.vocab_size, f"{ckpt_dir} step {start_step}")
@@ -207,7 +247,6 @@ def main(argv=None) -> None:
                              f"with --fresh.")
         stats.update(resumed_meta.get("stats", {}))
         refuse_changed_flags(ckpt_dir, start_step, resumed_meta.get("args", {}), args)
-    train_model = maybe_compile(model, device)
 
     total_batch_size = args.total_batch_size
     num_iterations, budget_rule = resolve_num_iterations(args, num_params, flops_per_token, total_batch_size)
@@ -224,11 +263,11 @@ def main(argv=None) -> None:
     print0(f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
            f"seq {config.sequence_len}, {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
     print0(f"batch: {total_batch_size:,} tokens/step = {world_size} proc x {grad_accum} micro x "
-           f"{args.device_batch_size} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
+           f"{device_batch} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
            f"{num_iterations * total_batch_size:,} tokens, {num_iterations * total_batch_size / num_params:.1f} tokens/param")
 
     # ---- data: this rank's slots (see the module docstring)
-    loaders = [DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", rank=rank * grad_accum + i,
+    loaders = [DataLoader(tokenizer, device_batch, args.max_seq_len, "train", rank=rank * grad_accum + i,
                           world_size=num_slots, source=args.source, data_dir=args.data_dir, device=device,
                           state=loader_states[i])
                for i in range(grad_accum)]
@@ -237,7 +276,7 @@ def main(argv=None) -> None:
 
     def evaluate_val() -> float:
         # A fresh loader each time: every evaluation scores the same first val tokens.
-        val_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", rank=rank,
+        val_loader = DataLoader(tokenizer, device_batch, args.max_seq_len, "val", rank=rank,
                                 world_size=world_size, source=args.source, data_dir=args.data_dir, device=device)
         return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
 
@@ -299,7 +338,13 @@ def main(argv=None) -> None:
             metrics = {"train/loss": train_loss, "train/loss_smooth": smooth, "train/lrm": lrm,
                        "train/muon_momentum": momentum, "train/grad_norm": grad_norm.item(),
                        "train/tok_per_sec": tok_per_sec, "train/step_time_s": dt,
-                       "train/tokens": step * total_batch_size, "train/mem_mb": memory_mb(device)}
+                       "train/tokens": step * total_batch_size, "train/mem_mb": memory_mb(device),
+                       "train/data_passes": loaders[0].passes}
+            if loaders[0].epoch >= 1 and not stats.get("data_repeat_noted"):
+                stats["data_repeat_noted"] = True  # said once per run (kept across resumes)
+                print0(f"note: the training data ran out by step {step}: the documents now repeat (pass "
+                       f"{loaders[0].epoch + 1}). More data: more shards (run_aquarat_small.sh --shards N, "
+                       f"python -m nanochat.dataset -n N) or a smaller --num-iterations")
             mfu_text = ""
             if peak:  # percent of the devices' peak bf16 FLOP/s
                 metrics["train/mfu"] = 100.0 * flops_per_token * tok_per_sec / (peak * world_size)
@@ -311,7 +356,7 @@ def main(argv=None) -> None:
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
             meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": STAGE,
                     "tag": tag, "num_iterations": num_iterations, "grad_accum": grad_accum, "total_batch_size": total_batch_size,
-                    "device_batch_size": args.device_batch_size, "stats": stats, "args": vars(args)}
+                    "device_batch_size": device_batch, "stats": stats, "args": vars(args)}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last,
                  {"loaders": [loader.state_dict() for loader in loaders]})
 
@@ -322,7 +367,8 @@ def main(argv=None) -> None:
     summary = {"final/val_bpb": stats["val_bpb"], "final/min_val_bpb": stats["min_val_bpb"],
                "final/train_loss": stats["train_loss"], "final/tok_per_sec": avg_tok_per_sec, "final/mfu": avg_mfu,
                "final/steps": num_iterations, "final/tokens": num_iterations * total_batch_size,
-               "final/mem_mb": memory_mb(device), "final/train_time_s": train_time}
+               "final/mem_mb": memory_mb(device), "final/train_time_s": train_time,
+               "final/data_passes": loaders[0].passes}
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
@@ -334,8 +380,10 @@ def main(argv=None) -> None:
             f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
             f"- data: source `{args.source}`; {num_iterations} steps x {total_batch_size:,} tokens = "
             f"{num_iterations * total_batch_size:,} tokens ({num_iterations * total_batch_size / num_params:.2f} "
-            f"tokens/param, budget from {budget_rule})",
-            f"- layout: {world_size} process(es) x {grad_accum} micro-steps x {args.device_batch_size} rows on "
+            f"tokens/param, budget from {budget_rule}); {loaders[0].passes:.2f} passes over the training "
+            f"documents" + (" (they repeated: more shards would have given fresh text)"
+                            if loaders[0].epoch >= 1 else ""),
+            f"- layout: {world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows on "
             f"{device.type} ({autodetect_dtype(device)})",
             f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix {args.matrix_lr}, "
             f"weight decay {args.weight_decay}, warmup {args.warmup_ratio}, warmdown {args.warmdown_ratio}",

@@ -250,3 +250,46 @@ def test_schedule_and_budget_rules():
     assert budget() == 20 * 1_000_000 // 4096  # Chinchilla: 20 tokens per parameter
     with pytest.raises(SystemExit, match="no token budget"):
         budget(target_param_data_ratio=0)
+
+
+def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
+    """A small corpus is looped over; the log, the console and the report say the documents repeated."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"Document {i}: {i} plus {i} makes {2 * i}." for i in range(60)]
+    (corpus / "a.txt").write_text("\n\n".join(docs[:50]))
+    (corpus / "b.txt").write_text("\n\n".join(docs[50:]))  # the val split: the last file
+    args = [a if a != "synthetic" else "dir" for a in TINY] + [
+        "--data-dir", str(corpus), "--num-iterations", "12", "--total-batch-size", "128", "--eval-every", "-1"]
+    inproc(args)
+    out = capsys.readouterr().out
+    assert "note: the training data ran out by step" in out and out.count("the documents now repeat") == 1
+    train = [r for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/data_passes" in r]
+    assert train[0]["train/data_passes"] < train[-1]["train/data_passes"] and train[-1]["train/data_passes"] > 1
+    assert "passes over the training documents (they repeated" in (base / "report" / "t" / "base_train.md").read_text()
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(base, inproc, capsys, monkeypatch):
+    """A simulated GPU that holds at most 2 rows: the micro-batch backs off 8 -> 4 -> 2 at the start,
+    gradient accumulation grows 2 -> 8, and a later run of the same command keeps that layout."""
+    from nanochat.gpt import GPT
+
+    forward = GPT.forward
+
+    def small_gpu(self, idx, targets=None, **kw):
+        if targets is not None and idx.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(GPT, "forward", small_gpu)
+    args = TINY + ["--device-batch-size", "8", "--total-batch-size", "1024", "--num-iterations", "4",
+                   "--save-every", "2", "--eval-every", "-1"]
+    inproc(args)
+    out = capsys.readouterr().out
+    assert "a micro-batch of 8 x 64 tokens does not fit in memory: trying 4" in out
+    assert "a micro-batch of 4 x 64 tokens does not fit in memory: trying 2" in out
+    assert "1 proc x 8 micro x 2 rows x 64" in out
+    meta = json.loads((ckpt(base) / "step_000004" / "meta.json").read_text())
+    assert meta["device_batch_size"] == 2 and meta["grad_accum"] == 8 and meta["total_batch_size"] == 1024
+    inproc(args)  # the same command again: resumes with the fitted layout instead of refusing it
+    assert "already complete at step 4" in capsys.readouterr().out
