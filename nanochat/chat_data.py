@@ -208,22 +208,35 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device="cpu", 
     return inputs.to(device), targets.to(device)
 
 
+def bucket_lengths(seq_len: int, count: int = 4) -> list[int]:
+    """The few fixed lengths a compiled model is shown (one graph each, compiled once): seq_len, and
+    halvings of it down to seq_len / 2**(count-1), rounded up to a multiple of 64 (kernel-friendly)."""
+    buckets = {seq_len}
+    for k in range(1, count):
+        buckets.add(min(seq_len, -(-max(1, seq_len >> k) // 64) * 64))
+    return sorted(buckets)
+
+
 class ConversationLoader:
     """Micro-batches of rendered conversations for one slot layout (see the module docstring).
 
     next_step() -> list of grad_accum (inputs, targets) micro-batches for THIS rank's slots; the state
-    is {"cursor": conversations consumed globally, "epoch": ...}.
+    is {"cursor": conversations consumed globally, "epoch": ...}. With fixed_shapes (torch.compile)
+    every micro-batch is padded to the smallest of bucket_lengths(seq_len) that holds its longest row,
+    not to seq_len: AQuA conversations are a few hundred tokens, a 2048 context would be mostly padding.
+    padded_tokens / real_tokens count what this rank's micro-batches held.
     """
 
     def __init__(self, task, tokenizer, batch_size: int, seq_len: int, grad_accum: int = 1, rank: int = 0,
                  world_size: int = 1, seed: int = 0, device="cpu", state: dict | None = None,
-                 pad_to_seq_len: bool = False):
+                 fixed_shapes: bool = False):
         if len(task) == 0:
             raise ValueError("ConversationLoader: the task has no examples")
         self.task, self.tokenizer = task, tokenizer
         self.batch_size, self.seq_len, self.grad_accum = batch_size, seq_len, grad_accum
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
-        self.pad_to = seq_len if pad_to_seq_len else None
+        self.buckets = bucket_lengths(seq_len) if fixed_shapes else None
+        self.padded_tokens = self.real_tokens = 0
         self.pad_id = tokenizer.encode_special("<|assistant_end|>")
         self.per_step = world_size * grad_accum * batch_size
         self.cursor = int((state or {}).get("cursor", 0))
@@ -255,7 +268,12 @@ class ConversationLoader:
             slot = self.rank * self.grad_accum + micro
             start = self.cursor + slot * self.batch_size
             rows = [self.render(self.task[self._index(g)]) for g in range(start, start + self.batch_size)]
-            batches.append(collate(rows, self.pad_id, self.device, self.pad_to))
+            longest = max(len(ids) for ids, _ in rows) - 1
+            pad_to = None if self.buckets is None else next(b for b in self.buckets if b >= longest)
+            batch = collate(rows, self.pad_id, self.device, pad_to)
+            self.padded_tokens += batch[0].numel()
+            self.real_tokens += sum(max(0, len(ids) - 1) for ids, _ in rows)
+            batches.append(batch)
         self.cursor += self.per_step
         return batches
 

@@ -162,7 +162,7 @@ def main(argv=None, stage: str = "sft") -> dict:
     compiled = train_model is not model
     loader = ConversationLoader(train_task, tokenizer, args.device_batch_size, seq_len, grad_accum=args.grad_accum,
                                 rank=rank, world_size=world_size, seed=args.seed, device=device, state=loader_state,
-                                pad_to_seq_len=compiled)  # fixed shapes: no recompiles under torch.compile
+                                fixed_shapes=compiled)  # a few bucket lengths: few recompiles under compile
 
     letter_ids = answer_letter_ids(tokenizer)
     letter_vocab = torch.tensor(sorted(letter_ids), device=device) if letter_ids else None
@@ -260,7 +260,9 @@ def main(argv=None, stage: str = "sft") -> dict:
             metrics = {"train/loss": last_loss, "train/lrm": lrm,
                        "train/lr": args.matrix_lr * args.init_lr_frac * lrm, "train/grad_norm": grad_norm.item(),
                        "train/tok_per_sec": tok_per_sec, "train/trained_tokens": counts[0].item(),
-                       "train/epoch": loader.epoch, "train/step_time_s": dt}
+                       "train/epoch": loader.epoch, "train/step_time_s": dt,
+                       # share of the micro-batches' token slots that held padding (this rank, so far)
+                       "train/pad_frac": 1 - loader.real_tokens / max(1, loader.padded_tokens)}
             tracker.log(metrics, step=step)
             print0(f"step {step:05d}/{num_iterations} | loss {last_loss:.4f} | lrm {lrm:.3f} | gnorm "
                    f"{grad_norm.item():.3f} | {int(counts[0].item())} trained tok | {dt * 1000:.0f} ms | "

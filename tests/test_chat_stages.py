@@ -79,6 +79,33 @@ def test_loader_slots_do_not_depend_on_world_size():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_compiled_shapes_are_a_few_buckets_not_the_whole_context(capsys):
+    """Under torch.compile every micro-batch has one of a few lengths; AQuA-sized conversations in a
+    2048 context then carry a fraction of the padding that padding to the context did."""
+    from nanochat.chat_data import bucket_lengths
+    from tasks.synthetic_aqua import SyntheticAqua
+
+    assert bucket_lengths(2048) == [256, 512, 1024, 2048] and bucket_lengths(100) == [64, 100]
+    tok = tiny_tokenizer()
+    task = SyntheticAqua("train", num_examples=64, difficulty="mixed")
+    bucketed = ConversationLoader(task, tok, batch_size=8, seq_len=2048, seed=1, fixed_shapes=True)
+    dynamic = ConversationLoader(task, tok, batch_size=8, seq_len=2048, seed=1)
+    shapes = set()
+    for _ in range(8):
+        (xb, yb), = bucketed.next_step()
+        (xd, yd), = dynamic.next_step()
+        shapes.add(xb.shape[1])
+        assert xb.shape[1] in bucket_lengths(2048) and xb.shape[1] >= xd.shape[1]
+        assert torch.equal(xb[:, :xd.shape[1]], xd) and (yb[:, xd.shape[1]:] == -1).all()  # only padding added
+    real = bucketed.real_tokens
+    assert real == dynamic.real_tokens and bucketed.padded_tokens < 0.5 * 8 * 8 * 2048
+    full_pad_frac, bucket_pad_frac = 1 - real / (8 * 8 * 2048), 1 - real / bucketed.padded_tokens
+    print(f"padding tokens per micro-batch of 8 at a 2048 context: full {(8 * 8 * 2048 - real) / 8:,.0f} "
+          f"({full_pad_frac:.1%}), buckets {(bucketed.padded_tokens - real) / 8:,.0f} ({bucket_pad_frac:.1%}); "
+          f"shapes {sorted(shapes)}")
+    assert bucket_pad_frac < full_pad_frac - 0.3
+
+
 def test_synthetic_option_checks_flag():
     import argparse
     from nanochat.chat_data import add_data_args, build_tasks
