@@ -308,6 +308,8 @@ class GPT(nn.Module):
         self.register_buffer("cos", torch.empty(table_shape), persistent=False)
         self.register_buffer("sin", torch.empty(table_shape), persistent=False)
         self.compute_dtype: torch.dtype | None = None  # None = common.autodetect_dtype(device) at forward
+        # Scalar losses through chunked_head_loss: the full logits are never materialised (GPU memory).
+        self.chunked_loss = True
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
@@ -394,6 +396,14 @@ class GPT(nn.Module):
             for block in self.transformer.h:
                 x = block(x, cos_sin, kv_cache, attn_capture, attn_mask)
             x = norm(x)
+        if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
+            flat_targets = targets.reshape(-1)
+            total = chunked_head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat_targets,
+                                      self.config.softcap, dtype)
+            if loss_reduction == "sum":
+                return total
+            return total / (flat_targets != -1).sum().clamp(min=1)
+        with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = self.lm_head(x)
         logits = logits.float()
         if self.config.softcap:
@@ -421,6 +431,56 @@ class GPT(nn.Module):
         return build_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
                                 matrix_lr=matrix_lr, weight_decay=weight_decay, scalar_lr=scalar_lr,
                                 adam_betas=adam_betas, muon_momentum=muon_momentum)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """lm_head + softcap + summed cross-entropy over chunks of rows, its gradients computed in the
+    forward: only one chunk's (rows, vocab) logits ever exist, never the whole batch's (at 32 x 2048
+    rows and a 65,536 vocabulary the float32 logits alone are 17 GB, and autograd keeps them plus their
+    gradient). Works because the loss is a scalar: the backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap: float, chunk: int, dtype, need_grads: bool = True):
+        w = weight.to(dtype)
+        if need_grads:
+            grad_h = torch.empty_like(h, dtype=torch.float32)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk):
+            hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+            z = (hc @ w.t()).float()
+            logits = softcap * torch.tanh(z / softcap) if softcap else z
+            valid = tc != -1
+            safe = tc.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+            if not need_grads:  # evaluation under no_grad: the loss only
+                continue
+            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, 0 on ignored rows
+            grad[torch.arange(grad.size(0), device=grad.device), safe] -= 1.0
+            grad *= valid[:, None]
+            if softcap:
+                grad *= 1.0 - (logits / softcap) ** 2  # d(c tanh(z/c))/dz
+            grad_h[start:start + chunk] = (grad.to(dtype) @ w).float()
+            grad_w += (grad.to(dtype).t() @ hc).float()
+        if need_grads:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.dtypes = (h.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_out).to(h_dtype), (grad_w * grad_out).to(w_dtype), None, None, None, None, None
+
+
+def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
+                      dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+    """Summed cross-entropy of softcap(h @ weight.T) against targets (-1 = ignored), h (N, d), without
+    materialising the (N, vocab) logits (see _ChunkedHeadLoss). Matmuls run in `dtype`."""
+    need_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _ChunkedHeadLoss.apply(h, weight, targets, float(softcap or 0.0), chunk, dtype, need_grads)
 
 
 def maybe_compile(model: nn.Module, device: torch.device | str, enabled: bool | None = None) -> nn.Module:

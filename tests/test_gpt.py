@@ -112,6 +112,43 @@ def test_logits_fp32_softcapped_and_loss_reductions():
         model(x, y, loss_reduction="avg")
 
 
+@pytest.mark.parametrize("softcap", [15.0, 0.0])
+def test_chunked_head_loss_equals_full_logits_loss_and_grads(softcap):
+    """The scalar losses never build the (rows, vocab) logits; loss and every gradient are the same as
+    through the full logits (several chunks, ignored targets, with and without the softcap)."""
+    from nanochat.gpt import chunked_head_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (10,))
+    t[[2, 7]] = -1
+    z = h @ w.t()
+    ref = F.cross_entropy(softcap * torch.tanh(z / softcap) if softcap else z, t, ignore_index=-1,
+                          reduction="sum")
+    ref_gh, ref_gw = torch.autograd.grad(ref * 0.3, (h, w))
+    out = chunked_head_loss(h, w, t, softcap, torch.float32, chunk=3)  # 4 chunks, the last one short
+    gh, gw = torch.autograd.grad(out * 0.3, (h, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gh, ref_gh)
+    torch.testing.assert_close(gw, ref_gw)
+
+    # through the model: the chunked path against the plain one, "mean" and "sum", every parameter
+    x, y = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    y[0, :5] = -1
+    for reduction in ("mean", "sum"):
+        grads = []
+        for chunked in (True, False):
+            model = tiny_model(softcap=softcap).train()
+            model.chunked_loss = chunked
+            loss = model(x, y, loss_reduction=reduction)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        for a, b in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(a, b)
+
+
 def test_all_ignored_targets_give_zero_loss_with_graph():
     model = tiny_model().train()
     x = torch.randint(0, 256, (2, 8))
