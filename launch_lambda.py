@@ -53,7 +53,7 @@ EXIT_CONFIG = 3        # missing/rejected keys, bad flags, no SSH key, unknown i
 EXIT_API = 4           # API error that retries did not fix (quota, invalid parameters, outage)
 EXIT_NO_CAPACITY = 5   # no capacity for the type/region (after --wait-capacity, if given)
 EXIT_NOT_READY = 6     # instance never became active, or SSH never answered
-EXIT_DEPLOY = 7        # an SSH step failed: shipping code, writing .env, starting tmux, reading logs, fetching
+EXIT_DEPLOY = 7        # an SSH step failed: no GPU listed, shipping code, writing .env, starting tmux, reading logs, fetching
 EXIT_RUN_FAILED = 8    # the remote command exited non-zero, vanished, or exceeded --max-hours
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM / SIGHUP
 EXIT_CODES_HELP = """exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config/credentials, 4 API error,
@@ -384,6 +384,21 @@ class Remote:
 
 # -----------------------------------------------------------------------------
 # Remote layout: <remote_dir>/ holds the shipped tree, .env (600) and .launcher/{run.sh,run.log,exit_code}
+
+def check_gpus(remote):
+    """Before anything is shipped: the node must list its GPUs. A driver problem found now costs a minute
+    of billing, not a pipeline that stops (or crawls on the CPU) after its set-up."""
+    proc = remote.run("nvidia-smi -L", check=False, timeout=60)
+    out = (proc.stdout or b"").decode(errors="replace")
+    gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
+    if proc.returncode != 0 or not gpus:
+        detail = (out + (proc.stderr or b"").decode(errors="replace")).strip()[-300:] or "no output"
+        raise LaunchError(f"the instance lists no GPU (`nvidia-smi -L` exit {proc.returncode}: {detail}); "
+                          f"nothing was started. A custom --command that needs no GPU: --skip-gpu-check",
+                          EXIT_DEPLOY)
+    model = gpus[0].split(":", 1)[1].split("(UUID")[0].strip()
+    say(f"GPUs on the instance: {len(gpus)} x {model}")
+
 
 def run_script(command, remote_base_dir):
     """The script tmux runs. It holds no secret: those are sourced from .env at run time."""
@@ -742,6 +757,8 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
             f"`python launch_lambda.py terminate {instance_id}`.")
         return EXIT_OK
     remote.wait_ready(args.ssh_timeout, args.poll_interval)
+    if not args.skip_gpu_check:
+        check_gpus(remote)
     session = tmux_session(instance_id)
     deploy(remote, args.repo, args.remote_dir, command, args.remote_base_dir, env_text, session)
     state.update(instance_id, deployed_at=utc_now().isoformat())
@@ -989,6 +1006,8 @@ def build_parser():
                    help="keep polling for capacity this long instead of failing (default 0)")
     p.add_argument("--command", default=None, help=f"remote command (default: {DEFAULT_COMMAND} + args after --)")
     p.add_argument("--no-deploy", action="store_true", help="only launch and print the SSH command")
+    p.add_argument("--skip-gpu-check", action="store_true",
+                   help="deploy even if `nvidia-smi -L` on the instance lists no GPU")
     p.add_argument("--auto-terminate", action="store_true", help="watch the run, fetch results, then terminate")
     p.add_argument("--max-hours", type=float, default=None,
                    help="with --auto-terminate: stop, fetch and terminate after this many hours")

@@ -30,7 +30,8 @@ Usage: bash run_aquarat_small.sh [options]
                            (default NANOCHAT_RUN, else aquarat_small)
   --depth N                model depth for the gpu profile (default 8; 20 for the larger run)
   --nproc N                processes for torchrun (default: number of visible GPUs)
-  --shards N               FineWeb-Edu shards to download for the gpu profile (default 24)
+  --shards N               FineWeb-Edu shards to download for the gpu profile (default: enough for
+                           the depth's budget of 20 tokens per parameter, estimated: 37 at d8)
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
   --seed N                 seed of the training stages (weight init, data order; default 42)
   --from STAGE             redo STAGE and every later one (training stages start over with --fresh):
@@ -44,8 +45,8 @@ Usage: bash run_aquarat_small.sh [options]
   --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
                            gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
                            a GPU node's run before paying for one (the test suite does this)
-  --no-sync                skip `uv sync`: keep .venv as it is (e.g. a torch build installed by hand
-                           for an older CUDA driver)
+  --no-sync                skip uv: run with the environment as it is (NANOCHAT_PYTHON, else .venv,
+                           else python3), e.g. a torch build installed by hand for an older driver
   -h, --help               this text
 
 Environment (or .env): NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE /
@@ -53,7 +54,7 @@ WANDB_PROJECT / WANDB_ENTITY / WANDB_BASE_URL, HF_TOKEN. See .env.template.
 EOF
 }
 
-PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS=24 AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
+PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS="" AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
 REHEARSAL=0 NO_SYNC=0
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
@@ -92,7 +93,7 @@ for name in "${!STAGE_ARGS[@]}"; do
     fi
 done
 if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "--seed must be a whole number (got '$SEED')" >&2; exit 2; fi
-for pair in "--depth:$DEPTH" "--shards:$SHARDS" "--nproc:${NPROC:-1}"; do
+for pair in "--depth:$DEPTH" "--shards:${SHARDS:-1}" "--nproc:${NPROC:-1}"; do
     if ! [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]]; then
         echo "${pair%%:*} must be a whole number above 0 (got '${pair#*:}')" >&2; exit 2
     fi
@@ -105,18 +106,20 @@ if [ "$REHEARSAL" = 1 ] && [ "$PROFILE" != gpu ]; then
 fi
 
 # --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------
-source scripts/install_uv.sh
-if ! command -v cargo >/dev/null 2>&1 && ! .venv/bin/python -c "import rustbpe" >/dev/null 2>&1; then
-    # maturin (>= 1.8.4) then installs a Rust toolchain by itself; uv's output says little meanwhile
-    echo "[setup] no Rust toolchain on PATH: building rustbpe first fetches one into" \
-         "~/.cache/puccinialin (about 670 MB, a few minutes, once)"
-fi
-if [ "$NO_SYNC" = 1 ] && [ -x .venv/bin/python ]; then
-    echo "[setup] --no-sync: using .venv as it is"
+if [ "$NO_SYNC" = 1 ]; then
+    # the environment as it is: NANOCHAT_PYTHON, else .venv, else python3 (e.g. a machine without uv)
+    PY=${NANOCHAT_PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+    echo "[setup] --no-sync: using $PY as it is"
 else
+    source scripts/install_uv.sh
+    if ! command -v cargo >/dev/null 2>&1 && ! .venv/bin/python -c "import rustbpe" >/dev/null 2>&1; then
+        # maturin (>= 1.8.4) then installs a Rust toolchain by itself; uv's output says little meanwhile
+        echo "[setup] no Rust toolchain on PATH: building rustbpe first fetches one into" \
+             "~/.cache/puccinialin (about 670 MB, a few minutes, once)"
+    fi
     uv sync
+    PY=".venv/bin/python"
 fi
-PY=".venv/bin/python"
 
 # .env with python-dotenv's reading of it (as launch_lambda.py does); variables already set win.
 if [ -f .env ]; then
@@ -180,6 +183,21 @@ fi
 echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC device=$DEVICE base=$NANOCHAT_BASE_DIR" \
      "(log: $LOG)" | tee -a "$LOG"
 [ "$REHEARSAL" = 1 ] && echo "[pipeline] --cpu-rehearsal: the gpu profile's stages, on CPU" | tee -a "$LOG"
+
+# The gpu profile's shard count, when not given: enough text for base_train's default budget (20
+# tokens per parameter), at an estimated 250M characters per shard and 4.8 characters per token
+# (upstream nanochat's figures for FineWeb-Edu and a 65k vocabulary), plus the val shard. base_train
+# logs the passes it actually made over the data (train/data_passes) and says so if text repeated.
+if [ "$PROFILE" = gpu ] && [ -z "$SHARDS" ]; then
+    SHARDS=$("$PY" -c "
+import math, torch
+from nanochat.gpt import GPT, config_from_depth
+with torch.device('meta'):
+    params = GPT(config_from_depth($DEPTH, 65536, sequence_len=2048)).num_params()
+print(math.ceil(20 * params * 4.8 / 250e6) + 1)")
+    echo "[pipeline] --shards: $SHARDS FineWeb-Edu shards for depth $DEPTH (an estimate; see --help)" \
+        | tee -a "$LOG"
+fi
 
 # A run is one set of settings: re-running it with other ones would skip the stages already done
 # with the old settings and mix the two. Refused, unless --force / --from say which stages to redo.

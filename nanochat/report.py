@@ -234,7 +234,7 @@ def _time_table(rows: list[dict], hourly_price: float) -> list[str]:
 
 
 # Stage logs of a complete pipeline (the orchestrator's stage names in brackets where they differ)
-EXPECTED_LOGS = {"tokenizer": "tokenizer", "base": "base", "base_eval": "base_eval", "mid": "mid",
+EXPECTED_LOGS = {"tok_train": "tokenizer", "base": "base", "base_eval": "base_eval", "mid": "mid",
                  "sft": "sft", "rl": "rl", "chat_eval": "eval"}
 
 

@@ -9,6 +9,7 @@
 
     python -m scripts.bench_rl                       # the latest sft checkpoint (e.g. the cpu profile's)
     python -m scripts.bench_rl --prompts 8 --samples 8 --max-new-tokens 128 --steps 6
+    python -m scripts.bench_rl --random-depth 8      # random weights at d8: speed at a real depth
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 from nanochat.checkpoint import load_model
 from nanochat.common import DistInfo, autodetect_device, synchronize
 from nanochat.engine import Engine
+from nanochat.gpt import GPT, config_from_depth
 from nanochat.rl import group_advantages, rollout_seed
+from nanochat.tokenizer import get_tokenizer
 from scripts import chat_rl
 
 
@@ -33,6 +36,9 @@ def parse_args(argv=None):
     )
     p.add_argument("-i", "--source-stage", default="sft", choices=["mid", "sft", "rl"])
     p.add_argument("--source-tag", default=None)
+    p.add_argument("--random-depth", type=int, default=0,
+                   help="instead of a checkpoint, random weights at this depth with the current tokenizer "
+                        "(speed only: nothing it samples makes sense)")
     p.add_argument("--prompts", type=int, default=8, help="questions per step")
     p.add_argument("--samples", type=int, default=8, help="completions per question")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -149,9 +155,18 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
 def main(argv=None):
     args = parse_args(argv)
     device = autodetect_device()
-    model, tokenizer, meta = load_model(
-        args.source_stage, tag=args.source_tag, device=device, phase="eval"
-    )
+    if args.random_depth > 0:
+        tokenizer = get_tokenizer()
+        config = config_from_depth(args.random_depth, tokenizer.get_vocab_size(), sequence_len=2048)
+        with torch.device(device):
+            model = GPT(config)
+        model.init_weights()
+        model.eval()
+        meta = {"tag": f"random d{args.random_depth}", "step": 0}
+    else:
+        model, tokenizer, meta = load_model(
+            args.source_stage, tag=args.source_tag, device=device, phase="eval"
+        )
     cfg = model.config
     print(
         f"model: {args.source_stage}/{meta.get('tag')} step {meta.get('step')}, depth {cfg.n_layer}, n_embd "

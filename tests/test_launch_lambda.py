@@ -99,6 +99,15 @@ def sshd(tmp_path_factory):
     for name in ("host_key", "user_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
+    # The "GPU node": an nvidia-smi on the sessions' PATH, listing 8 GPUs unless <dir>/no_gpu exists
+    (d / "bin").mkdir()
+    (d / "bin" / "nvidia-smi").write_text(f"""#!/bin/sh
+if [ -e {d}/no_gpu ]; then
+  echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."; exit 9
+fi
+for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done
+""")
+    (d / "bin" / "nvidia-smi").chmod(0o755)
     port = free_port()
     (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
@@ -111,6 +120,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 StrictModes no
 LogLevel VERBOSE
+SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 """)
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
@@ -452,6 +462,7 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     assert (rdir / ".env").read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
     # the pipeline ran in tmux with the .env loaded and the user's flags, and its log streamed back
     assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
+    assert "GPUs on the instance: 8 x NVIDIA H100 80GB HBM3" in out
     assert f"pipeline running with base {remote_home / 'base'}, args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92" in out
     assert "starting in" in (rdir / ".launcher" / "run.log").read_text() and "--sleep 0.5" in out
     # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
@@ -513,6 +524,20 @@ def test_deploy_error_terminates(env, fake, sshd, project, tmp_path):
     assert proc.returncode == ll.EXIT_DEPLOY, out
     assert "ssh root@127.0.0.1 failed" in out.replace(sshd["user"] + "@", "root@") and "Terminated" in out
     assert not fake.running()
+
+
+def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, project, tmp_path):
+    remote_home = tmp_path / "remote_home"
+    (sshd["dir"] / "no_gpu").touch()
+    try:
+        proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project),
+                                               *ssh_flags(sshd, remote_home)))
+    finally:
+        (sshd["dir"] / "no_gpu").unlink()
+    assert proc.returncode == ll.EXIT_DEPLOY, out
+    assert "the instance lists no GPU (`nvidia-smi -L` exit 9: NVIDIA-SMI has failed" in out
+    assert "Terminated" in out and not fake.running()
+    assert not (remote_home / "nanochat-aquarat").exists()  # nothing shipped, nothing started
 
 
 def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):

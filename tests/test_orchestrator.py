@@ -80,6 +80,7 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(base_dir):
     assert "SFT -> RL on the same 8" in report and "cost (USD)" in report
     assert "- stage base_eval: not run (CORE needs the downloaded eval bundle" in report
     assert "- stage data: not run (the smoke profile pretrains on the offline synthetic corpus)" in report
+    assert "no log yet" not in report  # every other stage ran and logged
     for png in ["rl_reward.png", "rl_kl.png", "rl_letter_counts.png", "attn_entropy_layers.png",
                 "heatmap_rl_layer_0.png"]:
         assert (report_dir / png).is_file() and f"({png})" in report, png

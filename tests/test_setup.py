@@ -75,3 +75,19 @@ def test_gpus_that_torch_cannot_use_stop_the_pipeline(base_dir, tmp_path, profil
         assert f"built for CUDA {torch.version.cuda}" in res.stderr
     assert "--no-sync" in res.stderr and "--profile cpu" in res.stderr and "Traceback" not in res.stderr
     assert not list((base_dir / "runs").glob("*/.done_*"))  # no stage ran
+
+
+def test_gpu_check_runs_its_cpu_safe_part_and_says_what_it_skipped(tmp_path):
+    env = {**os.environ, "NANOCHAT_PYTHON": str(REPO / ".venv" / "bin" / "python"), "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "## versions_and_bf16: ok" in report and "| torch |" in report
+    assert "**PASS**" in report  # on CPU: fp32 against fp32, the plumbing of the comparison
+    assert "no CUDA device visible to torch: parts 2-4 need one, skipped" in report
+    # and the comparison can fail: with no tolerance at all even identical runs miss it
+    bad = subprocess.run([env["NANOCHAT_PYTHON"], "-m", "scripts.gpu_check", "--tolerance", "-1", "--steps", "10",
+                          "--out", str(tmp_path / "bad.md")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "**FAIL**" in (tmp_path / "bad.md").read_text()
