@@ -30,6 +30,9 @@ Usage: bash run_aquarat_small.sh [options]
                            (default NANOCHAT_RUN, else aquarat_small)
   --depth N                model depth for the gpu profile (default 8; 20 for the larger run)
   --nproc N                processes for torchrun (default: number of visible GPUs)
+  --device-batch-size N    gpu profile: pretraining rows per micro-batch per GPU (default 32; halved
+                           by base_train itself until a step fits in memory)
+  --max-seq-len N          gpu profile: context of pretraining, mid-training and SFT (default 2048)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default: enough for
                            the depth's budget of 20 tokens per parameter, estimated: 37 at d8)
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
@@ -55,7 +58,7 @@ EOF
 }
 
 PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS="" AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
-REHEARSAL=0 NO_SYNC=0
+REHEARSAL=0 NO_SYNC=0 DEVICE_BATCH=32 SEQ_LEN=2048
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -75,6 +78,8 @@ while [ $# -gt 0 ]; do
             fi
             STAGE_ARGS[${spec%%=*}]="${STAGE_ARGS[${spec%%=*}]:-} ${spec#*=}"; shift 2 ;;
         --cpu-rehearsal) REHEARSAL=1; shift ;;
+        --device-batch-size) DEVICE_BATCH=${2:?--device-batch-size needs a value}; shift 2 ;;
+        --max-seq-len) SEQ_LEN=${2:?--max-seq-len needs a value}; shift 2 ;;
         --no-sync) NO_SYNC=1; shift ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -93,7 +98,8 @@ for name in "${!STAGE_ARGS[@]}"; do
     fi
 done
 if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "--seed must be a whole number (got '$SEED')" >&2; exit 2; fi
-for pair in "--depth:$DEPTH" "--shards:${SHARDS:-1}" "--nproc:${NPROC:-1}"; do
+for pair in "--depth:$DEPTH" "--shards:${SHARDS:-1}" "--nproc:${NPROC:-1}" \
+        "--device-batch-size:$DEVICE_BATCH" "--max-seq-len:$SEQ_LEN"; do
     if ! [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]]; then
         echo "${pair%%:*} must be a whole number above 0 (got '${pair#*:}')" >&2; exit 2
     fi
@@ -180,8 +186,8 @@ else
     LAUNCH=("$PY" -m)
 fi
 
-echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC device=$DEVICE base=$NANOCHAT_BASE_DIR" \
-     "(log: $LOG)" | tee -a "$LOG"
+echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC threads/process=$OMP_NUM_THREADS" \
+     "device=$DEVICE base=$NANOCHAT_BASE_DIR (log: $LOG)" | tee -a "$LOG"
 [ "$REHEARSAL" = 1 ] && echo "[pipeline] --cpu-rehearsal: the gpu profile's stages, on CPU" | tee -a "$LOG"
 
 # The gpu profile's shard count, when not given: enough text for base_train's default budget (20
@@ -202,7 +208,8 @@ fi
 # A run is one set of settings: re-running it with other ones would skip the stages already done
 # with the old settings and mix the two. Refused, unless --force / --from say which stages to redo.
 SETTINGS="profile=$PROFILE seed=$SEED"
-[ "$PROFILE" = gpu ] && SETTINGS+=" depth=$DEPTH shards=$SHARDS aqua-data-dir=${AQUA_DIR:-hf}"
+[ "$PROFILE" = gpu ] && SETTINGS+=" depth=$DEPTH shards=$SHARDS aqua-data-dir=${AQUA_DIR:-hf}" \
+    && SETTINGS+=" device-batch-size=$DEVICE_BATCH max-seq-len=$SEQ_LEN"
 for name in $(printf '%s\n' "${!STAGE_ARGS[@]}" | sort); do
     SETTINGS+=" $name=[$(echo ${STAGE_ARGS[$name]})]"
 done
@@ -301,12 +308,15 @@ elif [ "$PROFILE" = cpu ]; then
           --max-tokens 128)
 else
     TOK=(--source fineweb --vocab-size 65536 --max-chars 2000000000)
-    BASE=(--depth "$DEPTH" --source fineweb --device-batch-size 32)
-    BASE_LOSS=(--source fineweb --device-batch-size 32)
+    # base_train halves --device-batch-size by itself when a step does not fit in GPU memory
+    BASE=(--depth "$DEPTH" --source fineweb --device-batch-size "$DEVICE_BATCH" --max-seq-len "$SEQ_LEN")
+    BASE_LOSS=(--source fineweb --device-batch-size "$DEVICE_BATCH" --max-seq-len "$SEQ_LEN")
     AQUA=(--aqua-source hf)
     [ -n "$AQUA_DIR" ] && AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_DIR")
     MID=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254 --synthetic-examples 20000 --mix-synthetic)
     SFT=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254)
+    MID+=(--max-seq-len "$SEQ_LEN")
+    SFT+=(--max-seq-len "$SEQ_LEN")
     # AQuA-RAT train questions, rl/acc on dev; rationales run long, so 512 new tokens (the truncation
     # rate is logged and warned about; the final test evaluation is the eval stages below).
     RL=("${AQUA[@]}" --examples-per-step 32 --num-samples 8 --max-new-tokens 512 --num-steps 300

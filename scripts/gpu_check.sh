@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What only a GPU shows, in about 8 minutes on one card, without the network:
 #   1. versions (driver, CUDA, torch, card) and bf16 + torch.compile training vs fp32  (scripts.gpu_check)
-#   2. model throughput and MFU at d8 and d20, bf16, compiled                          (scripts.bench_model)
+#   2. throughput, MFU and peak memory at d8 and d20, bf16, compiled, batch 32 x 2048  (scripts.bench_model)
 #   3. the smoke profile end to end on the GPU, every stage incl. RL, and its wall time
 #   4. RL rollouts at d8, batched vs one prompt at a time                              (scripts.bench_rl)
 # Each part has its own time limit; a part that fails or runs out of time is reported and the rest go on.
@@ -48,13 +48,14 @@ part() {
 }
 
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-part versions_and_bf16 150 "$PY" -m scripts.gpu_check --out "$OUT/bf16.md"
+part versions_and_bf16 120 "$PY" -m scripts.gpu_check --out "$OUT/bf16.md"
 [ -f "$OUT/bf16.md" ] && cat "$OUT/bf16.md" >> "$REPORT"
 if [ "$CUDA" != 1 ]; then
     echo "[gpu_check] no CUDA device visible to torch: parts 2-4 need one, skipped" | tee -a "$REPORT"
     exit 0
 fi
-part bench_model 180 "$PY" -m scripts.bench_model --skip-cpu --gpu-depths 8,20 --gpu-batch-size 16
+# at the gpu profile's micro-batch (32 x 2048): tokens/s, MFU and the peak memory that batch needs
+part bench_model 210 "$PY" -m scripts.bench_model --skip-cpu --gpu-depths 8,20 --gpu-batch-size 32
 # the smoke profile without uv (--no-sync) and with this python; W&B disabled; its own base dir
 part smoke_profile 150 env NANOCHAT_PYTHON="$PY" bash run_aquarat_small.sh --profile smoke --no-sync \
     --run gpu_smoke

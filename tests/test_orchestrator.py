@@ -183,11 +183,28 @@ def _aqua_stand_in(out: Path) -> Path:
     return out
 
 
+def test_threads_per_process_divide_the_cores(base_dir, tmp_path):
+    """8 ranks each with all cores would oversubscribe the CPU 8 times: each process gets its share."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nproc").write_text("#!/bin/sh\necho 16\n")  # a 16-core machine, as far as bash can tell
+    (fake_bin / "nproc").chmod(0o755)
+    run_dir = base_dir / "runs" / "thr"
+    run_dir.mkdir(parents=True)
+    (run_dir / "settings").write_text("profile=gpu seed=1\n")  # another run's settings: stops after the header
+    env = {"OMP_NUM_THREADS": "", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    for nproc, threads in (("2", 8), ("8", 2)):
+        res = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", nproc, "--run", "thr",
+                            "--shards", "2"], base_dir, timeout=120, extra_env=env)
+        assert res.returncode == 2 and "run 'thr' was made with" in res.stderr, res.stderr[-2000:]
+        assert f"processes={nproc} threads/process={threads} " in res.stdout
+
+
 GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
     "tokenizer": "--vocab-size 512 --max-chars 200000",
-    "base": "--aspect-ratio 32 --head-dim 32 --max-seq-len 128 --device-batch-size 2 --total-batch-size 512"
+    "base": "--aspect-ratio 32 --head-dim 32 --total-batch-size 512"
             " --num-iterations 4 --eval-every 2 --eval-tokens 1024 --sample-every -1 --save-every 2",
-    "base_loss": "--device-batch-size 2 --split-tokens 1024 --sample-tokens 8",
+    "base_loss": "--split-tokens 1024 --sample-tokens 8",
     "base_eval": "--max-per-task 4",
     "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64 --synthetic-val-examples 8"
            " --max-seq-len 256"
@@ -209,17 +226,13 @@ def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
     aqua = _aqua_stand_in(tmp_path / "aqua_rat")
     write_bundle(base_dir / "eval_bundle")  # where base_eval looks before downloading the bundle
     sizes = [a for stage, flags in GPU_SIZES.items() for a in ("--stage-args", f"{stage}={flags}")]
-    # a 4-core machine as far as the orchestrator can tell: 2 threads for each of the 2 processes
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "nproc").write_text("#!/bin/sh\necho 4\n")
-    (fake_bin / "nproc").chmod(0o755)
     try:
         result = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", "2", "--run", "rehearsal",
                                "--depth", "2", "--shards", "2", "--aqua-data-dir", str(aqua),
-                               "--gpu-hourly-price", "3.0", *sizes], base_dir,
+                               "--gpu-hourly-price", "3.0", "--device-batch-size", "2", "--max-seq-len", "128",
+                               *sizes], base_dir,
                               extra_env={"NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
-                                         "OMP_NUM_THREADS": "", "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+                                         "OMP_NUM_THREADS": ""})
     finally:
         hub.shutdown()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
@@ -236,9 +249,11 @@ def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
     base_meta = json.loads(sorted((base_dir / "checkpoints" / "base" / "rehearsal").glob(
         "step_*/meta.json"))[-1].read_text())
     assert base_meta["args"]["source"] == "fineweb" and base_meta["args"]["depth"] == 2
+    assert base_meta["args"]["max_seq_len"] == 128 and base_meta["device_batch_size"] == 2
     start = next(json.loads(line) for line in (run_dir / "base.jsonl").read_text().splitlines()
                  if '"event": "start"' in line)
-    assert start["config"]["cpu_threads"] == 2  # the cores divided among the ranks, not all of them each
+    cores = len(os.sched_getaffinity(0))
+    assert start["config"]["cpu_threads"] == max(1, cores // 2)  # the cores divided among the ranks
     rl_meta = json.loads(sorted((base_dir / "checkpoints" / "rl" / "rehearsal").glob(
         "step_*/meta.json"))[-1].read_text())
     assert rl_meta["args"]["aqua_source"] == "dir" and rl_meta["args"]["num_steps"] == 2
