@@ -4,12 +4,15 @@
   is loaded into the model and optimizers, its model config checked, and this rank's RNG restored.
 - `set_lr`: the schedule's multiplier applied to every param group's initial lr (and Muon's momentum).
 - `save`: a checkpoint of model, optimizers and meta, with this rank's RNG state added to its state.
+- `stop_if_not_finite`: a loss or gradient norm that went NaN/inf stops the stage, naming the step;
+  `save` refuses non-finite weights, so a blown-up run never overwrites good checkpoints.
 - `StepTimer`: wall time of the optimizer steps, the first step of each session left out (it pays
   for warm-up and torch.compile), so throughput figures survive a resume.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -93,10 +96,29 @@ def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None
                 group["momentum"] = momentum
 
 
+def stop_if_not_finite(value: float, what: str, step: int, ckpt_dir) -> None:
+    """End the stage when `value` (a loss, a gradient norm) is NaN or infinite: training on would only
+    spread it through the weights. The newest checkpoint on disk is from before."""
+    if math.isfinite(value):
+        return
+    last = find_last_step(ckpt_dir)
+    kept = f"the newest checkpoint, step {last} in {ckpt_dir}, is intact" if last else "no checkpoint was saved"
+    raise SystemExit(f"{what} is {value} at step {step}: stopped, and nothing from this step on is saved; "
+                     f"{kept}. Lower the learning rate, then run the same command (it resumes) or start "
+                     f"over with --fresh.")
+
+
 def save(
     ckpt_dir, step: int, model, optimizers, meta: dict, rank: int, keep_last: int, rank_state: dict
 ) -> None:
-    """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here."""
+    """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here.
+    Non-finite weights are refused: they must never replace a good checkpoint."""
+    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
+    if bad:
+        last = find_last_step(ckpt_dir)
+        raise SystemExit(f"the weights are not finite at step {step} ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): not saved; the newest checkpoint in {ckpt_dir} "
+                         f"is step {last}, intact. Lower the learning rate, then resume or use --fresh.")
     save_checkpoint(
         ckpt_dir,
         step,

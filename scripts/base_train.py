@@ -50,7 +50,8 @@ from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume
+from nanochat.training import (StepTimer, refuse_changed_flags, save, set_lr, start_or_resume,
+                               stop_if_not_finite)
 
 STAGE = "base"
 SAMPLE_PROMPTS = [
@@ -330,6 +331,8 @@ def main(argv=None) -> None:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             train_loss = loss_sum.item() / (grad_accum * world_size)
+            stop_if_not_finite(grad_norm.item(), "the gradient norm", step, ckpt_dir)
+            stop_if_not_finite(train_loss, "the training loss", step, ckpt_dir)
             stats["train_loss"] = train_loss
             stats["smooth_loss"] = ema_beta * stats["smooth_loss"] + (1 - ema_beta) * train_loss
             stats["smooth_count"] += 1

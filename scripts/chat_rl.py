@@ -70,7 +70,8 @@ from nanochat.rl import (
 )
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
-from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
+from nanochat.training import (StepTimer, refuse_changed_flags, save, set_lr, start_or_resume,
+                               stop_if_not_finite, warmdown_multiplier)
 from tasks.aqua import extract_letter
 
 STAGE = "rl"
@@ -876,6 +877,7 @@ def main(argv=None) -> dict:
         timer.stop()
         step += 1
 
+        stop_if_not_finite(stats["grad_norm"], "the gradient norm", step, ckpt_dir)
         counts = diag.letter_counts([c.letter for group in groups for c in group])
         metrics = step_metrics(groups, zero_signal, stats, args, info, counts)
         new_tokens = torch.tensor(

@@ -40,7 +40,8 @@ from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import StepTimer, refuse_changed_flags, save, set_lr, start_or_resume, warmdown_multiplier
+from nanochat.training import (StepTimer, refuse_changed_flags, save, set_lr, start_or_resume,
+                               stop_if_not_finite, warmdown_multiplier)
 
 # Per-stage defaults: mid-training is the longer, higher-lr pass right after pretraining; SFT a gentle
 # final pass. Everything is a flag.
@@ -256,6 +257,8 @@ def main(argv=None, stage: str = "sft") -> dict:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             last_loss = loss_sum.item() / n_target
+            stop_if_not_finite(grad_norm.item(), "the gradient norm", step, ckpt_dir)
+            stop_if_not_finite(last_loss, "the training loss", step, ckpt_dir)
             tok_per_sec = counts[1].item() / dt
             metrics = {"train/loss": last_loss, "train/lrm": lrm,
                        "train/lr": args.matrix_lr * args.init_lr_frac * lrm, "train/grad_norm": grad_norm.item(),

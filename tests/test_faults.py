@@ -64,3 +64,43 @@ def test_the_worst_cases_written_out():
     ]:
         check(completion, options)
     assert correctness_reward(TASK, CONV, "Answer: A\nAnswer: B") == 0.0
+
+
+# Row: the loss becomes NaN/inf (a huge learning rate) -> the stage stops, naming the step; NaN weights
+# are never saved over good ones.
+
+def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from nanochat.tokenizer import Tokenizer
+    from tasks.synthetic_aqua import synthetic_texts
+
+    Tokenizer.train_from_iterator(synthetic_texts(200, seed=7), 512).save(base_dir / "tokenizer")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # lr 1e20: the gradient norm is NaN at step 2 and the loss at step 3 (measured)
+    args = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64",
+            "--device-batch-size", "2", "--total-batch-size", "128", "--source", "synthetic",
+            "--num-iterations", "8", "--save-every", "1", "--eval-every", "-1", "--sample-every", "-1",
+            "--embedding-lr", "1e20", "--unembedding-lr", "1e20", "--matrix-lr", "1e20", "--no-wandb"]
+    ckpt = base_dir / "checkpoints" / "base"
+    for log_every, tag in (("1", "logged"), ("4", "quiet")):  # quiet: only the save guard sees it
+        res = subprocess.run([sys.executable, "-m", "scripts.base_train", *args, "--tag", tag,
+                              "--log-every", log_every], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        if tag == "logged":
+            assert "the gradient norm is nan at step 2: stopped" in res.stderr
+        else:
+            assert "the weights are not finite at step 2" in res.stderr and "not saved" in res.stderr
+        assert f"step 1 in {ckpt / tag}, is intact" in res.stderr or "is step 1, intact" in res.stderr
+        assert sorted(p.name for p in (ckpt / tag).iterdir()) == ["step_000001"]  # nothing after the blow-up
+        weights = torch.load(ckpt / tag / "step_000001" / "model.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in weights.values())
+        assert json.loads((ckpt / tag / "step_000001" / "meta.json").read_text())["step"] == 1
