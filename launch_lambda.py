@@ -53,7 +53,8 @@ EXIT_CONFIG = 3        # missing/rejected keys, bad flags, no SSH key, unknown i
 EXIT_API = 4           # API error that retries did not fix (quota, invalid parameters, outage)
 EXIT_NO_CAPACITY = 5   # no capacity for the type/region (after --wait-capacity, if given)
 EXIT_NOT_READY = 6     # instance never became active, or SSH never answered
-EXIT_DEPLOY = 7        # an SSH step failed: no GPU listed, shipping code, writing .env, starting tmux, reading logs, fetching
+EXIT_DEPLOY = 7        # an SSH step failed: no GPU listed, shipping code, writing .env, starting tmux,
+#                        reading logs, fetching
 EXIT_RUN_FAILED = 8    # the remote command exited non-zero, vanished, or exceeded --max-hours
 EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM / SIGHUP
 EXIT_CODES_HELP = """exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config/credentials, 4 API error,

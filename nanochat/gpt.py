@@ -461,8 +461,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             grad *= valid[:, None]
             if softcap:
                 grad *= 1.0 - (logits / softcap) ** 2  # d(c tanh(z/c))/dz
-            grad_h[start:start + chunk] = (grad.to(dtype) @ w).float()
-            grad_w += (grad.to(dtype).t() @ hc).float()
+            grad = grad.to(dtype)
+            grad_h[start:start + chunk] = (grad @ w).float()
+            grad_w += (grad.t() @ hc).float()
         if need_grads:
             ctx.save_for_backward(grad_h, grad_w)
             ctx.dtypes = (h.dtype, weight.dtype)

@@ -108,6 +108,7 @@ class Tokenizer:
                                      mergeable_ranks=ranks, special_tokens=special_tokens)
         self.bos_token_id = special_tokens["<|bos|>"]
         self.directory: Path | None = None  # where load() read it from
+        self._fingerprint: dict | None = None  # computed once: the ranks never change
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -172,7 +173,10 @@ class Tokenizer:
     def fingerprint(self) -> dict:
         """What a checkpoint records of the tokenizer it was trained with: a model only makes sense with
         exactly these merges (ids mean tokens), so loading it with another tokenizer is refused."""
-        return {"vocab_size": self.get_vocab_size(), "ranks_sha256": _sha256(self._ranks_file_bytes())}
+        if self._fingerprint is None:
+            self._fingerprint = {"vocab_size": self.get_vocab_size(),
+                                 "ranks_sha256": _sha256(self._ranks_file_bytes())}
+        return dict(self._fingerprint)
 
     def save(self, directory) -> Path:
         """Write the three files into `directory` (created if needed); returns the directory."""

@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import asdict
 
+import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import (
@@ -113,8 +114,10 @@ def save(
 ) -> None:
     """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here.
     Non-finite weights are refused: they must never replace a good checkpoint."""
-    bad = [name for name, p in model.named_parameters() if not bool(p.detach().isfinite().all())]
-    if bad:
+    params = list(model.named_parameters())
+    finite = torch.stack([p.detach().isfinite().all() for _, p in params])  # one device sync, not one each
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
         last = find_last_step(ckpt_dir)
         raise SystemExit(f"the weights are not finite at step {step} ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): not saved; the newest checkpoint in {ckpt_dir} "

@@ -358,8 +358,8 @@ def main(argv=None) -> None:
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
             meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": STAGE,
-                    "tag": tag, "num_iterations": num_iterations, "grad_accum": grad_accum, "total_batch_size": total_batch_size,
-                    "device_batch_size": device_batch, "stats": stats, "args": vars(args)}
+                    "tag": tag, "num_iterations": num_iterations, "grad_accum": grad_accum,
+                    "total_batch_size": total_batch_size, "device_batch_size": device_batch, "stats": stats, "args": vars(args)}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last,
                  {"loaders": [loader.state_dict() for loader in loaders]})
 
