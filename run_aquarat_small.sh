@@ -142,6 +142,53 @@ mkdir -p "$RUN_DIR"
 export NANOCHAT_TOKENIZER_DIR="${NANOCHAT_TOKENIZER_DIR:-$RUN_DIR/tokenizer}"
 LOG="$RUN_DIR/pipeline.log"
 
+# One pipeline per run at a time: a second one would train into the same checkpoints and markers.
+# flock on an fd this shell holds open, taken through Python (macOS has no flock command): the lock
+# lives as long as this shell or a stage it started, and vanishes with them, even on SIGKILL.
+exec 9>>"$RUN_DIR/.lock"
+if ! "$PY" -c "import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)" 2>/dev/null; then
+    echo "run '$RUN' is in use by another pipeline ($(cat "$RUN_DIR/.lock_owner" 2>/dev/null ||
+        echo "owner unknown")): wait for it to finish, or stop it (Ctrl-C or kill PID; it resumes" \
+        "later). A separate run needs another --run NAME." >&2
+    exit 2
+fi
+echo "pid $$ on $(hostname) since $(date -u +%FT%TZ)" > "$RUN_DIR/.lock_owner"
+
+# Ctrl-C or SIGTERM (kill, a preemption notice) while a stage runs: the stage is stopped (checkpoints
+# are written atomically, so its last complete one survives), one line says where the run stopped,
+# and the same command goes on from there.
+ALL_STAGES="data tokenizer tok_eval base base_loss base_eval mid sft rl eval_mid eval_sft eval_rl"
+CURRENT="" STAGE_PID=""
+stopped() {
+    trap '' INT TERM  # a second Ctrl-C must not cut this short
+    if [ -n "$STAGE_PID" ]; then
+        local kids
+        # a stage that is a shell function runs its commands as children: stop those too
+        kids=$(pgrep -P "$STAGE_PID" 2>/dev/null ||
+               awk -v p="$STAGE_PID" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null || true)
+        kill -TERM "$STAGE_PID" $kids 2>/dev/null || true
+        wait "$STAGE_PID" 2>/dev/null || true
+    fi
+    local where="between stages" next="" done_list="" s newest
+    for s in $ALL_STAGES; do [ -f "$RUN_DIR/.done_$s" ] && done_list+=" $s"; done
+    if [ -n "$CURRENT" ]; then
+        where="during stage $CURRENT"
+        newest=$(ls -d "$NANOCHAT_BASE_DIR/checkpoints/$CURRENT/$RUN"/step_*/meta.json 2>/dev/null |
+                 tail -n 1 | sed -E 's|.*/step_0*([0-9]+)/meta.json|\1|')
+        if [ -n "$newest" ]; then
+            where+=" (newest checkpoint: step $newest)"
+            next=", $CURRENT resumes from step $newest"
+        else
+            next=", $CURRENT starts again"
+        fi
+    fi
+    echo "[pipeline] stopped by $1 $where. Done:${done_list:- nothing yet}. The same command goes on:" \
+         "done stages are skipped$next." | tee -a "$LOG" >&2
+    exit "$2"
+}
+trap 'stopped SIGINT 130' INT
+trap 'stopped SIGTERM 143' TERM
+
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 # GPUs that torch cannot use (typically a driver older than the CUDA torch was built for): stop, rather
 # than run the CPU profile for hours on a billed GPU node.
@@ -253,9 +300,25 @@ stage() {
     read -r -a words <<< "$more"
     extra+=("${words[@]}")
     echo "[pipeline] $name: $(date -u +%FT%TZ)" | tee -a "$LOG"
-    local t0=$SECONDS procs=1
+    local t0=$SECONDS procs=1 out tee_pid rc=0
     [[ " $* " == *" torch.distributed.run "* ]] && procs=$NPROC
-    "$@" "${extra[@]}" 2>&1 | tee -a "$LOG"
+    # In the background, so that `wait` (unlike a foreground command) returns at once when a signal
+    # arrives; a background command ignores the terminal's Ctrl-C, and so does tee -i: the trap above
+    # decides what stops, and every line the stage printed reaches the log.
+    exec {out}> >(tee -ai "$LOG")
+    tee_pid=$!
+    CURRENT=$name
+    "$@" "${extra[@]}" >&"$out" 2>&1 &
+    STAGE_PID=$!
+    wait "$STAGE_PID" || rc=$?
+    STAGE_PID="" CURRENT=""
+    exec {out}>&-
+    wait "$tee_pid" 2>/dev/null || true
+    if [ "$rc" -ne 0 ]; then
+        echo "[pipeline] stage $name failed (exit $rc): its message is above. Fix that, then run the" \
+             "same command: done stages are skipped." | tee -a "$LOG" >&2
+        exit "$rc"
+    fi
     # wall time, processes and device of the stage, for the report's time and cost table
     printf '{"stage": "%s", "seconds": %d, "processes": %d, "device": "%s", "finished": "%s"}\n' \
         "$name" $((SECONDS - t0)) "$procs" "$DEVICE" "$(date -u +%FT%TZ)" >> "$RUN_DIR/stages.jsonl"
@@ -265,6 +328,22 @@ stage() {
 # A stage this profile leaves out, and why: the report says so instead of silently lacking it.
 not_run() {
     printf '{"stage": "%s", "not_run": "%s"}\n' "$1" "$2" >> "$RUN_DIR/stages.jsonl"
+}
+
+# The gpu profile's downloads, all of them before any training, so that a network problem costs
+# minutes, not a pretraining run. What training needs (FineWeb-Edu, AQuA-RAT) stops the run here; the
+# CORE bundle is optional: without it base_eval is left out, and the report says so.
+fetch_data() {  # "$@": --stage-args for data, the shard downloader's flags
+    "$PY" -m nanochat.dataset -n "$SHARDS" "$@" || return
+    if [ -z "$AQUA_DIR" ]; then "$PY" -m scripts.prepare_aqua || return; fi
+    local core_args=()
+    read -r -a core_args <<< "${STAGE_ARGS[base_eval]:-}"  # e.g. --bundle-url
+    if [[ " ${core_args[*]} " != *" --bundle-dir "* ]] \
+            && ! "$PY" -m scripts.base_eval --download-only "${core_args[@]}"; then
+        echo "[pipeline] the CORE eval bundle could not be downloaded: base_eval will be left out" \
+             "(the run goes on)"
+        not_run base_eval "the CORE eval bundle could not be downloaded (pipeline.log says why)"
+    fi
 }
 
 if [ "$PROFILE" = smoke ]; then
@@ -311,8 +390,10 @@ else
     # base_train halves --device-batch-size by itself when a step does not fit in GPU memory
     BASE=(--depth "$DEPTH" --source fineweb --device-batch-size "$DEVICE_BATCH" --max-seq-len "$SEQ_LEN")
     BASE_LOSS=(--source fineweb --device-batch-size "$DEVICE_BATCH" --max-seq-len "$SEQ_LEN")
-    AQUA=(--aqua-source hf)
-    [ -n "$AQUA_DIR" ] && AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_DIR")
+    # AQuA-RAT is fetched from Hugging Face by the data stage (unless --aqua-data-dir): every later
+    # stage reads those validated files, offline.
+    AQUA_FILES=${AQUA_DIR:-$NANOCHAT_BASE_DIR/data/aqua_rat}
+    AQUA=(--aqua-source dir --aqua-data-dir "$AQUA_FILES")
     MID=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254 --synthetic-examples 20000 --mix-synthetic)
     SFT=("${AQUA[@]}" --aqua-train-examples 20000 --aqua-val-examples 254)
     MID+=(--max-seq-len "$SEQ_LEN")
@@ -322,8 +403,8 @@ else
     RL=("${AQUA[@]}" --examples-per-step 32 --num-samples 8 --max-new-tokens 512 --num-steps 300
         --eval-every 50 --eval-problems 254 --eval-samples 4 --save-every 50)
     EVAL=(-a AQUA,SYNTH --split test --num-samples 4 --temperature 0.7 --max-tokens 512)
-    [ -n "$AQUA_DIR" ] && EVAL+=(--aqua-data-dir "$AQUA_DIR")
-    stage data "$PY" -m nanochat.dataset -n "$SHARDS"
+    EVAL+=(--aqua-data-dir "$AQUA_FILES")
+    stage data fetch_data
 fi
 if [ "$PROFILE" != gpu ]; then
     not_run data "the $PROFILE profile pretrains on the offline synthetic corpus"
@@ -337,7 +418,14 @@ stage tokenizer "$PY" -m scripts.tok_train "${TOK[@]}"
 stage tok_eval "$PY" -m scripts.tok_eval
 stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}" --seed "$SEED" "${TAG[@]}"
 stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}" "${TAG[@]}"
-[ "$PROFILE" = gpu ] && stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500 "${TAG[@]}"
+if [ "$PROFILE" = gpu ]; then
+    if [ -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ] || [[ "${STAGE_ARGS[base_eval]:-}" == *--bundle-dir* ]]
+    then
+        stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500 "${TAG[@]}"
+    else
+        echo "[pipeline] base_eval: left out, no CORE eval bundle in $NANOCHAT_BASE_DIR/eval_bundle" | tee -a "$LOG"
+    fi
+fi
 stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}" --seed "$SEED" "${FROM_RUN[@]}"
 stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}" --seed "$SEED" "${FROM_RUN[@]}"
 stage rl "${LAUNCH[@]}" scripts.chat_rl "${RL[@]}" --seed "$SEED" "${FROM_RUN[@]}"

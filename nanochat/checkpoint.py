@@ -17,6 +17,7 @@ Everything is loaded with torch.load(weights_only=True): checkpoints hold tensor
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autodetect_device, get_base_dir
+from nanochat.common import autodetect_device, free_space, get_base_dir
 
 STAGES = ("base", "mid", "sft", "rl")
 META_NAME = "meta.json"
@@ -83,7 +84,15 @@ def _atomic_torch_save(obj, path: Path, checksum: bool) -> dict:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:
+                # torch's zip writer reports a short write as "unexpected pos ...", not as the OSError
+                # underneath: with the filesystem all but full, that was ENOSPC
+                written = tmp.stat().st_size
+                if shutil.disk_usage(tmp.parent).free < max(written, 16 << 20):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+                raise
             f.flush()
             os.fsync(f.fileno())
         info = {"size": tmp.stat().st_size}
@@ -108,6 +117,28 @@ def _atomic_write_text(text: str, path: Path) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a vanished mount). The step directory
+    it was writing is removed (it never had meta.json, so nothing would have loaded it anyway); the
+    older checkpoints are untouched."""
+
+
+def _write_failed(exc: OSError, path: Path, ckpt_dir: Path, step: int) -> CheckpointWriteError:
+    previous = [(s, p) for s, p in _list_step_dirs(ckpt_dir) if s != step and _verify(p, deep=False)[0]]
+    need = ""
+    if previous:
+        size = sum(f.stat().st_size for f in previous[-1][1].iterdir() if f.is_file())
+        need = f"; a checkpoint here takes about {size / 1e6:.1f} MB"
+    kept = (f"The newest complete checkpoint, step {previous[-1][0]}, is intact: a resume loads it."
+            if previous else "No earlier checkpoint exists: a resume starts over.")
+    error = CheckpointWriteError(
+        f"could not write checkpoint step {step}: {path}: {exc.strerror or exc} ({free_space(path)} on "
+        f"that filesystem{need}). {kept} Free some space (or keep fewer checkpoints: --keep-last 1), then "
+        f"run the same command.")
+    error.errno = exc.errno
+    return error
 
 
 def _dist_on() -> bool:
@@ -168,10 +199,17 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
     out_dir.mkdir(parents=True, exist_ok=True)
 
     files: dict[str, dict] = {}
-    if optimizer_states is not None:
-        files[optim_name(rank)] = _atomic_torch_save(list(optimizer_states), out_dir / optim_name(rank), checksum)
-    if rank == 0 and model_state is not None:
-        files[MODEL_NAME] = _atomic_torch_save(clean_state_dict(model_state), out_dir / MODEL_NAME, checksum)
+    writing = out_dir
+    try:
+        if optimizer_states is not None:
+            writing = out_dir / optim_name(rank)
+            files[optim_name(rank)] = _atomic_torch_save(list(optimizer_states), writing, checksum)
+        if rank == 0 and model_state is not None:
+            writing = out_dir / MODEL_NAME
+            files[MODEL_NAME] = _atomic_torch_save(clean_state_dict(model_state), writing, checksum)
+    except OSError as exc:  # a full disk: say so, and leave no half-written step behind
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise _write_failed(exc, writing, ckpt_dir, step) from None
     _fsync_dir(out_dir)
 
     gathered = [(files, rank_state)]
@@ -188,7 +226,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
         if any(rs is not None for _, rs in gathered):
             meta["rank_state"] = [rs for _, rs in gathered]
         meta["saved_at"] = time.time()
-        _atomic_write_text(json.dumps(meta, indent=1), out_dir / META_NAME)  # LAST: marks the step complete
+        try:
+            _atomic_write_text(json.dumps(meta, indent=1), out_dir / META_NAME)  # LAST: marks it complete
+        except OSError as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise _write_failed(exc, out_dir / META_NAME, ckpt_dir, step) from None
         if keep_last:
             _prune(ckpt_dir, keep_last, protect=int(step))
     if distributed:

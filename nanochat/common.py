@@ -22,6 +22,21 @@ def get_base_dir() -> Path:
     return base
 
 
+def free_space(path: str | Path) -> str:
+    """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for the
+    messages of writes that failed: a full disk should say so, and how full."""
+    import shutil
+
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
+
+
 def autodetect_device() -> torch.device:
     """CUDA when present, else CPU. NANOCHAT_DEVICE=cpu|cuda|mps forces one."""
     forced = os.environ.get("NANOCHAT_DEVICE")

@@ -38,6 +38,32 @@ PLOTS = [
 SPARSE = 25  # series with at most this many points are drawn as markers: they were measured only there
 
 
+def _save_figure(fig, out: Path) -> None:
+    """A PNG written to a temporary name and renamed: a full disk leaves the old plot, not half a new one."""
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(out)
+    except OSError as exc:  # name the file: a failed write() does not
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def report_dir(base_dir: Path, run: str) -> Path:
     path = Path(base_dir) / "report" / run
     path.mkdir(parents=True, exist_ok=True)
@@ -47,9 +73,7 @@ def report_dir(base_dir: Path, run: str) -> Path:
 def write_section(base_dir: Path, run: str, name: str, markdown: str) -> Path:
     """Write one stage's section of run `run` atomically (a crashed stage never leaves half a section)."""
     path = report_dir(base_dir, run) / f"{name}.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(markdown.rstrip() + "\n", encoding="utf-8")
-    tmp.replace(path)
+    _write_text_atomic(path, markdown.rstrip() + "\n")
     return path
 
 
@@ -108,8 +132,7 @@ def _plot_lines(out: Path, title: str, curves: dict[str, tuple[list, list]], yla
     if len(curves) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out)
 
 
 def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
@@ -136,8 +159,7 @@ def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
     ax.set_ylabel("share of completions")
     ax.legend(fontsize=7, ncol=6, loc="lower center")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out)
     return True
 
 
@@ -162,8 +184,7 @@ def _plot_margin_histogram(out: Path, rows: list[dict]) -> bool:
     ax.set_xlabel("logit of the correct letter - best other")
     ax.set_ylabel("completions")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, out)
     return True
 
 
@@ -329,7 +350,5 @@ def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path
         parts += ["_No stage has written results yet._", ""]
 
     out = rdir / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(parts).rstrip() + "\n", encoding="utf-8")
-    tmp.replace(out)
+    _write_text_atomic(out, "\n".join(parts).rstrip() + "\n")
     return out

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import (
+    CheckpointWriteError,
     find_last_step,
     load_checkpoint,
     restore_rng_state,
@@ -122,16 +123,11 @@ def save(
         raise SystemExit(f"the weights are not finite at step {step} ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): not saved; the newest checkpoint in {ckpt_dir} "
                          f"is step {last}, intact. Lower the learning rate, then resume or use --fresh.")
-    save_checkpoint(
-        ckpt_dir,
-        step,
-        model.state_dict(),
-        [opt.state_dict() for opt in optimizers],
-        meta,
-        rank=rank,
-        keep_last=keep_last,
-        rank_state={**rank_state, "rng": save_rng_state()},
-    )
+    try:
+        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
+                        rank=rank, keep_last=keep_last, rank_state={**rank_state, "rng": save_rng_state()})
+    except CheckpointWriteError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 class StepTimer:

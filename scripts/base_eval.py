@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bundle-url", default=BUNDLE_URL, help="where to download eval_bundle.zip from")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
     p.add_argument("--tasks", default=None, help="comma-separated task labels to run (default: all in core.yaml)")
+    p.add_argument("--download-only", action="store_true",
+                   help="only download the bundle into <base>/eval_bundle (the pipeline does this up front)")
     add_tracking_args(p)
     return p.parse_args(argv)
 
@@ -59,6 +61,10 @@ def main(argv=None) -> None:
             error = flag[0]
         if error:
             raise SystemExit(error)
+    if args.download_only:
+        print0(f"CORE eval bundle ready in {bundle}")
+        cleanup_distributed()
+        return
 
     model, tokenizer, meta = load_model(args.stage, tag=args.tag, step=args.step, device=info.device)
     tag, step = meta.get("tag", args.tag), meta.get("step")

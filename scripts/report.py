@@ -7,7 +7,7 @@
 import argparse
 import shutil
 
-from nanochat.common import get_base_dir
+from nanochat.common import free_space, get_base_dir
 from nanochat.report import generate_report, report_dir
 from nanochat.tracking import add_tracking_args
 
@@ -30,7 +30,14 @@ def main(argv=None) -> None:
         report_dir(base, args.run)
         print(f"Report reset; the previous one is in {previous}")
         return
-    path = generate_report(base, args.run, hourly_price=args.hourly_price)
+    try:
+        path = generate_report(base, args.run, hourly_price=args.hourly_price)
+    except OSError as exc:  # a full disk: the old report (written atomically) and every stage log stay
+        where = exc.filename or report_dir(base, args.run)
+        raise SystemExit(f"could not write the report: {where}: {exc.strerror or exc} ({free_space(where)} "
+                         f"on that filesystem). The previous report and the stage logs it is built from are "
+                         f"intact: free some space, then run `python -m scripts.report --run {args.run}` "
+                         f"(or the same pipeline command).") from None
     print(f"Report written to {path}")
 
 

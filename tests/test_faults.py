@@ -5,8 +5,18 @@ control characters, `Answer:` repeated) -> a letter or None and a reward of 0 or
 exception, in bounded time. Property-based with hypothesis, plus the worst cases written out.
 """
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,11 +80,6 @@ def test_the_worst_cases_written_out():
 # are never saved over good ones.
 
 def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import torch
 
@@ -104,3 +109,331 @@ def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir
         weights = torch.load(ckpt / tag / "step_000001" / "model.pt", weights_only=True)
         assert all(torch.isfinite(t).all() for t in weights.values())
         assert json.loads((ckpt / tag / "step_000001" / "meta.json").read_text())["step"] == 1
+
+
+# Rows: SIGINT / SIGTERM to run_aquarat_small.sh mid-stage, then the same command; two pipelines on
+# one run at once; secrets in .env during a whole run. One smoke-profile run serves all three: it
+# runs from a copy of the checkout whose .env holds the secrets, is stopped by a Ctrl-C (SIGINT to its
+# process group, as a terminal sends it) during base while a second pipeline tries the same run, is
+# stopped by a SIGTERM to the script alone during mid, and is then finished by the same command.
+
+SECRETS = {"WANDB_API_KEY": "wandbkey" + "7" * 32, "LAMBDA_API_KEY": "secret_lambda_" + "q" * 24,
+           "HF_TOKEN": "hf_" + "Z" * 30}
+INTERRUPTED = ["--profile", "smoke", "--no-sync", "--run", "sig",
+               "--stage-args", "base=--num-iterations 200 --save-every 20",
+               "--stage-args", "mid=--num-iterations 60 --save-every 10"]
+
+
+def _wait_for(path, proc, timeout=240.0):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ended before {path} appeared:\n" + proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+def _watch_argv(seen: set, stop) -> None:
+    """Every command line on the machine, sampled every 20 ms, until stop is set."""
+    while not stop.is_set():
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                seen.add(cmdline.read_bytes().replace(b"\0", b" "))
+            except OSError:
+                pass  # the process ended meanwhile
+        stop.wait(0.02)
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("interrupted")
+    tree = root / "checkout"
+    shutil.copytree(repo, tree, ignore=shutil.ignore_patterns(".git", ".venv", "target", "__pycache__",
+                                                              "build", ".env", ".hypothesis"))
+    with socket.socket() as sock:  # W&B with a key but no server: offline runs, config and all
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    (tree / ".env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items())
+                               + f"WANDB_BASE_URL=http://127.0.0.1:{closed_port}\n")
+    base = root / "base"
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("WANDB_")}
+    env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable, WANDB_SILENT="true")
+    cmd = ["bash", str(tree / "run_aquarat_small.sh"), *INTERRUPTED]
+
+    def start():
+        return subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)  # its own process group, as in a shell
+
+    seen: set = set()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_argv, args=(seen, stop), daemon=True)
+    watcher.start()
+    ckpt = base / "checkpoints"
+    try:
+        first = start()
+        _wait_for(ckpt / "base" / "sig" / "step_000020" / "meta.json", first)
+        second = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
+        first_alive = first.poll() is None
+        os.killpg(first.pid, signal.SIGINT)
+        out_int = first.communicate(timeout=120)[0]
+        after_int = sorted(p.parent.name for p in (ckpt / "base" / "sig").glob("step_*/meta.json"))
+
+        again = start()
+        _wait_for(ckpt / "mid" / "sig" / "step_000010" / "meta.json", again)
+        again.send_signal(signal.SIGTERM)  # the script only, as `kill PID` or a preemption does
+        out_term = again.communicate(timeout=120)[0]
+
+        final = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+        for proc in ("first", "again"):
+            if proc in locals() and locals()[proc].poll() is None:
+                os.killpg(locals()[proc].pid, signal.SIGKILL)
+    return {"base": base, "second": second, "first_alive": first_alive, "sigint": (first.returncode, out_int),
+            "after_int": after_int, "sigterm": (again.returncode, out_term), "final": final, "argv": seen}
+
+
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(interrupted_run):
+    import re
+    code, out = interrupted_run["sigint"]
+    assert code == 130, out[-3000:]
+    line = re.search(r"\[pipeline\] stopped by SIGINT during stage base \(newest checkpoint: step (\d+)\)\. "
+                     r"Done: tokenizer tok_eval\. The same command goes on: done stages are skipped, base "
+                     r"resumes from step \d+\.", out)
+    assert line, out[-3000:]
+    base_step = int(line.group(1))
+    assert 20 <= base_step < 200 and "Traceback" not in out
+    assert interrupted_run["after_int"][-1] == f"step_{base_step:06d}"  # the checkpoint it names is there
+
+    code, out = interrupted_run["sigterm"]
+    assert code == 143, out[-3000:]
+    assert "[pipeline] tokenizer: done earlier, skipping" in out and "[pipeline] tok_eval: done earlier" in out
+    assert f"from step {base_step}" in out  # base resumed where the Ctrl-C left it
+    line = re.search(r"\[pipeline\] stopped by SIGTERM during stage mid \(newest checkpoint: step (\d+)\)\. "
+                     r"Done: tokenizer tok_eval base base_loss\.", out)
+    assert line, out[-3000:]
+    mid_step = int(line.group(1))
+
+    final = interrupted_run["final"]
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    for stage in ("tokenizer", "tok_eval", "base", "base_loss"):
+        assert f"[pipeline] {stage}: done earlier, skipping" in final.stdout
+    assert f"from step {mid_step}" in final.stdout and "[pipeline] finished" in final.stdout
+    base = interrupted_run["base"]
+    for stage, steps in (("base", 200), ("mid", 60)):
+        newest = sorted((base / "checkpoints" / stage / "sig").glob("step_*/meta.json"))[-1]
+        assert json.loads(newest.read_text())["step"] == steps
+    assert (base / "report" / "sig" / "report.md").is_file()
+
+
+def test_a_second_pipeline_on_the_same_run_is_refused(interrupted_run):
+    second = interrupted_run["second"]
+    assert second.returncode == 2 and interrupted_run["first_alive"]
+    assert "run 'sig' is in use by another pipeline (pid " in second.stderr
+    assert "another --run NAME" in second.stderr
+    log = (interrupted_run["base"] / "runs" / "sig" / "pipeline.log").read_text()
+    assert log.count("[pipeline] profile=smoke") == 3  # the three real starts; the refused one wrote nothing
+    # and the first went on undisturbed: the resumes above continued its checkpoints to the end
+
+
+def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(interrupted_run):
+    base = interrupted_run["base"]
+    offline_runs = list((base / "runs" / "sig" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert any(b"device_batch_size" in p.read_bytes() for p in offline_runs)  # W&B config is in there
+    written = [p for p in Path(base).rglob("*") if p.is_file()]
+    assert len(written) > 50
+    outputs = [interrupted_run["second"].stderr, interrupted_run["sigint"][1], interrupted_run["sigterm"][1],
+               interrupted_run["final"].stdout, interrupted_run["final"].stderr]
+    argv = b"\n".join(interrupted_run["argv"])
+    assert b"scripts.base_train" in argv and b"scripts.chat_rl" in argv  # the watcher saw the stages
+    for name, secret in SECRETS.items():
+        leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+        assert not leaks, f"{name} written to {leaks}"
+        assert not any(secret in out for out in outputs), f"{name} printed"
+        assert secret.encode() not in argv, f"{name} on a command line"
+
+
+# Row: the disk fills up while a checkpoint or the report is written -> the error names the path and
+# the free space; the previous checkpoint is intact and is what a resume loads; no partial checkpoint
+# is ever loaded. For real on a small tmpfs where the machine allows mounting one, and always with a
+# write failure injected at the one checkpoint writer.
+
+TINY_BASE = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64",
+             "--device-batch-size", "2", "--total-batch-size", "128", "--source", "synthetic",
+             "--num-iterations", "4", "--save-every", "1", "--keep-last", "2", "--eval-every", "-1",
+             "--sample-every", "-1", "--no-wandb", "--tag", "full"]
+
+
+def _base_train(base: Path, timeout=300):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY_BASE], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): the injected write failure "
+                    f"test below covers the checkpoint writer")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave: int) -> Path:
+    """A file that leaves `leave` bytes free on mnt."""
+    filler = mnt / "filler"
+    with open(filler, "ab") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(mnt).free - leave))
+    return filler
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_report(base_dir, small_filesystem, tmp_path):
+    import torch
+
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.tokenizer import Tokenizer
+    from tasks.synthetic_aqua import synthetic_texts
+
+    tok = Tokenizer.train_from_iterator(synthetic_texts(200, seed=7), 512)
+    tok.save(base_dir / "tokenizer")
+    reference = _base_train(base_dir)  # uninterrupted, on the roomy disk
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    ref_ckpt = base_dir / "checkpoints" / "base" / "full"
+    size = sum(f.stat().st_size for f in (ref_ckpt / "step_000004").iterdir())
+
+    small = small_filesystem / "base"
+    tok.save(small / "tokenizer")
+    filler = _fill(small_filesystem, leave=int(1.5 * size))  # room for step 1's checkpoint, not step 2's
+    full = _base_train(small)
+    ckpt = small / "checkpoints" / "base" / "full"
+    assert full.returncode != 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert f"could not write checkpoint step 2: {ckpt / 'step_000002'}" in full.stderr
+    assert "No space left on device" in full.stderr and " MB free on that filesystem" in full.stderr
+    assert "The newest complete checkpoint, step 1, is intact: a resume loads it." in full.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_000001"]  # no partial step 2 left to load
+
+    filler.unlink()  # space freed: the same command resumes from step 1 and ends where the reference did
+    again = _base_train(small)
+    assert again.returncode == 0 and "from step 1" in again.stdout, again.stderr[-2000:]
+    ours, _, _ = load_checkpoint(ckpt, step=4)
+    theirs, _, _ = load_checkpoint(ref_ckpt, step=4)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    # the report: written once, then the disk fills; the rewrite fails naming the file, the old one stays
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(small)}
+    report_cmd = [sys.executable, "-m", "scripts.report", "--run", "default"]
+    first = subprocess.run(report_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    report = small / "report" / "default" / "report.md"
+    before = report.read_bytes()
+    _fill(small_filesystem, leave=0)
+    second = subprocess.run(report_cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert "could not write the report: " + str(small / "report" / "default") in second.stderr
+    assert "No space left on device (0.0 MB free on that filesystem)" in second.stderr
+    assert report.read_bytes() == before
+
+
+def test_an_injected_write_failure_at_the_checkpoint_writer_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import nanochat.checkpoint as ck
+
+    ckpt = tmp_path / "ckpt"
+    state = {"w": torch.arange(4.0)}
+    ck.save_checkpoint(ckpt, 1, state, [{"m": 1}], {"model_config": {}})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for target in ("_atomic_torch_save", "_atomic_write_text"):  # the payload, then meta.json
+        with monkeypatch.context() as m:
+            m.setattr(ck, target, disk_full)
+            with pytest.raises(ck.CheckpointWriteError, match=r"could not write checkpoint step 2: .*No space "
+                               r"left on device \(.* free on that filesystem; a checkpoint here takes about "
+                               r".*The newest complete checkpoint, step 1, is intact"):
+                ck.save_checkpoint(ckpt, 2, {"w": torch.zeros(4)}, [{"m": 2}], {"model_config": {}})
+        assert sorted(p.name for p in ckpt.iterdir()) == ["step_000001"]
+        loaded, _, meta = ck.load_checkpoint(ckpt)
+        assert meta["step"] == 1 and torch.equal(loaded["w"], state["w"])
+
+
+# Row: Hugging Face / tiktoken / W&B unreachable -> one line each; optional pieces continue and the
+# report says what was skipped; required ones stop before training. Each service is a real closed
+# port on loopback. (W&B: test_orchestrator's smoke test, a key and no server -> offline runs.)
+
+def test_unreachable_services_stop_before_training_or_are_left_out(base_dir, tmp_path):
+    from test_orchestrator import _aqua_stand_in, _closed_port, _fineweb_stand_in, _serve_directory, run_pipeline
+
+    gpu = ["--profile", "gpu", "--cpu-rehearsal", "--no-sync", "--depth", "2", "--shards", "2",
+           "--stage-args", "data=--retries 1 --backoff 0.01 --no-progress"]
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    checkpoints = base_dir / "checkpoints"
+
+    # FineWeb-Edu (required): the data stage is the first, so nothing is trained
+    res = run_pipeline(gpu + ["--run", "nofineweb"], base_dir, timeout=300,
+                       extra_env={"NANOCHAT_DATASET_BASE_URL": closed})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("cannot reach 127.0.0.1") == 1  # the stage's output is tee'd to stdout
+    assert "[pipeline] stage data failed (exit 2)" in res.stderr and "[pipeline] tokenizer" not in res.stdout
+    assert not checkpoints.exists()
+
+    hub = _serve_directory(_fineweb_stand_in(tmp_path / "hub"))
+    fineweb = {"NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}"}
+    try:
+        # AQuA-RAT from the Hub (required): fetched by the data stage too, before any training
+        res = run_pipeline(gpu + ["--run", "noaqua"], base_dir, timeout=300,
+                           extra_env={**fineweb, "HF_ENDPOINT": closed, "HF_HUB_OFFLINE": ""})
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "prepare_aqua: Could not load deepmind/aqua_rat" in res.stdout  # (the stage's output is tee'd)
+        assert "Nothing written." in res.stdout and "[pipeline] stage data failed (exit 1)" in res.stderr
+        assert "[pipeline] tokenizer" not in res.stdout and not checkpoints.exists()
+
+        # the CORE bundle (optional): one line, and the run goes on without base_eval
+        aqua = _aqua_stand_in(tmp_path / "aqua_rat")
+        args = gpu + ["--run", "nocore", "--aqua-data-dir", str(aqua),
+                      "--stage-args", f"base_eval=--bundle-url {closed}/eval_bundle.zip"]
+        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", **fineweb}
+        proc = subprocess.Popen(["bash", "run_aquarat_small.sh", *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        for line in proc.stdout:  # stop it once it has gone past the downloads
+            lines.append(line)
+            if line.startswith("[pipeline] tokenizer:"):
+                proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        hub.shutdown()
+    out = "".join(lines)
+    assert "[pipeline] the CORE eval bundle could not be downloaded: base_eval will be left out" in out
+    assert "[pipeline] tokenizer:" in out and proc.returncode == 143, out[-3000:]
+    subprocess.run([sys.executable, "-m", "scripts.report", "--run", "nocore"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    report = (base_dir / "report" / "nocore" / "report.md").read_text()
+    assert "- stage base_eval: not run (the CORE eval bundle could not be downloaded" in report
+
+    # tiktoken's GPT-2/GPT-4 vocabularies (optional): tok_eval notes the skipped comparison, and the
+    # report section carries the note
+    from nanochat.tokenizer import Tokenizer
+    from tasks.synthetic_aqua import synthetic_texts
+
+    Tokenizer.train_from_iterator(synthetic_texts(100, seed=3), 300).save(tmp_path / "tokenizer")
+    tok_env = {**env, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": closed,
+               "HTTP_PROXY": closed, "NANOCHAT_TOKENIZER_DIR": str(tmp_path / "tokenizer")}
+    res = subprocess.run([sys.executable, "-m", "scripts.tok_eval", "--run", "nocore", "--download-timeout", "20"],
+                         cwd=REPO, env=tok_env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stdout.count("comparison skipped: tiktoken could not load") == 2
+    section = (base_dir / "report" / "nocore" / "tok_eval.md").read_text()
+    assert "gpt2 comparison skipped" in section
