@@ -157,7 +157,7 @@ echo "pid $$ on $(hostname) since $(date -u +%FT%TZ)" > "$RUN_DIR/.lock_owner"
 # Ctrl-C or SIGTERM (kill, a preemption notice) while a stage runs: the stage is stopped (checkpoints
 # are written atomically, so its last complete one survives), one line says where the run stopped,
 # and the same command goes on from there.
-ALL_STAGES="data tokenizer tok_eval base base_loss base_eval mid sft rl eval_mid eval_sft eval_rl"
+ALL_STAGES="${STAGES% eval} eval_mid eval_sft eval_rl"  # the marker names
 CURRENT="" STAGE_PID=""
 stopped() {
     trap '' INT TERM  # a second Ctrl-C must not cut this short
@@ -166,7 +166,7 @@ stopped() {
         # a stage that is a shell function runs its commands as children: stop those too
         kids=$(pgrep -P "$STAGE_PID" 2>/dev/null ||
                awk -v p="$STAGE_PID" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null || true)
-        kill -TERM "$STAGE_PID" $kids 2>/dev/null || true
+        kill -TERM "$STAGE_PID" $kids 2>/dev/null || true  # $kids unquoted: one word per process
         wait "$STAGE_PID" 2>/dev/null || true
     fi
     local where="between stages" next="" done_list="" s newest
@@ -419,11 +419,12 @@ stage tok_eval "$PY" -m scripts.tok_eval
 stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}" --seed "$SEED" "${TAG[@]}"
 stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}" "${TAG[@]}"
 if [ "$PROFILE" = gpu ]; then
-    if [ -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ] || [[ "${STAGE_ARGS[base_eval]:-}" == *--bundle-dir* ]]
-    then
+    if [ -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ] \
+            || [[ "${STAGE_ARGS[base_eval]:-}" == *--bundle-dir* ]]; then
         stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500 "${TAG[@]}"
     else
-        echo "[pipeline] base_eval: left out, no CORE eval bundle in $NANOCHAT_BASE_DIR/eval_bundle" | tee -a "$LOG"
+        echo "[pipeline] base_eval: left out, no CORE eval bundle in $NANOCHAT_BASE_DIR/eval_bundle" \
+            | tee -a "$LOG"
     fi
 fi
 stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}" --seed "$SEED" "${FROM_RUN[@]}"

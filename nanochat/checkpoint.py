@@ -409,7 +409,7 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
     where = f"{stage_dir / tag} step {meta.get('step')}"
     try:
         tokenizer = get_tokenizer(checkpoint_tokenizer_dir(meta))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # missing, or damaged (the message names the files)
         raise SystemExit(f"{where} needs its tokenizer: {exc}") from None
     check_tokenizer(meta, tokenizer, config.vocab_size, where)
     with torch.device("meta"):  # no throwaway random init of a big model on the CPU

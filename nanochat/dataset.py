@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,21 +123,37 @@ def _is_val_doc(i: int, n: int) -> bool:
 
 
 def _parquet_units(files: list[Path], split: str) -> list[Unit]:
+    """Every file's footer is read first (a truncated file or one that is not parquet fails there), so
+    both splits see the same good files; a bad one stops the run, or with NANOCHAT_BAD_SHARDS=skip is
+    left out with a warning. Never read as empty."""
     import pyarrow.parquet as pq
 
-    if len(files) >= 2:
-        chosen, doc_split = (files[:-1] if split == "train" else files[-1:]), None
-    else:
-        chosen, doc_split = files, split
-    units = []
-    for f in chosen:
+    opened, bad = [], []
+    for f in files:
         try:
-            pf = pq.ParquetFile(f)
+            opened.append((f, pq.ParquetFile(f)))
         except Exception as e:
-            raise ValueError(f"{f}: not a readable parquet file ({e}); delete it and re-download") from e
+            bad.append(f"{f} ({type(e).__name__}: {str(e)[:120]})")
+    if bad:
+        listing = "; ".join(bad)
+        if os.environ.get("NANOCHAT_BAD_SHARDS", "error") != "skip":
+            raise ValueError(
+                f"not a readable parquet file (truncated, or not parquet): {listing}. Download it again "
+                f"(python -m nanochat.dataset -n N replaces damaged shards; run_aquarat_small.sh: --from data), "
+                f"or set NANOCHAT_BAD_SHARDS=skip to train without it")
+        warnings.warn(f"NANOCHAT_BAD_SHARDS=skip: leaving out {listing}", stacklevel=2)
+    if len(opened) >= 2:
+        chosen, doc_split = (opened[:-1] if split == "train" else opened[-1:]), None
+    else:
+        chosen, doc_split = opened, split
+    units = []
+    for f, pf in chosen:
         if "text" not in pf.schema_arrow.names:
             raise ValueError(f"{f}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
         units += [Unit("parquet", str(f), rg, doc_split) for rg in range(pf.num_row_groups)]
+    if not units:
+        raise ValueError(f"no readable parquet shards with documents among {len(files)} file(s) in "
+                         f"{files[0].parent if files else '?'}")
     return units
 
 

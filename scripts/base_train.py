@@ -208,7 +208,10 @@ def main(argv=None) -> None:
             f"(e.g. {max(1, args.total_batch_size // tokens_per_micro) * tokens_per_micro})")
 
     # ---- tokenizer and model
-    tokenizer = get_tokenizer()
+    try:
+        tokenizer = get_tokenizer()
+    except (FileNotFoundError, ValueError) as exc:  # missing or damaged: the message names the files
+        raise SystemExit(str(exc)) from None
     token_bytes = get_token_bytes(device)
     config = config_from_depth(args.depth, tokenizer.get_vocab_size(), sequence_len=args.max_seq_len,
                                aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
@@ -268,10 +271,13 @@ def main(argv=None) -> None:
            f"{num_iterations * total_batch_size:,} tokens, {num_iterations * total_batch_size / num_params:.1f} tokens/param")
 
     # ---- data: this rank's slots (see the module docstring)
-    loaders = [DataLoader(tokenizer, device_batch, args.max_seq_len, "train", rank=rank * grad_accum + i,
-                          world_size=num_slots, source=args.source, data_dir=args.data_dir, device=device,
-                          state=loader_states[i])
-               for i in range(grad_accum)]
+    try:
+        loaders = [DataLoader(tokenizer, device_batch, args.max_seq_len, "train", rank=rank * grad_accum + i,
+                              world_size=num_slots, source=args.source, data_dir=args.data_dir, device=device,
+                              state=loader_states[i])
+                   for i in range(grad_accum)]
+    except (ValueError, FileNotFoundError) as exc:  # missing or damaged shards: what to do, no traceback
+        raise SystemExit(f"pretraining data: {exc}") from None
     eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * args.total_batch_size
     val_steps = max(1, eval_tokens // tokens_per_micro)
 

@@ -117,7 +117,10 @@ def main(argv=None):
     add_tracking_args(parser)
     args = parser.parse_args(argv)
 
-    tok = get_tokenizer()
+    try:
+        tok = get_tokenizer()
+    except (FileNotFoundError, ValueError) as exc:  # missing or damaged: the message names the files
+        raise SystemExit(str(exc)) from None
     notes = []
     samples = dict(SAMPLES)
     if args.val_chars > 0:

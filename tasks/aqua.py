@@ -114,9 +114,21 @@ def iter_validated(rows, split: str, source: str, on_bad_row: str = "skip", max_
 
 
 def read_jsonl_rows(path: Path):
-    """Rows of a JSON-lines file; a line that is not JSON becomes a BadRow (reported by index)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Rows of a JSON-lines file; a line that is not UTF-8 or not JSON becomes a BadRow (reported by
+    index). A UTF-16 file (what some Windows editors save) is refused as a whole, naming the fix."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in head:
+            raise ValueError(f"{path} is UTF-16 text, not UTF-8: convert it, e.g. "
+                             f"iconv -f UTF-16 -t UTF-8 {path} > {Path(path).stem}.utf8.json")
+        f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)  # a UTF-8 byte-order mark is harmless
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield BadRow(f"line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                             f"re-save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:

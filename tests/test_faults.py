@@ -24,6 +24,7 @@ from nanochat.rl import correctness_reward, well_formed
 from tasks.aqua import extract_letter
 from tasks.synthetic_aqua import SyntheticAqua
 
+REPO = Path(__file__).resolve().parents[1]
 TASK = SyntheticAqua("test", num_examples=5)
 CONV = TASK[0]
 LETTERS = {None, "A", "B", "C", "D", "E"}
@@ -195,6 +196,7 @@ def interrupted_run(tmp_path_factory):
             "after_int": after_int, "sigterm": (again.returncode, out_term), "final": final, "argv": seen}
 
 
+@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
 def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(interrupted_run):
     import re
     code, out = interrupted_run["sigint"]
@@ -228,6 +230,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(inte
     assert (base / "report" / "sig" / "report.md").is_file()
 
 
+@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
 def test_a_second_pipeline_on_the_same_run_is_refused(interrupted_run):
     second = interrupted_run["second"]
     assert second.returncode == 2 and interrupted_run["first_alive"]
@@ -238,6 +241,7 @@ def test_a_second_pipeline_on_the_same_run_is_refused(interrupted_run):
     # and the first went on undisturbed: the resumes above continued its checkpoints to the end
 
 
+@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
 def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(interrupted_run):
     base = interrupted_run["base"]
     offline_runs = list((base / "runs" / "sig" / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -270,9 +274,6 @@ def _base_train(base: Path, timeout=300):
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY_BASE], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -437,3 +438,133 @@ def test_unreachable_services_stop_before_training_or_are_left_out(base_dir, tmp
     assert res.stdout.count("comparison skipped: tiktoken could not load") == 2
     section = (base_dir / "report" / "nocore" / "tok_eval.md").read_text()
     assert "gpt2 comparison skipped" in section
+
+
+# Row: SIGKILL at a random point of a training stage, same command again -> it continues from the
+# last complete checkpoint, and the CPU fp32 final weights equal an uninterrupted run's. base and rl:
+# test_base_train.py and test_rl.py (`*sigkill*`); mid and sft here.
+
+@pytest.mark.parametrize("stage, module", [("mid", "scripts.mid_train"), ("sft", "scripts.chat_sft")])
+def test_sigkill_of_mid_and_sft_resumes_to_the_uninterrupted_weights(stage, module, base_dir, tmp_path):
+    import torch
+
+    from helpers import sigkill_after_checkpoints
+    from nanochat.checkpoint import find_last_step, load_checkpoint
+    from test_chat_stages import TINY_DATA, make_base
+
+    make_base(base_dir)
+    cmd = [sys.executable, "-m", module, *TINY_DATA, "--source-stage", "base", "--num-iterations", "10",
+           "--save-every", "1", "--keep-last", "0", "--eval-every", "0", "--no-wandb", "--tag", "kill"]
+    killed = tmp_path / "killed"
+    shutil.copytree(base_dir, killed)
+
+    def env(base):
+        return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    ckpt = killed / "checkpoints" / stage / "kill"
+    sigkill_after_checkpoints(cmd, env(killed), ckpt, 3)
+    killed_at = find_last_step(ckpt)
+    assert killed_at is not None and 3 <= killed_at < 10
+    again = subprocess.run(cmd, cwd=REPO, env=env(killed), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"from step {killed_at}" in again.stdout, again.stderr[-2000:]
+    whole = subprocess.run(cmd, cwd=REPO, env=env(base_dir), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    ours, _, _ = load_checkpoint(ckpt, step=10)
+    theirs, _, _ = load_checkpoint(base_dir / "checkpoints" / stage / "kill", step=10)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+# Row: AQuA-RAT rows malformed in every way, an empty file, a wrong encoding, a split with no valid
+# rows -> the rows are reported with split and index, and nothing trains on an empty set. Malformed
+# rows and empty splits: test_aqua.py and test_chat_stages.py (test_bad_data_gets_one_line_errors);
+# the encodings here.
+
+def test_aqua_files_in_the_wrong_encoding_are_named_not_misread(base_dir, tmp_path, capsys):
+    from tasks.aqua import AquaRat
+    from test_chat_stages import make_base, sft
+
+    rows = [{"question": f"{i} + 1 = ?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "Café",
+             "correct": "B"} for i in range(3)]
+    rows[1]["rationale"] = "plain ascii"
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    latin1 = tmp_path / "latin1"
+    latin1.mkdir()
+    (latin1 / "test.json").write_bytes(text.encode("latin-1"))  # é is one byte 0xe9: not UTF-8
+    task = AquaRat("test", data_dir=latin1)
+    assert len(task) == 1 and task[0]["messages"][-1]["content"].startswith("plain ascii")
+    err = capsys.readouterr().err
+    assert "test row 0 " in err and "test row 2 " in err and "is not UTF-8 (byte 0xe9" in err
+
+    bom = tmp_path / "bom"
+    bom.mkdir()
+    (bom / "test.json").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # UTF-8 with a BOM: fine
+    assert len(AquaRat("test", data_dir=bom)) == 3
+
+    utf16 = tmp_path / "utf16"
+    utf16.mkdir()
+    for name in ("train.json", "dev.json"):
+        (utf16 / name).write_bytes(text.encode("utf-16"))
+    make_base(base_dir)
+    with pytest.raises(SystemExit, match=r"train split could not be loaded .*train.json is UTF-16 text, not "
+                                         r"UTF-8: convert it, e.g. iconv -f UTF-16 -t UTF-8"):
+        sft(["--aqua-source", "dir", "--aqua-data-dir", str(utf16), "--source-stage", "base"])
+    assert not (base_dir / "checkpoints" / "sft").exists()
+
+
+# Row: a parquet shard truncated or not parquet -> named; re-downloaded (the data stage replaces a
+# damaged shard: test_dataset.py test_corrupt_files_detected) or skipped with NANOCHAT_BAD_SHARDS=skip;
+# never silently read as empty.
+
+def test_damaged_shards_are_named_then_skipped_only_when_asked(base_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanochat.tokenizer import Tokenizer
+    from tasks.synthetic_aqua import synthetic_texts
+
+    Tokenizer.train_from_iterator(synthetic_texts(200, seed=7), 512).save(base_dir / "tokenizer")
+    shards = base_dir / "base_data"
+    shards.mkdir()
+    for i in range(4):
+        pq.write_table(pa.table({"text": list(synthetic_texts(120, seed=i))}), shards / f"shard_{i:05d}.parquet",
+                       row_group_size=40)
+    truncated, garbage = shards / "shard_00001.parquet", shards / "shard_00002.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    garbage.write_bytes(b"<html>503 Service Unavailable</html>" * 50)  # what a bad proxy hands over
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "scripts.base_train", *TINY_BASE, "--source", "fineweb", "--num-iterations", "2"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "not a readable parquet file (truncated, or not parquet)" in res.stderr
+    assert str(truncated) in res.stderr and str(garbage) in res.stderr and "NANOCHAT_BAD_SHARDS=skip" in res.stderr
+    assert not (base_dir / "checkpoints").exists()
+
+    res = subprocess.run(cmd, cwd=REPO, env={**env, "NANOCHAT_BAD_SHARDS": "skip"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"leaving out {truncated}" in res.stderr and str(garbage) in res.stderr
+    meta = json.loads((base_dir / "checkpoints" / "base" / "full" / "step_000002" / "meta.json").read_text())
+    assert meta["args"]["source"] == "fineweb"  # it trained, on the good shards
+
+
+# Row: the tokenizer file corrupted, or from another run (a vocabulary the checkpoint was not trained
+# with) -> a clear error naming both. Another run's: test_checkpoint.py
+# (test_load_model_refuses_another_tokenizer); a damaged one here, at every kind of stage that loads it.
+
+def test_a_damaged_tokenizer_is_named_with_its_twin_file(base_dir):
+    from test_chat_stages import make_base
+
+    make_base(base_dir)
+    tok_dir = base_dir / "tokenizer"
+    ranks, config = tok_dir / "tokenizer.tiktoken", tok_dir / "tokenizer.json"
+    raw = bytearray(ranks.read_bytes())
+    raw[100] ^= 0x01  # one flipped bit: same size, other merges
+    ranks.write_bytes(bytes(raw))
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    for cmd in (["scripts.chat_sft", "--source-stage", "base", "--aqua-source", "synthetic"],  # via load_model
+                ["scripts.base_train", *TINY_BASE], ["scripts.tok_eval"]):
+        res = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert f"{ranks} does not match {config}" in res.stderr and "scripts.tok_train" in res.stderr
+    assert not (base_dir / "checkpoints" / "sft").exists()

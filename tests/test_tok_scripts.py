@@ -174,7 +174,7 @@ def test_tok_eval_with_baselines(base_dir, monkeypatch, capsys):
 
 
 def test_tok_eval_without_tokenizer_says_what_to_run(base_dir):
-    with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
+    with pytest.raises(SystemExit, match="scripts.tok_train"):
         tok_eval.main(["--no-wandb"])
 
 
