@@ -1,6 +1,13 @@
 """Test-wide defaults: W&B offline and every stage writing under a throwaway base dir."""
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,3 +35,95 @@ def shared_dir():
     if not SHARED_DIR.is_dir():
         pytest.skip(f"{SHARED_DIR} is absent (reference data lives beside the checkout, not in it)")
     return SHARED_DIR
+
+
+# ---------------------------------------------------------------------------------------------------
+# One smoke-profile pipeline run, shared by test_orchestrator's smoke test and three rows of the fault
+# matrix (test_faults.py). It runs from a copy of the checkout whose .env holds secrets (and a W&B key
+# with no server behind it: offline runs), is stopped by a Ctrl-C (SIGINT to its process group, as a
+# terminal sends it) during base while a second pipeline tries the same run, is stopped by a SIGTERM
+# to the script alone during mid, and is then finished by the same command. Every command line on the
+# machine is sampled meanwhile. Tests using it share an xdist group, so one worker builds it once.
+
+SECRETS = {"WANDB_API_KEY": "wandbkey" + "7" * 32, "LAMBDA_API_KEY": "secret_lambda_" + "q" * 24,
+           "HF_TOKEN": "hf_" + "Z" * 30}
+# base and mid run longer than the profile's own, so that a signal lands between their checkpoints
+SMOKE_ARGS = ["--profile", "smoke", "--no-sync", "--run", "smk", "--seed", "7", "--gpu-hourly-price", "2.5",
+              "--stage-args", "base=--num-iterations 200 --save-every 20",
+              "--stage-args", "mid=--num-iterations 60 --save-every 10"]
+
+
+def _wait_for(path, proc, timeout=240.0):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ended before {path} appeared:\n" + proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+def _watch_argv(seen: set, stop) -> None:
+    """Every command line on the machine, sampled every 20 ms, until stop is set."""
+    while not stop.is_set():
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                seen.add(cmdline.read_bytes().replace(b"\0", b" "))
+            except OSError:
+                pass  # the process ended meanwhile
+        stop.wait(0.02)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupted")
+    tree = root / "checkout"
+    shutil.copytree(REPO_ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "target", "__pycache__", "build", ".env", ".hypothesis"))
+    with socket.socket() as sock:  # W&B with a key but no server: offline runs, config and all
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    (tree / ".env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items())
+                               + f"WANDB_BASE_URL=http://127.0.0.1:{closed_port}\n")
+    base = root / "base"
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("WANDB_")}
+    env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable, WANDB_SILENT="true")
+    cmd = ["bash", str(tree / "run_aquarat_small.sh"), *SMOKE_ARGS]
+
+    started = []
+
+    def start():
+        started.append(subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, text=True,
+                                        stderr=subprocess.STDOUT, start_new_session=True))  # as in a shell
+        return started[-1]
+
+    seen: set = set()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_argv, args=(seen, stop), daemon=True)
+    watcher.start()
+    ckpt = base / "checkpoints"
+    try:
+        first = start()
+        _wait_for(ckpt / "base" / "smk" / "step_000020" / "meta.json", first)
+        second = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
+        first_alive = first.poll() is None
+        os.killpg(first.pid, signal.SIGINT)
+        out_int = first.communicate(timeout=120)[0]
+        after_int = sorted(p.parent.name for p in (ckpt / "base" / "smk").glob("step_*/meta.json"))
+
+        again = start()
+        _wait_for(ckpt / "mid" / "smk" / "step_000010" / "meta.json", again)
+        again.send_signal(signal.SIGTERM)  # the script only, as `kill PID` or a preemption does
+        out_term = again.communicate(timeout=120)[0]
+
+        final = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop.set()
+        watcher.join()
+        for proc in started:  # a failed assertion above must not leave a pipeline running
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    log = (base / "runs" / "smk" / "pipeline.log").read_text()  # before other tests add to the run
+    return {"base": base, "tree": tree, "env": env, "cmd": cmd, "log": log, "second": second,
+            "first_alive": first_alive, "sigint": (first.returncode, out_int), "after_int": after_int,
+            "sigterm": (again.returncode, out_term), "final": final, "argv": seen}
+
+

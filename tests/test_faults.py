@@ -7,6 +7,7 @@ exception, in bounded time. Property-based with hypothesis, plus the worst cases
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SECRETS
 from nanochat.rl import correctness_reward, well_formed
 from tasks.aqua import extract_letter
 from tasks.synthetic_aqua import SyntheticAqua
@@ -113,93 +115,12 @@ def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir
 
 
 # Rows: SIGINT / SIGTERM to run_aquarat_small.sh mid-stage, then the same command; two pipelines on
-# one run at once; secrets in .env during a whole run. One smoke-profile run serves all three: it
-# runs from a copy of the checkout whose .env holds the secrets, is stopped by a Ctrl-C (SIGINT to its
-# process group, as a terminal sends it) during base while a second pipeline tries the same run, is
-# stopped by a SIGTERM to the script alone during mid, and is then finished by the same command.
+# one run at once; secrets in .env during a whole run. One smoke-profile run serves all three (and
+# test_orchestrator's smoke test): conftest.py's `smoke_run`, interrupted twice and then finished.
 
-SECRETS = {"WANDB_API_KEY": "wandbkey" + "7" * 32, "LAMBDA_API_KEY": "secret_lambda_" + "q" * 24,
-           "HF_TOKEN": "hf_" + "Z" * 30}
-INTERRUPTED = ["--profile", "smoke", "--no-sync", "--run", "sig",
-               "--stage-args", "base=--num-iterations 200 --save-every 20",
-               "--stage-args", "mid=--num-iterations 60 --save-every 10"]
-
-
-def _wait_for(path, proc, timeout=240.0):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"ended before {path} appeared:\n" + proc.communicate()[0][-3000:]
-        assert time.time() < deadline, f"no {path} after {timeout} s"
-        time.sleep(0.01)
-
-
-def _watch_argv(seen: set, stop) -> None:
-    """Every command line on the machine, sampled every 20 ms, until stop is set."""
-    while not stop.is_set():
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            try:
-                seen.add(cmdline.read_bytes().replace(b"\0", b" "))
-            except OSError:
-                pass  # the process ended meanwhile
-        stop.wait(0.02)
-
-
-@pytest.fixture(scope="module")
-def interrupted_run(tmp_path_factory):
-
-    repo = Path(__file__).resolve().parents[1]
-    root = tmp_path_factory.mktemp("interrupted")
-    tree = root / "checkout"
-    shutil.copytree(repo, tree, ignore=shutil.ignore_patterns(".git", ".venv", "target", "__pycache__",
-                                                              "build", ".env", ".hypothesis"))
-    with socket.socket() as sock:  # W&B with a key but no server: offline runs, config and all
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    (tree / ".env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items())
-                               + f"WANDB_BASE_URL=http://127.0.0.1:{closed_port}\n")
-    base = root / "base"
-    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("WANDB_")}
-    env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable, WANDB_SILENT="true")
-    cmd = ["bash", str(tree / "run_aquarat_small.sh"), *INTERRUPTED]
-
-    def start():
-        return subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)  # its own process group, as in a shell
-
-    seen: set = set()
-    stop = threading.Event()
-    watcher = threading.Thread(target=_watch_argv, args=(seen, stop), daemon=True)
-    watcher.start()
-    ckpt = base / "checkpoints"
-    try:
-        first = start()
-        _wait_for(ckpt / "base" / "sig" / "step_000020" / "meta.json", first)
-        second = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=60)
-        first_alive = first.poll() is None
-        os.killpg(first.pid, signal.SIGINT)
-        out_int = first.communicate(timeout=120)[0]
-        after_int = sorted(p.parent.name for p in (ckpt / "base" / "sig").glob("step_*/meta.json"))
-
-        again = start()
-        _wait_for(ckpt / "mid" / "sig" / "step_000010" / "meta.json", again)
-        again.send_signal(signal.SIGTERM)  # the script only, as `kill PID` or a preemption does
-        out_term = again.communicate(timeout=120)[0]
-
-        final = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        stop.set()
-        watcher.join()
-        for proc in ("first", "again"):
-            if proc in locals() and locals()[proc].poll() is None:
-                os.killpg(locals()[proc].pid, signal.SIGKILL)
-    return {"base": base, "second": second, "first_alive": first_alive, "sigint": (first.returncode, out_int),
-            "after_int": after_int, "sigterm": (again.returncode, out_term), "final": final, "argv": seen}
-
-
-@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
-def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(interrupted_run):
-    import re
-    code, out = interrupted_run["sigint"]
+@pytest.mark.xdist_group("smoke_run")  # one worker builds the shared run
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(smoke_run):
+    code, out = smoke_run["sigint"]
     assert code == 130, out[-3000:]
     line = re.search(r"\[pipeline\] stopped by SIGINT during stage base \(newest checkpoint: step (\d+)\)\. "
                      r"Done: tokenizer tok_eval\. The same command goes on: done stages are skipped, base "
@@ -207,9 +128,9 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(inte
     assert line, out[-3000:]
     base_step = int(line.group(1))
     assert 20 <= base_step < 200 and "Traceback" not in out
-    assert interrupted_run["after_int"][-1] == f"step_{base_step:06d}"  # the checkpoint it names is there
+    assert smoke_run["after_int"][-1] == f"step_{base_step:06d}"  # the checkpoint it names is there
 
-    code, out = interrupted_run["sigterm"]
+    code, out = smoke_run["sigterm"]
     assert code == 143, out[-3000:]
     assert "[pipeline] tokenizer: done earlier, skipping" in out and "[pipeline] tok_eval: done earlier" in out
     assert f"from step {base_step}" in out  # base resumed where the Ctrl-C left it
@@ -218,39 +139,38 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_same_command_resumes(inte
     assert line, out[-3000:]
     mid_step = int(line.group(1))
 
-    final = interrupted_run["final"]
+    final = smoke_run["final"]
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     for stage in ("tokenizer", "tok_eval", "base", "base_loss"):
         assert f"[pipeline] {stage}: done earlier, skipping" in final.stdout
     assert f"from step {mid_step}" in final.stdout and "[pipeline] finished" in final.stdout
-    base = interrupted_run["base"]
+    base = smoke_run["base"]
     for stage, steps in (("base", 200), ("mid", 60)):
-        newest = sorted((base / "checkpoints" / stage / "sig").glob("step_*/meta.json"))[-1]
+        newest = sorted((base / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[-1]
         assert json.loads(newest.read_text())["step"] == steps
-    assert (base / "report" / "sig" / "report.md").is_file()
+    assert (base / "report" / "smk" / "report.md").is_file()
 
 
-@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
-def test_a_second_pipeline_on_the_same_run_is_refused(interrupted_run):
-    second = interrupted_run["second"]
-    assert second.returncode == 2 and interrupted_run["first_alive"]
-    assert "run 'sig' is in use by another pipeline (pid " in second.stderr
+@pytest.mark.xdist_group("smoke_run")  # one worker builds the shared run
+def test_a_second_pipeline_on_the_same_run_is_refused(smoke_run):
+    second = smoke_run["second"]
+    assert second.returncode == 2 and smoke_run["first_alive"]
+    assert "run 'smk' is in use by another pipeline (pid " in second.stderr
     assert "another --run NAME" in second.stderr
-    log = (interrupted_run["base"] / "runs" / "sig" / "pipeline.log").read_text()
-    assert log.count("[pipeline] profile=smoke") == 3  # the three real starts; the refused one wrote nothing
+    assert smoke_run["log"].count("[pipeline] profile=smoke") == 3  # the three starts; the refused one: nothing
     # and the first went on undisturbed: the resumes above continued its checkpoints to the end
 
 
-@pytest.mark.xdist_group("interrupted_run")  # one worker runs the shared pipeline
-def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(interrupted_run):
-    base = interrupted_run["base"]
-    offline_runs = list((base / "runs" / "sig" / "wandb").glob("offline-run-*/run-*.wandb"))
+@pytest.mark.xdist_group("smoke_run")  # one worker builds the shared run
+def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(smoke_run):
+    base = smoke_run["base"]
+    offline_runs = list((base / "runs" / "smk" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert any(b"device_batch_size" in p.read_bytes() for p in offline_runs)  # W&B config is in there
     written = [p for p in Path(base).rglob("*") if p.is_file()]
     assert len(written) > 50
-    outputs = [interrupted_run["second"].stderr, interrupted_run["sigint"][1], interrupted_run["sigterm"][1],
-               interrupted_run["final"].stdout, interrupted_run["final"].stderr]
-    argv = b"\n".join(interrupted_run["argv"])
+    outputs = [smoke_run["second"].stderr, smoke_run["sigint"][1], smoke_run["sigterm"][1],
+               smoke_run["final"].stdout, smoke_run["final"].stderr]
+    argv = b"\n".join(smoke_run["argv"])
     assert b"scripts.base_train" in argv and b"scripts.chat_rl" in argv  # the watcher saw the stages
     for name, secret in SECRETS.items():
         leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
