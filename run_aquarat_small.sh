@@ -246,7 +246,7 @@ if [ "$PROFILE" = gpu ] && [ -z "$SHARDS" ]; then
 import math, torch
 from nanochat.gpt import GPT, config_from_depth
 with torch.device('meta'):
-    params = GPT(config_from_depth($DEPTH, 65536, sequence_len=2048)).num_params()
+    params = GPT(config_from_depth($DEPTH, 65536, sequence_len=2048)).num_budget_params()
 print(math.ceil(20 * params * 4.8 / 250e6) + 1)")
     echo "[pipeline] --shards: $SHARDS FineWeb-Edu shards for depth $DEPTH (an estimate; see --help)" \
         | tee -a "$LOG"

@@ -1,6 +1,6 @@
 """The GPT model: a small, modern, nanochat-class decoder-only transformer.
 
-Architecture (every choice is on purpose, nothing is optional):
+Architecture (every choice is on purpose; only the value embeddings can be switched off):
 - token embedding (untied from the unembedding `lm_head`), no positional embedding table;
 - rotary position embeddings (RoPE, base 10000) on queries and keys;
 - QK-norm: parameter-free RMSNorm on q and k per head (stabilises attention logits);
@@ -8,7 +8,12 @@ Architecture (every choice is on purpose, nothing is optional):
   and before the unembedding;
 - ReLU^2 MLP with a 4x hidden width; no biases anywhere;
 - grouped-query / multi-query attention through `n_kv_head` (n_head % n_kv_head == 0);
-- logit soft-capping `softcap * tanh(logits / softcap)`, logits always returned in float32.
+- logit soft-capping `softcap * tanh(logits / softcap)`, logits always returned in float32;
+- value embeddings (`value_embed_every`, 2 from config_from_depth): every second layer, counted back
+  from the last, adds to its attention values a per-token vector from its own (vocab x kv width)
+  table, scaled per kv head by a gate 2 sigmoid(W x[..., :32]) (1 at init). A lookup, so parameters
+  without matmul FLOPs: -0.031 nats/token at equal compute for +0.3% step time, two seeds, at the cpu
+  profile's shape (python -m scripts.bench_pretrain_quality; README, Performance).
 
 The depth dial (`config_from_depth`), one number sets the model:
     n_embd    = depth * aspect_ratio                  (aspect_ratio=64 by default)
@@ -16,11 +21,12 @@ The depth dial (`config_from_depth`), one number sets the model:
                                                       n_embd (d7: 448 -> 2 heads of 224; d11: 4 heads of 176)
     n_kv_head = n_head                                (full multi-head attention unless you ask for GQA)
     n_layer   = depth
-Parameter counts with vocab_size=65536 (per layer 12 * n_embd^2; embedding and lm_head each vocab * n_embd):
-    d8  : n_embd 512,  4 heads,  25.2M in blocks + 67.1M embed/unembed =  92.3M total  (58.7M at vocab 32768)
-    d12 : n_embd 768,  6 heads,  84.9M in blocks + 100.7M              = 185.6M total
-    d20 : n_embd 1280, 10 heads, 393.2M in blocks + 167.8M             = 561.0M total
-    d26 : n_embd 1664, 13 heads, 863.8M in blocks + 218.1M             =   1.08B total
+Parameter counts with vocab_size=65536 (per layer 12 * n_embd^2; embedding and lm_head each vocab * n_embd),
+without the value-embedding tables (num_budget_params, what token budgets count), then with them:
+    d8  : n_embd 512,  4 heads,  25.2M in blocks + 67.1M embed/unembed =  92.3M; + 4 x 33.6M  = 226.5M
+    d12 : n_embd 768,  6 heads,  84.9M in blocks + 100.7M              = 185.6M; + 6 x 50.3M  = 487.6M
+    d20 : n_embd 1280, 10 heads, 393.2M in blocks + 167.8M             = 561.0M; + 10 x 83.9M =  1.40B
+    d26 : n_embd 1664, 13 heads, 863.8M in blocks + 218.1M             =   1.08B; + 13 x 109M =  2.50B
 (The "d8 ~ 60M" of the user's table matches a 32K vocabulary; with the 64K default it is 92M.)
 
 Dtype design (one rule): parameters are ALWAYS float32 (they are the master weights, the optimizers
@@ -63,10 +69,22 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA when < n_head, MQA when 1)
     n_embd: int = 768
     softcap: float = 15.0  # logit soft-cap; 0 disables it
+    # Value embeddings: every k-th layer, counted back from the last, adds a per-token embedding to its
+    # attention values (see CausalSelfAttention). 0 = none, the default here so that checkpoints from
+    # before the field existed load as what they are; config_from_depth turns them on for new models.
+    value_embed_every: int = 0
+
+
+VE_GATE_CHANNELS = 32  # the gate of a value embedding reads the first channels of the block's input
+
+
+def has_value_embed(config: GPTConfig, layer_idx: int) -> bool:
+    k = config.value_embed_every
+    return k > 0 and (config.n_layer - 1 - layer_idx) % k == 0
 
 
 def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
-                      head_dim: int = 128) -> GPTConfig:
+                      head_dim: int = 128, value_embed_every: int = 2) -> GPTConfig:
     """The one dial: see the module docstring for the rules."""
     if depth < 1:
         raise ValueError(f"--depth must be >= 1, got {depth}")
@@ -75,7 +93,7 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, asp
     while n_embd % n_head != 0:  # e.g. d7: 448 = 3 x 149.3 -> 2 heads of 224
         n_head -= 1
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd)
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd, value_embed_every=value_embed_every)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -190,13 +208,24 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+        # How much of the token's value embedding each kv head takes, from the input itself: 2 sigmoid(.)
+        # in (0, 2), exactly 1 at init (zero weights).
+        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, self.n_embd), self.n_kv_head, bias=False)
+                        if has_value_embed(config, layer_idx) else None)
 
     def forward(self, x, cos_sin, kv_cache: KVCache | None = None, attn_capture: list | None = None,
-                attn_mask: torch.Tensor | None = None):
+                attn_mask: torch.Tensor | None = None, value_embed: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embed is not None:
+            # A value that depends on the token id alone, next to the one computed from the residual
+            # stream: parameters without matmul FLOPs (a lookup). Added before the cache stores v, so
+            # decoding reuses it like any other value.
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, H_kv)
+            ve = value_embed.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + (gate.unsqueeze(-1) * ve).to(v.dtype)  # the lookup is fp32: keep v in bf16
         cos, sin = cos_sin
         q, k = apply_rotary_emb(norm(q), cos, sin), apply_rotary_emb(norm(k), cos, sin)
         # (B, H, T, D) for attention; q/k/v share v's dtype (bf16 under autocast), the cache its own.
@@ -283,8 +312,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None):
-        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture, attn_mask)
+    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None, value_embed=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture, attn_mask, value_embed)
         x = x + self.mlp(norm(x))
         return x
 
@@ -299,6 +328,11 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # One value-embedding table (vocab x kv width) per layer that has one, keyed by layer index.
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, kv_dim, _weight=torch.empty(config.vocab_size, kv_dim))
+            for i in range(config.n_layer) if has_value_embed(config, i)})
         # Rotary tables cover 10x the training context so generation can run past it without a re-alloc.
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
@@ -332,6 +366,10 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for table in self.value_embeds.values():  # the scale of c_v's output per entry, like a value
+            nn.init.uniform_(table.weight, -bound, bound)
         cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -347,15 +385,21 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_budget_params(self) -> int:
+        """The parameters a token budget (tokens per parameter) counts: all but the value-embedding
+        tables, lookups that would multiply the budget without adding compute per token."""
+        return self.num_params() - sum(t.weight.numel() for t in self.value_embeds.values())
+
     def estimate_flops(self) -> float:
         """Training FLOPs per token (fwd + bwd): 6 * (params in matmuls) + attention score/value matmuls.
 
-        The embedding lookup is not a matmul, so wte is excluded; lm_head is included. The attention term
-        12 * n_layer * n_head * head_dim * sequence_len counts QK^T and AV (2 matmuls x 2 FLOPs x 3 for
-        fwd+bwd) at full context, ignoring the causal halving, as nanochat/PaLM do.
+        Embedding lookups are not matmuls, so wte and the value embeddings are excluded; lm_head is
+        included. The attention term 12 * n_layer * n_head * head_dim * sequence_len counts QK^T and AV
+        (2 matmuls x 2 FLOPs x 3 for fwd+bwd) at full context, ignoring the causal halving, as
+        nanochat/PaLM do.
         """
         cfg = self.config
-        n_matmul = self.num_params() - self.transformer.wte.weight.numel()
+        n_matmul = self.num_budget_params() - self.transformer.wte.weight.numel()
         head_dim = cfg.n_embd // cfg.n_head
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
@@ -393,8 +437,9 @@ class GPT(nn.Module):
         dtype = self.get_compute_dtype(idx.device)
         with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = norm(self.transformer.wte(idx))
-            for block in self.transformer.h:
-                x = block(x, cos_sin, kv_cache, attn_capture, attn_mask)
+            for i, block in enumerate(self.transformer.h):
+                ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+                x = block(x, cos_sin, kv_cache, attn_capture, attn_mask, ve)
             x = norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
             flat_targets = targets.reshape(-1)

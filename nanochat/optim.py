@@ -233,7 +233,8 @@ def build_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float =
                      weight_decay: float = 0.0, scalar_lr: float = 0.5, adam_betas=(0.8, 0.95),
                      muon_momentum: float = 0.95) -> list[torch.optim.Optimizer]:
     """[AdamW-like, Muon-like] for a GPT; the Dist* variants when torch.distributed runs with >1 rank."""
-    embedding = [model.transformer.wte.weight]
+    # value embeddings are token embeddings too: same rule, same lr
+    embedding = [model.transformer.wte.weight] + [t.weight for t in model.value_embeds.values()]
     unembedding = [model.lm_head.weight]
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     special = {id(p) for p in embedding + unembedding + matrices}

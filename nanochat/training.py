@@ -52,11 +52,15 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
     model_state, optim_states, meta = load_checkpoint(
         ckpt_dir, step=last_step, device=info.device, load_optimizer=True, rank=info.rank
     )
-    if meta.get("model_config") != asdict(model.config):
-        raise SystemExit(
-            f"{ckpt_dir} holds a model with config {meta.get('model_config')}, but this run "
-            f"has {asdict(model.config)}. Use --fresh to overwrite it, or another --tag."
-        )
+    saved = dict(meta.get("model_config") or {})
+    ours = asdict(model.config)
+    # fields added since the checkpoint was written take their defaults: the model it was
+    saved = {**{k: v for k, v in asdict(type(model.config)()).items() if k not in saved}, **saved}
+    if saved != ours:
+        differ = ", ".join(f"{k}: {saved.get(k)} in the checkpoint, {v} here" for k, v in ours.items()
+                           if saved.get(k) != v)
+        raise SystemExit(f"{ckpt_dir} holds another model ({differ}). Use --fresh to overwrite it, "
+                         f"another --tag, or the flags it was trained with.")
     model.load_state_dict(model_state, strict=True)
     for opt, state in zip(optimizers, optim_states):
         opt.load_state_dict(state)

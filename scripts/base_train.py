@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--depth", type=int, default=20, help="number of layers; sets width and heads (gpt.config_from_depth)")
     g.add_argument("--aspect-ratio", type=int, default=64, help="n_embd = depth * aspect_ratio")
     g.add_argument("--head-dim", type=int, default=128, help="target attention head dimension")
+    g.add_argument("--value-embed-every", type=int, default=2,
+                   help="value embeddings on every k-th layer counted back from the last (0: none)")
     g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
     g = p.add_argument_group("data")
     g.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"],
@@ -131,14 +133,14 @@ def muon_momentum(step: int, warmup_steps: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def resolve_num_iterations(args, num_params: int, flops_per_token: float, total_batch_size: int) -> tuple[int, str]:
+def resolve_num_iterations(args, budget_params: int, flops_per_token: float, total_batch_size: int) -> tuple[int, str]:
     if args.num_iterations > 0:
         return args.num_iterations, "--num-iterations"
     if args.target_flops > 0:
         n = round(args.target_flops / (flops_per_token * total_batch_size))
         return max(1, n), f"--target-flops {args.target_flops:.3g}"
     if args.target_param_data_ratio > 0:
-        n = int(args.target_param_data_ratio * num_params) // total_batch_size
+        n = int(args.target_param_data_ratio * budget_params) // total_batch_size
         return max(1, n), f"--target-param-data-ratio {args.target_param_data_ratio:g}"
     raise SystemExit("no token budget: set --num-iterations, --target-flops or --target-param-data-ratio > 0")
 
@@ -214,13 +216,15 @@ def main(argv=None) -> None:
         raise SystemExit(str(exc)) from None
     token_bytes = get_token_bytes(device)
     config = config_from_depth(args.depth, tokenizer.get_vocab_size(), sequence_len=args.max_seq_len,
-                               aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
+                               aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                               value_embed_every=args.value_embed_every)
     seed_everything(args.seed)  # same seed on every rank -> identical initial weights everywhere
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    budget_params = model.num_budget_params()  # value embeddings add parameters, not tokens to train on
 
     # ---- checkpoint: fresh start or resume
     ckpt_dir = checkpoint_dir(STAGE, tag)
@@ -253,7 +257,7 @@ def main(argv=None) -> None:
         refuse_changed_flags(ckpt_dir, start_step, resumed_meta.get("args", {}), args)
 
     total_batch_size = args.total_batch_size
-    num_iterations, budget_rule = resolve_num_iterations(args, num_params, flops_per_token, total_batch_size)
+    num_iterations, budget_rule = resolve_num_iterations(args, budget_params, flops_per_token, total_batch_size)
     if resumed_meta is not None and resumed_meta.get("num_iterations") != num_iterations:
         raise SystemExit(f"the checkpoint's run has num_iterations={resumed_meta.get('num_iterations')}, these flags "
                          f"give {num_iterations}: the lr schedule would change mid-run. Keep the budget flags, "
@@ -268,7 +272,8 @@ def main(argv=None) -> None:
            f"seq {config.sequence_len}, {num_params:,} params, {flops_per_token:.3e} FLOPs/token")
     print0(f"batch: {total_batch_size:,} tokens/step = {world_size} proc x {grad_accum} micro x "
            f"{device_batch} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
-           f"{num_iterations * total_batch_size:,} tokens, {num_iterations * total_batch_size / num_params:.1f} tokens/param")
+           f"{num_iterations * total_batch_size:,} tokens, "
+           f"{num_iterations * total_batch_size / budget_params:.1f} tokens/param (value embeddings not counted)")
 
     # ---- data: this rank's slots (see the module docstring)
     try:
@@ -388,7 +393,7 @@ def main(argv=None) -> None:
             f"- model: depth {config.n_layer}, n_embd {config.n_embd}, {config.n_head} heads, "
             f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
             f"- data: source `{args.source}`; {num_iterations} steps x {total_batch_size:,} tokens = "
-            f"{num_iterations * total_batch_size:,} tokens ({num_iterations * total_batch_size / num_params:.2f} "
+            f"{num_iterations * total_batch_size:,} tokens ({num_iterations * total_batch_size / budget_params:.2f} "
             f"tokens/param, budget from {budget_rule}); {loaders[0].passes:.2f} passes over the training "
             f"documents" + (" (they repeated: more shards would have given fresh text)"
                             if loaders[0].epoch >= 1 else ""),

@@ -243,7 +243,7 @@ def test_schedule_and_budget_rules():
     def budget(**kw):
         args = SimpleNamespace(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0)
         args.__dict__.update(kw)
-        return resolve_num_iterations(args, num_params=1_000_000, flops_per_token=6e6, total_batch_size=4096)[0]
+        return resolve_num_iterations(args, budget_params=1_000_000, flops_per_token=6e6, total_batch_size=4096)[0]
 
     assert budget(num_iterations=7) == 7  # explicit wins
     assert budget(target_flops=6e6 * 4096 * 50) == 50  # FLOPs / (FLOPs per token * tokens per step)
@@ -293,3 +293,19 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(base, inproc, 
     assert meta["device_batch_size"] == 2 and meta["grad_accum"] == 8 and meta["total_batch_size"] == 1024
     inproc(args)  # the same command again: resumes with the fitted layout instead of refusing it
     assert "already complete at step 4" in capsys.readouterr().out
+
+
+def test_bench_pretrain_quality_runs_variants_on_the_same_batches(capsys):
+    from scripts.bench_pretrain_quality import main
+
+    main(["--variants", "none:value_embed_every=0", "ve:value_embed_every=1", "--seeds", "1", "3",
+          "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "32",
+          "--batch-size", "2", "--steps", "2", "--eval-every", "1", "--val-batches", "1",
+          "--vocab-size", "300", "--tokenizer-chars", "50000"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line.split("|") for line in out.splitlines() if line.count("|") > 8}
+    assert set(rows) == {"variant", "none", "ve"}
+    assert float(rows["none"][5]) == 0.0 and float(rows["none"][6]) == 0.0  # paired with itself
+    assert int(rows["ve"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the tables
+    assert rows["ve"][2] == rows["none"][2]  # ...at equal matmul FLOPs
+    assert "seed spread of none" in out

@@ -21,6 +21,8 @@ def tiny_model(seed=0, **overrides):
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(std=0.1)
             block.mlp.c_proj.weight.normal_(std=0.1)
+            if block.attn.ve_gate is not None:  # a gate that differs per token and head
+                block.attn.ve_gate.weight.normal_(std=0.5)
         model.lm_head.weight.normal_(std=0.1)
     return model.eval()
 
@@ -38,10 +40,13 @@ def test_depth_dial_builds_and_param_counts(depth, n_embd, n_head, lo, hi):
     assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, n_embd, n_head, n_head)
     with torch.device("meta"):  # no memory, no init: counting only
         model = GPT(config)
-    n = model.num_params()
+    # the budget count (what the counts above name) leaves out the value-embedding tables
+    n = model.num_budget_params()
     assert lo < n < hi, f"d{depth}: {n / 1e6:.1f}M params"
-    expected = depth * 12 * n_embd ** 2 + 2 * 65536 * n_embd
-    assert n == expected
+    ve_layers = depth // 2  # every second layer, counted back from the last
+    gates = ve_layers * 32 * n_head
+    assert n == depth * 12 * n_embd ** 2 + 2 * 65536 * n_embd + gates
+    assert model.num_params() == n + ve_layers * 65536 * n_embd
     head_dim = n_embd // n_head
     assert model.estimate_flops() == 6 * (n - 65536 * n_embd) + 12 * depth * n_head * head_dim * 2048
 
@@ -49,7 +54,7 @@ def test_depth_dial_builds_and_param_counts(depth, n_embd, n_head, lo, hi):
 def test_d8_with_32k_vocab_is_about_60m():
     with torch.device("meta"):
         model = GPT(config_from_depth(8, vocab_size=32768))
-    assert 55e6 < model.num_params() < 62e6
+    assert 55e6 < model.num_budget_params() < 62e6
 
 
 def test_config_from_depth_rules():
@@ -160,13 +165,18 @@ def test_all_ignored_targets_give_zero_loss_with_graph():
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
-    model = tiny_model()
+    model = tiny_model(value_embed_every=1)
     x = torch.randint(0, 256, (2, 16))
     ref = model(x)
     model.compute_dtype = None
     monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # autodetect honours the override (CPU autocast here)
     assert model.get_compute_dtype() == torch.bfloat16
+    sdpa, dtypes = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: dtypes.append((q.dtype, v.dtype)) or sdpa(q, k, v, **kw))
     out = model(x)
+    # the fp32 value-embedding tables must not pull attention out of bf16
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * model.config.n_layer
     assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
     assert (out - ref).abs().max() < 0.25 and not torch.equal(out, ref)
     # bf16 cache decode runs and stays close to the bf16 full forward
@@ -178,9 +188,9 @@ def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
 
 # ----------------------------------------------------------------------------------- attention capture
 
-@pytest.mark.parametrize("n_kv_head", [4, 2, 1])  # MHA, GQA, MQA
-def test_explicit_attention_matches_sdpa(n_kv_head):
-    model = tiny_model(n_kv_head=n_kv_head)
+@pytest.mark.parametrize("n_kv_head, value_embed_every", [(4, 0), (2, 0), (1, 0), (2, 1)])  # MHA, GQA, MQA
+def test_explicit_attention_matches_sdpa(n_kv_head, value_embed_every):
+    model = tiny_model(n_kv_head=n_kv_head, value_embed_every=value_embed_every)
     x = torch.randint(0, 256, (2, 20))
     ref = model(x)
     capture = []
@@ -208,9 +218,9 @@ def test_attention_capture_with_kv_cache_has_offset_mask():
 
 # ----------------------------------------------------------------------------------- KV cache
 
-@pytest.mark.parametrize("n_kv_head", [4, 2])
-def test_kv_cache_decode_matches_full_forward(n_kv_head):
-    model = tiny_model(n_kv_head=n_kv_head)
+@pytest.mark.parametrize("n_kv_head, value_embed_every", [(4, 0), (2, 0), (2, 1), (4, 2)])
+def test_kv_cache_decode_matches_full_forward(n_kv_head, value_embed_every):
+    model = tiny_model(n_kv_head=n_kv_head, value_embed_every=value_embed_every)
     x = torch.randint(0, 256, (2, 24))
     full = model(x)
     kv = model.new_kv_cache(batch_size=2, seq_len=32)
@@ -275,3 +285,55 @@ def test_maybe_compile_switch(monkeypatch):
     assert model.compute_dtype == torch.float32  # resolved before compiling, outside the graph
     monkeypatch.delenv("NANOCHAT_COMPILE")
     assert maybe_compile(model, "cpu", enabled=True) == "compiled"
+
+
+# ----------------------------------------------------------------------------------- value embeddings
+
+def test_value_embeddings_sit_on_every_kth_layer_from_the_last_and_change_the_output():
+    cfg = dict(TINY, n_layer=5)
+    plain, every2 = tiny_model(**cfg), tiny_model(**cfg, value_embed_every=2)
+    assert list(plain.value_embeds) == [] and list(every2.value_embeds) == ["0", "2", "4"]
+    assert [b.attn.ve_gate is not None for b in every2.transformer.h] == [True, False, True, False, True]
+    kv_dim = TINY["n_kv_head"] * TINY["n_embd"] // TINY["n_head"]
+    extra = 3 * (256 * kv_dim + 32 * TINY["n_kv_head"])  # three tables and three gates
+    assert every2.num_params() - plain.num_params() == extra
+    # lookups cost no matmul FLOPs: only the three tiny gates count
+    assert every2.estimate_flops() - plain.estimate_flops() == 6 * 3 * 32 * TINY["n_kv_head"]
+    x = torch.randint(0, 256, (2, 16))
+    assert not torch.allclose(plain(x), every2(x))
+    # the gate is 2 sigmoid(W x): exactly 1 at init, so a fresh model adds each table once
+    fresh = GPT(GPTConfig(**cfg, value_embed_every=2))
+    assert all((b.attn.ve_gate.weight == 0).all() for b in fresh.transformer.h if b.attn.ve_gate is not None)
+
+
+def test_value_embedding_tables_train_with_the_embedding_rule_and_gates_with_muon():
+    model = tiny_model(value_embed_every=1)
+    adam, muon = model.setup_optimizers()
+    embedding_group = next(g for g in adam.param_groups
+                           if any(p is model.transformer.wte.weight for p in g["params"]))
+    assert all(any(t.weight is p for p in embedding_group["params"]) for t in model.value_embeds.values())
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert all(id(b.attn.ve_gate.weight) in muon_params for b in model.transformer.h)
+    x = torch.randint(0, 256, (2, 16))
+    model.train()
+    model(x, x).backward()
+    for opt in (adam, muon):
+        opt.step()
+    assert all(t.weight.grad is not None and t.weight.grad.abs().sum() > 0 for t in model.value_embeds.values())
+
+
+def test_checkpoints_from_before_value_embeddings_still_load(base_dir):
+    """meta.json of an older model has no value_embed_every: it loads as the model it was (none)."""
+    from dataclasses import asdict
+
+    import nanochat.checkpoint as ck
+    from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_record
+
+    tok = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    tok.save(base_dir / "tokenizer")
+    cfg = GPTConfig(**dict(TINY, vocab_size=tok.get_vocab_size()))
+    old_config = {k: v for k, v in asdict(cfg).items() if k != "value_embed_every"}
+    ck.save_checkpoint(ck.checkpoint_dir("base", "old"), 1, GPT(cfg).state_dict(), None,
+                       {"model_config": old_config, "tokenizer": tokenizer_record(tok)})
+    model, _, _ = ck.load_model("base", "old", device="cpu")
+    assert model.config.value_embed_every == 0 and not model.value_embeds
