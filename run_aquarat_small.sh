@@ -333,13 +333,14 @@ not_run() {
 # The gpu profile's downloads, all of them before any training, so that a network problem costs
 # minutes, not a pretraining run. What training needs (FineWeb-Edu, AQuA-RAT) stops the run here; the
 # CORE bundle is optional: without it base_eval is left out, and the report says so.
+# base_eval's own bundle (--stage-args "base_eval=--bundle-dir DIR"): nothing to download, always run
+own_core_bundle() { [[ "${STAGE_ARGS[base_eval]:-}" == *--bundle-dir* ]]; }
 fetch_data() {  # "$@": --stage-args for data, the shard downloader's flags
     "$PY" -m nanochat.dataset -n "$SHARDS" "$@" || return
     if [ -z "$AQUA_DIR" ]; then "$PY" -m scripts.prepare_aqua || return; fi
     local core_args=()
     read -r -a core_args <<< "${STAGE_ARGS[base_eval]:-}"  # e.g. --bundle-url
-    if [[ " ${core_args[*]} " != *" --bundle-dir "* ]] \
-            && ! "$PY" -m scripts.base_eval --download-only "${core_args[@]}"; then
+    if ! own_core_bundle && ! "$PY" -m scripts.base_eval --download-only "${core_args[@]}"; then
         echo "[pipeline] the CORE eval bundle could not be downloaded: base_eval will be left out" \
              "(the run goes on)"
         not_run base_eval "the CORE eval bundle could not be downloaded (pipeline.log says why)"
@@ -421,8 +422,7 @@ stage tok_eval "$PY" -m scripts.tok_eval
 stage base "${LAUNCH[@]}" scripts.base_train "${BASE[@]}" --seed "$SEED" "${TAG[@]}"
 stage base_loss "${LAUNCH[@]}" scripts.base_loss "${BASE_LOSS[@]}" "${TAG[@]}"
 if [ "$PROFILE" = gpu ]; then
-    if [ -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ] \
-            || [[ "${STAGE_ARGS[base_eval]:-}" == *--bundle-dir* ]]; then
+    if [ -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ] || own_core_bundle; then
         stage base_eval "${LAUNCH[@]}" scripts.base_eval --max-per-task 500 "${TAG[@]}"
     else
         echo "[pipeline] base_eval: left out, no CORE eval bundle in $NANOCHAT_BASE_DIR/eval_bundle" \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def get_base_dir() -> Path:
 def free_space(path: str | Path) -> str:
     """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for the
     messages of writes that failed: a full disk should say so, and how full."""
-    import shutil
-
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent

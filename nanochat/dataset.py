@@ -138,9 +138,10 @@ def _parquet_units(files: list[Path], split: str) -> list[Unit]:
         listing = "; ".join(bad)
         if os.environ.get("NANOCHAT_BAD_SHARDS", "error") != "skip":
             raise ValueError(
-                f"not a readable parquet file (truncated, or not parquet): {listing}. Download it again "
-                f"(python -m nanochat.dataset -n N replaces damaged shards; run_aquarat_small.sh: --from data), "
-                f"or set NANOCHAT_BAD_SHARDS=skip to train without it")
+                f"not a readable parquet file (truncated, or not parquet): {listing}. A downloaded "
+                f"FineWeb-Edu shard: download it again (python -m nanochat.dataset -n N replaces damaged "
+                f"shards; run_aquarat_small.sh: --from data); your own file: fix or remove it. Or set "
+                f"NANOCHAT_BAD_SHARDS=skip to train without it")
         warnings.warn(f"NANOCHAT_BAD_SHARDS=skip: leaving out {listing}", stacklevel=2)
     if len(opened) >= 2:
         chosen, doc_split = (opened[:-1] if split == "train" else opened[-1:]), None

@@ -9,6 +9,7 @@ so a partial pipeline still gets an honest partial report.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import platform
@@ -38,30 +39,33 @@ PLOTS = [
 SPARSE = 25  # series with at most this many points are drawn as markers: they were measured only there
 
 
-def _save_figure(fig, out: Path) -> None:
-    """A PNG written to a temporary name and renamed: a full disk leaves the old plot, not half a new one."""
-    import matplotlib.pyplot as plt
-
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        tmp.replace(out)
-    except OSError as exc:  # name the file: a failed write() does not
-        raise OSError(exc.errno, exc.strerror, str(out)) from exc
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yields a temporary name beside `path`, renamed onto it when the block succeeds: a full disk
+    leaves the old file, never half a new one. The error names `path` (a failed write() does not)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         tmp.replace(path)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_figure(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with _atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def report_dir(base_dir: Path, run: str) -> Path:

@@ -133,7 +133,8 @@ def muon_momentum(step: int, warmup_steps: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def resolve_num_iterations(args, budget_params: int, flops_per_token: float, total_batch_size: int) -> tuple[int, str]:
+def resolve_num_iterations(args, budget_params: int, flops_per_token: float,
+                           total_batch_size: int) -> tuple[int, str]:
     if args.num_iterations > 0:
         return args.num_iterations, "--num-iterations"
     if args.target_flops > 0:
@@ -257,7 +258,8 @@ def main(argv=None) -> None:
         refuse_changed_flags(ckpt_dir, start_step, resumed_meta.get("args", {}), args)
 
     total_batch_size = args.total_batch_size
-    num_iterations, budget_rule = resolve_num_iterations(args, budget_params, flops_per_token, total_batch_size)
+    num_iterations, budget_rule = resolve_num_iterations(args, budget_params, flops_per_token,
+                                                         total_batch_size)
     if resumed_meta is not None and resumed_meta.get("num_iterations") != num_iterations:
         raise SystemExit(f"the checkpoint's run has num_iterations={resumed_meta.get('num_iterations')}, these flags "
                          f"give {num_iterations}: the lr schedule would change mid-run. Keep the budget flags, "
@@ -273,7 +275,8 @@ def main(argv=None) -> None:
     print0(f"batch: {total_batch_size:,} tokens/step = {world_size} proc x {grad_accum} micro x "
            f"{device_batch} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
            f"{num_iterations * total_batch_size:,} tokens, "
-           f"{num_iterations * total_batch_size / budget_params:.1f} tokens/param (value embeddings not counted)")
+           f"{num_iterations * total_batch_size / budget_params:.1f} tokens/param "
+           f"(value embeddings not counted)")
 
     # ---- data: this rank's slots (see the module docstring)
     try:
@@ -370,7 +373,8 @@ def main(argv=None) -> None:
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
             meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": STAGE,
                     "tag": tag, "num_iterations": num_iterations, "grad_accum": grad_accum,
-                    "total_batch_size": total_batch_size, "device_batch_size": device_batch, "stats": stats, "args": vars(args)}
+                    "total_batch_size": total_batch_size, "device_batch_size": device_batch, "stats": stats,
+                    "args": vars(args)}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last,
                  {"loaders": [loader.state_dict() for loader in loaders]})
 
@@ -393,8 +397,8 @@ def main(argv=None) -> None:
             f"- model: depth {config.n_layer}, n_embd {config.n_embd}, {config.n_head} heads, "
             f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
             f"- data: source `{args.source}`; {num_iterations} steps x {total_batch_size:,} tokens = "
-            f"{num_iterations * total_batch_size:,} tokens ({num_iterations * total_batch_size / budget_params:.2f} "
-            f"tokens/param, budget from {budget_rule}); {loaders[0].passes:.2f} passes over the training "
+            f"{num_iterations * total_batch_size:,} tokens "
+            f"({num_iterations * total_batch_size / budget_params:.2f} tokens/param, budget from {budget_rule}); {loaders[0].passes:.2f} passes over the training "
             f"documents" + (" (they repeated: more shards would have given fresh text)"
                             if loaders[0].epoch >= 1 else ""),
             f"- layout: {world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows on "

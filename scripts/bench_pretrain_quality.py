@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     device = autodetect_device()
     if args.tokenizer == "train":
         from nanochat.dataset import text_iterator
-        texts = text_iterator("train", source=args.source, data_dir=args.data_dir, max_chars=args.tokenizer_chars)
+        texts = text_iterator("train", source=args.source, data_dir=args.data_dir,
+                              max_chars=args.tokenizer_chars)
         tokenizer = Tokenizer.train_from_iterator(texts, args.vocab_size, pattern=split_pattern(3))
     else:
         tokenizer = get_tokenizer()
@@ -154,8 +155,8 @@ def main(argv=None) -> None:
     baseline = variants[0][0]
     last = args.steps
     print(f"\nvalidation cross-entropy (nats/token) at step {last}; paired difference to {baseline} per seed")
-    print(f"{'variant':>10} | {'params':>10} | {'GFLOP/step':>10} | " + " | ".join(f"seed {s:>4}" for s in args.seeds)
-          + " | " + " | ".join(f"diff {s:>4}" for s in args.seeds) + " | mean diff | ms/step | time ratio")
+    print(f"{'variant':>10} | {'params':>10} | {'GFLOP/step':>10} | "
+          + " | ".join(f"seed {s:>4}" for s in args.seeds) + " | " + " | ".join(f"diff {s:>4}" for s in args.seeds) + " | mean diff | ms/step | time ratio")
     base_time = sum(results[(baseline, s)]["s_per_step"] for s in args.seeds)
     for name in configs:
         rs = [results[(name, s)] for s in args.seeds]

@@ -273,7 +273,8 @@ def main(argv=None, stage: str = "sft") -> dict:
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
             meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": stage,
-                    "tag": tag, "num_iterations": num_iterations, "per_step": per_step, "source_stage": source_stage, "source_tag": src_meta.get("tag"),
+                    "tag": tag, "num_iterations": num_iterations, "per_step": per_step,
+                    "source_stage": source_stage, "source_tag": src_meta.get("tag"),
                     "source_step": src_meta.get("step"), "train_loss": last_loss, "val_loss": val_loss,
                     "args": vars(args)}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last, {"loader": loader.state_dict()})

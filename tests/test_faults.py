@@ -10,10 +10,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +25,13 @@ from tasks.aqua import extract_letter
 from tasks.synthetic_aqua import SyntheticAqua
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_env(base: Path) -> dict:
+    """The environment of a stage run as a subprocess: its own base dir, no W&B, one thread."""
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
 TASK = SyntheticAqua("test", num_examples=5)
 CONV = TASK[0]
 LETTERS = {None, "A", "B", "C", "D", "E"}
@@ -90,8 +95,7 @@ def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir
     from tasks.synthetic_aqua import synthetic_texts
 
     Tokenizer.train_from_iterator(synthetic_texts(200, seed=7), 512).save(base_dir / "tokenizer")
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = stage_env(base_dir)
     # lr 1e20: the gradient norm is NaN at step 2 and the loss at step 3 (measured)
     args = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64",
             "--device-batch-size", "2", "--total-batch-size", "128", "--source", "synthetic",
@@ -100,7 +104,7 @@ def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir
     ckpt = base_dir / "checkpoints" / "base"
     for log_every, tag in (("1", "logged"), ("4", "quiet")):  # quiet: only the save guard sees it
         res = subprocess.run([sys.executable, "-m", "scripts.base_train", *args, "--tag", tag,
-                              "--log-every", log_every], cwd=repo, env=env, capture_output=True, text=True,
+                              "--log-every", log_every], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
         if tag == "logged":
@@ -191,7 +195,7 @@ TINY_BASE = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-
 
 
 def _base_train(base: Path, timeout=300):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = stage_env(base)
     return subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY_BASE], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -378,16 +382,13 @@ def test_sigkill_of_mid_and_sft_resumes_to_the_uninterrupted_weights(stage, modu
     killed = tmp_path / "killed"
     shutil.copytree(base_dir, killed)
 
-    def env(base):
-        return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
     ckpt = killed / "checkpoints" / stage / "kill"
-    sigkill_after_checkpoints(cmd, env(killed), ckpt, 3)
+    sigkill_after_checkpoints(cmd, stage_env(killed), ckpt, 3)
     killed_at = find_last_step(ckpt)
     assert killed_at is not None and 3 <= killed_at < 10
-    again = subprocess.run(cmd, cwd=REPO, env=env(killed), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=REPO, env=stage_env(killed), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and f"from step {killed_at}" in again.stdout, again.stderr[-2000:]
-    whole = subprocess.run(cmd, cwd=REPO, env=env(base_dir), capture_output=True, text=True, timeout=300)
+    whole = subprocess.run(cmd, cwd=REPO, env=stage_env(base_dir), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     ours, _, _ = load_checkpoint(ckpt, step=10)
     theirs, _, _ = load_checkpoint(base_dir / "checkpoints" / stage / "kill", step=10)
@@ -451,7 +452,7 @@ def test_damaged_shards_are_named_then_skipped_only_when_asked(base_dir):
     truncated, garbage = shards / "shard_00001.parquet", shards / "shard_00002.parquet"
     truncated.write_bytes(truncated.read_bytes()[:-100])
     garbage.write_bytes(b"<html>503 Service Unavailable</html>" * 50)  # what a bad proxy hands over
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = stage_env(base_dir)
     cmd = [sys.executable, "-m", "scripts.base_train", *TINY_BASE, "--source", "fineweb", "--num-iterations", "2"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
@@ -480,7 +481,7 @@ def test_a_damaged_tokenizer_is_named_with_its_twin_file(base_dir):
     raw = bytearray(ranks.read_bytes())
     raw[100] ^= 0x01  # one flipped bit: same size, other merges
     ranks.write_bytes(bytes(raw))
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env = stage_env(base_dir)
     for cmd in (["scripts.chat_sft", "--source-stage", "base", "--aqua-source", "synthetic"],  # via load_model
                 ["scripts.base_train", *TINY_BASE], ["scripts.tok_eval"]):
         res = subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, env=env, capture_output=True, text=True,
