@@ -3,8 +3,8 @@
 Layout: <base>/checkpoints/<stage>/<tag>/step_<06d>/
     model.pt            rank 0: the model state_dict
     optim_rank<r>.pt    rank r: list of optimizer state_dicts (sharded optimizers differ per rank)
-    meta.json           rank 0, written LAST: the caller's meta + "step", "files" (name -> size, optional
-                        sha256), "world_size" and "rank_state" (one JSON-able entry per rank, e.g. the
+    meta.json           rank 0, written LAST: the caller's meta + "step", "files" (name -> size),
+                        "world_size" and "rank_state" (one JSON-able entry per rank, e.g. the
                         data-loader state and RNG state of that rank)
 
 Every file goes to a temporary name, is fsynced and then os.replace()d into place, so a crash leaves either
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import json
 import os
 import random
@@ -34,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import autodetect_device, free_space, get_base_dir
+from nanochat.files import atomic_path, fsync_dir, write_text_atomic
 
-STAGES = ("base", "mid", "sft", "rl")
 META_NAME = "meta.json"
 MODEL_NAME = "model.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -58,65 +57,19 @@ def optim_name(rank: int) -> str:
 # atomic file writing
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename itself lives in the directory entry; fsync the directory so it survives a power cut.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_torch_save(obj, path: Path, checksum: bool) -> dict:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as exc:
-                # torch's zip writer reports a short write as "unexpected pos ...", not as the OSError
-                # underneath: with the filesystem all but full, that was ENOSPC
-                written = tmp.stat().st_size
-                if shutil.disk_usage(tmp.parent).free < max(written, 16 << 20):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        info = {"size": tmp.stat().st_size}
-        if checksum:
-            info["sha256"] = _sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return info
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+def _atomic_torch_save(obj, path: Path) -> dict:
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            # torch's zip writer reports a short write as "unexpected pos ...", not as the OSError
+            # underneath: with the filesystem all but full, that was ENOSPC
+            written = tmp.stat().st_size if tmp.exists() else 0
+            if shutil.disk_usage(tmp.parent).free < max(written, 16 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+            raise
+        size = tmp.stat().st_size
+    return {"size": size}
 
 
 class CheckpointWriteError(OSError):
@@ -165,8 +118,8 @@ def clean_state_dict(state: dict) -> dict:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, optimizer_states: list | None,
-                    meta: dict, rank: int = 0, keep_last: int | None = 2, rank_state: dict | None = None,
-                    checksum: bool = False) -> Path:
+                    meta: dict, rank: int = 0, keep_last: int | None = 2,
+                    rank_state: dict | None = None) -> Path:
     """Write <ckpt_dir>/step_<step>/ atomically and return that directory.
 
     Call it on EVERY rank when torch.distributed is initialised (it synchronises them): rank 0 writes
@@ -174,7 +127,6 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
     meta must be JSON-serialisable; "step" is filled in. rank_state (JSON-able, per rank: data-loader
     state, RNG state, ...) is gathered into meta["rank_state"][r]. keep_last: keep this many newest
     complete checkpoints (None or 0 keeps all; the newest complete one is never removed).
-    checksum=True also records sha256 of every file (verified on load; costs a read of each file).
     """
     ckpt_dir = Path(ckpt_dir)
     out_dir = step_dir(ckpt_dir, step)
@@ -203,14 +155,14 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
     try:
         if optimizer_states is not None:
             writing = out_dir / optim_name(rank)
-            files[optim_name(rank)] = _atomic_torch_save(list(optimizer_states), writing, checksum)
+            files[optim_name(rank)] = _atomic_torch_save(list(optimizer_states), writing)
         if rank == 0 and model_state is not None:
             writing = out_dir / MODEL_NAME
-            files[MODEL_NAME] = _atomic_torch_save(clean_state_dict(model_state), writing, checksum)
+            files[MODEL_NAME] = _atomic_torch_save(clean_state_dict(model_state), writing)
     except OSError as exc:  # a full disk: say so, and leave no half-written step behind
         shutil.rmtree(out_dir, ignore_errors=True)
         raise _write_failed(exc, writing, ckpt_dir, step) from None
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
     gathered = [(files, rank_state)]
     if distributed:
@@ -227,7 +179,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
             meta["rank_state"] = [rs for _, rs in gathered]
         meta["saved_at"] = time.time()
         try:
-            _atomic_write_text(json.dumps(meta, indent=1), out_dir / META_NAME)  # LAST: marks it complete
+            write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=1))  # LAST: marks it complete
         except OSError as exc:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise _write_failed(exc, out_dir / META_NAME, ckpt_dir, step) from None
@@ -299,11 +251,6 @@ def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
     return True, ""
 
 
-def list_complete_steps(ckpt_dir: str | Path) -> list[int]:
-    """All steps that pass verification, oldest first (no warnings)."""
-    return [s for s, p in _list_step_dirs(ckpt_dir) if _verify(p)[0]]
-
-
 def find_last_step(ckpt_dir: str | Path) -> int | None:
     """Newest complete and readable step in ckpt_dir, or None. Newer broken ones are skipped with a warning."""
     for step, path in reversed(_list_step_dirs(ckpt_dir)):
@@ -320,14 +267,8 @@ def find_last_step(ckpt_dir: str | Path) -> int | None:
 
 def _load_step(path: Path, device, load_optimizer: bool, rank: int):
     meta = _read_meta(path)
-    files = meta.get("files", {})
-
     def load(name):
-        f = path / name
-        expected = files.get(name, {}).get("sha256")
-        if expected and _sha256(f) != expected:
-            raise RuntimeError(f"{f}: sha256 mismatch (file corrupted on disk)")
-        return torch.load(f, map_location=device, weights_only=True)
+        return torch.load(path / name, map_location=device, weights_only=True)
 
     model_state = load(MODEL_NAME) if (path / MODEL_NAME).exists() else None
     optim_states = None

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nanochat.common import get_base_dir
+from nanochat.files import file_sha256
 
 DEFAULT_REPO = "karpathy/fineweb-edu-100b-shuffle"
 DEFAULT_BASE_URL = "https://huggingface.co"
@@ -334,16 +335,6 @@ def read_sha256_manifest(path: str | Path) -> dict[str, str]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _expected_total(resp, offset: int) -> int | None:
     """Full file size from Content-Range ('bytes a-b/total') or Content-Length (+ resume offset)."""
     content_range = resp.headers.get("Content-Range", "")
@@ -372,7 +363,7 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
     if final.exists():
         try:
             verify_parquet(final)
-            if sha256 is None or _file_sha256(final) == sha256:
+            if sha256 is None or file_sha256(final) == sha256:
                 return "present"
         except Exception:
             pass
@@ -438,7 +429,7 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
             last_error = f"downloaded file is not a valid parquet file ({_short(e)})"
             tmp.unlink()  # corrupt: resuming it cannot help
             continue
-        if sha256 is not None and _file_sha256(tmp) != sha256:
+        if sha256 is not None and file_sha256(tmp) != sha256:
             last_error = "sha256 mismatch"
             tmp.unlink()
             continue

@@ -9,13 +9,13 @@ so a partial pipeline still gets an honest partial report.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import platform
 import subprocess
 from pathlib import Path
 
+from nanochat.files import atomic_path, write_text_atomic
 from nanochat.tracking import read_jsonl
 
 # Sections in pipeline order; anything else found in the report dir is appended alphabetically.
@@ -39,33 +39,14 @@ PLOTS = [
 SPARSE = 25  # series with at most this many points are drawn as markers: they were measured only there
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yields a temporary name beside `path`, renamed onto it when the block succeeds: a full disk
-    leaves the old file, never half a new one. The error names `path` (a failed write() does not)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        tmp.replace(path)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_figure(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        with _atomic_path(out) as tmp:
+        with atomic_path(out) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def report_dir(base_dir: Path, run: str) -> Path:
@@ -77,7 +58,7 @@ def report_dir(base_dir: Path, run: str) -> Path:
 def write_section(base_dir: Path, run: str, name: str, markdown: str) -> Path:
     """Write one stage's section of run `run` atomically (a crashed stage never leaves half a section)."""
     path = report_dir(base_dir, run) / f"{name}.md"
-    _write_text_atomic(path, markdown.rstrip() + "\n")
+    write_text_atomic(path, markdown.rstrip() + "\n")
     return path
 
 
@@ -354,5 +335,5 @@ def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path
         parts += ["_No stage has written results yet._", ""]
 
     out = rdir / "report.md"
-    _write_text_atomic(out, "\n".join(parts).rstrip() + "\n")
+    write_text_atomic(out, "\n".join(parts).rstrip() + "\n")
     return out

@@ -30,6 +30,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from nanochat.files import atomic_path, write_bytes_atomic, write_text_atomic
+
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document; the model's "start of text"
     "<|user_start|>", "<|user_end|>",
@@ -60,15 +62,6 @@ CONFIG_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 FORMAT_NAME = "nanochat-aquarat-tokenizer"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(data: bytes) -> str:
@@ -183,15 +176,14 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         raw = self._ranks_file_bytes()
-        _atomic_write_bytes(directory / RANKS_FILE, raw)
-        tb_tmp = directory / f".{TOKEN_BYTES_FILE}.tmp-{os.getpid()}"
-        torch.save(self.token_bytes(), tb_tmp)
-        os.replace(tb_tmp, directory / TOKEN_BYTES_FILE)
+        write_bytes_atomic(directory / RANKS_FILE, raw)
+        with atomic_path(directory / TOKEN_BYTES_FILE) as tmp:
+            torch.save(self.token_bytes(), tmp)
         config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "vocab_size": self.get_vocab_size(),
                   "num_merges": len(self.mergeable_ranks) - 256, "pattern": self.pattern,
                   "special_tokens": self.special_tokens, "ranks_file": RANKS_FILE, "ranks_sha256": _sha256(raw),
                   "meta": self.meta}
-        _atomic_write_bytes(directory / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return directory
 
     # ------------------------------------------------------------------ vocabulary

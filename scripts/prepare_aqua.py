@@ -13,20 +13,17 @@ instead of the Hub, so later stages run offline.
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from nanochat.files import write_text_atomic
 from tasks.aqua import ORIGINAL_FILES, SPLITS, BadRow, default_data_dir, load_rows
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write to a temp file then rename: a killed run never leaves a half-written split behind."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({"question": r["question"], "options": r["options"], "rationale": r["rationale"],
-                                "correct": r["correct"]}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """One validated row per line; written whole or not at all (a killed run leaves the old split)."""
+    keys = ("question", "options", "rationale", "correct")
+    lines = [json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in rows]
+    write_text_atomic(path, "".join(lines))
 
 
 def main(argv=None):
@@ -73,9 +70,7 @@ def main(argv=None):
         write_jsonl_atomic(out_dir / f"{split}.jsonl", rows)
         manifest[split] = {"rows": len(rows), "source": source, "max": caps[split]}
         print(f"{split}: {len(rows)} rows from {source} -> {out_dir / f'{split}.jsonl'}")
-    tmp = manifest_path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":

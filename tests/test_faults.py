@@ -282,7 +282,7 @@ def test_an_injected_write_failure_at_the_checkpoint_writer_keeps_the_previous_o
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    for target in ("_atomic_torch_save", "_atomic_write_text"):  # the payload, then meta.json
+    for target in ("_atomic_torch_save", "write_text_atomic"):  # the payload, then meta.json
         with monkeypatch.context() as m:
             m.setattr(ck, target, disk_full)
             with pytest.raises(ck.CheckpointWriteError, match=r"could not write checkpoint step 2: .*No space "
