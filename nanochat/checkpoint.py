@@ -79,17 +79,23 @@ class CheckpointWriteError(OSError):
 
 
 def _write_failed(exc: OSError, path: Path, ckpt_dir: Path, step: int) -> CheckpointWriteError:
-    previous = [(s, p) for s, p in _list_step_dirs(ckpt_dir) if s != step and _verify(p, deep=False)[0]]
+    previous = [
+        (s, p) for s, p in _list_step_dirs(ckpt_dir) if s != step and _verify(p, deep=False)[0]
+    ]
     need = ""
     if previous:
         size = sum(f.stat().st_size for f in previous[-1][1].iterdir() if f.is_file())
         need = f"; a checkpoint here takes about {size / 1e6:.1f} MB"
-    kept = (f"The newest complete checkpoint, step {previous[-1][0]}, is intact: a resume loads it."
-            if previous else "No earlier checkpoint exists: a resume starts over.")
+    kept = (
+        f"The newest complete checkpoint, step {previous[-1][0]}, is intact: a resume loads it."
+        if previous
+        else "No earlier checkpoint exists: a resume starts over."
+    )
     error = CheckpointWriteError(
         f"could not write checkpoint step {step}: {path}: {exc.strerror or exc} ({free_space(path)} on "
         f"that filesystem{need}). {kept} Free some space (or keep fewer checkpoints: --keep-last 1), then "
-        f"run the same command.")
+        f"run the same command."
+    )
     error.errno = exc.errno
     return error
 
@@ -111,15 +117,22 @@ def clean_state_dict(state: dict) -> dict:
             stripped = False
             for prefix in ("_orig_mod.", "module."):
                 if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
+                    key, stripped = key[len(prefix) :], True
         key = key.replace("._orig_mod.", ".")
         out[key] = value
     return out
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, optimizer_states: list | None,
-                    meta: dict, rank: int = 0, keep_last: int | None = 2,
-                    rank_state: dict | None = None) -> Path:
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    model_state: dict | None,
+    optimizer_states: list | None,
+    meta: dict,
+    rank: int = 0,
+    keep_last: int | None = 2,
+    rank_state: dict | None = None,
+) -> Path:
     """Write <ckpt_dir>/step_<step>/ atomically and return that directory.
 
     Call it on EVERY rank when torch.distributed is initialised (it synchronises them): rank 0 writes
@@ -136,7 +149,9 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
         json.dumps(meta)
         json.dumps(rank_state)
     except TypeError as e:
-        raise TypeError(f"checkpoint meta/rank_state must be JSON-serialisable (step {step}): {e}") from e
+        raise TypeError(
+            f"checkpoint meta/rank_state must be JSON-serialisable (step {step}): {e}"
+        ) from e
 
     distributed = _dist_on()
     world_size = dist.get_world_size() if distributed else 1
@@ -179,7 +194,9 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
             meta["rank_state"] = [rs for _, rs in gathered]
         meta["saved_at"] = time.time()
         try:
-            write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=1))  # LAST: marks it complete
+            write_text_atomic(
+                out_dir / META_NAME, json.dumps(meta, indent=1)
+            )  # LAST: marks it complete
         except OSError as exc:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise _write_failed(exc, out_dir / META_NAME, ckpt_dir, step) from None
@@ -267,6 +284,7 @@ def find_last_step(ckpt_dir: str | Path) -> int | None:
 
 def _load_step(path: Path, device, load_optimizer: bool, rank: int):
     meta = _read_meta(path)
+
     def load(name):
         return torch.load(path / name, map_location=device, weights_only=True)
 
@@ -277,13 +295,19 @@ def _load_step(path: Path, device, load_optimizer: bool, rank: int):
         if not (path / name).exists():
             raise FileNotFoundError(
                 f"{path / name} is missing: this checkpoint was saved with world_size={meta.get('world_size')}; "
-                f"resume with the same number of processes or pass load_optimizer=False")
+                f"resume with the same number of processes or pass load_optimizer=False"
+            )
         optim_states = load(name)
     return model_state, optim_states, meta
 
 
-def load_checkpoint(ckpt_dir: str | Path, step: int | None = None, device="cpu", load_optimizer: bool = False,
-                    rank: int = 0):
+def load_checkpoint(
+    ckpt_dir: str | Path,
+    step: int | None = None,
+    device="cpu",
+    load_optimizer: bool = False,
+    rank: int = 0,
+):
     """-> (model_state, optim_states | None, meta). step=None: newest complete step; if it fails to load,
     warn and fall back to the previous one. meta["rank_state"][rank] holds what that rank saved."""
     ckpt_dir = Path(ckpt_dir)
@@ -304,8 +328,10 @@ def load_checkpoint(ckpt_dir: str | Path, step: int | None = None, device="cpu",
         except FileNotFoundError:
             raise  # a missing optimizer shard is a setup problem, not corruption: say so
         except Exception as e:  # corrupt payload behind a correct size: try the previous step
-            warnings.warn(f"checkpoint {path} failed to load ({type(e).__name__}: {e}); trying an older one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} failed to load ({type(e).__name__}: {e}); trying an older one",
+                stacklevel=2,
+            )
     raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (looked for step_*/meta.json)")
 
 
@@ -318,12 +344,16 @@ def _latest_tag(stage_dir: Path) -> str:
                 if meta_file.exists() and meta_file.stat().st_mtime > best_time:
                     best, best_time = tag_dir.name, meta_file.stat().st_mtime
     if best is None:
-        raise FileNotFoundError(f"no checkpoints under {stage_dir}: train that stage first "
-                                f"(e.g. python -m scripts.base_train) or pass the right --tag")
+        raise FileNotFoundError(
+            f"no checkpoints under {stage_dir}: train that stage first "
+            f"(e.g. python -m scripts.base_train) or pass the right --tag"
+        )
     return best
 
 
-def load_model(stage: str, tag: str | None = None, step: int | None = None, device=None, phase: str = "eval"):
+def load_model(
+    stage: str, tag: str | None = None, step: int | None = None, device=None, phase: str = "eval"
+):
     """-> (model: GPT, tokenizer, meta) from <base>/checkpoints/<stage>/<tag>. tag None: the tag whose newest
     checkpoint was written most recently. phase "eval" or "train" sets the module mode.
 
@@ -332,7 +362,10 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
     program with a one-line message (SystemExit): entry points call this, not library code."""
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
-    from nanochat.gpt import GPT, GPTConfig  # lazy: checkpoint utilities must not need the model to import
+    from nanochat.gpt import (
+        GPT,
+        GPTConfig,
+    )  # lazy: checkpoint utilities must not need the model to import
     from nanochat.tokenizer import get_tokenizer
 
     device = torch.device(device) if device is not None else autodetect_device()
@@ -343,14 +376,21 @@ def load_model(stage: str, tag: str | None = None, step: int | None = None, devi
     except FileNotFoundError as exc:
         raise SystemExit(f"{exc}") from None
     if model_state is None:
-        raise FileNotFoundError(f"{stage_dir / tag}: checkpoint step {meta.get('step')} has no model.pt")
+        raise FileNotFoundError(
+            f"{stage_dir / tag}: checkpoint step {meta.get('step')} has no model.pt"
+        )
     if "model_config" not in meta:
-        raise KeyError(f"{stage_dir / tag}: meta.json of step {meta.get('step')} has no 'model_config'")
+        raise KeyError(
+            f"{stage_dir / tag}: meta.json of step {meta.get('step')} has no 'model_config'"
+        )
     config = GPTConfig(**meta["model_config"])
     where = f"{stage_dir / tag} step {meta.get('step')}"
     try:
         tokenizer = get_tokenizer(checkpoint_tokenizer_dir(meta))
-    except (FileNotFoundError, ValueError) as exc:  # missing, or damaged (the message names the files)
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as exc:  # missing, or damaged (the message names the files)
         raise SystemExit(f"{where} needs its tokenizer: {exc}") from None
     check_tokenizer(meta, tokenizer, config.vocab_size, where)
     with torch.device("meta"):  # no throwaway random init of a big model on the CPU
@@ -386,11 +426,14 @@ def check_tokenizer(meta: dict, tokenizer, model_vocab: int, where: str) -> None
             f"{where} was trained with another tokenizer ({record['vocab_size']} tokens, ranks sha256 "
             f"{record['ranks_sha256'][:12]}) than {directory} ({have['vocab_size']} tokens, "
             f"{have['ranks_sha256'][:12]}): it was retrained since. Point NANOCHAT_TOKENIZER_DIR at the "
-            f"run's own tokenizer, or retrain from the base stage (run_aquarat_small.sh --from tokenizer).")
+            f"run's own tokenizer, or retrain from the base stage (run_aquarat_small.sh --from tokenizer)."
+        )
     if tokenizer.get_vocab_size() > model_vocab:
-        raise SystemExit(f"{where}: the tokenizer at {directory} has {tokenizer.get_vocab_size()} tokens but "
-                         f"the model only {model_vocab}: not the tokenizer it was trained with (retrain from "
-                         f"the base stage, or point NANOCHAT_TOKENIZER_DIR at the right one)")
+        raise SystemExit(
+            f"{where}: the tokenizer at {directory} has {tokenizer.get_vocab_size()} tokens but "
+            f"the model only {model_vocab}: not the tokenizer it was trained with (retrain from "
+            f"the base stage, or point NANOCHAT_TOKENIZER_DIR at the right one)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,11 +454,15 @@ def save_rng_state() -> dict:
     would create a CUDA context on all of them from every rank."""
     version, py_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(py_state), gauss],
-             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-             "torch": _b64(torch.get_rng_state())}
+    state = {
+        "python": [version, list(py_state), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = _b64(torch.cuda.get_rng_state())  # the current device, set by init_distributed
+        state["cuda"] = _b64(
+            torch.cuda.get_rng_state()
+        )  # the current device, set by init_distributed
     return state
 
 
@@ -427,7 +474,13 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
         saved = state["cuda"]
-        if isinstance(saved, list):  # checkpoints before the local-device format held every device's
-            saved = saved[torch.cuda.current_device()] if torch.cuda.current_device() < len(saved) else None
+        if isinstance(
+            saved, list
+        ):  # checkpoints before the local-device format held every device's
+            saved = (
+                saved[torch.cuda.current_device()]
+                if torch.cuda.current_device() < len(saved)
+                else None
+            )
         if saved is not None:
             torch.cuda.set_rng_state(_unb64(saved))  # the current device

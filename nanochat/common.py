@@ -46,8 +46,14 @@ def autodetect_device() -> torch.device:
     return torch.device("cpu")
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def autodetect_dtype(device: torch.device) -> torch.dtype:
@@ -127,8 +133,17 @@ def synchronize(device: torch.device) -> None:
 
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report MFU as None rather than a guess.
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
-               "RTX 4090": 165e12, "RTX 3090": 71e12, "GH200": 989e12, "B200": 2250e12}
+_PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "A10": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+}
 
 
 def peak_flops(device: torch.device) -> float | None:

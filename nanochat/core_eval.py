@@ -46,6 +46,7 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 # ----------------------------------------------------------------------------- bundle on disk
 
+
 def download_bundle(dest: Path, url: str = BUNDLE_URL, timeout: float = 60.0) -> Path:
     """Download and unpack the eval bundle into `dest` (atomically: a half-download never lands there)."""
     import requests
@@ -67,15 +68,20 @@ def download_bundle(dest: Path, url: str = BUNDLE_URL, timeout: float = 60.0) ->
             raise RuntimeError(
                 f"could not download the CORE eval bundle from {url} ({type(exc).__name__}: {exc}). "
                 f"If this machine is offline, fetch eval_bundle.zip elsewhere, unzip it and pass "
-                f"--bundle-dir /path/to/eval_bundle (or place it at {dest})") from None
+                f"--bundle-dir /path/to/eval_bundle (or place it at {dest})"
+            ) from None
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(work / "x")
         except zipfile.BadZipFile as exc:
-            raise RuntimeError(f"{url} did not return a valid zip ({exc}); retry, or pass --bundle-dir") from None
+            raise RuntimeError(
+                f"{url} did not return a valid zip ({exc}); retry, or pass --bundle-dir"
+            ) from None
         found = [p.parent for p in (work / "x").rglob("core.yaml")]
         if not found:
-            raise RuntimeError(f"the archive from {url} has no core.yaml; is it the DCLM eval bundle?")
+            raise RuntimeError(
+                f"the archive from {url} has no core.yaml; is it the DCLM eval bundle?"
+            )
         if dest.exists():  # e.g. an older incomplete copy without core.yaml
             shutil.rmtree(dest)
         os.replace(found[0], dest)
@@ -92,8 +98,10 @@ def load_bundle(bundle_dir: Path) -> tuple[list[dict], dict[str, float]]:
     config_path, meta_path = bundle_dir / "core.yaml", bundle_dir / "eval_meta_data.csv"
     for path in (config_path, meta_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: {bundle_dir} is not an eval bundle "
-                                    f"(expected core.yaml, eval_meta_data.csv and eval_data/)")
+            raise FileNotFoundError(
+                f"{path} is missing: {bundle_dir} is not an eval bundle "
+                f"(expected core.yaml, eval_meta_data.csv and eval_data/)"
+            )
     with open(config_path, encoding="utf-8") as fh:
         config = yaml.safe_load(fh) or {}
     raw_tasks = config.get("icl_tasks")
@@ -105,16 +113,20 @@ def load_bundle(bundle_dir: Path) -> tuple[list[dict], dict[str, float]]:
             if key not in task:
                 raise ValueError(f"{config_path}: icl_tasks[{i}] has no '{key}'")
         if task["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"{config_path}: task {task['label']!r} has icl_task_type "
-                             f"{task['icl_task_type']!r}, expected one of {TASK_TYPES}")
+            raise ValueError(
+                f"{config_path}: task {task['label']!r} has icl_task_type "
+                f"{task['icl_task_type']!r}, expected one of {TASK_TYPES}"
+            )
         shots = task.get("num_fewshot", [0])
-        tasks.append({
-            "label": task["label"],
-            "task_type": task["icl_task_type"],
-            "dataset_uri": task["dataset_uri"],
-            "num_fewshot": int(shots[0] if isinstance(shots, list) else shots),
-            "continuation_delimiter": task.get("continuation_delimiter", " "),
-        })
+        tasks.append(
+            {
+                "label": task["label"],
+                "task_type": task["icl_task_type"],
+                "dataset_uri": task["dataset_uri"],
+                "num_fewshot": int(shots[0] if isinstance(shots, list) else shots),
+                "continuation_delimiter": task.get("continuation_delimiter", " "),
+            }
+        )
     baselines = {}
     with open(meta_path, encoding="utf-8", newline="") as fh:
         for row_no, row in enumerate(csv.DictReader(fh), start=2):
@@ -123,8 +135,10 @@ def load_bundle(bundle_dir: Path) -> tuple[list[dict], dict[str, float]]:
             try:
                 baselines[row["Eval Task"]] = float(row["Random baseline"])
             except ValueError:
-                raise ValueError(f"{meta_path} row {row_no}: 'Random baseline' "
-                                 f"{row['Random baseline']!r} is not a number") from None
+                raise ValueError(
+                    f"{meta_path} row {row_no}: 'Random baseline' "
+                    f"{row['Random baseline']!r} is not a number"
+                ) from None
     missing = [t["label"] for t in tasks if t["label"] not in baselines]
     if missing:
         raise ValueError(f"{meta_path}: no random baseline for tasks {missing}")
@@ -135,8 +149,11 @@ def load_task_data(bundle_dir: Path, task: dict) -> list[dict]:
     path = Path(bundle_dir) / "eval_data" / task["dataset_uri"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (task {task['label']!r} in core.yaml)")
-    need = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
-            "language_modeling": ("context", "continuation")}[task["task_type"]]
+    need = {
+        "multiple_choice": ("query", "choices", "gold"),
+        "schema": ("context_options", "continuation", "gold"),
+        "language_modeling": ("context", "continuation"),
+    }[task["task_type"]]
     data = []
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
@@ -148,12 +165,15 @@ def load_task_data(bundle_dir: Path, task: dict) -> list[dict]:
                 raise ValueError(f"{path} line {line_no}: not valid JSON ({exc})") from None
             absent = [k for k in need if k not in item]
             if absent:
-                raise ValueError(f"{path} line {line_no}: missing {absent} for a {task['task_type']} task")
+                raise ValueError(
+                    f"{path} line {line_no}: missing {absent} for a {task['task_type']} task"
+                )
             data.append(item)
     return data
 
 
 # ----------------------------------------------------------------------------- prompts
+
 
 def render_prompts_mc(item: dict, delim: str, shots: list[dict]) -> list[str]:
     prefix = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}\n\n" for ex in shots)
@@ -161,7 +181,9 @@ def render_prompts_mc(item: dict, delim: str, shots: list[dict]) -> list[str]:
 
 
 def render_prompts_schema(item: dict, delim: str, shots: list[dict]) -> list[str]:
-    prefix = "".join(f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n" for ex in shots)
+    prefix = "".join(
+        f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n" for ex in shots
+    )
     return [f"{prefix}{ctx}{delim}{item['continuation']}" for ctx in item["context_options"]]
 
 
@@ -185,7 +207,9 @@ def _common_suffix_len(seqs: list[list[int]]) -> int:
     return _common_prefix_len([s[::-1] for s in seqs])
 
 
-def build_sequences(tokenizer, task_type: str, prompts: list[str]) -> tuple[list[list[int]], list[int], list[int]]:
+def build_sequences(
+    tokenizer, task_type: str, prompts: list[str]
+) -> tuple[list[list[int]], list[int], list[int]]:
     """Token rows and, per row, the [start, end) span of the tokens being scored."""
     bos = tokenizer.get_bos_token_id()
     rows = tokenizer.encode(prompts, prepend=bos)
@@ -197,18 +221,24 @@ def build_sequences(tokenizer, task_type: str, prompts: list[str]) -> tuple[list
         suffix = min(_common_suffix_len(rows), min(len(r) for r in rows) - 1)
         return rows, [len(r) - suffix for r in rows], [len(r) for r in rows]
     without, with_cont = rows
-    start = _common_prefix_len([without, with_cont])  # == len(without) unless BPE merged across the seam
+    start = _common_prefix_len(
+        [without, with_cont]
+    )  # == len(without) unless BPE merged across the seam
     return [with_cont], [start], [len(with_cont)]
 
 
 # ----------------------------------------------------------------------------- scoring
 
+
 @torch.no_grad()
 def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], device) -> bool:
     """True iff the model gets this example right (see module docstring)."""
     task_type, delim = task["task_type"], task["continuation_delimiter"]
-    render = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
-              "language_modeling": render_prompts_lm}[task_type]
+    render = {
+        "multiple_choice": render_prompts_mc,
+        "schema": render_prompts_schema,
+        "language_modeling": render_prompts_lm,
+    }[task_type]
     rows, starts, ends = build_sequences(tokenizer, task_type, render(item, delim, shots))
     max_len = model.config.sequence_len
     for i, row in enumerate(rows):
@@ -223,15 +253,15 @@ def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], d
     pad = tokenizer.get_bos_token_id()
     ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     logits = model(ids)  # (B, T, V) float32
     # position t predicts token t + 1: the scored tokens [s, e) are predicted at positions [s-1, e-1)
     if task_type == "language_modeling":
         s, e = starts[0], ends[0]
-        return bool(torch.equal(logits[0, s - 1:e - 1].argmax(-1), ids[0, s:e]))
+        return bool(torch.equal(logits[0, s - 1 : e - 1].argmax(-1), ids[0, s:e]))
     mean_losses = []
     for i, (s, e) in enumerate(zip(starts, ends)):
-        mean_losses.append(F.cross_entropy(logits[i, s - 1:e - 1], ids[i, s:e]).item())
+        mean_losses.append(F.cross_entropy(logits[i, s - 1 : e - 1], ids[i, s:e]).item())
     pred = min(range(len(mean_losses)), key=lambda j: mean_losses[j])
     return pred == int(item["gold"])
 
@@ -263,14 +293,23 @@ def centered(accuracy: float, baseline_percent: float) -> float:
     return (accuracy - b) / (1.0 - b)
 
 
-def evaluate_core(model, tokenizer, bundle_dir: Path, device, max_per_task: int = -1,
-                  only: list[str] | None = None, log=print) -> dict:
+def evaluate_core(
+    model,
+    tokenizer,
+    bundle_dir: Path,
+    device,
+    max_per_task: int = -1,
+    only: list[str] | None = None,
+    log=print,
+) -> dict:
     """Run every task in the bundle. Returns {"results": {label: acc}, "centered": {label: c}, "core": mean c}."""
     tasks, baselines = load_bundle(bundle_dir)
     if only:
         unknown = sorted(set(only) - {t["label"] for t in tasks})
         if unknown:
-            raise ValueError(f"unknown task labels {unknown}; the bundle has {[t['label'] for t in tasks]}")
+            raise ValueError(
+                f"unknown task labels {unknown}; the bundle has {[t['label'] for t in tasks]}"
+            )
         tasks = [t for t in tasks if t["label"] in only]
     was_training = model.training
     model.eval()
@@ -285,8 +324,10 @@ def evaluate_core(model, tokenizer, bundle_dir: Path, device, max_per_task: int 
             acc = evaluate_task(model, tokenizer, data, task, device)
             results[task["label"]] = acc
             centred[task["label"]] = centered(acc, baselines[task["label"]])
-            log(f"{task['label']:<36} n={len(data):<5} acc={acc:.4f} centered={centred[task['label']]:+.4f} "
-                f"({time.time() - t0:.1f}s)")
+            log(
+                f"{task['label']:<36} n={len(data):<5} acc={acc:.4f} centered={centred[task['label']]:+.4f} "
+                f"({time.time() - t0:.1f}s)"
+            )
     finally:
         model.train(was_training)
     core = sum(centred.values()) / len(centred) if centred else float("nan")

@@ -34,12 +34,26 @@ STATE_VERSION = 1
 
 
 class DataLoader:
-    def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str, rank: int = 0, world_size: int = 1,
-                 source: str = "auto", data_dir=None, device="cpu", state: dict | None = None,
-                 buffer_size: int = 32, tokenizer_batch_size: int = 128):
+    def __init__(
+        self,
+        tokenizer,
+        batch_size: int,
+        seq_len: int,
+        split: str,
+        rank: int = 0,
+        world_size: int = 1,
+        source: str = "auto",
+        data_dir=None,
+        device="cpu",
+        state: dict | None = None,
+        buffer_size: int = 32,
+        tokenizer_batch_size: int = 128,
+    ):
         if batch_size < 1 or seq_len < 1 or buffer_size < 1:
-            raise ValueError(f"batch_size ({batch_size}), seq_len ({seq_len}) and buffer_size ({buffer_size}) "
-                             f"must be >= 1")
+            raise ValueError(
+                f"batch_size ({batch_size}), seq_len ({seq_len}) and buffer_size ({buffer_size}) "
+                f"must be >= 1"
+            )
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.batch_size, self.seq_len, self.split = batch_size, seq_len, split
@@ -51,7 +65,9 @@ class DataLoader:
         self.fingerprint = self._fingerprint(all_units)
 
         self.epoch, self.unit, self.doc, self.batches = 0, 0, 0, 0
-        self.buffer: list[tuple[tuple[int, int], list[int]]] = []  # ((unit, doc), tokens), oldest first
+        self.buffer: list[
+            tuple[tuple[int, int], list[int]]
+        ] = []  # ((unit, doc), tokens), oldest first
         self._docs: list[str] | None = None  # documents of self.unit, loaded lazily
         self._tok_start, self._toks = 0, []  # tokenised slice of self._docs starting at _tok_start
         if state is not None:
@@ -66,25 +82,52 @@ class DataLoader:
     def _fingerprint(self, units) -> str:
         # Enough to notice a changed corpus (more shards downloaded, different dir) on resume.
         first, last = units[0], units[-1]
+
         def name(u):
             return f"{u.kind}:{os.path.basename(u.path) if u.path else ''}:{u.index}"
+
         return f"{self.source}|{len(units)}|{name(first)}|{name(last)}"
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "split": self.split, "source": self.source, "rank": self.rank,
-                "world_size": self.world_size, "seq_len": self.seq_len, "buffer_size": self.buffer_size,
-                "fingerprint": self.fingerprint, "epoch": self.epoch, "unit": self.unit, "doc": self.doc,
-                "buffer": [list(ref) for ref, _ in self.buffer], "batches": self.batches}
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "source": self.source,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "buffer_size": self.buffer_size,
+            "fingerprint": self.fingerprint,
+            "epoch": self.epoch,
+            "unit": self.unit,
+            "doc": self.doc,
+            "buffer": [list(ref) for ref, _ in self.buffer],
+            "batches": self.batches,
+        }
 
     def _restore(self, state: dict) -> None:
-        expect = {"version": STATE_VERSION, "split": self.split, "source": self.source, "rank": self.rank,
-                  "world_size": self.world_size, "buffer_size": self.buffer_size, "fingerprint": self.fingerprint}
+        expect = {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "source": self.source,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "buffer_size": self.buffer_size,
+            "fingerprint": self.fingerprint,
+        }
         for key, value in expect.items():
             if state.get(key) != value:
-                raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r} but now "
-                                 f"{value!r}. Resume with the same data, split and number of processes "
-                                 f"(or start the data from scratch).")
-        self.epoch, self.unit, self.doc, self.batches = state["epoch"], state["unit"], state["doc"], state["batches"]
+                raise ValueError(
+                    f"cannot resume the data loader: saved {key}={state.get(key)!r} but now "
+                    f"{value!r}. Resume with the same data, split and number of processes "
+                    f"(or start the data from scratch)."
+                )
+        self.epoch, self.unit, self.doc, self.batches = (
+            state["epoch"],
+            state["unit"],
+            state["doc"],
+            state["batches"],
+        )
         # Re-read the buffered documents: group by unit so each unit is loaded once.
         refs = [tuple(r) for r in state["buffer"]]
         tokens = {}
@@ -109,14 +152,18 @@ class DataLoader:
                 i = self.doc - self._tok_start
                 if not 0 <= i < len(self._toks):  # tokenise the next slice in one batched call
                     self._tok_start = self.doc
-                    self._toks = self._encode(self._docs[self.doc:self.doc + self.tokenizer_batch_size])
+                    self._toks = self._encode(
+                        self._docs[self.doc : self.doc + self.tokenizer_batch_size]
+                    )
                     i = 0
                 ref = (self.unit, self.doc)
                 self.doc += 1
                 return ref, self._toks[i]
             empty_units = empty_units + 1 if not self._docs else 0
             if empty_units > len(self.units):
-                raise RuntimeError(f"data loader rank {self.rank}: the {self.split!r} split has no documents")
+                raise RuntimeError(
+                    f"data loader rank {self.rank}: the {self.split!r} split has no documents"
+                )
             self.unit, self.doc, self._docs = self.unit + 1, 0, None
             if self.unit == len(self.units):
                 self.unit, self.epoch = 0, self.epoch + 1

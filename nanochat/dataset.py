@@ -43,7 +43,10 @@ TEXT_SUFFIXES = (".txt", ".md")
 SYN_DOCS_PER_UNIT = 100
 SYN_TRAIN_UNITS = int(os.environ.get("NANOCHAT_SYNTHETIC_TRAIN_UNITS", "200"))  # 20k docs
 SYN_VAL_UNITS = int(os.environ.get("NANOCHAT_SYNTHETIC_VAL_UNITS", "10"))  # 1k docs
-SYN_TRAIN_SEED, SYN_VAL_SEED = 1, 1_000_001  # unit u uses seed base + u: train and val seeds are disjoint
+SYN_TRAIN_SEED, SYN_VAL_SEED = (
+    1,
+    1_000_001,
+)  # unit u uses seed base + u: train and val seeds are disjoint
 SOURCES = ("auto", "fineweb", "dir", "synthetic")
 
 
@@ -61,7 +64,11 @@ def dataset_repo() -> str:
 
 def dataset_base_url() -> str:
     # HF_ENDPOINT is Hugging Face's own variable for mirrors; ours wins when both are set.
-    url = os.environ.get("NANOCHAT_DATASET_BASE_URL") or os.environ.get("HF_ENDPOINT") or DEFAULT_BASE_URL
+    url = (
+        os.environ.get("NANOCHAT_DATASET_BASE_URL")
+        or os.environ.get("HF_ENDPOINT")
+        or DEFAULT_BASE_URL
+    )
     return url.rstrip("/")
 
 
@@ -95,7 +102,9 @@ class Unit:
     path: str | None  # file (parquet/text); None for synthetic
     index: int  # parquet row group | text block | synthetic seed
     doc_split: str | None = None  # single-file corpora: keep only this split's documents
-    part: int = 0  # sub-sharding when there are fewer units than ranks: keep docs j with j % nparts == part
+    part: int = (
+        0  # sub-sharding when there are fewer units than ranks: keep docs j with j % nparts == part
+    )
     nparts: int = 1
 
 
@@ -114,8 +123,11 @@ def resolve_source(source: str, data_dir: str | Path | None = None) -> str:
         return "fineweb"
     if not _synthetic_note_shown:
         _synthetic_note_shown = True
-        print(f"note: no pretraining shards in {default_data_dir()} and no --data-dir given; using the offline "
-              f"synthetic corpus (download FineWeb-Edu with: python -m nanochat.dataset -n 8)", flush=True)
+        print(
+            f"note: no pretraining shards in {default_data_dir()} and no --data-dir given; using the offline "
+            f"synthetic corpus (download FineWeb-Edu with: python -m nanochat.dataset -n 8)",
+            flush=True,
+        )
     return "synthetic"
 
 
@@ -142,7 +154,8 @@ def _parquet_units(files: list[Path], split: str) -> list[Unit]:
                 f"not a readable parquet file (truncated, or not parquet): {listing}. A downloaded "
                 f"FineWeb-Edu shard: download it again (python -m nanochat.dataset -n N replaces damaged "
                 f"shards; run_aquarat_small.sh: --from data); your own file: fix or remove it. Or set "
-                f"NANOCHAT_BAD_SHARDS=skip to train without it")
+                f"NANOCHAT_BAD_SHARDS=skip to train without it"
+            )
         warnings.warn(f"NANOCHAT_BAD_SHARDS=skip: leaving out {listing}", stacklevel=2)
     if len(opened) >= 2:
         chosen, doc_split = (opened[:-1] if split == "train" else opened[-1:]), None
@@ -151,11 +164,15 @@ def _parquet_units(files: list[Path], split: str) -> list[Unit]:
     units = []
     for f, pf in chosen:
         if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"{f}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
+            raise ValueError(
+                f"{f}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})"
+            )
         units += [Unit("parquet", str(f), rg, doc_split) for rg in range(pf.num_row_groups)]
     if not units:
-        raise ValueError(f"no readable parquet shards with documents among {len(files)} file(s) in "
-                         f"{files[0].parent if files else '?'}")
+        raise ValueError(
+            f"no readable parquet shards with documents among {len(files)} file(s) in "
+            f"{files[0].parent if files else '?'}"
+        )
     return units
 
 
@@ -178,17 +195,24 @@ def _text_units(files: list[Path], split: str) -> list[Unit]:
     units = []
     for f in chosen:
         n = len(_read_text_docs(str(f)))
-        units += [Unit("text", str(f), k, doc_split) for k in range((n + TEXT_UNIT_DOCS - 1) // TEXT_UNIT_DOCS)]
+        units += [
+            Unit("text", str(f), k, doc_split)
+            for k in range((n + TEXT_UNIT_DOCS - 1) // TEXT_UNIT_DOCS)
+        ]
     return units
 
 
-def list_units(split: str, source: str = "auto", data_dir: str | Path | None = None) -> tuple[str, list[Unit]]:
+def list_units(
+    split: str, source: str = "auto", data_dir: str | Path | None = None
+) -> tuple[str, list[Unit]]:
     """-> (resolved source, units of that split). Raises a clear error when the split would be empty."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     source = resolve_source(source, data_dir)
     if source == "synthetic":
-        base, n = (SYN_TRAIN_SEED, SYN_TRAIN_UNITS) if split == "train" else (SYN_VAL_SEED, SYN_VAL_UNITS)
+        base, n = (
+            (SYN_TRAIN_SEED, SYN_TRAIN_UNITS) if split == "train" else (SYN_VAL_SEED, SYN_VAL_UNITS)
+        )
         return source, [Unit("synthetic", None, base + u) for u in range(n)]
     if source == "fineweb":
         d = default_data_dir() if data_dir is None else Path(data_dir)
@@ -196,7 +220,8 @@ def list_units(split: str, source: str = "auto", data_dir: str | Path | None = N
         if len(files) < 2:
             raise FileNotFoundError(
                 f"found {len(files)} parquet shard(s) in {d}; need at least 2 (the last one is the val split). "
-                f"Download with: python -m nanochat.dataset -n 8   (or use --data-dir / source 'synthetic')")
+                f"Download with: python -m nanochat.dataset -n 8   (or use --data-dir / source 'synthetic')"
+            )
         return source, _parquet_units(files, split)
     # source == "dir"
     if data_dir is None:
@@ -212,8 +237,10 @@ def list_units(split: str, source: str = "auto", data_dir: str | Path | None = N
             raise FileNotFoundError(f"--data-dir {d} has no .parquet, .txt or .md files")
         units = _text_units(texts, split)
     if not any(len(load_unit(u)) for u in units):  # stops at the first unit with documents
-        raise ValueError(f"--data-dir {d}: the {split!r} split has no documents (the last file, or every "
-                         f"{VAL_EVERY}th document of a single file, is val); add more data")
+        raise ValueError(
+            f"--data-dir {d}: the {split!r} split has no documents (the last file, or every "
+            f"{VAL_EVERY}th document of a single file, is val); add more data"
+        )
     return source, units
 
 
@@ -225,7 +252,9 @@ def _load_synthetic(seed: int) -> list[str]:
     try:
         from tasks.synthetic_aqua import synthetic_texts
     except ImportError as e:
-        raise ImportError(f"the synthetic corpus needs tasks/synthetic_aqua.py (synthetic_texts): {e}") from e
+        raise ImportError(
+            f"the synthetic corpus needs tasks/synthetic_aqua.py (synthetic_texts): {e}"
+        ) from e
     return list(synthetic_texts(SYN_DOCS_PER_UNIT, seed))
 
 
@@ -236,22 +265,26 @@ def load_unit(unit: Unit) -> list[str]:
 
         pf = pq.ParquetFile(unit.path)
         docs = pf.read_row_group(unit.index, columns=["text"]).column("text").to_pylist()
-        first = sum(pf.metadata.row_group(i).num_rows for i in range(unit.index))  # row index in the file
+        first = sum(
+            pf.metadata.row_group(i).num_rows for i in range(unit.index)
+        )  # row index in the file
         total = pf.metadata.num_rows
     elif unit.kind == "text":
         all_docs = _read_text_docs(unit.path)
         first, total = unit.index * TEXT_UNIT_DOCS, len(all_docs)
-        docs = list(all_docs[first:first + TEXT_UNIT_DOCS])
+        docs = list(all_docs[first : first + TEXT_UNIT_DOCS])
     elif unit.kind == "synthetic":
         docs, first, total = _load_synthetic(unit.index), 0, 0
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
-    docs = [d if isinstance(d, str) else "" for d in docs]  # null rows become empty docs (still one slot)
+    docs = [
+        d if isinstance(d, str) else "" for d in docs
+    ]  # null rows become empty docs (still one slot)
     if unit.doc_split is not None:
         want_val = unit.doc_split == "val"
         docs = [d for j, d in enumerate(docs) if _is_val_doc(first + j, total) == want_val]
     if unit.nparts > 1:
-        docs = docs[unit.part::unit.nparts]
+        docs = docs[unit.part :: unit.nparts]
     return docs
 
 
@@ -269,8 +302,9 @@ def shard_units(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
 # iterating
 
 
-def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir: str | Path | None = None
-                          ) -> Iterator[list[str]]:
+def parquets_iter_batched(
+    split: str, start: int = 0, step: int = 1, data_dir: str | Path | None = None
+) -> Iterator[list[str]]:
     """One pass over the parquet row groups of a split, yielding each row group's texts. data_dir None ->
     the downloaded shards. start/step pick every step-th row group (e.g. start=rank, step=world_size)."""
     source = "fineweb" if data_dir is None else "dir"
@@ -281,8 +315,13 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir: s
         yield load_unit(unit)
 
 
-def text_iterator(split: str = "train", source: str = "auto", data_dir: str | Path | None = None,
-                  max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:
+def text_iterator(
+    split: str = "train",
+    source: str = "auto",
+    data_dir: str | Path | None = None,
+    max_chars: int | None = None,
+    doc_cap: int | None = None,
+) -> Iterator[str]:
     """One pass over the documents of a split. doc_cap crops each document to that many characters;
     max_chars stops after that many characters in total (the last document is cropped to fit)."""
     _, units = list_units(split, source, data_dir)
@@ -292,7 +331,7 @@ def text_iterator(split: str = "train", source: str = "auto", data_dir: str | Pa
             if doc_cap is not None:
                 doc = doc[:doc_cap]
             if max_chars is not None:
-                doc = doc[:max_chars - total]
+                doc = doc[: max_chars - total]
                 if not doc:
                     return
             total += len(doc)
@@ -319,7 +358,9 @@ def verify_parquet(path: str | Path) -> int:
 
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
+        raise ValueError(
+            f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})"
+        )
     return pf.metadata.num_rows
 
 
@@ -345,8 +386,17 @@ def _expected_total(resp, offset: int) -> int | None:
     return None
 
 
-def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, backoff: float = 1.0,
-                   timeout: float = 30.0, sha256: str | None = None, on_bytes=None, abort=None) -> str:
+def download_shard(
+    name: str,
+    out_dir: str | Path,
+    url: str,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+    sha256: str | None = None,
+    on_bytes=None,
+    abort=None,
+) -> str:
     """Download one file to out_dir/name. -> "present" (already complete) | "downloaded".
 
     Resume: bytes already in out_dir/name.tmp are kept and the rest requested with an HTTP Range header
@@ -367,7 +417,9 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
                 return "present"
         except Exception:
             pass
-        print(f"{final} is corrupt or incomplete: downloading it again", file=sys.stderr, flush=True)
+        print(
+            f"{final} is corrupt or incomplete: downloading it again", file=sys.stderr, flush=True
+        )
         final.unlink()
     headers = {}
     if os.environ.get("HF_TOKEN"):  # private/gated repos; never printed
@@ -385,15 +437,21 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
             connected = False
             with requests.get(url, headers=req_headers, stream=True, timeout=timeout) as resp:
                 connected = ever_connected = True
-                if resp.status_code == 416:  # our partial file is not a prefix of theirs (or is complete)
+                if (
+                    resp.status_code == 416
+                ):  # our partial file is not a prefix of theirs (or is complete)
                     tmp.unlink(missing_ok=True)
                     last_error = "HTTP 416 on resume; restarting from byte 0"
                     continue
                 if resp.status_code == 404:
-                    raise DownloadError(f"{url}: HTTP 404 (no such file: check --repo and the shard count)")
+                    raise DownloadError(
+                        f"{url}: HTTP 404 (no such file: check --repo and the shard count)"
+                    )
                 if resp.status_code in (401, 403):
-                    raise DownloadError(f"{url}: HTTP {resp.status_code} (access denied: a gated/private repo "
-                                        f"needs HF_TOKEN in the environment)")
+                    raise DownloadError(
+                        f"{url}: HTTP {resp.status_code} (access denied: a gated/private repo "
+                        f"needs HF_TOKEN in the environment)"
+                    )
                 if resp.status_code == 429 or resp.status_code >= 500:
                     last_error = f"HTTP {resp.status_code}"
                     continue
@@ -443,7 +501,9 @@ def download_shard(name: str, out_dir: str | Path, url: str, retries: int = 5, b
 def _root_cause(e: Exception) -> str:
     # requests wraps urllib3 wraps socket errors; the useful part is e.g. "[Errno 111] Connection refused"
     text = str(e)
-    m = re.search(r"\[Errno [^\]]+\] [^'\")(]+", text) or re.search(r"(Name|Temporary failure)[^'\")(]+", text)
+    m = re.search(r"\[Errno [^\]]+\] [^'\")(]+", text) or re.search(
+        r"(Name|Temporary failure)[^'\")(]+", text
+    )
     return m.group(0).strip() if m else _short(e)
 
 
@@ -452,9 +512,18 @@ def _short(e: Exception, n: int = 160) -> str:
     return s if len(s) <= n else s[:n] + "..."
 
 
-def download_shards(indices: list[int], out_dir: str | Path, repo: str, base_url: str, workers: int = 4,
-                    retries: int = 5, backoff: float = 1.0, timeout: float = 30.0,
-                    manifest: dict[str, str] | None = None, progress: bool = True) -> dict[str, str]:
+def download_shards(
+    indices: list[int],
+    out_dir: str | Path,
+    repo: str,
+    base_url: str,
+    workers: int = 4,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+    manifest: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
     """Download shard_<i>.parquet for every i (in parallel). -> {name: "present"|"downloaded"}."""
     import threading
 
@@ -464,7 +533,9 @@ def download_shards(indices: list[int], out_dir: str | Path, repo: str, base_url
     abort = threading.Event()
     results: dict[str, str] = {}
     errors: list[DownloadError] = []
-    bar = tqdm(total=len(names), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(names), unit="shard", desc="shards", disable=not progress, dynamic_ncols=True
+    )
     received = [0]
     lock = threading.Lock()
 
@@ -474,8 +545,17 @@ def download_shards(indices: list[int], out_dir: str | Path, repo: str, base_url
             bar.set_postfix_str(f"{received[0] / 1e6:.1f} MB", refresh=False)
 
     def one(name):
-        return download_shard(name, out_dir, shard_url(name, repo, base_url), retries, backoff, timeout,
-                              (manifest or {}).get(name), on_bytes, abort)
+        return download_shard(
+            name,
+            out_dir,
+            shard_url(name, repo, base_url),
+            retries,
+            backoff,
+            timeout,
+            (manifest or {}).get(name),
+            on_bytes,
+            abort,
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(one, name): name for name in names}
@@ -492,28 +572,53 @@ def download_shards(indices: list[int], out_dir: str | Path, repo: str, base_url
     bar.close()
     if errors:
         unreachable = [e for e in errors if isinstance(e, HubUnreachable)]
-        raise unreachable[0] if unreachable else DownloadError("; ".join(str(e) for e in errors[:5]))
+        raise (
+            unreachable[0] if unreachable else DownloadError("; ".join(str(e) for e in errors[:5]))
+        )
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Download pretraining shards (parquet) from a Hugging Face dataset repo into "
-                    "<base>/base_data/. Convention: of the shards present, the LAST one (by name) is the "
-                    "validation split and all others are training data, so download at least 2.")
-    parser.add_argument("-n", "--num-shards", type=int, default=-1,
-                        help=f"download shards 0..N-1 (-1: all {MAX_SHARD + 1}); shard N-1 becomes val")
-    parser.add_argument("--repo", default=dataset_repo(),
-                        help=f"HF dataset repo id (env NANOCHAT_DATASET_REPO; default {DEFAULT_REPO})")
-    parser.add_argument("--base-url", default=dataset_base_url(),
-                        help="hub URL (env NANOCHAT_DATASET_BASE_URL; default https://huggingface.co)")
-    parser.add_argument("--out-dir", default=None, help="where to put the shards (default <base>/base_data)")
+        "<base>/base_data/. Convention: of the shards present, the LAST one (by name) is the "
+        "validation split and all others are training data, so download at least 2."
+    )
+    parser.add_argument(
+        "-n",
+        "--num-shards",
+        type=int,
+        default=-1,
+        help=f"download shards 0..N-1 (-1: all {MAX_SHARD + 1}); shard N-1 becomes val",
+    )
+    parser.add_argument(
+        "--repo",
+        default=dataset_repo(),
+        help=f"HF dataset repo id (env NANOCHAT_DATASET_REPO; default {DEFAULT_REPO})",
+    )
+    parser.add_argument(
+        "--base-url",
+        default=dataset_base_url(),
+        help="hub URL (env NANOCHAT_DATASET_BASE_URL; default https://huggingface.co)",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help="where to put the shards (default <base>/base_data)"
+    )
     parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--retries", type=int, default=5, help="retries per shard after the first attempt")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in s (doubles each time)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="connect/read timeout in seconds")
-    parser.add_argument("--sha256-manifest", default=None,
-                        help="optional sha256sum-format file ('<hex>  shard_00000.parquet' lines) to verify")
+    parser.add_argument(
+        "--retries", type=int, default=5, help="retries per shard after the first attempt"
+    )
+    parser.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry delay in s (doubles each time)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="connect/read timeout in seconds"
+    )
+    parser.add_argument(
+        "--sha256-manifest",
+        default=None,
+        help="optional sha256sum-format file ('<hex>  shard_00000.parquet' lines) to verify",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -521,30 +626,56 @@ def main(argv=None) -> int:
     if n < 1:
         parser.error(f"--num-shards must be >= 1 or -1 (all), got {args.num_shards}")
     if n > MAX_SHARD + 1:
-        print(f"note: the dataset has {MAX_SHARD + 1} shards; downloading all of them", file=sys.stderr)
+        print(
+            f"note: the dataset has {MAX_SHARD + 1} shards; downloading all of them",
+            file=sys.stderr,
+        )
         n = MAX_SHARD + 1
     out_dir = Path(args.out_dir) if args.out_dir else default_data_dir()
     manifest = read_sha256_manifest(args.sha256_manifest) if args.sha256_manifest else None
-    print(f"downloading {n} shard(s) of {args.repo} from {args.base_url} into {out_dir} "
-          f"({args.workers} workers)", flush=True)
+    print(
+        f"downloading {n} shard(s) of {args.repo} from {args.base_url} into {out_dir} "
+        f"({args.workers} workers)",
+        flush=True,
+    )
     t0 = time.time()
     try:
-        results = download_shards(list(range(n)), out_dir, args.repo, args.base_url, args.workers, args.retries,
-                                  args.backoff, args.timeout, manifest, progress=not args.no_progress)
+        results = download_shards(
+            list(range(n)),
+            out_dir,
+            args.repo,
+            args.base_url,
+            args.workers,
+            args.retries,
+            args.backoff,
+            args.timeout,
+            manifest,
+            progress=not args.no_progress,
+        )
     except HubUnreachable as e:
-        print(f"error: {e}.\nCheck the network, or point --base-url (or HF_ENDPOINT) at a mirror. Meanwhile, "
-              f"train on local files with --data-dir PATH (parquet with a 'text' column, or .txt/.md) or on "
-              f"the offline synthetic corpus (--source synthetic).", file=sys.stderr)
+        print(
+            f"error: {e}.\nCheck the network, or point --base-url (or HF_ENDPOINT) at a mirror. Meanwhile, "
+            f"train on local files with --data-dir PATH (parquet with a 'text' column, or .txt/.md) or on "
+            f"the offline synthetic corpus (--source synthetic).",
+            file=sys.stderr,
+        )
         return 2
     except DownloadError as e:
-        print(f"error: {e}\nRe-run the same command to resume (complete shards are kept).", file=sys.stderr)
+        print(
+            f"error: {e}\nRe-run the same command to resume (complete shards are kept).",
+            file=sys.stderr,
+        )
         return 1
     fresh = sum(1 for r in results.values() if r == "downloaded")
-    print(f"done in {time.time() - t0:.1f}s: {fresh} downloaded, {len(results) - fresh} already present")
+    print(
+        f"done in {time.time() - t0:.1f}s: {fresh} downloaded, {len(results) - fresh} already present"
+    )
     files = list_parquet_files(out_dir)
     if len(files) >= 2:
-        print(f"splits: train = {files[0].name} .. {files[-2].name} ({len(files) - 1} files), "
-              f"val = {files[-1].name} (the last file present)")
+        print(
+            f"splits: train = {files[0].name} .. {files[-2].name} ({len(files) - 1} files), "
+            f"val = {files[-1].name} (the last file present)"
+        )
     else:
         print("note: only one shard present; training needs >= 2 (the last one is the val split)")
     return 0

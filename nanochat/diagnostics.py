@@ -158,7 +158,9 @@ def save_heatmaps(
         # square-root colour scale: most weight sits on a few keys, the rest would all look black
         scale = matplotlib.colors.PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
         image = ax.imshow(probs.float().mean(0).numpy(), cmap="viridis", norm=scale, aspect="auto")
-        ax.set_title(f"layer {layer} attention, mean over heads, sqrt scale (step {step})", fontsize=9)
+        ax.set_title(
+            f"layer {layer} attention, mean over heads, sqrt scale (step {step})", fontsize=9
+        )
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
         if len(labels) <= 48:  # token labels stay readable on short probes only

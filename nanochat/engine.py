@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass
 class GenerationResult:
-    sequences: list[list[int]]          # generated ids per row (incl. the stop token when stopped)
-    masks: list[list[int]]              # 1 = sampled by the model
-    logprobs: list[list[float]]         # log p(token) at temperature 1, before top-k/top-p
-    finished: list[bool] = field(default_factory=list)  # True: stopped on a stop token; False: hit max_tokens
+    sequences: list[list[int]]  # generated ids per row (incl. the stop token when stopped)
+    masks: list[list[int]]  # 1 = sampled by the model
+    logprobs: list[list[float]]  # log p(token) at temperature 1, before top-k/top-p
+    finished: list[bool] = field(
+        default_factory=list
+    )  # True: stopped on a stop token; False: hit max_tokens
     prompt_len: int = 0
     watched: list[list[list[float]]] | None = None  # per row, per token: logits of watch_ids
 
@@ -55,7 +56,9 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) * 1_000_003 + int(row) * 7_919 + 12_345) % (2**63 - 1)
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
     """Scale by temperature and mask (to -inf) tokens outside top-k and the top-p nucleus. logits: (N, V)."""
     logits = logits / temperature
     vocab = logits.size(-1)
@@ -72,11 +75,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
     return logits
 
 
-def sample_next(logits: torch.Tensor, gens: list, temperature: float, top_k: int | None,
-                top_p: float | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, gens: list, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
     """Next ids (N,) from float logits (N, V), one generator per row. Each row draws its uniform
     vector even when greedy, so a row's random stream does not depend on the decoding mode."""
-    noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=logits.device) for g in gens])
+    noise = torch.stack(
+        [torch.rand(logits.size(-1), generator=g, device=logits.device) for g in gens]
+    )
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
     scaled = filter_logits(logits, temperature, top_k, top_p)
@@ -100,7 +106,10 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.stop_tokens = {
+            tokenizer.encode_special("<|assistant_end|>"),
+            tokenizer.get_bos_token_id(),
+        }
 
     def without_stop(self, seq: list[int]) -> list[int]:
         """A generated row's ids minus the stop token it ended on (the text the model wrote)."""
@@ -128,11 +137,15 @@ class Engine:
         limit = getattr(self.model, "rotary_seq_len", self.model.config.sequence_len)
         longest = max(len(tokens) for tokens in prompts)
         if longest + max_tokens > limit:
-            raise ValueError(f"generate: prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
-                             f"model's position limit {limit}; shorten the prompt or lower max_tokens")
+            raise ValueError(
+                f"generate: prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's position limit {limit}; shorten the prompt or lower max_tokens"
+            )
 
     @torch.inference_mode()
-    def _decode(self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids=None):
+    def _decode(
+        self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids=None
+    ):
         """Yield (rows, next_ids, logprobs, watched) once per decoding step: the rows (indices into the
         P*N batch, prompt-major) still running, and their sampled ids, log-probs and (with watch_ids)
         logits of the watched ids, as lists. A row stops after a
@@ -148,7 +161,9 @@ class Engine:
         if any(pads):
             cache.pad = torch.tensor(pads, dtype=torch.long, device=device)
         bos = self.tokenizer.get_bos_token_id()
-        ids = torch.tensor([[bos] * pad + tokens for pad, tokens in zip(pads, prompts)], device=device)
+        ids = torch.tensor(
+            [[bos] * pad + tokens for pad, tokens in zip(pads, prompts)], device=device
+        )
         logits = self.model(ids, kv_cache=cache)[:, -1, :]
         if num_samples > 1:
             cache = cache.repeat_batch(num_samples)
@@ -163,8 +178,12 @@ class Engine:
             live = [b for b in range(len(rows)) if not stopped[b]]
             lp_list = logprobs.tolist()
             watched = logits[:, watch_ids].tolist() if watch_ids else None
-            yield ([rows[b] for b in live], [ids_list[b] for b in live], [lp_list[b] for b in live],
-                   [watched[b] for b in live] if watched else None)
+            yield (
+                [rows[b] for b in live],
+                [ids_list[b] for b in live],
+                [lp_list[b] for b in live],
+                [watched[b] for b in live] if watched else None,
+            )
             for b in live:
                 stopped[b] = ids_list[b] in self.stop_tokens
             running = [b for b in range(len(rows)) if not stopped[b]]
@@ -177,10 +196,17 @@ class Engine:
                 stopped = [False] * len(rows)
             logits = self.model(next_ids[:, None], kv_cache=cache)[:, -1, :]
 
-    def generate_multi(self, prompts: list[list[int]], num_samples: int = 1, max_tokens: int = 256,
-                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                       seeds: list[int] | None = None, watch_ids: list[int] | None = None
-                       ) -> list[GenerationResult]:
+    def generate_multi(
+        self,
+        prompts: list[list[int]],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seeds: list[int] | None = None,
+        watch_ids: list[int] | None = None,
+    ) -> list[GenerationResult]:
         """num_samples continuations of each prompt, all decoded in one batch; one result per prompt.
         seeds[p] seeds prompt p's rows (default: 42 for every prompt); watch_ids: see `watched`."""
         seeds = list(seeds) if seeds is not None else [42] * len(prompts)
@@ -195,7 +221,9 @@ class Engine:
         watched = [[] for _ in range(n)] if watch_ids else None
         done = [False] * n
         try:
-            steps = self._decode(prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids)
+            steps = self._decode(
+                prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids
+            )
             for rows, ids_list, lp_list, watch_list in steps:  # only the rows still running
                 for k, (row, tok, lp) in enumerate(zip(rows, ids_list, lp_list)):
                     if watched is not None:
@@ -208,36 +236,67 @@ class Engine:
         results = []
         for p, tokens in enumerate(prompts):
             rows = range(p * num_samples, (p + 1) * num_samples)
-            results.append(GenerationResult(
-                sequences=[seqs[i] for i in rows], masks=[[1] * len(seqs[i]) for i in rows],
-                logprobs=[lps[i] for i in rows], finished=[done[i] for i in rows], prompt_len=len(tokens),
-                watched=[watched[i] for i in rows] if watched is not None else None))
+            results.append(
+                GenerationResult(
+                    sequences=[seqs[i] for i in rows],
+                    masks=[[1] * len(seqs[i]) for i in rows],
+                    logprobs=[lps[i] for i in rows],
+                    finished=[done[i] for i in rows],
+                    prompt_len=len(tokens),
+                    watched=[watched[i] for i in rows] if watched is not None else None,
+                )
+            )
         return results
 
-    def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
-                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                       seed: int = 42) -> GenerationResult:
+    def generate_batch(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 42,
+    ) -> GenerationResult:
         """Sample num_samples continuations of one prompt (see the module docstring for the result)."""
-        return self.generate_multi([tokens], num_samples, max_tokens, temperature, top_k, top_p,
-                                   seeds=[seed])[0]
+        return self.generate_multi(
+            [tokens], num_samples, max_tokens, temperature, top_k, top_p, seeds=[seed]
+        )[0]
 
-    def stream(self, tokens: list[int], max_tokens: int = 256, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 42):
+    def stream(
+        self,
+        tokens: list[int],
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 42,
+    ):
         """Yield the token ids of one sample as they are decoded (for the CLI); stops after a stop token."""
         self._check_args([tokens], 1, max_tokens, temperature, top_k, top_p)
         was_training = self.model.training
         self.model.eval()
         try:
-            for _, ids_list, _, _ in self._decode([tokens], [seed], 1, max_tokens, temperature, top_k, top_p):
+            for _, ids_list, _, _ in self._decode(
+                [tokens], [seed], 1, max_tokens, temperature, top_k, top_p
+            ):
                 yield ids_list[0]
         finally:
             self.model.train(was_training)
 
 
 @torch.inference_mode()
-def generate_nocache(model, tokens: list[int], num_samples: int = 1, max_tokens: int = 256,
-                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                     seed: int = 42, stop_tokens: set[int] | None = None) -> list[list[int]]:
+def generate_nocache(
+    model,
+    tokens: list[int],
+    num_samples: int = 1,
+    max_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 42,
+    stop_tokens: set[int] | None = None,
+) -> list[list[int]]:
     """Reference decoder without a KV cache: the full forward of every row's whole sequence each step.
 
     Same sampling rule and per-row noise as Engine, so with the same seed it produces the same tokens

@@ -83,8 +83,14 @@ def has_value_embed(config: GPTConfig, layer_idx: int) -> bool:
     return k > 0 and (config.n_layer - 1 - layer_idx) % k == 0
 
 
-def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
-                      head_dim: int = 128, value_embed_every: int = 2) -> GPTConfig:
+def config_from_depth(
+    depth: int,
+    vocab_size: int,
+    sequence_len: int = 2048,
+    aspect_ratio: int = 64,
+    head_dim: int = 128,
+    value_embed_every: int = 2,
+) -> GPTConfig:
     """The one dial: see the module docstring for the rules."""
     if depth < 1:
         raise ValueError(f"--depth must be >= 1, got {depth}")
@@ -92,8 +98,15 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, asp
     n_head = max(1, n_embd // head_dim)
     while n_embd % n_head != 0:  # e.g. d7: 448 = 3 x 149.3 -> 2 heads of 224
         n_head -= 1
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
-                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd, value_embed_every=value_embed_every)
+    return GPTConfig(
+        sequence_len=sequence_len,
+        vocab_size=vocab_size,
+        n_layer=depth,
+        n_head=n_head,
+        n_kv_head=n_head,
+        n_embd=n_embd,
+        value_embed_every=value_embed_every,
+    )
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -132,28 +145,46 @@ class KVCache:
     GPT.forward turns `pad` into per-row rotary positions and an attention mask (attention_mask below).
     """
 
-    def __init__(self, batch_size: int, num_kv_heads: int, seq_len: int, head_dim: int, num_layers: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        seq_len: int,
+        head_dim: int,
+        num_layers: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.batch_size, self.num_kv_heads, self.seq_len = batch_size, num_kv_heads, seq_len
         self.head_dim, self.num_layers = head_dim, num_layers
         self.device, self.dtype = torch.device(device), dtype
-        self.kv = torch.zeros(num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, device=device, dtype=dtype)
+        self.kv = torch.zeros(
+            num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, device=device, dtype=dtype
+        )
         self.pos = 0
-        self.pad: torch.Tensor | None = None  # (batch_size,) left-pad slots per row; None = no padding
+        self.pad: torch.Tensor | None = (
+            None  # (batch_size,) left-pad slots per row; None = no padding
+        )
 
     def get_pos(self) -> int:
         return self.pos
 
-    def insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def insert(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         B, H, T, D = k.shape
         if B != self.batch_size or H != self.num_kv_heads or D != self.head_dim:
-            raise ValueError(f"KVCache was built for (B={self.batch_size}, H_kv={self.num_kv_heads}, D={self.head_dim}) "
-                             f"but got keys of shape (B={B}, H_kv={H}, D={D})")
+            raise ValueError(
+                f"KVCache was built for (B={self.batch_size}, H_kv={self.num_kv_heads}, D={self.head_dim}) "
+                f"but got keys of shape (B={B}, H_kv={H}, D={D})"
+            )
         end = self.pos + T
         if end > self.seq_len:
-            raise ValueError(f"KVCache overflow: {end} tokens > seq_len={self.seq_len}; build a longer cache")
-        self.kv[layer_idx, 0, :, :, self.pos:end] = k
-        self.kv[layer_idx, 1, :, :, self.pos:end] = v
+            raise ValueError(
+                f"KVCache overflow: {end} tokens > seq_len={self.seq_len}; build a longer cache"
+            )
+        self.kv[layer_idx, 0, :, :, self.pos : end] = k
+        self.kv[layer_idx, 1, :, :, self.pos : end] = v
         keys, values = self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
         if layer_idx == self.num_layers - 1:
             self.pos = end
@@ -200,7 +231,9 @@ class CausalSelfAttention(nn.Module):
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_embd={config.n_embd} must be divisible by n_head={config.n_head}")
         if config.n_head % config.n_kv_head != 0:
-            raise ValueError(f"n_head={config.n_head} must be divisible by n_kv_head={config.n_kv_head}")
+            raise ValueError(
+                f"n_head={config.n_head} must be divisible by n_kv_head={config.n_kv_head}"
+            )
         self.head_dim = config.n_embd // config.n_head
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
@@ -210,11 +243,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
         # How much of the token's value embedding each kv head takes, from the input itself: 2 sigmoid(.)
         # in (0, 2), exactly 1 at init (zero weights).
-        self.ve_gate = (nn.Linear(min(VE_GATE_CHANNELS, self.n_embd), self.n_kv_head, bias=False)
-                        if has_value_embed(config, layer_idx) else None)
+        self.ve_gate = (
+            nn.Linear(min(VE_GATE_CHANNELS, self.n_embd), self.n_kv_head, bias=False)
+            if has_value_embed(config, layer_idx)
+            else None
+        )
 
-    def forward(self, x, cos_sin, kv_cache: KVCache | None = None, attn_capture: list | None = None,
-                attn_mask: torch.Tensor | None = None, value_embed: torch.Tensor | None = None):
+    def forward(
+        self,
+        x,
+        cos_sin,
+        kv_cache: KVCache | None = None,
+        attn_capture: list | None = None,
+        attn_mask: torch.Tensor | None = None,
+        value_embed: torch.Tensor | None = None,
+    ):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -223,7 +266,9 @@ class CausalSelfAttention(nn.Module):
             # A value that depends on the token id alone, next to the one computed from the residual
             # stream: parameters without matmul FLOPs (a lookup). Added before the cache stores v, so
             # decoding reuses it like any other value.
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, H_kv)
+            gate = 2 * torch.sigmoid(
+                self.ve_gate(x[..., : self.ve_gate.in_features])
+            )  # (B, T, H_kv)
             ve = value_embed.view(B, T, self.n_kv_head, self.head_dim)
             v = v + (gate.unsqueeze(-1) * ve).to(v.dtype)  # the lookup is fp32: keep v in bf16
         cos, sin = cos_sin
@@ -243,12 +288,16 @@ class CausalSelfAttention(nn.Module):
         elif attn_mask is not None:  # left-padded rows (see KVCache)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         elif Tq == Tk:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
+            )
         elif Tq == 1:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.n_kv_head != self.n_head)
         else:
             mask = causal_mask(Tq, Tk, pos, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -258,9 +307,15 @@ class CausalSelfAttention(nn.Module):
         rep = self.n_head // self.n_kv_head
         if rep > 1:  # same head grouping as SDPA's enable_gqa: query head h uses kv head h // rep
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 even inside bf16 autocast
+        with torch.autocast(
+            device_type=q.device.type, enabled=False
+        ):  # fp32 even inside bf16 autocast
             scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(self.head_dim)
-            mask = attn_mask if attn_mask is not None else causal_mask(q.size(2), k.size(2), pos, q.device)
+            mask = (
+                attn_mask
+                if attn_mask is not None
+                else causal_mask(q.size(2), k.size(2), pos, q.device)
+            )
             probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
             y = probs @ v.float()
         attn_capture.append(probs)
@@ -280,7 +335,9 @@ class AttentionEntropy:
         self.keep_probs = keep_probs
 
     def append(self, probs: torch.Tensor) -> None:
-        self.entropy.append(torch.special.entr(probs).sum(-1))  # entr(0) = 0: masked keys add nothing
+        self.entropy.append(
+            torch.special.entr(probs).sum(-1)
+        )  # entr(0) = 0: masked keys add nothing
         if self.keep_probs:
             self.probs.append(probs[0].detach().cpu())
 
@@ -312,7 +369,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None, value_embed=None):
+    def forward(
+        self, x, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None, value_embed=None
+    ):
         x = x + self.attn(norm(x), cos_sin, kv_cache, attn_capture, attn_mask, value_embed)
         x = x + self.mlp(norm(x))
         return x
@@ -322,17 +381,29 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            # _weight=empty skips nn.Embedding's own normal_ init (init_weights does it; on meta it is slow)
-            wte=nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd)),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                # _weight=empty skips nn.Embedding's own normal_ init (init_weights does it; on meta it is slow)
+                wte=nn.Embedding(
+                    config.vocab_size,
+                    config.n_embd,
+                    _weight=torch.empty(config.vocab_size, config.n_embd),
+                ),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # One value-embedding table (vocab x kv width) per layer that has one, keyed by layer index.
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(config.vocab_size, kv_dim, _weight=torch.empty(config.vocab_size, kv_dim))
-            for i in range(config.n_layer) if has_value_embed(config, i)})
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(
+                    config.vocab_size, kv_dim, _weight=torch.empty(config.vocab_size, kv_dim)
+                )
+                for i in range(config.n_layer)
+                if has_value_embed(config, i)
+            }
+        )
         # Rotary tables cover 10x the training context so generation can run past it without a re-alloc.
         self.rotary_seq_len = config.sequence_len * 10
         head_dim = config.n_embd // config.n_head
@@ -341,7 +412,9 @@ class GPT(nn.Module):
         table_shape = (1, self.rotary_seq_len, 1, head_dim // 2)
         self.register_buffer("cos", torch.empty(table_shape), persistent=False)
         self.register_buffer("sin", torch.empty(table_shape), persistent=False)
-        self.compute_dtype: torch.dtype | None = None  # None = common.autodetect_dtype(device) at forward
+        self.compute_dtype: torch.dtype | None = (
+            None  # None = common.autodetect_dtype(device) at forward
+        )
         # Scalar losses through chunked_head_loss: the full logits are never materialised (GPU memory).
         self.chunked_loss = True
         if self.lm_head.weight.device.type != "meta":
@@ -349,7 +422,9 @@ class GPT(nn.Module):
 
     @staticmethod
     def _rotary_tables(seq_len, head_dim, base=10000.0, device=None):
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        )
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
@@ -360,7 +435,7 @@ class GPT(nn.Module):
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3.0) * cfg.n_embd ** -0.5  # uniform with std n_embd^-0.5
+        bound = math.sqrt(3.0) * cfg.n_embd**-0.5  # uniform with std n_embd^-0.5
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -bound, bound)
@@ -368,9 +443,13 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
                 nn.init.zeros_(block.attn.ve_gate.weight)
-        for table in self.value_embeds.values():  # the scale of c_v's output per entry, like a value
+        for (
+            table
+        ) in self.value_embeds.values():  # the scale of c_v's output per entry, like a value
             nn.init.uniform_(table.weight, -bound, bound)
-        cos, sin = self._rotary_tables(self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device)
+        cos, sin = self._rotary_tables(
+            self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device
+        )
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -403,16 +482,31 @@ class GPT(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
-    def new_kv_cache(self, batch_size: int, seq_len: int | None = None, device=None, dtype=None) -> KVCache:
+    def new_kv_cache(
+        self, batch_size: int, seq_len: int | None = None, device=None, dtype=None
+    ) -> KVCache:
         """A KVCache shaped for this model, on its device, in its compute dtype."""
         cfg = self.config
         device = device if device is not None else self.get_device()
         dtype = dtype if dtype is not None else self.get_compute_dtype(device)
-        return KVCache(batch_size, cfg.n_kv_head, seq_len or cfg.sequence_len, cfg.n_embd // cfg.n_head,
-                       cfg.n_layer, device, dtype)
+        return KVCache(
+            batch_size,
+            cfg.n_kv_head,
+            seq_len or cfg.sequence_len,
+            cfg.n_embd // cfg.n_head,
+            cfg.n_layer,
+            device,
+            dtype,
+        )
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", attn_capture: list | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+        attn_capture: list | None = None,
+    ):
         """idx (B, T) token ids. With targets (B, T, -1 = ignore): cross-entropy loss with `loss_reduction`
         ("mean" -> scalar over non-ignored tokens; "sum" -> scalar; "none" -> (B, T) with 0 at ignored
         positions). If every target is -1 the "mean" loss is an exact 0 that still has a graph (backward
@@ -424,18 +518,24 @@ class GPT(nn.Module):
         B, T = idx.shape
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         if pos + T > self.cos.size(1):
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
+            raise ValueError(
+                f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})"
+            )
         pad = kv_cache.pad if kv_cache is not None else None
         attn_mask = None
         if pad is None:
-            cos_sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+            cos_sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]
         else:
             # left-padded rows: row b's slot s holds position s - pad[b] (pad slots clamp to 0, unseen)
-            positions = (torch.arange(pos, pos + T, device=idx.device)[None, :] - pad[:, None]).clamp(min=0)
+            positions = (
+                torch.arange(pos, pos + T, device=idx.device)[None, :] - pad[:, None]
+            ).clamp(min=0)
             cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
             attn_mask = attention_mask(pad, pos, T)
         dtype = self.get_compute_dtype(idx.device)
-        with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(
+            device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32
+        ):
             x = norm(self.transformer.wte(idx))
             for i, block in enumerate(self.transformer.h):
                 ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
@@ -443,12 +543,19 @@ class GPT(nn.Module):
             x = norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
             flat_targets = targets.reshape(-1)
-            total = chunked_head_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, flat_targets,
-                                      self.config.softcap, dtype)
+            total = chunked_head_loss(
+                x.reshape(-1, x.size(-1)),
+                self.lm_head.weight,
+                flat_targets,
+                self.config.softcap,
+                dtype,
+            )
             if loss_reduction == "sum":
                 return total
             return total / (flat_targets != -1).sum().clamp(min=1)
-        with torch.autocast(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(
+            device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32
+        ):
             logits = self.lm_head(x)
         logits = logits.float()
         if self.config.softcap:
@@ -463,19 +570,36 @@ class GPT(nn.Module):
         if loss_reduction == "sum":
             return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="sum")
         if loss_reduction == "none":
-            return F.cross_entropy(flat_logits, flat_targets, ignore_index=-1, reduction="none").view(B, T)
+            return F.cross_entropy(
+                flat_logits, flat_targets, ignore_index=-1, reduction="none"
+            ).view(B, T)
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
 
-    def setup_optimizers(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                         weight_decay: float = 0.0, scalar_lr: float = 0.5, adam_betas=(0.8, 0.95),
-                         muon_momentum: float = 0.95) -> list[torch.optim.Optimizer]:
+    def setup_optimizers(
+        self,
+        unembedding_lr: float = 0.004,
+        embedding_lr: float = 0.2,
+        matrix_lr: float = 0.02,
+        weight_decay: float = 0.0,
+        scalar_lr: float = 0.5,
+        adam_betas=(0.8, 0.95),
+        muon_momentum: float = 0.95,
+    ) -> list[torch.optim.Optimizer]:
         """[AdamW (embedding, lm_head, any <2-D params), Muon (2-D block matrices)], distributed when
         torch.distributed is initialised: then do NOT wrap the model in DDP, step() averages the gradients
         (use optim.clip_grad_norm_(optimizers, max_norm) for clipping). See nanochat/optim.py for the lr rules."""
         from nanochat.optim import build_optimizers
-        return build_optimizers(self, unembedding_lr=unembedding_lr, embedding_lr=embedding_lr,
-                                matrix_lr=matrix_lr, weight_decay=weight_decay, scalar_lr=scalar_lr,
-                                adam_betas=adam_betas, muon_momentum=muon_momentum)
+
+        return build_optimizers(
+            self,
+            unembedding_lr=unembedding_lr,
+            embedding_lr=embedding_lr,
+            matrix_lr=matrix_lr,
+            weight_decay=weight_decay,
+            scalar_lr=scalar_lr,
+            adam_betas=adam_betas,
+            muon_momentum=muon_momentum,
+        )
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -485,14 +609,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     gradient). Works because the loss is a scalar: the backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap: float, chunk: int, dtype, need_grads: bool = True):
+    def forward(
+        ctx, h, weight, targets, softcap: float, chunk: int, dtype, need_grads: bool = True
+    ):
         w = weight.to(dtype)
         if need_grads:
             grad_h = torch.empty_like(h, dtype=torch.float32)
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk):
-            hc, tc = h[start:start + chunk].to(dtype), targets[start:start + chunk]
+            hc, tc = h[start : start + chunk].to(dtype), targets[start : start + chunk]
             z = (hc @ w.t()).float()
             logits = softcap * torch.tanh(z / softcap) if softcap else z
             valid = tc != -1
@@ -501,13 +627,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             total += ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
             if not need_grads:  # evaluation under no_grad: the loss only
                 continue
-            grad = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, 0 on ignored rows
+            grad = torch.softmax(
+                logits, dim=-1
+            )  # d loss / d logits = softmax - onehot, 0 on ignored rows
             grad[torch.arange(grad.size(0), device=grad.device), safe] -= 1.0
             grad *= valid[:, None]
             if softcap:
                 grad *= 1.0 - (logits / softcap) ** 2  # d(c tanh(z/c))/dz
             grad = grad.to(dtype)
-            grad_h[start:start + chunk] = (grad @ w).float()
+            grad_h[start : start + chunk] = (grad @ w).float()
             grad_w += (grad.t() @ hc).float()
         if need_grads:
             ctx.save_for_backward(grad_h, grad_w)
@@ -518,18 +646,36 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * grad_out).to(h_dtype), (grad_w * grad_out).to(w_dtype), None, None, None, None, None
+        return (
+            (grad_h * grad_out).to(h_dtype),
+            (grad_w * grad_out).to(w_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                      dtype: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+def chunked_head_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float,
+    dtype: torch.dtype,
+    chunk: int = 4096,
+) -> torch.Tensor:
     """Summed cross-entropy of softcap(h @ weight.T) against targets (-1 = ignored), h (N, d), without
     materialising the (N, vocab) logits (see _ChunkedHeadLoss). Matmuls run in `dtype`."""
     need_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _ChunkedHeadLoss.apply(h, weight, targets, float(softcap or 0.0), chunk, dtype, need_grads)
+    return _ChunkedHeadLoss.apply(
+        h, weight, targets, float(softcap or 0.0), chunk, dtype, need_grads
+    )
 
 
-def maybe_compile(model: nn.Module, device: torch.device | str, enabled: bool | None = None) -> nn.Module:
+def maybe_compile(
+    model: nn.Module, device: torch.device | str, enabled: bool | None = None
+) -> nn.Module:
     """torch.compile the model on CUDA, leave it eager on CPU. NANOCHAT_COMPILE=0/1 overrides the default;
     an explicit `enabled` overrides both. The compiled wrapper shares parameters with `model`, but its
     state_dict keys carry an "_orig_mod." prefix: save/load `model` (the original), train with the result.

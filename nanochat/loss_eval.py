@@ -45,10 +45,14 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     try:
         for _ in range(steps):
             x, y = _next(batches)
-            nats = model(x, y, loss_reduction="none").reshape(-1).double()  # (B*T,), 0 where y == -1
+            nats = (
+                model(x, y, loss_reduction="none").reshape(-1).double()
+            )  # (B*T,), 0 where y == -1
             y = y.reshape(-1)
             valid = y >= 0
-            nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
+            nbytes = torch.where(
+                valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype)
+            )
             counted = nbytes > 0  # drops specials and ignored targets from the numerator too
             total_nats += (nats * counted).sum()
             total_bytes += nbytes.to(torch.int64).sum()

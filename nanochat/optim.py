@@ -34,12 +34,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
 
+
 @torch.no_grad()
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+def zeropower_via_newtonschulz5(
+    G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Approximate the polar factor U V^T of G = U S V^T with a quintic Newton-Schulz iteration.
 
     The coefficients (3.4445, -4.7750, 2.0315) push singular values towards ~[0.7, 1.2] quickly rather
@@ -69,9 +71,22 @@ class Muon(torch.optim.Optimizer):
     update = NS5(nesterov_momentum(grad)); p -= lr * max(1, rows/cols)**0.5 * update.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -111,14 +126,26 @@ class AdamW(torch.optim.Optimizer):
     """Plain AdamW (decoupled weight decay, bias correction), written out so the distributed version can
     reuse it; numerically the same as torch.optim.AdamW(amsgrad=False) (tested)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            lr, (beta1, beta2), eps, wd = (
+                group["lr"],
+                group["betas"],
+                group["eps"],
+                group["weight_decay"],
+            )
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -135,14 +162,15 @@ class AdamW(torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias1 = 1 - beta1 ** t
-                bias2_sqrt = (1 - beta2 ** t) ** 0.5
+                bias1 = 1 - beta1**t
+                bias2_sqrt = (1 - beta2**t) ** 0.5
                 denom = (v.sqrt() / bias2_sqrt).add_(eps)
                 p.addcdiv_(m, denom, value=-lr / bias1)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Distributed variants
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -181,7 +209,9 @@ def clip_grad_norm_(optimizers: list, max_norm: float | None) -> torch.Tensor:
             opt.grads_synced = True
     params = [p for p in params if p.grad is not None]
     if max_norm is None or max_norm <= 0:
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
+        )
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
@@ -213,14 +243,18 @@ class DistMuon(Muon):
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), world_size):
-                chunk = params[base:base + world_size]
+                chunk = params[base : base + world_size]
                 mine = base + rank
                 if mine < len(params):
                     self._update([params[mine]], group)
-                    src = params[mine].detach().clone()  # a separate send buffer: never alias the output
+                    src = (
+                        params[mine].detach().clone()
+                    )  # a separate send buffer: never alias the output
                 else:
                     src = torch.zeros_like(chunk[0])  # padding rank: sends junk nobody keeps
-                outs = [p.data for p in chunk] + [torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))]
+                outs = [p.data for p in chunk] + [
+                    torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))
+                ]
                 pending.append((dist.all_gather(outs, src, async_op=True), src, outs))
         for handle, _src, _outs in pending:
             handle.wait()
@@ -229,9 +263,17 @@ class DistMuon(Muon):
 # ---------------------------------------------------------------------------------------------------------
 # The model's optimizer setup
 
-def build_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                     weight_decay: float = 0.0, scalar_lr: float = 0.5, adam_betas=(0.8, 0.95),
-                     muon_momentum: float = 0.95) -> list[torch.optim.Optimizer]:
+
+def build_optimizers(
+    model,
+    unembedding_lr: float = 0.004,
+    embedding_lr: float = 0.2,
+    matrix_lr: float = 0.02,
+    weight_decay: float = 0.0,
+    scalar_lr: float = 0.5,
+    adam_betas=(0.8, 0.95),
+    muon_momentum: float = 0.95,
+) -> list[torch.optim.Optimizer]:
     """[AdamW-like, Muon-like] for a GPT; the Dist* variants when torch.distributed runs with >1 rank."""
     # value embeddings are token embeddings too: same rule, same lr
     embedding = [model.transformer.wte.weight] + [t.weight for t in model.value_embeds.values()]
@@ -241,12 +283,18 @@ def build_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float =
     scalars = [p for p in model.parameters() if id(p) not in special]
     for p in scalars:
         if p.ndim >= 2:
-            raise ValueError(f"parameter of shape {tuple(p.shape)} has no optimizer rule (Muon takes block matrices)")
-    assert len(embedding) + len(unembedding) + len(matrices) + len(scalars) == len(list(model.parameters()))
+            raise ValueError(
+                f"parameter of shape {tuple(p.shape)} has no optimizer rule (Muon takes block matrices)"
+            )
+    assert len(embedding) + len(unembedding) + len(matrices) + len(scalars) == len(
+        list(model.parameters())
+    )
 
     scale = (model.config.n_embd / 768) ** -0.5
-    adam_groups = [dict(params=unembedding, lr=unembedding_lr * scale),
-                   dict(params=embedding, lr=embedding_lr * scale)]
+    adam_groups = [
+        dict(params=unembedding, lr=unembedding_lr * scale),
+        dict(params=embedding, lr=embedding_lr * scale),
+    ]
     if scalars:
         adam_groups.append(dict(params=scalars, lr=scalar_lr * scale))
     by_shape: dict[tuple, list] = {}
@@ -256,8 +304,10 @@ def build_optimizers(model, unembedding_lr: float = 0.004, embedding_lr: float =
 
     distributed = is_distributed()
     adam_cls, muon_cls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
-    optimizers = [adam_cls(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay),
-                  muon_cls(muon_groups, lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay)]
+    optimizers = [
+        adam_cls(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay),
+        muon_cls(muon_groups, lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay),
+    ]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

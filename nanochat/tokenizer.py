@@ -34,18 +34,20 @@ from nanochat.files import atomic_path, write_bytes_atomic, write_text_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # begins every document; the model's "start of text"
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",  # the assistant calls the python tool
-    "<|output_start|>", "<|output_end|>",  # the tool's output, fed back (never trained on)
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",  # the assistant calls the python tool
+    "<|output_start|>",
+    "<|output_end|>",  # the tool's output, fed back (never trained on)
 ]
 
 # GPT-4 (cl100k) style split, except digits are grouped by at most 2 instead of 3: with a small
 # vocabulary, spending merges on every 3-digit number is wasteful, and 1-2 digit chunks keep
 # arithmetic in AQuA-style problems more regular.
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
 def split_pattern(max_digits: int = 2) -> str:
@@ -72,10 +74,19 @@ class Tokenizer:
     """A byte-level BPE tokenizer with chat special tokens. Build it with `train_from_iterator`,
     `from_ranks` or `load`; the constructor takes the same arguments as `from_ranks`."""
 
-    def __init__(self, pattern: str, mergeable_ranks, special_tokens: dict[str, int] | None = None,
-                 meta: dict | None = None):
-        pairs = list(mergeable_ranks.items() if isinstance(mergeable_ranks, dict) else mergeable_ranks)
-        ranks = {bytes(tok): int(rank) for tok, rank in pairs}  # a dict or rustbpe's [(bytes, rank)]
+    def __init__(
+        self,
+        pattern: str,
+        mergeable_ranks,
+        special_tokens: dict[str, int] | None = None,
+        meta: dict | None = None,
+    ):
+        pairs = list(
+            mergeable_ranks.items() if isinstance(mergeable_ranks, dict) else mergeable_ranks
+        )
+        ranks = {
+            bytes(tok): int(rank) for tok, rank in pairs
+        }  # a dict or rustbpe's [(bytes, rank)]
         if len(ranks) != len(pairs):
             raise ValueError("mergeable ranks contain the same token bytes twice")
         n = len(ranks)
@@ -84,7 +95,9 @@ class Tokenizer:
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
             # Without every single byte some text would be unencodable.
-            raise ValueError(f"mergeable ranks lack {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})")
+            raise ValueError(
+                f"mergeable ranks lack {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})"
+            )
         if special_tokens is None:
             special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
         special_tokens = dict(special_tokens)
@@ -92,40 +105,58 @@ class Tokenizer:
         if absent:
             raise ValueError(f"special tokens {absent} are missing (need all of {SPECIAL_TOKENS})")
         if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-            raise ValueError(f"special token ids must follow the merges: {n}..{n + len(special_tokens) - 1}")
+            raise ValueError(
+                f"special token ids must follow the merges: {n}..{n + len(special_tokens) - 1}"
+            )
         self.pattern = pattern
         self.mergeable_ranks = ranks
         self.special_tokens = special_tokens
         self.meta = dict(meta or {})
-        self.enc = tiktoken.Encoding(name=f"nanochat-aquarat-{n + len(special_tokens)}", pat_str=pattern,
-                                     mergeable_ranks=ranks, special_tokens=special_tokens)
+        self.enc = tiktoken.Encoding(
+            name=f"nanochat-aquarat-{n + len(special_tokens)}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=special_tokens,
+        )
         self.bos_token_id = special_tokens["<|bos|>"]
         self.directory: Path | None = None  # where load() read it from
         self._fingerprint: dict | None = None  # computed once: the ranks never change
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_ranks(cls, pattern: str, mergeable_ranks, special_tokens: dict[str, int] | None = None,
-                   meta: dict | None = None) -> "Tokenizer":
+    def from_ranks(
+        cls,
+        pattern: str,
+        mergeable_ranks,
+        special_tokens: dict[str, int] | None = None,
+        meta: dict | None = None,
+    ) -> "Tokenizer":
         """From a split pattern and {bytes: rank} (or rustbpe's [(bytes, rank)]). Specials default to
         SPECIAL_TOKENS placed right after the merges."""
         return cls(pattern, mergeable_ranks, special_tokens, meta)
 
     @classmethod
-    def train_from_iterator(cls, text_iterator, vocab_size: int, pattern: str = SPLIT_PATTERN,
-                            buffer_size: int = 8192) -> "Tokenizer":
+    def train_from_iterator(
+        cls, text_iterator, vocab_size: int, pattern: str = SPLIT_PATTERN, buffer_size: int = 8192
+    ) -> "Tokenizer":
         """Learn merges with rustbpe so that merges + specials = vocab_size ids in total."""
         n_special = len(SPECIAL_TOKENS)
         if vocab_size < 256 + n_special:
-            raise ValueError(f"vocab_size={vocab_size} is too small: need at least 256 byte tokens "
-                             f"+ {n_special} special tokens = {256 + n_special}")
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: need at least 256 byte tokens "
+                f"+ {n_special} special tokens = {256 + n_special}"
+            )
         import rustbpe
 
         if not hasattr(rustbpe, "Tokenizer"):
-            raise RuntimeError("this rustbpe build has no Tokenizer class; rebuild it "
-                               "(uv sync --reinstall-package rustbpe)")
+            raise RuntimeError(
+                "this rustbpe build has no Tokenizer class; rebuild it "
+                "(uv sync --reinstall-package rustbpe)"
+            )
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(text_iterator, vocab_size - n_special, buffer_size=buffer_size, pattern=pattern)
+        bpe.train_from_iterator(
+            text_iterator, vocab_size - n_special, buffer_size=buffer_size, pattern=pattern
+        )
         return cls(bpe.get_pattern(), bpe.get_mergeable_ranks())
 
     @classmethod
@@ -134,17 +165,25 @@ class Tokenizer:
         config_path, ranks_path = directory / CONFIG_FILE, directory / RANKS_FILE
         for path in (config_path, ranks_path):
             if not path.is_file():
-                raise FileNotFoundError(f"tokenizer file {path} is missing; train one with `python -m scripts.tok_train`")
+                raise FileNotFoundError(
+                    f"tokenizer file {path} is missing; train one with `python -m scripts.tok_train`"
+                )
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_path} is not valid JSON ({exc}); re-run `python -m scripts.tok_train`") from exc
+            raise ValueError(
+                f"{config_path} is not valid JSON ({exc}); re-run `python -m scripts.tok_train`"
+            ) from exc
         if config.get("format") != FORMAT_NAME:
-            raise ValueError(f"{config_path} is not a {FORMAT_NAME} file (format={config.get('format')!r})")
+            raise ValueError(
+                f"{config_path} is not a {FORMAT_NAME} file (format={config.get('format')!r})"
+            )
         raw = ranks_path.read_bytes()
         if config.get("ranks_sha256") != _sha256(raw):
-            raise ValueError(f"{ranks_path} does not match {config_path} (a save was interrupted or a file was "
-                             f"replaced); re-run `python -m scripts.tok_train`")
+            raise ValueError(
+                f"{ranks_path} does not match {config_path} (a save was interrupted or a file was "
+                f"replaced); re-run `python -m scripts.tok_train`"
+            )
         ranks = {}
         for lineno, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -153,22 +192,28 @@ class Tokenizer:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as exc:
-                raise ValueError(f"{ranks_path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from exc
+                raise ValueError(
+                    f"{ranks_path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}"
+                ) from exc
         tok = cls(config["pattern"], ranks, config["special_tokens"], config.get("meta"))
         tok.directory = directory
         return tok
 
     def _ranks_file_bytes(self) -> bytes:
-        lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}"
-                 for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
+        lines = [
+            f"{base64.b64encode(tok).decode('ascii')} {rank}"
+            for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        ]
         return ("\n".join(lines) + "\n").encode("ascii")
 
     def fingerprint(self) -> dict:
         """What a checkpoint records of the tokenizer it was trained with: a model only makes sense with
         exactly these merges (ids mean tokens), so loading it with another tokenizer is refused."""
         if self._fingerprint is None:
-            self._fingerprint = {"vocab_size": self.get_vocab_size(),
-                                 "ranks_sha256": _sha256(self._ranks_file_bytes())}
+            self._fingerprint = {
+                "vocab_size": self.get_vocab_size(),
+                "ranks_sha256": _sha256(self._ranks_file_bytes()),
+            }
         return dict(self._fingerprint)
 
     def save(self, directory) -> Path:
@@ -179,10 +224,17 @@ class Tokenizer:
         write_bytes_atomic(directory / RANKS_FILE, raw)
         with atomic_path(directory / TOKEN_BYTES_FILE) as tmp:
             torch.save(self.token_bytes(), tmp)
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "vocab_size": self.get_vocab_size(),
-                  "num_merges": len(self.mergeable_ranks) - 256, "pattern": self.pattern,
-                  "special_tokens": self.special_tokens, "ranks_file": RANKS_FILE, "ranks_sha256": _sha256(raw),
-                  "meta": self.meta}
+        config = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "vocab_size": self.get_vocab_size(),
+            "num_merges": len(self.mergeable_ranks) - 256,
+            "pattern": self.pattern,
+            "special_tokens": self.special_tokens,
+            "ranks_file": RANKS_FILE,
+            "ranks_sha256": _sha256(raw),
+            "meta": self.meta,
+        }
         write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -206,7 +258,9 @@ class Tokenizer:
         try:
             return self.special_tokens[name]
         except KeyError:
-            raise ValueError(f"unknown special token {name!r}; known: {self.get_special_tokens()}") from None
+            raise ValueError(
+                f"unknown special token {name!r}; known: {self.get_special_tokens()}"
+            ) from None
 
     def id_to_token(self, token_id: int) -> str:
         """The text of one id (bytes that are not valid UTF-8 on their own show as U+FFFD)."""
@@ -225,8 +279,10 @@ class Tokenizer:
             return self.encode_special(token)
         if isinstance(token, int) and 0 <= token < self.get_vocab_size():
             return token
-        raise ValueError(f"prepend/append must be a special token name or an id in [0, {self.get_vocab_size()}), "
-                         f"got {token!r}")
+        raise ValueError(
+            f"prepend/append must be a special token name or an id in [0, {self.get_vocab_size()}), "
+            f"got {token!r}"
+        )
 
     def encode(self, text, prepend=None, append=None, num_threads: int = 8):
         """str -> list[int]; list[str] -> list[list[int]]. Special-token text is encoded as plain text.
@@ -238,8 +294,13 @@ class Tokenizer:
         if isinstance(text, (list, tuple)):
             bad = [i for i, t in enumerate(text) if not isinstance(t, str)]
             if bad:
-                raise TypeError(f"encode() got a list whose item {bad[0]} is {type(text[bad[0]]).__name__}, not str")
-            return [pre + ids + post for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+                raise TypeError(
+                    f"encode() got a list whose item {bad[0]} is {type(text[bad[0]]).__name__}, not str"
+                )
+            return [
+                pre + ids + post
+                for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)
+            ]
         raise TypeError(f"encode() takes a str or a list of str, got {type(text).__name__}")
 
     __call__ = encode
@@ -252,7 +313,9 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     # ------------------------------------------------------------------ chat rendering
-    def render_conversation(self, conversation: dict, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
+    def render_conversation(
+        self, conversation: dict, max_tokens: int | None = 2048
+    ) -> tuple[list[int], list[int]]:
         """Token ids of a whole conversation and a loss mask of the same length: 1 exactly on what the
         assistant must learn to produce (its text, its python calls with their delimiters, and
         <|assistant_end|>), 0 on everything else (bos, user turns, <|assistant_start|>, tool output).
@@ -279,7 +342,9 @@ class Tokenizer:
                 text_ids = self.encode(part["text"])
                 if part["type"] == "text":
                     add(text_ids, 1)
-                elif part["type"] == "python":  # the model writes the tool call, delimiters included
+                elif (
+                    part["type"] == "python"
+                ):  # the model writes the tool call, delimiters included
                     add([sp["<|python_start|>"]] + text_ids + [sp["<|python_end|>"]], 1)
                 else:  # python_output: produced by the tool, so the model is never trained to predict it
                     add([sp["<|output_start|>"]] + text_ids + [sp["<|output_end|>"]], 0)
@@ -295,8 +360,10 @@ class Tokenizer:
         last), followed by <|assistant_start|> so the model continues as the assistant."""
         messages = _validated_messages(conversation)
         if messages[-1]["role"] != "assistant":
-            raise ValueError("render_for_completion expects the conversation to end with the assistant message "
-                             f"to be completed; it ends with role {messages[-1]['role']!r}")
+            raise ValueError(
+                "render_for_completion expects the conversation to end with the assistant message "
+                f"to be completed; it ends with role {messages[-1]['role']!r}"
+            )
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
 
@@ -322,11 +389,18 @@ PART_TYPES = ("text", "python", "python_output")
 def _content_text(content, where: str) -> str:
     """User/system content: a string, or a list of text parts joined together."""
     if isinstance(content, list):
-        if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
-            raise ValueError(f"{where}: a list content may only hold {{'type': 'text', 'text': str}} parts")
+        if any(
+            not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+            for p in content
+        ):
+            raise ValueError(
+                f"{where}: a list content may only hold {{'type': 'text', 'text': str}} parts"
+            )
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise ValueError(f"{where}: content must be a str or a list of parts, got {type(content).__name__}")
+        raise ValueError(
+            f"{where}: content must be a str or a list of parts, got {type(content).__name__}"
+        )
     if not content.strip():
         raise ValueError(f"{where}: content is empty")
     return content
@@ -336,7 +410,9 @@ def _validated_messages(conversation) -> list[dict]:
     """Check the conversation shape and return its messages with any system prompt merged into the
     first user message. Raises ValueError naming the offending message."""
     if not isinstance(conversation, dict):
-        raise ValueError(f"a conversation must be a dict with a 'messages' list, got {type(conversation).__name__}")
+        raise ValueError(
+            f"a conversation must be a dict with a 'messages' list, got {type(conversation).__name__}"
+        )
     messages = conversation.get("messages")
     if not isinstance(messages, list):
         raise ValueError("conversation has no 'messages' list")
@@ -346,7 +422,9 @@ def _validated_messages(conversation) -> list[dict]:
         if not isinstance(msg, dict):
             raise ValueError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
         if msg.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}] has unknown role {msg.get('role')!r} (expected system, user or assistant)")
+            raise ValueError(
+                f"messages[{i}] has unknown role {msg.get('role')!r} (expected system, user or assistant)"
+            )
         if "content" not in msg:
             raise ValueError(f"messages[{i}] ({msg['role']}) has no 'content'")
 
@@ -361,13 +439,20 @@ def _validated_messages(conversation) -> list[dict]:
     for i, msg in enumerate(messages[start:], start):
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if msg["role"] != expected:
-            rule = ("a system message may only come first" if msg["role"] == "system"
-                    else "roles alternate user/assistant, starting with user")
-            raise ValueError(f"messages[{i}] has role {msg['role']!r} but {expected!r} was expected ({rule})")
+            rule = (
+                "a system message may only come first"
+                if msg["role"] == "system"
+                else "roles alternate user/assistant, starting with user"
+            )
+            raise ValueError(
+                f"messages[{i}] has role {msg['role']!r} but {expected!r} was expected ({rule})"
+            )
         where = f"messages[{i}] ({msg['role']})"
         if msg["role"] == "user":
             text = _content_text(msg["content"], where)
-            if system is not None:  # the chat format has no system role: prepend it to the first user turn
+            if (
+                system is not None
+            ):  # the chat format has no system role: prepend it to the first user turn
                 text = system + "\n\n" + text
                 system = None
             out.append({"role": "user", "content": text})
@@ -380,10 +465,18 @@ def _validated_messages(conversation) -> list[dict]:
             if not content:
                 raise ValueError(f"{where}: content is an empty list of parts")
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-                    raise ValueError(f"{where}: part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}")
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") not in PART_TYPES
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        f"{where}: part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
+                    )
         else:
-            raise ValueError(f"{where}: content must be a str or a list of parts, got {type(content).__name__}")
+            raise ValueError(
+                f"{where}: content must be a str or a list of parts, got {type(content).__name__}"
+            )
         out.append({"role": "assistant", "content": content})
     return out
 
@@ -400,8 +493,10 @@ def get_tokenizer(directory=None) -> Tokenizer:
     """The tokenizer in `directory` (default tokenizer_dir())."""
     directory = Path(directory) if directory is not None else tokenizer_dir()
     if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no tokenizer at {directory}: train one first with `python -m scripts.tok_train` "
-                                f"(same NANOCHAT_BASE_DIR and NANOCHAT_TOKENIZER_DIR)")
+        raise FileNotFoundError(
+            f"no tokenizer at {directory}: train one first with `python -m scripts.tok_train` "
+            f"(same NANOCHAT_BASE_DIR and NANOCHAT_TOKENIZER_DIR)"
+        )
     return Tokenizer.load(directory)
 
 

@@ -28,11 +28,19 @@ DEFAULT_PROJECT = "nanochat-aquarat"
 
 def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     # --run-name too: torchrun's own parser rejects a bare --run (ambiguous with its --run-path)
-    parser.add_argument("--run", "--run-name", dest="run", default=os.environ.get("NANOCHAT_RUN", "local"),
-                        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN; "
-                             "spell it --run-name under torchrun)")
-    parser.add_argument("--no-wandb", action="store_true",
-                        help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)")
+    parser.add_argument(
+        "--run",
+        "--run-name",
+        dest="run",
+        default=os.environ.get("NANOCHAT_RUN", "local"),
+        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN; "
+        "spell it --run-name under torchrun)",
+    )
+    parser.add_argument(
+        "--no-wandb",
+        action="store_true",
+        help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)",
+    )
 
 
 @dataclass
@@ -49,15 +57,23 @@ class Histogram:
     def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = np.asarray(self.values, dtype=np.float64).ravel()
         values = values[np.isfinite(values)]
-        counts, edges = np.histogram(values, bins=self.bins) if values.size else (np.zeros(0), np.zeros(0))
+        counts, edges = (
+            np.histogram(values, bins=self.bins) if values.size else (np.zeros(0), np.zeros(0))
+        )
         return values, counts, edges
 
     def summary(self) -> dict:
         values, counts, edges = self.numpy()
         if not values.size:
             return {"count": 0}
-        return {"count": int(values.size), "mean": float(values.mean()), "min": float(values.min()),
-                "max": float(values.max()), "counts": counts.tolist(), "edges": edges.tolist()}
+        return {
+            "count": int(values.size),
+            "mean": float(values.mean()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "counts": counts.tolist(),
+            "edges": edges.tolist(),
+        }
 
 
 def _to_wandb(value):
@@ -92,8 +108,14 @@ def wandb_mode() -> str:
 
 
 class Tracker:
-    def __init__(self, stage: str, run: str = "local", config: dict | None = None,
-                 use_wandb: bool = True, base_dir: Path | None = None):
+    def __init__(
+        self,
+        stage: str,
+        run: str = "local",
+        config: dict | None = None,
+        use_wandb: bool = True,
+        base_dir: Path | None = None,
+    ):
         self.stage = stage
         self.run = run
         self.active = get_rank() == 0
@@ -106,8 +128,15 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / f"{stage}.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
-        self._write({"event": "start", "stage": stage, "run": run, "time": time.time(),
-                     "config": {k: _jsonable(v) for k, v in (config or {}).items()}})
+        self._write(
+            {
+                "event": "start",
+                "stage": stage,
+                "run": run,
+                "time": time.time(),
+                "config": {k: _jsonable(v) for k, v in (config or {}).items()},
+            }
+        )
         if use_wandb and wandb_mode() != "disabled":
             self._start_wandb(config or {}, run_dir)
 
@@ -119,17 +148,26 @@ class Tracker:
             self._wandb_run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
                 entity=os.environ.get("WANDB_ENTITY"),
-                name=f"{self.run}-{self.stage}", group=self.run, job_type=self.stage,
-                config=config, mode=mode, dir=str(run_dir), reinit="finish_previous",
+                name=f"{self.run}-{self.stage}",
+                group=self.run,
+                job_type=self.stage,
+                config=config,
+                mode=mode,
+                dir=str(run_dir),
+                reinit="finish_previous",
             )
         except Exception as exc:  # W&B must never take a training run down with it.
-            print(f"[tracking] W&B unavailable ({type(exc).__name__}: {exc}); logging locally to {self.path}",
-                  flush=True)
+            print(
+                f"[tracking] W&B unavailable ({type(exc).__name__}: {exc}); logging locally to {self.path}",
+                flush=True,
+            )
             self._wandb_run = None
             return
         if mode == "offline":
-            print(f"[tracking] W&B offline (no WANDB_API_KEY). Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
-                  flush=True)
+            print(
+                f"[tracking] W&B offline (no WANDB_API_KEY). Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
+                flush=True,
+            )
 
     def _write(self, obj: dict) -> None:
         self._file.write(json.dumps(obj) + "\n")
@@ -178,15 +216,21 @@ def check_wandb(run_dir: Path, timeout: float = 10.0) -> str | None:
     try:
         requests.get(url, timeout=timeout)
     except requests.RequestException as exc:
-        return (f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. Upload later "
-                f"with: wandb sync {run_dir}/wandb/offline-run-*")
+        return (
+            f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. Upload later "
+            f"with: wandb sync {run_dir}/wandb/offline-run-*"
+        )
     return None
 
 
 def make_tracker(args: argparse.Namespace, stage: str, config: dict | None = None) -> Tracker:
     """Build the tracker from the flags added by add_tracking_args."""
-    return Tracker(stage, run=args.run, config=config if config is not None else vars(args),
-                   use_wandb=not args.no_wandb)
+    return Tracker(
+        stage,
+        run=args.run,
+        config=config if config is not None else vars(args),
+        use_wandb=not args.no_wandb,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -57,10 +57,15 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
     # fields added since the checkpoint was written take their defaults: the model it was
     saved = {**{k: v for k, v in asdict(type(model.config)()).items() if k not in saved}, **saved}
     if saved != ours:
-        differ = ", ".join(f"{k}: {saved.get(k)} in the checkpoint, {v} here" for k, v in ours.items()
-                           if saved.get(k) != v)
-        raise SystemExit(f"{ckpt_dir} holds another model ({differ}). Use --fresh to overwrite it, "
-                         f"another --tag, or the flags it was trained with.")
+        differ = ", ".join(
+            f"{k}: {saved.get(k)} in the checkpoint, {v} here"
+            for k, v in ours.items()
+            if saved.get(k) != v
+        )
+        raise SystemExit(
+            f"{ckpt_dir} holds another model ({differ}). Use --fresh to overwrite it, "
+            f"another --tag, or the flags it was trained with."
+        )
     model.load_state_dict(model_state, strict=True)
     for opt, state in zip(optimizers, optim_states):
         opt.load_state_dict(state)
@@ -71,19 +76,36 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
 
 
 # Flags every stage may change on a resume: they change what is logged or kept, not what is trained.
-HARMLESS_FLAGS = {"eval_every", "eval_tokens", "eval_examples", "sample_every", "sample_tokens", "log_every",
-                  "save_every", "keep_last", "resume", "fresh", "run", "no_wandb"}
+HARMLESS_FLAGS = {
+    "eval_every",
+    "eval_tokens",
+    "eval_examples",
+    "sample_every",
+    "sample_tokens",
+    "log_every",
+    "save_every",
+    "keep_last",
+    "resume",
+    "fresh",
+    "run",
+    "no_wandb",
+}
 
 
 def refuse_changed_flags(ckpt_dir, step: int, old_args: dict, args, harmless=()) -> None:
     """Stop when a resume would continue a run with flags that change what it trains."""
     skip = HARMLESS_FLAGS | set(harmless)
-    changed = [f"--{k.replace('_', '-')} {old_args[k]} -> {v}" for k, v in vars(args).items()
-               if k in old_args and k not in skip and old_args[k] != v]
+    changed = [
+        f"--{k.replace('_', '-')} {old_args[k]} -> {v}"
+        for k, v in vars(args).items()
+        if k in old_args and k not in skip and old_args[k] != v
+    ]
     if changed:
-        raise SystemExit(f"{ckpt_dir} step {step} was trained with other settings ({', '.join(changed)}). "
-                         f"Resume with the same flags, or start over with --fresh (run_aquarat_small.sh: "
-                         f"--force), or use another --run / --tag.")
+        raise SystemExit(
+            f"{ckpt_dir} step {step} was trained with other settings ({', '.join(changed)}). "
+            f"Resume with the same flags, or start over with --fresh (run_aquarat_small.sh: "
+            f"--force), or use another --run / --tag."
+        )
 
 
 def warmdown_multiplier(step: int, num_steps: int, warmdown_ratio: float) -> float:
@@ -108,10 +130,16 @@ def stop_if_not_finite(value: float, what: str, step: int, ckpt_dir) -> None:
     if math.isfinite(value):
         return
     last = find_last_step(ckpt_dir)
-    kept = f"the newest checkpoint, step {last} in {ckpt_dir}, is intact" if last else "no checkpoint was saved"
-    raise SystemExit(f"{what} is {value} at step {step}: stopped, and nothing from this step on is saved; "
-                     f"{kept}. Lower the learning rate, then run the same command (it resumes) or start "
-                     f"over with --fresh.")
+    kept = (
+        f"the newest checkpoint, step {last} in {ckpt_dir}, is intact"
+        if last
+        else "no checkpoint was saved"
+    )
+    raise SystemExit(
+        f"{what} is {value} at step {step}: stopped, and nothing from this step on is saved; "
+        f"{kept}. Lower the learning rate, then run the same command (it resumes) or start "
+        f"over with --fresh."
+    )
 
 
 def save(
@@ -120,16 +148,28 @@ def save(
     """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here.
     Non-finite weights are refused: they must never replace a good checkpoint."""
     params = list(model.named_parameters())
-    finite = torch.stack([p.detach().isfinite().all() for _, p in params])  # one device sync, not one each
+    finite = torch.stack(
+        [p.detach().isfinite().all() for _, p in params]
+    )  # one device sync, not one each
     if not bool(finite.all()):
         bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
         last = find_last_step(ckpt_dir)
-        raise SystemExit(f"the weights are not finite at step {step} ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}): not saved; the newest checkpoint in {ckpt_dir} "
-                         f"is step {last}, intact. Lower the learning rate, then resume or use --fresh.")
+        raise SystemExit(
+            f"the weights are not finite at step {step} ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): not saved; the newest checkpoint in {ckpt_dir} "
+            f"is step {last}, intact. Lower the learning rate, then resume or use --fresh."
+        )
     try:
-        save_checkpoint(ckpt_dir, step, model.state_dict(), [opt.state_dict() for opt in optimizers], meta,
-                        rank=rank, keep_last=keep_last, rank_state={**rank_state, "rng": save_rng_state()})
+        save_checkpoint(
+            ckpt_dir,
+            step,
+            model.state_dict(),
+            [opt.state_dict() for opt in optimizers],
+            meta,
+            rank=rank,
+            keep_last=keep_last,
+            rank_state={**rank_state, "rng": save_rng_state()},
+        )
     except CheckpointWriteError as exc:
         raise SystemExit(str(exc)) from None
 

@@ -32,17 +32,40 @@ PROMPTS = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train/val bits per byte and samples of a checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--stage", default="base", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recently written one)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-    p.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"], help="pretraining text source")
+    p = argparse.ArgumentParser(
+        description="Train/val bits per byte and samples of a checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "-i",
+        "--stage",
+        default="base",
+        choices=["base", "mid", "sft", "rl"],
+        help="checkpoint stage",
+    )
+    p.add_argument(
+        "--tag", default=None, help="checkpoint tag (default: the most recently written one)"
+    )
+    p.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
+    )
+    p.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "fineweb", "dir", "synthetic"],
+        help="pretraining text source",
+    )
     p.add_argument("--data-dir", default=None, help="directory of parquet/text shards")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward per process")
-    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the model's context)")
-    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
-    p.add_argument("--sample-tokens", type=int, default=32, help="tokens per greedy sample (0: no samples)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, help="row length (default: the model's context)"
+    )
+    p.add_argument(
+        "--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split"
+    )
+    p.add_argument(
+        "--sample-tokens", type=int, default=32, help="tokens per greedy sample (0: no samples)"
+    )
     add_tracking_args(p)
     return p.parse_args(argv)
 
@@ -50,18 +73,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = init_distributed()
-    model, tokenizer, meta = load_model(args.stage, tag=args.tag, step=args.step, device=info.device)
+    model, tokenizer, meta = load_model(
+        args.stage, tag=args.tag, step=args.step, device=info.device
+    )
     tag, step = meta.get("tag", args.tag), meta.get("step")
     seq_len = args.max_seq_len or model.config.sequence_len
     tokens_per_step = args.device_batch_size * seq_len * info.world_size
     steps = max(1, args.split_tokens // tokens_per_step)
     token_bytes = get_token_bytes(info.device, tokenizer.directory)
-    print0(f"{args.stage} checkpoint {tag or ''} step {step}: {steps} x {tokens_per_step:,} tokens per split")
+    print0(
+        f"{args.stage} checkpoint {tag or ''} step {step}: {steps} x {tokens_per_step:,} tokens per split"
+    )
 
     bpb = {}
     for split in ("train", "val"):
-        loader = DataLoader(tokenizer, args.device_batch_size, seq_len, split, rank=info.rank,
-                            world_size=info.world_size, source=args.source, data_dir=args.data_dir, device=info.device)
+        loader = DataLoader(
+            tokenizer,
+            args.device_batch_size,
+            seq_len,
+            split,
+            rank=info.rank,
+            world_size=info.world_size,
+            source=args.source,
+            data_dir=args.data_dir,
+            device=info.device,
+        )
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f}")
 
@@ -75,17 +111,22 @@ def main(argv=None) -> None:
             print0(f"  {samples[-1]!r}")
 
     stage_name = f"{args.stage}_loss"
-    tracker = make_tracker(args, stage_name, {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag})
+    tracker = make_tracker(
+        args, stage_name, {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag}
+    )
     metrics = {"loss/train_bpb": bpb["train"], "loss/val_bpb": bpb["val"]}
     tracker.log({**metrics, **{f"samples/{i}": s for i, s in enumerate(samples)}}, step=step or 0)
     tracker.summary(metrics)
     tracker.finish()
     if info.is_main:
-        lines = [f"## Bits per byte ({stage_name})", "",
-                 f"- checkpoint: {args.stage} / {tag} / step {step}",
-                 f"- train bpb: {bpb['train']:.4f}",
-                 f"- val bpb: {bpb['val']:.4f}",
-                 f"- evaluated: {steps * tokens_per_step:,} tokens per split (source `{args.source}`)"]
+        lines = [
+            f"## Bits per byte ({stage_name})",
+            "",
+            f"- checkpoint: {args.stage} / {tag} / step {step}",
+            f"- train bpb: {bpb['train']:.4f}",
+            f"- val bpb: {bpb['val']:.4f}",
+            f"- evaluated: {steps * tokens_per_step:,} tokens per split (source `{args.source}`)",
+        ]
         if samples:
             lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
         write_section(get_base_dir(), args.run, stage_name, "\n".join(lines))

@@ -19,15 +19,30 @@ from nanochat.engine import Engine, generate_nocache
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--source", default=None, choices=["base", "mid", "sft", "rl"],
-                        help="benchmark this checkpoint stage (default: a random model of --depth)")
-    parser.add_argument("--model-tag", default=None, help="checkpoint tag (default: latest of the stage)")
-    parser.add_argument("--depth", type=int, default=4, help="random-model depth when no -i is given")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-i",
+        "--source",
+        default=None,
+        choices=["base", "mid", "sft", "rl"],
+        help="benchmark this checkpoint stage (default: a random model of --depth)",
+    )
+    parser.add_argument(
+        "--model-tag", default=None, help="checkpoint tag (default: latest of the stage)"
+    )
+    parser.add_argument(
+        "--depth", type=int, default=4, help="random-model depth when no -i is given"
+    )
     parser.add_argument("--vocab-size", type=int, default=4096, help="random-model vocabulary size")
     parser.add_argument("--num-prompts", type=int, default=2, help="prompts to sample from")
-    parser.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (random model)")
-    parser.add_argument("--num-samples", type=int, default=8, help="samples per prompt (batch rows)")
+    parser.add_argument(
+        "--prompt-len", type=int, default=64, help="prompt length in tokens (random model)"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=8, help="samples per prompt (batch rows)"
+    )
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per sample")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None)
@@ -39,10 +54,23 @@ def main(argv=None):
     if args.source:
         from nanochat.checkpoint import load_model
 
-        model, tokenizer, _ = load_model(args.source, tag=args.model_tag, device=device, phase="eval")
-        prompts = [tokenizer.render_for_completion({"messages": [
-            {"role": "user", "content": f"Question {i}: a train covers 120 km in 2 hours. What is its speed?"},
-            {"role": "assistant", "content": "."}]}) for i in range(args.num_prompts)]
+        model, tokenizer, _ = load_model(
+            args.source, tag=args.model_tag, device=device, phase="eval"
+        )
+        prompts = [
+            tokenizer.render_for_completion(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": f"Question {i}: a train covers 120 km in 2 hours. What is its speed?",
+                        },
+                        {"role": "assistant", "content": "."},
+                    ]
+                }
+            )
+            for i in range(args.num_prompts)
+        ]
     else:
         from nanochat.gpt import GPT, config_from_depth
         from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
@@ -54,32 +82,53 @@ def main(argv=None):
             ranks[b"\xff\xfe" + n.to_bytes(4, "big")] = n
             n += 1
         tokenizer = Tokenizer.from_ranks(SPLIT_PATTERN, ranks)
-        config = config_from_depth(args.depth, tokenizer.get_vocab_size(),
-                                   sequence_len=max(256, args.prompt_len + args.max_tokens))
+        config = config_from_depth(
+            args.depth,
+            tokenizer.get_vocab_size(),
+            sequence_len=max(256, args.prompt_len + args.max_tokens),
+        )
         with torch.device(device):
             model = GPT(config)
         bos = tokenizer.get_bos_token_id()
-        prompts = [[bos] + torch.randint(0, 256, (args.prompt_len - 1,)).tolist() for _ in range(args.num_prompts)]
+        prompts = [
+            [bos] + torch.randint(0, 256, (args.prompt_len - 1,)).tolist()
+            for _ in range(args.num_prompts)
+        ]
     model.eval()
     # Stop tokens are ignored in the benchmark so both sides generate exactly max_tokens per row.
     engine = Engine(model, tokenizer)
     engine.stop_tokens = set()
-    print0(f"device {device}, {model.num_params() / 1e6:.1f}M params, {len(prompts)} prompts x "
-           f"{args.num_samples} samples x {args.max_tokens} tokens, prompt {len(prompts[0])} tokens")
+    print0(
+        f"device {device}, {model.num_params() / 1e6:.1f}M params, {len(prompts)} prompts x "
+        f"{args.num_samples} samples x {args.max_tokens} tokens, prompt {len(prompts[0])} tokens"
+    )
 
     def run_cached():
         n = 0
         for i, p in enumerate(prompts):
-            res = engine.generate_batch(p, num_samples=args.num_samples, max_tokens=args.max_tokens,
-                                        temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
+            res = engine.generate_batch(
+                p,
+                num_samples=args.num_samples,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed + i,
+            )
             n += sum(len(s) for s in res.sequences)
         return n
 
     def run_nocache():
         n = 0
         for i, p in enumerate(prompts):
-            out = generate_nocache(model, p, num_samples=args.num_samples, max_tokens=args.max_tokens,
-                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed + i)
+            out = generate_nocache(
+                model,
+                p,
+                num_samples=args.num_samples,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                seed=args.seed + i,
+            )
             n += sum(len(s) for s in out)
         return n
 

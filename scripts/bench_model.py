@@ -38,7 +38,9 @@ def time_steps(fn, steps: int, warmup: int, device) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def bench(config, device, batch_size: int, steps: int, warmup: int, compile_model: bool | None) -> dict:
+def bench(
+    config, device, batch_size: int, steps: int, warmup: int, compile_model: bool | None
+) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(config)
@@ -65,11 +67,19 @@ def bench(config, device, batch_size: int, steps: int, warmup: int, compile_mode
     model.eval()
     infer_s, infer_cpu_s = time_steps(infer_step, steps, warmup, device)
     flops = model.estimate_flops()
-    out = dict(params=model.num_params(), dtype=str(model.get_compute_dtype(device)).replace("torch.", ""),
-               compiled=train_model is not model, train_tok_s=tokens / train_s, infer_tok_s=tokens / infer_s,
-               train_flops_per_tok=flops)
+    out = dict(
+        params=model.num_params(),
+        dtype=str(model.get_compute_dtype(device)).replace("torch.", ""),
+        compiled=train_model is not model,
+        train_tok_s=tokens / train_s,
+        infer_tok_s=tokens / infer_s,
+        train_flops_per_tok=flops,
+    )
     if device.type == "cpu":
-        out["train_tok_per_cpu_s"], out["infer_tok_per_cpu_s"] = tokens / train_cpu_s, tokens / infer_cpu_s
+        out["train_tok_per_cpu_s"], out["infer_tok_per_cpu_s"] = (
+            tokens / train_cpu_s,
+            tokens / infer_cpu_s,
+        )
     peak = peak_flops(device)
     if peak:
         out["train_mfu"] = flops * out["train_tok_s"] / peak
@@ -80,9 +90,11 @@ def bench(config, device, batch_size: int, steps: int, warmup: int, compile_mode
 
 
 def report(name: str, batch_size: int, config, r: dict) -> None:
-    print0(f"[{name}] {r['params'] / 1e6:.1f}M params, n_layer={config.n_layer} n_embd={config.n_embd} "
-           f"n_head={config.n_head} vocab={config.vocab_size}, batch {batch_size} x {config.sequence_len}, "
-           f"dtype={r['dtype']} compiled={r['compiled']}")
+    print0(
+        f"[{name}] {r['params'] / 1e6:.1f}M params, n_layer={config.n_layer} n_embd={config.n_embd} "
+        f"n_head={config.n_head} vocab={config.vocab_size}, batch {batch_size} x {config.sequence_len}, "
+        f"dtype={r['dtype']} compiled={r['compiled']}"
+    )
     line = f"    train     : {r['train_tok_s']:>12,.0f} tok/s"
     if "train_mfu" in r:
         line += f"   MFU {100 * r['train_mfu']:.1f}%"
@@ -100,21 +112,35 @@ def report(name: str, batch_size: int, config, r: dict) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-depth", type=int, default=4, help="depth of the fixed tiny CPU config")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cpu-depth", type=int, default=4, help="depth of the fixed tiny CPU config"
+    )
     parser.add_argument("--cpu-vocab", type=int, default=8192)
     parser.add_argument("--cpu-seq-len", type=int, default=256)
     parser.add_argument("--cpu-batch-size", type=int, default=8)
-    parser.add_argument("--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = torch default)")
+    parser.add_argument(
+        "--cpu-threads", type=int, default=0, help="torch threads on CPU (0 = torch default)"
+    )
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA figures")
-    parser.add_argument("--gpu-depths", default="8,20", help="comma-separated depths for the CUDA figures")
+    parser.add_argument(
+        "--gpu-depths", default="8,20", help="comma-separated depths for the CUDA figures"
+    )
     parser.add_argument("--gpu-vocab", type=int, default=65536)
     parser.add_argument("--gpu-seq-len", type=int, default=2048)
     parser.add_argument("--gpu-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches)")
-    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="torch.compile: auto = on for CUDA, off for CPU (NANOCHAT_COMPILE also applies)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps first (compile, caches)"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="torch.compile: auto = on for CUDA, off for CPU (NANOCHAT_COMPILE also applies)",
+    )
     args = parser.parse_args()
     compile_model = {"auto": None, "on": True, "off": False}[args.compile]
     if args.steps < 1 or args.warmup < 0:
@@ -127,10 +153,16 @@ def main():
         cpu = torch.device("cpu")
         config = config_from_depth(args.cpu_depth, args.cpu_vocab, args.cpu_seq_len)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print0(f"CPU: {torch.get_num_threads()} threads, fp32, load average {load:.1f} "
-               f"(other work on the machine lowers these figures)")
-        report(f"cpu d{args.cpu_depth}", args.cpu_batch_size, config,
-               bench(config, cpu, args.cpu_batch_size, args.steps, args.warmup, compile_model))
+        print0(
+            f"CPU: {torch.get_num_threads()} threads, fp32, load average {load:.1f} "
+            f"(other work on the machine lowers these figures)"
+        )
+        report(
+            f"cpu d{args.cpu_depth}",
+            args.cpu_batch_size,
+            config,
+            bench(config, cpu, args.cpu_batch_size, args.steps, args.warmup, compile_model),
+        )
 
     device = autodetect_device()
     if device.type != "cuda":
@@ -138,13 +170,19 @@ def main():
         return
     name = torch.cuda.get_device_name(device)
     peak = peak_flops(device)
-    print0(f"CUDA: {name}, peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else f"CUDA: {name} (peak FLOPs unknown: no MFU)")
+    print0(
+        f"CUDA: {name}, peak bf16 {peak / 1e12:.0f} TFLOP/s"
+        if peak
+        else f"CUDA: {name} (peak FLOPs unknown: no MFU)"
+    )
     for depth in [int(d) for d in args.gpu_depths.split(",") if d.strip()]:
         config = config_from_depth(depth, args.gpu_vocab, args.gpu_seq_len)
         try:
             r = bench(config, device, args.gpu_batch_size, args.steps, args.warmup, compile_model)
         except torch.OutOfMemoryError:
-            print0(f"[cuda d{depth}] out of memory at batch {args.gpu_batch_size}: lower --gpu-batch-size")
+            print0(
+                f"[cuda d{depth}] out of memory at batch {args.gpu_batch_size}: lower --gpu-batch-size"
+            )
             torch.cuda.empty_cache()
             continue
         report(f"cuda d{depth}", args.gpu_batch_size, config, r)

@@ -36,9 +36,15 @@ from scripts.base_train import parse_args as base_train_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["none:value_embed_every=0", "every2:value_embed_every=2"],
-                   help="NAME:FIELD=VALUE,... over the depth config; the first one is the baseline")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["none:value_embed_every=0", "every2:value_embed_every=2"],
+        help="NAME:FIELD=VALUE,... over the depth config; the first one is the baseline",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--aspect-ratio", type=int, default=32)
@@ -50,11 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-batches", type=int, default=16)
     p.add_argument("--source", default="synthetic", choices=["synthetic", "fineweb", "dir"])
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--tokenizer", default="train", choices=["train", "existing"],
-                   help="train: a BPE of --vocab-size on the source (the cpu profile's); existing: "
-                        "NANOCHAT_TOKENIZER_DIR / <base>/tokenizer")
+    p.add_argument(
+        "--tokenizer",
+        default="train",
+        choices=["train", "existing"],
+        help="train: a BPE of --vocab-size on the source (the cpu profile's); existing: "
+        "NANOCHAT_TOKENIZER_DIR / <base>/tokenizer",
+    )
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--tokenizer-chars", type=int, default=2_000_000, help="text the BPE is trained on")
+    p.add_argument(
+        "--tokenizer-chars", type=int, default=2_000_000, help="text the BPE is trained on"
+    )
     return p.parse_args(argv)
 
 
@@ -70,8 +82,13 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 
 def make_config(args, vocab_size: int, overrides: dict):
-    config = config_from_depth(args.depth, vocab_size, sequence_len=args.max_seq_len,
-                               aspect_ratio=args.aspect_ratio, head_dim=args.head_dim)
+    config = config_from_depth(
+        args.depth,
+        vocab_size,
+        sequence_len=args.max_seq_len,
+        aspect_ratio=args.aspect_ratio,
+        head_dim=args.head_dim,
+    )
     fields = {f.name: f.type for f in dataclasses.fields(config)}
     for key, value in overrides.items():
         if key not in fields:
@@ -81,9 +98,17 @@ def make_config(args, vocab_size: int, overrides: dict):
     return config
 
 
-def build_batches(tokenizer, args, split: str, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    loader = DataLoader(tokenizer, args.batch_size, args.max_seq_len, split, source=args.source,
-                        data_dir=args.data_dir)
+def build_batches(
+    tokenizer, args, split: str, count: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = DataLoader(
+        tokenizer,
+        args.batch_size,
+        args.max_seq_len,
+        split,
+        source=args.source,
+        data_dir=args.data_dir,
+    )
     return [loader.next_batch() for _ in range(count)]
 
 
@@ -100,9 +125,12 @@ def train_one(config, seed: int, train, val, args, device) -> dict:
     defaults = base_train_args([])
     seed_everything(seed)
     model = GPT(config).to(device)
-    optimizers = model.setup_optimizers(unembedding_lr=defaults.unembedding_lr,
-                                        embedding_lr=defaults.embedding_lr, matrix_lr=defaults.matrix_lr,
-                                        weight_decay=defaults.weight_decay)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=defaults.unembedding_lr,
+        embedding_lr=defaults.embedding_lr,
+        matrix_lr=defaults.matrix_lr,
+        weight_decay=defaults.weight_decay,
+    )
     losses, seconds = {}, 0.0
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
@@ -114,16 +142,28 @@ def train_one(config, seed: int, train, val, args, device) -> dict:
         x, y = train[step]
         model(x.to(device), y.to(device)).backward()
         clip_grad_norm_(optimizers, defaults.grad_clip if defaults.grad_clip > 0 else None)
-        set_lr(optimizers, lr_multiplier(step, args.steps, defaults.warmup_ratio, defaults.warmdown_ratio,
-                                         defaults.final_lr_frac),
-               muon_momentum(step, defaults.momentum_warmup_steps))
+        set_lr(
+            optimizers,
+            lr_multiplier(
+                step,
+                args.steps,
+                defaults.warmup_ratio,
+                defaults.warmdown_ratio,
+                defaults.final_lr_frac,
+            ),
+            muon_momentum(step, defaults.momentum_warmup_steps),
+        )
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
         synchronize(device)
         seconds += time.perf_counter() - t0
-    return {"losses": losses, "s_per_step": seconds / args.steps, "params": model.num_params(),
-            "flops_per_step": model.estimate_flops() * args.batch_size * args.max_seq_len}
+    return {
+        "losses": losses,
+        "s_per_step": seconds / args.steps,
+        "params": model.num_params(),
+        "flops_per_step": model.estimate_flops() * args.batch_size * args.max_seq_len,
+    }
 
 
 def main(argv=None) -> None:
@@ -131,8 +171,10 @@ def main(argv=None) -> None:
     device = autodetect_device()
     if args.tokenizer == "train":
         from nanochat.dataset import text_iterator
-        texts = text_iterator("train", source=args.source, data_dir=args.data_dir,
-                              max_chars=args.tokenizer_chars)
+
+        texts = text_iterator(
+            "train", source=args.source, data_dir=args.data_dir, max_chars=args.tokenizer_chars
+        )
         tokenizer = Tokenizer.train_from_iterator(texts, args.vocab_size, pattern=split_pattern(3))
     else:
         tokenizer = get_tokenizer()
@@ -140,9 +182,11 @@ def main(argv=None) -> None:
     configs = {name: make_config(args, tokenizer.get_vocab_size(), o) for name, o in variants}
     train = build_batches(tokenizer, args, "train", args.steps)
     val = build_batches(tokenizer, args, "val", args.val_batches)
-    print(f"{len(train)} training batches of {args.batch_size} x {args.max_seq_len} tokens (identical for every "
-          f"run), {len(val)} validation batches; vocab {tokenizer.get_vocab_size()}; {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{len(train)} training batches of {args.batch_size} x {args.max_seq_len} tokens (identical for every "
+        f"run), {len(val)} validation batches; vocab {tokenizer.get_vocab_size()}; {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     results = {}
     for name, config in configs.items():
@@ -150,24 +194,42 @@ def main(argv=None) -> None:
             r = train_one(config, seed, train, val, args, device)
             results[(name, seed)] = r
             curve = "  ".join(f"{s}: {l:.4f}" for s, l in r["losses"].items())
-            print(f"{name:>10} seed {seed:>4}: {curve}   ({r['s_per_step'] * 1000:.0f} ms/step)", flush=True)
+            print(
+                f"{name:>10} seed {seed:>4}: {curve}   ({r['s_per_step'] * 1000:.0f} ms/step)",
+                flush=True,
+            )
 
     baseline = variants[0][0]
     last = args.steps
-    print(f"\nvalidation cross-entropy (nats/token) at step {last}; paired difference to {baseline} per seed")
-    print(f"{'variant':>10} | {'params':>10} | {'GFLOP/step':>10} | "
-          + " | ".join(f"seed {s:>4}" for s in args.seeds) + " | " + " | ".join(f"diff {s:>4}" for s in args.seeds) + " | mean diff | ms/step | time ratio")
+    print(
+        f"\nvalidation cross-entropy (nats/token) at step {last}; paired difference to {baseline} per seed"
+    )
+    print(
+        f"{'variant':>10} | {'params':>10} | {'GFLOP/step':>10} | "
+        + " | ".join(f"seed {s:>4}" for s in args.seeds)
+        + " | "
+        + " | ".join(f"diff {s:>4}" for s in args.seeds)
+        + " | mean diff | ms/step | time ratio"
+    )
     base_time = sum(results[(baseline, s)]["s_per_step"] for s in args.seeds)
     for name in configs:
         rs = [results[(name, s)] for s in args.seeds]
-        diffs = [r["losses"][last] - results[(baseline, s)]["losses"][last] for r, s in zip(rs, args.seeds)]
+        diffs = [
+            r["losses"][last] - results[(baseline, s)]["losses"][last]
+            for r, s in zip(rs, args.seeds)
+        ]
         t = sum(r["s_per_step"] for r in rs)
-        print(f"{name:>10} | {rs[0]['params']:>10,} | {rs[0]['flops_per_step'] / 1e9:>10.2f} | "
-              + " | ".join(f"{r['losses'][last]:9.4f}" for r in rs) + " | "
-              + " | ".join(f"{d:+9.4f}" for d in diffs)
-              + f" | {sum(diffs) / len(diffs):+9.4f} | {t / len(rs) * 1000:7.0f} | {t / base_time:10.3f}")
-    spread = [abs(results[(baseline, a)]["losses"][last] - results[(baseline, b)]["losses"][last])
-              for a, b in zip(args.seeds, args.seeds[1:])]
+        print(
+            f"{name:>10} | {rs[0]['params']:>10,} | {rs[0]['flops_per_step'] / 1e9:>10.2f} | "
+            + " | ".join(f"{r['losses'][last]:9.4f}" for r in rs)
+            + " | "
+            + " | ".join(f"{d:+9.4f}" for d in diffs)
+            + f" | {sum(diffs) / len(diffs):+9.4f} | {t / len(rs) * 1000:7.0f} | {t / base_time:10.3f}"
+        )
+    spread = [
+        abs(results[(baseline, a)]["losses"][last] - results[(baseline, b)]["losses"][last])
+        for a, b in zip(args.seeds, args.seeds[1:])
+    ]
     if spread:
         print(f"seed spread of {baseline}: {max(spread):.4f}")
 

@@ -36,9 +36,13 @@ def parse_args(argv=None):
     )
     p.add_argument("-i", "--source-stage", default="sft", choices=["mid", "sft", "rl"])
     p.add_argument("--source-tag", default=None)
-    p.add_argument("--random-depth", type=int, default=0,
-                   help="instead of a checkpoint, random weights at this depth with the current tokenizer "
-                        "(speed only: nothing it samples makes sense)")
+    p.add_argument(
+        "--random-depth",
+        type=int,
+        default=0,
+        help="instead of a checkpoint, random weights at this depth with the current tokenizer "
+        "(speed only: nothing it samples makes sense)",
+    )
     p.add_argument("--prompts", type=int, default=8, help="questions per step")
     p.add_argument("--samples", type=int, default=8, help="completions per question")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -89,8 +93,16 @@ def bench_rollouts(engine, tokenizer, task, args, device):
 
 
 def bench_diagnostics(model, tokenizer, task, probes, args, device):
-    flags = ["--num-samples", str(args.samples), "--max-new-tokens", str(args.max_new_tokens),
-             "--examples-per-step", str(args.prompts), "--device-batch-size", str(args.device_batch_size)]
+    flags = [
+        "--num-samples",
+        str(args.samples),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--examples-per-step",
+        str(args.prompts),
+        "--device-batch-size",
+        str(args.device_batch_size),
+    ]
     if args.kl_sample_frac is not None:
         flags += ["--kl-sample-frac", str(args.kl_sample_frac)]
     base = chat_rl.parse_args(flags)

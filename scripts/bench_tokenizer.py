@@ -19,6 +19,7 @@ Contenders, each in its own subprocess (the PyPI package has the same import nam
 Rounds are interleaved (ours, hf, pypi, ours, hf, ...) and the best time per contender is kept,
 because the machine is shared. Timing covers train_from_iterator only.
 """
+
 import argparse
 import glob
 import hashlib
@@ -66,7 +67,9 @@ def build_default_corpus(mb):
         if size >= limit:
             break
     if size < limit:
-        sys.exit(f"only {size / 1e6:.1f} MB of text found for the default corpus; pass --corpus FILE or a smaller --mb")
+        sys.exit(
+            f"only {size / 1e6:.1f} MB of text found for the default corpus; pass --corpus FILE or a smaller --mb"
+        )
     BENCH_DIR.mkdir(exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(b"".join(parts))
@@ -132,13 +135,20 @@ def train_hf(docs, vocab_size, pattern):
 
     tok = Tokenizer(BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
     tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
-                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        show_progress=False,
+        min_frequency=0,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     with Timer() as t:
         tok.train_from_iterator(iter(docs), trainer=trainer, length=len(docs))
     return t, None
@@ -157,7 +167,16 @@ def worker(args):
     else:
         sys.exit(f"unknown --worker {args.worker!r}")
     digest = hashlib.sha256(repr(ranks).encode()).hexdigest()[:16] if ranks is not None else None
-    print(json.dumps({"seconds": t.wall, "cpu": t.cpu, "ranks_sha": digest, "vocab": len(ranks) if ranks else args.vocab_size}))
+    print(
+        json.dumps(
+            {
+                "seconds": t.wall,
+                "cpu": t.cpu,
+                "ranks_sha": digest,
+                "vocab": len(ranks) if ranks else args.vocab_size,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,13 +197,28 @@ def ensure_pypi(pypi_dir):
                 return
         except FileNotFoundError:
             continue
-    sys.exit(f"could not install the PyPI rustbpe into {pypi_dir}; install it there by hand or drop 'pypi' from --contenders")
+    sys.exit(
+        f"could not install the PyPI rustbpe into {pypi_dir}; install it there by hand or drop 'pypi' from --contenders"
+    )
 
 
 def run_worker(name, args):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--corpus", str(args.corpus),
-           "--vocab-size", str(args.vocab_size), "--doc-chars", str(args.doc_chars),
-           "--pattern", args.pattern, "--pypi-dir", str(args.pypi_dir)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--corpus",
+        str(args.corpus),
+        "--vocab-size",
+        str(args.vocab_size),
+        "--doc-chars",
+        str(args.doc_chars),
+        "--pattern",
+        args.pattern,
+        "--pypi-dir",
+        str(args.pypi_dir),
+    ]
     # Run outside the repo root so the PyPI worker cannot pick up anything but its own directory.
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=BENCH_DIR)
     if res.returncode != 0:
@@ -193,15 +227,40 @@ def run_worker(name, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="BPE training speed: rustbpe vs HF tokenizers vs PyPI rustbpe")
-    parser.add_argument("--corpus", type=str, default=None, help="UTF-8 text file (default: build one from text on this machine)")
-    parser.add_argument("--mb", type=float, default=16, help="size of the default corpus in MB (>= 10 recommended)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, bytes included")
-    parser.add_argument("--doc-chars", type=int, default=4000, help="cut the corpus into documents of about this many chars")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best time is reported")
-    parser.add_argument("--contenders", type=str, default=",".join(CONTENDERS), help=f"comma list from {CONTENDERS}")
+    parser = argparse.ArgumentParser(
+        description="BPE training speed: rustbpe vs HF tokenizers vs PyPI rustbpe"
+    )
+    parser.add_argument(
+        "--corpus",
+        type=str,
+        default=None,
+        help="UTF-8 text file (default: build one from text on this machine)",
+    )
+    parser.add_argument(
+        "--mb", type=float, default=16, help="size of the default corpus in MB (>= 10 recommended)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=8192, help="vocabulary size, bytes included"
+    )
+    parser.add_argument(
+        "--doc-chars",
+        type=int,
+        default=4000,
+        help="cut the corpus into documents of about this many chars",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds; best time is reported"
+    )
+    parser.add_argument(
+        "--contenders", type=str, default=",".join(CONTENDERS), help=f"comma list from {CONTENDERS}"
+    )
     parser.add_argument("--pattern", type=str, default=GPT4, help="split regex (default: GPT-4)")
-    parser.add_argument("--pypi-dir", type=str, default=str(BENCH_DIR / "pypi_rustbpe"), help="where the PyPI rustbpe is installed")
+    parser.add_argument(
+        "--pypi-dir",
+        type=str,
+        default=str(BENCH_DIR / "pypi_rustbpe"),
+        help="where the PyPI rustbpe is installed",
+    )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -223,15 +282,21 @@ def main():
 
     mb = args.corpus.stat().st_size / 1e6
     n_docs = len(load_docs(args.corpus, args.doc_chars))
-    print(f"corpus: {args.corpus} ({mb:.1f} MB, {n_docs} docs), vocab {args.vocab_size}, "
-          f"{os.cpu_count()} cpus, best of {args.repeats}", flush=True)
+    print(
+        f"corpus: {args.corpus} ({mb:.1f} MB, {n_docs} docs), vocab {args.vocab_size}, "
+        f"{os.cpu_count()} cpus, best of {args.repeats}",
+        flush=True,
+    )
     results = {c: [] for c in contenders}
     for r in range(args.repeats):
         for c in contenders:
             out = run_worker(c, args)
             results[c].append(out)
-            print(f"  round {r + 1}: {c:<10} {out['seconds']:7.3f} s wall {out['cpu']:7.3f} s cpu "
-                  f"{mb / out['seconds']:7.1f} MB/s", flush=True)
+            print(
+                f"  round {r + 1}: {c:<10} {out['seconds']:7.3f} s wall {out['cpu']:7.3f} s cpu "
+                f"{mb / out['seconds']:7.1f} MB/s",
+                flush=True,
+            )
 
     best = {c: min(o["seconds"] for o in results[c]) for c in contenders}
     cpu = {c: min(o["cpu"] for o in results[c]) for c in contenders}
@@ -239,7 +304,9 @@ def main():
     for c in contenders:
         ratio = f"{best[c] / best['ours']:.2f}x" if "ours" in best else ""
         print(f"{c:<12}{best[c]:9.3f}{mb / best[c]:9.1f}{cpu[c]:9.3f}{ratio:>13}")
-    print("(wall: best round; cpu: CPU seconds of the training process, all threads; MB/s from wall)")
+    print(
+        "(wall: best round; cpu: CPU seconds of the training process, all threads; MB/s from wall)"
+    )
     if "ours" in best:
         for c in ["pypi", "hf", "ours-regex"]:
             if c in best:
@@ -248,7 +315,10 @@ def main():
     if "ours" in shas and "pypi" in shas:
         print("ours vs pypi merges:", "identical" if shas["ours"] == shas["pypi"] else "DIFFERENT")
     if "ours" in shas and "ours-regex" in shas:
-        print("fast splitter vs regex engine merges:", "identical" if shas["ours"] == shas["ours-regex"] else "DIFFERENT")
+        print(
+            "fast splitter vs regex engine merges:",
+            "identical" if shas["ours"] == shas["ours-regex"] else "DIFFERENT",
+        )
 
 
 if __name__ == "__main__":

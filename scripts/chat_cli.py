@@ -19,13 +19,23 @@ from nanochat.engine import Engine
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a checkpoint (see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    p = argparse.ArgumentParser(
+        description="Chat with a checkpoint (see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "-i",
+        "--source",
+        default="sft",
+        choices=["base", "mid", "sft", "rl"],
+        help="checkpoint stage",
+    )
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the stage's latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    p.add_argument(
+        "-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)"
+    )
     p.add_argument("-k", "--top-k", type=int, default=50, help="top-k sampling (0: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--max-tokens", type=int, default=256, help="max tokens per reply")
@@ -38,7 +48,9 @@ def fit_history(tokenizer, messages: list[dict], limit: int) -> tuple[list[int],
     pairs until it fits in `limit` tokens. Returns (ids, number of dropped turns)."""
     dropped = 0
     while True:
-        ids = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": "."}]})
+        ids = tokenizer.render_for_completion(
+            {"messages": messages + [{"role": "assistant", "content": "."}]}
+        )
         if len(ids) <= limit or len(messages) <= 1:
             return ids, dropped
         messages[:] = messages[2:]
@@ -52,18 +64,24 @@ def reply(engine, tokenizer, messages, args, turn: int, out=sys.stdout) -> str:
         print(f"[dropped the {dropped} oldest messages to fit the context]", file=sys.stderr)
     max_tokens = min(args.max_tokens, engine.model.config.sequence_len * 10 - len(ids))
     tokens, printed = [], ""
-    for tok in engine.stream(ids, max_tokens=max_tokens, temperature=args.temperature,
-                             top_k=args.top_k or None, top_p=args.top_p, seed=args.seed + turn):
+    for tok in engine.stream(
+        ids,
+        max_tokens=max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        seed=args.seed + turn,
+    ):
         if tok in engine.stop_tokens:
             break
         tokens.append(tok)
         text = tokenizer.decode(tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(printed):])
+            out.write(text[len(printed) :])
             out.flush()
             printed = text
     text = tokenizer.decode(tokens)
-    out.write(text[len(printed):] + "\n")
+    out.write(text[len(printed) :] + "\n")
     out.flush()
     return text
 
@@ -71,7 +89,9 @@ def reply(engine, tokenizer, messages, args, turn: int, out=sys.stdout) -> str:
 def main(argv=None):
     args = parse_args(argv)
     device = autodetect_device()
-    model, tokenizer, meta = load_model(args.source, tag=args.model_tag, step=args.step, device=device, phase="eval")
+    model, tokenizer, meta = load_model(
+        args.source, tag=args.model_tag, step=args.step, device=device, phase="eval"
+    )
     engine = Engine(model, tokenizer)
     messages: list[dict] = []
     if args.prompt is not None:
@@ -80,8 +100,10 @@ def main(argv=None):
         messages.append({"role": "user", "content": args.prompt})
         reply(engine, tokenizer, messages, args, 0)
         return
-    print(f"nanochat-aquarat: {args.source}/{meta.get('tag', '?')} step {meta.get('step')} on {device.type}. "
-          f"/clear forgets the conversation, /quit exits.")
+    print(
+        f"nanochat-aquarat: {args.source}/{meta.get('tag', '?')} step {meta.get('step')} on {device.type}. "
+        f"/clear forgets the conversation, /quit exits."
+    )
     turn = 0
     while True:
         try:

@@ -49,26 +49,58 @@ SPLIT_ALIASES = {"val": "validation", "dev": "validation"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a chat checkpoint on AQuA-style multiple choice "
-                                            "(see the module docstring).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    p = argparse.ArgumentParser(
+        description="Evaluate a chat checkpoint on AQuA-style multiple choice "
+        "(see the module docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "-i",
+        "--source",
+        required=True,
+        choices=["base", "mid", "sft", "rl"],
+        help="checkpoint stage",
+    )
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the stage's latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-    p.add_argument("-a", "--tasks", default="AQUA",
-                   help="comma-separated: AQUA (AQuA-RAT), SYNTH (synthetic AQuA)")
+    p.add_argument(
+        "-a",
+        "--tasks",
+        default="AQUA",
+        help="comma-separated: AQUA (AQuA-RAT), SYNTH (synthetic AQuA)",
+    )
     p.add_argument("--split", default="test", choices=["train", "validation", "val", "dev", "test"])
-    p.add_argument("--max-problems", type=int, default=-1, help="evaluate the first N problems (-1: all)")
-    p.add_argument("--modes", default="generative,categorical", help="comma-separated: generative, categorical")
-    p.add_argument("--aqua-data-dir", default=None,
-                   help="local AQuA-RAT directory (default: <base>/data/aqua_rat if prepared, else Hugging Face)")
-    p.add_argument("--synthetic-examples", type=int, default=500, help="size of the synthetic split to draw from")
-    p.add_argument("--synthetic-difficulty", default="easy", choices=["easy", "medium", "hard", "mixed"])
+    p.add_argument(
+        "--max-problems", type=int, default=-1, help="evaluate the first N problems (-1: all)"
+    )
+    p.add_argument(
+        "--modes", default="generative,categorical", help="comma-separated: generative, categorical"
+    )
+    p.add_argument(
+        "--aqua-data-dir",
+        default=None,
+        help="local AQuA-RAT directory (default: <base>/data/aqua_rat if prepared, else Hugging Face)",
+    )
+    p.add_argument(
+        "--synthetic-examples",
+        type=int,
+        default=500,
+        help="size of the synthetic split to draw from",
+    )
+    p.add_argument(
+        "--synthetic-difficulty", default="easy", choices=["easy", "medium", "hard", "mixed"]
+    )
     p.add_argument("--num-samples", type=int, default=1, help="k for pass@k (1: greedy only)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for the k samples")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature for the k samples"
+    )
     p.add_argument("--top-k", type=int, default=None, help="top-k for the k samples")
-    p.add_argument("--max-tokens", type=int, default=256, help="max tokens of each generated rationale")
-    p.add_argument("--batch-prompts", type=int, default=32, help="problems whose completions decode together")
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="max tokens of each generated rationale"
+    )
+    p.add_argument(
+        "--batch-prompts", type=int, default=32, help="problems whose completions decode together"
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (problem i uses seed + i)")
     p.add_argument("--show", type=int, default=2, help="print this many greedy completions")
     add_tracking_args(p)
@@ -89,14 +121,22 @@ def parse_args(argv=None):
 def load_task(name: str, args):
     if name == "AQUA":
         from tasks.aqua import AquaRat
+
         n = None if args.max_problems < 0 else args.max_problems
         try:
             return AquaRat(args.split, data_dir=args.aqua_data_dir, max_examples=n)
         except Exception as exc:
-            raise SystemExit(f"AQuA-RAT {args.split} could not be loaded ({type(exc).__name__}: {exc}). "
-                             f"Pass --aqua-data-dir, or evaluate the synthetic set with -a SYNTH.") from exc
+            raise SystemExit(
+                f"AQuA-RAT {args.split} could not be loaded ({type(exc).__name__}: {exc}). "
+                f"Pass --aqua-data-dir, or evaluate the synthetic set with -a SYNTH."
+            ) from exc
     from tasks.synthetic_aqua import SyntheticAqua
-    n = args.synthetic_examples if args.max_problems < 0 else min(args.max_problems, args.synthetic_examples)
+
+    n = (
+        args.synthetic_examples
+        if args.max_problems < 0
+        else min(args.max_problems, args.synthetic_examples)
+    )
     return SyntheticAqua(args.split, num_examples=n, difficulty=args.synthetic_difficulty)
 
 
@@ -108,11 +148,11 @@ class LetterScorer:
         self.conts = []
         for letter in letters:
             full = tokenizer.encode(f"{prefix} {letter}")
-            if full[:len(self.prefix_ids)] != self.prefix_ids:
+            if full[: len(self.prefix_ids)] != self.prefix_ids:
                 # the prefix tokenises differently with the letter attached: score the whole line instead
                 self.prefix_ids = []
                 break
-            self.conts.append(full[len(self.prefix_ids):])
+            self.conts.append(full[len(self.prefix_ids) :])
         if not self.prefix_ids:
             self.conts = [tokenizer.encode(f"{prefix} {letter}") for letter in letters]
         self.single = all(len(c) == 1 for c in self.conts)
@@ -134,7 +174,9 @@ class LetterScorer:
             logp = F.log_softmax(model(x).float(), dim=-1)
             scores = []
             for j, c in enumerate(self.conts):  # token t of the continuation sits at len(base) + t
-                scores.append(sum(float(logp[j, len(base) - 1 + t, tok]) for t, tok in enumerate(c)))
+                scores.append(
+                    sum(float(logp[j, len(base) - 1 + t, tok]) for t, tok in enumerate(c))
+                )
         return max(range(len(scores)), key=lambda i: scores[i]), scores
 
 
@@ -142,32 +184,48 @@ def letter_index(letter: str | None) -> int:
     return LETTERS.index(letter) if letter in LETTERS else len(LETTERS)  # "none"
 
 
-def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size: int, device) -> list[dict]:
+def evaluate_task(
+    name: str, task, model, tokenizer, args, rank: int, world_size: int, device
+) -> list[dict]:
     engine = Engine(model, tokenizer)
     scorer = LetterScorer(tokenizer)
     from tasks.aqua import extract_letter
 
     n = len(task)
     # counters (summed over ranks): confusion matrices gold x predicted(+none) and scalar tallies
-    conf = {m: torch.zeros(5, 6, dtype=torch.float64, device=device) for m in ("generative", "categorical")}
+    conf = {
+        m: torch.zeros(5, 6, dtype=torch.float64, device=device)
+        for m in ("generative", "categorical")
+    }
     gold_counts = torch.zeros(5, dtype=torch.float64, device=device)
-    tallies = torch.zeros(4, dtype=torch.float64, device=device)  # pass@k hits, sample hits, samples, gen tokens
-    greedy_right = torch.zeros(n, dtype=torch.float64, device=device)  # per problem, for paired comparisons
+    tallies = torch.zeros(
+        4, dtype=torch.float64, device=device
+    )  # pass@k hits, sample hits, samples, gen tokens
+    greedy_right = torch.zeros(
+        n, dtype=torch.float64, device=device
+    )  # per problem, for paired comparisons
     shown = 0
     t0 = time.time()
     mine = list(range(rank, n, world_size))
     done_count = 0
     for start in range(0, len(mine), args.batch_prompts):
-        chunk = mine[start:start + args.batch_prompts]
+        chunk = mine[start : start + args.batch_prompts]
         convs = [task[i] for i in chunk]
         prompts = [tokenizer.render_for_completion(conv) for conv in convs]
         greedy, sampled = None, None
-        if "generative" in args.mode_list:  # the chunk's prompts decode together (Engine.generate_multi)
+        if (
+            "generative" in args.mode_list
+        ):  # the chunk's prompts decode together (Engine.generate_multi)
             greedy = engine.generate_multi(prompts, 1, args.max_tokens, temperature=0.0)
             if args.num_samples > 1:
-                sampled = engine.generate_multi(prompts, args.num_samples, args.max_tokens,
-                                                temperature=args.temperature, top_k=args.top_k,
-                                                seeds=[args.seed + i for i in chunk])
+                sampled = engine.generate_multi(
+                    prompts,
+                    args.num_samples,
+                    args.max_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    seeds=[args.seed + i for i in chunk],
+                )
         for k, (i, conv, prompt) in enumerate(zip(chunk, convs, prompts)):
             gold = conv["answer"]
             gold_counts[LETTERS.index(gold)] += 1
@@ -181,8 +239,11 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
                     print0(f"--- {name} #{i} gold {gold} greedy-pred {pred}\n{text.strip()}\n")
                     shown += 1
             if sampled is not None:
-                hits = [extract_letter(tokenizer.decode(engine.without_stop(s)), conv.get("options")) == gold
-                        for s in sampled[k].sequences]
+                hits = [
+                    extract_letter(tokenizer.decode(engine.without_stop(s)), conv.get("options"))
+                    == gold
+                    for s in sampled[k].sequences
+                ]
                 tallies[0] += float(any(hits))
                 tallies[1] += sum(hits)
                 tallies[2] += len(hits)
@@ -199,36 +260,63 @@ def evaluate_task(name: str, task, model, tokenizer, args, rank: int, world_size
     total = int(gold_counts.sum().item())
     golds = {l: int(c) for l, c in zip(LETTERS, gold_counts.tolist())}
     top_letter = max(LETTERS, key=lambda l: golds[l])
-    baselines = {"chance": 0.2, "most_frequent_letter": top_letter,
-                 "most_frequent_acc": golds[top_letter] / max(total, 1)}
+    baselines = {
+        "chance": 0.2,
+        "most_frequent_letter": top_letter,
+        "most_frequent_acc": golds[top_letter] / max(total, 1),
+    }
     rows = []
     for mode in args.mode_list:
         c = conf[mode]
         correct = int(c.diagonal().sum().item())
-        row = {"source": args.source, "task": task.name, "split": args.split, "mode": mode,
-               "acc": correct / max(total, 1), "n": total, "correct": correct, **baselines,
-               "gold_counts": golds,
-               "pred_counts": {lab: int(v) for lab, v in zip(PRED_LABELS, c.sum(0).tolist())},
-               "confusion": {g: {lab: int(v) for lab, v in zip(PRED_LABELS, c[j].tolist())}
-                             for j, g in enumerate(LETTERS)}}
+        row = {
+            "source": args.source,
+            "task": task.name,
+            "split": args.split,
+            "mode": mode,
+            "acc": correct / max(total, 1),
+            "n": total,
+            "correct": correct,
+            **baselines,
+            "gold_counts": golds,
+            "pred_counts": {lab: int(v) for lab, v in zip(PRED_LABELS, c.sum(0).tolist())},
+            "confusion": {
+                g: {lab: int(v) for lab, v in zip(PRED_LABELS, c[j].tolist())}
+                for j, g in enumerate(LETTERS)
+            },
+        }
         if mode == "generative":
             row["greedy"] = True
-            row["per_problem"] = [int(v) for v in greedy_right.tolist()]  # 1 = problem i answered right
+            row["per_problem"] = [
+                int(v) for v in greedy_right.tolist()
+            ]  # 1 = problem i answered right
             row["mean_completion_tokens"] = tallies[3].item() / max(total, 1)
             if args.num_samples > 1:
-                row.update({"k": args.num_samples, "temperature": args.temperature,
-                            f"pass@{args.num_samples}": tallies[0].item() / max(total, 1),
-                            "sample_acc": tallies[1].item() / max(tallies[2].item(), 1)})
+                row.update(
+                    {
+                        "k": args.num_samples,
+                        "temperature": args.temperature,
+                        f"pass@{args.num_samples}": tallies[0].item() / max(total, 1),
+                        "sample_acc": tallies[1].item() / max(tallies[2].item(), 1),
+                    }
+                )
         else:
-            row["scoring"] = "single-token logits" if scorer.single else "summed continuation log-probs"
+            row["scoring"] = (
+                "single-token logits" if scorer.single else "summed continuation log-probs"
+            )
         rows.append(row)
     return rows
 
 
 def confusion_markdown(row: dict) -> list[str]:
-    lines = ["| gold \\ pred | " + " | ".join(PRED_LABELS) + " |", "|---" * (len(PRED_LABELS) + 1) + "|"]
+    lines = [
+        "| gold \\ pred | " + " | ".join(PRED_LABELS) + " |",
+        "|---" * (len(PRED_LABELS) + 1) + "|",
+    ]
     for g in LETTERS:
-        lines.append(f"| {g} | " + " | ".join(str(row["confusion"][g][p]) for p in PRED_LABELS) + " |")
+        lines.append(
+            f"| {g} | " + " | ".join(str(row["confusion"][g][p]) for p in PRED_LABELS) + " |"
+        )
     return lines
 
 
@@ -236,23 +324,38 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     info = init_distributed()
     device, rank, world_size = info.device, info.rank, info.world_size
-    model, tokenizer, meta = load_model(args.source, tag=args.model_tag, step=args.step, device=device, phase="eval")
+    model, tokenizer, meta = load_model(
+        args.source, tag=args.model_tag, step=args.step, device=device, phase="eval"
+    )
     tag = meta.get("tag") or args.model_tag or "?"
-    print0(f"chat_eval: {args.source}/{tag} step {meta.get('step')}, tasks {args.task_list}, split {args.split}, "
-           f"modes {args.mode_list}, {world_size} process(es) on {device.type}")
-    tracker = make_tracker(args, f"chat_eval_{args.source}", {**vars(args), "tag": tag, "step": meta.get("step")})
+    print0(
+        f"chat_eval: {args.source}/{tag} step {meta.get('step')}, tasks {args.task_list}, split {args.split}, "
+        f"modes {args.mode_list}, {world_size} process(es) on {device.type}"
+    )
+    tracker = make_tracker(
+        args, f"chat_eval_{args.source}", {**vars(args), "tag": tag, "step": meta.get("step")}
+    )
     all_rows = []
     for name in args.task_list:
         task = load_task(name, args)
         t0 = time.time()
         rows = evaluate_task(name, task, model, tokenizer, args, rank, world_size, device)
         for row in rows:
-            row.update({"tag": tag, "step": meta.get("step"), "time": time.time(), "seconds": time.time() - t0})
+            row.update(
+                {
+                    "tag": tag,
+                    "step": meta.get("step"),
+                    "time": time.time(),
+                    "seconds": time.time() - t0,
+                }
+            )
             pk_key = f"pass@{row['k']}" if "k" in row else None
             extra = f", {pk_key} {row[pk_key]:.3f}" if pk_key else ""
-            print0(f"{row['task']} {row['split']} {row['mode']}: acc {row['acc']:.3f} ({row['correct']}/{row['n']})"
-                   f"{extra} | chance 0.200 | always-{row['most_frequent_letter']} {row['most_frequent_acc']:.3f} | "
-                   f"predicted {row['pred_counts']}")
+            print0(
+                f"{row['task']} {row['split']} {row['mode']}: acc {row['acc']:.3f} ({row['correct']}/{row['n']})"
+                f"{extra} | chance 0.200 | always-{row['most_frequent_letter']} {row['most_frequent_acc']:.3f} | "
+                f"predicted {row['pred_counts']}"
+            )
             metrics = {f"{row['task']}/{row['mode']}/acc": row["acc"]}
             if pk_key:
                 metrics[f"{row['task']}/{pk_key}"] = row[pk_key]
@@ -265,15 +368,28 @@ def main(argv=None) -> list[dict]:
         with open(run_dir / "chat_eval.jsonl", "a", encoding="utf-8") as fh:
             for row in all_rows:
                 fh.write(json.dumps(row) + "\n")
-        md = [f"## Chat evaluation of {args.source} ({tag}, step {meta.get('step')})", "",
-              "| task | split | mode | acc | n | chance | always-most-frequent | pass@k |",
-              "|---|---|---|---|---|---|---|---|"]
+        md = [
+            f"## Chat evaluation of {args.source} ({tag}, step {meta.get('step')})",
+            "",
+            "| task | split | mode | acc | n | chance | always-most-frequent | pass@k |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in all_rows:
-            pk = f"{row['pass@' + str(row['k'])]:.3f} (k={row['k']}, T={row['temperature']})" if "k" in row else ""
-            md.append(f"| {row['task']} | {row['split']} | {row['mode']} | {row['acc']:.3f} | {row['n']} | 0.200 | "
-                      f"{row['most_frequent_acc']:.3f} ({row['most_frequent_letter']}) | {pk} |")
+            pk = (
+                f"{row['pass@' + str(row['k'])]:.3f} (k={row['k']}, T={row['temperature']})"
+                if "k" in row
+                else ""
+            )
+            md.append(
+                f"| {row['task']} | {row['split']} | {row['mode']} | {row['acc']:.3f} | {row['n']} | 0.200 | "
+                f"{row['most_frequent_acc']:.3f} ({row['most_frequent_letter']}) | {pk} |"
+            )
         for row in all_rows:
-            md += ["", f"Confusion ({row['task']}, {row['mode']}; rows gold, columns predicted):", ""]
+            md += [
+                "",
+                f"Confusion ({row['task']}, {row['mode']}; rows gold, columns predicted):",
+                "",
+            ]
             md += confusion_markdown(row)
         write_section(get_base_dir(), args.run, f"chat_eval_{args.source}", "\n".join(md))
         print0(f"wrote {run_dir / 'chat_eval.jsonl'}")

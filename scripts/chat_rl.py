@@ -70,16 +70,36 @@ from nanochat.rl import (
 )
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
-from nanochat.training import (StepTimer, refuse_changed_flags, save, set_lr, start_or_resume,
-                               stop_if_not_finite, warmdown_multiplier)
+from nanochat.training import (
+    StepTimer,
+    refuse_changed_flags,
+    save,
+    set_lr,
+    start_or_resume,
+    stop_if_not_finite,
+    warmdown_multiplier,
+)
 from tasks.aqua import extract_letter
 
 STAGE = "rl"
 # Flags that may change on a resume besides the common ones (nanochat/training.HARMLESS_FLAGS): they
 # change what is measured or how work is batched, not what is trained.
-RESUME_HARMLESS = {"eval_samples", "eval_prompts", "eval_problems", "diagnostics", "kl_sample_frac",
-                   "attn_every", "attn_heatmap_every", "attn_probes", "truncation_warn", "rollout_prompts",
-                   "device_batch_size", "source_tag", "source_step", "tag"}
+RESUME_HARMLESS = {
+    "eval_samples",
+    "eval_prompts",
+    "eval_problems",
+    "diagnostics",
+    "kl_sample_frac",
+    "attn_every",
+    "attn_heatmap_every",
+    "attn_probes",
+    "truncation_warn",
+    "rollout_prompts",
+    "device_batch_size",
+    "source_tag",
+    "source_step",
+    "tag",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -325,8 +345,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         problems.append("--kl-sample-frac must be in (0, 1]")
     if args.eval_samples < 1 or args.eval_prompts < 1:
         problems.append("--eval-samples and --eval-prompts must be >= 1")
-    if args.eval_problems == 0 or args.eval_problems < -1 or args.train_examples == 0 or args.train_examples < -1:
-        problems.append("--eval-problems and --train-examples must be >= 1 (or -1: the whole split)")
+    if (
+        args.eval_problems == 0
+        or args.eval_problems < -1
+        or args.train_examples == 0
+        or args.train_examples < -1
+    ):
+        problems.append(
+            "--eval-problems and --train-examples must be >= 1 (or -1: the whole split)"
+        )
     if args.rollout_prompts < 0:
         problems.append("--rollout-prompts must be >= 0 (0: all of a rank's questions at once)")
     if args.clip_eps >= 1:
@@ -501,7 +528,9 @@ def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
         completions = [c.ids[c.prompt_len :] for c in group]
         ref = diag.completion_logits(ref_model, prompt, completions, pad_id)
         width = ref.size(1)
-        targets = torch.tensor([c + [-1] * (width - len(c)) for c in completions], device=ref.device)
+        targets = torch.tensor(
+            [c + [-1] * (width - len(c)) for c in completions], device=ref.device
+        )
         policy_logp = torch.tensor(
             [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in group], device=ref.device
         )
@@ -540,21 +569,42 @@ def loss_normalisers(rows, args, info) -> tuple[float, float]:
     return counts[0].item(), counts[1].item()
 
 
-def train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal, args, info,
-               letter_ids, pad_id):
+def train_step(
+    model,
+    ref_model,
+    optimizers,
+    groups,
+    questions,
+    adv,
+    zero_signal,
+    args,
+    info,
+    letter_ids,
+    pad_id,
+):
     """The ppo-epochs optimizer steps on one rollout batch; returns the step's statistics (this rank)."""
     device, world = info.device, info.world_size
-    stats = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": [], "clipped": 0.0,
-             "clip_tokens": 0.0, "logprob_gap": 0.0, "gap_tokens": 0.0, "grad_norm": 0.0,
-             "skipped": False}
+    stats = {
+        "kl_seq": [],
+        "kl_seq_k3": [],
+        "kl_letter": [],
+        "margin": [],
+        "clipped": 0.0,
+        "clip_tokens": 0.0,
+        "logprob_gap": 0.0,
+        "gap_tokens": 0.0,
+        "grad_norm": 0.0,
+        "skipped": False,
+    }
     if args.diagnostics:  # the policy as it sampled (before this update) against the reference
         stats.update(diagnose(ref_model, groups, questions, args, letter_ids, pad_id))
     rows = [c for group in groups for c in group]
     row_adv = [a for group_adv in adv.tolist() for a in group_adv]
     # Zero-signal groups have zero advantage everywhere: no forward/backward unless the KL penalty
     # applies to them too.
-    trained = [i for i in range(len(rows))
-               if args.kl_coef > 0 or not zero_signal[i // args.num_samples]]
+    trained = [
+        i for i in range(len(rows)) if args.kl_coef > 0 or not zero_signal[i // args.num_samples]
+    ]
     size = args.device_batch_size
     batches = [trained[k : k + size] for k in range(0, len(trained), size)]
     global_tokens, global_seqs = loss_normalisers(rows, args, info)
@@ -585,11 +635,20 @@ def train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal
                 stats["gap_tokens"] += comp.sum().item()
                 first_pass[b] = (logp.detach(), ref_logp)
             old_logp, ref_logp = first_pass[b]
-            weights = token_weights(train_mask, args.loss_norm, global_tokens, global_seqs,
-                                    args.max_new_tokens)
+            weights = token_weights(
+                train_mask, args.loss_norm, global_tokens, global_seqs, args.max_new_tokens
+            )
             a = torch.tensor([row_adv[i] for i in idx], device=device)
-            loss, clipped = policy_loss(logp, old_logp, a, weights, args.clip_eps,
-                                        args.clip_eps_high, args.kl_coef, ref_logp)
+            loss, clipped = policy_loss(
+                logp,
+                old_logp,
+                a,
+                weights,
+                args.clip_eps,
+                args.clip_eps_high,
+                args.kl_coef,
+                ref_logp,
+            )
             # the optimizers average gradients over ranks, so * world makes it the global sum
             (loss * world).backward()
             if epoch > 0:  # on the first pass the ratio is exactly 1: nothing can be clipped
@@ -765,8 +824,10 @@ def main(argv=None) -> dict:
         ref_model.requires_grad_(False)
     tag = args.tag or src_meta.get("tag") or f"d{model.config.n_layer}"
     if args.source_stage == STAGE and tag == src_meta.get("tag"):
-        raise SystemExit(f"-i rl with output tag {tag!r} would train into its own source (and --fresh would "
-                         f"delete it): pass another --tag")
+        raise SystemExit(
+            f"-i rl with output tag {tag!r} would train into its own source (and --fresh would "
+            f"delete it): pass another --tag"
+        )
     letter_ids = diag.letter_token_ids(tokenizer)
     if letter_ids is None:
         print0(
@@ -804,13 +865,17 @@ def main(argv=None) -> dict:
     if resumed is not None:
         refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
         if resumed.get("world_size") != world:  # Muon's state is sharded per rank
-            raise SystemExit(f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
-                             f"process(es), this run has {world}: resume with the same number, or --fresh")
+            raise SystemExit(
+                f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
+                f"process(es), this run has {world}: resume with the same number, or --fresh"
+            )
         began = (resumed.get("source_tag"), resumed.get("source_step"))
         if began != (src_meta.get("tag"), src_meta.get("step")):
-            raise SystemExit(f"{ckpt_dir} started from {args.source_stage}/{began[0]} step {began[1]}, but the "
-                             f"reference now resolves to {src_meta.get('tag')} step {src_meta.get('step')}: "
-                             f"pass --source-tag {began[0]} --source-step {began[1]} to resume, or --fresh")
+            raise SystemExit(
+                f"{ckpt_dir} started from {args.source_stage}/{began[0]} step {began[1]}, but the "
+                f"reference now resolves to {src_meta.get('tag')} step {src_meta.get('step')}: "
+                f"pass --source-tag {began[0]} --source-step {began[1]} to resume, or --fresh"
+            )
         stats_kept.update(resumed.get("stats", {}))
     run_config = {
         **vars(args),
@@ -857,7 +922,9 @@ def main(argv=None) -> dict:
         )
         if (attn_now or heat_now or (last and args.diagnostics)) and rank == 0 and probes:
             tracker.log(
-                attention_metrics(model, tokenizer, probes, step, heat_now or last, report_dir(base_dir, args.run)),
+                attention_metrics(
+                    model, tokenizer, probes, step, heat_now or last, report_dir(base_dir, args.run)
+                ),
                 step=step,
             )
         if last:
@@ -872,8 +939,19 @@ def main(argv=None) -> dict:
         adv, zero_signal = group_advantages(rewards, args.adv_std_norm)
         lrm = warmdown_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
-        stats = train_step(model, ref_model, optimizers, groups, questions, adv, zero_signal, args,
-                           info, letter_ids, pad_id)
+        stats = train_step(
+            model,
+            ref_model,
+            optimizers,
+            groups,
+            questions,
+            adv,
+            zero_signal,
+            args,
+            info,
+            letter_ids,
+            pad_id,
+        )
         timer.stop()
         step += 1
 

@@ -31,17 +31,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.chat_data import (ConversationLoader, add_data_args, answer_letter_ids, build_mixture, iter_eval_batches,
-                                letter_hits, resolve_aqua_source)
+from nanochat.chat_data import (
+    ConversationLoader,
+    add_data_args,
+    answer_letter_ids,
+    build_mixture,
+    iter_eval_batches,
+    letter_hits,
+    resolve_aqua_source,
+)
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model
-from nanochat.common import autodetect_dtype, cleanup_distributed, get_base_dir, init_distributed, print0, seed_everything
+from nanochat.common import (
+    autodetect_dtype,
+    cleanup_distributed,
+    get_base_dir,
+    init_distributed,
+    print0,
+    seed_everything,
+)
 from nanochat.gpt import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
-from nanochat.training import (StepTimer, refuse_changed_flags, save, set_lr, start_or_resume,
-                               stop_if_not_finite, warmdown_multiplier)
+from nanochat.training import (
+    StepTimer,
+    refuse_changed_flags,
+    save,
+    set_lr,
+    start_or_resume,
+    stop_if_not_finite,
+    warmdown_multiplier,
+)
 
 # Per-stage defaults: mid-training is the longer, higher-lr pass right after pretraining; SFT a gentle
 # final pass. Everything is a flag.
@@ -57,43 +78,98 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m scripts.{'mid_train' if stage == 'mid' else 'chat_sft'}",
         description=f"{TITLES[stage]}: train on a conversation task mixture with the loss on assistant tokens "
-                    f"(see scripts/chat_sft.py's docstring).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        f"(see scripts/chat_sft.py's docstring).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("source checkpoint")
-    g.add_argument("--source-stage", default=None, choices=["base", "mid", "sft", "rl"],
-                   help=f"stage to start from (default {d['source_stage']}"
-                        + (", or base when no mid checkpoint exists)" if stage == "sft" else ")"))
-    g.add_argument("--source-tag", default=None, help="tag of the source checkpoint (default: its latest tag)")
-    g.add_argument("--source-step", type=int, default=None, help="step of the source checkpoint (default: last)")
+    g.add_argument(
+        "--source-stage",
+        default=None,
+        choices=["base", "mid", "sft", "rl"],
+        help=f"stage to start from (default {d['source_stage']}"
+        + (", or base when no mid checkpoint exists)" if stage == "sft" else ")"),
+    )
+    g.add_argument(
+        "--source-tag", default=None, help="tag of the source checkpoint (default: its latest tag)"
+    )
+    g.add_argument(
+        "--source-step",
+        type=int,
+        default=None,
+        help="step of the source checkpoint (default: last)",
+    )
     add_data_args(p)
     g = p.add_argument_group("batch and budget")
-    g.add_argument("--max-seq-len", type=int, default=None,
-                   help="tokens per conversation (longer ones are truncated; default: the model's context)")
-    g.add_argument("--device-batch-size", type=int, default=8, help="conversations per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step per process")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)")
-    g.add_argument("--num-epochs", type=float, default=d["num_epochs"], help="passes over the training mixture")
+    g.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="tokens per conversation (longer ones are truncated; default: the model's context)",
+    )
+    g.add_argument(
+        "--device-batch-size", type=int, default=8, help="conversations per micro-batch per process"
+    )
+    g.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step per process"
+    )
+    g.add_argument(
+        "--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)"
+    )
+    g.add_argument(
+        "--num-epochs", type=float, default=d["num_epochs"], help="passes over the training mixture"
+    )
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (x init-lr-frac)")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (x init-lr-frac)")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of block matrices (x init-lr-frac)")
+    g.add_argument(
+        "--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (x init-lr-frac)"
+    )
+    g.add_argument(
+        "--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (x init-lr-frac)"
+    )
+    g.add_argument(
+        "--matrix-lr", type=float, default=0.02, help="Muon lr of block matrices (x init-lr-frac)"
+    )
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--init-lr-frac", type=float, default=d["init_lr_frac"],
-                   help="multiplier on the three lrs above (pretraining lrs are too hot for fine-tuning)")
-    g.add_argument("--warmdown-ratio", type=float, default=d["warmdown_ratio"],
-                   help="fraction of steps at the end over which the lr decays linearly to 0")
+    g.add_argument(
+        "--init-lr-frac",
+        type=float,
+        default=d["init_lr_frac"],
+        help="multiplier on the three lrs above (pretraining lrs are too hot for fine-tuning)",
+    )
+    g.add_argument(
+        "--warmdown-ratio",
+        type=float,
+        default=d["warmdown_ratio"],
+        help="fraction of steps at the end over which the lr decays linearly to 0",
+    )
     g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
     g.add_argument("--seed", type=int, default=42, help="data-order seed")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=100, help="eval loss every N steps (0: only at the end)")
-    g.add_argument("--eval-examples", type=int, default=400, help="held-out conversations per eval (-1: all)")
+    g.add_argument(
+        "--eval-every", type=int, default=100, help="eval loss every N steps (0: only at the end)"
+    )
+    g.add_argument(
+        "--eval-examples", type=int, default=400, help="held-out conversations per eval (-1: all)"
+    )
     g.add_argument("--log-every", type=int, default=10, help="log training metrics every N steps")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only the final one)")
-    g.add_argument("--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)")
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=500,
+        help="checkpoint every N steps (0: only the final one)",
+    )
+    g.add_argument(
+        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
+    )
     g.add_argument("--tag", default=None, help="output checkpoint tag (default: the source's tag)")
-    g.add_argument("--resume", default="auto", choices=["auto", "require"],
-                   help="auto: resume if this stage/tag has a checkpoint; require: fail if there is none")
-    g.add_argument("--fresh", action="store_true", help="DELETE this stage/tag's checkpoints and start over")
+    g.add_argument(
+        "--resume",
+        default="auto",
+        choices=["auto", "require"],
+        help="auto: resume if this stage/tag has a checkpoint; require: fail if there is none",
+    )
+    g.add_argument(
+        "--fresh", action="store_true", help="DELETE this stage/tag's checkpoints and start over"
+    )
     add_tracking_args(p)
     return p
 
@@ -113,57 +189,87 @@ def main(argv=None, stage: str = "sft") -> dict:
     # ---- source checkpoint (mid <- base, sft <- mid or base)
     source_stage = args.source_stage or STAGE_DEFAULTS[stage]["source_stage"]
     if args.source_stage is None and stage == "sft" and not has_checkpoint("mid", args.source_tag):
-        print0("note: no mid checkpoint found; SFT starts from the base checkpoint "
-               "(run scripts.mid_train first for the full pipeline)")
+        print0(
+            "note: no mid checkpoint found; SFT starts from the base checkpoint "
+            "(run scripts.mid_train first for the full pipeline)"
+        )
         source_stage = "base"
     if not has_checkpoint(source_stage, args.source_tag):
         where = base_dir / "checkpoints" / source_stage / (args.source_tag or "*")
-        raise SystemExit(f"no {source_stage} checkpoint at {where}: train that stage first "
-                         f"(scripts.{ {'base': 'base_train', 'mid': 'mid_train'}.get(source_stage, source_stage) }) "
-                         f"or pass --source-stage/--source-tag")
-    model, tokenizer, src_meta = load_model(source_stage, tag=args.source_tag, step=args.source_step,
-                                            device=device, phase="train")
+        raise SystemExit(
+            f"no {source_stage} checkpoint at {where}: train that stage first "
+            f"(scripts.{ {'base': 'base_train', 'mid': 'mid_train'}.get(source_stage, source_stage) }) "
+            f"or pass --source-stage/--source-tag"
+        )
+    model, tokenizer, src_meta = load_model(
+        source_stage, tag=args.source_tag, step=args.source_step, device=device, phase="train"
+    )
     config = model.config
     tag = args.tag or src_meta.get("tag") or args.source_tag or f"d{config.n_layer}"
     seq_len = args.max_seq_len or config.sequence_len
-    print0(f"{stage}: source {source_stage}/{src_meta.get('tag', '?')} step {src_meta.get('step')} -> "
-           f"{stage}/{tag}; model depth {config.n_layer}, n_embd {config.n_embd}, vocab {config.vocab_size}, "
-           f"{model.num_params():,} params; seq len {seq_len}")
+    print0(
+        f"{stage}: source {source_stage}/{src_meta.get('tag', '?')} step {src_meta.get('step')} -> "
+        f"{stage}/{tag}; model depth {config.n_layer}, n_embd {config.n_embd}, vocab {config.vocab_size}, "
+        f"{model.num_params():,} params; seq len {seq_len}"
+    )
 
     # ---- data
     train_task, train_desc = build_mixture(args, "train", device, seed=args.seed)
     val_task, val_desc = build_mixture(args, "val", device, seed=args.seed)
-    print0(f"train mixture: {train_desc} = {len(train_task)} conversations (AQuA source: "
-           f"{resolve_aqua_source(args, device)})")
+    print0(
+        f"train mixture: {train_desc} = {len(train_task)} conversations (AQuA source: "
+        f"{resolve_aqua_source(args, device)})"
+    )
     print0(f"val mixture:   {val_desc}" + (f" = {len(val_task)} conversations" if val_task else ""))
     per_step = world_size * args.grad_accum * args.device_batch_size
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     else:
         num_iterations = max(1, int(args.num_epochs * len(train_task)) // per_step)
-    print0(f"{num_iterations} steps x {per_step} conversations ({world_size} proc x {args.grad_accum} micro x "
-           f"{args.device_batch_size}) = {num_iterations * per_step / len(train_task):.2f} epochs")
+    print0(
+        f"{num_iterations} steps x {per_step} conversations ({world_size} proc x {args.grad_accum} micro x "
+        f"{args.device_batch_size}) = {num_iterations * per_step / len(train_task):.2f} epochs"
+    )
 
     # ---- checkpoint: fresh start or resume
     ckpt_dir = checkpoint_dir(stage, tag)
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    start_step, resumed, rank_state = start_or_resume(ckpt_dir, info, model, optimizers, args.fresh, args.resume)
+    optimizers = model.setup_optimizers(
+        unembedding_lr=args.unembedding_lr,
+        embedding_lr=args.embedding_lr,
+        matrix_lr=args.matrix_lr,
+        weight_decay=args.weight_decay,
+    )
+    start_step, resumed, rank_state = start_or_resume(
+        ckpt_dir, info, model, optimizers, args.fresh, args.resume
+    )
     if resumed is not None:
         refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args)
-    if resumed is not None and (resumed.get("num_iterations") != num_iterations
-                                or resumed.get("per_step") != per_step):
-        raise SystemExit(f"{ckpt_dir} step {start_step} belongs to a run of {resumed.get('num_iterations')} steps "
-                         f"x {resumed.get('per_step')} conversations; these flags give {num_iterations} x "
-                         f"{per_step}. Keep the flags (and process count) to resume, or use --fresh / another --tag.")
+    if resumed is not None and (
+        resumed.get("num_iterations") != num_iterations or resumed.get("per_step") != per_step
+    ):
+        raise SystemExit(
+            f"{ckpt_dir} step {start_step} belongs to a run of {resumed.get('num_iterations')} steps "
+            f"x {resumed.get('per_step')} conversations; these flags give {num_iterations} x "
+            f"{per_step}. Keep the flags (and process count) to resume, or use --fresh / another --tag."
+        )
     loader_state = rank_state["loader"] if rank_state else None
     if resumed is None:
         seed_everything(args.seed)
     train_model = maybe_compile(model, device)
     compiled = train_model is not model
-    loader = ConversationLoader(train_task, tokenizer, args.device_batch_size, seq_len, grad_accum=args.grad_accum,
-                                rank=rank, world_size=world_size, seed=args.seed, device=device, state=loader_state,
-                                fixed_shapes=compiled)  # a few bucket lengths: few recompiles under compile
+    loader = ConversationLoader(
+        train_task,
+        tokenizer,
+        args.device_batch_size,
+        seq_len,
+        grad_accum=args.grad_accum,
+        rank=rank,
+        world_size=world_size,
+        seed=args.seed,
+        device=device,
+        state=loader_state,
+        fixed_shapes=compiled,
+    )  # a few bucket lengths: few recompiles under compile
 
     letter_ids = answer_letter_ids(tokenizer)
     letter_vocab = torch.tensor(sorted(letter_ids), device=device) if letter_ids else None
@@ -181,31 +287,59 @@ def main(argv=None, stage: str = "sft") -> dict:
             return None, {}
         model.eval()
         tot = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, trained tokens
-        letters = torch.zeros(len(letter_tasks), 2, device=device, dtype=torch.float64)  # hits, count per task
-        for x, y, letter_pos in iter_eval_batches(val_task, tokenizer, args.device_batch_size, seq_len, rank,
-                                                  world_size, args.eval_examples, device):
+        letters = torch.zeros(
+            len(letter_tasks), 2, device=device, dtype=torch.float64
+        )  # hits, count per task
+        for x, y, letter_pos in iter_eval_batches(
+            val_task,
+            tokenizer,
+            args.device_batch_size,
+            seq_len,
+            rank,
+            world_size,
+            args.eval_examples,
+            device,
+        ):
             logits = model(x)
-            tot[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
-                                      reduction="sum").double()
+            tot[0] += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum"
+            ).double()
             tot[1] += (y != -1).sum()
             if letter_pos and letter_vocab is not None:
                 hits = letter_hits(logits, y, letter_pos, letter_vocab)
                 for (_, _, name), hit in zip(letter_pos, hits.tolist()):
-                    letters[letter_tasks.index(name)] += torch.tensor([float(hit), 1.0], device=device,
-                                                                      dtype=torch.float64)
+                    letters[letter_tasks.index(name)] += torch.tensor(
+                        [float(hit), 1.0], device=device, dtype=torch.float64
+                    )
         if info.is_ddp:
             dist.all_reduce(tot, op=dist.ReduceOp.SUM)
             dist.all_reduce(letters, op=dist.ReduceOp.SUM)
         model.train()
-        accs = {name: (letters[i, 0] / letters[i, 1]).item() for i, name in enumerate(letter_tasks) if letters[i, 1] > 0}
+        accs = {
+            name: (letters[i, 0] / letters[i, 1]).item()
+            for i, name in enumerate(letter_tasks)
+            if letters[i, 1] > 0
+        }
         return (tot[0] / tot[1].clamp(min=1)).item(), accs
 
-    run_config = {**vars(args), "stage": stage, "tag": tag, "source_stage": source_stage,
-                  "source_tag": src_meta.get("tag"), "source_step": src_meta.get("step"),
-                  "num_iterations": num_iterations, "per_step": per_step, "world_size": world_size,
-                  "device": str(device), "dtype": str(autodetect_dtype(device)), "model_config": asdict(config),
-                  "train_mixture": train_desc, "val_mixture": val_desc, "seq_len": seq_len,
-                  "resumed_from": start_step}
+    run_config = {
+        **vars(args),
+        "stage": stage,
+        "tag": tag,
+        "source_stage": source_stage,
+        "source_tag": src_meta.get("tag"),
+        "source_step": src_meta.get("step"),
+        "num_iterations": num_iterations,
+        "per_step": per_step,
+        "world_size": world_size,
+        "device": str(device),
+        "dtype": str(autodetect_dtype(device)),
+        "model_config": asdict(config),
+        "train_mixture": train_desc,
+        "val_mixture": val_desc,
+        "seq_len": seq_len,
+        "resumed_from": start_step,
+    }
     tracker = make_tracker(args, stage, run_config)
 
     # ---- training loop (step = optimizer steps already taken)
@@ -223,16 +357,27 @@ def main(argv=None, stage: str = "sft") -> dict:
                 min_val = min(min_val, val_loss)
                 extra = "".join(f" | letter acc {k} {v:.3f}" for k, v in letter_acc.items())
                 print0(f"step {step:05d}/{num_iterations} | val loss {val_loss:.4f}{extra}")
-                tracker.log({"val/loss": val_loss, **{f"val/letter_acc/{k}": v for k, v in letter_acc.items()}},
-                            step=step)
+                tracker.log(
+                    {
+                        "val/loss": val_loss,
+                        **{f"val/letter_acc/{k}": v for k, v in letter_acc.items()},
+                    },
+                    step=step,
+                )
         if last:
             break
 
         timer.start()
         micro = loader.next_step()
         # the step's trained-token count over every micro-batch and rank: the loss denominator
-        counts = torch.tensor([float(sum(int((y != -1).sum()) for _, y in micro)),
-                               float(sum(x.numel() for x, _ in micro))], device=device, dtype=torch.float64)
+        counts = torch.tensor(
+            [
+                float(sum(int((y != -1).sum()) for _, y in micro)),
+                float(sum(x.numel() for x, _ in micro)),
+            ],
+            device=device,
+            dtype=torch.float64,
+        )
         if info.is_ddp:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         n_target = max(counts[0].item(), 1.0)
@@ -260,37 +405,68 @@ def main(argv=None, stage: str = "sft") -> dict:
             stop_if_not_finite(grad_norm.item(), "the gradient norm", step, ckpt_dir)
             stop_if_not_finite(last_loss, "the training loss", step, ckpt_dir)
             tok_per_sec = counts[1].item() / dt
-            metrics = {"train/loss": last_loss, "train/lrm": lrm,
-                       "train/lr": args.matrix_lr * args.init_lr_frac * lrm, "train/grad_norm": grad_norm.item(),
-                       "train/tok_per_sec": tok_per_sec, "train/trained_tokens": counts[0].item(),
-                       "train/epoch": loader.epoch, "train/step_time_s": dt,
-                       # share of the micro-batches' token slots that held padding (this rank, so far)
-                       "train/pad_frac": 1 - loader.real_tokens / max(1, loader.padded_tokens)}
+            metrics = {
+                "train/loss": last_loss,
+                "train/lrm": lrm,
+                "train/lr": args.matrix_lr * args.init_lr_frac * lrm,
+                "train/grad_norm": grad_norm.item(),
+                "train/tok_per_sec": tok_per_sec,
+                "train/trained_tokens": counts[0].item(),
+                "train/epoch": loader.epoch,
+                "train/step_time_s": dt,
+                # share of the micro-batches' token slots that held padding (this rank, so far)
+                "train/pad_frac": 1 - loader.real_tokens / max(1, loader.padded_tokens),
+            }
             tracker.log(metrics, step=step)
-            print0(f"step {step:05d}/{num_iterations} | loss {last_loss:.4f} | lrm {lrm:.3f} | gnorm "
-                   f"{grad_norm.item():.3f} | {int(counts[0].item())} trained tok | {dt * 1000:.0f} ms | "
-                   f"{tok_per_sec:,.0f} tok/s | epoch {loader.epoch:.2f}")
+            print0(
+                f"step {step:05d}/{num_iterations} | loss {last_loss:.4f} | lrm {lrm:.3f} | gnorm "
+                f"{grad_norm.item():.3f} | {int(counts[0].item())} trained tok | {dt * 1000:.0f} ms | "
+                f"{tok_per_sec:,.0f} tok/s | epoch {loader.epoch:.2f}"
+            )
 
         if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
-            meta = {"model_config": asdict(config), "tokenizer": tokenizer_record(tokenizer), "stage": stage,
-                    "tag": tag, "num_iterations": num_iterations, "per_step": per_step,
-                    "source_stage": source_stage, "source_tag": src_meta.get("tag"),
-                    "source_step": src_meta.get("step"), "train_loss": last_loss, "val_loss": val_loss,
-                    "args": vars(args)}
-            save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last, {"loader": loader.state_dict()})
+            meta = {
+                "model_config": asdict(config),
+                "tokenizer": tokenizer_record(tokenizer),
+                "stage": stage,
+                "tag": tag,
+                "num_iterations": num_iterations,
+                "per_step": per_step,
+                "source_stage": source_stage,
+                "source_tag": src_meta.get("tag"),
+                "source_step": src_meta.get("step"),
+                "train_loss": last_loss,
+                "val_loss": val_loss,
+                "args": vars(args),
+            }
+            save(
+                ckpt_dir,
+                step,
+                model,
+                optimizers,
+                meta,
+                rank,
+                args.keep_last,
+                {"loader": loader.state_dict()},
+            )
 
     # ---- wrap up
-    summary = {"final/train_loss": last_loss, "final/val_loss": val_loss,
-               **{f"final/letter_acc/{k}": v for k, v in letter_acc.items()},
-               "final/min_val_loss": min_val if min_val < float("inf") else None, "final/steps": num_iterations,
-               "final/train_time_s": timer.total}
+    summary = {
+        "final/train_loss": last_loss,
+        "final/val_loss": val_loss,
+        **{f"final/letter_acc/{k}": v for k, v in letter_acc.items()},
+        "final/min_val_loss": min_val if min_val < float("inf") else None,
+        "final/steps": num_iterations,
+        "final/train_time_s": timer.total,
+    }
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
         truncated = loader.truncated
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         lines = [
-            f"## {TITLES[stage]}", "",
+            f"## {TITLES[stage]}",
+            "",
             f"- checkpoint: `{ckpt_dir}` (step {num_iterations}), from {source_stage}/{src_meta.get('tag', '?')} "
             f"step {src_meta.get('step')}",
             f"- train mixture: {train_desc} = {len(train_task)} conversations; AQuA source "
@@ -309,8 +485,13 @@ def main(argv=None, stage: str = "sft") -> dict:
         ]
         write_section(base_dir, args.run, stage, "\n".join(lines))
     cleanup_distributed()
-    return {"val_loss": val_loss, "letter_acc": letter_acc, "train_loss": last_loss, "ckpt_dir": str(ckpt_dir),
-            "steps": num_iterations}
+    return {
+        "val_loss": val_loss,
+        "letter_acc": letter_acc,
+        "train_loss": last_loss,
+        "ckpt_dir": str(ckpt_dir),
+        "steps": num_iterations,
+    }
 
 
 if __name__ == "__main__":

@@ -23,24 +23,40 @@ from nanochat.gpt import GPT, config_from_depth, maybe_compile
 
 
 def versions(device: torch.device) -> list[tuple[str, str]]:
-    rows = [("python", platform.python_version()), ("torch", torch.__version__),
-            ("torch built for CUDA", str(torch.version.cuda))]
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch built for CUDA", str(torch.version.cuda)),
+    ]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        rows += [("card", f"{props.name}, {props.total_memory / 2**30:.0f} GiB, SM {props.major}.{props.minor}"),
-                 ("cards visible", str(torch.cuda.device_count()))]
+        rows += [
+            (
+                "card",
+                f"{props.name}, {props.total_memory / 2**30:.0f} GiB, SM {props.major}.{props.minor}",
+            ),
+            ("cards visible", str(torch.cuda.device_count())),
+        ]
         try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             driver = "unknown (nvidia-smi did not answer)"
         rows.append(("driver", driver))
     else:
-        rows.append(("card", "none: CPU only (the bf16/compile path is CUDA's; this run checks fp32 twice)"))
+        rows.append(
+            ("card", "none: CPU only (the bf16/compile path is CUDA's; this run checks fp32 twice)")
+        )
     return rows
 
 
-def train_losses(device, dtype, compiled: bool, steps: int, seed: int = 0) -> tuple[list[float], float]:
+def train_losses(
+    device, dtype, compiled: bool, steps: int, seed: int = 0
+) -> tuple[list[float], float]:
     """Per-step losses of a d2 model on 4 fixed batches, and the seconds it took. Each row repeats a random
     32-token segment: learnable by copying (what small transformers learn first), so the loss falls."""
     torch.manual_seed(seed)
@@ -69,12 +85,23 @@ def train_losses(device, dtype, compiled: bool, steps: int, seed: int = 0) -> tu
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="versions, and bf16 + compile training vs fp32 (see the docstring)")
+    p = argparse.ArgumentParser(
+        description="versions, and bf16 + compile training vs fp32 (see the docstring)"
+    )
     p.add_argument("--out", default="gpu_check.md", help="markdown file to append to")
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run (default 60 on "
-                   "CUDA, 20 on CPU, where both runs are fp32 and only the comparison itself is checked)")
-    p.add_argument("--tolerance", type=float, default=0.15,
-                   help="largest allowed gap between the two final losses (mean of the last 8 steps), nats")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of each run (default 60 on "
+        "CUDA, 20 on CPU, where both runs are fp32 and only the comparison itself is checked)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.15,
+        help="largest allowed gap between the two final losses (mean of the last 8 steps), nats",
+    )
     args = p.parse_args(argv)
     device = autodetect_device()
     dtype = autodetect_dtype(device)
@@ -92,12 +119,19 @@ def main(argv=None) -> None:
 
     lines = ["## Versions", "", "| what | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in versions(device)]
-    lines += ["", f"## {label} training vs fp32 eager ({args.steps} steps, d2 model, same weights and batches)",
-              "", "| run | first loss | final loss (mean of last 8) | time |", "| --- | --- | --- | --- |",
-              f"| fp32 eager | {ref[0]:.4f} | {tail(ref):.4f} | {t_ref:.1f} s |",
-              f"| {label} | {test[0]:.4f} | {tail(test):.4f} | {t_test:.1f} s (incl. compile) |", "",
-              f"**{'PASS' if ok else 'FAIL'}**: gap {gap:.4f} nats (tolerance {args.tolerance}), "
-              f"{'finite' if finite else 'NOT FINITE'}, {'learned' if learned else 'DID NOT LEARN'}.", ""]
+    lines += [
+        "",
+        f"## {label} training vs fp32 eager ({args.steps} steps, d2 model, same weights and batches)",
+        "",
+        "| run | first loss | final loss (mean of last 8) | time |",
+        "| --- | --- | --- | --- |",
+        f"| fp32 eager | {ref[0]:.4f} | {tail(ref):.4f} | {t_ref:.1f} s |",
+        f"| {label} | {test[0]:.4f} | {tail(test):.4f} | {t_test:.1f} s (incl. compile) |",
+        "",
+        f"**{'PASS' if ok else 'FAIL'}**: gap {gap:.4f} nats (tolerance {args.tolerance}), "
+        f"{'finite' if finite else 'NOT FINITE'}, {'learned' if learned else 'DID NOT LEARN'}.",
+        "",
+    ]
     with open(args.out, "a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))

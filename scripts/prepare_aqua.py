@@ -27,17 +27,36 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source-dir", default=None,
-                        help=f"folder with the original AQuA-RAT files ({', '.join(ORIGINAL_FILES.values())}); "
-                             "default: download from Hugging Face")
-    parser.add_argument("--out-dir", default=None, help="output folder (default: <base>/data/aqua_rat)")
-    parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated subset of train,validation,test")
-    parser.add_argument("--max-train", type=int, default=None, help="keep at most this many train rows")
-    parser.add_argument("--max-validation", type=int, default=None, help="keep at most this many validation rows")
-    parser.add_argument("--max-test", type=int, default=None, help="keep at most this many test rows")
-    parser.add_argument("--on-bad-row", choices=["skip", "error"], default="skip",
-                        help="skip (and report) rows that break the format, or stop at the first one")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source-dir",
+        default=None,
+        help=f"folder with the original AQuA-RAT files ({', '.join(ORIGINAL_FILES.values())}); "
+        "default: download from Hugging Face",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help="output folder (default: <base>/data/aqua_rat)"
+    )
+    parser.add_argument(
+        "--splits", default=",".join(SPLITS), help="comma-separated subset of train,validation,test"
+    )
+    parser.add_argument(
+        "--max-train", type=int, default=None, help="keep at most this many train rows"
+    )
+    parser.add_argument(
+        "--max-validation", type=int, default=None, help="keep at most this many validation rows"
+    )
+    parser.add_argument(
+        "--max-test", type=int, default=None, help="keep at most this many test rows"
+    )
+    parser.add_argument(
+        "--on-bad-row",
+        choices=["skip", "error"],
+        default="skip",
+        help="skip (and report) rows that break the format, or stop at the first one",
+    )
     args = parser.parse_args(argv)
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -57,10 +76,17 @@ def main(argv=None):
     prepared = {}
     for split in splits:
         try:
-            rows, source = load_rows(split, data_dir=args.source_dir, on_bad_row=args.on_bad_row,
-                                     max_examples=caps[split], use_prepared=False)
+            rows, source = load_rows(
+                split,
+                data_dir=args.source_dir,
+                on_bad_row=args.on_bad_row,
+                max_examples=caps[split],
+                use_prepared=False,
+            )
         except FileNotFoundError as e:
-            raise SystemExit(f"prepare_aqua: {e}. Use --splits to prepare only the splits you have. Nothing written.")
+            raise SystemExit(
+                f"prepare_aqua: {e}. Use --splits to prepare only the splits you have. Nothing written."
+            )
         except (BadRow, RuntimeError) as e:
             raise SystemExit(f"prepare_aqua: {e}. Nothing written.")
         prepared[split] = (rows, source)

@@ -34,8 +34,9 @@ def generative_accuracy(model, tokenizer, problems, max_tokens: int) -> tuple[fl
     engine = Engine(model, tokenizer)
     correct = first_line_ok = 0
     for conv in problems:
-        out = engine.generate_batch(tokenizer.render_for_completion(conv), 1, max_tokens=max_tokens,
-                                    temperature=0.0).sequences[0]
+        out = engine.generate_batch(
+            tokenizer.render_for_completion(conv), 1, max_tokens=max_tokens, temperature=0.0
+        ).sequences[0]
         text = tokenizer.decode([t for t in out if t not in engine.stop_tokens])
         correct += problems.evaluate(conv, text)
         first_line_ok += text.split("\n")[0] == conv["messages"][-1]["content"].split("\n")[0]
@@ -43,15 +44,26 @@ def generative_accuracy(model, tokenizer, problems, max_tokens: int) -> tuple[fl
 
 
 def main(argv=None) -> list[tuple[int, float, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ending", choices=["checks", "value"], default="checks")
-    parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the latest)")
+    parser.add_argument(
+        "--model-tag", default=None, help="base checkpoint tag (default: the latest)"
+    )
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--batch-size", type=int, default=32, help="problems per step")
-    parser.add_argument("--init-lr-frac", type=float, default=0.3, help="x the default learning rates (as mid_train)")
+    parser.add_argument(
+        "--init-lr-frac",
+        type=float,
+        default=0.3,
+        help="x the default learning rates (as mid_train)",
+    )
     parser.add_argument("--warmdown-ratio", type=float, default=0.2)
     parser.add_argument("--eval-every", type=int, default=250)
-    parser.add_argument("--eval-problems", type=int, default=100, help="held-out validation problems")
+    parser.add_argument(
+        "--eval-problems", type=int, default=100, help="held-out validation problems"
+    )
     parser.add_argument("--max-tokens", type=int, default=96, help="generation budget per problem")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -59,22 +71,30 @@ def main(argv=None) -> list[tuple[int, float, float]]:
     seed_everything(args.seed)
     model, tokenizer, meta = load_model("base", tag=args.model_tag, device="cpu", phase="train")
     checks = args.ending == "checks"
-    train = SyntheticAqua("train", num_examples=args.steps * args.batch_size, difficulty="easy", check_options=checks)
-    held_out = SyntheticAqua("validation", num_examples=args.eval_problems, difficulty="easy", check_options=checks)
+    train = SyntheticAqua(
+        "train", num_examples=args.steps * args.batch_size, difficulty="easy", check_options=checks
+    )
+    held_out = SyntheticAqua(
+        "validation", num_examples=args.eval_problems, difficulty="easy", check_options=checks
+    )
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     optimizers = model.setup_optimizers()
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    print0(f"probe_answer_format: ending {args.ending}, from base step {meta.get('step')}, "
-           f"{model.num_params():,} params, {args.steps} steps x {args.batch_size} problems, chance 0.2")
+    print0(
+        f"probe_answer_format: ending {args.ending}, from base step {meta.get('step')}, "
+        f"{model.num_params():,} params, {args.steps} steps x {args.batch_size} problems, chance 0.2"
+    )
     curve, t0 = [], time.time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             acc, first_line = generative_accuracy(model, tokenizer, held_out, args.max_tokens)
             curve.append((step, acc, first_line))
-            print0(f"step {step:05d} | generative acc {acc:.3f} | first rationale line right {first_line:.3f} | "
-                   f"{time.time() - t0:.0f}s")
+            print0(
+                f"step {step:05d} | generative acc {acc:.3f} | first rationale line right {first_line:.3f} | "
+                f"{time.time() - t0:.0f}s"
+            )
         if step == args.steps:
             break
         batch = range(step * args.batch_size, (step + 1) * args.batch_size)

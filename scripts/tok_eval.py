@@ -84,7 +84,9 @@ def load_baseline(name: str, timeout_s: float):
             msg = str(exc).splitlines()[0] if str(exc) else ""
             result["err"] = f"{type(exc).__name__}: {msg[:90]}{'...' if len(msg) > 90 else ''}"
 
-    thread = threading.Thread(target=target, daemon=True)  # daemon: a hung download cannot block exit
+    thread = threading.Thread(
+        target=target, daemon=True
+    )  # daemon: a hung download cannot block exit
     thread.start()
     thread.join(timeout_s)
     if "enc" in result:
@@ -97,7 +99,11 @@ def val_sample(source: str, data_dir: str | None, max_chars: int) -> tuple[str |
     try:
         from nanochat.dataset import text_iterator
 
-        docs = list(text_iterator(split="val", source=source, data_dir=data_dir, max_chars=max_chars, doc_cap=10_000))
+        docs = list(
+            text_iterator(
+                split="val", source=source, data_dir=data_dir, max_chars=max_chars, doc_cap=10_000
+            )
+        )
     except Exception as exc:
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     text = "\n".join(docs)[:max_chars]
@@ -107,19 +113,40 @@ def val_sample(source: str, data_dir: str | None, max_chars: int) -> tuple[str |
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"],
-                        help="pretraining source whose val split is sampled (see nanochat.dataset.text_iterator)")
-    parser.add_argument("--data-dir", default=None, help="directory of local parquet shards for --source dir")
-    parser.add_argument("--val-chars", type=int, default=200_000, help="characters taken from the val split (0: skip)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "fineweb", "dir", "synthetic"],
+        help="pretraining source whose val split is sampled (see nanochat.dataset.text_iterator)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="directory of local parquet shards for --source dir"
+    )
+    parser.add_argument(
+        "--val-chars",
+        type=int,
+        default=200_000,
+        help="characters taken from the val split (0: skip)",
+    )
     parser.add_argument("--no-compare", action="store_true", help="skip the GPT-2/GPT-4 comparison")
-    parser.add_argument("--download-timeout", type=float, default=30.0, help="seconds to wait for each baseline encoding")
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for each baseline encoding",
+    )
     add_tracking_args(parser)
     args = parser.parse_args(argv)
 
     try:
         tok = get_tokenizer()
-    except (FileNotFoundError, ValueError) as exc:  # missing or damaged: the message names the files
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as exc:  # missing or damaged: the message names the files
         raise SystemExit(str(exc)) from None
     notes = []
     samples = dict(SAMPLES)
@@ -137,9 +164,11 @@ def main(argv=None):
         for label, enc_name in BASELINES.items():
             enc, why = load_baseline(enc_name, args.download_timeout)
             if enc is None:
-                notes.append(f"{label} comparison skipped: tiktoken could not load `{enc_name}` ({why}). "
-                             "tiktoken downloads it on first use: run once with network access, or point "
-                             "TIKTOKEN_CACHE_DIR at a cache that has it.")
+                notes.append(
+                    f"{label} comparison skipped: tiktoken could not load `{enc_name}` ({why}). "
+                    "tiktoken downloads it on first use: run once with network access, or point "
+                    "TIKTOKEN_CACHE_DIR at a cache that has it."
+                )
             else:
                 baselines[label] = enc
 
@@ -162,15 +191,23 @@ def main(argv=None):
         ratio = {l: nbytes / max(counts[l], 1) for l in labels}
         # + means our tokenizer needs fewer tokens for the same bytes
         rel = [f"{100 * (ratio['ours'] - ratio[l]) / ratio[l]:+.1f}%" for l in baselines]
-        table.append([name, f"{nbytes:,}"] + [f"{counts[l]:,}" for l in labels]
-                     + [f"{ratio[l]:.2f}" for l in labels] + rel)
+        table.append(
+            [name, f"{nbytes:,}"]
+            + [f"{counts[l]:,}" for l in labels]
+            + [f"{ratio[l]:.2f}" for l in labels]
+            + rel
+        )
         metrics[f"bytes_per_token/{name}"] = ratio["ours"]
         for l in baselines:
             metrics[f"{l}/bytes_per_token/{name}"] = ratio[l]
 
     widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    print(f"Tokenizer compression (vocab {tok.get_vocab_size():,}), bytes per token, higher is better:")
+    fmt = lambda cells: "  ".join(
+        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    print(
+        f"Tokenizer compression (vocab {tok.get_vocab_size():,}), bytes per token, higher is better:"
+    )
     print(fmt(header))
     print(fmt(["-" * w for w in widths]))
     for r in table:
@@ -178,9 +215,14 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}")
 
-    md = [f"## Tokenizer evaluation", "",
-          f"Compression in UTF-8 bytes per token (higher is better); our vocab has {tok.get_vocab_size():,} ids.", "",
-          "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    md = [
+        "## Tokenizer evaluation",
+        "",
+        f"Compression in UTF-8 bytes per token (higher is better); our vocab has {tok.get_vocab_size():,} ids.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     md += ["| " + " | ".join(r) + " |" for r in table]
     if notes:
         md += [""] + [f"- {n}" for n in notes]

@@ -65,95 +65,177 @@ class ProgressIterator:
 
     def report(self) -> None:
         elapsed = time.time() - self.t0
-        print(f"[tok_train] {human(self.chars)} / {human(self.max_chars)} chars "
-              f"({100 * self.chars / self.max_chars:.1f}% of --max-chars) | {self.num_docs:,} docs | {elapsed:.1f}s | "
-              f"{human(self.chars / max(elapsed, 1e-9))} chars/s", flush=True)
+        print(
+            f"[tok_train] {human(self.chars)} / {human(self.max_chars)} chars "
+            f"({100 * self.chars / self.max_chars:.1f}% of --max-chars) | {self.num_docs:,} docs | {elapsed:.1f}s | "
+            f"{human(self.chars / max(elapsed, 1e-9))} chars/s",
+            flush=True,
+        )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab-size", type=count_int, default=2**16,
-                        help="total vocab size including the %d special tokens (default 65536)" % len(SPECIAL_TOKENS))
-    parser.add_argument("--max-chars", type=count_int, default=2_000_000_000,
-                        help="total characters of training text to use (default 2e9)")
-    parser.add_argument("--max-digits", type=int, default=2, choices=[1, 2, 3],
-                        help="digits per pre-token chunk: numbers are split into runs of at most this many "
-                             "digits before BPE (2: the default; 3: GPT-4's, every number < 1000 can be one token)")
-    parser.add_argument("--doc-cap", type=count_int, default=10_000, help="max characters taken from each document")
-    parser.add_argument("--source", default="auto", choices=["auto", "fineweb", "dir", "synthetic"],
-                        help="pretraining text source (see nanochat.dataset.text_iterator)")
-    parser.add_argument("--data-dir", default=None, help="directory of local parquet shards for --source dir")
-    parser.add_argument("--buffer-size", type=count_int, default=8192, help="documents rustbpe pulls per batch")
-    parser.add_argument("--out-dir", default=None, help="where to save (default NANOCHAT_TOKENIZER_DIR, else <base>/tokenizer)")
-    parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=count_int,
+        default=2**16,
+        help="total vocab size including the %d special tokens (default 65536)"
+        % len(SPECIAL_TOKENS),
+    )
+    parser.add_argument(
+        "--max-chars",
+        type=count_int,
+        default=2_000_000_000,
+        help="total characters of training text to use (default 2e9)",
+    )
+    parser.add_argument(
+        "--max-digits",
+        type=int,
+        default=2,
+        choices=[1, 2, 3],
+        help="digits per pre-token chunk: numbers are split into runs of at most this many "
+        "digits before BPE (2: the default; 3: GPT-4's, every number < 1000 can be one token)",
+    )
+    parser.add_argument(
+        "--doc-cap", type=count_int, default=10_000, help="max characters taken from each document"
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "fineweb", "dir", "synthetic"],
+        help="pretraining text source (see nanochat.dataset.text_iterator)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="directory of local parquet shards for --source dir"
+    )
+    parser.add_argument(
+        "--buffer-size", type=count_int, default=8192, help="documents rustbpe pulls per batch"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where to save (default NANOCHAT_TOKENIZER_DIR, else <base>/tokenizer)",
+    )
+    parser.add_argument(
+        "--progress-every", type=float, default=10.0, help="seconds between progress lines"
+    )
     add_tracking_args(parser)
     args = parser.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
-        parser.error(f"--vocab-size {args.vocab_size} is too small: need 256 byte tokens + {len(SPECIAL_TOKENS)} specials")
+        parser.error(
+            f"--vocab-size {args.vocab_size} is too small: need 256 byte tokens + {len(SPECIAL_TOKENS)} specials"
+        )
 
     from nanochat.dataset import text_iterator  # imported late so --help works without data deps
 
     base = get_base_dir()
     out_dir = Path(args.out_dir) if args.out_dir else tokenizer_dir()
-    print(f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
-          f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""), flush=True)
+    print(
+        f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
+        f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""),
+        flush=True,
+    )
 
-    docs = text_iterator(split="train", source=args.source, data_dir=args.data_dir,
-                         max_chars=args.max_chars, doc_cap=args.doc_cap)
+    docs = text_iterator(
+        split="train",
+        source=args.source,
+        data_dir=args.data_dir,
+        max_chars=args.max_chars,
+        doc_cap=args.doc_cap,
+    )
     # Pull the first document here so a missing/empty source fails with its own message, not from inside rustbpe.
     try:
         first = next(docs, None)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         raise SystemExit(f"[tok_train] error: cannot read the training text: {exc}") from None
     if first is None:
-        raise SystemExit(f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir")
+        raise SystemExit(
+            f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir"
+        )
     docs = itertools.chain([first], docs)
     stream = ProgressIterator(docs, args.max_chars, args.doc_cap, args.progress_every)
     t0 = time.time()
-    tok = Tokenizer.train_from_iterator(iter(stream), args.vocab_size, pattern=split_pattern(args.max_digits),
-                                         buffer_size=args.buffer_size)
+    tok = Tokenizer.train_from_iterator(
+        iter(stream),
+        args.vocab_size,
+        pattern=split_pattern(args.max_digits),
+        buffer_size=args.buffer_size,
+    )
     train_s = time.time() - t0
     stream.report()
     if stream.chars == 0:
-        raise SystemExit(f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir")
+        raise SystemExit(
+            f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir"
+        )
 
     num_merges = len(tok.get_mergeable_ranks()) - 256
-    if tok.get_vocab_size() < args.vocab_size:  # rustbpe stops early only when no pair is left to merge
-        print(f"[tok_train] warning: the corpus ran out of pairs after {num_merges} merges; vocab is "
-              f"{tok.get_vocab_size()} instead of {args.vocab_size}. Use more text (--max-chars) or a smaller vocab.")
-    tok.meta = {"source": args.source, "data_dir": args.data_dir, "train_chars": stream.chars,
-                "train_docs": stream.num_docs, "doc_cap": args.doc_cap, "max_chars": args.max_chars,
-                "train_seconds": round(train_s, 3), "requested_vocab_size": args.vocab_size}
+    if (
+        tok.get_vocab_size() < args.vocab_size
+    ):  # rustbpe stops early only when no pair is left to merge
+        print(
+            f"[tok_train] warning: the corpus ran out of pairs after {num_merges} merges; vocab is "
+            f"{tok.get_vocab_size()} instead of {args.vocab_size}. Use more text (--max-chars) or a smaller vocab."
+        )
+    tok.meta = {
+        "source": args.source,
+        "data_dir": args.data_dir,
+        "train_chars": stream.chars,
+        "train_docs": stream.num_docs,
+        "doc_cap": args.doc_cap,
+        "max_chars": args.max_chars,
+        "train_seconds": round(train_s, 3),
+        "requested_vocab_size": args.vocab_size,
+    }
     tok.save(out_dir)
 
     # Sanity: the saved tokenizer reloads and round-trips, and special-token text stays text.
     loaded = Tokenizer.load(out_dir)
     ids = loaded.encode(SANITY_TEXT)
     if loaded.decode(ids) != SANITY_TEXT or loaded.get_bos_token_id() in ids:
-        raise SystemExit(f"[tok_train] error: the saved tokenizer in {out_dir} fails the round-trip check")
+        raise SystemExit(
+            f"[tok_train] error: the saved tokenizer in {out_dir} fails the round-trip check"
+        )
 
     chars_per_s = stream.chars / max(train_s, 1e-9)
-    metrics = {"vocab_size": tok.get_vocab_size(), "num_merges": num_merges, "train_chars": stream.chars,
-               "train_docs": stream.num_docs, "train_seconds": train_s, "chars_per_second": chars_per_s}
+    metrics = {
+        "vocab_size": tok.get_vocab_size(),
+        "num_merges": num_merges,
+        "train_chars": stream.chars,
+        "train_docs": stream.num_docs,
+        "train_seconds": train_s,
+        "chars_per_second": chars_per_s,
+    }
     tracker = make_tracker(args, "tok_train")
     tracker.log(metrics, step=0)
     tracker.summary(metrics)
     tracker.finish()
 
-    write_section(base, args.run, "tokenizer", "\n".join([
-        "## Tokenizer training",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| vocab size (incl. {len(SPECIAL_TOKENS)} specials) | {tok.get_vocab_size():,} |",
-        f"| merges learned | {num_merges:,} |",
-        f"| source | {args.source}{' (' + str(args.data_dir) + ')' if args.data_dir else ''} |",
-        f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs (cap {args.doc_cap:,} chars/doc) |",
-        f"| training time | {train_s:.1f} s ({human(chars_per_s)} chars/s) |",
-    ]))
-    print(f"[tok_train] done: vocab {tok.get_vocab_size():,} ({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
-          f"from {stream.chars:,} chars / {stream.num_docs:,} docs in {train_s:.1f}s "
-          f"({human(chars_per_s)} chars/s) -> {out_dir}", flush=True)
+    write_section(
+        base,
+        args.run,
+        "tokenizer",
+        "\n".join(
+            [
+                "## Tokenizer training",
+                "",
+                "| setting | value |",
+                "|---|---|",
+                f"| vocab size (incl. {len(SPECIAL_TOKENS)} specials) | {tok.get_vocab_size():,} |",
+                f"| merges learned | {num_merges:,} |",
+                f"| source | {args.source}{' (' + str(args.data_dir) + ')' if args.data_dir else ''} |",
+                f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs (cap {args.doc_cap:,} chars/doc) |",
+                f"| training time | {train_s:.1f} s ({human(chars_per_s)} chars/s) |",
+            ]
+        ),
+    )
+    print(
+        f"[tok_train] done: vocab {tok.get_vocab_size():,} ({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
+        f"from {stream.chars:,} chars / {stream.num_docs:,} docs in {train_s:.1f}s "
+        f"({human(chars_per_s)} chars/s) -> {out_dir}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

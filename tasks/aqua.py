@@ -20,7 +20,6 @@ Grading is generative: extract_letter(completion) must name the gold letter.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -33,10 +32,12 @@ HF_PATH, HF_CONFIG = "deepmind/aqua_rat", "raw"
 SPLITS = ("train", "validation", "test")
 ORIGINAL_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
 
-_OFFLINE_HINT = ("AQuA-RAT needs the Hugging Face Hub or a local copy: pass data_dir= (scripts: --data-dir) "
-                 "pointing at a folder with the original train.json/dev.json/test.json, or run "
-                 "`python -m scripts.prepare_aqua --source-dir <that folder>` once to write "
-                 "<base>/data/aqua_rat/*.jsonl, which is then used by default.")
+_OFFLINE_HINT = (
+    "AQuA-RAT needs the Hugging Face Hub or a local copy: pass data_dir= (scripts: --data-dir) "
+    "pointing at a folder with the original train.json/dev.json/test.json, or run "
+    "`python -m scripts.prepare_aqua --source-dir <that folder>` once to write "
+    "<base>/data/aqua_rat/*.jsonl, which is then used by default."
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ _OPTION_RE = re.compile(r"^\s*([A-Za-z])\s*\)(.*)$", re.S)
 
 
 def parse_option(option: str) -> tuple[str, str]:
-    """"A)21.5" -> ("A", "21.5"); also accepts "A) 21.5". Raises BadRow on anything else."""
+    """ "A)21.5" -> ("A", "21.5"); also accepts "A) 21.5". Raises BadRow on anything else."""
     if not isinstance(option, str):
         raise BadRow(f"option {option!r} is not a string")
     m = _OPTION_RE.match(option)
@@ -75,7 +76,9 @@ def validate_row(row) -> dict:
     for expected, option in zip(AQUA_LETTERS, options):
         letter, value = parse_option(option)
         if letter != expected:
-            raise BadRow(f"option {option!r} should be labelled {expected} (options must be A-E in order)")
+            raise BadRow(
+                f"option {option!r} should be labelled {expected} (options must be A-E in order)"
+            )
         if not value:
             raise BadRow(f"option {expected} has no value")
         values.append(value)
@@ -85,12 +88,18 @@ def validate_row(row) -> dict:
     rationale = row.get("rationale") or ""
     if not isinstance(rationale, str):
         raise BadRow("rationale is not a string")
-    return {"question": question.strip(), "values": values,
-            "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
-            "rationale": rationale.strip(), "correct": correct.strip()}
+    return {
+        "question": question.strip(),
+        "values": values,
+        "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
+        "rationale": rationale.strip(),
+        "correct": correct.strip(),
+    }
 
 
-def iter_validated(rows, split: str, source: str, on_bad_row: str = "skip", max_examples: int | None = None):
+def iter_validated(
+    rows, split: str, source: str, on_bad_row: str = "skip", max_examples: int | None = None
+):
     """Yield normalised rows; a bad row is reported (split, index, source) and skipped or raised."""
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"on_bad_row must be 'skip' or 'error', not {on_bad_row!r}")
@@ -106,7 +115,9 @@ def iter_validated(rows, split: str, source: str, on_bad_row: str = "skip", max_
         except BadRow as e:
             msg = f"AQuA-RAT {split} row {index} ({source}): {e}"
             if on_bad_row == "error":
-                raise BadRow(msg + " (on_bad_row='skip' / --on-bad-row skip drops such rows)") from None
+                raise BadRow(
+                    msg + " (on_bad_row='skip' / --on-bad-row skip drops such rows)"
+                ) from None
             bad.append(msg)
     if bad:
         shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -119,15 +130,19 @@ def read_jsonl_rows(path: Path):
     with open(path, "rb") as f:
         head = f.read(4)
         if head[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in head:
-            raise ValueError(f"{path} is UTF-16 text, not UTF-8: convert it, e.g. "
-                             f"iconv -f UTF-16 -t UTF-8 {path} > {Path(path).stem}.utf8.json")
+            raise ValueError(
+                f"{path} is UTF-16 text, not UTF-8: convert it, e.g. "
+                f"iconv -f UTF-16 -t UTF-8 {path} > {Path(path).stem}.utf8.json"
+            )
         f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)  # a UTF-8 byte-order mark is harmless
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield BadRow(f"line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
-                             f"re-save the file as UTF-8")
+                yield BadRow(
+                    f"line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                    f"re-save the file as UTF-8"
+                )
                 continue
             if not line.strip():
                 continue
@@ -140,6 +155,7 @@ def read_jsonl_rows(path: Path):
 def default_data_dir() -> Path:
     """<base>/data/aqua_rat: where scripts.prepare_aqua writes and AquaRat looks first."""
     from nanochat.common import get_base_dir
+
     return get_base_dir() / "data" / "aqua_rat"
 
 
@@ -152,8 +168,13 @@ def find_local_file(data_dir, split: str) -> Path | None:
     return None
 
 
-def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples: int | None = None,
-              use_prepared: bool = True) -> tuple[list[dict], str]:
+def load_rows(
+    split: str,
+    data_dir=None,
+    on_bad_row: str = "skip",
+    max_examples: int | None = None,
+    use_prepared: bool = True,
+) -> tuple[list[dict], str]:
     """Validated, normalised rows of one split and a description of where they came from.
 
     data_dir given: that folder only. Otherwise <base>/data/aqua_rat/<split>.jsonl when present
@@ -164,10 +185,14 @@ def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples:
     if data_dir is not None:
         path = find_local_file(data_dir, split)
         if path is None:
-            raise FileNotFoundError(f"No AQuA-RAT {split} file in {data_dir}: expected {split}.jsonl "
-                                    f"(scripts.prepare_aqua) or {ORIGINAL_FILES[split]} (original AQuA-RAT)")
+            raise FileNotFoundError(
+                f"No AQuA-RAT {split} file in {data_dir}: expected {split}.jsonl "
+                f"(scripts.prepare_aqua) or {ORIGINAL_FILES[split]} (original AQuA-RAT)"
+            )
     elif use_prepared:
-        path = default_data_dir() / f"{split}.jsonl"  # only prepare_aqua's own output is picked up implicitly
+        path = (
+            default_data_dir() / f"{split}.jsonl"
+        )  # only prepare_aqua's own output is picked up implicitly
         path = path if path.is_file() else None
     else:
         path = None
@@ -187,7 +212,9 @@ def load_rows(split: str, data_dir=None, on_bad_row: str = "skip", max_examples:
 # and variables, never answers.
 _L = r"(?<![A-Za-z0-9])\(?(?-i:(?P<letter>[A-E]))(?![A-Za-z0-9])\)?"
 # separators between "answer" and the letter; each repetition consumes a keyword (no regex blow-up)
-_SEP = r"(?:\s*(?:is|was|will\s+be|would\s+be|should\s+be|must\s+be|shall\s+be|=|:|-|–|—|->|=>|⇒))*\s*"
+_SEP = (
+    r"(?:\s*(?:is|was|will\s+be|would\s+be|should\s+be|must\s+be|shall\s+be|=|:|-|–|—|->|=>|⇒))*\s*"
+)
 _OPT = r"(?:(?:option|choice)\s*[:\-]?\s*)?"
 _ANSWER_PATTERNS = [
     # "Answer: C", "the answer is (C)", "ANSWER:C", "Ans - C", "answer will be option C", "Answer = E"
@@ -197,27 +224,68 @@ _ANSWER_PATTERNS = [
     # "C is the correct option", "E is the answer", "Therefore A is correct"
     re.compile(_L + r"\s+is\s+(?:the\s+)?(?:correct|right|answer)\b", re.I),
     # "option C is correct", "choice (B) is the right one"
-    re.compile(r"\b(?:option|choice)\s*[:\-]?\s*" + _L + r"\s+is\s+(?:the\s+)?(?:correct|right|answer)\b", re.I),
+    re.compile(
+        r"\b(?:option|choice)\s*[:\-]?\s*" + _L + r"\s+is\s+(?:the\s+)?(?:correct|right|answer)\b",
+        re.I,
+    ),
     # "Option C" / "So, choice B." as a whole line or closing sentence
-    re.compile(r"(?:^|[.!?;:]\s+)(?:(?:so|thus|hence|therefore|the|final|correct|right)[,\s]+)*"
-               r"(?:option|choice)\s*[:\-]?\s*" + _L + r"[ \t]*[.!]?[ \t]*$", re.I | re.M),
+    re.compile(
+        r"(?:^|[.!?;:]\s+)(?:(?:so|thus|hence|therefore|the|final|correct|right)[,\s]+)*"
+        r"(?:option|choice)\s*[:\-]?\s*" + _L + r"[ \t]*[.!]?[ \t]*$",
+        re.I | re.M,
+    ),
     # "=> C", "==> D", "∴ B" closing a line
     re.compile(r"(?:=>|==>|⇒|->|→|∴)\s*" + _L + r"[ \t]*[.!]?[ \t]*$", re.M),
 ]
 # Words that may follow an answer letter on the same line without making it suspicious.
-_OK_NEXT_WORDS = {"is", "as", "since", "because", "which", "with", "here", "option", "choice", "correct",
-                  "right", "would", "will", "should", "must", "the", "it", "so", "hence", "thus", "therefore",
-                  "for", "from", "after", "by", "given", "i", "we", "answer", "only", "seems", "looks", "fits"}
-_AFTER_BAD = re.compile(r"""^(?:\s*(?:or|and|/|,|&)\s*\(?(?-i:[A-E])(?![A-Za-z0-9])  # "A or B": undecided
+_OK_NEXT_WORDS = {
+    "is",
+    "as",
+    "since",
+    "because",
+    "which",
+    "with",
+    "here",
+    "option",
+    "choice",
+    "correct",
+    "right",
+    "would",
+    "will",
+    "should",
+    "must",
+    "the",
+    "it",
+    "so",
+    "hence",
+    "thus",
+    "therefore",
+    "for",
+    "from",
+    "after",
+    "by",
+    "given",
+    "i",
+    "we",
+    "answer",
+    "only",
+    "seems",
+    "looks",
+    "fits",
+}
+_AFTER_BAD = re.compile(
+    r"""^(?:\s*(?:or|and|/|,|&)\s*\(?(?-i:[A-E])(?![A-Za-z0-9])  # "A or B": undecided
                               |['’]s\b                                           # "A's share": a person
                               |[ \t]*[=<>+*/^]                                   # "A = 5": a variable
-                           )""", re.I | re.X)
+                           )""",
+    re.I | re.X,
+)
 _NEXT_WORD = re.compile(r"^[ \t]+([a-z]+)\b")
 _BARE_LINE = re.compile(r"^\s*\(?(?-i:([A-E]))\)?[.!]?\s*$")
 
 
 def _letter_ok(text: str, m: re.Match) -> bool:
-    after = text[m.end("letter"):]
+    after = text[m.end("letter") :]
     if after.startswith(")"):
         after = after[1:]
     if _AFTER_BAD.match(after):
@@ -245,9 +313,13 @@ def find_answer_statements(text: str) -> list[tuple[int, int, str]]:
 
 _CURRENCY = r"(?:\$|₹|£|€|rs\.?|inr|usd)"
 _NUM = r"[-+−]?(?:\d+\s+\d+/\d+|\d+(?:\.\d+)?/\d+(?:\.\d+)?|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-_VALUE_RE = re.compile(r"^\s*" + _CURRENCY + r"?\s*(" + _NUM + r")\s*(?:" + _CURRENCY + r"|[a-z%°²³/.\s])*$", re.I)
+_VALUE_RE = re.compile(
+    r"^\s*" + _CURRENCY + r"?\s*(" + _NUM + r")\s*(?:" + _CURRENCY + r"|[a-z%°²³/.\s])*$", re.I
+)
 # a number in running text; "25km" counts, "2x" (a coefficient) and "x2" do not
-_NUM_IN_TEXT = re.compile(r"(?:(?<=[Rr]s\.)|(?<![\w.]))" + _NUM + r"(?![\d/]|\.\d|,\d|[xyznk](?![a-z]))")
+_NUM_IN_TEXT = re.compile(
+    r"(?:(?<=[Rr]s\.)|(?<![\w.]))" + _NUM + r"(?![\d/]|\.\d|,\d|[xyznk](?![a-z]))"
+)
 
 
 def _to_float(s: str) -> float | None:
@@ -276,7 +348,9 @@ def option_number(value: str) -> float | None:
 # "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own. "is 12" is
 # not enough either: questions are full of "...is 30% of N", and a completion that merely parrots the
 # question must not earn a reward (with "is" allowed, 35 of 754 bare questions matched some option).
-_RESULT_LEAD = re.compile(r"(?:^|=|:|≈|~|\b(?:approx\.?|approximately))\s*" + _CURRENCY + r"?\s*$", re.I)
+_RESULT_LEAD = re.compile(
+    r"(?:^|=|:|≈|~|\b(?:approx\.?|approximately))\s*" + _CURRENCY + r"?\s*$", re.I
+)
 
 
 def final_number(text: str) -> float | None:
@@ -287,7 +361,7 @@ def final_number(text: str) -> float | None:
             if not nums:
                 return None
             last = nums[-1]
-            if not _RESULT_LEAD.search(line[:last.start()]):
+            if not _RESULT_LEAD.search(line[: last.start()]):
                 return None
             return _to_float(last.group(0))
     return None
@@ -354,8 +428,11 @@ def extract_letter(completion: str, options: list[str] | None = None) -> str | N
 
 
 # lead-in words left before a removed closing statement, on its own line only ("So the correct")
-_TRAILING_FILLER = re.compile(r"(?:[ \t,;:\-=>⇒∴]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
-                              r"and|option|choice|is|then|my)\b)*\Z", re.I)
+_TRAILING_FILLER = re.compile(
+    r"(?:[ \t,;:\-=>⇒∴]|\b(?:so|thus|hence|therefore|the|correct|right|final|"
+    r"and|option|choice|is|then|my)\b)*\Z",
+    re.I,
+)
 
 
 def clean_rationale(rationale: str) -> str:
@@ -374,14 +451,18 @@ def clean_rationale(rationale: str) -> str:
     if not statements:
         return text
     start, end, _ = statements[-1]
-    for s, e, _ in statements:  # overlapping matches ("Answer: Option C" and "Option C"): cut the widest
+    for (
+        s,
+        e,
+        _,
+    ) in statements:  # overlapping matches ("Answer: Option C" and "Option C"): cut the widest
         if e > start:
             start = min(start, s)
     if len(text) - end > 30:  # a long tail after the letter is more reasoning, keep it all
         return text
     # the statement may itself open with lead-ins ("Correct answer") that the pattern started after
     head = text[:start]
-    head = head[:len(head) - len(_TRAILING_FILLER.search(head).group(0))] if head else head
+    head = head[: len(head) - len(_TRAILING_FILLER.search(head).group(0))] if head else head
     return head.rstrip()
 
 
@@ -395,8 +476,10 @@ def make_aqua_conversation(question: str, values: list[str], rationale: str, ans
     """One AQuA-style item: prompt, target (rationale + one final 'Answer: X'), MC keys."""
     target = (rationale.strip() + "\n" if rationale.strip() else "") + f"{ANSWER_PREFIX} {answer}"
     return {
-        "messages": [{"role": "user", "content": render_aqua_prompt(question, values)},
-                     {"role": "assistant", "content": target}],
+        "messages": [
+            {"role": "user", "content": render_aqua_prompt(question, values)},
+            {"role": "assistant", "content": target},
+        ],
         "letters": list(AQUA_LETTERS),
         "answer": answer,
         "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
@@ -409,8 +492,14 @@ class AquaRat(Task):
     name = "aqua"
     eval_type = "generative"
 
-    def __init__(self, split: str = "train", data_dir=None, max_examples: int | None = None,
-                 on_bad_row: str = "skip", **kwargs):
+    def __init__(
+        self,
+        split: str = "train",
+        data_dir=None,
+        max_examples: int | None = None,
+        on_bad_row: str = "skip",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.split = split
         self.rows, self.source = load_rows(split, data_dir, on_bad_row, max_examples)
@@ -420,8 +509,11 @@ class AquaRat(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        return make_aqua_conversation(row["question"], row["values"], clean_rationale(row["rationale"]),
-                                      row["correct"])
+        return make_aqua_conversation(
+            row["question"], row["values"], clean_rationale(row["rationale"]), row["correct"]
+        )
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        return int(extract_letter(completion, conversation.get("options")) == conversation["answer"])
+        return int(
+            extract_letter(completion, conversation.get("options")) == conversation["answer"]
+        )

@@ -30,13 +30,21 @@ class ARC(Task):
         row = self.ds[index]
         texts, labels = row["choices"]["text"], row["choices"]["label"]
         if len(texts) != len(labels) or not 2 <= len(texts) <= 26 or row["answerKey"] not in labels:
-            raise ValueError(f"{HF_PATH} {self.subset}/{self.split} row {index}: answerKey {row['answerKey']!r} "
-                             f"is not among the choice labels {labels}")
+            raise ValueError(
+                f"{HF_PATH} {self.subset}/{self.split} row {index}: answerKey {row['answerKey']!r} "
+                f"is not among the choice labels {labels}"
+            )
         letters = [chr(ord("A") + i) for i in range(len(texts))]
         answer = letters[labels.index(row["answerKey"])]
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], letters, texts)},
-                             {"role": "assistant", "content": answer}],
-                "letters": letters, "answer": answer, "options": [f"{l}){t}" for l, t in zip(letters, texts)]}
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], letters, texts)},
+                {"role": "assistant", "content": answer},
+            ],
+            "letters": letters,
+            "answer": answer,
+            "options": [f"{l}){t}" for l, t in zip(letters, texts)],
+        }
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         return int(first_letter(completion, conversation["letters"]) == conversation["answer"])

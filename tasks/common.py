@@ -32,13 +32,23 @@ class Task:
     """
 
     name = "task"
-    eval_type = "generative"  # "generative" (sample then grade) or "categorical" (compare option logits)
+    eval_type = (
+        "generative"  # "generative" (sample then grade) or "categorical" (compare option logits)
+    )
 
-    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1, shuffle_seed: int | None = None):
+    def __init__(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        step: int = 1,
+        shuffle_seed: int | None = None,
+    ):
         if step == 0:
             raise ValueError("Task step must be non-zero")
         self.start, self.stop, self.step, self.shuffle_seed = start, stop, step, shuffle_seed
-        self._indices: list[int] | None = None  # built lazily: num_examples() may need the data loaded
+        self._indices: list[int] | None = (
+            None  # built lazily: num_examples() may need the data loaded
+        )
 
     # -- to implement ------------------------------------------------------------------------------
     def num_examples(self) -> int:
@@ -72,7 +82,9 @@ class Task:
         try:
             key = operator.index(key)  # numpy / torch integers too
         except TypeError:
-            raise TypeError(f"{type(self).__name__} indices must be int or slice, not {type(key).__name__}") from None
+            raise TypeError(
+                f"{type(self).__name__} indices must be int or slice, not {type(key).__name__}"
+            ) from None
         if key < 0:
             key += len(indices)
         if not 0 <= key < len(indices):
@@ -146,8 +158,10 @@ class _Composite(Task):
         name = conversation.get("task")
         owners = [t for t in self.tasks if t.name == name]
         if not owners:
-            raise ValueError(f"{type(self).__name__}: conversation has task={name!r}, not one of "
-                             f"{[t.name for t in self.tasks]}; evaluate with the task that produced it")
+            raise ValueError(
+                f"{type(self).__name__}: conversation has task={name!r}, not one of "
+                f"{[t.name for t in self.tasks]}; evaluate with the task that produced it"
+            )
         return owners[0].evaluate(conversation, completion)
 
 
@@ -193,11 +207,14 @@ def load_hf_dataset(path: str, name: str | None, split: str, hint: str = ""):
     """datasets.load_dataset with one clear message when the Hub is unreachable or the split is wrong."""
     try:
         import datasets
+
         return datasets.load_dataset(path, name, split=split)
     except Exception as e:  # network, auth, missing split: all end the same way for the user
         what = f"{path}" + (f" ({name})" if name else "") + f" split {split!r}"
-        raise RuntimeError(f"Could not load {what} from Hugging Face: {type(e).__name__}: {e}. "
-                           + (hint or "Check the network (or HF_DATASETS_OFFLINE / the local HF cache).")) from e
+        raise RuntimeError(
+            f"Could not load {what} from Hugging Face: {type(e).__name__}: {e}. "
+            + (hint or "Check the network (or HF_DATASETS_OFFLINE / the local HF cache).")
+        ) from e
 
 
 _ROLES = ("system", "user", "assistant")
@@ -213,7 +230,11 @@ def validate_messages(messages) -> list[dict]:
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    body = messages[1:] if isinstance(messages[0], dict) and messages[0].get("role") == "system" else messages
+    body = (
+        messages[1:]
+        if isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        else messages
+    )
     if len(body) < 2:
         raise ValueError("needs at least one user and one assistant message")
     for i, m in enumerate(messages):
@@ -229,16 +250,24 @@ def validate_messages(messages) -> list[dict]:
                 raise ValueError(f"message {i} ({m['role']}) has empty content")
         elif isinstance(content, list) and m["role"] == "assistant":
             for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") in _PART_TYPES and isinstance(part.get("text"), str)):
-                    raise ValueError(f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}")
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") in _PART_TYPES
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise ValueError(
+                        f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}"
+                    )
         else:
             raise ValueError(f"message {i} ({m['role']}) content must be a string")
     offset = len(messages) - len(body)
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise ValueError(f"message {i + offset} has role {m['role']!r}, expected {expected!r} "
-                             "(user and assistant must alternate, starting with user)")
+            raise ValueError(
+                f"message {i + offset} has role {m['role']!r}, expected {expected!r} "
+                "(user and assistant must alternate, starting with user)"
+            )
     if body[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's (the training target)")
     return messages

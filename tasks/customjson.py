@@ -39,7 +39,9 @@ class CustomJSON(Task):
                     validate_messages(messages)
                 except ValueError as e:
                     raise ValueError(f"{where}: {e}") from None
-                self.conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+                self.conversations.append(
+                    [{"role": m["role"], "content": m["content"]} for m in messages]
+                )
         if not self.conversations:
             raise ValueError(f"CustomJSON: {self.path} holds no conversations")
 

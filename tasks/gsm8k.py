@@ -47,7 +47,9 @@ class GSM8K(Task):
     def __init__(self, subset: str = "main", split: str = "train", **kwargs):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic") or split not in ("train", "test"):
-            raise ValueError(f"GSM8K subset must be main|socratic and split train|test, got {subset!r}, {split!r}")
+            raise ValueError(
+                f"GSM8K subset must be main|socratic and split train|test, got {subset!r}, {split!r}"
+            )
         self.split = split
         self.ds = load_hf_dataset(HF_PATH, subset, split)
 
@@ -60,9 +62,13 @@ class GSM8K(Task):
             target, final = gsm8k_target(row["answer"])
         except ValueError as e:
             raise ValueError(f"{HF_PATH} {self.split} row {index}: {e}") from None
-        return {"messages": [{"role": "user", "content": row["question"].strip()},
-                             {"role": "assistant", "content": target}],
-                "answer": final}
+        return {
+            "messages": [
+                {"role": "user", "content": row["question"].strip()},
+                {"role": "assistant", "content": target},
+            ],
+            "answer": final,
+        }
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         got, ref = parse_number(extract_answer(completion)), parse_number(conversation["answer"])

@@ -32,12 +32,20 @@ class MMLU(Task):
             row = row["train"]
         choices, answer = row["choices"], row["answer"]
         if len(choices) != 4 or not isinstance(answer, int) or not 0 <= answer < 4:
-            raise ValueError(f"{HF_PATH} {self.subset}/{self.split} row {index}: expected 4 choices and answer 0-3")
+            raise ValueError(
+                f"{HF_PATH} {self.subset}/{self.split} row {index}: expected 4 choices and answer 0-3"
+            )
         letter = LETTERS[answer]
-        return {"messages": [{"role": "user", "content": render_mc(row["question"], LETTERS, choices)},
-                             {"role": "assistant", "content": letter}],
-                "letters": list(LETTERS), "answer": letter,
-                "options": [f"{l}){c}" for l, c in zip(LETTERS, choices)], "subject": row.get("subject", "")}
+        return {
+            "messages": [
+                {"role": "user", "content": render_mc(row["question"], LETTERS, choices)},
+                {"role": "assistant", "content": letter},
+            ],
+            "letters": list(LETTERS),
+            "answer": letter,
+            "options": [f"{l}){c}" for l, c in zip(LETTERS, choices)],
+            "subject": row.get("subject", ""),
+        }
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         return int(first_letter(completion, conversation["letters"]) == conversation["answer"])

@@ -19,8 +19,13 @@ class SmolTalk(Task):
         if split not in ("train", "test"):
             raise ValueError(f"SmolTalk split must be 'train' or 'test', not {split!r}")
         self.split = split
-        self.ds = load_hf_dataset(HF_PATH, None, split, hint="SmolTalk is only used for mid-training/SFT "
-                                  "mixtures; on an offline machine leave it out (e.g. use the synthetic mixture).")
+        self.ds = load_hf_dataset(
+            HF_PATH,
+            None,
+            split,
+            hint="SmolTalk is only used for mid-training/SFT "
+            "mixtures; on an offline machine leave it out (e.g. use the synthetic mixture).",
+        )
 
     def num_examples(self) -> int:
         return len(self.ds)

@@ -45,18 +45,35 @@ def shared_dir():
 # to the script alone during mid, and is then finished by the same command. Every command line on the
 # machine is sampled meanwhile. Tests using it share an xdist group, so one worker builds it once.
 
-SECRETS = {"WANDB_API_KEY": "wandbkey" + "7" * 32, "LAMBDA_API_KEY": "secret_lambda_" + "q" * 24,
-           "HF_TOKEN": "hf_" + "Z" * 30}
+SECRETS = {
+    "WANDB_API_KEY": "wandbkey" + "7" * 32,
+    "LAMBDA_API_KEY": "secret_lambda_" + "q" * 24,
+    "HF_TOKEN": "hf_" + "Z" * 30,
+}
 # base and mid run longer than the profile's own, so that a signal lands between their checkpoints
-SMOKE_ARGS = ["--profile", "smoke", "--no-sync", "--run", "smk", "--seed", "7", "--gpu-hourly-price", "2.5",
-              "--stage-args", "base=--num-iterations 200 --save-every 20",
-              "--stage-args", "mid=--num-iterations 60 --save-every 10"]
+SMOKE_ARGS = [
+    "--profile",
+    "smoke",
+    "--no-sync",
+    "--run",
+    "smk",
+    "--seed",
+    "7",
+    "--gpu-hourly-price",
+    "2.5",
+    "--stage-args",
+    "base=--num-iterations 200 --save-every 20",
+    "--stage-args",
+    "mid=--num-iterations 60 --save-every 10",
+]
 
 
 def _wait_for(path, proc, timeout=240.0):
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"ended before {path} appeared:\n" + proc.communicate()[0][-3000:]
+        assert proc.poll() is None, (
+            f"ended before {path} appeared:\n" + proc.communicate()[0][-3000:]
+        )
         assert time.time() < deadline, f"no {path} after {timeout} s"
         time.sleep(0.01)
 
@@ -76,13 +93,20 @@ def _watch_argv(seen: set, stop) -> None:
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupted")
     tree = root / "checkout"
-    shutil.copytree(REPO_ROOT, tree, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "target", "__pycache__", "build", ".env", ".hypothesis"))
+    shutil.copytree(
+        REPO_ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "target", "__pycache__", "build", ".env", ".hypothesis"
+        ),
+    )
     with socket.socket() as sock:  # W&B with a key but no server: offline runs, config and all
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    (tree / ".env").write_text("".join(f"{k}={v}\n" for k, v in SECRETS.items())
-                               + f"WANDB_BASE_URL=http://127.0.0.1:{closed_port}\n")
+    (tree / ".env").write_text(
+        "".join(f"{k}={v}\n" for k, v in SECRETS.items())
+        + f"WANDB_BASE_URL=http://127.0.0.1:{closed_port}\n"
+    )
     base = root / "base"
     env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("WANDB_")}
     env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable, WANDB_SILENT="true")
@@ -91,8 +115,17 @@ def smoke_run(tmp_path_factory):
     started = []
 
     def start():
-        started.append(subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, text=True,
-                                        stderr=subprocess.STDOUT, start_new_session=True))  # as in a shell
+        started.append(
+            subprocess.Popen(
+                cmd,
+                cwd=tree,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )  # as in a shell
         return started[-1]
 
     seen: set = set()
@@ -122,8 +155,17 @@ def smoke_run(tmp_path_factory):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     log = (base / "runs" / "smk" / "pipeline.log").read_text()  # before other tests add to the run
-    return {"base": base, "tree": tree, "env": env, "cmd": cmd, "log": log, "second": second,
-            "first_alive": first_alive, "sigint": (first.returncode, out_int), "after_int": after_int,
-            "sigterm": (again.returncode, out_term), "final": final, "argv": seen}
-
-
+    return {
+        "base": base,
+        "tree": tree,
+        "env": env,
+        "cmd": cmd,
+        "log": log,
+        "second": second,
+        "first_alive": first_alive,
+        "sigint": (first.returncode, out_int),
+        "after_int": after_int,
+        "sigterm": (again.returncode, out_term),
+        "final": final,
+        "argv": seen,
+    }

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by torchrun: find nanochat/
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # run as a script by torchrun: find nanochat/
 
 from nanochat.common import cleanup_distributed, init_distributed
 from nanochat.gpt import GPT, GPTConfig
@@ -21,11 +23,21 @@ from nanochat.optim import clip_grad_norm_
 
 def tiny_config(seq_len: int = 16) -> GPTConfig:
     # 3 layers: the MLP shape groups hold 3 matrices, so with 2 ranks DistMuon's padding slot is exercised.
-    return GPTConfig(sequence_len=seq_len, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
+    return GPTConfig(
+        sequence_len=seq_len, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64
+    )
 
 
-def train(out_dir: str, steps: int = 3, batch_size: int = 4, seq_len: int = 16, grad_accum: int = 1,
-          clip: float = 1.0, rank: int = 0, world_size: int = 1) -> dict:
+def train(
+    out_dir: str,
+    steps: int = 3,
+    batch_size: int = 4,
+    seq_len: int = 16,
+    grad_accum: int = 1,
+    clip: float = 1.0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Train the tiny model; returns (and saves to <out_dir>/rank<rank>.pt) the final state_dict."""
     torch.manual_seed(0)
     config = tiny_config(seq_len)
@@ -40,12 +52,14 @@ def train(out_dir: str, steps: int = 3, batch_size: int = 4, seq_len: int = 16, 
     data = torch.Generator().manual_seed(1234)
     per_rank = batch_size // world_size
     micro = per_rank // grad_accum
-    assert per_rank * world_size == batch_size and micro * grad_accum == per_rank, "batch must split evenly"
+    assert per_rank * world_size == batch_size and micro * grad_accum == per_rank, (
+        "batch must split evenly"
+    )
     for _ in range(steps):
         tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1), generator=data)
-        mine = tokens[rank * per_rank:(rank + 1) * per_rank]
+        mine = tokens[rank * per_rank : (rank + 1) * per_rank]
         for k in range(grad_accum):
-            rows = mine[k * micro:(k + 1) * micro]
+            rows = mine[k * micro : (k + 1) * micro]
             loss = model(rows[:, :-1], rows[:, 1:]) / grad_accum
             loss.backward()
         clip_grad_norm_(optimizers, clip)
@@ -68,7 +82,16 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = init_distributed()
-    train(args.out, args.steps, args.batch_size, args.seq_len, args.grad_accum, args.clip, info.rank, info.world_size)
+    train(
+        args.out,
+        args.steps,
+        args.batch_size,
+        args.seq_len,
+        args.grad_accum,
+        args.clip,
+        info.rank,
+        info.world_size,
+    )
     cleanup_distributed()
 
 

@@ -36,23 +36,38 @@ INSTANCE_TYPES = {
 # The spec documents the error envelope in its description but lists no schema for 429 or for most
 # 5xx answers: those are checked against this generic envelope (code, message, optional suggestion).
 GENERIC_ERROR = {
-    "type": "object", "additionalProperties": False, "required": ["error"],
-    "properties": {"error": {"type": "object", "required": ["code", "message"],
-                             "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                            "suggestion": {"type": "string"}}}},
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "suggestion": {"type": "string"},
+            },
+        }
+    },
 }
 
 ERROR_MESSAGES = {
-    "global/invalid-api-key": ("API key was invalid, expired, or deleted.",
-                               "Check your API key or create a new one, then try again."),
+    "global/invalid-api-key": (
+        "API key was invalid, expired, or deleted.",
+        "Check your API key or create a new one, then try again.",
+    ),
     "global/object-does-not-exist": ("Specified instance does not exist.", "Check the ID."),
     "global/invalid-parameters": ("Invalid request data.", None),
-    "instance-operations/launch/insufficient-capacity": ("Not enough capacity to fulfill launch request.",
-                                                         "Choose an instance type with more availability, "
-                                                         "or try again later."),
+    "instance-operations/launch/insufficient-capacity": (
+        "Not enough capacity to fulfill launch request.",
+        "Choose an instance type with more availability, or try again later.",
+    ),
     "global/quota-exceeded": ("Quota exceeded.", "Contact Support to increase your quota."),
-    "global/internal-error": ("An internal server error occurred.",
-                              "Try again later. Contact Support if the problem persists."),
+    "global/internal-error": (
+        "An internal server error occurred.",
+        "Try again later. Contact Support if the problem persists.",
+    ),
     "provider/internal-unavailable": ("Provider unavailable", "Try again shortly"),
     "global/rate-limited": ("Too many requests.", "Slow down."),
 }
@@ -68,16 +83,25 @@ class SpecValidator:
 
         self.spec = spec
         self.Validator = Draft202012Validator
-        self.registry = Registry().with_resource("spec.json", Resource.from_contents(spec, default_specification=DRAFT202012))
+        self.registry = Registry().with_resource(
+            "spec.json", Resource.from_contents(spec, default_specification=DRAFT202012)
+        )
         self.routes = []
         for template, ops in spec["paths"].items():
             pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", template) + "$"
             self.routes.append((re.compile(pattern), template, ops))
 
     def _errors(self, pointer_or_schema, instance):
-        schema = {"$ref": "spec.json#" + pointer_or_schema} if isinstance(pointer_or_schema, str) else pointer_or_schema
+        schema = (
+            {"$ref": "spec.json#" + pointer_or_schema}
+            if isinstance(pointer_or_schema, str)
+            else pointer_or_schema
+        )
         validator = self.Validator(schema, registry=self.registry)
-        return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(instance)]
+        return [
+            f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in validator.iter_errors(instance)
+        ]
 
     def operation(self, method, path):
         for pattern, template, ops in self.routes:
@@ -105,14 +129,22 @@ class SpecValidator:
         if op is None:
             return []  # already reported for the request
         if str(status) in op["responses"]:
-            pointer = (f"/paths/{self._escape(template)}/{method.lower()}/responses/{status}"
-                       "/content/application~1json/schema")
-            return [f"response {status} {method} {path}: {e}" for e in self._errors(pointer, payload)]
+            pointer = (
+                f"/paths/{self._escape(template)}/{method.lower()}/responses/{status}"
+                "/content/application~1json/schema"
+            )
+            return [
+                f"response {status} {method} {path}: {e}" for e in self._errors(pointer, payload)
+            ]
         # Undocumented per operation (429, 5xx): the envelope the spec's description documents.
         schema = GENERIC_ERROR
         if status == 500 and payload.get("error", {}).get("code") == "global/internal-error":
-            schema = {"type": "object", "required": ["error"], "additionalProperties": False,
-                      "properties": {"error": {"$ref": "spec.json#/components/schemas/ApiErrorInternal"}}}
+            schema = {
+                "type": "object",
+                "required": ["error"],
+                "additionalProperties": False,
+                "properties": {"error": {"$ref": "spec.json#/components/schemas/ApiErrorInternal"}},
+            }
         return [f"response {status} {method} {path}: {e}" for e in self._errors(schema, payload)]
 
 
@@ -121,11 +153,19 @@ class FakeLambda:
         self.api_key = api_key
         self.validator = SpecValidator(spec) if spec is not None else None
         self.ip = ip
-        self.ssh_keys = [{"id": uuid.uuid4().hex, "name": n,
-                          "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000 test"}
-                         for n in ssh_key_names]
-        self.capacity = {"gpu_8x_h100_sxm5": ["us-west-1", "us-east-1"], "gpu_1x_a10": ["us-east-1"],
-                         "gpu_1x_h100_pcie": []}
+        self.ssh_keys = [
+            {
+                "id": uuid.uuid4().hex,
+                "name": n,
+                "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000 test",
+            }
+            for n in ssh_key_names
+        ]
+        self.capacity = {
+            "gpu_8x_h100_sxm5": ["us-west-1", "us-east-1"],
+            "gpu_1x_a10": ["us-east-1"],
+            "gpu_1x_h100_pcie": [],
+        }
         self.instances = {}
         self.boot_polls = 1
         self.never_active = False
@@ -133,7 +173,7 @@ class FakeLambda:
         self.launch_window = 0.0
         self.on_terminate = None
         self.faults = []
-        self.requests = []          # dicts: method, path, body (parsed), raw, auth, time, status
+        self.requests = []  # dicts: method, path, body (parsed), raw, auth, time, status
         self.violations = []
         self.lock = threading.Lock()
         self._last_launch = None
@@ -156,11 +196,22 @@ class FakeLambda:
         self.server.server_close()
 
     def fail(self, method, path_regex, status, code, times=1, create=False, retry_after=None):
-        self.faults.append({"method": method, "re": re.compile(path_regex), "status": status, "code": code,
-                            "times": times, "create": create, "retry_after": retry_after})
+        self.faults.append(
+            {
+                "method": method,
+                "re": re.compile(path_regex),
+                "status": status,
+                "code": code,
+                "times": times,
+                "create": create,
+                "retry_after": retry_after,
+            }
+        )
 
     def running(self):
-        return [i for i in self.instances.values() if i["status"] not in ("terminated", "terminating")]
+        return [
+            i for i in self.instances.values() if i["status"] not in ("terminated", "terminating")
+        ]
 
     def launches(self):
         return [r for r in self.requests if r["path"].endswith("/instance-operations/launch")]
@@ -168,18 +219,34 @@ class FakeLambda:
     # ---- API behaviour ----
     def _instance_type(self, name):
         desc, gpu, cents, vcpus, mem, disk, gpus = INSTANCE_TYPES[name]
-        return {"name": name, "description": desc, "gpu_description": gpu, "price_cents_per_hour": cents,
-                "specs": {"vcpus": vcpus, "memory_gib": mem, "storage_gib": disk, "gpus": gpus}}
+        return {
+            "name": name,
+            "description": desc,
+            "gpu_description": gpu,
+            "price_cents_per_hour": cents,
+            "specs": {"vcpus": vcpus, "memory_gib": mem, "storage_gib": disk, "gpus": gpus},
+        }
 
     def _public(self, inst):
         out = {k: v for k, v in inst.items() if not k.startswith("_")}
         available = inst["status"] == "active"
-        action = {"available": available} if available else \
-            {"available": False, "reason_code": "vm-has-not-launched", "reason_description": "Not launched yet."}
-        out["actions"] = {k: dict(action) for k in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}
+        action = (
+            {"available": available}
+            if available
+            else {
+                "available": False,
+                "reason_code": "vm-has-not-launched",
+                "reason_description": "Not launched yet.",
+            }
+        )
+        out["actions"] = {
+            k: dict(action) for k in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")
+        }
         if inst["status"] in ("terminating", "terminated"):
-            out["actions"] = {k: {"available": False, "reason_code": "vm-is-terminating"}
-                              for k in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")}
+            out["actions"] = {
+                k: {"available": False, "reason_code": "vm-is-terminating"}
+                for k in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")
+            }
         return out
 
     def _advance(self, inst):
@@ -187,24 +254,41 @@ class FakeLambda:
             return
         self._polls[inst["id"]] = self._polls.get(inst["id"], 0) + 1
         if self._polls[inst["id"]] >= self.boot_polls:
-            inst.update(status="active", ip=self.ip, private_ip="10.0.0.2", hostname="fake-" + inst["id"][:8])
+            inst.update(
+                status="active",
+                ip=self.ip,
+                private_ip="10.0.0.2",
+                hostname="fake-" + inst["id"][:8],
+            )
 
     def _launch(self, body):
         name = body["instance_type_name"]
         if len(body["ssh_key_names"]) != 1:
-            return 400, self._error("global/invalid-parameters", "Exactly one SSH key must be specified.")
+            return 400, self._error(
+                "global/invalid-parameters", "Exactly one SSH key must be specified."
+            )
         if body["ssh_key_names"][0] not in [k["name"] for k in self.ssh_keys]:
-            return 404, self._error("global/object-does-not-exist", "SSH key not found.", "Check the key name.")
+            return 404, self._error(
+                "global/object-does-not-exist", "SSH key not found.", "Check the key name."
+            )
         if name not in INSTANCE_TYPES:
-            return 404, self._error("global/object-does-not-exist", "Instance type not found.", "List instance types.")
+            return 404, self._error(
+                "global/object-does-not-exist", "Instance type not found.", "List instance types."
+            )
         if self.no_capacity_launches > 0 or body["region_name"] not in self.capacity.get(name, []):
             self.no_capacity_launches = max(0, self.no_capacity_launches - 1)
             return 400, self._error("instance-operations/launch/insufficient-capacity")
         iid = uuid.uuid4().hex
         self.instances[iid] = {
-            "id": iid, "name": body.get("name", ""), "status": "booting", "ssh_key_names": body["ssh_key_names"],
-            "file_system_names": [], "region": {"name": body["region_name"], "description": REGIONS[body["region_name"]]},
-            "instance_type": self._instance_type(name), "is_reserved": False, "tags": [],
+            "id": iid,
+            "name": body.get("name", ""),
+            "status": "booting",
+            "ssh_key_names": body["ssh_key_names"],
+            "file_system_names": [],
+            "region": {"name": body["region_name"], "description": REGIONS[body["region_name"]]},
+            "instance_type": self._instance_type(name),
+            "is_reserved": False,
+            "tags": [],
         }
         return 200, {"data": {"instance_ids": [iid]}}
 
@@ -237,20 +321,39 @@ class FakeLambda:
                 fault["times"] -= 1
                 if fault["create"]:
                     self._launch(body)
-                headers = {"Retry-After": str(fault["retry_after"])} if fault["retry_after"] is not None else {}
+                headers = (
+                    {"Retry-After": str(fault["retry_after"])}
+                    if fault["retry_after"] is not None
+                    else {}
+                )
                 return fault["status"], self._error(fault["code"]), headers
         if method == "GET" and path == "/instance-types":
-            data = {n: {"instance_type": self._instance_type(n),
-                        "regions_with_capacity_available": [{"name": r, "description": REGIONS[r]}
-                                                            for r in self.capacity.get(n, [])]}
-                    for n in INSTANCE_TYPES}
+            data = {
+                n: {
+                    "instance_type": self._instance_type(n),
+                    "regions_with_capacity_available": [
+                        {"name": r, "description": REGIONS[r]} for r in self.capacity.get(n, [])
+                    ],
+                }
+                for n in INSTANCE_TYPES
+            }
             return 200, {"data": data}, {}
         if method == "GET" and path == "/ssh-keys":
             return 200, {"data": self.ssh_keys}, {}
         if method == "GET" and path == "/instances":
             for inst in self.instances.values():
                 self._advance(inst)
-            return 200, {"data": [self._public(i) for i in self.instances.values() if i["status"] != "terminated"]}, {}
+            return (
+                200,
+                {
+                    "data": [
+                        self._public(i)
+                        for i in self.instances.values()
+                        if i["status"] != "terminated"
+                    ]
+                },
+                {},
+            )
         m = re.fullmatch(r"/instances/([^/]+)", path)
         if method == "GET" and m:
             inst = self.instances.get(m.group(1))
@@ -283,20 +386,32 @@ class FakeLambda:
                 full = self.path.split("?", 1)[0]
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 body = json.loads(raw) if raw else None
-                path = full[len(PREFIX):] if full.startswith(PREFIX) else full
+                path = full[len(PREFIX) :] if full.startswith(PREFIX) else full
                 with fake.lock:
-                    record = {"method": method, "path": full, "body": body, "raw": raw.decode(errors="replace"),
-                              "auth": self.headers.get("Authorization", ""), "time": time.monotonic()}
+                    record = {
+                        "method": method,
+                        "path": full,
+                        "body": body,
+                        "raw": raw.decode(errors="replace"),
+                        "auth": self.headers.get("Authorization", ""),
+                        "time": time.monotonic(),
+                    }
                     fake.requests.append(record)
                     if fake.validator:
                         fake.violations += fake.validator.check_request(method, full, body)
                     if not full.startswith(PREFIX):
-                        status, payload, headers = 404, fake._error("global/object-does-not-exist"), {}
+                        status, payload, headers = (
+                            404,
+                            fake._error("global/object-does-not-exist"),
+                            {},
+                        )
                     else:
                         status, payload, headers = fake.handle(method, path, body, record["auth"])
                     record["status"] = status
                     if fake.validator:
-                        fake.violations += fake.validator.check_response(method, full, status, payload)
+                        fake.violations += fake.validator.check_response(
+                            method, full, status, payload
+                        )
                 out = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

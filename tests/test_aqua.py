@@ -6,20 +6,38 @@ import shutil
 
 import pytest
 
-import tasks.common
 from scripts import prepare_aqua
-from tasks.aqua import (AQUA_INSTRUCTION, AquaRat, BadRow, clean_rationale, extract_letter,
-                        find_answer_statements, option_number)
+from tasks.aqua import (
+    AQUA_INSTRUCTION,
+    AquaRat,
+    BadRow,
+    clean_rationale,
+    extract_letter,
+    find_answer_statements,
+    option_number,
+)
 
 OPTS = ["A)12", "B)15 km", "C)$1,200", "D)3/4", "E)None of these"]
 
 ROWS = [
-    {"question": "What is 3 x 4?", "options": ["A)12", "B)7", "C)1", "D)34", "E)43"],
-     "rationale": "3 x 4 = 12\nANSWER:A", "correct": "A"},
-    {"question": "A car goes 10 km/h for 2 h. Distance?", "options": ["A)5", "B)12", "C)20", "D)8", "E)30"],
-     "rationale": "10 * 2 = 20 km. The answer is C.", "correct": "C"},
-    {"question": "Half of 9?", "options": ["A)4", "B)4.5", "C)5", "D)18", "E)3"],
-     "rationale": "9 / 2 = 4.5", "correct": "B"},
+    {
+        "question": "What is 3 x 4?",
+        "options": ["A)12", "B)7", "C)1", "D)34", "E)43"],
+        "rationale": "3 x 4 = 12\nANSWER:A",
+        "correct": "A",
+    },
+    {
+        "question": "A car goes 10 km/h for 2 h. Distance?",
+        "options": ["A)5", "B)12", "C)20", "D)8", "E)30"],
+        "rationale": "10 * 2 = 20 km. The answer is C.",
+        "correct": "C",
+    },
+    {
+        "question": "Half of 9?",
+        "options": ["A)4", "B)4.5", "C)5", "D)18", "E)3"],
+        "rationale": "9 / 2 = 4.5",
+        "correct": "B",
+    },
 ]
 
 
@@ -31,67 +49,79 @@ def write_lines(path, rows):
 # extract_letter on hand-made strings
 
 
-@pytest.mark.parametrize("text,letter", [
-    ("so x = 5.\nAnswer: C", "C"),
-    ("Answer: C", "C"),
-    ("the answer is (C).", "C"),
-    ("Therefore the answer is C", "C"),
-    ("C is the correct option", "C"),
-    ("So option A is correct.", "A"),
-    ("Option C", "C"),
-    ("blah\n=> D", "D"),
-    ("ANSWER:E", "E"),
-    ("Ans: B", "B"),
-    ("Ans - C", "C"),
-    ("correct answer is option C", "C"),
-    ("CORRECT OPTION:OPTION E", "E"),
-    ("Answer : B", "B"),
-    ("Answer (D)", "D"),
-    ("Answer: D) 109 rolls", "D"),
-    ("Answer = E", "E"),
-    ("Hence answer will be A. 5π", "A"),
-    ("E is the answer.", "E"),
-    ("work...\nD", "D"),  # a last line that is only a letter
-    ("Answer: A\nwait, that is wrong. Answer: B", "B"),  # the LAST statement wins
-    ("Answer is A is correct option", "A"),
-    ("the answer is\nC", "C"),
-    ("**Answer: C**", "C"),
-    ("The answer is **(D)**.", "D"),
-    ("so the answer is $\\boxed{B}$", "B"),
-    ("Final answer: \\boxed{\\text{E}}", "E"),
-    ("Answer: $C$", "C"),
-    ("answer choice C", "C"),
-    ("The correct answer is: C", "C"),
-])
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("so x = 5.\nAnswer: C", "C"),
+        ("Answer: C", "C"),
+        ("the answer is (C).", "C"),
+        ("Therefore the answer is C", "C"),
+        ("C is the correct option", "C"),
+        ("So option A is correct.", "A"),
+        ("Option C", "C"),
+        ("blah\n=> D", "D"),
+        ("ANSWER:E", "E"),
+        ("Ans: B", "B"),
+        ("Ans - C", "C"),
+        ("correct answer is option C", "C"),
+        ("CORRECT OPTION:OPTION E", "E"),
+        ("Answer : B", "B"),
+        ("Answer (D)", "D"),
+        ("Answer: D) 109 rolls", "D"),
+        ("Answer = E", "E"),
+        ("Hence answer will be A. 5π", "A"),
+        ("E is the answer.", "E"),
+        ("work...\nD", "D"),  # a last line that is only a letter
+        ("Answer: A\nwait, that is wrong. Answer: B", "B"),  # the LAST statement wins
+        ("Answer is A is correct option", "A"),
+        ("the answer is\nC", "C"),
+        ("**Answer: C**", "C"),
+        ("The answer is **(D)**.", "D"),
+        ("so the answer is $\\boxed{B}$", "B"),
+        ("Final answer: \\boxed{\\text{E}}", "E"),
+        ("Answer: $C$", "C"),
+        ("answer choice C", "C"),
+        ("The correct answer is: C", "C"),
+    ],
+)
 def test_extract_letter_explicit(text, letter):
     assert extract_letter(text, OPTS) == letter
     assert extract_letter(text, None) == letter
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "A train runs at 5 km/h. A man walks.",  # the article "A"
-    "Let c = 3 and a = 4; then a + c = 7.",  # variables
-    "the answer is a",  # lowercase is never an answer
-    "answer: c",
-    "The answer is A or B, I cannot tell.",  # undecided
-    "The answer is A bit larger than 5",  # prose after the letter
-    "Consider option B: it gives 14, not 12. Option C: 16.",  # weighing options is not committing
-    "A's share is 40 and B's share is 60.",
-    "Answers vary.",
-    "If A = 5 then B = 6",
-    "answer A = 5x + 2",  # a variable named A
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "A train runs at 5 km/h. A man walks.",  # the article "A"
+        "Let c = 3 and a = 4; then a + c = 7.",  # variables
+        "the answer is a",  # lowercase is never an answer
+        "answer: c",
+        "The answer is A or B, I cannot tell.",  # undecided
+        "The answer is A bit larger than 5",  # prose after the letter
+        "Consider option B: it gives 14, not 12. Option C: 16.",  # weighing options is not committing
+        "A's share is 40 and B's share is 60.",
+        "Answers vary.",
+        "If A = 5 then B = 6",
+        "answer A = 5x + 2",  # a variable named A
+    ],
+)
 def test_extract_letter_refuses(text):
     assert extract_letter(text, None) is None
 
 
-@pytest.mark.parametrize("text,letter", [
-    ("so the distance = 15 km", "B"),
-    ("total = $1,200", "C"),
-    ("x = 0.75", "D"),  # 3/4
-    ("we get 12.", "A"),  # a line that starts with... no: "we get" is not a result lead -> None below
-])
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("so the distance = 15 km", "B"),
+        ("total = $1,200", "C"),
+        ("x = 0.75", "D"),  # 3/4
+        (
+            "we get 12.",
+            "A",
+        ),  # a line that starts with... no: "we get" is not a result lead -> None below
+    ],
+)
 def test_extract_letter_value_fallback(text, letter):
     got = extract_letter(text, OPTS)
     if text == "we get 12.":
@@ -103,10 +133,17 @@ def test_extract_letter_value_fallback(text, letter):
 
 def test_value_fallback_needs_a_unique_clean_match():
     assert extract_letter("x = 7", OPTS) is None  # matches nothing
-    assert extract_letter("x = -5 and 3", ["A)-5 and 3", "B)3", "C)5", "D)6", "E)7"]) is None  # not a lone result
+    assert (
+        extract_letter("x = -5 and 3", ["A)-5 and 3", "B)3", "C)5", "D)6", "E)7"]) is None
+    )  # not a lone result
     assert extract_letter("dropped by 20%", ["A)20%", "B)0%", "C)-10%", "D)-20%", "E)-25%"]) is None
-    assert extract_letter("cost = 3x = Rs.18000", ["A)Rs.6000", "B)Rs.10,000", "C)Rs.12,000", "D)Rs.18,000",
-                                                     "E)None"]) == "D"
+    assert (
+        extract_letter(
+            "cost = 3x = Rs.18000",
+            ["A)Rs.6000", "B)Rs.10,000", "C)Rs.12,000", "D)Rs.18,000", "E)None"],
+        )
+        == "D"
+    )
     assert extract_letter("speed = 2x", ["A)2", "B)3", "C)4", "D)5", "E)6"]) is None  # 2x is not 2
     assert extract_letter("x = 5", ["A)5", "B)5.0", "C)4", "D)6", "E)7"]) is None  # ambiguous
 
@@ -123,6 +160,7 @@ def test_option_number():
 
 def test_pathological_whitespace_is_fast():
     import time
+
     t0 = time.time()
     extract_letter("answer" + " " * 20000 + "is" + " \n" * 5000 + "x", OPTS)
     extract_letter("Answer: " + "=" * 20000, OPTS)
@@ -172,6 +210,7 @@ def test_value_fallback_on_real_dev_rationales(shared_dir):
 def test_parroting_the_question_earns_nothing(shared_dir):
     """A completion that only repeats the question (or the whole prompt) must not name a letter."""
     from tasks.synthetic_aqua import SyntheticAqua
+
     task = AquaRat("validation", data_dir=shared_dir / "data" / "aqua_rat")
     hits = 0
     for c in list(task) + list(SyntheticAqua("test", 500, "mixed")):
@@ -220,15 +259,19 @@ def test_original_and_prepared_and_hf_give_identical_items(tmp_path, monkeypatch
     from_orig = AquaRat("validation", data_dir=orig)
     assert len(from_orig) == 3
 
-    prepare_aqua.main(["--source-dir", str(orig), "--splits", "validation", "--out-dir", str(tmp_path / "prep")])
+    prepare_aqua.main(
+        ["--source-dir", str(orig), "--splits", "validation", "--out-dir", str(tmp_path / "prep")]
+    )
     from_prep = AquaRat("validation", data_dir=tmp_path / "prep")
 
     import datasets
+
     calls = []
 
     def fake_load(path, name=None, split=None, **kw):
         calls.append((path, name, split))
         return datasets.Dataset.from_list(ROWS)
+
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     from_hf = AquaRat("validation")
     assert calls == [("deepmind/aqua_rat", "raw", "validation")]
@@ -243,9 +286,15 @@ def test_original_and_prepared_and_hf_give_identical_items(tmp_path, monkeypatch
     assert from_orig[1]["messages"][1]["content"] == "10 * 2 = 20 km.\nAnswer: C"
     assert from_orig.evaluate(c, "so 4.5\nAnswer: B") == 1
     assert from_orig.evaluate(c, "Answer: C") == 0
-    assert from_orig.evaluate(c, "half of it = 4.5 apples") == 1  # no letter: the final value decides
-    assert from_orig.evaluate(c, "half of it is 4.5 apples") == 0  # "is" does not introduce a final value
-    assert from_orig.evaluate(c, "4.5 is half of 9") == 0  # the last number (9) is not introduced as a result
+    assert (
+        from_orig.evaluate(c, "half of it = 4.5 apples") == 1
+    )  # no letter: the final value decides
+    assert (
+        from_orig.evaluate(c, "half of it is 4.5 apples") == 0
+    )  # "is" does not introduce a final value
+    assert (
+        from_orig.evaluate(c, "4.5 is half of 9") == 0
+    )  # the last number (9) is not introduced as a result
 
 
 def test_default_source_is_prepared_base_dir(tmp_path, base_dir, monkeypatch):
@@ -260,7 +309,10 @@ def test_default_source_is_prepared_base_dir(tmp_path, base_dir, monkeypatch):
     assert {k: v["rows"] for k, v in manifest.items()} == {"train": 5, "validation": 3, "test": 2}
 
     import datasets
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must not hit the Hub"))
+
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: pytest.fail("must not hit the Hub")
+    )
     assert len(AquaRat("train")) == 5 and len(AquaRat("test")) == 2
     assert len(AquaRat("train", max_examples=2)) == 2
     assert AquaRat("train")[:] == AquaRat("train", data_dir=orig, max_examples=5)[:]
@@ -271,6 +323,7 @@ def test_offline_hub_error_is_clear(monkeypatch):
 
     def boom(*a, **k):
         raise ConnectionError("Name or service not known")
+
     monkeypatch.setattr(datasets, "load_dataset", boom)
     with pytest.raises(RuntimeError) as e:
         AquaRat("test")
@@ -280,13 +333,43 @@ def test_offline_hub_error_is_clear(monkeypatch):
 
 BAD_ROWS = [
     ROWS[0],
-    {"question": "", "options": ROWS[0]["options"], "rationale": "", "correct": "A"},  # 1 empty question
-    {"question": "q", "options": ROWS[0]["options"][:4], "rationale": "", "correct": "A"},  # 2 four options
-    {"question": "q", "options": ["A)1", "C)2", "B)3", "D)4", "E)5"], "rationale": "", "correct": "A"},  # 3 order
-    {"question": "q", "options": ROWS[0]["options"], "rationale": "", "correct": "F"},  # 4 bad letter
+    {
+        "question": "",
+        "options": ROWS[0]["options"],
+        "rationale": "",
+        "correct": "A",
+    },  # 1 empty question
+    {
+        "question": "q",
+        "options": ROWS[0]["options"][:4],
+        "rationale": "",
+        "correct": "A",
+    },  # 2 four options
+    {
+        "question": "q",
+        "options": ["A)1", "C)2", "B)3", "D)4", "E)5"],
+        "rationale": "",
+        "correct": "A",
+    },  # 3 order
+    {
+        "question": "q",
+        "options": ROWS[0]["options"],
+        "rationale": "",
+        "correct": "F",
+    },  # 4 bad letter
     "{not json",  # 5
-    {"question": "q", "options": ["A)1", "B)2", "C)", "D)4", "E)5"], "rationale": "", "correct": "A"},  # 6 empty
-    {"question": "q", "options": ["A)1", "B)2", "C)3", "D)4", "E5"], "rationale": "", "correct": "A"},  # 7 no ")"
+    {
+        "question": "q",
+        "options": ["A)1", "B)2", "C)", "D)4", "E)5"],
+        "rationale": "",
+        "correct": "A",
+    },  # 6 empty
+    {
+        "question": "q",
+        "options": ["A)1", "B)2", "C)3", "D)4", "E5"],
+        "rationale": "",
+        "correct": "A",
+    },  # 7 no ")"
     ROWS[1],
 ]
 
@@ -315,13 +398,35 @@ def test_prepare_aqua_writes_nothing_on_error(tmp_path):
     write_lines(tmp_path / "test.json", BAD_ROWS)
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="test row 1"):
-        prepare_aqua.main(["--source-dir", str(tmp_path), "--splits", "validation,test", "--out-dir", str(out),
-                           "--on-bad-row", "error"])
+        prepare_aqua.main(
+            [
+                "--source-dir",
+                str(tmp_path),
+                "--splits",
+                "validation,test",
+                "--out-dir",
+                str(out),
+                "--on-bad-row",
+                "error",
+            ]
+        )
     assert not any(out.glob("*.jsonl"))
-    with pytest.raises(SystemExit, match="train"):  # a missing split file names the file and the fix
+    with pytest.raises(
+        SystemExit, match="train"
+    ):  # a missing split file names the file and the fix
         prepare_aqua.main(["--source-dir", str(tmp_path), "--out-dir", str(out)])
-    prepare_aqua.main(["--source-dir", str(tmp_path), "--splits", "validation,test", "--out-dir", str(out),
-                       "--max-validation", "1"])
+    prepare_aqua.main(
+        [
+            "--source-dir",
+            str(tmp_path),
+            "--splits",
+            "validation,test",
+            "--out-dir",
+            str(out),
+            "--max-validation",
+            "1",
+        ]
+    )
     assert len((out / "validation.jsonl").read_text().splitlines()) == 1
     assert len((out / "test.jsonl").read_text().splitlines()) == 2
 
@@ -338,7 +443,9 @@ def test_real_dev_through_prepare_roundtrip(shared_dir, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(shared_dir / "data" / "aqua_rat" / "dev.json", src / "dev.json")
-    prepare_aqua.main(["--source-dir", str(src), "--splits", "validation", "--out-dir", str(tmp_path / "p")])
+    prepare_aqua.main(
+        ["--source-dir", str(src), "--splits", "validation", "--out-dir", str(tmp_path / "p")]
+    )
     a = AquaRat("validation", data_dir=src)
     b = AquaRat("validation", data_dir=tmp_path / "p")
     assert len(a) == len(rows) == 254 and a[:] == b[:]

@@ -14,15 +14,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import sigkill_after_checkpoints
 
 from nanochat.checkpoint import find_last_step
-from helpers import sigkill_after_checkpoints
 from nanochat.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "64",
-        "--device-batch-size", "2", "--source", "synthetic", "--eval-tokens", "512", "--sample-every", "-1",
-        "--run", "t", "--tag", "tiny", "--no-wandb"]
+TINY = [
+    "--depth",
+    "1",
+    "--aspect-ratio",
+    "64",
+    "--head-dim",
+    "32",
+    "--max-seq-len",
+    "64",
+    "--device-batch-size",
+    "2",
+    "--source",
+    "synthetic",
+    "--eval-tokens",
+    "512",
+    "--sample-every",
+    "-1",
+    "--run",
+    "t",
+    "--tag",
+    "tiny",
+    "--no-wandb",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +67,30 @@ def base(base_dir, trained_tokenizer):
 
 def env_for(base: Path) -> dict:
     # one thread per process: two processes on two cores, no oversubscription; same for every run compared
-    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "NANOCHAT_DEVICE": "cpu",
-            "OMP_NUM_THREADS": "1", "NANOCHAT_COMPILE": "0", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base),
+        "WANDB_MODE": "disabled",
+        "NANOCHAT_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "NANOCHAT_COMPILE": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run(args, base, timeout=300, module="scripts.base_train", check=True):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env_for(base),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env_for(base),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
-        assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, (
+            f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -93,20 +128,44 @@ def final_weights(base: Path, tag="tiny") -> dict:
 
 
 def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inproc, capsys):
-    args = TINY + ["--num-iterations", "30", "--total-batch-size", "256", "--eval-every", "15",
-                   "--sample-every", "30", "--save-every", "10", "--keep-last", "2", "--warmdown-ratio", "0.3"]
+    args = TINY + [
+        "--num-iterations",
+        "30",
+        "--total-batch-size",
+        "256",
+        "--eval-every",
+        "15",
+        "--sample-every",
+        "30",
+        "--save-every",
+        "10",
+        "--keep-last",
+        "2",
+        "--warmdown-ratio",
+        "0.3",
+    ]
     proc = run(args, base)  # the real CLI once
     assert "1 proc x 2 micro x 2 rows x 64" in proc.stdout
 
     rows = read_jsonl(base / "runs" / "t" / "base.jsonl")
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(1, 31))
-    for key in ("train/loss", "train/loss_smooth", "train/lrm", "train/grad_norm", "train/tok_per_sec",
-                "train/mem_mb", "train/muon_momentum", "train/tokens"):
+    for key in (
+        "train/loss",
+        "train/loss_smooth",
+        "train/lrm",
+        "train/grad_norm",
+        "train/tok_per_sec",
+        "train/mem_mb",
+        "train/muon_momentum",
+        "train/tokens",
+    ):
         assert key in train[-1], key
     assert "train/mfu" not in train[-1]  # CPU: peak FLOPs unknown, so no made-up MFU
     assert train[0]["train/loss"] > train[-1]["train/loss"] + 1.0, "loss did not go down"
-    assert train[0]["train/lrm"] == 1.0 and train[-1]["train/lrm"] < 0.2  # warmdown over the last 30%
+    assert (
+        train[0]["train/lrm"] == 1.0 and train[-1]["train/lrm"] < 0.2
+    )  # warmdown over the last 30%
     vals = [r for r in rows if "val/bpb" in r]
     assert [r["step"] for r in vals] == [0, 15, 30] and vals[-1]["val/bpb"] < vals[0]["val/bpb"]
     assert any("samples/0" in r for r in rows)
@@ -126,7 +185,9 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
     inproc(args)
     assert "already complete at step 30" in capsys.readouterr().out
     assert (ckpt(base) / "step_000030" / "model.pt").stat().st_mtime_ns == before
-    assert "throughput: n/a" not in (base / "report" / "t" / "base_train.md").read_text()  # figures kept in meta
+    assert (
+        "throughput: n/a" not in (base / "report" / "t" / "base_train.md").read_text()
+    )  # figures kept in meta
     # A different model under the same tag is refused (use --fresh or another --tag) ...
     wider = list(args)
     wider[wider.index("--aspect-ratio") + 1] = "128"
@@ -137,9 +198,28 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
         inproc(TINY + ["--num-iterations", "2", "--total-batch-size", "200"])
 
     # base_loss (the CLI): train/val bits per byte of that checkpoint, plus samples
-    run(["--tag", "tiny", "--source", "synthetic", "--device-batch-size", "2", "--split-tokens", "512",
-         "--sample-tokens", "8", "--run", "t", "--no-wandb"], base, module="scripts.base_loss")
-    loss_rows = [r for r in read_jsonl(base / "runs" / "t" / "base_loss.jsonl") if "loss/val_bpb" in r]
+    run(
+        [
+            "--tag",
+            "tiny",
+            "--source",
+            "synthetic",
+            "--device-batch-size",
+            "2",
+            "--split-tokens",
+            "512",
+            "--sample-tokens",
+            "8",
+            "--run",
+            "t",
+            "--no-wandb",
+        ],
+        base,
+        module="scripts.base_loss",
+    )
+    loss_rows = [
+        r for r in read_jsonl(base / "runs" / "t" / "base_loss.jsonl") if "loss/val_bpb" in r
+    ]
     assert 0 < loss_rows[-1]["loss/val_bpb"] < vals[0]["val/bpb"]
     # same val data and model as base_train's last evaluation (which used 2 rows x 64 x 4 steps too)
     assert loss_rows[-1]["loss/val_bpb"] == pytest.approx(vals[-1]["val/bpb"], rel=1e-4)
@@ -150,29 +230,60 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
     from tests.test_core_eval import write_bundle
 
     bundle = write_bundle(tmp_path / "eval_bundle")
-    inproc(["--tag", "tiny", "--bundle-dir", str(bundle), "--run", "t", "--no-wandb"], module="scripts.base_eval")
-    core_rows = [r for r in read_jsonl(base / "runs" / "t" / "base_eval.jsonl") if "core/core" in r and "step" in r]
+    inproc(
+        ["--tag", "tiny", "--bundle-dir", str(bundle), "--run", "t", "--no-wandb"],
+        module="scripts.base_eval",
+    )
+    core_rows = [
+        r
+        for r in read_jsonl(base / "runs" / "t" / "base_eval.jsonl")
+        if "core/core" in r and "step" in r
+    ]
     assert -2.0 < core_rows[-1]["core/core"] < 1.0 and core_rows[-1]["step"] == 30
 
 
 def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc):
-    common = TINY + ["--num-iterations", "6", "--total-batch-size", "256", "--eval-every", "0",
-                     "--save-every", "0"]
+    common = TINY + [
+        "--num-iterations",
+        "6",
+        "--total-batch-size",
+        "256",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
     inproc(common)  # reference: 1 process x 2 micro-steps
     base2 = tmp_path / "base2"
     base2.mkdir()
     (base2 / "tokenizer").symlink_to(base / "tokenizer")
-    cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           "-m", "scripts.base_train", *common]
+    cmd = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "scripts.base_train",
+        *common,
+    ]
     # NANOCHAT_RUN, not --run: torchrun's own parser rejects "--run" anywhere on its command line as an
     # ambiguous abbreviation of its --run-path
     cmd.remove("--run"), cmd.remove("t")
-    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, env={**env_for(base2), "NANOCHAT_RUN": "t"},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, *cmd],
+        cwd=REPO,
+        env={**env_for(base2), "NANOCHAT_RUN": "t"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 proc x 1 micro" in proc.stdout
     d2 = ckpt(base2) / "step_000006"
-    assert (d2 / "optim_rank0.pt").is_file() and (d2 / "optim_rank1.pt").is_file()  # Muon state is sharded
+    assert (d2 / "optim_rank0.pt").is_file() and (
+        d2 / "optim_rank1.pt"
+    ).is_file()  # Muon state is sharded
 
     w1, w2 = final_weights(base), final_weights(base2)
     assert w1.keys() == w2.keys()
@@ -180,14 +291,30 @@ def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc)
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=2e-5), (k, (w1[k] - w2[k]).abs().max())
     # training moved the weights: the output projections start at exactly zero
     assert w1["transformer.h.0.mlp.c_proj.weight"].abs().max() > 1e-3
-    l1 = [r["train/loss"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r]
-    l2 = [r["train/loss"] for r in read_jsonl(base2 / "runs" / "t" / "base.jsonl") if "train/loss" in r]
+    l1 = [
+        r["train/loss"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r
+    ]
+    l2 = [
+        r["train/loss"]
+        for r in read_jsonl(base2 / "runs" / "t" / "base.jsonl")
+        if "train/loss" in r
+    ]
     assert len(l1) == 6 and l1 == pytest.approx(l2, abs=1e-4)
 
 
 def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base, tmp_path, inproc):
-    args = TINY + ["--num-iterations", "100", "--total-batch-size", "128", "--eval-every", "0",
-                   "--save-every", "4", "--keep-last", "3"]
+    args = TINY + [
+        "--num-iterations",
+        "100",
+        "--total-batch-size",
+        "128",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "4",
+        "--keep-last",
+        "3",
+    ]
     cmd = [sys.executable, "-m", "scripts.base_train", *args]
     sigkill_after_checkpoints(cmd, env_for(base), ckpt(base), 2)
     killed_at = find_last_step(ckpt(base))
@@ -215,7 +342,16 @@ def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base
 
 
 def test_fresh_deletes_only_when_asked(base, inproc):
-    args = TINY + ["--num-iterations", "2", "--total-batch-size", "128", "--eval-every", "0", "--save-every", "1"]
+    args = TINY + [
+        "--num-iterations",
+        "2",
+        "--total-batch-size",
+        "128",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "1",
+    ]
     inproc(args)
     assert find_last_step(ckpt(base)) == 2
     with pytest.raises(SystemExit, match="--num-iterations 2 -> 3"):  # another budget, same tag
@@ -237,13 +373,19 @@ def test_schedule_and_budget_rules():
     assert lrm[0] == pytest.approx(0.1) and lrm[9] == 1.0 and lrm[50] == 1.0 and lrm[80] == 1.0
     assert lrm[90] == pytest.approx(0.5 + 0.5 * 0.1) and lrm[99] == pytest.approx(0.05 + 0.95 * 0.1)
     assert all(a >= b for a, b in zip(lrm[80:], lrm[81:]))
-    assert muon_momentum(0, 300) == pytest.approx(0.85) and muon_momentum(150, 300) == pytest.approx(0.90)
-    assert muon_momentum(10_000, 300) == pytest.approx(0.95) and muon_momentum(0, 0) == pytest.approx(0.95)
+    assert muon_momentum(0, 300) == pytest.approx(0.85) and muon_momentum(
+        150, 300
+    ) == pytest.approx(0.90)
+    assert muon_momentum(10_000, 300) == pytest.approx(0.95) and muon_momentum(
+        0, 0
+    ) == pytest.approx(0.95)
 
     def budget(**kw):
         args = SimpleNamespace(num_iterations=-1, target_flops=-1.0, target_param_data_ratio=20.0)
         args.__dict__.update(kw)
-        return resolve_num_iterations(args, budget_params=1_000_000, flops_per_token=6e6, total_batch_size=4096)[0]
+        return resolve_num_iterations(
+            args, budget_params=1_000_000, flops_per_token=6e6, total_batch_size=4096
+        )[0]
 
     assert budget(num_iterations=7) == 7  # explicit wins
     assert budget(target_flops=6e6 * 4096 * 50) == 50  # FLOPs / (FLOPs per token * tokens per step)
@@ -260,16 +402,35 @@ def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
     (corpus / "a.txt").write_text("\n\n".join(docs[:50]))
     (corpus / "b.txt").write_text("\n\n".join(docs[50:]))  # the val split: the last file
     args = [a if a != "synthetic" else "dir" for a in TINY] + [
-        "--data-dir", str(corpus), "--num-iterations", "12", "--total-batch-size", "128", "--eval-every", "-1"]
+        "--data-dir",
+        str(corpus),
+        "--num-iterations",
+        "12",
+        "--total-batch-size",
+        "128",
+        "--eval-every",
+        "-1",
+    ]
     inproc(args)
     out = capsys.readouterr().out
-    assert "note: the training data ran out by step" in out and out.count("the documents now repeat") == 1
+    assert (
+        "note: the training data ran out by step" in out
+        and out.count("the documents now repeat") == 1
+    )
     train = [r for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/data_passes" in r]
-    assert train[0]["train/data_passes"] < train[-1]["train/data_passes"] and train[-1]["train/data_passes"] > 1
-    assert "passes over the training documents (they repeated" in (base / "report" / "t" / "base_train.md").read_text()
+    assert (
+        train[0]["train/data_passes"] < train[-1]["train/data_passes"]
+        and train[-1]["train/data_passes"] > 1
+    )
+    assert (
+        "passes over the training documents (they repeated"
+        in (base / "report" / "t" / "base_train.md").read_text()
+    )
 
 
-def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(base, inproc, capsys, monkeypatch):
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(
+    base, inproc, capsys, monkeypatch
+):
     """A simulated GPU that holds at most 2 rows: the micro-batch backs off 8 -> 4 -> 2 at the start,
     gradient accumulation grows 2 -> 8, and a later run of the same command keeps that layout."""
     from nanochat.gpt import GPT
@@ -282,15 +443,29 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(base, inproc, 
         return forward(self, idx, targets, **kw)
 
     monkeypatch.setattr(GPT, "forward", small_gpu)
-    args = TINY + ["--device-batch-size", "8", "--total-batch-size", "1024", "--num-iterations", "4",
-                   "--save-every", "2", "--eval-every", "-1"]
+    args = TINY + [
+        "--device-batch-size",
+        "8",
+        "--total-batch-size",
+        "1024",
+        "--num-iterations",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "-1",
+    ]
     inproc(args)
     out = capsys.readouterr().out
     assert "a micro-batch of 8 x 64 tokens does not fit in memory: trying 4" in out
     assert "a micro-batch of 4 x 64 tokens does not fit in memory: trying 2" in out
     assert "1 proc x 8 micro x 2 rows x 64" in out
     meta = json.loads((ckpt(base) / "step_000004" / "meta.json").read_text())
-    assert meta["device_batch_size"] == 2 and meta["grad_accum"] == 8 and meta["total_batch_size"] == 1024
+    assert (
+        meta["device_batch_size"] == 2
+        and meta["grad_accum"] == 8
+        and meta["total_batch_size"] == 1024
+    )
     inproc(args)  # the same command again: resumes with the fitted layout instead of refusing it
     assert "already complete at step 4" in capsys.readouterr().out
 
@@ -298,12 +473,42 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(base, inproc, 
 def test_bench_pretrain_quality_runs_variants_on_the_same_batches(capsys):
     from scripts.bench_pretrain_quality import main
 
-    main(["--variants", "none:value_embed_every=0", "ve:value_embed_every=1", "--seeds", "1", "3",
-          "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32", "--max-seq-len", "32",
-          "--batch-size", "2", "--steps", "2", "--eval-every", "1", "--val-batches", "1",
-          "--vocab-size", "300", "--tokenizer-chars", "50000"])
+    main(
+        [
+            "--variants",
+            "none:value_embed_every=0",
+            "ve:value_embed_every=1",
+            "--seeds",
+            "1",
+            "3",
+            "--depth",
+            "1",
+            "--aspect-ratio",
+            "64",
+            "--head-dim",
+            "32",
+            "--max-seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "--eval-every",
+            "1",
+            "--val-batches",
+            "1",
+            "--vocab-size",
+            "300",
+            "--tokenizer-chars",
+            "50000",
+        ]
+    )
     out = capsys.readouterr().out
-    rows = {line.split("|")[0].strip(): line.split("|") for line in out.splitlines() if line.count("|") > 8}
+    rows = {
+        line.split("|")[0].strip(): line.split("|")
+        for line in out.splitlines()
+        if line.count("|") > 8
+    }
     assert set(rows) == {"variant", "none", "ve"}
     assert float(rows["none"][5]) == 0.0 and float(rows["none"][6]) == 0.0  # paired with itself
     assert int(rows["ve"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the tables

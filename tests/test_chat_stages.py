@@ -23,8 +23,18 @@ from nanochat.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--no-wandb"]
-TINY_DATA = ["--aqua-source", "synthetic", "--synthetic-examples", "24", "--synthetic-val-examples", "6",
-             "--device-batch-size", "4", "--max-seq-len", "256"]
+TINY_DATA = [
+    "--aqua-source",
+    "synthetic",
+    "--synthetic-examples",
+    "24",
+    "--synthetic-val-examples",
+    "6",
+    "--device-batch-size",
+    "4",
+    "--max-seq-len",
+    "256",
+]
 
 
 def tiny_tokenizer() -> Tokenizer:
@@ -38,19 +48,33 @@ def make_base(base_dir: Path, tag: str = "d2", stage: str = "base") -> GPTConfig
     tok = tiny_tokenizer()
     tok.save(base_dir / "tokenizer")
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=256, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    cfg = GPTConfig(
+        sequence_len=256,
+        vocab_size=tok.get_vocab_size(),
+        n_layer=2,
+        n_head=2,
+        n_kv_head=2,
+        n_embd=32,
+    )
     model = GPT(cfg)
-    save_checkpoint(checkpoint_dir(stage, tag), 5, model.state_dict(), None,
-                    {"model_config": asdict(cfg), "tag": tag, "stage": stage})
+    save_checkpoint(
+        checkpoint_dir(stage, tag),
+        5,
+        model.state_dict(),
+        None,
+        {"model_config": asdict(cfg), "tag": tag, "stage": stage},
+    )
     return cfg
 
 
 def sft(args, stage="sft"):
     from scripts.chat_sft import main
+
     return main(args + QUIET, stage=stage)
 
 
 # ------------------------------------------------------------------------------------------ units
+
 
 def test_collate_shifts_and_masks():
     rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 1]), ([7, 8, 9], [0, 1, 0])]
@@ -64,16 +88,25 @@ def test_collate_shifts_and_masks():
 def test_loader_slots_do_not_depend_on_world_size():
     tok = tiny_tokenizer()
     from tasks.synthetic_aqua import SyntheticAqua
+
     task = SyntheticAqua("train", num_examples=10)
-    one = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=2, rank=0, world_size=1, seed=3)
-    r0 = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=0, world_size=2, seed=3)
-    r1 = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=1, world_size=2, seed=3)
+    one = ConversationLoader(
+        task, tok, batch_size=2, seq_len=256, grad_accum=2, rank=0, world_size=1, seed=3
+    )
+    r0 = ConversationLoader(
+        task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=0, world_size=2, seed=3
+    )
+    r1 = ConversationLoader(
+        task, tok, batch_size=2, seq_len=256, grad_accum=1, rank=1, world_size=2, seed=3
+    )
     for _ in range(4):  # crosses an epoch boundary (10 conversations, 4 per step)
         a = one.next_step()
         b = r0.next_step() + r1.next_step()
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    resumed = ConversationLoader(task, tok, batch_size=2, seq_len=256, grad_accum=2, seed=3, state=one.state_dict())
+    resumed = ConversationLoader(
+        task, tok, batch_size=2, seq_len=256, grad_accum=2, seed=3, state=one.state_dict()
+    )
     nxt = one.next_step()
     for (xa, ya), (xb, yb) in zip(nxt, resumed.next_step()):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -92,29 +125,35 @@ def test_compiled_shapes_are_a_few_buckets_not_the_whole_context(capsys):
     dynamic = ConversationLoader(task, tok, batch_size=8, seq_len=2048, seed=1)
     shapes = set()
     for _ in range(8):
-        (xb, yb), = bucketed.next_step()
-        (xd, yd), = dynamic.next_step()
+        ((xb, yb),) = bucketed.next_step()
+        ((xd, yd),) = dynamic.next_step()
         shapes.add(xb.shape[1])
         assert xb.shape[1] in bucket_lengths(2048) and xb.shape[1] >= xd.shape[1]
-        assert torch.equal(xb[:, :xd.shape[1]], xd) and (yb[:, xd.shape[1]:] == -1).all()  # only padding added
+        assert (
+            torch.equal(xb[:, : xd.shape[1]], xd) and (yb[:, xd.shape[1] :] == -1).all()
+        )  # only padding added
     real = bucketed.real_tokens
     assert real == dynamic.real_tokens and bucketed.padded_tokens < 0.5 * 8 * 8 * 2048
     full_pad_frac, bucket_pad_frac = 1 - real / (8 * 8 * 2048), 1 - real / bucketed.padded_tokens
-    print(f"padding tokens per micro-batch of 8 at a 2048 context: full {(8 * 8 * 2048 - real) / 8:,.0f} "
-          f"({full_pad_frac:.1%}), buckets {(bucketed.padded_tokens - real) / 8:,.0f} ({bucket_pad_frac:.1%}); "
-          f"shapes {sorted(shapes)}")
+    print(
+        f"padding tokens per micro-batch of 8 at a 2048 context: full {(8 * 8 * 2048 - real) / 8:,.0f} "
+        f"({full_pad_frac:.1%}), buckets {(bucketed.padded_tokens - real) / 8:,.0f} ({bucket_pad_frac:.1%}); "
+        f"shapes {sorted(shapes)}"
+    )
     assert bucket_pad_frac < full_pad_frac - 0.3
 
 
 def test_synthetic_option_checks_flag():
     import argparse
+
     from nanochat.chat_data import add_data_args, build_tasks
+
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     targets = {}
     for flag in ("--synthetic-option-checks", "--no-synthetic-option-checks"):
         args = parser.parse_args(["--aqua-source", "synthetic", "--synthetic-examples", "5", flag])
-        (task, _), = build_tasks(args, "train", torch.device("cpu"))
+        ((task, _),) = build_tasks(args, "train", torch.device("cpu"))
         targets[flag] = task[0]["messages"][1]["content"]
     checked, plain = targets["--synthetic-option-checks"], targets["--no-synthetic-option-checks"]
     assert checked.split("\n")[-2].endswith(" yes") and " yes" not in plain and " no\n" not in plain
@@ -123,20 +162,40 @@ def test_synthetic_option_checks_flag():
 
 def test_probe_answer_format_runs_both_endings(base_dir):
     from scripts import probe_answer_format
+
     make_base(base_dir)
     for ending in ("checks", "value"):
-        curve = probe_answer_format.main(["--ending", ending, "--steps", "2", "--batch-size", "2", "--eval-every", "1",
-                                          "--eval-problems", "3", "--max-tokens", "4"])
+        curve = probe_answer_format.main(
+            [
+                "--ending",
+                ending,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "1",
+                "--eval-problems",
+                "3",
+                "--max-tokens",
+                "4",
+            ]
+        )
         assert [s for s, _, _ in curve] == [0, 1, 2]
         # 3 problems: every figure is a count out of 3 (an untrained model gets ~none right)
-        assert all(round(acc * 3, 6) in (0, 1, 2, 3) and round(line * 3, 6) in (0, 1, 2, 3) for _, acc, line in curve)
+        assert all(
+            round(acc * 3, 6) in (0, 1, 2, 3) and round(line * 3, 6) in (0, 1, 2, 3)
+            for _, acc, line in curve
+        )
     with pytest.raises(SystemExit):
         probe_answer_format.main(["--ending", "letter"])
 
 
 def test_all_masked_micro_batch_is_finite():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    model = GPT(
+        GPTConfig(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)
+    )
     x = torch.randint(0, 300, (2, 8))
     y = torch.full((2, 8), -1)
     loss = model(x, y, loss_reduction="sum")
@@ -147,17 +206,44 @@ def test_all_masked_micro_batch_is_finite():
 
 # ------------------------------------------------------------------------------------------ SFT / mid
 
+
 def test_sft_all_masked_step_gives_finite_loss(base_dir, tmp_path):
     """A conversation cut (by --max-seq-len) before the assistant speaks: every target of the step is masked."""
     make_base(base_dir)
-    conv = {"messages": [{"role": "user", "content": "long question " * 20}, {"role": "assistant", "content": "ok"}]}
+    conv = {
+        "messages": [
+            {"role": "user", "content": "long question " * 20},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     path = tmp_path / "masked.jsonl"
     path.write_text("\n".join(json.dumps(conv) for _ in range(4)) + "\n")
-    out = sft(["--source-stage", "base", "--aqua-source", "none", "--custom-json", str(path), "--max-seq-len", "16",
-               "--device-batch-size", "2", "--num-iterations", "2", "--eval-every", "0", "--log-every", "1",
-               "--val-fraction-custom", "0.25"])
+    out = sft(
+        [
+            "--source-stage",
+            "base",
+            "--aqua-source",
+            "none",
+            "--custom-json",
+            str(path),
+            "--max-seq-len",
+            "16",
+            "--device-batch-size",
+            "2",
+            "--num-iterations",
+            "2",
+            "--eval-every",
+            "0",
+            "--log-every",
+            "1",
+            "--val-fraction-custom",
+            "0.25",
+        ]
+    )
     rows = [r for r in read_jsonl(base_dir / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
-    assert len(rows) == 2 and all(r["train/loss"] == 0.0 and r["train/trained_tokens"] == 0 for r in rows)
+    assert len(rows) == 2 and all(
+        r["train/loss"] == 0.0 and r["train/trained_tokens"] == 0 for r in rows
+    )
     state, _, _ = load_checkpoint(out["ckpt_dir"])
     assert all(torch.isfinite(t).all() for t in state.values())
 
@@ -169,10 +255,14 @@ def test_mid_then_sft_end_to_end(base_dir, capsys):
     assert "no mid checkpoint found" in capsys.readouterr().out
     assert find_last_step(out["ckpt_dir"]) == 2
 
-    mid = sft(TINY_DATA + ["--num-iterations", "3", "--eval-every", "2", "--log-every", "1"], stage="mid")
+    mid = sft(
+        TINY_DATA + ["--num-iterations", "3", "--eval-every", "2", "--log-every", "1"], stage="mid"
+    )
     assert Path(mid["ckpt_dir"]) == checkpoint_dir("mid", "d2")
     assert mid["val_loss"] is not None and mid["val_loss"] == mid["val_loss"]  # not NaN
-    assert 0.0 <= mid["letter_acc"]["synthetic_aqua"] <= 1.0  # " A".." E" are single tokens in the fixture tokenizer
+    assert (
+        0.0 <= mid["letter_acc"]["synthetic_aqua"] <= 1.0
+    )  # " A".." E" are single tokens in the fixture tokenizer
     out = sft(TINY_DATA + ["--num-iterations", "2", "--eval-every", "1", "--log-every", "1"])
     assert find_last_step(out["ckpt_dir"]) == 2
     _, _, meta = load_checkpoint(out["ckpt_dir"])
@@ -180,12 +270,15 @@ def test_mid_then_sft_end_to_end(base_dir, capsys):
     rows = read_jsonl(base_dir / "runs" / "local" / "sft.jsonl")
     assert any("train/loss" in r and "train/tok_per_sec" in r and "train/lr" in r for r in rows)
     assert any("val/loss" in r for r in rows)
-    assert (base_dir / "report" / "local" / "mid.md").is_file() and (base_dir / "report" / "local" / "sft.md").is_file()
+    assert (base_dir / "report" / "local" / "mid.md").is_file() and (
+        base_dir / "report" / "local" / "sft.md"
+    ).is_file()
     assert "Supervised fine-tuning" in (base_dir / "report" / "local" / "sft.md").read_text()
 
 
 def test_both_spellings_of_aqua_flags():
     from scripts.chat_sft import build_parser
+
     p = build_parser("sft")
     a = p.parse_args(["--aqua_train_examples=20000", "--aqua_val_examples=254"])
     b = p.parse_args(["--aqua-train-examples", "20000", "--aqua-val-examples=254"])
@@ -195,8 +288,18 @@ def test_both_spellings_of_aqua_flags():
 
 def test_resume_is_exact(base_dir):
     make_base(base_dir)
-    flags = TINY_DATA + ["--source-stage", "base", "--num-iterations", "4", "--save-every", "2", "--eval-every", "0",
-                         "--keep-last", "0"]
+    flags = TINY_DATA + [
+        "--source-stage",
+        "base",
+        "--num-iterations",
+        "4",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--keep-last",
+        "0",
+    ]
     out = sft(flags, stage="mid")
     ckpt = Path(out["ckpt_dir"])
     full, _, _ = load_checkpoint(ckpt, step=4)
@@ -223,21 +326,31 @@ def test_missing_source_and_bad_custom_json(base_dir, tmp_path):
 
 def test_bad_data_gets_one_line_errors(base_dir, tmp_path):
     make_base(base_dir)
-    good = {"question": "1+1?", "options": ["A)1", "B)2", "C)3", "D)4", "E)5"], "rationale": "1+1=2",
-            "correct": "B"}
+    good = {
+        "question": "1+1?",
+        "options": ["A)1", "B)2", "C)3", "D)4", "E)5"],
+        "rationale": "1+1=2",
+        "correct": "B",
+    }
     aqua = tmp_path / "aqua"
     aqua.mkdir()
     bad_rows = [{**good, "options": good["options"][:4]}, {**good, "correct": "F"}]
     (aqua / "train.json").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
     (aqua / "dev.json").write_text(json.dumps(good) + "\n")
     dir_data = ["--aqua-source", "dir", "--aqua-data-dir", str(aqua), "--device-batch-size", "2"]
-    with pytest.raises(SystemExit, match=r"train split in .*train.json has no usable rows.*"
-                                         r"--aqua-train-examples 0"):
+    with pytest.raises(
+        SystemExit,
+        match=r"train split in .*train.json has no usable rows.*"
+        r"--aqua-train-examples 0",
+    ):
         sft(dir_data)
     (aqua / "train.json").write_text(json.dumps(good) + "\n")
     (aqua / "dev.json").write_text("")  # an empty split
-    with pytest.raises(SystemExit, match=r"validation split in .*dev.json has no usable rows.*"
-                                         r"--aqua-val-examples 0"):
+    with pytest.raises(
+        SystemExit,
+        match=r"validation split in .*dev.json has no usable rows.*"
+        r"--aqua-val-examples 0",
+    ):
         sft(dir_data)
     with pytest.raises(SystemExit, match="the training mixture is empty"):
         sft(["--aqua-source", "none"])
@@ -245,24 +358,57 @@ def test_bad_data_gets_one_line_errors(base_dir, tmp_path):
 
 
 def test_missing_checkpoint_is_one_line_not_a_traceback(base_dir):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "rl", "--max-problems", "2"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+    }
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.chat_eval", "-i", "rl", "--max-problems", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"no checkpoints under {base_dir / 'checkpoints' / 'rl'}" in res.stderr
 
 
 # ------------------------------------------------------------------------------------------ eval and CLI
 
+
 def test_chat_eval_writes_jsonl_and_report(base_dir):
     make_base(base_dir, stage="sft")
     from scripts.chat_eval import main
-    rows = main(["-i", "sft", "-a", "SYNTH", "--max-problems", "5", "--num-samples", "2", "--max-tokens", "12",
-                 "--show", "0"] + QUIET)
+
+    rows = main(
+        [
+            "-i",
+            "sft",
+            "-a",
+            "SYNTH",
+            "--max-problems",
+            "5",
+            "--num-samples",
+            "2",
+            "--max-tokens",
+            "12",
+            "--show",
+            "0",
+        ]
+        + QUIET
+    )
     lines = read_jsonl(base_dir / "runs" / "local" / "chat_eval.jsonl")
     assert len(lines) == 2 and {r["mode"] for r in lines} == {"generative", "categorical"}
     for r in lines:
-        assert r["source"] == "sft" and r["task"] == "synthetic_aqua" and r["split"] == "test" and r["n"] == 5
+        assert (
+            r["source"] == "sft"
+            and r["task"] == "synthetic_aqua"
+            and r["split"] == "test"
+            and r["n"] == 5
+        )
         assert 0.0 <= r["acc"] <= 1.0 and r["chance"] == 0.2
         assert r["most_frequent_letter"] in "ABCDE" and 0.2 <= r["most_frequent_acc"] <= 1.0
         assert sum(r["pred_counts"].values()) == 5 and sum(r["gold_counts"].values()) == 5
@@ -278,12 +424,21 @@ def test_chat_eval_writes_jsonl_and_report(base_dir):
 
 def test_letter_scorer_matches_logits(base_dir):
     from scripts.chat_eval import LetterScorer
+
     tok = tiny_tokenizer()
     scorer = LetterScorer(tok)
     assert scorer.single and scorer.letter_ids == [256, 257, 258, 259, 260]
     torch.manual_seed(1)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
-                          n_embd=16)).eval()
+    model = GPT(
+        GPTConfig(
+            sequence_len=64,
+            vocab_size=tok.get_vocab_size(),
+            n_layer=1,
+            n_head=2,
+            n_kv_head=2,
+            n_embd=16,
+        )
+    ).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(std=1.0)
     prompt = tok.encode("Q?", prepend="<|bos|>")
@@ -295,8 +450,16 @@ def test_letter_scorer_matches_logits(base_dir):
     plain = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     s2 = LetterScorer(plain)
     assert not s2.single
-    model2 = GPT(GPTConfig(sequence_len=64, vocab_size=plain.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
-                           n_embd=16)).eval()
+    model2 = GPT(
+        GPTConfig(
+            sequence_len=64,
+            vocab_size=plain.get_vocab_size(),
+            n_layer=1,
+            n_head=2,
+            n_kv_head=2,
+            n_embd=16,
+        )
+    ).eval()
     choice2, scores2 = s2(model2, prompt)
     ids = prompt + plain.encode("Answer: C")
     with torch.no_grad():
@@ -309,28 +472,80 @@ def test_letter_scorer_matches_logits(base_dir):
 def test_chat_eval_real_aqua_dev(base_dir, shared_dir):
     make_base(base_dir, stage="sft")
     from scripts.chat_eval import main
-    rows = main(["-i", "sft", "-a", "AQUA", "--split", "dev", "--aqua-data-dir", str(shared_dir / "data" / "aqua_rat"),
-                 "--max-problems", "3", "--max-tokens", "8", "--modes", "categorical"] + QUIET)
+
+    rows = main(
+        [
+            "-i",
+            "sft",
+            "-a",
+            "AQUA",
+            "--split",
+            "dev",
+            "--aqua-data-dir",
+            str(shared_dir / "data" / "aqua_rat"),
+            "--max-problems",
+            "3",
+            "--max-tokens",
+            "8",
+            "--modes",
+            "categorical",
+        ]
+        + QUIET
+    )
     assert rows[0]["task"] == "aqua" and rows[0]["split"] == "validation" and rows[0]["n"] == 3
 
 
 def test_chat_cli_one_prompt_subprocess(base_dir):
     make_base(base_dir, stage="sft")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-i", "sft", "-p", "What is 2+2?",
-                          "--max-tokens", "8", "-t", "0"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+    }
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.chat_cli",
+            "-i",
+            "sft",
+            "-p",
+            "What is 2+2?",
+            "--max-tokens",
+            "8",
+            "-t",
+            "0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() != ""
-    res = subprocess.run([sys.executable, "-m", "scripts.sft_train", "--help"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "--aqua-train-examples" in res.stdout and "--aqua_train_examples" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.sft_train", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        res.returncode == 0
+        and "--aqua-train-examples" in res.stdout
+        and "--aqua_train_examples" in res.stdout
+    )
 
 
 # ------------------------------------------------------------------------------------------ torchrun (gloo)
 
+
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -340,20 +555,55 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
     """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches (same rows, same loss normalisation);
     chat_eval split over 2 ranks gives the same counts as one process."""
     make_base(base_dir)
-    flags = ["--source-stage", "base", "--aqua-source", "synthetic", "--synthetic-examples", "16",
-             "--synthetic-val-examples", "4", "--device-batch-size", "2", "--max-seq-len", "256",
-             "--num-iterations", "3", "--eval-every", "0", "--log-every", "1"]
+    flags = [
+        "--source-stage",
+        "base",
+        "--aqua-source",
+        "synthetic",
+        "--synthetic-examples",
+        "16",
+        "--synthetic-val-examples",
+        "4",
+        "--device-batch-size",
+        "2",
+        "--max-seq-len",
+        "256",
+        "--num-iterations",
+        "3",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+    ]
     sft(flags + ["--grad-accum", "2"])
     base2 = tmp_path / "base2"
     base2.mkdir()
     shutil.copytree(base_dir / "tokenizer", base2 / "tokenizer")
     shutil.copytree(base_dir / "checkpoints" / "base", base2 / "checkpoints" / "base")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base2), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO),
-           "OMP_NUM_THREADS": "1", "NANOCHAT_RUN": "local"}  # not --run: torchrun's parser eats it
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port", str(_free_port())]
-    res = subprocess.run(launcher + ["-m", "scripts.chat_sft", *flags, "--grad-accum", "1", "--no-wandb"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base2),
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "NANOCHAT_RUN": "local",
+    }  # not --run: torchrun's parser eats it
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    res = subprocess.run(
+        launcher + ["-m", "scripts.chat_sft", *flags, "--grad-accum", "1", "--no-wandb"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "2 proc x 1 micro" in res.stdout
     w1, _, _ = load_checkpoint(checkpoint_dir("sft", "d2"), step=3)
@@ -361,18 +611,35 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
     assert meta2["world_size"] == 2
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=0, atol=2e-5), k
-    l1 = [r["train/loss"] for r in read_jsonl(base_dir / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
-    l2 = [r["train/loss"] for r in read_jsonl(base2 / "runs" / "local" / "sft.jsonl") if "train/loss" in r]
+    l1 = [
+        r["train/loss"]
+        for r in read_jsonl(base_dir / "runs" / "local" / "sft.jsonl")
+        if "train/loss" in r
+    ]
+    l2 = [
+        r["train/loss"]
+        for r in read_jsonl(base2 / "runs" / "local" / "sft.jsonl")
+        if "train/loss" in r
+    ]
     assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
 
     from scripts.chat_eval import main as eval_main
+
     ev = ["-i", "sft", "-a", "SYNTH", "--max-problems", "5", "--max-tokens", "6", "--show", "0"]
     single = eval_main(ev + QUIET)
-    res = subprocess.run(launcher[:-1] + [str(_free_port()), "-m", "scripts.chat_eval", *ev, "--no-wandb"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        launcher[:-1] + [str(_free_port()), "-m", "scripts.chat_eval", *ev, "--no-wandb"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     multi = read_jsonl(base2 / "runs" / "local" / "chat_eval.jsonl")
-    assert [(r["mode"], r["n"], r["confusion"]) for r in multi] == [(r["mode"], r["n"], r["confusion"]) for r in single]
+    assert [(r["mode"], r["n"], r["confusion"]) for r in multi] == [
+        (r["mode"], r["n"], r["confusion"]) for r in single
+    ]
 
 
 def test_resume_with_changed_training_flags_is_refused(base_dir):

@@ -18,14 +18,25 @@ def _model_state(seed=0):
 
 def _optim_states():
     # the shape of an AdamW state_dict after one step (built by hand: opt.step() would import torch._dynamo)
-    state = {0: {"step": torch.tensor(1.0), "exp_avg": torch.randn(3, 3), "exp_avg_sq": torch.rand(3, 3)}}
-    groups = [{"lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.0, "initial_lr": 0.01, "params": [0]}]
+    state = {
+        0: {"step": torch.tensor(1.0), "exp_avg": torch.randn(3, 3), "exp_avg_sq": torch.rand(3, 3)}
+    }
+    groups = [
+        {"lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.0, "initial_lr": 0.01, "params": [0]}
+    ]
     return [{"state": state, "param_groups": groups}]
 
 
 def _save(d, step, keep_last=2, **kw):
-    return ck.save_checkpoint(d, step, _model_state(step), _optim_states(), {"model_config": {"n": 1}},
-                              keep_last=keep_last, **kw)
+    return ck.save_checkpoint(
+        d,
+        step,
+        _model_state(step),
+        _optim_states(),
+        {"model_config": {"n": 1}},
+        keep_last=keep_last,
+        **kw,
+    )
 
 
 def test_roundtrip_weights_only(tmp_path):
@@ -81,7 +92,9 @@ def test_crash_mid_save_and_truncation_fall_back(tmp_path):
         warnings.simplefilter("always")
         assert ck.find_last_step(d) == 1
     assert [str(w.message).split(": ", 1)[1] for w in caught] == [
-        "no meta.json (save never finished)", f"model.pt has 100 bytes, meta.json says {size0} (truncated?)"]
+        "no meta.json (save never finished)",
+        f"model.pt has 100 bytes, meta.json says {size0} (truncated?)",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model_state, _, meta = ck.load_checkpoint(d)
@@ -96,7 +109,11 @@ def test_crash_mid_save_and_truncation_fall_back(tmp_path):
     # re-saving a step whose earlier save was killed clears the stale temp files
     (d / "step_000004" / "optim_rank0.pt.tmp999").write_bytes(b"partial")
     _save(d, 4, keep_last=2)
-    assert sorted(p.name for p in (d / "step_000004").iterdir()) == ["meta.json", "model.pt", "optim_rank0.pt"]
+    assert sorted(p.name for p in (d / "step_000004").iterdir()) == [
+        "meta.json",
+        "model.pt",
+        "optim_rank0.pt",
+    ]
 
 
 def test_resave_same_step_and_missing_optimizer_shard(tmp_path):
@@ -117,11 +134,15 @@ def test_clean_state_dict():
 
 
 def test_rng_roundtrip():
-    random.seed(1); np.random.seed(2); torch.manual_seed(3)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
     state = ck.save_rng_state()
     json.dumps(state)  # JSON-able, so it can live in meta.json
     a = (random.random(), np.random.rand(), torch.rand(3))
-    random.seed(9); np.random.seed(9); torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
     ck.restore_rng_state(json.loads(json.dumps(state)))
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
@@ -133,8 +154,14 @@ def test_load_model_roundtrip(tmp_path, base_dir, monkeypatch):
     tok = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     monkeypatch.setattr(tok_mod, "get_tokenizer", lambda directory=None: tok)
     torch.manual_seed(0)
-    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
-                        n_embd=16)
+    cfg = gpt.GPTConfig(
+        sequence_len=16,
+        vocab_size=tok.get_vocab_size(),
+        n_layer=1,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=16,
+    )
     model = gpt.GPT(cfg)
     with torch.no_grad():  # c_proj starts at zero; make the test sensitive to every weight
         for p in model.parameters():
@@ -155,20 +182,31 @@ def test_load_model_roundtrip(tmp_path, base_dir, monkeypatch):
 
 def _two_rank_worker(rank, world_size, d, port):
     import os
+
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         optim = [{"state": {}, "param_groups": [], "rank": torch.tensor([rank])}]
-        ck.save_checkpoint(d, 1, _model_state(1), optim, {"model_config": {}}, rank=rank,
-                           rank_state={"loader": rank * 10})
+        ck.save_checkpoint(
+            d,
+            1,
+            _model_state(1),
+            optim,
+            {"model_config": {}},
+            rank=rank,
+            rank_state={"loader": rank * 10},
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_two_rank_save_gloo(tmp_path):
     import socket
+
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,8 +230,14 @@ def test_load_model_refuses_another_tokenizer(base_dir):
     first = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, byte_ranks)
     first.save(tok_mod.tokenizer_dir())
     first = tok_mod.get_tokenizer()
-    cfg = gpt.GPTConfig(sequence_len=16, vocab_size=first.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=1,
-                        n_embd=16)
+    cfg = gpt.GPTConfig(
+        sequence_len=16,
+        vocab_size=first.get_vocab_size(),
+        n_layer=1,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=16,
+    )
     meta = {"model_config": cfg.__dict__, "tokenizer": tok_mod.tokenizer_record(first)}
     assert meta["tokenizer"]["dir"] == "tokenizer"  # relative: a fetched base dir still resolves
     ck.save_checkpoint(ck.checkpoint_dir("base", "d1"), 1, gpt.GPT(cfg).state_dict(), None, meta)
@@ -209,8 +253,15 @@ def test_load_model_refuses_another_tokenizer(base_dir):
     # a checkpoint that records no tokenizer: a vocabulary larger than the model's is still refused
     bigger = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {**byte_ranks, b"ab": 256})
     bigger.save(tok_mod.tokenizer_dir())
-    ck.save_checkpoint(ck.checkpoint_dir("base", "old"), 1, gpt.GPT(cfg).state_dict(), None,
-                       {"model_config": cfg.__dict__})
-    with pytest.raises(SystemExit, match=f"has {bigger.get_vocab_size()} tokens but the model only "
-                                         f"{cfg.vocab_size}"):
+    ck.save_checkpoint(
+        ck.checkpoint_dir("base", "old"),
+        1,
+        gpt.GPT(cfg).state_dict(),
+        None,
+        {"model_config": cfg.__dict__},
+    )
+    with pytest.raises(
+        SystemExit,
+        match=f"has {bigger.get_vocab_size()} tokens but the model only {cfg.vocab_size}",
+    ):
         ck.load_model("base", tag="old", device="cpu")

@@ -49,11 +49,26 @@ BASELINES = {"tiny_mc": 25.0, "tiny_schema": 50.0, "tiny_lm": 0.0}
 
 def make_data():
     animals = ["cat", "dog", "cow", "owl", "fox", "bee"]
-    mc = [{"query": f"Which animal says {a}-sound?", "choices": [f"the {b}" for b in animals[i:i + 4] + animals[:max(0, i + 4 - 6)]][:4],
-           "gold": i % 4} for i, a in enumerate(animals)]
-    schema = [{"context_options": [f"{a} went home", f"{a} went out", f"{a} slept"], "continuation": "and then it rained.",
-               "gold": i % 3} for i, a in enumerate(animals[:5])]
-    lm = [{"context": f"The {a} is an animal number {i}.", "continuation": f"{a}{i}"} for i, a in enumerate(animals[:5])]
+    mc = [
+        {
+            "query": f"Which animal says {a}-sound?",
+            "choices": [f"the {b}" for b in animals[i : i + 4] + animals[: max(0, i + 4 - 6)]][:4],
+            "gold": i % 4,
+        }
+        for i, a in enumerate(animals)
+    ]
+    schema = [
+        {
+            "context_options": [f"{a} went home", f"{a} went out", f"{a} slept"],
+            "continuation": "and then it rained.",
+            "gold": i % 3,
+        }
+        for i, a in enumerate(animals[:5])
+    ]
+    lm = [
+        {"context": f"The {a} is an animal number {i}.", "continuation": f"{a}{i}"}
+        for i, a in enumerate(animals[:5])
+    ]
     return {"multiple_choice": mc, "schema": schema, "language_modeling": lm}
 
 
@@ -65,7 +80,9 @@ def write_bundle(root: Path, baselines=BASELINES) -> Path:
         with open(root / "eval_data" / "tiny" / f"{name}.jsonl", "w") as fh:
             for item in data[key]:
                 fh.write(json.dumps(item) + "\n")
-    rows = ["Eval Task,Task Category,Random baseline"] + [f"{k},tiny,{v}" for k, v in baselines.items()]
+    rows = ["Eval Task,Task Category,Random baseline"] + [
+        f"{k},tiny,{v}" for k, v in baselines.items()
+    ]
     (root / "eval_meta_data.csv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -78,8 +95,14 @@ def byte_tok():
 
 def random_gpt(vocab: int, seq_len: int = 256, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
-    with torch.no_grad():  # the real init zeroes output projections: add noise so options really differ
+    model = GPT(
+        GPTConfig(
+            sequence_len=seq_len, vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=2, n_embd=32
+        )
+    )
+    with (
+        torch.no_grad()
+    ):  # the real init zeroes output projections: add noise so options really differ
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return model.eval()
@@ -108,8 +131,11 @@ class OracleLM(torch.nn.Module):
 
 
 def gold_sequences(tok, task, data):
-    render = {"multiple_choice": core_eval.render_prompts_mc, "schema": core_eval.render_prompts_schema,
-              "language_modeling": core_eval.render_prompts_lm}[task["task_type"]]
+    render = {
+        "multiple_choice": core_eval.render_prompts_mc,
+        "schema": core_eval.render_prompts_schema,
+        "language_modeling": core_eval.render_prompts_lm,
+    }[task["task_type"]]
     seqs = []
     for idx, item in enumerate(data):
         shots = core_eval.fewshot_examples(data, idx, task["num_fewshot"])
@@ -119,15 +145,25 @@ def gold_sequences(tok, task, data):
     return seqs
 
 
-@pytest.mark.parametrize("task_type,delim,shots", [("multiple_choice", " ", 2), ("schema", " ", 1),
-                                                   ("language_modeling", "\nAnswer: ", 2)])
+@pytest.mark.parametrize(
+    "task_type,delim,shots",
+    [("multiple_choice", " ", 2), ("schema", " ", 1), ("language_modeling", "\nAnswer: ", 2)],
+)
 def test_oracle_scores_perfect_and_anti_oracle_zero(byte_tok, task_type, delim, shots):
     data = make_data()[task_type]
-    task = {"label": "t", "task_type": task_type, "num_fewshot": shots, "continuation_delimiter": delim}
+    task = {
+        "label": "t",
+        "task_type": task_type,
+        "num_fewshot": shots,
+        "continuation_delimiter": delim,
+    }
     gold = gold_sequences(byte_tok, task, data)
     vocab = byte_tok.get_vocab_size()
     assert core_eval.evaluate_task(OracleLM(gold, vocab), byte_tok, data, task, "cpu") == 1.0
-    assert core_eval.evaluate_task(OracleLM(gold, vocab, good=False), byte_tok, data, task, "cpu") == 0.0
+    assert (
+        core_eval.evaluate_task(OracleLM(gold, vocab, good=False), byte_tok, data, task, "cpu")
+        == 0.0
+    )
 
 
 def test_mc_and_lm_match_hand_computation(byte_tok):
@@ -140,19 +176,38 @@ def test_mc_and_lm_match_hand_computation(byte_tok):
         with torch.no_grad():
             logits = model(ids)[0]
         n = len(before)
-        return F.cross_entropy(logits[n - 1:-1], ids[0, n:], reduction="none"), logits[n - 1:-1].argmax(-1), ids[0, n:]
+        return (
+            F.cross_entropy(logits[n - 1 : -1], ids[0, n:], reduction="none"),
+            logits[n - 1 : -1].argmax(-1),
+            ids[0, n:],
+        )
 
     mc = make_data()["multiple_choice"]
-    task = {"label": "mc", "task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": " "}
+    task = {
+        "label": "mc",
+        "task_type": "multiple_choice",
+        "num_fewshot": 0,
+        "continuation_delimiter": " ",
+    }
     hand_correct = 0
     for item in mc:
         # choices share "the " so the common token prefix includes it: the scored part starts after it
-        means = [nats(item["query"] + " the ", c[len("the "):])[0].mean().item() for c in item["choices"]]
+        means = [
+            nats(item["query"] + " the ", c[len("the ") :])[0].mean().item()
+            for c in item["choices"]
+        ]
         hand_correct += int(min(range(len(means)), key=means.__getitem__) == item["gold"])
-    assert core_eval.evaluate_task(model, byte_tok, mc, task, "cpu") == pytest.approx(hand_correct / len(mc))
+    assert core_eval.evaluate_task(model, byte_tok, mc, task, "cpu") == pytest.approx(
+        hand_correct / len(mc)
+    )
 
     lm = make_data()["language_modeling"]
-    task = {"label": "lm", "task_type": "language_modeling", "num_fewshot": 0, "continuation_delimiter": " => "}
+    task = {
+        "label": "lm",
+        "task_type": "language_modeling",
+        "num_fewshot": 0,
+        "continuation_delimiter": " => ",
+    }
     for item in lm:
         # the "without" prompt is right-stripped, so the delimiter's trailing space is scored too
         _, pred, target = nats(item["context"] + " =>", " " + item["continuation"])
@@ -162,7 +217,12 @@ def test_mc_and_lm_match_hand_computation(byte_tok):
 
 def test_long_prompts_are_cropped_from_the_left(byte_tok):
     data = make_data()["multiple_choice"]
-    task = {"label": "mc", "task_type": "multiple_choice", "num_fewshot": 5, "continuation_delimiter": " "}
+    task = {
+        "label": "mc",
+        "task_type": "multiple_choice",
+        "num_fewshot": 5,
+        "continuation_delimiter": " ",
+    }
     gold = gold_sequences(byte_tok, task, data)
     assert max(len(g) for g in gold) > 100
     oracle = OracleLM(gold, byte_tok.get_vocab_size(), seq_len=64)
@@ -197,7 +257,9 @@ def test_bad_bundles_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="no random baseline.*tiny_lm"):
         core_eval.load_bundle(bundle)
     bundle = write_bundle(tmp_path / "b2")
-    (bundle / "core.yaml").write_text(CORE_YAML.replace("icl_task_type: schema", "icl_task_type: ranking"))
+    (bundle / "core.yaml").write_text(
+        CORE_YAML.replace("icl_task_type: schema", "icl_task_type: ranking")
+    )
     with pytest.raises(ValueError, match="ranking"):
         core_eval.load_bundle(bundle)
     bundle = write_bundle(tmp_path / "b3")
@@ -209,7 +271,9 @@ def test_bad_bundles_fail_clearly(tmp_path):
 
 
 def _serve(directory: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **k)
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(
+        *a, directory=str(directory), **k
+    )
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -221,23 +285,31 @@ def test_download_bundle_from_http_and_offline_error(tmp_path):
     serve_dir.mkdir()
     with zipfile.ZipFile(serve_dir / "eval_bundle.zip", "w") as zf:
         for f in src.rglob("*"):
-            zf.write(f, f.relative_to(src.parent))  # top-level eval_bundle/ folder, like the real zip
+            zf.write(
+                f, f.relative_to(src.parent)
+            )  # top-level eval_bundle/ folder, like the real zip
     server = _serve(serve_dir)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
         dest = core_eval.download_bundle(tmp_path / "base" / "eval_bundle", url=url)
-        assert (dest / "core.yaml").is_file() and (dest / "eval_data" / "tiny" / "lm.jsonl").is_file()
+        assert (dest / "core.yaml").is_file() and (
+            dest / "eval_data" / "tiny" / "lm.jsonl"
+        ).is_file()
         assert [p.name for p in dest.parent.iterdir()] == ["eval_bundle"]  # no temp leftovers
         core_eval.load_bundle(dest)
         with pytest.raises(RuntimeError, match="no core.yaml"):  # a zip that is not the bundle
             with zipfile.ZipFile(serve_dir / "other.zip", "w") as zf:
                 zf.writestr("readme.txt", "hi")
-            core_eval.download_bundle(tmp_path / "x" / "eval_bundle", url=url.replace("eval_bundle.zip", "other.zip"))
+            core_eval.download_bundle(
+                tmp_path / "x" / "eval_bundle", url=url.replace("eval_bundle.zip", "other.zip")
+            )
         assert not (tmp_path / "x" / "eval_bundle").exists()
     finally:
         server.shutdown()
     with pytest.raises(RuntimeError, match="offline.*--bundle-dir"):
-        core_eval.download_bundle(tmp_path / "y" / "eval_bundle", url="http://127.0.0.1:9/eval_bundle.zip", timeout=5)
+        core_eval.download_bundle(
+            tmp_path / "y" / "eval_bundle", url="http://127.0.0.1:9/eval_bundle.zip", timeout=5
+        )
 
 
 def test_base_eval_script_on_tiny_checkpoint(tmp_path, base_dir, byte_tok):
@@ -246,19 +318,45 @@ def test_base_eval_script_on_tiny_checkpoint(tmp_path, base_dir, byte_tok):
 
     byte_tok.save(base_dir / "tokenizer")
     model = random_gpt(byte_tok.get_vocab_size(), seq_len=128)
-    save_checkpoint(checkpoint_dir("base", "d1"), 5, model.state_dict(), None,
-                    {"model_config": asdict(model.config)})
+    save_checkpoint(
+        checkpoint_dir("base", "d1"),
+        5,
+        model.state_dict(),
+        None,
+        {"model_config": asdict(model.config)},
+    )
     bundle = write_bundle(tmp_path / "eval_bundle")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled", "NANOCHAT_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "WANDB_MODE": "disabled",
+        "NANOCHAT_DEVICE": "cpu",
+    }
     # under torchrun with 2 ranks (gloo): each scores every other example, the flags are all-reduced,
     # so the result must equal the single-process computation exactly
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
-           "-m", "scripts.base_eval", "--bundle-dir", str(bundle)]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "NANOCHAT_RUN": "t", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(port),
+        "-m",
+        "scripts.base_eval",
+        "--bundle-dir",
+        str(bundle),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**env, "NANOCHAT_RUN": "t", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "on cpu x 2" in proc.stdout
     expected = core_eval.evaluate_core(model, byte_tok, bundle, "cpu", log=lambda *a: None)

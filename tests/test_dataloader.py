@@ -20,9 +20,13 @@ def tok():
 
 def _docs(n, seed=0):
     import random
+
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "x", "y=3", "sum", "of", "the", "ratio"]
-    return [f"doc{seed}-{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for i in range(n)]
+    return [
+        f"doc{seed}-{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+        for i in range(n)
+    ]
 
 
 def _write_corpus(d, n_files=3, docs_per_file=60, row_group_size=10):
@@ -30,7 +34,9 @@ def _write_corpus(d, n_files=3, docs_per_file=60, row_group_size=10):
     all_docs = []
     for f in range(n_files):
         docs = _docs(docs_per_file, seed=f)
-        pq.write_table(pa.table({"text": docs}), d / f"part_{f:03d}.parquet", row_group_size=row_group_size)
+        pq.write_table(
+            pa.table({"text": docs}), d / f"part_{f:03d}.parquet", row_group_size=row_group_size
+        )
         all_docs.append(docs)
     return all_docs
 
@@ -42,7 +48,9 @@ def _take(loader, n):
 def test_rows_are_bos_aligned_and_whole_documents(tmp_path, tok):
     docs = _write_corpus(tmp_path / "c")
     train_docs = set(docs[0] + docs[1])
-    loader = DataLoader(tok, batch_size=4, seq_len=64, split="train", data_dir=tmp_path / "c", buffer_size=8)
+    loader = DataLoader(
+        tok, batch_size=4, seq_len=64, split="train", data_dir=tmp_path / "c", buffer_size=8
+    )
     assert loader.source == "dir"
     bos = tok.get_bos_token_id()
     n_whole = 0
@@ -55,7 +63,7 @@ def test_rows_are_bos_aligned_and_whole_documents(tmp_path, tok):
             # split the row at BOS: each piece is a whole document or (the last piece) a cropped prefix
             starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
             for a, b in zip(starts, starts[1:]):
-                text = tok.decode(row[a + 1:b])
+                text = tok.decode(row[a + 1 : b])
                 if text in train_docs:
                     n_whole += 1
                 else:
@@ -66,7 +74,9 @@ def test_rows_are_bos_aligned_and_whole_documents(tmp_path, tok):
 @pytest.mark.parametrize("buffer_size", [1, 8])
 def test_exact_resume_across_epochs(tmp_path, tok, buffer_size):
     _write_corpus(tmp_path / "c", n_files=2, docs_per_file=30)
-    kw = dict(batch_size=3, seq_len=48, split="train", data_dir=tmp_path / "c", buffer_size=buffer_size)
+    kw = dict(
+        batch_size=3, seq_len=48, split="train", data_dir=tmp_path / "c", buffer_size=buffer_size
+    )
     ref = DataLoader(tok, **kw)
     reference = _take(ref, 40)  # 30 train docs: many epochs
     assert ref.epoch >= 2
@@ -76,7 +86,7 @@ def test_exact_resume_across_epochs(tmp_path, tok, buffer_size):
         state = json.loads(json.dumps(a.state_dict()))  # must survive meta.json
         assert state["batches"] == k
         b = DataLoader(tok, **kw, state=state)
-        for (x0, y0), (x1, y1) in zip(reference[k:k + 10], _take(b, 10)):
+        for (x0, y0), (x1, y1) in zip(reference[k : k + 10], _take(b, 10)):
             assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
@@ -85,7 +95,9 @@ def test_resume_refuses_other_world_size_or_data(tmp_path, tok):
     a = DataLoader(tok, 2, 16, "train", data_dir=tmp_path / "c")
     a.next_batch()
     with pytest.raises(ValueError, match="world_size"):
-        DataLoader(tok, 2, 16, "train", rank=0, world_size=2, data_dir=tmp_path / "c", state=a.state_dict())
+        DataLoader(
+            tok, 2, 16, "train", rank=0, world_size=2, data_dir=tmp_path / "c", state=a.state_dict()
+        )
     _write_corpus(tmp_path / "c", n_files=4)
     with pytest.raises(ValueError, match="fingerprint"):
         DataLoader(tok, 2, 16, "train", data_dir=tmp_path / "c", state=a.state_dict())
@@ -95,9 +107,13 @@ def _rank_docs(units):
     return [d for u in units for d in ds.load_unit(u)]
 
 
-@pytest.mark.parametrize("row_group_size", [10, 1000])  # train = 12 row groups; or 1 (< 2 ranks: split by doc)
+@pytest.mark.parametrize(
+    "row_group_size", [10, 1000]
+)  # train = 12 row groups; or 1 (< 2 ranks: split by doc)
 def test_two_ranks_disjoint_and_complete(tmp_path, tok, row_group_size):
-    docs = _write_corpus(tmp_path / "c", n_files=2, docs_per_file=120, row_group_size=row_group_size)
+    docs = _write_corpus(
+        tmp_path / "c", n_files=2, docs_per_file=120, row_group_size=row_group_size
+    )
     _, units = ds.list_units("train", "dir", tmp_path / "c")
     r0 = _rank_docs(ds.shard_units(units, 0, 2))
     r1 = _rank_docs(ds.shard_units(units, 1, 2))
@@ -105,7 +121,11 @@ def test_two_ranks_disjoint_and_complete(tmp_path, tok, row_group_size):
     assert r0 and r1
     # fewer units than ranks: each unit is split by document
     _, val_units = ds.list_units("val", "dir", tmp_path / "c")
-    v = [_rank_docs(ds.shard_units(val_units, r, 3)) for r in range(3)] if len(val_units) < 3 else None
+    v = (
+        [_rank_docs(ds.shard_units(val_units, r, 3)) for r in range(3)]
+        if len(val_units) < 3
+        else None
+    )
     if v is not None:
         assert sorted(v[0] + v[1] + v[2]) == sorted(docs[1]) and all(v)
     # the loaders themselves read disjoint documents

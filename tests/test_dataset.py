@@ -122,7 +122,7 @@ class Hub:
 
             def do_GET(self):
                 prefix = f"/datasets/{REPO}/resolve/main/"
-                name = self.path[len(prefix):] if self.path.startswith(prefix) else None
+                name = self.path[len(prefix) :] if self.path.startswith(prefix) else None
                 rng = self.headers.get("Range")
                 if name not in hub.files:
                     return self._status(name, rng, 404)
@@ -167,7 +167,10 @@ class Hub:
 
 def _parquet_bytes(tmp_path, i, n_docs=300):
     import random
-    rng = random.Random(i)  # hex noise: barely compressible, so the file spans several 64 KiB chunks
+
+    rng = random.Random(
+        i
+    )  # hex noise: barely compressible, so the file spans several 64 KiB chunks
     p = tmp_path / f"src_{i}.parquet"
     docs = [f"shard {i} document {j} " + rng.randbytes(600).hex() for j in range(n_docs)]
     _write_parquet(p, docs, row_group_size=100)
@@ -183,8 +186,22 @@ def hub(tmp_path):
 
 
 def _main(hub, out, *extra):
-    return ds.main(["-n", "3", "--repo", REPO, "--base-url", hub.url, "--out-dir", str(out), "--backoff", "0.01",
-                    "--no-progress", *extra])
+    return ds.main(
+        [
+            "-n",
+            "3",
+            "--repo",
+            REPO,
+            "--base-url",
+            hub.url,
+            "--out-dir",
+            str(out),
+            "--backoff",
+            "0.01",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_download_verify_and_skip_present(tmp_path, hub, capsys):
@@ -196,7 +213,9 @@ def test_download_verify_and_skip_present(tmp_path, hub, capsys):
     hub.log.clear()
     assert _main(hub, out) == 0  # everything present and valid: no requests at all
     assert hub.log == []
-    assert list(ds.text_iterator("val", source="fineweb", data_dir=out))[0].startswith("shard 2 document 0")
+    assert list(ds.text_iterator("val", source="fineweb", data_dir=out))[0].startswith(
+        "shard 2 document 0"
+    )
 
 
 def test_resume_partial_and_dropped_connection(tmp_path, hub):
@@ -212,7 +231,11 @@ def test_resume_partial_and_dropped_connection(tmp_path, hub):
     # what arrived before each hang-up is kept (in whole 64 KiB chunks) and the rest requested
     ranges = [e[1] for e in hub.log if e[0] == ds.shard_name(2)]
     starts = [int(r.split("=")[1].rstrip("-")) for r in ranges[1:]]
-    assert ranges[0] is None and len(starts) == 2 and 0 < starts[0] < starts[1] < len(hub.files[ds.shard_name(2)])
+    assert (
+        ranges[0] is None
+        and len(starts) == 2
+        and 0 < starts[0] < starts[1] < len(hub.files[ds.shard_name(2)])
+    )
     assert (out / ds.shard_name(2)).read_bytes() == hub.files[ds.shard_name(2)]
 
 
@@ -246,6 +269,7 @@ def test_corrupt_files_detected(tmp_path, hub, capsys):
 
 def test_sha256_manifest(tmp_path, hub):
     import hashlib
+
     out = tmp_path / "base_data"
     manifest = tmp_path / "SHA256SUMS"
     lines = [f"{hashlib.sha256(d).hexdigest()}  {n}" for n, d in hub.files.items()]
@@ -260,10 +284,27 @@ def test_unreachable_hub_one_clear_message(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, NANOCHAT_DATASET_BASE_URL=f"http://127.0.0.1:{port}")
-    r = subprocess.run([sys.executable, "-m", "nanochat.dataset", "-n", "4", "--retries", "1", "--backoff", "0.01",
-                        "--no-progress", "--out-dir", str(tmp_path / "d")],
-                       capture_output=True, text=True, env=env, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanochat.dataset",
+            "-n",
+            "4",
+            "--retries",
+            "1",
+            "--backoff",
+            "0.01",
+            "--no-progress",
+            "--out-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.count("cannot reach 127.0.0.1") == 1

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "QUICKSTART.md", "LAMBDA_MANUAL_SETUP.md", ".env.template", "rustbpe/README.md"]
+DOCS = [
+    "README.md",
+    "QUICKSTART.md",
+    "LAMBDA_MANUAL_SETUP.md",
+    ".env.template",
+    "rustbpe/README.md",
+]
 # argparse helpers that scripts add to their own parsers
 SHARED_ARG_FILES = ["nanochat/tracking.py", "nanochat/chat_data.py"]
 STOP_TOKENS = {"|", "||", "&&", ";", "#", ">", "2>&1"}
@@ -57,36 +63,61 @@ def test_shown_commands_use_real_modules_and_flags():
         for command in _commands(text):
             tokens = command.replace("$ ", " ").split()
             for i, tok in enumerate(tokens):
-                if tok == "-m" and i + 1 < len(tokens) and re.fullmatch(r"(scripts|nanochat)\.\w+", tokens[i + 1]):
+                if (
+                    tok == "-m"
+                    and i + 1 < len(tokens)
+                    and re.fullmatch(r"(scripts|nanochat)\.\w+", tokens[i + 1])
+                ):
                     module = tokens[i + 1]
                     path = REPO / (module.replace(".", "/") + ".py")
                     if not path.is_file():
                         problems.append(f"{doc}: `{command}` runs {module}, which does not exist")
                         continue
                     known = _argparse_flags(path) | shared | {"--help"}
-                    problems += [f"{doc}: `{command}`: {module} has no {flag}"
-                                 for flag in _flags_after(tokens[i + 2:]) if flag not in known]
+                    problems += [
+                        f"{doc}: `{command}`: {module} has no {flag}"
+                        for flag in _flags_after(tokens[i + 2 :])
+                        if flag not in known
+                    ]
                     checked += 1
                 elif tok.endswith("run_aquarat_small.sh"):
-                    problems += [f"{doc}: `{command}`: run_aquarat_small.sh has no {flag}"
-                                 for flag in _flags_after(tokens[i + 1:]) if flag not in orchestrator]
+                    problems += [
+                        f"{doc}: `{command}`: run_aquarat_small.sh has no {flag}"
+                        for flag in _flags_after(tokens[i + 1 :])
+                        if flag not in orchestrator
+                    ]
                     checked += 1
                 elif tok.endswith("launch_lambda.py"):
-                    rest = tokens[i + 1:]
+                    rest = tokens[i + 1 :]
                     cut = rest.index("--") if "--" in rest else len(rest)
-                    problems += [f"{doc}: `{command}`: launch_lambda.py has no {flag}"
-                                 for flag in _flags_after(rest[:cut]) if flag not in launcher | {"--help"}]
-                    problems += [f"{doc}: `{command}`: run_aquarat_small.sh has no {flag}"
-                                 for flag in _flags_after(rest[cut + 1:]) if flag not in orchestrator]
+                    problems += [
+                        f"{doc}: `{command}`: launch_lambda.py has no {flag}"
+                        for flag in _flags_after(rest[:cut])
+                        if flag not in launcher | {"--help"}
+                    ]
+                    problems += [
+                        f"{doc}: `{command}`: run_aquarat_small.sh has no {flag}"
+                        for flag in _flags_after(rest[cut + 1 :])
+                        if flag not in orchestrator
+                    ]
                     checked += 1
     assert checked > 40  # the parser found the commands (a broken regex would check nothing)
     assert problems == []
 
 
 def test_named_variables_are_read_by_the_code():
-    code = "\n".join(p.read_text() for pattern in ("nanochat/*.py", "scripts/*.py", "tasks/*.py", "*.py", "*.sh",
-                                                   "rustbpe/src/*.rs")
-                     for p in REPO.glob(pattern))
+    code = "\n".join(
+        p.read_text()
+        for pattern in (
+            "nanochat/*.py",
+            "scripts/*.py",
+            "tasks/*.py",
+            "*.py",
+            "*.sh",
+            "rustbpe/src/*.rs",
+        )
+        for p in REPO.glob(pattern)
+    )
     problems = []
     for doc, text in _doc_texts():
         for var in sorted(set(re.findall(r"\b((?:NANOCHAT|WANDB|HF|LAMBDA)_[A-Z_]+)\b", text))):
@@ -98,8 +129,10 @@ def test_named_variables_are_read_by_the_code():
 @pytest.mark.parametrize("doc", ["README.md", "QUICKSTART.md", "LAMBDA_MANUAL_SETUP.md"])
 def test_relative_links_resolve(doc):
     text = (REPO / doc).read_text()
-    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    anchors = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.*)$", text, re.M)
+    }
     for target in re.findall(r"\]\(([^)]+)\)", text):
         if target.startswith("http"):
             continue

@@ -1,6 +1,5 @@
 """Engine: KV-cache batched sampling against plain full forwards (tiny random model, CPU)."""
 
-import math
 
 import pytest
 import torch
@@ -19,7 +18,14 @@ def tok():
 
 def make_model(tok, seed=0, stop_boost=0.0):
     torch.manual_seed(seed)
-    cfg = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=1, n_embd=32)
+    cfg = GPTConfig(
+        sequence_len=128,
+        vocab_size=tok.get_vocab_size(),
+        n_layer=2,
+        n_head=2,
+        n_kv_head=1,
+        n_embd=32,
+    )
     model = GPT(cfg)
     with torch.no_grad():
         # a random init gives near-uniform logits (lm_head std 0.001); make them peaky so ties are impossible
@@ -36,8 +42,9 @@ def make_model(tok, seed=0, stop_boost=0.0):
 
 
 def prompt(tok, text="What is 2+2?"):
-    return tok.render_for_completion({"messages": [{"role": "user", "content": text},
-                                                   {"role": "assistant", "content": "x"}]})
+    return tok.render_for_completion(
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]}
+    )
 
 
 def test_greedy_equals_argmax_of_full_forwards(tok):
@@ -61,7 +68,9 @@ def test_greedy_equals_argmax_of_full_forwards(tok):
 def test_logprobs_match_full_forward_log_softmax(tok):
     model = make_model(tok)
     ids = prompt(tok)
-    res = Engine(model, tok).generate_batch(ids, num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seed=3)
+    res = Engine(model, tok).generate_batch(
+        ids, num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seed=3
+    )
     for seq, lps in zip(res.sequences, res.logprobs):
         assert len(seq) == len(lps)
         full = torch.tensor([ids + seq])
@@ -85,7 +94,9 @@ def test_seed_reproduces_and_differs(tok):
 
 def test_greedy_rows_identical(tok):
     model = make_model(tok)
-    res = Engine(model, tok).generate_batch(prompt(tok), num_samples=3, max_tokens=10, temperature=0.0)
+    res = Engine(model, tok).generate_batch(
+        prompt(tok), num_samples=3, max_tokens=10, temperature=0.0
+    )
     assert res.sequences[0] == res.sequences[1] == res.sequences[2]
 
 
@@ -113,9 +124,19 @@ def test_cache_matches_nocache_reference_sampling(tok):
     model = make_model(tok)
     ids = prompt(tok)
     end = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-    res = Engine(model, tok).generate_batch(ids, num_samples=4, max_tokens=15, temperature=0.8, top_p=0.9, seed=5)
-    ref = generate_nocache(model, ids, num_samples=4, max_tokens=15, temperature=0.8, top_p=0.9, seed=5,
-                           stop_tokens=end)
+    res = Engine(model, tok).generate_batch(
+        ids, num_samples=4, max_tokens=15, temperature=0.8, top_p=0.9, seed=5
+    )
+    ref = generate_nocache(
+        model,
+        ids,
+        num_samples=4,
+        max_tokens=15,
+        temperature=0.8,
+        top_p=0.9,
+        seed=5,
+        stop_tokens=end,
+    )
     assert res.sequences == ref
 
 
@@ -123,7 +144,9 @@ def test_filter_logits_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     k2 = filter_logits(logits, 1.0, 2, None)
     assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
-    p = filter_logits(logits, 1.0, None, 0.7)  # 0.5 < 0.7 -> keep second; 0.8 >= 0.7 -> drop the rest
+    p = filter_logits(
+        logits, 1.0, None, 0.7
+    )  # 0.5 < 0.7 -> keep second; 0.8 >= 0.7 -> drop the rest
     assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
     p1 = filter_logits(logits, 1.0, None, 0.4)  # top token always survives
     assert torch.isfinite(p1[0, 0]) and torch.isinf(p1[0, 1:]).all()
@@ -155,14 +178,20 @@ def test_multi_prompt_batch_equals_one_prompt_at_a_time(tok):
     # ragged prompts (left padding in the cache), rows stopping at different steps
     model = make_model(tok, stop_boost=3.0)
     eng = Engine(model, tok)
-    prompts = [prompt(tok, text) for text in ("What is 2+2?", "Hi", "A much longer question, with more words?")]
+    prompts = [
+        prompt(tok, text)
+        for text in ("What is 2+2?", "Hi", "A much longer question, with more words?")
+    ]
     assert len({len(p) for p in prompts}) == 3
     seeds = [5, 17, 99]
     for temperature in (1.0, 0.0):
-        batched = eng.generate_multi(prompts, num_samples=4, max_tokens=25, temperature=temperature,
-                                     seeds=seeds)
+        batched = eng.generate_multi(
+            prompts, num_samples=4, max_tokens=25, temperature=temperature, seeds=seeds
+        )
         for p, seed, res in zip(prompts, seeds, batched):
-            alone = eng.generate_batch(p, num_samples=4, max_tokens=25, temperature=temperature, seed=seed)
+            alone = eng.generate_batch(
+                p, num_samples=4, max_tokens=25, temperature=temperature, seed=seed
+            )
             assert res.sequences == alone.sequences
             assert res.finished == alone.finished and res.prompt_len == len(p)
             for a, b in zip(res.logprobs, alone.logprobs):
@@ -175,13 +204,15 @@ def test_batch_with_finished_rows_dropped_matches_nocache_reference(tok):
     model = make_model(tok, stop_boost=3.0)
     end = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
     prompts = [prompt(tok, "Hi"), prompt(tok, "What is 7 times 8?")]
-    batched = Engine(model, tok).generate_multi(prompts, num_samples=6, max_tokens=30, temperature=1.0,
-                                                seeds=[3, 4])
+    batched = Engine(model, tok).generate_multi(
+        prompts, num_samples=6, max_tokens=30, temperature=1.0, seeds=[3, 4]
+    )
     lengths = [len(s) for r in batched for s in r.sequences]
     assert min(lengths) * 2 < max(lengths), "test needs rows that stop well before others"
     for p, seed, res in zip(prompts, [3, 4], batched):
-        ref = generate_nocache(model, p, num_samples=6, max_tokens=30, temperature=1.0, seed=seed,
-                               stop_tokens=end)
+        ref = generate_nocache(
+            model, p, num_samples=6, max_tokens=30, temperature=1.0, seed=seed, stop_tokens=end
+        )
         assert res.sequences == ref
 
 
@@ -196,7 +227,9 @@ def test_left_padded_forward_matches_unpadded(tok):
         batched = model(torch.tensor([[bos] * pad + short, long_]), kv_cache=cache)
         step = model(torch.tensor([[7], [7]]), kv_cache=cache)[:, -1]
         alone = model(torch.tensor([short + [7]]))
-    assert torch.isfinite(batched).all()  # pad queries see themselves: no NaN leaks into later layers
+    assert torch.isfinite(
+        batched
+    ).all()  # pad queries see themselves: no NaN leaks into later layers
     torch.testing.assert_close(batched[0, pad:], alone[0, :-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step[0], alone[0, -1], atol=1e-4, rtol=1e-4)
 

@@ -29,15 +29,24 @@ def tiny_model(seed=0, **overrides):
 
 # ----------------------------------------------------------------------------------- depth dial and sizes
 
-@pytest.mark.parametrize("depth,n_embd,n_head,lo,hi", [
-    (8, 512, 4, 85e6, 100e6),      # 92.3M with the 64K vocab (58.7M with a 32K vocab)
-    (12, 768, 6, 175e6, 195e6),    # 185.6M
-    (20, 1280, 10, 540e6, 580e6),  # 561.0M  (the ~560M of the user's table)
-    (26, 1664, 13, 1.0e9, 1.15e9), # 1.08B   (~1.1B)
-])
+
+@pytest.mark.parametrize(
+    "depth,n_embd,n_head,lo,hi",
+    [
+        (8, 512, 4, 85e6, 100e6),  # 92.3M with the 64K vocab (58.7M with a 32K vocab)
+        (12, 768, 6, 175e6, 195e6),  # 185.6M
+        (20, 1280, 10, 540e6, 580e6),  # 561.0M  (the ~560M of the user's table)
+        (26, 1664, 13, 1.0e9, 1.15e9),  # 1.08B   (~1.1B)
+    ],
+)
 def test_depth_dial_builds_and_param_counts(depth, n_embd, n_head, lo, hi):
     config = config_from_depth(depth, vocab_size=65536)
-    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (depth, n_embd, n_head, n_head)
+    assert (config.n_layer, config.n_embd, config.n_head, config.n_kv_head) == (
+        depth,
+        n_embd,
+        n_head,
+        n_head,
+    )
     with torch.device("meta"):  # no memory, no init: counting only
         model = GPT(config)
     # the budget count (what the counts above name) leaves out the value-embedding tables
@@ -45,10 +54,12 @@ def test_depth_dial_builds_and_param_counts(depth, n_embd, n_head, lo, hi):
     assert lo < n < hi, f"d{depth}: {n / 1e6:.1f}M params"
     ve_layers = depth // 2  # every second layer, counted back from the last
     gates = ve_layers * 32 * n_head
-    assert n == depth * 12 * n_embd ** 2 + 2 * 65536 * n_embd + gates
+    assert n == depth * 12 * n_embd**2 + 2 * 65536 * n_embd + gates
     assert model.num_params() == n + ve_layers * 65536 * n_embd
     head_dim = n_embd // n_head
-    assert model.estimate_flops() == 6 * (n - 65536 * n_embd) + 12 * depth * n_head * head_dim * 2048
+    assert (
+        model.estimate_flops() == 6 * (n - 65536 * n_embd) + 12 * depth * n_head * head_dim * 2048
+    )
 
 
 def test_d8_with_32k_vocab_is_about_60m():
@@ -61,7 +72,9 @@ def test_config_from_depth_rules():
     with pytest.raises(ValueError, match="depth"):
         config_from_depth(0, vocab_size=256)
     assert (config_from_depth(1, vocab_size=256).n_head) == 1  # 64 wide: one head of 64
-    d7 = config_from_depth(7, vocab_size=256)  # 448 // 128 = 3 does not divide 448 -> 2 heads of 224
+    d7 = config_from_depth(
+        7, vocab_size=256
+    )  # 448 // 128 = 3 does not divide 448 -> 2 heads of 224
     assert (d7.n_embd, d7.n_head, d7.n_kv_head) == (448, 2, 2)
     for depth in range(1, 33):
         c = config_from_depth(depth, vocab_size=256)
@@ -75,11 +88,14 @@ def test_gqa_config_validation():
 
 # ----------------------------------------------------------------------------------- init and forward
 
+
 def test_init_is_nanochat_style_and_initial_loss_near_uniform():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
     for block in model.transformer.h:
-        assert block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+        assert (
+            block.attn.c_proj.weight.abs().sum() == 0 and block.mlp.c_proj.weight.abs().sum() == 0
+        )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
     x = torch.randint(0, 256, (2, 16))
@@ -129,10 +145,13 @@ def test_chunked_head_loss_equals_full_logits_loss_and_grads(softcap):
     t = torch.randint(0, 50, (10,))
     t[[2, 7]] = -1
     z = h @ w.t()
-    ref = F.cross_entropy(softcap * torch.tanh(z / softcap) if softcap else z, t, ignore_index=-1,
-                          reduction="sum")
+    ref = F.cross_entropy(
+        softcap * torch.tanh(z / softcap) if softcap else z, t, ignore_index=-1, reduction="sum"
+    )
     ref_gh, ref_gw = torch.autograd.grad(ref * 0.3, (h, w))
-    out = chunked_head_loss(h, w, t, softcap, torch.float32, chunk=3)  # 4 chunks, the last one short
+    out = chunked_head_loss(
+        h, w, t, softcap, torch.float32, chunk=3
+    )  # 4 chunks, the last one short
     gh, gw = torch.autograd.grad(out * 0.3, (h, w))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh, ref_gh)
@@ -169,11 +188,16 @@ def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
     x = torch.randint(0, 256, (2, 16))
     ref = model(x)
     model.compute_dtype = None
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # autodetect honours the override (CPU autocast here)
+    monkeypatch.setenv(
+        "NANOCHAT_DTYPE", "bf16"
+    )  # autodetect honours the override (CPU autocast here)
     assert model.get_compute_dtype() == torch.bfloat16
     sdpa, dtypes = F.scaled_dot_product_attention, []
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: dtypes.append((q.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(
+        F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: dtypes.append((q.dtype, v.dtype)) or sdpa(q, k, v, **kw),
+    )
     out = model(x)
     # the fp32 value-embedding tables must not pull attention out of bf16
     assert dtypes == [(torch.bfloat16, torch.bfloat16)] * model.config.n_layer
@@ -182,13 +206,18 @@ def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
     # bf16 cache decode runs and stays close to the bf16 full forward
     kv = model.new_kv_cache(2, 32)
     assert kv.dtype == torch.bfloat16
-    steps = [model(x[:, :10], kv_cache=kv)] + [model(x[:, t:t + 1], kv_cache=kv) for t in range(10, 16)]
+    steps = [model(x[:, :10], kv_cache=kv)] + [
+        model(x[:, t : t + 1], kv_cache=kv) for t in range(10, 16)
+    ]
     assert (torch.cat(steps, 1) - out).abs().max() < 0.25
 
 
 # ----------------------------------------------------------------------------------- attention capture
 
-@pytest.mark.parametrize("n_kv_head, value_embed_every", [(4, 0), (2, 0), (1, 0), (2, 1)])  # MHA, GQA, MQA
+
+@pytest.mark.parametrize(
+    "n_kv_head, value_embed_every", [(4, 0), (2, 0), (1, 0), (2, 1)]
+)  # MHA, GQA, MQA
 def test_explicit_attention_matches_sdpa(n_kv_head, value_embed_every):
     model = tiny_model(n_kv_head=n_kv_head, value_embed_every=value_embed_every)
     x = torch.randint(0, 256, (2, 20))
@@ -218,6 +247,7 @@ def test_attention_capture_with_kv_cache_has_offset_mask():
 
 # ----------------------------------------------------------------------------------- KV cache
 
+
 @pytest.mark.parametrize("n_kv_head, value_embed_every", [(4, 0), (2, 0), (2, 1), (4, 2)])
 def test_kv_cache_decode_matches_full_forward(n_kv_head, value_embed_every):
     model = tiny_model(n_kv_head=n_kv_head, value_embed_every=value_embed_every)
@@ -227,7 +257,7 @@ def test_kv_cache_decode_matches_full_forward(n_kv_head, value_embed_every):
     outs = [model(x[:, :9], kv_cache=kv)]  # prefill
     assert kv.get_pos() == 9
     for t in range(9, 24):  # token-by-token decode
-        outs.append(model(x[:, t:t + 1], kv_cache=kv))
+        outs.append(model(x[:, t : t + 1], kv_cache=kv))
     assert kv.get_pos() == 24
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -267,6 +297,7 @@ def test_kv_cache_overflow_and_shape_errors():
 
 # ----------------------------------------------------------------------------------- compile switch
 
+
 def test_maybe_compile_switch(monkeypatch):
     model = tiny_model()
     monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
@@ -289,11 +320,18 @@ def test_maybe_compile_switch(monkeypatch):
 
 # ----------------------------------------------------------------------------------- value embeddings
 
+
 def test_value_embeddings_sit_on_every_kth_layer_from_the_last_and_change_the_output():
     cfg = dict(TINY, n_layer=5)
     plain, every2 = tiny_model(**cfg), tiny_model(**cfg, value_embed_every=2)
     assert list(plain.value_embeds) == [] and list(every2.value_embeds) == ["0", "2", "4"]
-    assert [b.attn.ve_gate is not None for b in every2.transformer.h] == [True, False, True, False, True]
+    assert [b.attn.ve_gate is not None for b in every2.transformer.h] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
     kv_dim = TINY["n_kv_head"] * TINY["n_embd"] // TINY["n_head"]
     extra = 3 * (256 * kv_dim + 32 * TINY["n_kv_head"])  # three tables and three gates
     assert every2.num_params() - plain.num_params() == extra
@@ -303,15 +341,22 @@ def test_value_embeddings_sit_on_every_kth_layer_from_the_last_and_change_the_ou
     assert not torch.allclose(plain(x), every2(x))
     # the gate is 2 sigmoid(W x): exactly 1 at init, so a fresh model adds each table once
     fresh = GPT(GPTConfig(**cfg, value_embed_every=2))
-    assert all((b.attn.ve_gate.weight == 0).all() for b in fresh.transformer.h if b.attn.ve_gate is not None)
+    assert all(
+        (b.attn.ve_gate.weight == 0).all()
+        for b in fresh.transformer.h
+        if b.attn.ve_gate is not None
+    )
 
 
 def test_value_embedding_tables_train_with_the_embedding_rule_and_gates_with_muon():
     model = tiny_model(value_embed_every=1)
     adam, muon = model.setup_optimizers()
-    embedding_group = next(g for g in adam.param_groups
-                           if any(p is model.transformer.wte.weight for p in g["params"]))
-    assert all(any(t.weight is p for p in embedding_group["params"]) for t in model.value_embeds.values())
+    embedding_group = next(
+        g for g in adam.param_groups if any(p is model.transformer.wte.weight for p in g["params"])
+    )
+    assert all(
+        any(t.weight is p for p in embedding_group["params"]) for t in model.value_embeds.values()
+    )
     muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
     assert all(id(b.attn.ve_gate.weight) in muon_params for b in model.transformer.h)
     x = torch.randint(0, 256, (2, 16))
@@ -319,7 +364,10 @@ def test_value_embedding_tables_train_with_the_embedding_rule_and_gates_with_muo
     model(x, x).backward()
     for opt in (adam, muon):
         opt.step()
-    assert all(t.weight.grad is not None and t.weight.grad.abs().sum() > 0 for t in model.value_embeds.values())
+    assert all(
+        t.weight.grad is not None and t.weight.grad.abs().sum() > 0
+        for t in model.value_embeds.values()
+    )
 
 
 def test_checkpoints_from_before_value_embeddings_still_load(base_dir):
@@ -333,7 +381,12 @@ def test_checkpoints_from_before_value_embeddings_still_load(base_dir):
     tok.save(base_dir / "tokenizer")
     cfg = GPTConfig(**dict(TINY, vocab_size=tok.get_vocab_size()))
     old_config = {k: v for k, v in asdict(cfg).items() if k != "value_embed_every"}
-    ck.save_checkpoint(ck.checkpoint_dir("base", "old"), 1, GPT(cfg).state_dict(), None,
-                       {"model_config": old_config, "tokenizer": tokenizer_record(tok)})
+    ck.save_checkpoint(
+        ck.checkpoint_dir("base", "old"),
+        1,
+        GPT(cfg).state_dict(),
+        None,
+        {"model_config": old_config, "tokenizer": tokenizer_record(tok)},
+    )
     model, _, _ = ck.load_model("base", "old", device="cpu")
     assert model.config.value_embed_every == 0 and not model.value_embeds

@@ -58,6 +58,7 @@ exit "$code"
 # -----------------------------------------------------------------------------
 # fixtures
 
+
 @pytest.fixture(scope="module")
 def spec():
     return json.loads(SPEC_PATH.read_text()) if SPEC_PATH.is_file() else None
@@ -66,12 +67,16 @@ def spec():
 @pytest.fixture
 def fake(spec):
     fake = FakeLambda(LAMBDA_KEY, spec).start()
-    fake.on_terminate = lambda inst: kill_tmux(inst["id"])  # a terminated machine takes its processes with it
+    fake.on_terminate = lambda inst: kill_tmux(
+        inst["id"]
+    )  # a terminated machine takes its processes with it
     yield fake
     fake.stop()
     for iid in fake.instances:
         kill_tmux(iid)
-    assert not fake.violations, "requests/responses that break the OpenAPI spec:\n" + "\n".join(fake.violations)
+    assert not fake.violations, "requests/responses that break the OpenAPI spec:\n" + "\n".join(
+        fake.violations
+    )
     for r in fake.requests:  # the key travels only in the Authorization header
         assert not any(s in r["raw"] or s in r["path"] for s in SECRETS), r
     for r in fake.launches():
@@ -79,7 +84,9 @@ def fake(spec):
 
 
 def kill_tmux(instance_id):
-    subprocess.run(["tmux", "kill-session", "-t", "=" + ll.tmux_session(instance_id)], capture_output=True)
+    subprocess.run(
+        ["tmux", "kill-session", "-t", "=" + ll.tmux_session(instance_id)], capture_output=True
+    )
 
 
 def free_port():
@@ -92,12 +99,16 @@ def free_port():
 def sshd(tmp_path_factory):
     """A real sshd on a free loopback port, with its own host key, accepting one generated user key."""
     if not Path(SSHD).is_file():
-        pytest.skip(f"OpenSSH server not installed ({SSHD} missing): apt-get install openssh-server (.ci/run does)")
+        pytest.skip(
+            f"OpenSSH server not installed ({SSHD} missing): apt-get install openssh-server (.ci/run does)"
+        )
     if not shutil.which("tmux"):
         pytest.skip("tmux not installed: apt-get install tmux (.ci/run does)")
     d = tmp_path_factory.mktemp("sshd")
     for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
+        )
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
     # The "GPU node": an nvidia-smi on the sessions' PATH, listing 8 GPUs unless <dir>/no_gpu exists
     (d / "bin").mkdir()
@@ -124,7 +135,9 @@ SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 """)
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb")
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -137,6 +150,7 @@ SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
             pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
         time.sleep(0.1)
     import getpass
+
     yield {"port": port, "key": str(d / "user_key"), "user": getpass.getuser(), "dir": d}
     proc.terminate()
     proc.wait(timeout=10)
@@ -166,20 +180,37 @@ def env(tmp_path, fake):
     for tool in ("ssh", "scp", "rsync"):
         real = shutil.which(tool)
         if real:
-            (shim / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "$ARGV_LOG"\nexec {real} "$@"\n')
+            (shim / tool).write_text(
+                f'#!/bin/sh\nprintf "%s\\n" "{tool} $*" >> "$ARGV_LOG"\nexec {real} "$@"\n'
+            )
             (shim / tool).chmod(0o755)
-    (tmp_path / "secrets.env").write_text(f"LAMBDA_API_KEY={LAMBDA_KEY}\nWANDB_API_KEY={WANDB_KEY}\n"
-                                          "WANDB_PROJECT=aquarat-test\n")
+    (tmp_path / "secrets.env").write_text(
+        f"LAMBDA_API_KEY={LAMBDA_KEY}\nWANDB_API_KEY={WANDB_KEY}\nWANDB_PROJECT=aquarat-test\n"
+    )
     (tmp_path / "home").mkdir()
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("LAMBDA_", "WANDB_", "HF_TOKEN", "NANOCHAT_RUN"))}
-    e.update(PATH=f"{shim}:{os.environ['PATH']}", ARGV_LOG=str(tmp_path / "argv.log"), HOME=str(tmp_path / "home"),
-             PYTHONUNBUFFERED="1", LAMBDA_API_BASE=fake.url, LAMBDA_LAUNCHER_STATE_DIR=str(tmp_path / "state"),
-             LAMBDA_RATE_LIMIT_S="0.01", LAMBDA_LAUNCH_RATE_LIMIT_S="0.05", LAMBDA_RETRY_BACKOFF_S="0.05",
-             LAMBDA_RETRIES="3")
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LAMBDA_", "WANDB_", "HF_TOKEN", "NANOCHAT_RUN"))
+    }
+    e.update(
+        PATH=f"{shim}:{os.environ['PATH']}",
+        ARGV_LOG=str(tmp_path / "argv.log"),
+        HOME=str(tmp_path / "home"),
+        PYTHONUNBUFFERED="1",
+        LAMBDA_API_BASE=fake.url,
+        LAMBDA_LAUNCHER_STATE_DIR=str(tmp_path / "state"),
+        LAMBDA_RATE_LIMIT_S="0.01",
+        LAMBDA_LAUNCH_RATE_LIMIT_S="0.05",
+        LAMBDA_RETRY_BACKOFF_S="0.05",
+        LAMBDA_RETRIES="3",
+    )
     yield e
     argv_log = tmp_path / "argv.log"
     if argv_log.exists():
-        assert not any(s in argv_log.read_text() for s in SECRETS), "a secret reached an ssh/rsync command line"
+        assert not any(s in argv_log.read_text() for s in SECRETS), (
+            "a secret reached an ssh/rsync command line"
+        )
     allowed = {tmp_path / "secrets.env"}
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.name != ".env" and path not in allowed:
@@ -194,21 +225,49 @@ def launcher(env, *args, env_file=True, cwd=None, timeout=60):
     elif env_file:
         i = cmd.index("--")
         cmd[i:i] = ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
-    proc = subprocess.run(cmd, env=env, cwd=cwd or Path(env["HOME"]).parent, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        cwd=cwd or Path(env["HOME"]).parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out = proc.stdout + proc.stderr
     assert not any(s in out for s in SECRETS), "a secret was printed:\n" + out
     return proc, out
 
 
 def ssh_flags(sshd, remote_home):
-    return ["--ssh-user", sshd["user"], "--ssh-port", str(sshd["port"]), "--ssh-key-file", sshd["key"],
-            "--remote-dir", str(remote_home / "nanochat-aquarat"), "--remote-base-dir", str(remote_home / "base")]
+    return [
+        "--ssh-user",
+        sshd["user"],
+        "--ssh-port",
+        str(sshd["port"]),
+        "--ssh-key-file",
+        sshd["key"],
+        "--remote-dir",
+        str(remote_home / "nanochat-aquarat"),
+        "--remote-base-dir",
+        str(remote_home / "base"),
+    ]
 
 
 def launch_args(*extra):
-    return ["launch", "--instance-type", "gpu_8x_h100_sxm5", "--region", "us-west-1", "--poll-interval", "0.1",
-            "--active-timeout", "10", "--ssh-timeout", "10", *extra]
+    return [
+        "launch",
+        "--instance-type",
+        "gpu_8x_h100_sxm5",
+        "--region",
+        "us-west-1",
+        "--poll-interval",
+        "0.1",
+        "--active-timeout",
+        "10",
+        "--ssh-timeout",
+        "10",
+        *extra,
+    ]
 
 
 def state_of(env):
@@ -219,33 +278,53 @@ def state_of(env):
 # -----------------------------------------------------------------------------
 # static properties
 
+
 def test_no_torch_in_import_graph():
-    code = ("import sys; import launch_lambda; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'nanochat', 'wandb')); "
-            "print(bad); assert not bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    code = (
+        "import sys; import launch_lambda; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'nanochat', 'wandb')); "
+        "print(bad); assert not bad"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     tree = ast.parse(LAUNCHER.read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported - set(sys.stdlib_module_names) == {"requests", "dotenv"}
 
 
 def test_spec_validation_is_active(spec):
     if spec is None:
-        pytest.skip(f"{SPEC_PATH} is absent: request/response validation against the OpenAPI spec is skipped")
+        pytest.skip(
+            f"{SPEC_PATH} is absent: request/response validation against the OpenAPI spec is skipped"
+        )
     from lambda_fake_api import SpecValidator
+
     v = SpecValidator(spec)
-    assert v.check_request("POST", "/api/v1/instance-operations/launch", {"region_name": "us-west-1"})
+    assert v.check_request(
+        "POST", "/api/v1/instance-operations/launch", {"region_name": "us-west-1"}
+    )
     assert v.check_response("GET", "/api/v1/instances", 200, {"data": [{"id": "x"}]})
-    assert not v.check_response("POST", "/api/v1/instance-operations/launch", 400,
-                                {"error": {"code": ll.LambdaAPI.CAPACITY, "message": "m"}})
+    assert not v.check_response(
+        "POST",
+        "/api/v1/instance-operations/launch",
+        400,
+        {"error": {"code": ll.LambdaAPI.CAPACITY, "message": "m"}},
+    )
 
 
 def test_remote_env_text_quotes_and_refuses_unsafe_values():
-    text = ll.remote_env_text({"WANDB_API_KEY": "abc", "WANDB_PROJECT": "p", "LAMBDA_API_KEY": "never", "X": "1"},
-                              extra_keys=["X"])
-    assert text == "WANDB_API_KEY='abc'\nWANDB_PROJECT='p'\nX='1'\n"  # the Lambda key never goes to the instance
+    text = ll.remote_env_text(
+        {"WANDB_API_KEY": "abc", "WANDB_PROJECT": "p", "LAMBDA_API_KEY": "never", "X": "1"},
+        extra_keys=["X"],
+    )
+    assert (
+        text == "WANDB_API_KEY='abc'\nWANDB_PROJECT='p'\nX='1'\n"
+    )  # the Lambda key never goes to the instance
     with pytest.raises(ll.LaunchError) as e:
         ll.remote_env_text({"WANDB_API_KEY": "a'b"})
     assert "WANDB_API_KEY" in str(e.value) and "a'b" not in str(e.value)
@@ -258,7 +337,11 @@ def test_client_rate_limits(fake, monkeypatch):
     api = ll.LambdaAPI(fake.url, LAMBDA_KEY, retries=0)
     for _ in range(3):
         api.instance_types()
-    body = {"instance_type_name": "gpu_1x_a10", "ssh_key_names": ["laptop"], "region_name": "us-east-1"}
+    body = {
+        "instance_type_name": "gpu_1x_a10",
+        "ssh_key_names": ["laptop"],
+        "region_name": "us-east-1",
+    }
     ids = [api.launch(dict(body, name=f"n{i}"), set()) for i in range(2)]
     times = [r["time"] for r in fake.requests]
     assert all(b - a >= 0.14 for a, b in zip(times, times[1:])), times
@@ -270,9 +353,21 @@ def test_client_rate_limits(fake, monkeypatch):
 # -----------------------------------------------------------------------------
 # API-only paths
 
+
 def test_seed_form_dry_run_prints_plan_and_cost(env, fake, project):
-    proc, out = launcher(env, "--instance-type", "gpu_8x_h100_sxm5", "--region", "us-west-1", "--dry-run",
-                         "--repo", str(project), "--", "--depth", "20")
+    proc, out = launcher(
+        env,
+        "--instance-type",
+        "gpu_8x_h100_sxm5",
+        "--region",
+        "us-west-1",
+        "--dry-run",
+        "--repo",
+        str(project),
+        "--",
+        "--depth",
+        "20",
+    )
     assert proc.returncode == 0, out
     assert "DRY RUN" in out and "$23.92/hour" in out and "4 h = $95.68" in out
     # the default command asks for the gpu profile and passes the instance's price to the report
@@ -295,9 +390,14 @@ def test_default_command_needs_the_orchestrator_in_the_tree(env, fake, tmp_path)
     subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
     (repo / "x").write_text("x")
     subprocess.run(["git", "-C", str(repo), "add", "x"], check=True)
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"], check=True)
+    subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+        check=True,
+    )
     proc, out = launcher(env, *launch_args("--repo", str(repo)))
-    assert proc.returncode == ll.EXIT_CONFIG and "run_aquarat_small.sh is not in the git tree" in out
+    assert (
+        proc.returncode == ll.EXIT_CONFIG and "run_aquarat_small.sh is not in the git tree" in out
+    )
     assert not fake.requests  # checked before any API call, so nothing is ever launched for it
 
 
@@ -311,7 +411,9 @@ def test_missing_api_key_is_named(env, fake, tmp_path):
 
 def test_rejected_api_key_exits_3_without_launching(env, fake, tmp_path):
     (tmp_path / "bad.env").write_text("LAMBDA_API_KEY=not-the-key\n")
-    proc, out = launcher(env, *launch_args("--no-deploy"), "--env-file", str(tmp_path / "bad.env"), env_file=False)
+    proc, out = launcher(
+        env, *launch_args("--no-deploy"), "--env-file", str(tmp_path / "bad.env"), env_file=False
+    )
     assert proc.returncode == ll.EXIT_CONFIG, out
     assert "global/invalid-api-key" in out and "LAMBDA_API_KEY" in out
     assert not fake.launches() and not fake.instances
@@ -325,13 +427,20 @@ def test_capacity_errors_then_success_with_wait(env, fake):
     assert out.count("us-west-1: insufficient capacity") == 2 and "waiting for capacity" in out
     assert len(fake.launches()) == 3 and all(r["status"] != 429 for r in fake.launches())
     (iid,) = [i["id"] for i in fake.running()]
-    assert f"Launched {iid}" in out and "python launch_lambda.py ssh" in out and "$23.92/hour" in out
+    assert (
+        f"Launched {iid}" in out and "python launch_lambda.py ssh" in out and "$23.92/hour" in out
+    )
     assert state_of(env)[iid]["status"] == "active"
-    assert oct(os.stat(Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "instances.json").st_mode & 0o777) == "0o600"
+    assert (
+        oct(os.stat(Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "instances.json").st_mode & 0o777)
+        == "0o600"
+    )
     proc, out = launcher(env, "terminate", iid)
     assert proc.returncode == ll.EXIT_USAGE and "--yes" in out and fake.running()
     proc, out = launcher(env, "terminate", iid, "--yes")
-    assert proc.returncode == 0 and not fake.running() and state_of(env)[iid]["status"] == "terminated"
+    assert (
+        proc.returncode == 0 and not fake.running() and state_of(env)[iid]["status"] == "terminated"
+    )
 
 
 def test_region_auto_moves_to_another_region(env, fake):
@@ -353,14 +462,18 @@ def test_no_capacity_exits_5_with_advice(env, fake):
 def test_429_and_5xx_are_retried_without_double_launch(env, fake):
     fake.fail("GET", r"/instance-types$", 429, "global/rate-limited", retry_after=1)
     fake.fail("POST", r"/launch$", 503, "provider/internal-unavailable")
-    fake.fail("POST", r"/launch$", 500, "global/internal-error", create=True)  # launched, but the answer was lost
+    fake.fail(
+        "POST", r"/launch$", 500, "global/internal-error", create=True
+    )  # launched, but the answer was lost
     proc, out = launcher(env, *launch_args("--no-deploy"))
     assert proc.returncode == 0, out
     types_calls = [r for r in fake.requests if r["path"].endswith("/instance-types")]
     assert [r["status"] for r in types_calls[:2]] == [429, 200]
     assert types_calls[1]["time"] - types_calls[0]["time"] >= 0.95  # Retry-After honoured
     assert "retry 1/3" in out and "did create" in out
-    assert len(fake.instances) == 1 and len(fake.launches()) == 2  # no second launch after the lost answer
+    assert (
+        len(fake.instances) == 1 and len(fake.launches()) == 2
+    )  # no second launch after the lost answer
     fake.running()[0]["status"] = "terminated"
 
 
@@ -381,7 +494,9 @@ def test_never_active_terminates(env, fake, project):
 
 def test_keep_on_failure_keeps_and_says_so(env, fake, project):
     fake.never_active = True
-    proc, out = launcher(env, *launch_args("--active-timeout", "0.3", "--keep-on-failure", "--repo", str(project)))
+    proc, out = launcher(
+        env, *launch_args("--active-timeout", "0.3", "--keep-on-failure", "--repo", str(project))
+    )
     assert proc.returncode == ll.EXIT_NOT_READY, out
     assert "STILL RUNNING" in out and len(fake.running()) == 1
     iid = fake.running()[0]["id"]
@@ -396,8 +511,19 @@ def test_ssh_never_answers_terminates(env, fake, project, tmp_path):
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        proc, out = launcher(env, *launch_args("--ssh-timeout", "1.5", "--ssh-user", "nobody", "--ssh-port",
-                                               str(silent.getsockname()[1]), "--repo", str(project)))
+        proc, out = launcher(
+            env,
+            *launch_args(
+                "--ssh-timeout",
+                "1.5",
+                "--ssh-user",
+                "nobody",
+                "--ssh-port",
+                str(silent.getsockname()[1]),
+                "--repo",
+                str(project),
+            ),
+        )
     finally:
         silent.close()
     assert proc.returncode == ll.EXIT_NOT_READY, out
@@ -424,15 +550,29 @@ class Reader:
 
 
 def start_launcher(env, *args):
-    cmd = [sys.executable, str(LAUNCHER), *args, "--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
-    proc = subprocess.Popen(cmd, env=env, cwd=Path(env["HOME"]).parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        str(LAUNCHER),
+        *args,
+        "--env-file",
+        str(Path(env["ARGV_LOG"]).parent / "secrets.env"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=Path(env["HOME"]).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return proc, Reader(proc)
 
 
 def test_ctrl_c_while_booting_terminates(env, fake, project):
     fake.never_active = True
-    proc, reader = start_launcher(env, *launch_args("--active-timeout", "60", "--repo", str(project)))
+    proc, reader = start_launcher(
+        env, *launch_args("--active-timeout", "60", "--repo", str(project))
+    )
     reader.wait_for(": booting")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
@@ -444,11 +584,24 @@ def test_ctrl_c_while_booting_terminates(env, fake, project):
 # -----------------------------------------------------------------------------
 # real SSH deploys
 
+
 def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path):
     remote_home = tmp_path / "remote_home"
     dest = tmp_path / "results"
-    proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project), "--dest", str(dest),
-                                           *ssh_flags(sshd, remote_home), "--", "--sleep", "0.5"))
+    proc, out = launcher(
+        env,
+        *launch_args(
+            "--auto-terminate",
+            "--repo",
+            str(project),
+            "--dest",
+            str(dest),
+            *ssh_flags(sshd, remote_home),
+            "--",
+            "--sleep",
+            "0.5",
+        ),
+    )
     assert proc.returncode == 0, out
     (inst,) = fake.instances.values()
     assert inst["status"] == "terminated" and f"Terminated {inst['id']}" in out
@@ -459,23 +612,33 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     assert not (rdir / "scratch.txt").exists()
     # the remote .env: mode 600, the forwarded keys only
     assert oct((rdir / ".env").stat().st_mode & 0o777) == "0o600"
-    assert (rdir / ".env").read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
+    assert (
+        rdir / ".env"
+    ).read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
     # the pipeline ran in tmux with the .env loaded and the user's flags, and its log streamed back
     assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
     assert "GPUs on the instance: 8 x NVIDIA H100 80GB HBM3" in out
-    assert f"pipeline running with base {remote_home / 'base'}, args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92" in out
+    assert (
+        f"pipeline running with base {remote_home / 'base'}, args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92"
+        in out
+    )
     assert "starting in" in (rdir / ".launcher" / "run.log").read_text() and "--sleep 0.5" in out
     # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
     assert (dest / "report" / "report.md").read_text() == "# fake report\n"
     assert json.loads((dest / "runs" / "r1" / "rl.jsonl").read_text())["rl/acc"] == 0.5
     assert (dest / "tokenizer" / "tokenizer.pkl").exists()
-    assert sorted(p.name for p in (dest / "checkpoints" / "sft" / "d4").iterdir()) == ["step_000010"]
+    assert sorted(p.name for p in (dest / "checkpoints" / "sft" / "d4").iterdir()) == [
+        "step_000010"
+    ]
     assert (dest / "checkpoints" / "rl" / "d4" / "step_000005" / "model.pt").exists()
     assert "pipeline done" in (dest / "run.log").read_text()
     # host key recorded in the launcher's own known_hosts; ssh never told to skip host key checks
     known_hosts = Path(env["LAMBDA_LAUNCHER_STATE_DIR"]) / "known_hosts"
-    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{sshd['port']}", "-f", str(known_hosts)],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["ssh-keygen", "-F", f"[127.0.0.1]:{sshd['port']}", "-f", str(known_hosts)],
+        capture_output=True,
+        text=True,
+    )
     assert found.returncode == 0 and "ssh-ed25519" in found.stdout  # (Debian hashes host names)
     argv = (tmp_path / "argv.log").read_text()
     assert "StrictHostKeyChecking=accept-new" in argv and "StrictHostKeyChecking=no" not in argv
@@ -485,8 +648,16 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
 
 def test_deploy_then_logs_status_fetch_ssh_terminate(env, fake, sshd, project, tmp_path):
     remote_home = tmp_path / "remote_home"
-    proc, out = launcher(env, *launch_args("--repo", str(project), *ssh_flags(sshd, remote_home),
-                                           "--command", "bash run_aquarat_small.sh --sleep 1"))
+    proc, out = launcher(
+        env,
+        *launch_args(
+            "--repo",
+            str(project),
+            *ssh_flags(sshd, remote_home),
+            "--command",
+            "bash run_aquarat_small.sh --sleep 1",
+        ),
+    )
     assert proc.returncode == 0, out
     (inst,) = fake.running()
     iid = inst["id"]
@@ -501,7 +672,9 @@ def test_deploy_then_logs_status_fetch_ssh_terminate(env, fake, sshd, project, t
     proc, out = launcher(env, "fetch", iid, "--dest", str(tmp_path / "got"))
     assert proc.returncode == 0, out
     assert (tmp_path / "got" / "report" / "report.md").exists() and "still running" in out
-    proc, out = launcher(env, "ssh", iid, "--", "cat", str(remote_home / "nanochat-aquarat" / "notes.txt"))
+    proc, out = launcher(
+        env, "ssh", iid, "--", "cat", str(remote_home / "nanochat-aquarat" / "notes.txt")
+    )
     assert proc.returncode == 0 and out.strip() == "edited, not committed"
     proc, out = launcher(env, "terminate", iid, "--yes")
     assert proc.returncode == 0 and not fake.running()
@@ -509,20 +682,37 @@ def test_deploy_then_logs_status_fetch_ssh_terminate(env, fake, sshd, project, t
 
 def test_remote_failure_fetches_then_terminates(env, fake, sshd, project, tmp_path):
     dest = tmp_path / "results"
-    proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project), "--dest", str(dest),
-                                           *ssh_flags(sshd, tmp_path / "remote_home"),
-                                           "--command", "bash run_aquarat_small.sh --exit 3"))
+    proc, out = launcher(
+        env,
+        *launch_args(
+            "--auto-terminate",
+            "--repo",
+            str(project),
+            "--dest",
+            str(dest),
+            *ssh_flags(sshd, tmp_path / "remote_home"),
+            "--command",
+            "bash run_aquarat_small.sh --exit 3",
+        ),
+    )
     assert proc.returncode == ll.EXIT_RUN_FAILED, out
     assert "exited with code 3" in out and "Terminated" in out and not fake.running()
-    assert (dest / "report" / "report.md").exists() and "exit code 3" in (dest / "run.log").read_text()
+    assert (dest / "report" / "report.md").exists() and "exit code 3" in (
+        dest / "run.log"
+    ).read_text()
 
 
 def test_deploy_error_terminates(env, fake, sshd, project, tmp_path):
     flags = ssh_flags(sshd, tmp_path / "remote_home")
-    flags[flags.index("--remote-dir") + 1] = "/proc/not-a-place-for-code"  # mkdir fails, even for root
+    flags[flags.index("--remote-dir") + 1] = (
+        "/proc/not-a-place-for-code"  # mkdir fails, even for root
+    )
     proc, out = launcher(env, *launch_args("--repo", str(project), *flags))
     assert proc.returncode == ll.EXIT_DEPLOY, out
-    assert "ssh root@127.0.0.1 failed" in out.replace(sshd["user"] + "@", "root@") and "Terminated" in out
+    assert (
+        "ssh root@127.0.0.1 failed" in out.replace(sshd["user"] + "@", "root@")
+        and "Terminated" in out
+    )
     assert not fake.running()
 
 
@@ -530,8 +720,10 @@ def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, proje
     remote_home = tmp_path / "remote_home"
     (sshd["dir"] / "no_gpu").touch()
     try:
-        proc, out = launcher(env, *launch_args("--auto-terminate", "--repo", str(project),
-                                               *ssh_flags(sshd, remote_home)))
+        proc, out = launcher(
+            env,
+            *launch_args("--auto-terminate", "--repo", str(project), *ssh_flags(sshd, remote_home)),
+        )
     finally:
         (sshd["dir"] / "no_gpu").unlink()
     assert proc.returncode == ll.EXIT_DEPLOY, out
@@ -541,9 +733,17 @@ def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, proje
 
 
 def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):
-    proc, reader = start_launcher(env, *launch_args("--auto-terminate", "--repo", str(project),
-                                                    *ssh_flags(sshd, tmp_path / "remote_home"),
-                                                    "--command", "bash run_aquarat_small.sh --sleep 30"))
+    proc, reader = start_launcher(
+        env,
+        *launch_args(
+            "--auto-terminate",
+            "--repo",
+            str(project),
+            *ssh_flags(sshd, tmp_path / "remote_home"),
+            "--command",
+            "bash run_aquarat_small.sh --sleep 30",
+        ),
+    )
     reader.wait_for("pipeline running")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
@@ -559,8 +759,12 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
     for step in (99, 100):  # complete steps: meta.json is written last
         (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}").mkdir(parents=True)
         (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}" / "meta.json").write_text("{}")
-    (base / "checkpoints" / "base" / "d4" / "step_000101").mkdir()  # a save killed before its meta.json
-    remote = ll.Remote("127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5)
+    (
+        base / "checkpoints" / "base" / "d4" / "step_000101"
+    ).mkdir()  # a save killed before its meta.json
+    remote = ll.Remote(
+        "127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5
+    )
     monkeypatch.setattr(ll.shutil, "which", lambda name: None)
     dest = ll.fetch_artifacts(remote, str(tmp_path / "nowhere"), str(base), tmp_path / "out")
     assert (dest / "report" / "report.md").read_text() == "r\n"
@@ -570,19 +774,38 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
 def test_docs_mention_only_real_flags_and_codes():
     """QUICKSTART.md and the manual must stay true to the code: every launcher flag they name exists."""
     import re
+
     parser = ll.build_parser()
     flags = set()
     for action in parser._subparsers._group_actions[0].choices.values():
         flags |= {s for a in action._actions for s in a.option_strings}
-    pipeline_flags = {"--depth", "--run", "--help", "--profile", "--gpu-hourly-price"}  # the orchestrator's
+    pipeline_flags = {
+        "--depth",
+        "--run",
+        "--help",
+        "--profile",
+        "--gpu-hourly-price",
+    }  # the orchestrator's
     for doc in ("QUICKSTART.md",):
         text = (REPO_ROOT / doc).read_text()
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text))
         assert named - flags - pipeline_flags == set(), f"{doc} names flags the launcher lacks"
-        for code in (ll.EXIT_CONFIG, ll.EXIT_API, ll.EXIT_NO_CAPACITY, ll.EXIT_NOT_READY, ll.EXIT_DEPLOY,
-                     ll.EXIT_RUN_FAILED, ll.EXIT_INTERRUPTED):
+        for code in (
+            ll.EXIT_CONFIG,
+            ll.EXIT_API,
+            ll.EXIT_NO_CAPACITY,
+            ll.EXIT_NOT_READY,
+            ll.EXIT_DEPLOY,
+            ll.EXIT_RUN_FAILED,
+            ll.EXIT_INTERRUPTED,
+        ):
             assert f"| {code} |" in text
-    launch_flags = {s for a in parser._subparsers._group_actions[0].choices["launch"]._actions for s in a.option_strings}
+    launch_flags = {
+        s
+        for a in parser._subparsers._group_actions[0].choices["launch"]._actions
+        for s in a.option_strings
+    }
     quick = (REPO_ROOT / "QUICKSTART.md").read_text()
     assert {f for f in launch_flags if f not in ("-h", "--help", "--env-file", "--name")} <= set(
-        re.findall(r"--[a-z][a-z-]+", quick)), "a launch flag is missing from QUICKSTART.md"
+        re.findall(r"--[a-z][a-z-]+", quick)
+    ), "a launch flag is missing from QUICKSTART.md"

@@ -25,9 +25,14 @@ def test_adamw_matches_torch_adamw():
     shapes = [(7, 5), (11,), (3, 4, 2)]
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     ref = [p.detach().clone().requires_grad_(True) for p in ours]
-    groups = lambda ps: [dict(params=ps[:2], lr=3e-2), dict(params=ps[2:], lr=1e-3, weight_decay=0.0)]
+    groups = lambda ps: [
+        dict(params=ps[:2], lr=3e-2),
+        dict(params=ps[2:], lr=1e-3, weight_decay=0.0),
+    ]
     opt = AdamW(groups(ours), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
-    opt_ref = torch.optim.AdamW(groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, foreach=False)
+    opt_ref = torch.optim.AdamW(
+        groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, foreach=False
+    )
     for step in range(6):
         for a, b in zip(ours, ref):
             g = torch.randn(a.shape) * (10.0 ** (step - 3))  # grads across scales
@@ -57,7 +62,10 @@ def test_newton_schulz_output_is_near_orthogonal(shape):
     kept = S >= 0.02 * S.max()
     assert kept.sum() >= 0.9 * len(S)
     assert p_of_s[kept].min() > 0.5, p_of_s[kept].min()
-    if shape != (64, 64):  # rectangular Gaussians are well conditioned: the whole spectrum is near 1
+    if shape != (
+        64,
+        64,
+    ):  # rectangular Gaussians are well conditioned: the whole spectrum is near 1
         s = torch.linalg.svdvals(X)
         assert s.min() > 0.5 and s.max() < 1.5, (s.min(), s.max())
 
@@ -93,7 +101,9 @@ def test_setup_optimizers_groups_and_lrs():
     assert len(seen) == len({id(p) for p in seen}) == len(list(model.parameters()))
     scale = (64 / 768) ** -0.5
     lm, emb = adamw.param_groups
-    assert lm["params"][0] is model.lm_head.weight and emb["params"][0] is model.transformer.wte.weight
+    assert (
+        lm["params"][0] is model.lm_head.weight and emb["params"][0] is model.transformer.wte.weight
+    )
     assert lm["lr"] == pytest.approx(0.004 * scale) and emb["lr"] == pytest.approx(0.2 * scale)
     for group in muon.param_groups:
         assert len({tuple(p.shape) for p in group["params"]}) == 1 and group["lr"] == 0.02
@@ -130,7 +140,9 @@ def test_clip_grad_norm_single_process_matches_torch():
     norm = clip_grad_norm_(model.setup_optimizers(), 0.1)
     torch.testing.assert_close(norm, expected)
     for p, g in zip(model.parameters(), grads):
-        torch.testing.assert_close(p.grad, g * min(1.0, 0.1 / expected.item()), atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(
+            p.grad, g * min(1.0, 0.1 / expected.item()), atol=1e-7, rtol=1e-5
+        )
 
 
 def free_port() -> int:
@@ -145,9 +157,27 @@ def test_two_process_training_matches_single_process(tmp_path):
     torch.set_num_threads(1)
     single = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4)
     accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2)
-    env = {**os.environ, "NANOCHAT_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           str(REPO_ROOT / "tests" / "dist_optim_worker.py"), "--out", str(tmp_path), "--steps", "3", "--batch-size", "4"]
+    env = {
+        **os.environ,
+        "NANOCHAT_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(free_port()),
+        str(REPO_ROOT / "tests" / "dist_optim_worker.py"),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -157,15 +187,22 @@ def test_two_process_training_matches_single_process(tmp_path):
         # Muon matrices agree to ~1e-7. The embedding is the loosest: Adam's m/sqrt(v) on elements whose
         # gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5 on values ~0.2, lr 0.7).
         tol = dict(atol=1e-6, rtol=1e-5) if "transformer.h." in name else dict(atol=5e-5, rtol=1e-4)
-        torch.testing.assert_close(rank0[name], w, **tol, msg=lambda m: f"{name}: 2-proc vs 1-proc: {m}")
-        torch.testing.assert_close(accum[name], w, **tol, msg=lambda m: f"{name}: grad-accum vs 1-proc: {m}")
+        torch.testing.assert_close(
+            rank0[name], w, **tol, msg=lambda m: f"{name}: 2-proc vs 1-proc: {m}"
+        )
+        torch.testing.assert_close(
+            accum[name], w, **tol, msg=lambda m: f"{name}: grad-accum vs 1-proc: {m}"
+        )
     torch.manual_seed(0)  # the worker's initial weights: training must have moved them
     initial = GPT(dist_optim_worker.tiny_config()).state_dict()
-    assert (single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]).abs().max() > 1e-3
+    assert (
+        single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]
+    ).abs().max() > 1e-3
 
 
 def test_optimizer_state_dict_resume_is_exact():
     """Save after 2 steps, rebuild everything, load, 2 more steps == 4 uninterrupted steps (bitwise)."""
+
     def fresh():
         torch.manual_seed(0)
         model = GPT(GPTConfig(**TINY))
@@ -188,7 +225,9 @@ def test_optimizer_state_dict_resume_is_exact():
     torch.save({"model": half.state_dict(), "optim": [o.state_dict() for o in half_opts]}, buffer)
     buffer.seek(0)
     blob = torch.load(buffer, weights_only=True)
-    for group in half_opts[1].param_groups:  # schedulers may have changed lr; initial_lr must survive
+    for group in half_opts[
+        1
+    ].param_groups:  # schedulers may have changed lr; initial_lr must survive
         assert "initial_lr" in group
     resumed, resumed_opts = fresh()
     resumed.load_state_dict(blob["model"])

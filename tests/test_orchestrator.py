@@ -13,25 +13,39 @@ SCRIPT = REPO / "run_aquarat_small.sh"
 
 
 def run_pipeline(args, base_dir, timeout=900, extra_env=None):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "offline", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "WANDB_MODE": "offline",
+        **(extra_env or {}),
+    }
     env = {k: v for k, v in env.items() if v != ""}  # "" = unset it
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--profile", "laptop"], "--profile must be auto, cpu, gpu or smoke"),
-    (["--from", "rl-ish"], "--from must be one of"),
-    (["--bogus"], "unknown option '--bogus'"),
-    (["--run"], "--run needs a value"),
-    (["--seed"], "--seed needs a value"),
-    (["--nproc", "two"], "--nproc must be a whole number above 0"),
-    (["--seed", "-1"], "--seed must be a whole number"),
-    (["--gpu-hourly-price", "$3"], "--gpu-hourly-price must be a number"),
-    (["--stage-args", "rl"], "--stage-args wants STAGE=ARGS"),
-    (["--stage-args", "sfx=--num-iterations 3"], "--stage-args: unknown stage 'sfx'"),
-    (["--cpu-rehearsal"], "--cpu-rehearsal rehearses the gpu profile: add --profile gpu"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile", "laptop"], "--profile must be auto, cpu, gpu or smoke"),
+        (["--from", "rl-ish"], "--from must be one of"),
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--run"], "--run needs a value"),
+        (["--seed"], "--seed needs a value"),
+        (["--nproc", "two"], "--nproc must be a whole number above 0"),
+        (["--seed", "-1"], "--seed must be a whole number"),
+        (["--gpu-hourly-price", "$3"], "--gpu-hourly-price must be a number"),
+        (["--stage-args", "rl"], "--stage-args wants STAGE=ARGS"),
+        (["--stage-args", "sfx=--num-iterations 3"], "--stage-args: unknown stage 'sfx'"),
+        (["--cpu-rehearsal"], "--cpu-rehearsal rehearses the gpu profile: add --profile gpu"),
+    ],
+)
 def test_bad_flags_are_refused_before_anything_runs(args, message, base_dir):
     result = run_pipeline(args, base_dir, timeout=60)
     assert result.returncode != 0
@@ -41,23 +55,46 @@ def test_bad_flags_are_refused_before_anything_runs(args, message, base_dir):
 
 def _closed_port() -> int:
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]  # closed again once the socket is: connections are refused
 
 
-STAGES = ["tokenizer", "tok_eval", "base", "base_loss", "mid", "sft", "rl", "eval_mid", "eval_sft", "eval_rl"]
+STAGES = [
+    "tokenizer",
+    "tok_eval",
+    "base",
+    "base_loss",
+    "mid",
+    "sft",
+    "rl",
+    "eval_mid",
+    "eval_sft",
+    "eval_rl",
+]
 
 
 @pytest.mark.xdist_group("smoke_run")  # the worker that builds the shared run
 def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     # conftest's smoke_run: interrupted twice, then finished by the same command. Its W&B key has no
     # server behind it: found out once, up front, and every stage logged offline.
-    base_dir, tree, env, cmd = smoke_run["base"], smoke_run["tree"], smoke_run["env"], smoke_run["cmd"]
+    base_dir, tree, env, cmd = (
+        smoke_run["base"],
+        smoke_run["tree"],
+        smoke_run["env"],
+        smoke_run["cmd"],
+    )
 
     def run(args, timeout=900):
-        return subprocess.run(["bash", str(tree / "run_aquarat_small.sh"), *args], cwd=tree, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["bash", str(tree / "run_aquarat_small.sh"), *args],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     first = smoke_run["final"]
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -65,28 +102,55 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     run_dir = base_dir / "runs" / "smk"
     assert list((run_dir / "wandb").glob("offline-run-*"))  # offline runs to sync later
     assert all((run_dir / f".done_{s}").is_file() for s in STAGES)
-    assert not (run_dir / ".done_base_eval").exists()  # CORE needs the downloaded bundle: gpu profile only
-    for stage in ["base", "mid", "sft", "rl"]:  # tagged with the run; --seed reached every training stage
-        meta = json.loads(sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[-1]
-                          .read_text())
+    assert not (
+        run_dir / ".done_base_eval"
+    ).exists()  # CORE needs the downloaded bundle: gpu profile only
+    for stage in [
+        "base",
+        "mid",
+        "sft",
+        "rl",
+    ]:  # tagged with the run; --seed reached every training stage
+        meta = json.loads(
+            sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[
+                -1
+            ].read_text()
+        )
         assert meta["args"]["seed"] == 7
         assert meta["tokenizer"]["dir"] == "runs/smk/tokenizer"  # the run's own tokenizer, recorded
     assert not (base_dir / "tokenizer").exists()
     rows = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
     assert {(r["source"], r["mode"]) for r in rows} == {
-        (s, m) for s in ("mid", "sft", "rl") for m in ("generative", "categorical")}
+        (s, m) for s in ("mid", "sft", "rl") for m in ("generative", "categorical")
+    }
     assert all(r["n"] == 8 and r["task"] == "synthetic_aqua" and r["split"] == "test" for r in rows)
     report_dir = base_dir / "report" / "smk"
     report = (report_dir / "report.md").read_text()
-    for heading in ["Tokenizer training", "pretraining", "Mid-training", "Supervised fine-tuning",
-                    "Reinforcement learning", "Chat evaluation", "## Accuracy", "## Time per stage"]:
+    for heading in [
+        "Tokenizer training",
+        "pretraining",
+        "Mid-training",
+        "Supervised fine-tuning",
+        "Reinforcement learning",
+        "Chat evaluation",
+        "## Accuracy",
+        "## Time per stage",
+    ]:
         assert heading in report, heading
     assert "SFT -> RL on the same 8" in report and "cost (USD)" in report
     assert "- stage base_eval: not run (CORE needs the downloaded eval bundle" in report
-    assert "- stage data: not run (the smoke profile pretrains on the offline synthetic corpus)" in report
+    assert (
+        "- stage data: not run (the smoke profile pretrains on the offline synthetic corpus)"
+        in report
+    )
     assert "no log yet" not in report  # every other stage ran and logged
-    for png in ["rl_reward.png", "rl_kl.png", "rl_letter_counts.png", "attn_entropy_layers.png",
-                "heatmap_rl_layer_0.png"]:
+    for png in [
+        "rl_reward.png",
+        "rl_kl.png",
+        "rl_letter_counts.png",
+        "attn_entropy_layers.png",
+        "heatmap_rl_layer_0.png",
+    ]:
         assert (report_dir / png).is_file() and f"({png})" in report, png
     log = (run_dir / "pipeline.log").read_text()
     assert "[pipeline] rl:" in log and "finished" in log
@@ -101,7 +165,9 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
 
     # The same run with another seed would skip the stages done with the old one: refused, in one go.
     args = cmd[2:]
-    other_seed = run(args[:args.index("--seed") + 1] + ["9"] + args[args.index("--seed") + 2:], timeout=120)
+    other_seed = run(
+        args[: args.index("--seed") + 1] + ["9"] + args[args.index("--seed") + 2 :], timeout=120
+    )
     assert other_seed.returncode == 2
     assert "run 'smk' was made with: profile=smoke seed=7" in other_seed.stderr
     assert "another --run NAME" in other_seed.stderr and "--force" in other_seed.stderr
@@ -111,8 +177,12 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     redo = run(cmd[2:] + ["--from", "eval"])
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "[pipeline] rl: done earlier, skipping" in redo.stdout
-    assert all(f"[pipeline] eval_{s}: done earlier" not in redo.stdout for s in ("mid", "sft", "rl"))
-    assert len((run_dir / "chat_eval.jsonl").read_text().splitlines()) == 12  # appended by the re-run
+    assert all(
+        f"[pipeline] eval_{s}: done earlier" not in redo.stdout for s in ("mid", "sft", "rl")
+    )
+    assert (
+        len((run_dir / "chat_eval.jsonl").read_text().splitlines()) == 12
+    )  # appended by the re-run
 
     # Another run (another seed) in the same base dir trains its own checkpoints and writes its own
     # report; the first run's state is untouched.
@@ -134,6 +204,7 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
 # ---------------------------------------------------------------------------------------------------
 # The gpu profile, rehearsed on CPU: its stages and flags, local stand-ins for what it downloads, and
 # --stage-args that change sizes only.
+
 
 def _serve_directory(root: Path):
     import functools
@@ -162,7 +233,9 @@ def _fineweb_stand_in(root: Path, shards: int = 2) -> Path:
     repo_dir.mkdir(parents=True)
     for i in range(shards):
         docs = list(synthetic_texts(240, seed=100 + i))
-        pq.write_table(pa.table({"text": docs}), repo_dir / f"shard_{i:05d}.parquet", row_group_size=60)
+        pq.write_table(
+            pa.table({"text": docs}), repo_dir / f"shard_{i:05d}.parquet", row_group_size=60
+        )
     return root
 
 
@@ -179,11 +252,22 @@ def _aqua_stand_in(out: Path) -> Path:
         for i in range(254):
             a, b, letter = 10 + i, 3 + i % 7, "ABCDE"[i % 5]
             values = [a + b + d - i % 5 for d in range(5)]
-            rows.append(json.dumps({"question": f"What is {a} + {b}?", "correct": letter,
-                                    "options": [f"{l}){v}" for l, v in zip("ABCDE", values)],
-                                    "rationale": f"{a} + {b} = {a + b}"}))
+            rows.append(
+                json.dumps(
+                    {
+                        "question": f"What is {a} + {b}?",
+                        "correct": letter,
+                        "options": [f"{l}){v}" for l, v in zip("ABCDE", values)],
+                        "rationale": f"{a} + {b} = {a + b}",
+                    }
+                )
+            )
     out.mkdir()
-    for name, part in (("train.json", rows[:200]), ("dev.json", rows[200:228]), ("test.json", rows[228:])):
+    for name, part in (
+        ("train.json", rows[:200]),
+        ("dev.json", rows[200:228]),
+        ("test.json", rows[228:]),
+    ):
         (out / name).write_text("\n".join(part) + "\n")
     return out
 
@@ -192,15 +276,33 @@ def test_threads_per_process_divide_the_cores(base_dir, tmp_path):
     """8 ranks each with all cores would oversubscribe the CPU 8 times: each process gets its share."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "nproc").write_text("#!/bin/sh\necho 16\n")  # a 16-core machine, as far as bash can tell
+    (fake_bin / "nproc").write_text(
+        "#!/bin/sh\necho 16\n"
+    )  # a 16-core machine, as far as bash can tell
     (fake_bin / "nproc").chmod(0o755)
     run_dir = base_dir / "runs" / "thr"
     run_dir.mkdir(parents=True)
-    (run_dir / "settings").write_text("profile=gpu seed=1\n")  # another run's settings: stops after the header
+    (run_dir / "settings").write_text(
+        "profile=gpu seed=1\n"
+    )  # another run's settings: stops after the header
     env = {"OMP_NUM_THREADS": "", "PATH": f"{fake_bin}:{os.environ['PATH']}"}
     for nproc, threads in (("2", 8), ("8", 2)):
-        res = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", nproc, "--run", "thr",
-                            "--shards", "2"], base_dir, timeout=120, extra_env=env)
+        res = run_pipeline(
+            [
+                "--profile",
+                "gpu",
+                "--cpu-rehearsal",
+                "--nproc",
+                nproc,
+                "--run",
+                "thr",
+                "--shards",
+                "2",
+            ],
+            base_dir,
+            timeout=120,
+            extra_env=env,
+        )
         assert res.returncode == 2 and "run 'thr' was made with" in res.stderr, res.stderr[-2000:]
         assert f"processes={nproc} threads/process={threads} " in res.stdout
 
@@ -208,20 +310,32 @@ def test_threads_per_process_divide_the_cores(base_dir, tmp_path):
 GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
     "tokenizer": "--vocab-size 512 --max-chars 200000",
     "base": "--aspect-ratio 32 --head-dim 32 --total-batch-size 512"
-            " --num-iterations 4 --eval-every 2 --eval-tokens 1024 --sample-every -1 --save-every 2",
+    " --num-iterations 4 --eval-every 2 --eval-tokens 1024 --sample-every -1 --save-every 2",
     "base_loss": "--split-tokens 1024 --sample-tokens 8",
     "base_eval": "--max-per-task 4",
     "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64 --synthetic-val-examples 8"
-           " --max-seq-len 256"
-           " --device-batch-size 2 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    " --max-seq-len 256"
+    " --device-batch-size 2 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
     "sft": "--aqua-train-examples 64 --aqua-val-examples 8 --max-seq-len 256 --device-batch-size 2"
-           " --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    " --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
     "rl": "--train-examples 16 --examples-per-step 2 --num-samples 2 --max-new-tokens 16 --num-steps 2"
-          " --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
+    " --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
     "eval": "--max-problems 4 --synthetic-examples 4 --num-samples 2 --max-tokens 16",
 }
-GPU_STAGES = ["data", "tokenizer", "tok_eval", "base", "base_loss", "base_eval", "mid", "sft", "rl",
-              "eval_mid", "eval_sft", "eval_rl"]
+GPU_STAGES = [
+    "data",
+    "tokenizer",
+    "tok_eval",
+    "base",
+    "base_loss",
+    "base_eval",
+    "mid",
+    "sft",
+    "rl",
+    "eval_mid",
+    "eval_sft",
+    "eval_rl",
+]
 
 
 def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
@@ -232,45 +346,89 @@ def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
     write_bundle(base_dir / "eval_bundle")  # where base_eval looks before downloading the bundle
     sizes = [a for stage, flags in GPU_SIZES.items() for a in ("--stage-args", f"{stage}={flags}")]
     try:
-        result = run_pipeline(["--profile", "gpu", "--cpu-rehearsal", "--nproc", "2", "--run", "rehearsal",
-                               "--depth", "2", "--shards", "2", "--aqua-data-dir", str(aqua),
-                               "--gpu-hourly-price", "3.0", "--device-batch-size", "2", "--max-seq-len", "128",
-                               *sizes], base_dir,
-                              extra_env={"NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
-                                         "OMP_NUM_THREADS": ""})
+        result = run_pipeline(
+            [
+                "--profile",
+                "gpu",
+                "--cpu-rehearsal",
+                "--nproc",
+                "2",
+                "--run",
+                "rehearsal",
+                "--depth",
+                "2",
+                "--shards",
+                "2",
+                "--aqua-data-dir",
+                str(aqua),
+                "--gpu-hourly-price",
+                "3.0",
+                "--device-batch-size",
+                "2",
+                "--max-seq-len",
+                "128",
+                *sizes,
+            ],
+            base_dir,
+            extra_env={
+                "NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
+                "OMP_NUM_THREADS": "",
+            },
+        )
     finally:
         hub.shutdown()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     run_dir = base_dir / "runs" / "rehearsal"
     assert all((run_dir / f".done_{s}").is_file() for s in GPU_STAGES)
-    assert sorted(p.name for p in (base_dir / "base_data").iterdir()) == ["shard_00000.parquet",
-                                                                          "shard_00001.parquet"]
+    assert sorted(p.name for p in (base_dir / "base_data").iterdir()) == [
+        "shard_00000.parquet",
+        "shard_00001.parquet",
+    ]
     stages = [json.loads(line) for line in (run_dir / "stages.jsonl").read_text().splitlines()]
     by_name = {s["stage"]: s for s in stages}
     assert {by_name[s]["processes"] for s in ("base", "mid", "sft", "rl", "eval_rl")} == {2}
     assert by_name["tokenizer"]["processes"] == 1  # single-process stages are not billed as two
     assert all(s["device"] == "cpu" for s in stages)
     # the gpu profile's own flags reached the stages; only the sizes were overridden
-    base_meta = json.loads(sorted((base_dir / "checkpoints" / "base" / "rehearsal").glob(
-        "step_*/meta.json"))[-1].read_text())
+    base_meta = json.loads(
+        sorted((base_dir / "checkpoints" / "base" / "rehearsal").glob("step_*/meta.json"))[
+            -1
+        ].read_text()
+    )
     assert base_meta["args"]["source"] == "fineweb" and base_meta["args"]["depth"] == 2
     assert base_meta["args"]["max_seq_len"] == 128 and base_meta["device_batch_size"] == 2
-    start = next(json.loads(line) for line in (run_dir / "base.jsonl").read_text().splitlines()
-                 if '"event": "start"' in line)
+    start = next(
+        json.loads(line)
+        for line in (run_dir / "base.jsonl").read_text().splitlines()
+        if '"event": "start"' in line
+    )
     cores = len(os.sched_getaffinity(0))
     assert start["config"]["cpu_threads"] == max(1, cores // 2)  # the cores divided among the ranks
-    rl_meta = json.loads(sorted((base_dir / "checkpoints" / "rl" / "rehearsal").glob(
-        "step_*/meta.json"))[-1].read_text())
+    rl_meta = json.loads(
+        sorted((base_dir / "checkpoints" / "rl" / "rehearsal").glob("step_*/meta.json"))[
+            -1
+        ].read_text()
+    )
     assert rl_meta["args"]["aqua_source"] == "dir" and rl_meta["args"]["num_steps"] == 2
     rows = [json.loads(line) for line in (run_dir / "chat_eval.jsonl").read_text().splitlines()]
     assert {(r["source"], r["task"]) for r in rows} == {
-        (s, t) for s in ("mid", "sft", "rl") for t in ("aqua", "synthetic_aqua")}
+        (s, t) for s in ("mid", "sft", "rl") for t in ("aqua", "synthetic_aqua")
+    }
     core = [json.loads(line) for line in (run_dir / "base_eval.jsonl").read_text().splitlines()]
     assert any("core/core" in row for row in core)
     report_dir = base_dir / "report" / "rehearsal"
     report = (report_dir / "report.md").read_text()
-    for heading in ["Tokenizer training", "pretraining", "CORE", "Mid-training", "Supervised fine-tuning",
-                    "Reinforcement learning", "## Accuracy", "## Time per stage", "cost (USD)"]:
+    for heading in [
+        "Tokenizer training",
+        "pretraining",
+        "CORE",
+        "Mid-training",
+        "Supervised fine-tuning",
+        "Reinforcement learning",
+        "## Accuracy",
+        "## Time per stage",
+        "cost (USD)",
+    ]:
         assert heading in report, heading
     for png in ["rl_reward.png", "rl_kl.png", "rl_letter_counts.png", "attn_entropy_layers.png"]:
         assert (report_dir / png).is_file() and f"({png})" in report, png

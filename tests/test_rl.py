@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import sigkill_after_checkpoints
+from test_chat_stages import make_base, tiny_tokenizer
+
 from nanochat import diagnostics as diag
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint
 from nanochat.common import DistInfo
@@ -33,7 +34,6 @@ from nanochat.rl import (
 from nanochat.tracking import Histogram, Image, Tracker, read_jsonl
 from tasks.aqua import answer_letters
 from tasks.synthetic_aqua import SyntheticAqua
-from test_chat_stages import make_base, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RL = [
@@ -70,8 +70,14 @@ TINY_RL = [
 
 def tiny_config(tok) -> GPTConfig:
     """2 layers of 32 wide, context 512: the byte-level prompts of synthetic problems fit."""
-    return GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2,
-                     n_kv_head=2, n_embd=32)
+    return GPTConfig(
+        sequence_len=512,
+        vocab_size=tok.get_vocab_size(),
+        n_layer=2,
+        n_head=2,
+        n_kv_head=2,
+        n_embd=32,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +381,9 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
     after = (_seq_logp(model, good), _seq_logp(model, bad))
     assert after[0] > before[0] and after[1] < before[1]
     groups2, _ = _crafted(tok, model)  # sampled again by the updated policy
-    stats2 = train_step(model, ref, optimizers, groups2, [0], adv, zero, args, info, letter_ids, pad)
+    stats2 = train_step(
+        model, ref, optimizers, groups2, [0], adv, zero, args, info, letter_ids, pad
+    )
     assert (
         all(v > 1e-4 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 1e-3
     )  # the policy has moved
@@ -390,10 +398,19 @@ def _tiny_policy(tok):
     return model, ref.requires_grad_(False)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"ppo_epochs": 3, "kl_coef": 0.1, "loss_norm": "sequence", "clip_eps": 0.1, "clip_eps_high": 0.3},
-    {"loss_norm": "constant", "mask_truncated": True, "adv_std_norm": True},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {
+            "ppo_epochs": 3,
+            "kl_coef": 0.1,
+            "loss_norm": "sequence",
+            "clip_eps": 0.1,
+            "clip_eps_high": 0.3,
+        },
+        {"loss_norm": "constant", "mask_truncated": True, "adv_std_norm": True},
+    ],
+)
 def test_train_step_variants_update_and_stay_finite(overrides):
     from scripts.chat_rl import train_step
 
@@ -401,11 +418,23 @@ def test_train_step_variants_update_and_stay_finite(overrides):
     model, ref = _tiny_policy(tok)
     groups, letter_ids = _crafted(tok, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    adv, zero = group_advantages(torch.tensor([[1.0, 0.0]]), std_norm=overrides.get("adv_std_norm", False))
+    adv, zero = group_advantages(
+        torch.tensor([[1.0, 0.0]]), std_norm=overrides.get("adv_std_norm", False)
+    )
     args = _rl_args(device_batch_size=1, init_lr_frac=1.0, **overrides)
-    stats = train_step(model, ref, model.setup_optimizers(), groups, [0], adv, zero, args,
-                       DistInfo(False, 0, 0, 1, torch.device("cpu")), letter_ids,
-                       tok.encode_special("<|assistant_end|>"))
+    stats = train_step(
+        model,
+        ref,
+        model.setup_optimizers(),
+        groups,
+        [0],
+        adv,
+        zero,
+        args,
+        DistInfo(False, 0, 0, 1, torch.device("cpu")),
+        letter_ids,
+        tok.encode_special("<|assistant_end|>"),
+    )
     assert not stats["skipped"] and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     if overrides.get("ppo_epochs", 1) > 1:  # later passes see ratios != 1 and clip some tokens
@@ -420,10 +449,22 @@ def test_all_zero_signal_step_leaves_the_weights_alone():
     groups, letter_ids = _crafted(tok, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     adv, zero = group_advantages(torch.tensor([[1.0, 1.0]]), std_norm=False)
-    args = _rl_args(device_batch_size=2, grad_clip=0.0)  # no clipping: nothing may divide by no grads
-    stats = train_step(model, ref, model.setup_optimizers(), groups, [0], adv, zero, args,
-                       DistInfo(False, 0, 0, 1, torch.device("cpu")), letter_ids,
-                       tok.encode_special("<|assistant_end|>"))
+    args = _rl_args(
+        device_batch_size=2, grad_clip=0.0
+    )  # no clipping: nothing may divide by no grads
+    stats = train_step(
+        model,
+        ref,
+        model.setup_optimizers(),
+        groups,
+        [0],
+        adv,
+        zero,
+        args,
+        DistInfo(False, 0, 0, 1, torch.device("cpu")),
+        letter_ids,
+        tok.encode_special("<|assistant_end|>"),
+    )
     assert stats["skipped"] and len(stats["kl_seq"]) == 2  # still diagnosed, not trained
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -6,6 +6,7 @@ ties to the smallest (left, right), the winner becomes id 256 + round and is mer
 non-overlapping, everywhere. It splits with the `regex` module (a third, independent regex engine),
 so it also cross-checks rustbpe's hand-written GPT-4 splitter.
 """
+
 import random
 from collections import Counter
 
@@ -58,16 +59,20 @@ def train(texts, vocab_size, **kw):
 def to_tiktoken(tok):
     ranks = dict(tok.get_mergeable_ranks())
     assert len(ranks) == tok.get_vocab_size(), "token bytes must be unique"
-    return tiktoken.Encoding(name="rustbpe-test", pat_str=tok.get_pattern(), mergeable_ranks=ranks, special_tokens={})
+    return tiktoken.Encoding(
+        name="rustbpe-test", pat_str=tok.get_pattern(), mergeable_ranks=ranks, special_tokens={}
+    )
 
 
 def ascii_prose(seed, n_words=1500):
     rng = random.Random(seed)
-    vocab = ("the of and to in is it that was he for on are as with his they at be this from have or "
-             "by one had not but what all were when we there can an your which their said if do will "
-             "each about how up out them then she many some so these would other into has more her two "
-             "like him see time could no make than first been its who now people my made over did down "
-             "only way find use may water long little very after words called just where most know").split()
+    vocab = (
+        "the of and to in is it that was he for on are as with his they at be this from have or "
+        "by one had not but what all were when we there can an your which their said if do will "
+        "each about how up out them then she many some so these would other into has more her two "
+        "like him see time could no make than first been its who now people my made over did down "
+        "only way find use may water long little very after words called just where most know"
+    ).split()
     out = []
     for _ in range(n_words):
         w = rng.choice(vocab)
@@ -75,7 +80,7 @@ def ascii_prose(seed, n_words=1500):
         if r < 0.05:
             w = w.capitalize() + rng.choice([".", ",", "!", "?", "'s", "'ll", "'VE", ";"])
         elif r < 0.08:
-            w = str(rng.randint(0, 10**rng.randint(1, 9)))
+            w = str(rng.randint(0, 10 ** rng.randint(1, 9)))
         out.append(w)
         out.append(rng.choice([" ", " ", " ", " ", "\n", "  ", "\t", "\n\n"]))
     return "".join(out)
@@ -89,10 +94,24 @@ UNICODE = [
     "combining e\u0301\u0301 marks, ſ long s, Kelvin \u212a, nbsp\u00a0here\u3000there",
 ]
 DIGITS = ["1234567890 12 123 1234 12345 3.14159 2024-01-31 007 ٣٤٥ ½ ⅔ Ⅻ " * 3]
-WHITESPACE = ["a  b   c    d\n\n\ne\r\n\r\nf \t\tg\n   \n  h   ", "   leading", "trailing   ", "\n\n\n", " \n \n "]
-REPEATS = ["aaaaaa", "aaaaaaa aaaaaaaa aaa aa a", "abababab ababab", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzz", "xyxyxyxyx"]
-CODE = ["def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\nclass A(B):\n\tpass\r\n" * 2,
-        "if (a && b) { x += 1; } else { y -= 2; } /* c */ // d\n"]
+WHITESPACE = [
+    "a  b   c    d\n\n\ne\r\n\r\nf \t\tg\n   \n  h   ",
+    "   leading",
+    "trailing   ",
+    "\n\n\n",
+    " \n \n ",
+]
+REPEATS = [
+    "aaaaaa",
+    "aaaaaaa aaaaaaaa aaa aa a",
+    "abababab ababab",
+    "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
+    "xyxyxyxyx",
+]
+CODE = [
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\nclass A(B):\n\tpass\r\n" * 2,
+    "if (a && b) { x += 1; } else { y -= 2; } /* c */ // d\n",
+]
 
 
 @pytest.mark.parametrize(
@@ -104,7 +123,11 @@ CODE = ["def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\nclass A(B):\n\tpas
         ("whitespace", WHITESPACE * 4, 256 + 40),
         ("repeats", REPEATS, 256 + 40),
         ("code", CODE, 256 + 120),
-        ("mixed", [ascii_prose(2, 400)] + UNICODE + DIGITS + WHITESPACE + REPEATS + CODE, 256 + 400),
+        (
+            "mixed",
+            [ascii_prose(2, 400)] + UNICODE + DIGITS + WHITESPACE + REPEATS + CODE,
+            256 + 400,
+        ),
     ],
 )
 def test_merges_match_reference(name, texts, vocab_size):
@@ -180,7 +203,12 @@ def test_tiktoken_encodes_identically():
     probe = train_texts + [
         ascii_prose(99, 300),  # unseen text
         "Hello, World! It's a TEST of unseen Tokens: 9876543210 🚀",
-        "", " ", "\n", "a", "日本", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "",
+        " ",
+        "\n",
+        "a",
+        "日本",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "<|bos|> special tokens are plain text here",
     ]
     for t in probe:

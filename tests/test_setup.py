@@ -24,7 +24,9 @@ def _reachable(host: str, port: int = 443) -> bool:
 def test_install_uv_on_an_externally_managed_python(tmp_path):
     """Debian's own /usr/bin/python3 is "externally managed" as Ubuntu 24.04's is: pip --user is refused,
     so uv goes into a private venv, from PyPI, with nothing else on PATH."""
-    if not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED") or not os.access("/usr/bin/python3", os.X_OK):
+    if not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED") or not os.access(
+        "/usr/bin/python3", os.X_OK
+    ):
         pytest.skip("needs a distribution Python marked EXTERNALLY-MANAGED at /usr/bin/python3")
     if shutil.which("uv", path="/usr/bin:/bin"):
         pytest.skip("uv is installed system-wide: nothing to install")
@@ -33,8 +35,14 @@ def test_install_uv_on_an_externally_managed_python(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-    res = subprocess.run(["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh; uv --version"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        ["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh; uv --version"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "the system Python is externally managed" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("uv ")
@@ -42,8 +50,14 @@ def test_install_uv_on_an_externally_managed_python(tmp_path):
     assert uv.is_symlink() and "uv-venv" in os.readlink(uv)
 
     # already installed: nothing to do, nothing printed
-    again = subprocess.run(["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh"], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        ["bash", "-c", "set -euo pipefail; source scripts/install_uv.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and again.stdout == ""
 
 
@@ -64,30 +78,73 @@ def test_gpus_that_torch_cannot_use_stop_the_pipeline(base_dir, tmp_path):
     fake_bin.mkdir()
     (fake_bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (fake_bin / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PATH": f"{fake_bin}:{os.environ['PATH']}",
-           "WANDB_MODE": "offline"}
-    res = subprocess.run(["bash", "run_aquarat_small.sh", "--run", "node"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base_dir),
+        "PATH": f"{fake_bin}:{os.environ['PATH']}",
+        "WANDB_MODE": "offline",
+    }
+    res = subprocess.run(
+        ["bash", "run_aquarat_small.sh", "--run", "node"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     import torch
-    assert f"nvidia-smi sees GPUs (driver 535.104.05), but torch {torch.__version__} cannot use them" in res.stderr
+
+    assert (
+        f"nvidia-smi sees GPUs (driver 535.104.05), but torch {torch.__version__} cannot use them"
+        in res.stderr
+    )
     if torch.version.cuda:
         assert f"built for CUDA {torch.version.cuda}" in res.stderr
-    assert "--no-sync" in res.stderr and "--profile cpu" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        "--no-sync" in res.stderr
+        and "--profile cpu" in res.stderr
+        and "Traceback" not in res.stderr
+    )
     assert not list((base_dir / "runs").glob("*/.done_*"))  # no stage ran
 
 
 def test_gpu_check_runs_its_cpu_safe_part_and_says_what_it_skipped(tmp_path):
-    env = {**os.environ, "NANOCHAT_PYTHON": str(REPO / ".venv" / "bin" / "python"), "OMP_NUM_THREADS": "2"}
-    res = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "NANOCHAT_PYTHON": str(REPO / ".venv" / "bin" / "python"),
+        "OMP_NUM_THREADS": "2",
+    }
+    res = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "## versions_and_bf16: ok" in report and "| torch |" in report
     assert "**PASS**" in report  # on CPU: fp32 against fp32, the plumbing of the comparison
     assert "no CUDA device visible to torch: parts 2-4 need one, skipped" in report
     # and the comparison can fail: with no tolerance at all even identical runs miss it
-    bad = subprocess.run([env["NANOCHAT_PYTHON"], "-m", "scripts.gpu_check", "--tolerance", "-1", "--steps", "4",
-                          "--out", str(tmp_path / "bad.md")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run(
+        [
+            env["NANOCHAT_PYTHON"],
+            "-m",
+            "scripts.gpu_check",
+            "--tolerance",
+            "-1",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path / "bad.md"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode != 0 and "**FAIL**" in (tmp_path / "bad.md").read_text()

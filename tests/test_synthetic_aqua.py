@@ -5,7 +5,14 @@ from collections import Counter
 import pytest
 
 from tasks.aqua import AQUA_INSTRUCTION, extract_letter, parse_option
-from tasks.synthetic_aqua import FAMILIES, LEVELS, SyntheticAqua, generate, option_checks, synthetic_texts
+from tasks.synthetic_aqua import (
+    FAMILIES,
+    LEVELS,
+    SyntheticAqua,
+    generate,
+    option_checks,
+    synthetic_texts,
+)
 
 
 def question_of(conv):
@@ -31,8 +38,14 @@ def test_bad_arguments():
 
 
 def test_splits_are_disjoint():
-    texts = {s: {question_of(c) for c in SyntheticAqua(s, 1500, "mixed")} for s in ("train", "validation", "test")}
-    easy = {s: {question_of(c) for c in SyntheticAqua(s, 1500, "easy")} for s in ("train", "validation", "test")}
+    texts = {
+        s: {question_of(c) for c in SyntheticAqua(s, 1500, "mixed")}
+        for s in ("train", "validation", "test")
+    }
+    easy = {
+        s: {question_of(c) for c in SyntheticAqua(s, 1500, "easy")}
+        for s in ("train", "validation", "test")
+    }
     for group in (texts, easy):
         assert not group["train"] & group["validation"]
         assert not group["train"] & group["test"]
@@ -49,7 +62,7 @@ def test_letters_exactly_uniform():
         answers = [c["answer"] for c in task]
         assert Counter(answers) == {k: 100 for k in "ABCDE"}
         for i in range(0, 500, 5):
-            assert sorted(answers[i:i + 5]) == list("ABCDE")
+            assert sorted(answers[i : i + 5]) == list("ABCDE")
     assert answers[:25] != list("ABCDE") * 5  # order within a block is shuffled
 
 
@@ -64,7 +77,10 @@ def test_items_are_well_formed(level):
         values = [parse_option(o)[1] for o in c["options"]]
         assert len(set(values)) == 5, c["options"]  # distinct distractors
         user, target = c["messages"][0]["content"], c["messages"][1]["content"]
-        assert user.endswith(AQUA_INSTRUCTION) and [m["role"] for m in c["messages"]] == ["user", "assistant"]
+        assert user.endswith(AQUA_INSTRUCTION) and [m["role"] for m in c["messages"]] == [
+            "user",
+            "assistant",
+        ]
         for letter, v in zip("ABCDE", values):
             assert f"\n{letter}) {v}\n" in user + "\n"
         assert target.split("\n")[-1] == f"Answer: {c['answer']}"
@@ -75,32 +91,52 @@ def test_items_are_well_formed(level):
         # the worked steps end with a check of the options, in order, up to the right one
         k = "ABCDE".index(c["answer"])
         lines = target.split("\n")
-        worked, checks = lines[:-2 - k], lines[-2 - k:-1]
+        worked, checks = lines[: -2 - k], lines[-2 - k : -1]
         assert [line.rsplit(" ", 1)[1] for line in checks] == ["no"] * k + ["yes"]
         shown = [line.rsplit(" ", 1)[0].split(") ", 1) for line in checks]
-        assert [letter for letter, _ in shown] == list("ABCDE"[:k + 1])
+        assert [letter for letter, _ in shown] == list("ABCDE"[: k + 1])
         # each option as given, or cut right after its number ("90" of "90 sq cm")
-        assert all(v.startswith(head) and head[-1].isdigit() or head == v for (_, head), v in zip(shown, values))
+        assert all(
+            v.startswith(head) and head[-1].isdigit() or head == v
+            for (_, head), v in zip(shown, values)
+        )
         # the steps' final value picks the right option on its own (checks option/rationale agreement);
         # P:R ratio answers are not numbers, so the value fallback does not apply to them
         if not worked[0].startswith("P:R"):
-            assert extract_letter("\n".join(worked), c["options"]) == c["answer"], (worked, c["options"])
+            assert extract_letter("\n".join(worked), c["options"]) == c["answer"], (
+                worked,
+                c["options"],
+            )
     assert set(families) == set(FAMILIES)  # all nine families show up at every level
 
 
 def test_option_checks_cut_options_after_their_number_unless_that_makes_them_alike():
-    assert option_checks(["90 sq cm", "$96", "3:4", "2.5 kg", "12"], 2) == ["A) 90 no", "B) $96 no", "C) 3:4 yes"]
-    assert option_checks(["3 kg", "3 km", "4 kg", "5 kg", "6 kg"], 1) == ["A) 3 kg no", "B) 3 km yes"]
+    assert option_checks(["90 sq cm", "$96", "3:4", "2.5 kg", "12"], 2) == [
+        "A) 90 no",
+        "B) $96 no",
+        "C) 3:4 yes",
+    ]
+    assert option_checks(["3 kg", "3 km", "4 kg", "5 kg", "6 kg"], 1) == [
+        "A) 3 kg no",
+        "B) 3 km yes",
+    ]
 
 
 def test_check_options_false_gives_the_same_item_without_the_checks():
     for i in range(20):
-        checked, plain = generate("test", i, "mixed"), generate("test", i, "mixed", check_options=False)
+        checked, plain = (
+            generate("test", i, "mixed"),
+            generate("test", i, "mixed", check_options=False),
+        )
         k = "ABCDE".index(checked["answer"])
         lines = checked["messages"][1]["content"].split("\n")
-        assert plain["messages"][1]["content"].split("\n") == lines[:-2 - k] + lines[-1:]
-        assert plain["messages"][0] == checked["messages"][0] and plain["answer"] == checked["answer"]
-    assert SyntheticAqua("test", 5, check_options=False)[3] == generate("test", 3, check_options=False)
+        assert plain["messages"][1]["content"].split("\n") == lines[: -2 - k] + lines[-1:]
+        assert (
+            plain["messages"][0] == checked["messages"][0] and plain["answer"] == checked["answer"]
+        )
+    assert SyntheticAqua("test", 5, check_options=False)[3] == generate(
+        "test", 3, check_options=False
+    )
 
 
 def test_easy_items_are_short():
@@ -109,10 +145,14 @@ def test_easy_items_are_short():
         target = c["messages"][1]["content"]
         lengths.append(len(question_of(c)) + len(target))
         full.append(len(c["messages"][0]["content"]) + len(target))
-    print(f"\neasy: question+target max {max(lengths)} chars, whole prompt+target max {max(full)} "
-          f"(mean {sum(full) / len(full):.0f})")
+    print(
+        f"\neasy: question+target max {max(lengths)} chars, whole prompt+target max {max(full)} "
+        f"(mean {sum(full) / len(full):.0f})"
+    )
     assert max(lengths) < 230  # measured ~206 (the option checks add up to five short lines)
-    assert max(full) < 360  # measured ~330 including options and the instruction (~150 tokens at most)
+    assert (
+        max(full) < 360
+    )  # measured ~330 including options and the instruction (~150 tokens at most)
 
 
 def test_task_views_work_on_synthetic():

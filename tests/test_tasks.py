@@ -19,8 +19,13 @@ class Numbers(Task):
         return self.n
 
     def get_example(self, i):
-        return {"messages": [{"role": "user", "content": f"{self.name} {i}?"},
-                             {"role": "assistant", "content": str(i)}], "i": i}
+        return {
+            "messages": [
+                {"role": "user", "content": f"{self.name} {i}?"},
+                {"role": "assistant", "content": str(i)},
+            ],
+            "i": i,
+        }
 
     def evaluate(self, conversation, completion):
         return int(completion.strip() == str(conversation["i"]))
@@ -40,6 +45,7 @@ def test_indexing_and_slicing():
     with pytest.raises(TypeError):
         t["3"]
     import numpy as np
+
     assert t[np.int64(4)]["i"] == 4  # samplers hand out numpy integers
     r = Numbers(10, start=2, stop=9, step=3)
     assert ids(r) == [2, 5, 8] and len(r) == 3
@@ -64,10 +70,15 @@ def test_mixture_interleaves_every_example_once():
     mix = TaskMixture([a, b], seed=5)
     items = list(mix)
     assert len(mix) == 40
-    assert sorted((c["task"], c["i"]) for c in items) == sorted([("a", i) for i in range(30)] +
-                                                                [("b", i) for i in range(10)])
-    assert [(c["task"], c["i"]) for c in TaskMixture([a, b], seed=5)] == [(c["task"], c["i"]) for c in items]
-    assert [(c["task"], c["i"]) for c in TaskMixture([a, b], seed=6)] != [(c["task"], c["i"]) for c in items]
+    assert sorted((c["task"], c["i"]) for c in items) == sorted(
+        [("a", i) for i in range(30)] + [("b", i) for i in range(10)]
+    )
+    assert [(c["task"], c["i"]) for c in TaskMixture([a, b], seed=5)] == [
+        (c["task"], c["i"]) for c in items
+    ]
+    assert [(c["task"], c["i"]) for c in TaskMixture([a, b], seed=6)] != [
+        (c["task"], c["i"]) for c in items
+    ]
     # b's examples are spread out, not bunched at the end
     positions = [k for k, c in enumerate(items) if c["task"] == "b"]
     assert positions[0] < 20 and positions[-1] >= 20
@@ -81,7 +92,13 @@ def test_mixture_interleaves_every_example_once():
 
 def test_sequence_concatenates_in_order():
     seq = TaskSequence([Numbers(3, "easy"), Numbers(2, "hard")])
-    assert [(c["task"], c["i"]) for c in seq] == [("easy", 0), ("easy", 1), ("easy", 2), ("hard", 0), ("hard", 1)]
+    assert [(c["task"], c["i"]) for c in seq] == [
+        ("easy", 0),
+        ("easy", 1),
+        ("easy", 2),
+        ("hard", 0),
+        ("hard", 1),
+    ]
     with pytest.raises(ValueError):
         TaskSequence([])
 
@@ -94,30 +111,73 @@ def test_render_mc():
         render_mc("q", ["A", "B"], ["x"])
 
 
-@pytest.mark.parametrize("messages,error", [
-    ([], "non-empty"),
-    ([{"role": "user", "content": "hi"}], "at least one user"),
-    ([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}], "expected 'user'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected 'assistant'"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-     "last message"),
-    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "role 'bot'"),
-    ([{"role": "user", "content": " "}, {"role": "assistant", "content": "b"}], "empty content"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}],
-     "system"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code", "text": "x"}]}], "part 0"),
-    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}], "must be a string"),
-])
+@pytest.mark.parametrize(
+    "messages,error",
+    [
+        ([], "non-empty"),
+        ([{"role": "user", "content": "hi"}], "at least one user"),
+        (
+            [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}],
+            "expected 'user'",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "expected 'assistant'",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+            "last message",
+        ),
+        ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "role 'bot'"),
+        (
+            [{"role": "user", "content": " "}, {"role": "assistant", "content": "b"}],
+            "empty content",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "b"},
+            ],
+            "system",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": [{"type": "code", "text": "x"}]},
+            ],
+            "part 0",
+        ),
+        (
+            [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}],
+            "must be a string",
+        ),
+    ],
+)
 def test_validate_messages_rejects(messages, error):
     with pytest.raises(ValueError, match=error):
         validate_messages(messages)
 
 
 def test_validate_messages_accepts():
-    validate_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
-                       {"role": "assistant", "content": [{"type": "text", "text": "x"},
-                                                         {"type": "python", "text": "1+1"},
-                                                         {"type": "python_output", "text": "2"}]}])
+    validate_messages(
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "a"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "x"},
+                    {"type": "python", "text": "1+1"},
+                    {"type": "python_output", "text": "2"},
+                ],
+            },
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,11 +186,18 @@ def test_validate_messages_accepts():
 
 def test_customjson(tmp_path):
     from tasks.customjson import CustomJSON
+
     good = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
-                      {"role": "assistant", "content": "6"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"},
+                {"role": "assistant", "content": "6"},
+            ]
+        },
     ]
     p = tmp_path / "conv.jsonl"
     p.write_text(json.dumps(good[0]) + "\n\n" + json.dumps(good[1]) + "\n")
@@ -139,9 +206,11 @@ def test_customjson(tmp_path):
     t[0]["messages"][0]["content"] = "mutated"
     assert t[0]["messages"][0]["content"] == "hi"  # items are copies
 
-    for line, error in [("{oops", ":3: not valid JSON"),
-                        (json.dumps({"conversation": []}), ":3: an object line needs a 'messages'"),
-                        (json.dumps([{"role": "user", "content": "x"}]), ":3: needs at least one user")]:
+    for line, error in [
+        ("{oops", ":3: not valid JSON"),
+        (json.dumps({"conversation": []}), ":3: an object line needs a 'messages'"),
+        (json.dumps([{"role": "user", "content": "x"}]), ":3: needs at least one user"),
+    ]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1]) + "\n" + line + "\n")
         with pytest.raises(ValueError, match=error):
@@ -161,6 +230,7 @@ def test_customjson(tmp_path):
 def fake_hub(monkeypatch):
     """Patch datasets.load_dataset to serve small in-memory tables keyed by (path, name, split)."""
     import datasets
+
     tables, calls = {}, []
 
     def load_dataset(path, name=None, split=None, **kwargs):
@@ -168,23 +238,42 @@ def fake_hub(monkeypatch):
         if (path, name, split) not in tables:
             raise ConnectionError(f"no route to host for {path}")
         return datasets.Dataset.from_list(tables[(path, name, split)])
+
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return tables, calls
 
 
 def test_smoltalk(fake_hub):
     from tasks.smoltalk import SmolTalk
+
     tables, calls = fake_hub
     tables[("HuggingFaceTB/smol-smoltalk", None, "test")] = [
-        {"messages": [{"content": "hi", "role": "user"}, {"content": "hello!", "role": "assistant"}], "source": "x"},
-        {"messages": [{"content": "sys", "role": "system"}, {"content": "q", "role": "user"},
-                      {"content": "a", "role": "assistant"}], "source": "y"},
-        {"messages": [{"content": "q", "role": "user"}, {"content": "q2", "role": "user"}], "source": "z"},
+        {
+            "messages": [
+                {"content": "hi", "role": "user"},
+                {"content": "hello!", "role": "assistant"},
+            ],
+            "source": "x",
+        },
+        {
+            "messages": [
+                {"content": "sys", "role": "system"},
+                {"content": "q", "role": "user"},
+                {"content": "a", "role": "assistant"},
+            ],
+            "source": "y",
+        },
+        {
+            "messages": [{"content": "q", "role": "user"}, {"content": "q2", "role": "user"}],
+            "source": "z",
+        },
     ]
     t = SmolTalk("test")
     assert calls == [("HuggingFaceTB/smol-smoltalk", None, "test")]
-    assert len(t) == 3 and t[0]["messages"] == [{"role": "user", "content": "hi"},
-                                                 {"role": "assistant", "content": "hello!"}]
+    assert len(t) == 3 and t[0]["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello!"},
+    ]
     assert t[1]["messages"][0]["role"] == "system"
     with pytest.raises(ValueError, match="smol-smoltalk test row 2"):
         t[2]
@@ -196,20 +285,28 @@ def test_smoltalk(fake_hub):
 
 def test_gsm8k(fake_hub):
     from tasks.gsm8k import GSM8K, extract_answer
+
     tables, _ = fake_hub
     tables[("openai/gsm8k", "main", "test")] = [
-        {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-                     "May. How many clips did Natalia sell altogether in April and May?",
-         "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
-                   "altogether in April and May.\n#### 72"},
-        {"question": "Big money?", "answer": "It is 1,000 + 234 = <<1000+234=1234>>1,234\n#### 1,234"},
+        {
+            "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+            "May. How many clips did Natalia sell altogether in April and May?",
+            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+            "altogether in April and May.\n#### 72",
+        },
+        {
+            "question": "Big money?",
+            "answer": "It is 1,000 + 234 = <<1000+234=1234>>1,234\n#### 1,234",
+        },
         {"question": "broken", "answer": "no final line"},
     ]
     t = GSM8K("main", "test")
     c = t[0]
     assert c["answer"] == "72"
-    assert c["messages"][1]["content"] == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
-                                           "altogether in April and May.\nAnswer: 72")
+    assert c["messages"][1]["content"] == (
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+        "altogether in April and May.\nAnswer: 72"
+    )
     assert t.evaluate(c, c["messages"][1]["content"]) == 1
     assert t.evaluate(c, "so 72.\nAnswer: 72.0") == 1
     assert t.evaluate(c, "Answer: 71") == 0 and t.evaluate(c, "72") == 0
@@ -223,15 +320,27 @@ def test_gsm8k(fake_hub):
 
 def test_mmlu(fake_hub):
     from tasks.mmlu import MMLU
+
     tables, _ = fake_hub
-    row = {"question": "2 + 2 = ?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "22"], "answer": 1}
+    row = {
+        "question": "2 + 2 = ?",
+        "subject": "elementary_mathematics",
+        "choices": ["3", "4", "5", "22"],
+        "answer": 1,
+    }
     tables[("cais/mmlu", "all", "validation")] = [row, dict(row, answer=3)]
     tables[("cais/mmlu", "auxiliary_train", "train")] = [{"train": row}]
     t = MMLU("all", "validation")
     c = t[0]
-    assert t.eval_type == "categorical" and c["answer"] == "B" and c["letters"] == ["A", "B", "C", "D"]
+    assert (
+        t.eval_type == "categorical" and c["answer"] == "B" and c["letters"] == ["A", "B", "C", "D"]
+    )
     assert c["messages"][0]["content"] == render_mc("2 + 2 = ?", "ABCD", ["3", "4", "5", "22"])
-    assert c["messages"][1]["content"] == "B" and c["options"][1] == "B)4" and c["subject"] == "elementary_mathematics"
+    assert (
+        c["messages"][1]["content"] == "B"
+        and c["options"][1] == "B)4"
+        and c["subject"] == "elementary_mathematics"
+    )
     assert t.evaluate(c, "B") == 1 and t.evaluate(c, " (B) 4") == 1 and t.evaluate(c, "A") == 0
     assert t.evaluate(c, "Because...") == 0 and t.evaluate(c, "E") == 0
     assert t[1]["answer"] == "D"
@@ -242,13 +351,27 @@ def test_mmlu(fake_hub):
 
 def test_arc(fake_hub):
     from tasks.arc import ARC
+
     tables, _ = fake_hub
     tables[("allenai/ai2_arc", "ARC-Challenge", "test")] = [
-        {"id": "q1", "question": "Which is a gas?",
-         "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]}, "answerKey": "B"},
-        {"id": "q2", "question": "Pick four.",
-         "choices": {"text": ["one", "two", "three", "four"], "label": ["1", "2", "3", "4"]}, "answerKey": "4"},
-        {"id": "q3", "question": "bad", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "C"},
+        {
+            "id": "q1",
+            "question": "Which is a gas?",
+            "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]},
+            "answerKey": "B",
+        },
+        {
+            "id": "q2",
+            "question": "Pick four.",
+            "choices": {"text": ["one", "two", "three", "four"], "label": ["1", "2", "3", "4"]},
+            "answerKey": "4",
+        },
+        {
+            "id": "q3",
+            "question": "bad",
+            "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+            "answerKey": "C",
+        },
     ]
     t = ARC("ARC-Challenge", "test")
     assert t.name == "arc_challenge" and t.eval_type == "categorical"
@@ -267,10 +390,16 @@ def test_mixture_of_real_task_types(fake_hub, tmp_path):
     from tasks.customjson import CustomJSON
     from tasks.mmlu import MMLU
     from tasks.synthetic_aqua import SyntheticAqua
+
     tables, _ = fake_hub
-    tables[("cais/mmlu", "all", "dev")] = [{"question": "q", "subject": "s", "choices": list("wxyz"), "answer": 0}]
+    tables[("cais/mmlu", "all", "dev")] = [
+        {"question": "q", "subject": "s", "choices": list("wxyz"), "answer": 0}
+    ]
     p = tmp_path / "c.jsonl"
-    p.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) + "\n")
+    p.write_text(
+        json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        + "\n"
+    )
     mix = TaskMixture([SyntheticAqua("train", 20), CustomJSON(p), MMLU("all", "dev")], seed=0)
     assert len(mix) == 22 and mix.eval_type == "mixed"
     for c in mix:

@@ -9,8 +9,13 @@ import tiktoken
 import tiktoken.load
 import torch
 
-from nanochat import tokenizer as tk
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_token_bytes, get_tokenizer
+from nanochat.tokenizer import (
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    Tokenizer,
+    get_token_bytes,
+    get_tokenizer,
+)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
@@ -22,9 +27,21 @@ CORPUS = [
 ]
 
 ROUND_TRIP = CORPUS + [
-    "", " ", "\n", "\n\n\n", "   leading and trailing   ", "\t\ttabs\r\nwindows",
-    "ñ", "🤖", "👨‍👩‍👧‍👦", "mixed 中文 and English 😀 \u200b zero width", "\x00\x01 control \x7f",
-    "<|bos|>", "<|user_start|>hello<|user_end|>", "<|not_special|>", "\ud7ff\ue000",
+    "",
+    " ",
+    "\n",
+    "\n\n\n",
+    "   leading and trailing   ",
+    "\t\ttabs\r\nwindows",
+    "ñ",
+    "🤖",
+    "👨‍👩‍👧‍👦",
+    "mixed 中文 and English 😀 \u200b zero width",
+    "\x00\x01 control \x7f",
+    "<|bos|>",
+    "<|user_start|>hello<|user_end|>",
+    "<|not_special|>",
+    "\ud7ff\ue000",
 ]
 
 
@@ -74,7 +91,9 @@ def test_specials_follow_merges(byte_tok, bpe_tok):
         n = len(tok.get_mergeable_ranks())
         assert tok.get_vocab_size() == n + len(SPECIAL_TOKENS)
         assert tok.get_special_tokens() == SPECIAL_TOKENS
-        assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(range(n, n + len(SPECIAL_TOKENS)))
+        assert [tok.encode_special(s) for s in SPECIAL_TOKENS] == list(
+            range(n, n + len(SPECIAL_TOKENS))
+        )
         assert tok.get_bos_token_id() == n
     assert bpe_tok.get_vocab_size() == 400 + len(SPECIAL_TOKENS)
     with pytest.raises(ValueError, match="unknown special token"):
@@ -106,10 +125,15 @@ def test_special_text_is_never_parsed(bpe_tok, name):
         assert bpe_tok.decode(ids) == text
     assert bpe_tok.encode([name])[0] == bpe_tok.encode(name)  # batch path too
     # and a user message containing it renders as text inside the user turn
-    ids, _ = bpe_tok.render_conversation({"messages": [{"role": "user", "content": name},
-                                                        {"role": "assistant", "content": "ok"}]})
-    assert ids.count(special_id) == (1 if name in ("<|bos|>", "<|user_start|>", "<|user_end|>",
-                                                   "<|assistant_start|>", "<|assistant_end|>") else 0)
+    ids, _ = bpe_tok.render_conversation(
+        {"messages": [{"role": "user", "content": name}, {"role": "assistant", "content": "ok"}]}
+    )
+    assert ids.count(special_id) == (
+        1
+        if name
+        in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+        else 0
+    )
 
 
 def test_encode_prepend_append_and_batch(bpe_tok):
@@ -148,12 +172,15 @@ def test_bad_ranks_rejected():
 
 # ---------------------------------------------------------------------- chat rendering
 def two_turn():
-    return {"messages": [
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "It is 6."},
-    ], "extra": "ignored"}
+    return {
+        "messages": [
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "It is 6."},
+        ],
+        "extra": "ignored",
+    }
 
 
 def test_render_two_turn_exact(bpe_tok):
@@ -161,9 +188,17 @@ def test_render_two_turn_exact(bpe_tok):
     S = t.encode_special
     ids, mask = t.render_conversation(two_turn())
     e = t.encode
-    expected = ([S("<|bos|>"), S("<|user_start|>")] + e("What is 2+2?") + [S("<|user_end|>"), S("<|assistant_start|>")]
-                + e("4") + [S("<|assistant_end|>"), S("<|user_start|>")] + e("And 3+3?")
-                + [S("<|user_end|>"), S("<|assistant_start|>")] + e("It is 6.") + [S("<|assistant_end|>")])
+    expected = (
+        [S("<|bos|>"), S("<|user_start|>")]
+        + e("What is 2+2?")
+        + [S("<|user_end|>"), S("<|assistant_start|>")]
+        + e("4")
+        + [S("<|assistant_end|>"), S("<|user_start|>")]
+        + e("And 3+3?")
+        + [S("<|user_end|>"), S("<|assistant_start|>")]
+        + e("It is 6.")
+        + [S("<|assistant_end|>")]
+    )
     assert ids == expected
     assert len(mask) == len(ids)
     # mask positions by hand: first answer "4" (+ end), second answer "It is 6." (+ end)
@@ -173,12 +208,16 @@ def test_render_two_turn_exact(bpe_tok):
     assert [i for i, m in enumerate(mask) if m] == ones
     assert ids[ones[-1]] == S("<|assistant_end|>") and mask[-1] == 1
     # exactly what the assistant says, decoded back
-    assert t.decode([i for i, m in zip(ids, mask) if m]) == "4<|assistant_end|>It is 6.<|assistant_end|>"
+    assert (
+        t.decode([i for i, m in zip(ids, mask) if m])
+        == "4<|assistant_end|>It is 6.<|assistant_end|>"
+    )
 
 
 def test_render_byte_level_positions(byte_tok):
-    ids, mask = byte_tok.render_conversation({"messages": [{"role": "user", "content": "hi"},
-                                                            {"role": "assistant", "content": "yo"}]})
+    ids, mask = byte_tok.render_conversation(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
     # bos user_start h i user_end assistant_start y o assistant_end
     assert ids == [256, 257, ord("h"), ord("i"), 258, 259, ord("y"), ord("o"), 260]
     assert mask == [0, 0, 0, 0, 0, 0, 1, 1, 1]
@@ -187,27 +226,44 @@ def test_render_byte_level_positions(byte_tok):
 def test_render_system_merged_and_tool_parts(bpe_tok):
     t = bpe_tok
     S = t.encode_special
-    conv = {"messages": [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "Compute 12*7"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Let me compute. "},
-            {"type": "python", "text": "12*7"},
-            {"type": "python_output", "text": "84"},
-            {"type": "text", "text": " The answer is 84."},
-        ]},
-    ]}
+    conv = {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "Compute 12*7"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me compute. "},
+                    {"type": "python", "text": "12*7"},
+                    {"type": "python_output", "text": "84"},
+                    {"type": "text", "text": " The answer is 84."},
+                ],
+            },
+        ]
+    }
     ids, mask = t.render_conversation(conv)
-    merged = {"messages": [{"role": "user", "content": "Be terse.\n\nCompute 12*7"}, conv["messages"][2]]}
+    merged = {
+        "messages": [{"role": "user", "content": "Be terse.\n\nCompute 12*7"}, conv["messages"][2]]
+    }
     assert (ids, mask) == t.render_conversation(merged)
     e = t.encode
-    prefix = [S("<|bos|>"), S("<|user_start|>")] + e("Be terse.\n\nCompute 12*7") + [S("<|user_end|>"), S("<|assistant_start|>")]
-    body = [(e("Let me compute. "), 1), ([S("<|python_start|>")] + e("12*7") + [S("<|python_end|>")], 1),
-            ([S("<|output_start|>")] + e("84") + [S("<|output_end|>")], 0), (e(" The answer is 84."), 1),
-            ([S("<|assistant_end|>")], 1)]
+    prefix = (
+        [S("<|bos|>"), S("<|user_start|>")]
+        + e("Be terse.\n\nCompute 12*7")
+        + [S("<|user_end|>"), S("<|assistant_start|>")]
+    )
+    body = [
+        (e("Let me compute. "), 1),
+        ([S("<|python_start|>")] + e("12*7") + [S("<|python_end|>")], 1),
+        ([S("<|output_start|>")] + e("84") + [S("<|output_end|>")], 0),
+        (e(" The answer is 84."), 1),
+        ([S("<|assistant_end|>")], 1),
+    ]
     assert ids == prefix + [i for seg, _ in body for i in seg]
     assert mask == [0] * len(prefix) + [m for seg, m in body for _ in seg]
-    assert not any("system" in name for name in SPECIAL_TOKENS)  # no system token: merged into the user turn
+    assert not any(
+        "system" in name for name in SPECIAL_TOKENS
+    )  # no system token: merged into the user turn
 
 
 def test_render_truncates(bpe_tok):
@@ -224,14 +280,22 @@ def test_render_for_completion(bpe_tok):
     prompt = t.render_for_completion(conv)
     full, mask = t.render_conversation(conv)
     last_answer = t.encode("It is 6.") + [t.encode_special("<|assistant_end|>")]
-    assert prompt == full[:len(full) - len(last_answer)]
+    assert prompt == full[: len(full) - len(last_answer)]
     assert prompt[-1] == t.encode_special("<|assistant_start|>")
-    assert sum(mask[len(prompt):]) == len(last_answer)
-    single = {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"},
-                           {"role": "assistant", "content": "a"}]}
+    assert sum(mask[len(prompt) :]) == len(last_answer)
+    single = {
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
     S = t.encode_special
-    assert t.render_for_completion(single) == ([S("<|bos|>"), S("<|user_start|>")] + t.encode("sys\n\nq")
-                                               + [S("<|user_end|>"), S("<|assistant_start|>")])
+    assert t.render_for_completion(single) == (
+        [S("<|bos|>"), S("<|user_start|>")]
+        + t.encode("sys\n\nq")
+        + [S("<|user_end|>"), S("<|assistant_start|>")]
+    )
     with pytest.raises(ValueError, match="end with the assistant"):
         t.render_for_completion({"messages": [{"role": "user", "content": "q"}]})
 
@@ -243,17 +307,33 @@ BAD_CONVERSATIONS = {
     "message not a dict": {"messages": ["hello"]},
     "unknown role": {"messages": [{"role": "bot", "content": "hi"}]},
     "starts with assistant": {"messages": [{"role": "assistant", "content": "hi"}]},
-    "two users in a row": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-    "system not first": {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]},
+    "two users in a row": {
+        "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    },
+    "system not first": {
+        "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]
+    },
     "system alone": {"messages": [{"role": "system", "content": "s"}]},
-    "empty user content": {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]},
-    "empty assistant content": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
-    "empty parts list": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": []}]},
-    "bad part type": {"messages": [{"role": "user", "content": "q"},
-                                   {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]},
+    "empty user content": {
+        "messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]
+    },
+    "empty assistant content": {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]
+    },
+    "empty parts list": {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": []}]
+    },
+    "bad part type": {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "image", "text": "x"}]},
+        ]
+    },
     "content not str": {"messages": [{"role": "user", "content": 42}]},
     "missing content": {"messages": [{"role": "user"}]},
-    "python part in user": {"messages": [{"role": "user", "content": [{"type": "python", "text": "1"}]}]},
+    "python part in user": {
+        "messages": [{"role": "user", "content": [{"type": "python", "text": "1"}]}]
+    },
 }
 
 
@@ -278,9 +358,15 @@ def test_visualize(bpe_tok):
 
 # ---------------------------------------------------------------------- save / load
 def test_save_load_identical(bpe_tok, tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would otherwise cache even a local file in /tmp
+    monkeypatch.setenv(
+        "TIKTOKEN_CACHE_DIR", ""
+    )  # tiktoken would otherwise cache even a local file in /tmp
     d = bpe_tok.save(tmp_path / "tok")
-    assert {p.name for p in d.iterdir()} == {"tokenizer.tiktoken", "tokenizer.json", "token_bytes.pt"}
+    assert {p.name for p in d.iterdir()} == {
+        "tokenizer.tiktoken",
+        "tokenizer.json",
+        "token_bytes.pt",
+    }
     loaded = Tokenizer.load(d)
     assert loaded.get_vocab_size() == bpe_tok.get_vocab_size()
     assert loaded.get_mergeable_ranks() == bpe_tok.get_mergeable_ranks()
@@ -289,7 +375,10 @@ def test_save_load_identical(bpe_tok, tmp_path, monkeypatch):
         assert loaded.encode(text) == bpe_tok.encode(text)
     assert loaded.render_conversation(two_turn()) == bpe_tok.render_conversation(two_turn())
     # the ranks file is tiktoken's own format
-    assert tiktoken.load.load_tiktoken_bpe(str(d / "tokenizer.tiktoken")) == bpe_tok.get_mergeable_ranks()
+    assert (
+        tiktoken.load.load_tiktoken_bpe(str(d / "tokenizer.tiktoken"))
+        == bpe_tok.get_mergeable_ranks()
+    )
     # saving again over an existing dir works and leaves no temp files
     bpe_tok.save(d)
     assert not [p for p in d.iterdir() if p.name.startswith(".")]
@@ -318,8 +407,8 @@ def test_get_tokenizer_and_token_bytes(bpe_tok, base_dir):
     assert tok.encode(CORPUS[0]) == bpe_tok.encode(CORPUS[0])
     tb = get_token_bytes("cpu")
     assert tb.shape == (tok.get_vocab_size(),) and tb.dtype == torch.int32
-    assert tb[: 256].tolist() == [1] * 256
-    assert tb[tok.get_bos_token_id():].tolist() == [0] * len(SPECIAL_TOKENS)
+    assert tb[:256].tolist() == [1] * 256
+    assert tb[tok.get_bos_token_id() :].tolist() == [0] * len(SPECIAL_TOKENS)
     for tid in range(tok.get_vocab_size() - len(SPECIAL_TOKENS)):
         assert tb[tid] == len(tok.enc.decode_single_token_bytes(tid))
     # bytes of a text == sum of token_bytes over its ids (what bits-per-byte relies on)
@@ -344,7 +433,9 @@ def test_train_from_iterator_vocab_and_merges():
     assert tok.get_vocab_size() == vocab_size
     assert tok.get_bos_token_id() == vocab_size - len(SPECIAL_TOKENS)
     # same merges as the reference trainer
-    assert tok.get_mergeable_ranks() == reference_ranks(CORPUS * 3, vocab_size - len(SPECIAL_TOKENS))
+    assert tok.get_mergeable_ranks() == reference_ranks(
+        CORPUS * 3, vocab_size - len(SPECIAL_TOKENS)
+    )
     for text in ROUND_TRIP:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("<|bos|>") != [tok.get_bos_token_id()]

@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from nanochat import tracking
 from nanochat.report import generate_report, write_section
 from nanochat.tracking import Tracker, read_jsonl, wandb_mode
@@ -69,8 +67,13 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
             fh.write(json.dumps({"step": step, "loss": 5 - step}) + "\n")
     with open(run_dir / "rl.jsonl", "w") as fh:
         for step in range(3):
-            row = {"step": step, "rl/mean_reward": step / 3, "attn/entropy/layer_0": 1.0,
-                   "attn/entropy/layer_1": 0.5, **{f"rl/letter_pred_counts/{l}": 2 for l in "ABCDE"}}
+            row = {
+                "step": step,
+                "rl/mean_reward": step / 3,
+                "attn/entropy/layer_0": 1.0,
+                "attn/entropy/layer_1": 0.5,
+                **{f"rl/letter_pred_counts/{l}": 2 for l in "ABCDE"},
+            }
             fh.write(json.dumps(row) + "\n")
     write_section(base_dir, "r", "sft", "## SFT\nloss 1.0")
     write_section(base_dir, "r", "base_train", "## Base\nloss 2.0")
@@ -79,12 +82,17 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
     assert report.index("## Base") < report.index("## SFT")
     assert "Other run" not in report  # another run's sections stay in its own folder
     rdir = base_dir / "report" / "r"
-    for png in ["loss_base.png", "rl_reward.png", "rl_letter_counts.png", "attn_entropy_layers.png"]:
+    for png in [
+        "loss_base.png",
+        "rl_reward.png",
+        "rl_letter_counts.png",
+        "attn_entropy_layers.png",
+    ]:
         assert (rdir / png).stat().st_size > 1000
         assert f"({png})" in report
     assert not (rdir / "loss_sft.png").exists()  # nothing logged, nothing drawn
     # ... and what is missing is said, with the reason where the pipeline recorded one
-    missing = report[report.index("## Not in this report"):]
+    missing = report[report.index("## Not in this report") :]
     assert "Letter-margin histogram: the rl stage logged no rl/letter_margin_hist" in missing
     assert "RL validation accuracy (greedy): the rl stage logged none of rl/acc" in missing
     assert "stage mid: no log yet" in missing and "stage rl: no log" not in missing
@@ -100,14 +108,18 @@ def test_report_script_reset_keeps_previous(base_dir):
     env = {**__import__("os").environ, "NANOCHAT_BASE_DIR": str(base_dir)}
     subprocess.run([sys.executable, "-m", "scripts.report", "--run", "r"], check=True, env=env)
     assert (base_dir / "report" / "r" / "report.md").exists()
-    subprocess.run([sys.executable, "-m", "scripts.report", "--run", "r", "--reset"], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "scripts.report", "--run", "r", "--reset"], check=True, env=env
+    )
     assert (base_dir / "report" / "r.previous" / "report.md").exists()
     assert not (base_dir / "report" / "r" / "sft.md").exists()
 
 
 def test_run_name_flag_spellings(monkeypatch):
     import argparse
+
     from nanochat.tracking import add_tracking_args
+
     monkeypatch.setenv("NANOCHAT_RUN", "from-env")
     parser = argparse.ArgumentParser()
     add_tracking_args(parser)
@@ -120,8 +132,10 @@ def test_envfile_exports_what_the_environment_lacks(tmp_path, monkeypatch):
     from nanochat.envfile import export_lines
 
     env = tmp_path / ".env"
-    env.write_text("WANDB_PROJECT=from-file\nWANDB_ENTITY=team x\nWANDB_API_KEY=\nNANOCHAT_RUN='quoted run'\n"
-                   "# a comment\nexport HF_TOKEN=hf_abc\n")
+    env.write_text(
+        "WANDB_PROJECT=from-file\nWANDB_ENTITY=team x\nWANDB_API_KEY=\nNANOCHAT_RUN='quoted run'\n"
+        "# a comment\nexport HF_TOKEN=hf_abc\n"
+    )
     monkeypatch.setenv("WANDB_ENTITY", "from-env")
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     monkeypatch.delenv("NANOCHAT_RUN", raising=False)
@@ -132,10 +146,21 @@ def test_envfile_exports_what_the_environment_lacks(tmp_path, monkeypatch):
     assert "export NANOCHAT_RUN='quoted run'" in lines and "export HF_TOKEN=hf_abc" in lines
     assert not any("WANDB_ENTITY" in line for line in lines)  # the environment wins
     assert not any("WANDB_API_KEY" in line for line in lines)  # empty values are skipped
-    out = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m nanochat.envfile {env})"; '
-                          'echo "$NANOCHAT_RUN|$WANDB_PROJECT"'], capture_output=True, text=True,
-                         env={k: v for k, v in __import__("os").environ.items()
-                              if k not in ("NANOCHAT_RUN", "WANDB_PROJECT")})
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'eval "$({sys.executable} -m nanochat.envfile {env})"; '
+            'echo "$NANOCHAT_RUN|$WANDB_PROJECT"',
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            k: v
+            for k, v in __import__("os").environ.items()
+            if k not in ("NANOCHAT_RUN", "WANDB_PROJECT")
+        },
+    )
     assert out.stdout.strip() == "quoted run|from-file"
 
 
@@ -161,8 +186,14 @@ def test_check_wandb_is_quick_and_quiet_when_offline(tmp_path, monkeypatch):
 def test_report_reads_the_latest_run_of_a_stage_log():
     from nanochat.report import current_rows
 
-    rows = [{"event": "start", "config": {}}, {"step": 1, "x": 1}, {"step": 2, "x": 2},
-            {"event": "start", "config": {"resumed_from": 1}}, {"step": 2, "x": 20},  # killed at 2
-            {"event": "start", "config": {"resumed_from": 0}}, {"step": 1, "x": 100}]  # started over
+    rows = [
+        {"event": "start", "config": {}},
+        {"step": 1, "x": 1},
+        {"step": 2, "x": 2},
+        {"event": "start", "config": {"resumed_from": 1}},
+        {"step": 2, "x": 20},  # killed at 2
+        {"event": "start", "config": {"resumed_from": 0}},
+        {"step": 1, "x": 100},
+    ]  # started over
     assert [r.get("x") for r in current_rows(rows[:5])] == [None, 1, None, 20]
     assert [r.get("x") for r in current_rows(rows)] == [None, 100]
