@@ -199,3 +199,46 @@ class StepTimer:
         if self.step > self.first or self.only_one:
             self.total += self.last
             self.count += 1
+
+
+def add_optimizer_args(group, lr_note: str = "") -> None:
+    """The optimizer flags of every training stage; lr_note says what scales the lrs, if anything."""
+    group.add_argument(
+        "--embedding-lr", type=float, default=0.2, help=f"AdamW lr of the token embedding{lr_note}"
+    )
+    group.add_argument(
+        "--unembedding-lr", type=float, default=0.004, help=f"AdamW lr of lm_head{lr_note}"
+    )
+    group.add_argument(
+        "--matrix-lr", type=float, default=0.02, help=f"Muon lr of the block matrices{lr_note}"
+    )
+    group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    group.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="global grad-norm clip (0: off; the norm is logged anyway)",
+    )
+
+
+def add_checkpoint_args(group, save_every: int, tag_help: str) -> None:
+    """Where a training stage saves, how often, and whether it resumes."""
+    group.add_argument(
+        "--save-every",
+        type=int,
+        default=save_every,
+        help="checkpoint every N steps (0: only the final one)",
+    )
+    group.add_argument(
+        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
+    )
+    group.add_argument("--tag", default=None, help=tag_help)
+    group.add_argument(
+        "--resume",
+        default="auto",
+        choices=["auto", "require"],
+        help="auto: resume if this stage/tag has a checkpoint; require: fail if there is none",
+    )
+    group.add_argument(
+        "--fresh", action="store_true", help="DELETE this stage/tag's checkpoints and start over"
+    )

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from nanochat.chat_data import collate
+from nanochat.chat_loader import collate
 from nanochat.checkpoint import load_model
 from nanochat.common import print0, seed_everything
 from nanochat.engine import Engine

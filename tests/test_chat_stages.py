@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.chat_data import ConversationLoader, collate
+from nanochat.chat_loader import ConversationLoader, collate
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
@@ -115,7 +115,7 @@ def test_loader_slots_do_not_depend_on_world_size():
 def test_compiled_shapes_are_a_few_buckets_not_the_whole_context(capsys):
     """Under torch.compile every micro-batch has one of a few lengths; AQuA-sized conversations in a
     2048 context then carry a fraction of the padding that padding to the context did."""
-    from nanochat.chat_data import bucket_lengths
+    from nanochat.chat_loader import bucket_lengths
     from tasks.synthetic_aqua import SyntheticAqua
 
     assert bucket_lengths(2048) == [256, 512, 1024, 2048] and bucket_lengths(100) == [64, 100]
@@ -146,7 +146,7 @@ def test_compiled_shapes_are_a_few_buckets_not_the_whole_context(capsys):
 def test_synthetic_option_checks_flag():
     import argparse
 
-    from nanochat.chat_data import add_data_args, build_tasks
+    from nanochat.chat_mixture import add_data_args, build_tasks
 
     parser = argparse.ArgumentParser()
     add_data_args(parser)

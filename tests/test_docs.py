@@ -15,7 +15,7 @@ DOCS = [
     "rustbpe/README.md",
 ]
 # argparse helpers that scripts add to their own parsers
-SHARED_ARG_FILES = ["nanochat/tracking.py", "nanochat/chat_data.py"]
+SHARED_ARG_FILES = ["nanochat/tracking.py", "nanochat/chat_mixture.py", "nanochat/training.py"]
 STOP_TOKENS = {"|", "||", "&&", ";", "#", ">", "2>&1"}
 
 
