@@ -1,8 +1,8 @@
-"""The training-loop plumbing every training stage shares (base_train, chat_sft/mid_train, chat_rl).
+"""The training-loop plumbing that base_train, chat_sft / mid_train and chat_rl share.
 
-- `start_or_resume`: --fresh deletes the stage's checkpoints, otherwise the newest complete one (if any)
-  is loaded into the model and optimizers, its model config checked, and this rank's RNG restored.
-- `set_lr`: the schedule's multiplier applied to every param group's initial lr (and Muon's momentum).
+- `start_or_resume`: --fresh deletes the stage's checkpoints, otherwise the newest complete one (if
+  any) is loaded into the model and optimizers, its model config checked, this rank's RNG restored.
+- `set_lr`: the schedule's multiplier on every param group's initial lr (and Muon's momentum).
 - `save`: a checkpoint of model, optimizers and meta, with this rank's RNG state added to its state.
 - `stop_if_not_finite`: a loss or gradient norm that went NaN/inf stops the stage, naming the step;
   `save` refuses non-finite weights, so a blown-up run never overwrites good checkpoints.
@@ -34,8 +34,9 @@ from nanochat.common import print0, synchronize
 def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str):
     """-> (start step, meta of the resumed checkpoint or None, this rank's saved state or None).
 
-    fresh: delete ckpt_dir first. resume "require": fail when there is nothing to resume. A checkpoint
-    holding a model of another shape is refused (the flags changed: --fresh or another --tag)."""
+    fresh: delete ckpt_dir first. resume "require": fail when there is nothing to resume. A
+    checkpoint of a model of another shape is refused (the flags changed: --fresh or another --tag).
+    """
     if fresh and resume == "require":
         raise SystemExit("--fresh and --resume require contradict each other")
     if fresh:
@@ -125,8 +126,8 @@ def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None
 
 
 def stop_if_not_finite(value: float, what: str, step: int, ckpt_dir) -> None:
-    """End the stage when `value` (a loss, a gradient norm) is NaN or infinite: training on would only
-    spread it through the weights. The newest checkpoint on disk is from before."""
+    """End the stage when `value` (a loss, a gradient norm) is NaN or infinite: training on would
+    only spread it through the weights. The newest checkpoint on disk is from before."""
     if math.isfinite(value):
         return
     last = find_last_step(ckpt_dir)
@@ -202,7 +203,7 @@ class StepTimer:
 
 
 def add_optimizer_args(group, lr_note: str = "") -> None:
-    """The optimizer flags of every training stage; lr_note says what scales the lrs, if anything."""
+    """The optimizer flags of every training stage; lr_note says what scales the lrs, if any."""
     group.add_argument(
         "--embedding-lr", type=float, default=0.2, help=f"AdamW lr of the token embedding{lr_note}"
     )

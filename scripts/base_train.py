@@ -1,6 +1,6 @@
 """Pretrain the base model: next-token prediction on the pretraining corpus.
 
-    python -m scripts.base_train --depth 20                                  # one process (GPU or CPU)
+    python -m scripts.base_train --depth 20                   # one process (GPU or CPU)
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20
     python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 \\
         --total-batch-size 1024 --num-iterations 50 --source synthetic      # tiny CPU run
@@ -15,8 +15,8 @@ Process r runs the slots r*grad_accum .. r*grad_accum + grad_accum - 1. So a ste
 rows whether it runs as 1 process x 8 micro-steps or 8 processes x 1: the run is reproducible
 across device counts (tested: torchrun x2 equals one process with grad accumulation).
 
-Token budget (first one that is set wins): --num-iterations; --target-flops (FLOPs / (flops per token
-* tokens per step)); --target-param-data-ratio (tokens = ratio * params; 20 = Chinchilla).
+Token budget (the first one set wins): --num-iterations; --target-flops (FLOPs / (FLOPs per
+token * tokens per step)); --target-param-data-ratio (tokens = ratio * params; 20 = Chinchilla).
 
 Schedule: lr multiplier ramps linearly over the first warmup_ratio of steps, holds at 1, then decays
 linearly to final_lr_frac over the last warmdown_ratio. Muon momentum warms up 0.85 -> 0.95 over
@@ -60,6 +60,8 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
 from nanochat.training import (
     StepTimer,
+    add_checkpoint_args,
+    add_optimizer_args,
     refuse_changed_flags,
     save,
     set_lr,
@@ -133,18 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="tokens per optimizer step (all processes)",
     )
     g = p.add_argument_group("optimization")
-    g.add_argument(
-        "--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding"
-    )
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    g.add_argument(
-        "--grad-clip",
-        type=float,
-        default=1.0,
-        help="global grad-norm clip (0: off; the norm is logged anyway)",
-    )
+    add_optimizer_args(g)
     g.add_argument(
         "--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear lr warmup"
     )
@@ -186,25 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--sample-tokens", type=int, default=24, help="tokens per greedy sample")
     g.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
     g = p.add_argument_group("checkpoints")
-    g.add_argument(
-        "--save-every",
-        type=int,
-        default=1000,
-        help="checkpoint every N steps (0: only the final one)",
-    )
-    g.add_argument(
-        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
-    )
-    g.add_argument("--tag", default=None, help="checkpoint tag (default d<depth>)")
-    g.add_argument(
-        "--resume",
-        default="auto",
-        choices=["auto", "require"],
-        help="auto: resume if a checkpoint exists; require: fail if there is none",
-    )
-    g.add_argument(
-        "--fresh", action="store_true", help="DELETE this tag's checkpoints and start over"
-    )
+    add_checkpoint_args(g, save_every=1000, tag_help="checkpoint tag (default d<depth>)")
     add_tracking_args(p)
     args = p.parse_args(argv)
     if args.fresh and args.resume == "require":
@@ -255,10 +228,10 @@ def memory_mb(device: torch.device) -> float:
 
 def fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
     """The largest micro-batch <= `batch` whose forward + backward fits in memory, halving on
-    out-of-memory; grad accumulation grows to keep the total batch. Probed with one step on zero tokens
-    (no optimizer step, no RNG drawn: training itself is unchanged); all ranks take the smallest fit.
-    The optimizer state, allocated at the first real step, is not in the probe: at the very edge of
-    memory that step can still run out."""
+    out-of-memory; grad accumulation grows to keep the total batch. Probed with one step on zero
+    tokens (no optimizer step, no RNG drawn: training itself is unchanged); all ranks take the
+    smallest fit. The optimizer state, allocated at the first real step, is not in the probe: at
+    the very edge of memory that step can still run out."""
     while True:
         try:
             ids = torch.zeros(batch, seq_len, dtype=torch.long, device=info.device)
@@ -269,7 +242,7 @@ def fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
         model.zero_grad(set_to_none=True)
         if info.device.type == "cuda":
             torch.cuda.empty_cache()
-        # the next try: the largest divisor of batch up to its half (the total batch stays divisible)
+        # the next try: the largest divisor of batch up to its half (keeps the total divisible)
         smaller = max((d for d in range(1, batch // 2 + 1) if batch % d == 0), default=0)
         agreed = torch.tensor([batch if fits else smaller], device=info.device)
         if info.is_ddp:
@@ -283,8 +256,8 @@ def fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
                 f"--max-seq-len or --depth, or a GPU with more memory"
             )
         print0(
-            f"note: a micro-batch of {batch} x {seq_len} tokens does not fit in memory: trying {smaller} "
-            f"(more gradient accumulation, the same total batch)"
+            f"note: a micro-batch of {batch} x {seq_len} tokens does not fit in memory: trying "
+            f"{smaller} (more gradient accumulation, the same total batch)"
         )
         batch = smaller
 
@@ -301,50 +274,145 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int) -> lis
     return outs
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    info = init_distributed()
-    device, rank, world_size = info.device, info.rank, info.world_size
-    tag = args.tag or f"d{args.depth}"
-    base_dir = get_base_dir()
+# Running figures that survive a resume (kept in the checkpoint's meta.json).
+FRESH_STATS = {
+    "smooth_loss": 0.0,
+    "smooth_count": 0,
+    "train_time": 0.0,
+    "timed_steps": 0,
+    "train_loss": None,
+    "val_bpb": None,
+    "min_val_bpb": None,
+}
+SMOOTHING = 0.9  # the EMA of the logged training loss
 
-    # ---- batch geometry
+
+def check_batch_geometry(args, world_size: int) -> None:
     tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
     if args.total_batch_size % tokens_per_micro != 0:
+        example = max(1, args.total_batch_size // tokens_per_micro) * tokens_per_micro
         raise SystemExit(
-            f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size * max_seq_len * "
-            f"world_size = {args.device_batch_size} * {args.max_seq_len} * {world_size} = {tokens_per_micro} "
-            f"(e.g. {max(1, args.total_batch_size // tokens_per_micro) * tokens_per_micro})"
+            f"--total-batch-size {args.total_batch_size} must be a multiple of device_batch_size "
+            f"* max_seq_len * world_size = {args.device_batch_size} * {args.max_seq_len} * "
+            f"{world_size} = {tokens_per_micro} (e.g. {example})"
         )
 
-    # ---- tokenizer and model
-    try:
-        tokenizer = get_tokenizer()
-    except (
-        FileNotFoundError,
-        ValueError,
-    ) as exc:  # missing or damaged: the message names the files
-        raise SystemExit(str(exc)) from None
-    token_bytes = get_token_bytes(device)
+
+def build_model(args, vocab_size: int, device) -> GPT:
     config = config_from_depth(
         args.depth,
-        tokenizer.get_vocab_size(),
+        vocab_size,
         sequence_len=args.max_seq_len,
         aspect_ratio=args.aspect_ratio,
         head_dim=args.head_dim,
         value_embed_every=args.value_embed_every,
     )
-    seed_everything(args.seed)  # same seed on every rank -> identical initial weights everywhere
-    with torch.device("meta"):
+    seed_everything(args.seed)  # the same seed on every rank: identical initial weights everywhere
+    with torch.device("meta"):  # shapes only; the weights are allocated once, on the device
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    budget_params = (
-        model.num_budget_params()
-    )  # value embeddings add parameters, not tokens to train on
+    return model
 
-    # ---- checkpoint: fresh start or resume
+
+def check_resumable(meta, ckpt_dir, step, args, tokenizer, layout, num_iterations) -> None:
+    """Stop when the checkpoint's run cannot go on with these flags: it would train another run."""
+    check_tokenizer(meta, tokenizer, tokenizer.get_vocab_size(), f"{ckpt_dir} step {step}")
+    saved_layout = (meta.get("world_size"), meta.get("grad_accum"))
+    if saved_layout != layout:
+        raise SystemExit(
+            f"{ckpt_dir} step {step} was written by {saved_layout[0]} process(es) x "
+            f"{saved_layout[1]} micro-steps; now {layout[0]} x {layout[1]}. Resume with the same "
+            f"--nproc_per_node and batch flags, or start over with --fresh."
+        )
+    refuse_changed_flags(ckpt_dir, step, meta.get("args", {}), args)
+    if meta.get("num_iterations") != num_iterations:
+        raise SystemExit(
+            f"the checkpoint's run has num_iterations={meta.get('num_iterations')}, these flags "
+            f"give {num_iterations}: the lr schedule would change mid-run. Keep the budget flags, "
+            f"or use --fresh / another --tag."
+        )
+    if step > num_iterations:
+        raise SystemExit(f"checkpoint step {step} is past num_iterations={num_iterations}")
+
+
+def train_loaders(args, tokenizer, device_batch, grad_accum, info, rank_state) -> list:
+    """This rank's slots of the global batch, one loader each (see the module docstring)."""
+    states = rank_state["loaders"] if rank_state else [None] * grad_accum
+    try:
+        return [
+            DataLoader(
+                tokenizer,
+                device_batch,
+                args.max_seq_len,
+                "train",
+                rank=info.rank * grad_accum + i,
+                world_size=info.world_size * grad_accum,
+                source=args.source,
+                data_dir=args.data_dir,
+                device=info.device,
+                state=states[i],
+            )
+            for i in range(grad_accum)
+        ]
+    except (ValueError, FileNotFoundError) as exc:  # missing or damaged shards: one line, no trace
+        raise SystemExit(f"pretraining data: {exc}") from None
+
+
+def val_bpb(train_model, tokenizer, token_bytes, args, device_batch, info, val_steps) -> float:
+    # a fresh loader each time: every evaluation scores the same first val tokens
+    val_loader = DataLoader(
+        tokenizer,
+        device_batch,
+        args.max_seq_len,
+        "val",
+        rank=info.rank,
+        world_size=info.world_size,
+        source=args.source,
+        data_dir=args.data_dir,
+        device=info.device,
+    )
+    return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
+
+
+def train_step(train_model, model, optimizers, loaders, lrm, momentum, grad_clip, device):
+    """One optimizer step over this rank's micro-batches -> (summed loss, gradient norm)."""
+    loss_sum = torch.zeros((), device=device)
+    for loader in loaders:
+        x, y = loader.next_batch()
+        loss = train_model(x, y)
+        loss_sum += loss.detach()
+        # each micro-batch's loss is a mean over its tokens; dividing by their count makes the
+        # gradient the mean over this rank's step, and the optimizers average it over ranks
+        (loss / len(loaders)).backward()
+    grad_norm = clip_grad_norm_(optimizers, grad_clip if grad_clip > 0 else None)
+    set_lr(optimizers, lrm, momentum)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init_distributed()
+    device, rank, world_size = info.device, info.rank, info.world_size
+    tag = args.tag or f"d{args.depth}"
+    check_batch_geometry(args, world_size)
+
+    # ---- tokenizer, model and token budget
+    tokenizer = load_tokenizer()
+    token_bytes = get_token_bytes(device)
+    model = build_model(args, tokenizer.get_vocab_size(), device)
+    config = model.config
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    budget_params = model.num_budget_params()  # value embeddings add parameters, not tokens
+    total_batch = args.total_batch_size
+    num_iterations, budget_rule = resolve_num_iterations(
+        args, budget_params, flops_per_token, total_batch
+    )
+
+    # ---- optimizers, a resume if there is a checkpoint, and the micro-batch
     ckpt_dir = checkpoint_dir(STAGE, tag)
     optimizers = model.setup_optimizers(
         unembedding_lr=args.unembedding_lr,
@@ -352,117 +420,46 @@ def main(argv=None) -> None:
         matrix_lr=args.matrix_lr,
         weight_decay=args.weight_decay,
     )
-    # Running figures that survive a resume (kept in the checkpoint's meta.json).
-    stats = {
-        "smooth_loss": 0.0,
-        "smooth_count": 0,
-        "train_time": 0.0,
-        "timed_steps": 0,
-        "train_loss": None,
-        "val_bpb": None,
-        "min_val_bpb": None,
-    }
-    start_step, resumed_meta, rank_state = start_or_resume(
+    start_step, resumed, rank_state = start_or_resume(
         ckpt_dir, info, model, optimizers, args.fresh, args.resume
     )
     train_model = maybe_compile(model, device)
-    # The micro-batch: a resumed run keeps the one it was started with (the data layout depends on it);
-    # a fresh one takes the largest that fits, halving --device-batch-size on out-of-memory.
-    if resumed_meta is not None:
-        device_batch = resumed_meta.get("device_batch_size", args.device_batch_size)
+    # A resumed run keeps its micro-batch (the data layout depends on it); a fresh one takes the
+    # largest that fits, halving --device-batch-size on out-of-memory.
+    if resumed is not None:
+        device_batch = resumed.get("device_batch_size", args.device_batch_size)
     else:
         device_batch = fit_device_batch(
             train_model, model, args.device_batch_size, args.max_seq_len, info
         )
-    tokens_per_micro = device_batch * args.max_seq_len * world_size
-    grad_accum = args.total_batch_size // tokens_per_micro
-    num_slots = world_size * grad_accum
-    loader_states = rank_state["loaders"] if rank_state else [None] * grad_accum
-    if resumed_meta is not None:
-        check_tokenizer(resumed_meta, tokenizer, config.vocab_size, f"{ckpt_dir} step {start_step}")
-        if (
-            resumed_meta.get("world_size") != world_size
-            or resumed_meta.get("grad_accum") != grad_accum
-        ):
-            raise SystemExit(
-                f"{ckpt_dir} step {start_step} was written by {resumed_meta.get('world_size')} "
-                f"process(es) x {resumed_meta.get('grad_accum')} micro-steps; now {world_size} x "
-                f"{grad_accum}. Resume with the same --nproc_per_node and batch flags, or start over "
-                f"with --fresh."
-            )
-        stats.update(resumed_meta.get("stats", {}))
-        refuse_changed_flags(ckpt_dir, start_step, resumed_meta.get("args", {}), args)
-
-    total_batch_size = args.total_batch_size
-    num_iterations, budget_rule = resolve_num_iterations(
-        args, budget_params, flops_per_token, total_batch_size
-    )
-    if resumed_meta is not None and resumed_meta.get("num_iterations") != num_iterations:
-        raise SystemExit(
-            f"the checkpoint's run has num_iterations={resumed_meta.get('num_iterations')}, these flags "
-            f"give {num_iterations}: the lr schedule would change mid-run. Keep the budget flags, "
-            f"or use --fresh / another --tag."
-        )
-    if start_step > num_iterations:
-        raise SystemExit(f"checkpoint step {start_step} is past num_iterations={num_iterations}")
+    grad_accum = total_batch // (device_batch * args.max_seq_len * world_size)
+    stats = dict(FRESH_STATS)
+    if resumed is not None:
+        layout = (world_size, grad_accum)
+        check_resumable(resumed, ckpt_dir, start_step, args, tokenizer, layout, num_iterations)
+        stats.update(resumed.get("stats", {}))
     if start_step == num_iterations:
         print0(
-            f"Training already complete at step {start_step}: only the final evaluation and report are redone "
-            f"(use --fresh to retrain)"
+            f"Training already complete at step {start_step}: only the final evaluation and "
+            f"report are redone (use --fresh to retrain)"
         )
-
     print0(
-        f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab {config.vocab_size}, "
-        f"seq {config.sequence_len}, {num_params:,} params, {flops_per_token:.3e} FLOPs/token"
+        f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab "
+        f"{config.vocab_size}, seq {config.sequence_len}, {num_params:,} params, "
+        f"{flops_per_token:.3e} FLOPs/token"
     )
     print0(
-        f"batch: {total_batch_size:,} tokens/step = {world_size} proc x {grad_accum} micro x "
+        f"batch: {total_batch:,} tokens/step = {world_size} proc x {grad_accum} micro x "
         f"{device_batch} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
-        f"{num_iterations * total_batch_size:,} tokens, "
-        f"{num_iterations * total_batch_size / budget_params:.1f} tokens/param "
+        f"{num_iterations * total_batch:,} tokens, "
+        f"{num_iterations * total_batch / budget_params:.1f} tokens/param "
         f"(value embeddings not counted)"
     )
 
-    # ---- data: this rank's slots (see the module docstring)
-    try:
-        loaders = [
-            DataLoader(
-                tokenizer,
-                device_batch,
-                args.max_seq_len,
-                "train",
-                rank=rank * grad_accum + i,
-                world_size=num_slots,
-                source=args.source,
-                data_dir=args.data_dir,
-                device=device,
-                state=loader_states[i],
-            )
-            for i in range(grad_accum)
-        ]
-    except (
-        ValueError,
-        FileNotFoundError,
-    ) as exc:  # missing or damaged shards: what to do, no traceback
-        raise SystemExit(f"pretraining data: {exc}") from None
-    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * args.total_batch_size
-    val_steps = max(1, eval_tokens // tokens_per_micro)
-
-    def evaluate_val() -> float:
-        # A fresh loader each time: every evaluation scores the same first val tokens.
-        val_loader = DataLoader(
-            tokenizer,
-            device_batch,
-            args.max_seq_len,
-            "val",
-            rank=rank,
-            world_size=world_size,
-            source=args.source,
-            data_dir=args.data_dir,
-            device=device,
-        )
-        return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
-
+    # ---- data and tracking
+    loaders = train_loaders(args, tokenizer, device_batch, grad_accum, info, rank_state)
+    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch
+    val_steps = max(1, eval_tokens // (device_batch * args.max_seq_len * world_size))
     run_config = {
         **vars(args),
         "tag": tag,
@@ -480,22 +477,19 @@ def main(argv=None) -> None:
     tracker = make_tracker(args, STAGE, run_config)
     peak = peak_flops(device)
 
-    # ---- training loop: `step` = optimizer steps taken so far
-    samples, ema_beta = [], 0.9
-    step = start_step
+    # ---- the training loop: `step` optimizer steps are done
+    samples = []
     timer = StepTimer(device, start_step, num_iterations, stats["train_time"], stats["timed_steps"])
-    while True:
+    for step in range(start_step, num_iterations + 1):
         last = step == num_iterations
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_bpb = evaluate_val()
-            stats["val_bpb"] = val_bpb
-            stats["min_val_bpb"] = min(val_bpb, stats["min_val_bpb"] or float("inf"))
-            print0(f"step {step:05d}/{num_iterations} | val bpb {val_bpb:.4f}")
-            tracker.log({"val/bpb": val_bpb}, step=step)
-        want_samples = args.sample_every >= 0 and (
-            last or (args.sample_every > 0 and step % args.sample_every == 0)
-        )
-        if want_samples and rank == 0:
+            bpb = val_bpb(train_model, tokenizer, token_bytes, args, device_batch, info, val_steps)
+            stats["val_bpb"] = bpb
+            stats["min_val_bpb"] = min(bpb, stats["min_val_bpb"] or float("inf"))
+            print0(f"step {step:05d}/{num_iterations} | val bpb {bpb:.4f}")
+            tracker.log({"val/bpb": bpb}, step=step)
+        sample_now = last or (args.sample_every > 0 and step % args.sample_every == 0)
+        if args.sample_every >= 0 and sample_now and rank == 0:
             samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS, args.sample_tokens)
             for i, text in enumerate(samples):
                 print0(f"  sample {i}: {text!r}")
@@ -504,68 +498,51 @@ def main(argv=None) -> None:
             break
 
         timer.start()
-        loss_sum = torch.zeros((), device=device)
-        for loader in loaders:
-            x, y = loader.next_batch()
-            loss = train_model(x, y)
-            loss_sum += loss.detach()
-            (
-                loss / grad_accum
-            ).backward()  # mean over this rank's micro-steps; optimizers average over ranks
-        grad_norm = clip_grad_norm_(optimizers, args.grad_clip if args.grad_clip > 0 else None)
         lrm = lr_multiplier(
             step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
         )
         momentum = muon_momentum(step, args.momentum_warmup_steps)
-        set_lr(optimizers, lrm, momentum)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(
+            train_model, model, optimizers, loaders, lrm, momentum, args.grad_clip, device
+        )
         timer.stop()
-        dt = timer.last
-        step += 1
+        done = step + 1
         stats["train_time"], stats["timed_steps"] = timer.total, timer.count
-        if step % args.log_every == 0 or step == num_iterations:
+
+        if done % args.log_every == 0 or done == num_iterations:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
             train_loss = loss_sum.item() / (grad_accum * world_size)
-            stop_if_not_finite(grad_norm.item(), "the gradient norm", step, ckpt_dir)
-            stop_if_not_finite(train_loss, "the training loss", step, ckpt_dir)
-            stats["train_loss"] = train_loss
-            stats["smooth_loss"] = ema_beta * stats["smooth_loss"] + (1 - ema_beta) * train_loss
-            stats["smooth_count"] += 1
-            smooth = stats["smooth_loss"] / (1 - ema_beta ** stats["smooth_count"])
-            tok_per_sec = total_batch_size / dt
-            metrics = {
-                "train/loss": train_loss,
-                "train/loss_smooth": smooth,
-                "train/lrm": lrm,
-                "train/muon_momentum": momentum,
-                "train/grad_norm": grad_norm.item(),
-                "train/tok_per_sec": tok_per_sec,
-                "train/step_time_s": dt,
-                "train/tokens": step * total_batch_size,
-                "train/mem_mb": memory_mb(device),
-                "train/data_passes": loaders[0].passes,
-            }
+            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, ckpt_dir)
+            stop_if_not_finite(train_loss, "the training loss", done, ckpt_dir)
+            metrics = step_metrics(
+                stats,
+                train_loss,
+                grad_norm.item(),
+                lrm,
+                momentum,
+                timer.last,
+                done * total_batch,
+                total_batch,
+                loaders[0],
+                device,
+            )
+            if peak:  # percent of the devices' peak bf16 FLOP/s
+                metrics["train/mfu"] = (
+                    100 * flops_per_token * metrics["train/tok_per_sec"] / (peak * world_size)
+                )
+            tracker.log(metrics, step=done)
+            print_step(done, num_iterations, metrics)
             if loaders[0].epoch >= 1 and not stats.get("data_repeat_noted"):
                 stats["data_repeat_noted"] = True  # said once per run (kept across resumes)
                 print0(
-                    f"note: the training data ran out by step {step}: the documents now repeat (pass "
-                    f"{loaders[0].epoch + 1}). More data: more shards (run_aquarat_small.sh --shards N, "
-                    f"python -m nanochat.dataset -n N) or a smaller --num-iterations"
+                    f"note: the training data ran out by step {done}: the documents now repeat "
+                    f"(pass {loaders[0].epoch + 1}). More data: more shards "
+                    f"(run_aquarat_small.sh --shards N, python -m nanochat.dataset -n N) or a "
+                    f"smaller --num-iterations"
                 )
-            mfu_text = ""
-            if peak:  # percent of the devices' peak bf16 FLOP/s
-                metrics["train/mfu"] = 100.0 * flops_per_token * tok_per_sec / (peak * world_size)
-                mfu_text = f" | mfu {metrics['train/mfu']:.1f}%"
-            tracker.log(metrics, step=step)
-            print0(
-                f"step {step:05d}/{num_iterations} | loss {train_loss:.4f} (smooth {smooth:.4f}) | lrm {lrm:.3f} "
-                f"| gnorm {grad_norm.item():.3f} | {dt * 1000:.0f} ms | {tok_per_sec:,.0f} tok/s{mfu_text}"
-            )
 
-        if step == num_iterations or (args.save_every > 0 and step % args.save_every == 0):
+        if done == num_iterations or (args.save_every > 0 and done % args.save_every == 0):
             meta = {
                 "model_config": asdict(config),
                 "tokenizer": tokenizer_record(tokenizer),
@@ -573,30 +550,20 @@ def main(argv=None) -> None:
                 "tag": tag,
                 "num_iterations": num_iterations,
                 "grad_accum": grad_accum,
-                "total_batch_size": total_batch_size,
+                "total_batch_size": total_batch,
                 "device_batch_size": device_batch,
                 "stats": stats,
                 "args": vars(args),
             }
-            save(
-                ckpt_dir,
-                step,
-                model,
-                optimizers,
-                meta,
-                rank,
-                args.keep_last,
-                {"loaders": [loader.state_dict() for loader in loaders]},
-            )
+            loader_states = {"loaders": [loader.state_dict() for loader in loaders]}
+            save(ckpt_dir, done, model, optimizers, meta, rank, args.keep_last, loader_states)
 
-    # ---- wrap up (figures accumulate over resumes)
+    # ---- wrap up (the figures accumulate over resumes)
     train_time, timed_steps = stats["train_time"], stats["timed_steps"]
-    avg_tok_per_sec = total_batch_size * timed_steps / train_time if train_time > 0 else None
-    avg_mfu = (
-        100.0 * flops_per_token * avg_tok_per_sec / (peak * world_size)
-        if (peak and avg_tok_per_sec)
-        else None
-    )
+    avg_tok_per_sec = total_batch * timed_steps / train_time if train_time > 0 else None
+    avg_mfu = None
+    if peak and avg_tok_per_sec:
+        avg_mfu = 100.0 * flops_per_token * avg_tok_per_sec / (peak * world_size)
     summary = {
         "final/val_bpb": stats["val_bpb"],
         "final/min_val_bpb": stats["min_val_bpb"],
@@ -604,7 +571,7 @@ def main(argv=None) -> None:
         "final/tok_per_sec": avg_tok_per_sec,
         "final/mfu": avg_mfu,
         "final/steps": num_iterations,
-        "final/tokens": num_iterations * total_batch_size,
+        "final/tokens": num_iterations * total_batch,
         "final/mem_mb": memory_mb(device),
         "final/train_time_s": train_time,
         "final/data_passes": loaders[0].passes,
@@ -612,41 +579,117 @@ def main(argv=None) -> None:
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-        lines = [
-            "## Base model pretraining (base_train)",
-            "",
-            f"- checkpoint: `{ckpt_dir}` (step {num_iterations})",
-            f"- model: depth {config.n_layer}, n_embd {config.n_embd}, {config.n_head} heads, "
-            f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
-            f"- data: source `{args.source}`; {num_iterations} steps x {total_batch_size:,} tokens = "
-            f"{num_iterations * total_batch_size:,} tokens "
-            f"({num_iterations * total_batch_size / budget_params:.2f} tokens/param, budget from {budget_rule}); {loaders[0].passes:.2f} passes over the training "
-            f"documents"
-            + (
-                " (they repeated: more shards would have given fresh text)"
-                if loaders[0].epoch >= 1
-                else ""
-            ),
-            f"- layout: {world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows on "
-            f"{device.type} ({autodetect_dtype(device)})",
-            f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix {args.matrix_lr}, "
-            f"weight decay {args.weight_decay}, warmup {args.warmup_ratio}, warmdown {args.warmdown_ratio}",
-            f"- final train loss: {fmt(stats['train_loss'])}",
-            f"- validation bits per byte: final {fmt(stats['val_bpb'])}, best {fmt(stats['min_val_bpb'])}",
-            f"- throughput: {avg_tok_per_sec:,.0f} tok/s"
-            if avg_tok_per_sec
-            else "- throughput: n/a (no timed steps)",
-            f"- MFU: {avg_mfu:.1f}%"
-            if avg_mfu is not None
-            else "- MFU: n/a (peak FLOPs unknown for this device)",
-            f"- peak memory: {memory_mb(device):,.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})",
-            f"- training time: {train_time:.1f} s over {timed_steps} timed steps (first step of each session excluded)",
-        ]
-        if samples:
-            lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
-        write_section(base_dir, args.run, "base_train", "\n".join(lines))
+        layout = f"{world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows"
+        lines = report_lines(
+            args,
+            ckpt_dir,
+            config,
+            num_params,
+            budget_params,
+            num_iterations,
+            budget_rule,
+            loaders[0],
+            layout,
+            device,
+            stats,
+            summary,
+            samples,
+        )
+        write_section(get_base_dir(), args.run, "base_train", "\n".join(lines))
     cleanup_distributed()
+
+
+def load_tokenizer():
+    try:
+        return get_tokenizer()
+    except (FileNotFoundError, ValueError) as exc:  # missing or damaged: the message names files
+        raise SystemExit(str(exc)) from None
+
+
+def step_metrics(stats, loss, grad_norm, lrm, momentum, dt, tokens, total_batch, loader, device):
+    """The logged figures of one step; updates the running loss average in `stats`."""
+    stats["train_loss"] = loss
+    stats["smooth_loss"] = SMOOTHING * stats["smooth_loss"] + (1 - SMOOTHING) * loss
+    stats["smooth_count"] += 1
+    # the EMA starts at 0: dividing by 1 - beta^n removes that bias from the first steps' average
+    smooth = stats["smooth_loss"] / (1 - SMOOTHING ** stats["smooth_count"])
+    return {
+        "train/loss": loss,
+        "train/loss_smooth": smooth,
+        "train/lrm": lrm,
+        "train/muon_momentum": momentum,
+        "train/grad_norm": grad_norm,
+        "train/tok_per_sec": total_batch / dt,
+        "train/step_time_s": dt,
+        "train/tokens": tokens,
+        "train/mem_mb": memory_mb(device),
+        "train/data_passes": loader.passes,
+    }
+
+
+def print_step(step: int, num_iterations: int, m: dict) -> None:
+    mfu = f" | mfu {m['train/mfu']:.1f}%" if "train/mfu" in m else ""
+    print0(
+        f"step {step:05d}/{num_iterations} | loss {m['train/loss']:.4f} (smooth "
+        f"{m['train/loss_smooth']:.4f}) | lrm {m['train/lrm']:.3f} | gnorm "
+        f"{m['train/grad_norm']:.3f} | {m['train/step_time_s'] * 1000:.0f} ms | "
+        f"{m['train/tok_per_sec']:,.0f} tok/s{mfu}"
+    )
+
+
+def report_lines(
+    args,
+    ckpt_dir,
+    config,
+    num_params,
+    budget_params,
+    num_iterations,
+    budget_rule,
+    loader,
+    layout,
+    device,
+    stats,
+    summary,
+    samples,
+) -> list[str]:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    tokens = summary["final/tokens"]
+    repeated = (
+        " (they repeated: more shards would have given fresh text)" if loader.epoch >= 1 else ""
+    )
+    tok_per_sec, mfu = summary["final/tok_per_sec"], summary["final/mfu"]
+    memory = "CUDA allocated" if device.type == "cuda" else "process RSS"
+    lines = [
+        "## Base model pretraining (base_train)",
+        "",
+        f"- checkpoint: `{ckpt_dir}` (step {num_iterations})",
+        f"- model: depth {config.n_layer}, n_embd {config.n_embd}, {config.n_head} heads, "
+        f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
+        f"- data: source `{args.source}`; {num_iterations} steps x {args.total_batch_size:,} "
+        f"tokens = {tokens:,} tokens ({tokens / budget_params:.2f} tokens/param, budget from "
+        f"{budget_rule}); {loader.passes:.2f} passes over the training documents{repeated}",
+        f"- layout: {layout} on {device.type} ({autodetect_dtype(device)})",
+        f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix "
+        f"{args.matrix_lr}, weight decay {args.weight_decay}, warmup {args.warmup_ratio}, "
+        f"warmdown {args.warmdown_ratio}",
+        f"- final train loss: {fmt(stats['train_loss'])}",
+        f"- validation bits per byte: final {fmt(stats['val_bpb'])}, best "
+        f"{fmt(stats['min_val_bpb'])}",
+        f"- throughput: {tok_per_sec:,.0f} tok/s"
+        if tok_per_sec
+        else "- throughput: n/a (no timed steps)",
+        f"- MFU: {mfu:.1f}%"
+        if mfu is not None
+        else "- MFU: n/a (peak FLOPs unknown for this device)",
+        f"- peak memory: {summary['final/mem_mb']:,.0f} MiB ({memory})",
+        f"- training time: {stats['train_time']:.1f} s over {stats['timed_steps']} timed steps "
+        f"(first step of each session excluded)",
+    ]
+    if samples:
+        lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
+    return lines
 
 
 if __name__ == "__main__":
