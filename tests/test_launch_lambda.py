@@ -1,9 +1,10 @@
 """
-launch_lambda.py against a loopback test double of the Lambda API (validated against the OpenAPI
-spec in ../shared when present) and a real OpenSSH server on loopback: a real deploy (git archive
-over ssh, .env through stdin, tmux, log, rsync fetch) and every failure path ending with no
-running instance and a telling exit code. No secret may appear in output, ssh argv, request
-bodies, or files (other than the remote .env and the local .env the test wrote).
+launch_lambda.py (and its package, nanochat/launcher/) against a loopback test double of the
+Lambda API (validated against the OpenAPI spec in ../shared when present) and a real OpenSSH
+server on loopback: a real deploy (git archive over ssh, .env through stdin, tmux, log, rsync
+fetch) and every failure path ending with no running instance and a telling exit code. No secret
+may appear in output, ssh argv, request bodies, or files (other than the remote .env and the local
+.env the test wrote).
 """
 
 import ast
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -23,9 +25,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lambda_fake_api import FakeLambda  # noqa: E402
 
-import launch_lambda as ll  # noqa: E402
+from nanochat.launcher import errors, fetch  # noqa: E402
+from nanochat.launcher.api import LambdaAPI  # noqa: E402
+from nanochat.launcher.cli import build_parser  # noqa: E402
+from nanochat.launcher.deploy import tmux_session  # noqa: E402
+from nanochat.launcher.settings import remote_env_text  # noqa: E402
+from nanochat.launcher.ssh import Remote  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = REPO_ROOT / "nanochat" / "launcher"
 SPEC_PATH = REPO_ROOT.parent / "shared" / "specs" / "lambda-cloud-openapi.json"
 LAUNCHER = REPO_ROOT / "launch_lambda.py"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -85,7 +93,7 @@ def fake(spec):
 
 def kill_tmux(instance_id):
     subprocess.run(
-        ["tmux", "kill-session", "-t", "=" + ll.tmux_session(instance_id)], capture_output=True
+        ["tmux", "kill-session", "-t", "=" + tmux_session(instance_id)], capture_output=True
     )
 
 
@@ -279,22 +287,72 @@ def state_of(env):
 # static properties
 
 
-def test_no_torch_in_import_graph():
-    code = (
-        "import sys; import launch_lambda; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'nanochat', 'wandb')); "
-        "print(bad); assert not bad"
-    )
+# Run in a fresh interpreter where torch, numpy and wandb cannot be imported, as on a laptop with
+# only requests and python-dotenv: import the entry point and every module of the package, write
+# the names of the loaded modules to argv[1], then run `launch_lambda.py --help`.
+IMPORT_WITHOUT_TORCH = textwrap.dedent("""
+    import importlib, json, pkgutil, sys
+
+    class NotInstalled:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "numpy", "wandb"):
+                raise ImportError(f"{name} is not installed on this laptop")
+
+    sys.meta_path.insert(0, NotInstalled())
+    import launch_lambda
+    import nanochat.launcher
+
+    for info in pkgutil.iter_modules(nanochat.launcher.__path__):
+        importlib.import_module("nanochat.launcher." + info.name)
+    with open(sys.argv[1], "w") as f:
+        json.dump(sorted(sys.modules), f)
+    launch_lambda.main(["--help"])
+""")
+# What the launcher may load from nanochat outside its own package: stdlib-only modules.
+NANOCHAT_OUTSIDE_LAUNCHER = {"nanochat", "nanochat.files"}
+
+
+def test_no_torch_in_import_graph(tmp_path):
+    (tmp_path / "probe.py").write_text(IMPORT_WITHOUT_TORCH)
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True
+        [sys.executable, str(tmp_path / "probe.py"), str(tmp_path / "modules.json")],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        capture_output=True,
+        text=True,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    tree = ast.parse(LAUNCHER.read_text())
-    imported = {
-        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-    }
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert imported - set(sys.stdlib_module_names) == {"requests", "dotenv"}
+    assert proc.returncode == 0 and "usage: " in proc.stdout, proc.stdout + proc.stderr
+    loaded = json.loads((tmp_path / "modules.json").read_text())
+    package = {f"nanochat.launcher.{p.stem}" for p in PACKAGE_DIR.glob("*.py")}
+    package.discard("nanochat.launcher.__init__")
+    assert package <= set(loaded)  # every module was imported, so the check covers them all
+    bad = sorted(
+        m
+        for m in loaded
+        if m.split(".")[0] in ("torch", "numpy", "wandb")
+        or (
+            m.split(".")[0] == "nanochat"
+            and not m.startswith("nanochat.launcher")
+            and m not in NANOCHAT_OUTSIDE_LAUNCHER
+        )
+    )
+    assert not bad
+
+
+def test_only_requests_and_dotenv_beyond_the_stdlib():
+    """Read from the source, so an import inside a function that no test runs is caught too."""
+    imported = set()
+    for path in [LAUNCHER, *PACKAGE_DIR.glob("*.py"), REPO_ROOT / "nanochat" / "files.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module)
+    nanochat = {m for m in imported if m.split(".")[0] == "nanochat"}
+    assert {m for m in nanochat if not m.startswith("nanochat.launcher")} == {"nanochat.files"}
+    third_party = {m.split(".")[0] for m in imported - nanochat}
+    assert third_party - set(sys.stdlib_module_names) == {"requests", "dotenv"}
 
 
 def test_spec_validation_is_active(spec):
@@ -313,20 +371,20 @@ def test_spec_validation_is_active(spec):
         "POST",
         "/api/v1/instance-operations/launch",
         400,
-        {"error": {"code": ll.LambdaAPI.CAPACITY, "message": "m"}},
+        {"error": {"code": LambdaAPI.CAPACITY, "message": "m"}},
     )
 
 
 def test_remote_env_text_quotes_and_refuses_unsafe_values():
-    text = ll.remote_env_text(
+    text = remote_env_text(
         {"WANDB_API_KEY": "abc", "WANDB_PROJECT": "p", "LAMBDA_API_KEY": "never", "X": "1"},
         extra_keys=["X"],
     )
     assert (
         text == "WANDB_API_KEY='abc'\nWANDB_PROJECT='p'\nX='1'\n"
     )  # the Lambda key never goes to the instance
-    with pytest.raises(ll.LaunchError) as e:
-        ll.remote_env_text({"WANDB_API_KEY": "a'b"})
+    with pytest.raises(errors.LaunchError) as e:
+        remote_env_text({"WANDB_API_KEY": "a'b"})
     assert "WANDB_API_KEY" in str(e.value) and "a'b" not in str(e.value)
 
 
@@ -334,7 +392,7 @@ def test_client_rate_limits(fake, monkeypatch):
     monkeypatch.setenv("LAMBDA_RATE_LIMIT_S", "0.15")
     monkeypatch.setenv("LAMBDA_LAUNCH_RATE_LIMIT_S", "0.4")
     fake.launch_window = 0.4  # the fake answers 429 to launches closer than this
-    api = ll.LambdaAPI(fake.url, LAMBDA_KEY, retries=0)
+    api = LambdaAPI(fake.url, LAMBDA_KEY, retries=0)
     for _ in range(3):
         api.instance_types()
     body = {
@@ -396,7 +454,8 @@ def test_default_command_needs_the_orchestrator_in_the_tree(env, fake, tmp_path)
     )
     proc, out = launcher(env, *launch_args("--repo", str(repo)))
     assert (
-        proc.returncode == ll.EXIT_CONFIG and "run_aquarat_small.sh is not in the git tree" in out
+        proc.returncode == errors.EXIT_CONFIG
+        and "run_aquarat_small.sh is not in the git tree" in out
     )
     assert not fake.requests  # checked before any API call, so nothing is ever launched for it
 
@@ -405,7 +464,7 @@ def test_missing_api_key_is_named(env, fake, tmp_path):
     (tmp_path / "empty.env").write_text("")
     for args in (["types"], launch_args("--no-deploy")):
         proc, out = launcher(env, *args, "--env-file", str(tmp_path / "empty.env"), env_file=False)
-        assert proc.returncode == ll.EXIT_CONFIG and "LAMBDA_API_KEY is not set" in out
+        assert proc.returncode == errors.EXIT_CONFIG and "LAMBDA_API_KEY is not set" in out
     assert not fake.requests
 
 
@@ -414,7 +473,7 @@ def test_rejected_api_key_exits_3_without_launching(env, fake, tmp_path):
     proc, out = launcher(
         env, *launch_args("--no-deploy"), "--env-file", str(tmp_path / "bad.env"), env_file=False
     )
-    assert proc.returncode == ll.EXIT_CONFIG, out
+    assert proc.returncode == errors.EXIT_CONFIG, out
     assert "global/invalid-api-key" in out and "LAMBDA_API_KEY" in out
     assert not fake.launches() and not fake.instances
 
@@ -436,7 +495,7 @@ def test_capacity_errors_then_success_with_wait(env, fake):
         == "0o600"
     )
     proc, out = launcher(env, "terminate", iid)
-    assert proc.returncode == ll.EXIT_USAGE and "--yes" in out and fake.running()
+    assert proc.returncode == errors.EXIT_USAGE and "--yes" in out and fake.running()
     proc, out = launcher(env, "terminate", iid, "--yes")
     assert (
         proc.returncode == 0 and not fake.running() and state_of(env)[iid]["status"] == "terminated"
@@ -455,7 +514,7 @@ def test_region_auto_moves_to_another_region(env, fake):
 def test_no_capacity_exits_5_with_advice(env, fake):
     fake.capacity["gpu_8x_h100_sxm5"] = []
     proc, out = launcher(env, *launch_args("--no-deploy"))
-    assert proc.returncode == ll.EXIT_NO_CAPACITY, out
+    assert proc.returncode == errors.EXIT_NO_CAPACITY, out
     assert "no capacity" in out and "--wait-capacity" in out and not fake.launches()
 
 
@@ -480,14 +539,14 @@ def test_429_and_5xx_are_retried_without_double_launch(env, fake):
 def test_persistent_5xx_exits_4(env, fake):
     fake.fail("GET", r"/ssh-keys$", 503, "provider/internal-unavailable", times=10)
     proc, out = launcher(env, *launch_args("--no-deploy"))
-    assert proc.returncode == ll.EXIT_API, out
+    assert proc.returncode == errors.EXIT_API, out
     assert "provider/internal-unavailable" in out and not fake.instances
 
 
 def test_never_active_terminates(env, fake, project):
     fake.never_active = True
     proc, out = launcher(env, *launch_args("--active-timeout", "0.5", "--repo", str(project)))
-    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert proc.returncode == errors.EXIT_NOT_READY, out
     assert "not active after" in out and "Terminated" in out
     assert not fake.running() and len(fake.instances) == 1
 
@@ -497,7 +556,7 @@ def test_keep_on_failure_keeps_and_says_so(env, fake, project):
     proc, out = launcher(
         env, *launch_args("--active-timeout", "0.3", "--keep-on-failure", "--repo", str(project))
     )
-    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert proc.returncode == errors.EXIT_NOT_READY, out
     assert "STILL RUNNING" in out and len(fake.running()) == 1
     iid = fake.running()[0]["id"]
     proc, out = launcher(env, "status")
@@ -526,7 +585,7 @@ def test_ssh_never_answers_terminates(env, fake, project, tmp_path):
         )
     finally:
         silent.close()
-    assert proc.returncode == ll.EXIT_NOT_READY, out
+    assert proc.returncode == errors.EXIT_NOT_READY, out
     assert "never answered" in out and "Terminated" in out and not fake.running()
 
 
@@ -575,7 +634,7 @@ def test_ctrl_c_while_booting_terminates(env, fake, project):
     )
     reader.wait_for(": booting")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
+    assert proc.wait(timeout=30) == errors.EXIT_INTERRUPTED
     reader.thread.join(5)
     assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
     assert not any(s in reader.text for s in SECRETS)
@@ -695,7 +754,7 @@ def test_remote_failure_fetches_then_terminates(env, fake, sshd, project, tmp_pa
             "bash run_aquarat_small.sh --exit 3",
         ),
     )
-    assert proc.returncode == ll.EXIT_RUN_FAILED, out
+    assert proc.returncode == errors.EXIT_RUN_FAILED, out
     assert "exited with code 3" in out and "Terminated" in out and not fake.running()
     assert (dest / "report" / "report.md").exists() and "exit code 3" in (
         dest / "run.log"
@@ -708,7 +767,7 @@ def test_deploy_error_terminates(env, fake, sshd, project, tmp_path):
         "/proc/not-a-place-for-code"  # mkdir fails, even for root
     )
     proc, out = launcher(env, *launch_args("--repo", str(project), *flags))
-    assert proc.returncode == ll.EXIT_DEPLOY, out
+    assert proc.returncode == errors.EXIT_DEPLOY, out
     assert (
         "ssh root@127.0.0.1 failed" in out.replace(sshd["user"] + "@", "root@")
         and "Terminated" in out
@@ -726,7 +785,7 @@ def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, proje
         )
     finally:
         (sshd["dir"] / "no_gpu").unlink()
-    assert proc.returncode == ll.EXIT_DEPLOY, out
+    assert proc.returncode == errors.EXIT_DEPLOY, out
     assert "the instance lists no GPU (`nvidia-smi -L` exit 9: NVIDIA-SMI has failed" in out
     assert "Terminated" in out and not fake.running()
     assert not (remote_home / "nanochat-aquarat").exists()  # nothing shipped, nothing started
@@ -746,7 +805,7 @@ def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):
     )
     reader.wait_for("pipeline running")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == ll.EXIT_INTERRUPTED
+    assert proc.wait(timeout=30) == errors.EXIT_INTERRUPTED
     reader.thread.join(5)
     assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
     assert not any(s in reader.text for s in SECRETS)
@@ -762,11 +821,11 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
     (
         base / "checkpoints" / "base" / "d4" / "step_000101"
     ).mkdir()  # a save killed before its meta.json
-    remote = ll.Remote(
+    remote = Remote(
         "127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5
     )
-    monkeypatch.setattr(ll.shutil, "which", lambda name: None)
-    dest = ll.fetch_artifacts(remote, str(tmp_path / "nowhere"), str(base), tmp_path / "out")
+    monkeypatch.setattr(fetch.shutil, "which", lambda name: None)
+    dest = fetch.fetch_artifacts(remote, str(tmp_path / "nowhere"), str(base), tmp_path / "out")
     assert (dest / "report" / "report.md").read_text() == "r\n"
     assert [p.name for p in (dest / "checkpoints" / "base" / "d4").iterdir()] == ["step_000100"]
 
@@ -775,7 +834,7 @@ def test_docs_mention_only_real_flags_and_codes():
     """QUICKSTART.md and the manual must stay true to the code: every launcher flag they name exists."""
     import re
 
-    parser = ll.build_parser()
+    parser = build_parser()
     flags = set()
     for action in parser._subparsers._group_actions[0].choices.values():
         flags |= {s for a in action._actions for s in a.option_strings}
@@ -791,13 +850,13 @@ def test_docs_mention_only_real_flags_and_codes():
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text))
         assert named - flags - pipeline_flags == set(), f"{doc} names flags the launcher lacks"
         for code in (
-            ll.EXIT_CONFIG,
-            ll.EXIT_API,
-            ll.EXIT_NO_CAPACITY,
-            ll.EXIT_NOT_READY,
-            ll.EXIT_DEPLOY,
-            ll.EXIT_RUN_FAILED,
-            ll.EXIT_INTERRUPTED,
+            errors.EXIT_CONFIG,
+            errors.EXIT_API,
+            errors.EXIT_NO_CAPACITY,
+            errors.EXIT_NOT_READY,
+            errors.EXIT_DEPLOY,
+            errors.EXIT_RUN_FAILED,
+            errors.EXIT_INTERRUPTED,
         ):
             assert f"| {code} |" in text
     launch_flags = {

@@ -1,0 +1,10 @@
+"""The Lambda Cloud launcher behind `python launch_lambda.py`. It runs on a laptop with only
+requests and python-dotenv, so nothing here imports torch or the rest of nanochat.
+
+errors    exit codes and LaunchError          settings  keys from the environment / .env
+api       the Lambda Cloud API client         state     what this laptop launched
+ssh       ssh subprocesses to one node        deploy    ship the tree, start and watch the run
+fetch     bring results home                  cost      dollars and durations for messages
+launch    the `launch` subcommand             commands  types, status, logs, fetch, terminate, ssh
+cli       flags and main()
+"""

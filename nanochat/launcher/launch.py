@@ -1,0 +1,478 @@
+"""The `launch` subcommand: check, launch, wait, deploy, and (with --auto-terminate) watch, fetch
+and terminate.
+
+The money rule: once an instance exists, every failure (an error, a bug, Ctrl-C, SIGTERM/SIGHUP)
+terminates it before the launcher exits, unless --keep-on-failure asks to keep it.
+"""
+
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nanochat.launcher.api import ApiError, LambdaAPI, api_failure
+from nanochat.launcher.cost import duration, money
+from nanochat.launcher.deploy import (
+    GONE,
+    check_gpus,
+    deploy,
+    follow_run,
+    git_succeeds,
+    tmux_session,
+    tree_to_ship,
+)
+from nanochat.launcher.errors import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NO_CAPACITY,
+    EXIT_NOT_READY,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_USAGE,
+    LaunchError,
+)
+from nanochat.launcher.fetch import default_dest, fetch_artifacts
+from nanochat.launcher.settings import remote_env_text, require_api_key
+from nanochat.launcher.ssh import Remote, shown
+from nanochat.launcher.state import State, timestamp
+
+DEFAULT_COMMAND = "bash run_aquarat_small.sh"
+
+
+def cmd_launch(args, settings):
+    api, env_text = check_before_launching(args, settings)
+    if args.dry_run:
+        return dry_run(api, args)
+    ssh_key, existing_ids = look_at_account(api, args.ssh_key_name)
+    state = State()
+    instance_id, region, price = acquire_or_clean_up(api, state, args, ssh_key, existing_ids)
+    command = remote_command(args, price)
+    print(
+        f"Launched {instance_id} ({args.instance_type}, {region}) at {money(price)}/hour. "
+        "Billing has started."
+    )
+    # From here on, any failure terminates the instance (unless --keep-on-failure).
+    try:
+        record_launch(state, args, instance_id, region, price, command)
+        return after_launch(api, state, args, instance_id, price, command, env_text)
+    except KeyboardInterrupt:
+        failure = LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
+    except LaunchError as e:
+        failure = e
+    except ApiError as e:
+        failure = api_failure(e, "API error after launch")
+    except Exception as e:  # a bug must not leave a billed instance behind either
+        failure = LaunchError(f"unexpected error: {type(e).__name__}: {e}", EXIT_ERROR)
+    cleanup_after_failure(api, state, instance_id, args.keep_on_failure, failure)
+    raise failure
+
+
+def check_before_launching(args, settings):
+    """Everything that can be checked locally, before any API call: (api or None, remote .env).
+    A mistake found here costs nothing; found on the node, it costs a launch."""
+    key = None if args.dry_run and not settings.get("LAMBDA_API_KEY") else require_api_key(settings)
+    if not settings.get("WANDB_API_KEY"):
+        print(
+            "warning: WANDB_API_KEY is not set (environment or .env): the run will log to W&B "
+            "offline on the instance; metrics are still mirrored under runs/ and fetched."
+        )
+    env_text = remote_env_text(settings, args.forward_env)
+    if args.ssh_key_file and not Path(args.ssh_key_file).is_file():
+        raise LaunchError(f"--ssh-key-file {args.ssh_key_file} does not exist", EXIT_CONFIG)
+    if not args.no_deploy:
+        tree, _, _ = tree_to_ship(args.repo)
+        if args.command is None and not git_succeeds(
+            args.repo, "cat-file", "-e", f"{tree}:run_aquarat_small.sh"
+        ):
+            raise LaunchError(
+                f"run_aquarat_small.sh is not in the git tree of {args.repo}; commit it or pass "
+                "--command",
+                EXIT_CONFIG,
+            )
+    # The name is how a lost launch answer is recognised later (LambdaAPI.launch): make it ours.
+    args.name = args.name or f"nanochat-aquarat-{secrets.token_hex(3)}"
+    api = LambdaAPI(args.api_base, key) if key else None
+    return api, env_text
+
+
+def look_at_account(api, wanted_key):
+    """(SSH key name to attach, ids of the instances that exist before we launch)."""
+    try:
+        ssh_key = choose_ssh_key(api, wanted_key)
+        existing = api.instances()
+    except ApiError as e:
+        raise api_failure(e, "preparing the launch") from e
+    if existing:
+        listed = ", ".join(
+            f"{i['id']} ({i['instance_type']['name']}, {i['status']})" for i in existing
+        )
+        print(f"note: you already have {len(existing)} instance(s) running: {listed}")
+    return ssh_key, {i["id"] for i in existing}
+
+
+def choose_ssh_key(api, wanted):
+    names = [k["name"] for k in api.ssh_keys()]
+    if wanted:
+        if wanted not in names:
+            raise LaunchError(
+                f"--ssh-key-name {wanted!r} is not on your account; keys: {names or 'none'}",
+                EXIT_CONFIG,
+            )
+        return wanted
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise LaunchError(
+            "your Lambda account has no SSH key: add your public key at "
+            "https://cloud.lambda.ai/ssh-keys (see LAMBDA_MANUAL_SETUP.md) and retry",
+            EXIT_CONFIG,
+        )
+    if not sys.stdin.isatty():
+        raise LaunchError(
+            f"several SSH keys on the account ({', '.join(names)}): pass --ssh-key-name",
+            EXIT_CONFIG,
+        )
+    for i, name in enumerate(names, 1):
+        print(f"  [{i}] {name}")
+    choice = input("Which SSH key should the instance accept? number: ").strip()
+    if not choice.isdigit() or not 1 <= int(choice) <= len(names):
+        raise LaunchError(f"no such key number: {choice!r}", EXIT_USAGE)
+    return names[int(choice) - 1]
+
+
+def lookup_type(types, name):
+    if name not in types:
+        raise LaunchError(
+            f"--instance-type {name!r} does not exist; run `python launch_lambda.py types`. "
+            f"Known: {', '.join(sorted(types))}",
+            EXIT_CONFIG,
+        )
+    return types[name]
+
+
+# -----------------------------------------------------------------------------
+# Getting an instance
+
+
+def acquire_or_clean_up(api, state, args, ssh_key, existing_ids):
+    """(instance id, region, price in cents/hour). A Ctrl-C here may land while a launch request
+    is in flight, so before giving up we look for an instance that request made and terminate it."""
+    try:
+        return acquire_instance(api, args, ssh_key, existing_ids)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("Interrupted; checking that no instance was launched ...")
+        try:
+            for inst in api.new_instances(args.name, existing_ids):
+                cleanup_after_failure(api, state, inst["id"], args.keep_on_failure, "interrupted")
+        except ApiError as e:
+            print(
+                f"!!! could not check ({e}): look at https://cloud.lambda.ai/instances "
+                f"for '{args.name}'"
+            )
+        raise LaunchError("interrupted before the instance was ready", EXIT_INTERRUPTED) from None
+    except ApiError as e:
+        raise api_failure(e, "launch failed") from e
+
+
+def acquire_instance(api, args, ssh_key, known_ids):
+    """Launches in the requested region (or any region with capacity), waiting for capacity if
+    asked to."""
+    deadline = time.monotonic() + 60 * (args.wait_capacity or 0)
+    body = {"instance_type_name": args.instance_type, "ssh_key_names": [ssh_key], "name": args.name}
+    while True:
+        item = lookup_type(api.instance_types(), args.instance_type)
+        available = [r["name"] for r in item["regions_with_capacity_available"]]
+        if args.region == "auto":
+            candidates = available
+        else:
+            candidates = [args.region] if args.region in available else []
+        if not candidates:
+            print(
+                f"No capacity for {args.instance_type} in {args.region}; regions with capacity "
+                f"now: {', '.join(available) or 'none'}"
+            )
+        for region in candidates:
+            print(f"Launching {args.instance_type} in {region} as '{args.name}' ...")
+            try:
+                instance_id = api.launch(dict(body, region_name=region), known_ids)
+            except ApiError as e:
+                # Capacity can vanish between the listing and the launch: try the next region.
+                if e.code != LambdaAPI.CAPACITY:
+                    raise api_failure(e, "launch failed") from e
+                print(f"  {region}: insufficient capacity")
+                continue
+            return instance_id, region, item["instance_type"]["price_cents_per_hour"]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            hint = " Try --region auto, another type, or --wait-capacity MINUTES."
+            if args.wait_capacity:
+                hint = ""
+            raise LaunchError(
+                f"no capacity for {args.instance_type} in {args.region}.{hint}", EXIT_NO_CAPACITY
+            )
+        print(f"  waiting for capacity ({left / 60:.1f} min left of --wait-capacity) ...")
+        time.sleep(min(args.poll_interval, max(left, 0.1)))
+
+
+def record_launch(state, args, instance_id, region, price, command):
+    """What later `status`, `logs`, `fetch` and `ssh` calls need, from any directory."""
+    state.update(
+        instance_id,
+        name=args.name,
+        instance_type=args.instance_type,
+        region=region,
+        status="booting",
+        price_cents_per_hour=price,
+        launched_at=timestamp(),
+        ssh_user=args.ssh_user,
+        ssh_port=args.ssh_port,
+        ssh_key_file=args.ssh_key_file,
+        remote_dir=args.remote_dir,
+        remote_base_dir=args.remote_base_dir,
+        tmux_session=tmux_session(instance_id),
+        command=command,
+    )
+
+
+def remote_command(args, price_cents=None):
+    """The command run on the node. The default one asks for the gpu profile outright (a node
+    whose torch cannot see its GPUs then stops at once instead of running the cpu profile on a
+    billed machine) and passes the instance's price for the report's cost per stage, unless the
+    user's own flags say otherwise."""
+    if args.command:
+        return args.command
+    argv = shlex.split(DEFAULT_COMMAND) + args.run_args
+    if "--profile" not in args.run_args:
+        argv += ["--profile", "gpu"]
+    if price_cents is not None and "--gpu-hourly-price" not in args.run_args:
+        argv += ["--gpu-hourly-price", f"{price_cents / 100:.2f}"]
+    return shlex.join(argv)
+
+
+# -----------------------------------------------------------------------------
+# After the launch: everything here runs under cmd_launch's terminate-on-failure guard
+
+
+def after_launch(api, state, args, instance_id, price, command, env_text):
+    launched = time.monotonic()
+    remote = connect_when_active(api, state, args, instance_id, price, launched)
+    if args.no_deploy:
+        print(
+            f"--no-deploy: nothing started. The instance keeps billing until "
+            f"`python launch_lambda.py terminate {instance_id}`."
+        )
+        return EXIT_OK
+    remote.wait_ready(args.ssh_timeout, args.poll_interval)
+    if not args.skip_gpu_check:
+        check_gpus(remote)
+    session = tmux_session(instance_id)
+    deploy(remote, args.repo, args.remote_dir, command, args.remote_base_dir, env_text, session)
+    state.update(instance_id, deployed_at=timestamp())
+    if not args.auto_terminate:
+        print(
+            "The run continues without this laptop. "
+            f"Follow: python launch_lambda.py logs {instance_id} --follow\n"
+            f"  Results: python launch_lambda.py fetch {instance_id}\n"
+            f"  STOP BILLING when done: python launch_lambda.py terminate {instance_id}"
+        )
+        return EXIT_OK
+    return watch_fetch_terminate(api, state, args, remote, instance_id, price, launched)
+
+
+def connect_when_active(api, state, args, instance_id, price, launched):
+    inst = wait_active(api, instance_id, args.active_timeout, args.poll_interval)
+    state.update(instance_id, ip=inst["ip"], status="active")
+    remote = Remote(
+        inst["ip"],
+        args.ssh_user,
+        args.ssh_port,
+        args.ssh_key_file,
+        state.known_hosts,
+        connect_timeout=min(10, max(1, args.ssh_timeout)),
+    )
+    remote.forget_host()
+    so_far = price * (time.monotonic() - launched) / 3600
+    print(
+        f"Instance {instance_id} is active at {inst['ip']}.\n"
+        f"  SSH:  {remote.human_command()}   (or: python launch_lambda.py ssh {instance_id})\n"
+        f"  Cost: {money(price)}/hour, ~{money(so_far)} so far"
+    )
+    return remote
+
+
+def wait_active(api, instance_id, timeout, poll):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            inst = api.instance(instance_id)
+            status = inst["status"]
+        except ApiError as e:
+            if e.code != LambdaAPI.NOT_FOUND:  # a brand-new instance can briefly be unknown
+                raise api_failure(e, f"polling instance {instance_id}") from e
+            inst, status = {}, "not visible yet"
+        if status == "active" and inst.get("ip"):
+            return inst
+        if status in GONE:
+            raise LaunchError(
+                f"instance {instance_id} became {status} while booting", EXIT_NOT_READY
+            )
+        if time.monotonic() >= deadline:
+            raise LaunchError(
+                f"instance {instance_id} was not active after {timeout:.0f}s (status: {status})",
+                EXIT_NOT_READY,
+            )
+        print(f"  instance {instance_id}: {status} ...")
+        time.sleep(poll)
+
+
+def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched):
+    print("--auto-terminate: watching the run (Ctrl-C terminates the instance) ...")
+    max_seconds = args.max_hours * 3600 if args.max_hours else None
+    dest = args.dest or default_dest(instance_id)
+    try:
+        code = follow_run(
+            remote,
+            args.remote_dir,
+            tmux_session(instance_id),
+            args.poll_interval,
+            args.ssh_timeout,
+            max_seconds,
+            api,
+            instance_id,
+        )
+    except LaunchError as e:
+        if e.exit_code == EXIT_RUN_FAILED:  # bring home whatever exists before terminating
+            fetch_what_exists(remote, args, dest)
+        raise
+    dest = fetch_artifacts(remote, args.remote_dir, args.remote_base_dir, dest)
+    hours = (time.monotonic() - launched) / 3600
+    if code != 0:
+        raise LaunchError(
+            f"the remote command exited with code {code}; log and artifacts are in {dest}",
+            EXIT_RUN_FAILED,
+        )
+    print(f"Run finished OK. Terminating {instance_id} ...")
+    terminate_instance(api, state, instance_id)
+    print(
+        f"Terminated {instance_id} after {duration(hours)} (~{money(price * hours)}). "
+        f"Results in {dest}"
+    )
+    return EXIT_OK
+
+
+def fetch_what_exists(remote, args, dest):
+    try:
+        fetch_artifacts(remote, args.remote_dir, args.remote_base_dir, dest)
+    except (LaunchError, subprocess.TimeoutExpired) as fetch_error:
+        print(f"  could not fetch artifacts: {fetch_error}")
+
+
+# -----------------------------------------------------------------------------
+# Terminating
+
+
+def terminate_instance(api, state, instance_id):
+    try:
+        api.terminate(instance_id)
+    except ApiError as e:
+        if e.code != LambdaAPI.NOT_FOUND:
+            raise
+        print(f"  {instance_id} was already gone")
+    if state.get(instance_id):
+        state.update(instance_id, status="terminated", terminated_at=timestamp())
+
+
+def cleanup_after_failure(api, state, instance_id, keep, reason):
+    print(f"FAILED after launching {instance_id}: {reason}")
+    if keep:
+        print(
+            f"--keep-on-failure: instance {instance_id} is STILL RUNNING and billed. Inspect it "
+            f"with `python launch_lambda.py ssh {instance_id}`, then "
+            f"`python launch_lambda.py terminate {instance_id}`."
+        )
+        return
+    print(
+        f"Terminating {instance_id} so it does not keep billing (use --keep-on-failure to keep "
+        "it) ..."
+    )
+    # An impatient second Ctrl-C must not cut the termination short and leave the node billing.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        terminate_instance(api, state, instance_id)
+        print(f"Terminated {instance_id}.")
+    except Exception as e:
+        # Say it loudly and go on to exit: the user must act, and retrying here could hang.
+        print(
+            f"!!! COULD NOT TERMINATE {instance_id}: {e}\n"
+            "!!! It may still be billing. Terminate it now at https://cloud.lambda.ai/instances "
+            f"or with `python launch_lambda.py terminate {instance_id}`."
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -----------------------------------------------------------------------------
+# --dry-run
+
+
+def dry_run(api, args):
+    print("DRY RUN: nothing will be launched, shipped or terminated.")
+    if api is None:
+        print("  (no LAMBDA_API_KEY: not checking types, capacity or SSH keys)")
+        price = None
+    else:
+        price = show_type_and_key(api, args)
+    command = remote_command(args, price)
+    wait = f" (wait up to {args.wait_capacity} min for capacity)" if args.wait_capacity else ""
+    print(
+        f"  plan:      launch {args.instance_type} in region {args.region} named {args.name}{wait}"
+    )
+    if args.no_deploy:
+        print(
+            "  then:      nothing (--no-deploy): print the SSH command "
+            "and leave the instance running"
+        )
+    else:
+        print(
+            f"  then:      ship {args.repo} (git archive) to {shown(args.remote_dir)}, "
+            f"write .env (600), run in tmux: {command}"
+        )
+        print(f"  NANOCHAT_BASE_DIR on the instance: {args.remote_base_dir}")
+        if args.auto_terminate:
+            afterwards = "watch, fetch artifacts, terminate (--auto-terminate)"
+        else:
+            afterwards = "leave it running: you terminate it yourself"
+        print(f"  finally:   {afterwards}")
+    if price is not None:
+        hours = [args.max_hours] if args.max_hours else [1, 4, 8]
+        estimates = ", ".join(f"{h:g} h = {money(price * h)}" for h in hours)
+        print(f"  cost:      {money(price)}/hour; {estimates}")
+    return EXIT_OK
+
+
+def show_type_and_key(api, args):
+    """The dry run's look at the account: type, capacity now, SSH key. Returns the price."""
+    try:
+        item = lookup_type(api.instance_types(), args.instance_type)
+        keys = [k["name"] for k in api.ssh_keys()]
+    except ApiError as e:
+        raise api_failure(e, "dry run") from e
+    regions = [r["name"] for r in item["regions_with_capacity_available"]]
+    print(f"  type:      {args.instance_type}: {item['instance_type']['description']}")
+    print(f"  capacity:  {', '.join(regions) or 'none right now'}")
+    if args.ssh_key_name and args.ssh_key_name not in keys:
+        raise LaunchError(
+            f"--ssh-key-name {args.ssh_key_name!r} is not on your account; keys: {keys}",
+            EXIT_CONFIG,
+        )
+    if args.ssh_key_name:
+        key = args.ssh_key_name
+    else:
+        key = keys[0] if len(keys) == 1 else "ask among " + ", ".join(keys)
+    print(f"  ssh key:   {key}")
+    return item["instance_type"]["price_cents_per_hour"]
