@@ -42,7 +42,8 @@ WANDB_KEY = "wandbsecret0123456789abcdef0123456789abcd"
 SECRETS = (LAMBDA_KEY, WANDB_KEY)
 
 FAKE_PIPELINE = r"""#!/usr/bin/env bash
-# Stand-in for the real orchestrator: writes a report, metrics and checkpoints into NANOCHAT_BASE_DIR.
+# Stand-in for the real orchestrator: writes a report, metrics and checkpoints into
+# NANOCHAT_BASE_DIR.
 set -e
 sleep_s=0; code=0; args="$*"
 while [ $# -gt 0 ]; do
@@ -51,12 +52,15 @@ done
 echo "pipeline running with base $NANOCHAT_BASE_DIR, args: $args"
 echo "wandb key present: ${WANDB_API_KEY:+yes}, project: $WANDB_PROJECT"
 cd "$NANOCHAT_BASE_DIR"
-mkdir -p report runs/r1 tokenizer checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010 checkpoints/sft/d4/step_000011.tmp checkpoints/rl/d4/step_000005
+mkdir -p report runs/r1 tokenizer checkpoints/rl/d4/step_000005
+mkdir -p checkpoints/sft/d4/step_000002 checkpoints/sft/d4/step_000010
+mkdir -p checkpoints/sft/d4/step_000011.tmp  # not a step directory: never fetched
 echo "# fake report" > report/report.md
 echo "fake tokenizer" > tokenizer/tokenizer.pkl
 echo '{"step": 1, "rl/acc": 0.5}' > runs/r1/rl.jsonl
 for d in checkpoints/*/d4/step_*; do echo weights > "$d/model.pt"; echo '{}' > "$d/meta.json"; done
-mkdir -p checkpoints/sft/d4/step_000012 && echo half > checkpoints/sft/d4/step_000012/model.pt  # save killed
+# a save killed midway: weights but no meta.json
+mkdir -p checkpoints/sft/d4/step_000012 && echo half > checkpoints/sft/d4/step_000012/model.pt
 sleep "$sleep_s"
 echo "pipeline done"
 exit "$code"
@@ -105,10 +109,12 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
-    """A real sshd on a free loopback port, with its own host key, accepting one generated user key."""
+    """A real sshd on a free loopback port, with its own host key, accepting one generated user
+    key."""
     if not Path(SSHD).is_file():
         pytest.skip(
-            f"OpenSSH server not installed ({SSHD} missing): apt-get install openssh-server (.ci/run does)"
+            f"OpenSSH server not installed ({SSHD} missing): "
+            "apt-get install openssh-server (.ci/run does)"
         )
     if not shutil.which("tmux"):
         pytest.skip("tmux not installed: apt-get install tmux (.ci/run does)")
@@ -166,7 +172,8 @@ SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 @pytest.fixture
 def project(tmp_path):
-    """A tiny git checkout to ship: the fake pipeline, a committed file with an uncommitted edit, an untracked file."""
+    """A tiny git checkout to ship: the fake pipeline, a committed file with an uncommitted edit,
+    an untracked file."""
     repo = tmp_path / "project"
     repo.mkdir()
     (repo / "run_aquarat_small.sh").write_text(FAKE_PIPELINE)
@@ -182,7 +189,8 @@ def project(tmp_path):
 
 @pytest.fixture
 def env(tmp_path, fake):
-    """Environment for launcher subprocesses: secrets only in a .env file, tiny limits, ssh argv logged."""
+    """Environment for launcher subprocesses: secrets only in a .env file, tiny limits, ssh argv
+    logged."""
     shim = tmp_path / "shim"
     shim.mkdir()
     for tool in ("ssh", "scp", "rsync"):
@@ -226,15 +234,19 @@ def env(tmp_path, fake):
             assert not any(s.encode() in data for s in SECRETS), f"a secret was written to {path}"
 
 
+def launcher_command(env, args, env_file=True):
+    """argv for `python launch_lambda.py ARGS`, reading the test's secrets.env (before any `--`,
+    which hands the rest to the remote side)."""
+    args = list(args)
+    if env_file:
+        cut = args.index("--") if "--" in args else len(args)
+        args[cut:cut] = ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
+    return [sys.executable, str(LAUNCHER), *args]
+
+
 def launcher(env, *args, env_file=True, cwd=None, timeout=60):
-    cmd = [sys.executable, str(LAUNCHER), *args]
-    if env_file and "--" not in args:
-        cmd += ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
-    elif env_file:
-        i = cmd.index("--")
-        cmd[i:i] = ["--env-file", str(Path(env["ARGV_LOG"]).parent / "secrets.env")]
     proc = subprocess.run(
-        cmd,
+        launcher_command(env, args, env_file),
         env=env,
         cwd=cwd or Path(env["HOME"]).parent,
         capture_output=True,
@@ -276,6 +288,11 @@ def launch_args(*extra):
         "10",
         *extra,
     ]
+
+
+def deploy_args(sshd, project, remote_home, *extra):
+    """launch_args for a real deploy of `project` to the loopback sshd, into remote_home."""
+    return launch_args("--repo", str(project), *ssh_flags(sshd, remote_home), *extra)
 
 
 def state_of(env):
@@ -358,7 +375,8 @@ def test_only_requests_and_dotenv_beyond_the_stdlib():
 def test_spec_validation_is_active(spec):
     if spec is None:
         pytest.skip(
-            f"{SPEC_PATH} is absent: request/response validation against the OpenAPI spec is skipped"
+            f"{SPEC_PATH} is absent: "
+            "request/response validation against the OpenAPI spec is skipped"
         )
     from lambda_fake_api import SpecValidator
 
@@ -437,7 +455,7 @@ def test_seed_form_dry_run_prints_plan_and_cost(env, fake, project):
 def test_types_lists_prices_and_capacity(env, fake):
     proc, out = launcher(env, "types")
     assert proc.returncode == 0, out
-    line = next(l for l in out.splitlines() if l.startswith("gpu_8x_h100_sxm5"))
+    line = next(row for row in out.splitlines() if row.startswith("gpu_8x_h100_sxm5"))
     assert "23.92" in line and "us-west-1, us-east-1" in line
     assert out.index("gpu_1x_a10") < out.index("gpu_8x_h100_sxm5")  # sorted by price
 
@@ -609,15 +627,8 @@ class Reader:
 
 
 def start_launcher(env, *args):
-    cmd = [
-        sys.executable,
-        str(LAUNCHER),
-        *args,
-        "--env-file",
-        str(Path(env["ARGV_LOG"]).parent / "secrets.env"),
-    ]
     proc = subprocess.Popen(
-        cmd,
+        launcher_command(env, args),
         env=env,
         cwd=Path(env["HOME"]).parent,
         stdout=subprocess.PIPE,
@@ -627,17 +638,23 @@ def start_launcher(env, *args):
     return proc, Reader(proc)
 
 
+def interrupt(proc, reader):
+    """Ctrl-C the launcher: it exits 130, says it terminated the instance, prints no secret."""
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == errors.EXIT_INTERRUPTED
+    reader.thread.join(5)
+    assert "interrupted" in reader.text and "Terminated" in reader.text
+    assert not any(s in reader.text for s in SECRETS)
+
+
 def test_ctrl_c_while_booting_terminates(env, fake, project):
     fake.never_active = True
     proc, reader = start_launcher(
         env, *launch_args("--active-timeout", "60", "--repo", str(project))
     )
     reader.wait_for(": booting")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == errors.EXIT_INTERRUPTED
-    reader.thread.join(5)
-    assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
-    assert not any(s in reader.text for s in SECRETS)
+    interrupt(proc, reader)
+    assert not fake.running()
 
 
 # -----------------------------------------------------------------------------
@@ -649,13 +666,13 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     dest = tmp_path / "results"
     proc, out = launcher(
         env,
-        *launch_args(
+        *deploy_args(
+            sshd,
+            project,
+            remote_home,
             "--auto-terminate",
-            "--repo",
-            str(project),
             "--dest",
             str(dest),
-            *ssh_flags(sshd, remote_home),
             "--",
             "--sleep",
             "0.5",
@@ -678,8 +695,8 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
     assert "GPUs on the instance: 8 x NVIDIA H100 80GB HBM3" in out
     assert (
-        f"pipeline running with base {remote_home / 'base'}, args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92"
-        in out
+        f"pipeline running with base {remote_home / 'base'}, "
+        "args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92" in out
     )
     assert "starting in" in (rdir / ".launcher" / "run.log").read_text() and "--sleep 0.5" in out
     # artifacts: report, metrics, the last complete checkpoint step per stage/tag, and the log
@@ -709,12 +726,8 @@ def test_deploy_then_logs_status_fetch_ssh_terminate(env, fake, sshd, project, t
     remote_home = tmp_path / "remote_home"
     proc, out = launcher(
         env,
-        *launch_args(
-            "--repo",
-            str(project),
-            *ssh_flags(sshd, remote_home),
-            "--command",
-            "bash run_aquarat_small.sh --sleep 1",
+        *deploy_args(
+            sshd, project, remote_home, "--command", "bash run_aquarat_small.sh --sleep 1"
         ),
     )
     assert proc.returncode == 0, out
@@ -743,13 +756,13 @@ def test_remote_failure_fetches_then_terminates(env, fake, sshd, project, tmp_pa
     dest = tmp_path / "results"
     proc, out = launcher(
         env,
-        *launch_args(
+        *deploy_args(
+            sshd,
+            project,
+            tmp_path / "remote_home",
             "--auto-terminate",
-            "--repo",
-            str(project),
             "--dest",
             str(dest),
-            *ssh_flags(sshd, tmp_path / "remote_home"),
             "--command",
             "bash run_aquarat_small.sh --exit 3",
         ),
@@ -762,11 +775,10 @@ def test_remote_failure_fetches_then_terminates(env, fake, sshd, project, tmp_pa
 
 
 def test_deploy_error_terminates(env, fake, sshd, project, tmp_path):
-    flags = ssh_flags(sshd, tmp_path / "remote_home")
-    flags[flags.index("--remote-dir") + 1] = (
-        "/proc/not-a-place-for-code"  # mkdir fails, even for root
-    )
-    proc, out = launcher(env, *launch_args("--repo", str(project), *flags))
+    remote_home = tmp_path / "remote_home"
+    # the later --remote-dir wins: mkdir fails there, even for root
+    flags = deploy_args(sshd, project, remote_home, "--remote-dir", "/proc/not-a-place-for-code")
+    proc, out = launcher(env, *flags)
     assert proc.returncode == errors.EXIT_DEPLOY, out
     assert (
         "ssh root@127.0.0.1 failed" in out.replace(sshd["user"] + "@", "root@")
@@ -781,7 +793,7 @@ def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, proje
     try:
         proc, out = launcher(
             env,
-            *launch_args("--auto-terminate", "--repo", str(project), *ssh_flags(sshd, remote_home)),
+            *deploy_args(sshd, project, remote_home, "--auto-terminate"),
         )
     finally:
         (sshd["dir"] / "no_gpu").unlink()
@@ -794,21 +806,18 @@ def test_node_without_gpus_is_terminated_before_deploying(env, fake, sshd, proje
 def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):
     proc, reader = start_launcher(
         env,
-        *launch_args(
+        *deploy_args(
+            sshd,
+            project,
+            tmp_path / "remote_home",
             "--auto-terminate",
-            "--repo",
-            str(project),
-            *ssh_flags(sshd, tmp_path / "remote_home"),
             "--command",
             "bash run_aquarat_small.sh --sleep 30",
         ),
     )
     reader.wait_for("pipeline running")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == errors.EXIT_INTERRUPTED
-    reader.thread.join(5)
-    assert "interrupted" in reader.text and "Terminated" in reader.text and not fake.running()
-    assert not any(s in reader.text for s in SECRETS)
+    interrupt(proc, reader)
+    assert not fake.running()
 
 
 def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
@@ -831,7 +840,8 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
 
 
 def test_docs_mention_only_real_flags_and_codes():
-    """QUICKSTART.md and the manual must stay true to the code: every launcher flag they name exists."""
+    """QUICKSTART.md and the manual must stay true to the code: every launcher flag they name
+    exists."""
     import re
 
     parser = build_parser()
