@@ -12,7 +12,8 @@ Scripted behaviour for failure tests:
   fake.capacity = {type: [regions]}   what instance-types reports as available
   fake.boot_polls = N             GETs of an instance before it turns active (with fake.ip)
   fake.never_active = True        instances stay "booting" forever
-  fake.launch_window = S          launches closer than S seconds apart get 429 (the documented limit)
+  fake.launch_window = S          launches closer than S seconds apart get 429 (the documented
+                                  limit)
   fake.on_terminate(instance)     hook: the test uses it to kill what "ran on" the instance
 """
 
@@ -74,7 +75,8 @@ ERROR_MESSAGES = {
 
 
 class SpecValidator:
-    """Validates bodies against the OpenAPI document's schemas, resolving its $refs with `referencing`."""
+    """Validates bodies against the OpenAPI document's schemas, resolving its $refs with
+    `referencing`."""
 
     def __init__(self, spec):
         from jsonschema import Draft202012Validator
@@ -121,7 +123,10 @@ class SpecValidator:
             return [] if body is None else [f"{method} {path}: the spec defines no request body"]
         if body is None:
             return [f"{method} {path}: request body required"]
-        pointer = f"/paths/{self._escape(template)}/{method.lower()}/requestBody/content/application~1json/schema"
+        pointer = (
+            f"/paths/{self._escape(template)}/{method.lower()}/requestBody"
+            "/content/application~1json/schema"
+        )
         return [f"request {method} {path}: {e}" for e in self._errors(pointer, body)]
 
     def check_response(self, method, path, status, payload):
@@ -157,7 +162,8 @@ class FakeLambda:
             {
                 "id": uuid.uuid4().hex,
                 "name": n,
-                "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000 test",
+                "public_key": "ssh-ed25519 "
+                "AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTestsOnly0000000000000000 test",
             }
             for n in ssh_key_names
         ]
