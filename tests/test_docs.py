@@ -57,7 +57,7 @@ def _doc_texts():
 def test_shown_commands_use_real_modules_and_flags():
     shared = set().union(*(_argparse_flags(REPO / f) for f in SHARED_ARG_FILES))
     orchestrator = _orchestrator_flags()
-    launcher = _argparse_flags(REPO / "launch_lambda.py")
+    launcher = _argparse_flags(REPO / "nanochat/launcher/cli.py")
     problems, checked = [], 0
     for doc, text in _doc_texts():
         for command in _commands(text):
@@ -110,6 +110,7 @@ def test_named_variables_are_read_by_the_code():
         p.read_text()
         for pattern in (
             "nanochat/*.py",
+            "nanochat/launcher/*.py",
             "scripts/*.py",
             "tasks/*.py",
             "*.py",
