@@ -579,22 +579,19 @@ def main(argv=None) -> None:
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
-        layout = f"{world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows"
-        lines = report_lines(
-            args,
-            ckpt_dir,
-            config,
-            num_params,
-            budget_params,
-            num_iterations,
-            budget_rule,
-            loaders[0],
-            layout,
-            device,
-            stats,
-            summary,
-            samples,
-        )
+        facts = {
+            "ckpt_dir": ckpt_dir,
+            "config": config,
+            "num_params": num_params,
+            "budget_params": budget_params,
+            "budget_rule": budget_rule,
+            "passes": loaders[0].passes,
+            "repeated": loaders[0].epoch >= 1,
+            "layout": f"{world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows",
+            "device": device,
+            "samples": samples,
+        }
+        lines = report_lines(args, facts, stats, summary)
         write_section(get_base_dir(), args.run, "base_train", "\n".join(lines))
     cleanup_distributed()
 
@@ -637,58 +634,42 @@ def print_step(step: int, num_iterations: int, m: dict) -> None:
     )
 
 
-def report_lines(
-    args,
-    ckpt_dir,
-    config,
-    num_params,
-    budget_params,
-    num_iterations,
-    budget_rule,
-    loader,
-    layout,
-    device,
-    stats,
-    summary,
-    samples,
-) -> list[str]:
+def report_lines(args, f: dict, stats: dict, summary: dict) -> list[str]:
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"
 
+    config, device, steps = f["config"], f["device"], summary["final/steps"]
     tokens = summary["final/tokens"]
-    repeated = (
-        " (they repeated: more shards would have given fresh text)" if loader.epoch >= 1 else ""
-    )
+    repeated = " (they repeated: more shards would have given fresh text)" if f["repeated"] else ""
     tok_per_sec, mfu = summary["final/tok_per_sec"], summary["final/mfu"]
     memory = "CUDA allocated" if device.type == "cuda" else "process RSS"
+    throughput = f"{tok_per_sec:,.0f} tok/s" if tok_per_sec else "n/a (no timed steps)"
+    mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a (peak FLOPs unknown for this device)"
     lines = [
         "## Base model pretraining (base_train)",
         "",
-        f"- checkpoint: `{ckpt_dir}` (step {num_iterations})",
+        f"- checkpoint: `{f['ckpt_dir']}` (step {steps})",
         f"- model: depth {config.n_layer}, n_embd {config.n_embd}, {config.n_head} heads, "
-        f"vocab {config.vocab_size}, context {config.sequence_len}, {num_params:,} parameters",
-        f"- data: source `{args.source}`; {num_iterations} steps x {args.total_batch_size:,} "
-        f"tokens = {tokens:,} tokens ({tokens / budget_params:.2f} tokens/param, budget from "
-        f"{budget_rule}); {loader.passes:.2f} passes over the training documents{repeated}",
-        f"- layout: {layout} on {device.type} ({autodetect_dtype(device)})",
+        f"vocab {config.vocab_size}, context {config.sequence_len}, {f['num_params']:,} "
+        "parameters",
+        f"- data: source `{args.source}`; {steps} steps x {args.total_batch_size:,} tokens = "
+        f"{tokens:,} tokens ({tokens / f['budget_params']:.2f} tokens/param, budget from "
+        f"{f['budget_rule']}); {f['passes']:.2f} passes over the training documents{repeated}",
+        f"- layout: {f['layout']} on {device.type} ({autodetect_dtype(device)})",
         f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix "
         f"{args.matrix_lr}, weight decay {args.weight_decay}, warmup {args.warmup_ratio}, "
         f"warmdown {args.warmdown_ratio}",
         f"- final train loss: {fmt(stats['train_loss'])}",
         f"- validation bits per byte: final {fmt(stats['val_bpb'])}, best "
         f"{fmt(stats['min_val_bpb'])}",
-        f"- throughput: {tok_per_sec:,.0f} tok/s"
-        if tok_per_sec
-        else "- throughput: n/a (no timed steps)",
-        f"- MFU: {mfu:.1f}%"
-        if mfu is not None
-        else "- MFU: n/a (peak FLOPs unknown for this device)",
+        f"- throughput: {throughput}",
+        f"- MFU: {mfu_text}",
         f"- peak memory: {summary['final/mem_mb']:,.0f} MiB ({memory})",
         f"- training time: {stats['train_time']:.1f} s over {stats['timed_steps']} timed steps "
         f"(first step of each session excluded)",
     ]
-    if samples:
-        lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in samples]
+    if f["samples"]:
+        lines += ["", "Greedy samples:", ""] + [f"    {s!r}" for s in f["samples"]]
     return lines
 
 

@@ -369,7 +369,14 @@ def main(argv=None, stage: str = "sft") -> dict:
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
-        figures = {
+        facts = {
+            "ckpt_dir": ckpt_dir,
+            "source": source,
+            **plan,
+            "conversations": len(train_task),
+            "train_desc": train_desc,
+            "val_desc": val_desc,
+            "aqua_source": aqua_source,
             "epochs": epochs,
             "seq_len": seq_len,
             "truncated": loader.truncated,
@@ -379,20 +386,9 @@ def main(argv=None, stage: str = "sft") -> dict:
             "best_val": best_val,
             "letter_acc": letter_acc,
             "minutes": timer.total / 60,
+            "hardware": f"{world_size} x {device.type}",
         }
-        lines = report_lines(
-            stage,
-            args,
-            ckpt_dir,
-            source,
-            plan,
-            train_task,
-            train_desc,
-            val_desc,
-            aqua_source,
-            figures,
-            f"{world_size} x {device.type}",
-        )
+        lines = report_lines(stage, args, facts)
         write_section(get_base_dir(), args.run, stage, "\n".join(lines))
     cleanup_distributed()
     return {
@@ -434,33 +430,20 @@ def log_train(tracker, step, num_iterations, args, loader, dt, lrm, loss, grad_n
     )
 
 
-def report_lines(
-    stage,
-    args,
-    ckpt_dir,
-    source,
-    plan,
-    train_task,
-    train_desc,
-    val_desc,
-    aqua_source,
-    figures,
-    hardware,
-) -> list[str]:
+def report_lines(stage, args, f: dict) -> list[str]:
     def fmt(v):
         return "n/a" if v is None else f"{v:.4f}"
 
-    f = figures
     letters = ", ".join(f"{k} {v:.3f}" for k, v in f["letter_acc"].items()) or "n/a"
     return [
         f"## {TITLES[stage]}",
         "",
-        f"- checkpoint: `{ckpt_dir}` (step {plan['num_iterations']}), from "
-        f"{source['stage']}/{source['tag'] or '?'} step {source['step']}",
-        f"- train mixture: {train_desc} = {len(train_task)} conversations; AQuA source "
-        f"`{aqua_source}`",
-        f"- val mixture: {val_desc}",
-        f"- {plan['num_iterations']} steps x {plan['per_step']} conversations = "
+        f"- checkpoint: `{f['ckpt_dir']}` (step {f['num_iterations']}), from "
+        f"{f['source']['stage']}/{f['source']['tag'] or '?'} step {f['source']['step']}",
+        f"- train mixture: {f['train_desc']} = {f['conversations']} conversations; AQuA source "
+        f"`{f['aqua_source']}`",
+        f"- val mixture: {f['val_desc']}",
+        f"- {f['num_iterations']} steps x {f['per_step']} conversations = "
         f"{f['epochs']:.2f} epochs; context {f['seq_len']} (conversations truncated on rank 0: "
         f"{f['truncated']})",
         f"- lrs x {args.init_lr_frac}: embedding {args.embedding_lr}, unembedding "
@@ -470,7 +453,7 @@ def report_lines(
         f"{fmt(f['val_loss'])}, best {fmt(f['best_val'])}",
         "- teacher-forced answer-letter accuracy (val, gold rationale given; chance 0.2): "
         + letters,
-        f"- training time: {f['minutes']:.1f} min on {hardware}",
+        f"- training time: {f['minutes']:.1f} min on {f['hardware']}",
     ]
 
 
