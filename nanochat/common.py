@@ -51,18 +51,24 @@ _DTYPES = {
     "bf16": torch.bfloat16,
     "float32": torch.float32,
     "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
 }
 
 
 def autodetect_dtype(device: torch.device) -> torch.dtype:
     """Compute dtype: bf16 on CUDA with SM >= 80, fp32 elsewhere. NANOCHAT_DTYPE overrides."""
     forced = os.environ.get("NANOCHAT_DTYPE")
+    if forced in ("float16", "fp16"):
+        # fp16 gradients underflow without a loss scaler (torch.amp.GradScaler), which the training
+        # loops do not have; bf16 has fp32's exponent range and needs none.
+        raise ValueError(
+            f"NANOCHAT_DTYPE={forced} is not supported: fp16 training needs a grad scaler and this "
+            "code has none; use bf16 on CUDA with SM >= 80 (A100, H100, ...), fp32 otherwise"
+        )
     if forced:
         if forced not in _DTYPES:
             raise ValueError(f"NANOCHAT_DTYPE={forced!r} is not one of {sorted(_DTYPES)}")
         return _DTYPES[forced]
+    # bf16 tensor cores arrived with Ampere (SM 80); older GPUs emulate it slowly, so they get fp32.
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float32

@@ -71,8 +71,11 @@ def _sha256(data: bytes) -> str:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer with chat special tokens. Build it with `train_from_iterator`,
-    `from_ranks` or `load`; the constructor takes the same arguments as `from_ranks`."""
+    """A byte-level BPE tokenizer with chat special tokens.
+
+    Build it with `train_from_iterator`, `load`, or the constructor: a split pattern and the merges as
+    {token bytes: rank} (or rustbpe's [(bytes, rank)]); the special tokens default to SPECIAL_TOKENS
+    numbered right after the merges."""
 
     def __init__(
         self,
@@ -123,18 +126,6 @@ class Tokenizer:
         self._fingerprint: dict | None = None  # computed once: the ranks never change
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_ranks(
-        cls,
-        pattern: str,
-        mergeable_ranks,
-        special_tokens: dict[str, int] | None = None,
-        meta: dict | None = None,
-    ) -> "Tokenizer":
-        """From a split pattern and {bytes: rank} (or rustbpe's [(bytes, rank)]). Specials default to
-        SPECIAL_TOKENS placed right after the merges."""
-        return cls(pattern, mergeable_ranks, special_tokens, meta)
-
     @classmethod
     def train_from_iterator(
         cls, text_iterator, vocab_size: int, pattern: str = SPLIT_PATTERN, buffer_size: int = 8192
@@ -366,21 +357,6 @@ class Tokenizer:
             )
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
-
-    def visualize(self, ids, mask=None, color: bool = True) -> str:
-        """Debug view of rendered ids: each token in its own box, trained tokens (mask 1) green,
-        the rest grey (color=False: trained tokens wrapped in [[ ]] instead)."""
-        mask = mask if mask is not None else [0] * len(ids)
-        if len(mask) != len(ids):
-            raise ValueError(f"ids ({len(ids)}) and mask ({len(mask)}) differ in length")
-        out = []
-        for tid, m in zip(ids, mask):
-            tok = self.id_to_token(tid).replace("\n", "\\n")
-            if color:
-                out.append(f"\033[{'42;30' if m else '100;37'}m{tok}\033[0m")
-            else:
-                out.append(f"[[{tok}]]" if m else tok)
-        return "|".join(out)
 
 
 PART_TYPES = ("text", "python", "python_output")

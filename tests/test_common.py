@@ -20,6 +20,15 @@ def test_dtype_fp32_on_cpu_and_env_override(monkeypatch):
         common.autodetect_dtype(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name", ["fp16", "float16"])
+def test_fp16_is_refused_with_what_to_use_instead(monkeypatch, name):
+    # no grad scaler anywhere: fp16 training would silently underflow, so the env knob refuses it
+    monkeypatch.setenv("NANOCHAT_DTYPE", name)
+    with pytest.raises(ValueError, match=f"NANOCHAT_DTYPE={name} is not supported") as err:
+        common.autodetect_dtype(torch.device("cpu"))
+    assert "bf16" in str(err.value) and "fp32" in str(err.value) and "grad scaler" in str(err.value)
+
+
 def test_single_process_without_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -13,7 +13,7 @@ from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 @pytest.fixture(scope="module")
 def tok():
     # bytes-only BPE (no merges): 256 + 9 specials, instant to build
-    return Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    return Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
 
 
 def make_model(tok, seed=0, stop_boost=0.0):

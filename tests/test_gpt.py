@@ -377,7 +377,7 @@ def test_checkpoints_from_before_value_embeddings_still_load(base_dir):
     import nanochat.checkpoint as ck
     from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, tokenizer_record
 
-    tok = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    tok = Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     tok.save(base_dir / "tokenizer")
     cfg = GPTConfig(**dict(TINY, vocab_size=tok.get_vocab_size()))
     old_config = {k: v for k, v in asdict(cfg).items() if k != "value_embed_every"}

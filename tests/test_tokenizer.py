@@ -77,12 +77,12 @@ def reference_ranks(texts, vocab_size, pattern=SPLIT_PATTERN):
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    return Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    return Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
 
 
 @pytest.fixture(scope="module")
 def bpe_tok():
-    return Tokenizer.from_ranks(SPLIT_PATTERN, reference_ranks(CORPUS, 400))
+    return Tokenizer(SPLIT_PATTERN, reference_ranks(CORPUS, 400))
 
 
 # ---------------------------------------------------------------------- vocabulary and encoding
@@ -159,15 +159,15 @@ def test_encode_prepend_append_and_batch(bpe_tok):
 def test_bad_ranks_rejected():
     full = {bytes([i]): i for i in range(256)}
     with pytest.raises(ValueError, match="single bytes"):
-        Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(255)})
+        Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(255)})
     with pytest.raises(ValueError, match="0..256"):
-        Tokenizer.from_ranks(SPLIT_PATTERN, {**full, b"ab": 300})
+        Tokenizer(SPLIT_PATTERN, {**full, b"ab": 300})
     with pytest.raises(ValueError, match="twice"):
-        Tokenizer.from_ranks(SPLIT_PATTERN, list(full.items()) + [(b"a", 256)])
+        Tokenizer(SPLIT_PATTERN, list(full.items()) + [(b"a", 256)])
     with pytest.raises(ValueError, match="missing"):
-        Tokenizer.from_ranks(SPLIT_PATTERN, full, {"<|bos|>": 256})
+        Tokenizer(SPLIT_PATTERN, full, {"<|bos|>": 256})
     # rustbpe hands back a list of (bytes, rank) pairs: accepted as is
-    assert Tokenizer.from_ranks(SPLIT_PATTERN, list(full.items())).get_vocab_size() == 265
+    assert Tokenizer(SPLIT_PATTERN, list(full.items())).get_vocab_size() == 265
 
 
 # ---------------------------------------------------------------------- chat rendering
@@ -345,15 +345,6 @@ def test_malformed_conversations_raise(bpe_tok, case):
     if case not in ("not a dict",):
         with pytest.raises(ValueError):
             bpe_tok.render_for_completion(BAD_CONVERSATIONS[case])
-
-
-def test_visualize(bpe_tok):
-    ids, mask = bpe_tok.render_conversation(two_turn())
-    plain = bpe_tok.visualize(ids, mask, color=False)
-    assert "[[<|assistant_end|>]]" in plain and "<|user_start|>" in plain
-    assert "\033[" in bpe_tok.visualize(ids, mask)
-    with pytest.raises(ValueError):
-        bpe_tok.visualize(ids, mask[:-1])
 
 
 # ---------------------------------------------------------------------- save / load
