@@ -35,7 +35,6 @@ with SM >= 80, fp32 elsewhere, `NANOCHAT_DTYPE` overrides. When it is not fp32, 
 in `torch.autocast(device_type, compute_dtype)`, so matmuls run in bf16 while weights, gradients and
 optimizer state stay fp32. Callers do not need their own autocast. Logits are cast to fp32 before the
 soft-cap and the loss. `model.compute_dtype` can be set explicitly (None = autodetect per device).
-fp16 is accepted but there is no GradScaler here: use it for inference only.
 
 Weights init (nanochat-style): embedding N(0, 1) (its output is RMS-normed anyway), lm_head N(0, 0.001)
 (near-uniform initial predictions), q/k/v and MLP input projections U(-a, a) with a = sqrt(3) / sqrt(n_embd)
@@ -50,7 +49,6 @@ the parameters are on the meta device. On a real device `__init__` calls `init_w
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -672,22 +670,3 @@ def chunked_head_loss(
         h, weight, targets, float(softcap or 0.0), chunk, dtype, need_grads
     )
 
-
-def maybe_compile(
-    model: nn.Module, device: torch.device | str, enabled: bool | None = None
-) -> nn.Module:
-    """torch.compile the model on CUDA, leave it eager on CPU. NANOCHAT_COMPILE=0/1 overrides the default;
-    an explicit `enabled` overrides both. The compiled wrapper shares parameters with `model`, but its
-    state_dict keys carry an "_orig_mod." prefix: save/load `model` (the original), train with the result.
-    Compile with fixed shapes (dynamic=False): use the uncompiled model for KV-cache decoding."""
-    device = torch.device(device)
-    if enabled is None:
-        env = os.environ.get("NANOCHAT_COMPILE")
-        if env is not None and env not in ("0", "1"):
-            raise ValueError(f"NANOCHAT_COMPILE={env!r}: use 0 or 1")
-        enabled = (env == "1") if env is not None else device.type == "cuda"
-    if not enabled:
-        return model
-    if isinstance(model, GPT) and model.compute_dtype is None:
-        model.compute_dtype = autodetect_dtype(device)  # resolve outside the compiled graph
-    return torch.compile(model, dynamic=False)

@@ -1,4 +1,4 @@
-"""GPT model: depth dial, param counts, loss reductions, attention capture vs SDPA, KV-cache decoding."""
+"""GPT model: depth dial, param counts, losses, attention capture vs SDPA, KV-cache decoding."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth, maybe_compile
+from nanochat.compile import maybe_compile
+from nanochat.gpt import GPT, GPTConfig, KVCache, config_from_depth
 
 TINY = dict(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -27,7 +28,7 @@ def tiny_model(seed=0, **overrides):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------------- depth dial and sizes
+# ---------------------------------------------------------------------------- depth dial and sizes
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_gqa_config_validation():
         GPT(GPTConfig(**{**TINY, "n_kv_head": 3}))
 
 
-# ----------------------------------------------------------------------------------- init and forward
+# -------------------------------------------------------------------------------- init and forward
 
 
 def test_init_is_nanochat_style_and_initial_loss_near_uniform():
@@ -135,8 +136,8 @@ def test_logits_fp32_softcapped_and_loss_reductions():
 
 @pytest.mark.parametrize("softcap", [15.0, 0.0])
 def test_chunked_head_loss_equals_full_logits_loss_and_grads(softcap):
-    """The scalar losses never build the (rows, vocab) logits; loss and every gradient are the same as
-    through the full logits (several chunks, ignored targets, with and without the softcap)."""
+    """The scalar losses never build the (rows, vocab) logits; loss and every gradient are the same
+    as through the full logits (several chunks, ignored targets, with and without the softcap)."""
     from nanochat.gpt import chunked_head_loss
 
     torch.manual_seed(0)
@@ -212,7 +213,7 @@ def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):
     assert (torch.cat(steps, 1) - out).abs().max() < 0.25
 
 
-# ----------------------------------------------------------------------------------- attention capture
+# ------------------------------------------------------------------------------- attention capture
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,8 @@ def test_maybe_compile_switch(monkeypatch):
     monkeypatch.setenv("NANOCHAT_COMPILE", "yes")
     with pytest.raises(ValueError, match="NANOCHAT_COMPILE"):
         maybe_compile(model, "cpu")
-    calls = []  # stand-in for torch.compile: importing dynamo costs seconds and only the switch is tested
+    # a stand-in for torch.compile: importing dynamo costs seconds and only the switch is tested
+    calls = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append((m, kw)) or "compiled")
     monkeypatch.setenv("NANOCHAT_COMPILE", "1")
     model.compute_dtype = None
@@ -318,7 +320,7 @@ def test_maybe_compile_switch(monkeypatch):
     assert maybe_compile(model, "cpu", enabled=True) == "compiled"
 
 
-# ----------------------------------------------------------------------------------- value embeddings
+# -------------------------------------------------------------------------------- value embeddings
 
 
 def test_value_embeddings_sit_on_every_kth_layer_from_the_last_and_change_the_output():
