@@ -1,32 +1,9 @@
-"""Optimizers: Muon for the 2-D block matrices, AdamW for everything else; single-process and distributed.
+"""Optimizers: Muon for the 2-D block matrices, AdamW for the embeddings and lm_head.
 
-Who gets what (`build_optimizers`, called by `GPT.setup_optimizers`):
-- Muon: every 2-D weight inside the transformer blocks (q, k, v, attention out, MLP in/out). One
-  param group per shape (so the distributed version can hand out same-shape work), lr = matrix_lr.
-  Per-shape scaling inside the update: lr * max(1, rows / cols) ** 0.5 (tall matrices, e.g. the MLP
-  up-projection stored as (4d, d), get a larger step so the update's RMS per element stays comparable).
-- AdamW: lm_head (unembedding_lr), token embedding (embedding_lr) and any <2-D parameter (scalar_lr,
-  none in the current model). These lrs are tuned at width 768 and scaled by (n_embd / 768) ** -0.5,
-  like nanochat: wider models take proportionally smaller Adam steps. betas (0.8, 0.95), eps 1e-10.
-- weight_decay is decoupled (p *= 1 - lr * wd) in both optimizers; default 0.
-- Every param_group carries "initial_lr"; schedulers set group["lr"] = group["initial_lr"] * factor.
-  Muon groups also carry "momentum" (a momentum warmup may change it per step).
-
-Distributed (automatic when torch.distributed is initialised with world_size > 1): do NOT wrap the
-model in DDP. Each rank runs forward/backward on its share of the batch (loss = mean over the local
-batch; equal shares make the average of rank grads the global-batch gradient), then `step()`:
-- all-reduces (SUM, then / world_size; gloo has no AVG) every gradient, so after step() p.grad holds
-  the global average on every rank;
-- DistAdamW: every rank applies the same AdamW update to the same averaged grads (replicated state;
-  deterministic, so the weights stay bitwise identical across ranks);
-- DistMuon: within each same-shape group, parameter i is owned by rank i % world_size; the owner
-  alone keeps its momentum buffer and runs Newton-Schulz, then an all_gather hands every rank the
-  new weights. Optimizer state is therefore sharded: checkpoint it per rank.
-Gradient clipping: call `clip_grad_norm_(optimizers, max_norm)` instead of torch's; under torchrun it
-first averages the gradients (so the norm is the global-batch norm, identical on every rank) and tells
-the Dist* optimizers to skip their own sync in the next step().
-Single-process and N-process training over the same global batch give the same weights up to float
-round-off (tested with torchrun + gloo on CPU).
+`build_optimizers` (called by `GPT.setup_optimizers`) picks who gets what. Under torchrun it returns
+the Dist* variants: do NOT wrap the model in DDP, their step() averages the gradients itself, and
+`clip_grad_norm_` replaces torch's. Single-process and N-process training over the same global batch
+end with the same weights up to float round-off (tests/test_optim.py runs torchrun + gloo on CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Newton-Schulz orthogonalisation
 
 
@@ -42,20 +19,23 @@ import torch.distributed as dist
 def zeropower_via_newtonschulz5(
     G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """Approximate the polar factor U V^T of G = U S V^T with a quintic Newton-Schulz iteration.
-
-    The coefficients (3.4445, -4.7750, 2.0315) push singular values towards ~[0.7, 1.2] quickly rather
-    than converging exactly to 1: Muon only needs "roughly orthogonal". bf16 on CUDA (fast, and the
-    iteration is robust to it), fp32 on CPU (CPU bf16 matmuls are slow and tests want determinism).
-    """
+    """Roughly the polar factor U V^T of G = U S V^T: G with every singular value moved near 1."""
+    # Each step maps every singular value s of X to a*s + b*s^3 + c*s^5 (an odd polynomial in X acts
+    # on the singular values alone). These coefficients make the slope at 0 large (3.4445), so tiny
+    # singular values grow fast, at the price of not settling exactly on 1: after 5 steps they lie
+    # in about [0.7, 1.2]. Muon does not need more precision than that, and more steps cost matmuls.
     a, b, c = 3.4445, -4.7750, 2.0315
     if dtype is None:
+        # The iteration corrects itself (each step pulls the spectrum back into the band), so bf16
+        # round-off does not pile up and the GPU gets its fast bf16 matmuls. CPU bf16 matmuls are
+        # slow, and the CPU tests want fp32's reproducibility.
         dtype = torch.bfloat16 if G.is_cuda else torch.float32
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    # The polynomial only converges for singular values in (0, ~1.5]; spectral <= Frobenius norm.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
         B = b * A + c * A @ A
@@ -66,10 +46,17 @@ def zeropower_via_newtonschulz5(
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz, for 2-D weight matrices only.
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D weight matrices only.
 
     update = NS5(nesterov_momentum(grad)); p -= lr * max(1, rows/cols)**0.5 * update.
     """
+
+    # Why orthogonalise: the momentum of a weight matrix is dominated by a few large singular
+    # directions; replacing it by U V^T moves every direction by the same amount, so the rare ones
+    # learn as fast as the common ones, and the step's size no longer depends on the gradient's
+    # scale. The momentum itself is warmed up by the training loop (base_train's muon_momentum: 0.85
+    # -> 0.95 through group["momentum"]): early gradients change direction fast, and a long average
+    # over them would keep pointing where the loss used to go down.
 
     def __init__(
         self,
@@ -94,7 +81,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
 
     def _update(self, params: list, group: dict) -> None:
-        """Update same-shape params together: momentum per param, one batched Newton-Schulz for all."""
+        """Update same-shape params: momentum per param, one batched Newton-Schulz for all."""
         directions = []
         for p in params:
             state = self.state[p]
@@ -104,10 +91,14 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - group["momentum"])
             directions.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
         updates = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
+        # An orthogonalised (rows x cols) matrix has an RMS per element of 1 / sqrt(max(rows,
+        # cols)). The factor makes it 1 / sqrt(cols), i.e. 1 / sqrt(fan_in) for an nn.Linear weight
+        # (out, in), whatever the shape: tall matrices such as the MLP's (4d, d) up-projection get a
+        # larger step.
         rows, cols = params[0].shape
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5  # per-shape scaling
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
         for p, update in zip(params, updates):
-            if group["weight_decay"]:
+            if group["weight_decay"]:  # decoupled, and by the unscaled lr
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(update.to(p.dtype), alpha=-lr)
 
@@ -123,7 +114,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class AdamW(torch.optim.Optimizer):
-    """Plain AdamW (decoupled weight decay, bias correction), written out so the distributed version can
+    """Plain AdamW (decoupled weight decay, bias correction), written out so that DistAdamW can
     reuse it; numerically the same as torch.optim.AdamW(amsgrad=False) (tested)."""
 
     def __init__(
@@ -140,12 +131,10 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = (
-                group["lr"],
-                group["betas"],
-                group["eps"],
-                group["weight_decay"],
-            )
+            lr = group["lr"]
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            wd = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -168,8 +157,11 @@ class AdamW(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-lr / bias1)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed variants
+#
+# Each rank runs forward/backward on its equal share of the global batch, with the loss averaged
+# over its own rows, so the mean of the ranks' gradients is the global-batch gradient.
 
 
 def is_distributed() -> bool:
@@ -178,17 +170,17 @@ def is_distributed() -> bool:
 
 @torch.no_grad()
 def sync_grads(params) -> None:
-    """Average p.grad over ranks (SUM then divide: gloo has no AVG). A missing grad counts as zeros so
-    every rank joins every collective in the same order."""
+    """Average p.grad over ranks, so every rank holds the global-batch gradient."""
     world_size = dist.get_world_size()
     handles = []
     for p in params:
+        # A missing grad counts as zeros: every rank must join every collective, in the same order.
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         handles.append(dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True))
     for p, h in zip(params, handles):
         h.wait()
-        p.grad.div_(world_size)
+        p.grad.div_(world_size)  # SUM then divide: gloo has no AVG
 
 
 def _sync_once(opt) -> None:
@@ -200,10 +192,11 @@ def _sync_once(opt) -> None:
 
 @torch.no_grad()
 def clip_grad_norm_(optimizers: list, max_norm: float | None) -> torch.Tensor:
-    """Global grad-norm (and clipping when max_norm is set) over every param of `optimizers`.
-    Distributed: averages the gradients first and marks the optimizers so step() does not re-sync."""
+    """Global grad norm over every param of `optimizers`, clipped to max_norm when it is set."""
     params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     if is_distributed():
+        # The norm must be the global batch's, the same on every rank, or ranks would clip
+        # differently and drift apart: average first, and spare step() a second all-reduce.
         sync_grads(params)
         for opt in optimizers:
             opt.grads_synced = True
@@ -216,7 +209,10 @@ def clip_grad_norm_(optimizers: list, max_norm: float | None) -> torch.Tensor:
 
 
 class DistAdamW(AdamW):
-    """AdamW whose step() first averages gradients over ranks; state replicated on every rank."""
+    """AdamW whose step() first averages gradients over ranks."""
+
+    # The state is replicated: every rank applies the same deterministic update to the same averaged
+    # gradients, so the embeddings stay bitwise identical across ranks without a broadcast.
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -225,8 +221,13 @@ class DistAdamW(AdamW):
 
 
 class DistMuon(Muon):
-    """Muon whose step() averages gradients, lets each rank orthogonalise only the params it owns
-    (index i % world_size within each same-shape group), then all-gathers the new weights."""
+    """Muon whose step() shards the Newton-Schulz work of each same-shape group over the ranks."""
+
+    # Newton-Schulz is the expensive part, so each rank orthogonalises only the matrices it owns:
+    # index i of a group belongs to rank i % world_size, which alone keeps its momentum buffer (the
+    # optimizer state is sharded: checkpoint it per rank). An all_gather per world_size matrices
+    # then hands every rank the new weights. Groups hold one shape so that the gather's tensors
+    # match.
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
@@ -247,20 +248,20 @@ class DistMuon(Muon):
                 mine = base + rank
                 if mine < len(params):
                     self._update([params[mine]], group)
-                    src = (
-                        params[mine].detach().clone()
-                    )  # a separate send buffer: never alias the output
+                    # a separate send buffer: the gather writes into params[mine] itself
+                    src = params[mine].detach().clone()
                 else:
-                    src = torch.zeros_like(chunk[0])  # padding rank: sends junk nobody keeps
-                outs = [p.data for p in chunk] + [
-                    torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))
-                ]
+                    # the last chunk is short: this rank still joins the gather, with junk
+                    src = torch.zeros_like(chunk[0])
+                padding = [torch.empty_like(chunk[0]) for _ in range(world_size - len(chunk))]
+                outs = [p.data for p in chunk] + padding
                 pending.append((dist.all_gather(outs, src, async_op=True), src, outs))
+        # src and outs stay referenced until the gathers finish
         for handle, _src, _outs in pending:
             handle.wait()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model's optimizer setup
 
 
@@ -270,35 +271,41 @@ def build_optimizers(
     embedding_lr: float = 0.2,
     matrix_lr: float = 0.02,
     weight_decay: float = 0.0,
-    scalar_lr: float = 0.5,
     adam_betas=(0.8, 0.95),
     muon_momentum: float = 0.95,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW-like, Muon-like] for a GPT; the Dist* variants when torch.distributed runs with >1 rank."""
-    # value embeddings are token embeddings too: same rule, same lr
+    """[AdamW, Muon] for a GPT; DistAdamW and DistMuon when torch.distributed runs with >1 rank.
+
+    Every param_group carries "initial_lr": the schedule sets lr = initial_lr * factor
+    (training.set_lr).
+    weight_decay is decoupled (p *= 1 - lr * wd) in both; default 0.
+    """
+    # Embedding tables are lookups, not matmuls: Muon's orthogonal step means nothing for them.
+    # The value embeddings are token embeddings too: same rule, same lr.
     embedding = [model.transformer.wte.weight] + [t.weight for t in model.value_embeds.values()]
     unembedding = [model.lm_head.weight]
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
-    special = {id(p) for p in embedding + unembedding + matrices}
-    scalars = [p for p in model.parameters() if id(p) not in special]
-    for p in scalars:
-        if p.ndim >= 2:
-            raise ValueError(
-                f"parameter of shape {tuple(p.shape)} has no optimizer rule (Muon takes block matrices)"
-            )
-    assert len(embedding) + len(unembedding) + len(matrices) + len(scalars) == len(
-        list(model.parameters())
-    )
+    ruled = {id(p) for p in embedding + unembedding + matrices}
+    unruled = [
+        f"{name} {tuple(p.shape)}" for name, p in model.named_parameters() if id(p) not in ruled
+    ]
+    if unruled:
+        raise ValueError(
+            f"no optimizer rule for parameter(s) {', '.join(unruled)}: build_optimizers knows the "
+            "embeddings and lm_head (AdamW) and the 2-D block matrices (Muon); give new ones a rule"
+        )
 
+    # Adam's step per element is about lr whatever the gradient's scale, so a row of a wider model
+    # moves its dot products more; the lrs are tuned at width 768 and shrink as 1 / sqrt(width).
     scale = (model.config.n_embd / 768) ** -0.5
     adam_groups = [
         dict(params=unembedding, lr=unembedding_lr * scale),
         dict(params=embedding, lr=embedding_lr * scale),
     ]
-    if scalars:
-        adam_groups.append(dict(params=scalars, lr=scalar_lr * scale))
+    # One Muon group per shape: Muon batches same-shape matrices into one Newton-Schulz call, and
+    # DistMuon hands them out across ranks. Insertion order = model order, identical on every rank.
     by_shape: dict[tuple, list] = {}
-    for p in matrices:  # insertion order = model order, identical on every rank
+    for p in matrices:
         by_shape.setdefault(tuple(p.shape), []).append(p)
     muon_groups = [dict(params=ps, lr=matrix_lr) for ps in by_shape.values()]
 

@@ -1,4 +1,4 @@
-"""Optimizers: AdamW == torch.optim.AdamW, Muon's orthogonalisation, param grouping, 1 vs 2 processes."""
+"""Optimizers: AdamW == torch.optim.AdamW, Muon's orthogonalisation, grouping, 1 vs 2 processes."""
 
 import io
 import os
@@ -25,10 +25,10 @@ def test_adamw_matches_torch_adamw():
     shapes = [(7, 5), (11,), (3, 4, 2)]
     ours = [torch.randn(s, requires_grad=True) for s in shapes]
     ref = [p.detach().clone().requires_grad_(True) for p in ours]
-    groups = lambda ps: [
-        dict(params=ps[:2], lr=3e-2),
-        dict(params=ps[2:], lr=1e-3, weight_decay=0.0),
-    ]
+
+    def groups(ps):
+        return [dict(params=ps[:2], lr=3e-2), dict(params=ps[2:], lr=1e-3, weight_decay=0.0)]
+
     opt = AdamW(groups(ours), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
     opt_ref = torch.optim.AdamW(
         groups(ref), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1, foreach=False
@@ -57,8 +57,9 @@ def test_newton_schulz_output_is_near_orthogonal(shape):
     p_of_s = torch.diagonal(U.T @ X @ Vh.T)
     torch.testing.assert_close(U @ torch.diag(p_of_s) @ Vh, X, atol=1e-4, rtol=1e-3)
     assert p_of_s.max() < 1.5
-    # 5 steps lift every direction not tiny relative to the top one into [0.5, 1.5]; a near-null direction
-    # (a square Gaussian has one) is only multiplied by ~3.4^5 and may stay small: Muon accepts that.
+    # 5 steps lift every direction not tiny relative to the top one into [0.5, 1.5]; a near-null
+    # direction (a square Gaussian has one) is only multiplied by ~3.4^5 and may stay small: Muon
+    # accepts that.
     kept = S >= 0.02 * S.max()
     assert kept.sum() >= 0.9 * len(S)
     assert p_of_s[kept].min() > 0.5, p_of_s[kept].min()
@@ -112,6 +113,19 @@ def test_setup_optimizers_groups_and_lrs():
             assert group["initial_lr"] == group["lr"]
 
 
+def test_a_parameter_without_an_optimizer_rule_is_refused():
+    # The model has no 1-D or 0-D parameters; one added later needs a rule, not a silent default.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    model.transformer.h[0].attn.scale = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(
+        ValueError, match=r"no optimizer rule .*transformer\.h\.0\.attn\.scale \(4,\)"
+    ):
+        model.setup_optimizers()
+    with pytest.raises(TypeError, match="scalar_lr"):  # the group for such parameters is gone
+        model.setup_optimizers(scalar_lr=0.5)
+
+
 def test_tiny_model_learns_with_setup_optimizers():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
@@ -152,8 +166,9 @@ def free_port() -> int:
 
 
 def test_two_process_training_matches_single_process(tmp_path):
-    """Same global batch of 4 rows, 3 steps with clipping: 1 process (full batch), 1 process with 2-step
-    gradient accumulation, and torchrun with 2 gloo ranks (2 rows each) end with the same weights."""
+    """Same global batch of 4 rows, 3 steps with clipping: 1 process (full batch), 1 process with
+    2-step gradient accumulation, and torchrun with 2 gloo ranks (2 rows each) end with the same
+    weights."""
     torch.set_num_threads(1)
     single = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4)
     accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2)
@@ -184,14 +199,15 @@ def test_two_process_training_matches_single_process(tmp_path):
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name, w in single.items():
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs across ranks"
-        # Muon matrices agree to ~1e-7. The embedding is the loosest: Adam's m/sqrt(v) on elements whose
-        # gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5 on values ~0.2, lr 0.7).
+        # Muon matrices agree to ~1e-7. The embedding is the loosest: Adam's m/sqrt(v) on elements
+        # whose gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5 on
+        # values ~0.2, lr 0.7).
         tol = dict(atol=1e-6, rtol=1e-5) if "transformer.h." in name else dict(atol=5e-5, rtol=1e-4)
         torch.testing.assert_close(
-            rank0[name], w, **tol, msg=lambda m: f"{name}: 2-proc vs 1-proc: {m}"
+            rank0[name], w, **tol, msg=lambda m, name=name: f"{name}: 2-proc vs 1-proc: {m}"
         )
         torch.testing.assert_close(
-            accum[name], w, **tol, msg=lambda m: f"{name}: grad-accum vs 1-proc: {m}"
+            accum[name], w, **tol, msg=lambda m, name=name: f"{name}: grad-accum vs 1-proc: {m}"
         )
     torch.manual_seed(0)  # the worker's initial weights: training must have moved them
     initial = GPT(dist_optim_worker.tiny_config()).state_dict()
@@ -201,7 +217,7 @@ def test_two_process_training_matches_single_process(tmp_path):
 
 
 def test_optimizer_state_dict_resume_is_exact():
-    """Save after 2 steps, rebuild everything, load, 2 more steps == 4 uninterrupted steps (bitwise)."""
+    """Save after 2 steps, rebuild everything, load, 2 more steps == 4 steps in one go (bitwise)."""
 
     def fresh():
         torch.manual_seed(0)
