@@ -1,11 +1,10 @@
 """Engine: KV-cache batched sampling against plain full forwards (tiny random model, CPU)."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.engine import Engine, filter_logits, generate_nocache
+from nanochat.engine import Engine, decode_steps, filter_logits, generate_nocache
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 
@@ -28,13 +27,14 @@ def make_model(tok, seed=0, stop_boost=0.0):
     )
     model = GPT(cfg)
     with torch.no_grad():
-        # a random init gives near-uniform logits (lm_head std 0.001); make them peaky so ties are impossible
+        # a random init gives near-uniform logits (lm_head std 0.001); peaky ones rule out ties
         model.lm_head.weight.normal_(0.0, 0.5)
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(0.0, 0.1)
             block.mlp.c_proj.weight.normal_(0.0, 0.1)
         if stop_boost:
-            # a larger-norm row for <|assistant_end|>: it wins in some states, so rows stop at various steps
+            # a larger-norm row for <|assistant_end|>: it wins in some states, so rows stop at
+            # various steps
             end = tok.encode_special("<|assistant_end|>")
             model.lm_head.weight[end] = torch.randn(cfg.n_embd) * 0.5 * stop_boost
     model.eval()
@@ -138,6 +138,15 @@ def test_cache_matches_nocache_reference_sampling(tok):
         stop_tokens=end,
     )
     assert res.sequences == ref
+
+
+def test_nocache_decoding_refuses_ragged_prompts(tok):
+    # without a cache there is no pad mask, so prompts of different lengths cannot share a batch
+    steps = decode_steps(
+        make_model(tok), [[1, 2, 3], [4]], [0, 0], 1, 4, 1.0, None, None, set(), 0, use_cache=False
+    )
+    with pytest.raises(ValueError, match="one length"):
+        next(steps)
 
 
 def test_filter_logits_top_k_top_p():
