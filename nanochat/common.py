@@ -1,4 +1,4 @@
-"""Shared plumbing for every stage: base dir, device/dtype detection, torchrun init, seeding, printing.
+"""Shared plumbing for every stage: base dir, device/dtype, torchrun init, seeding, printing.
 
 Nothing here knows about models or data; it only answers "where am I running and with what".
 """
@@ -24,8 +24,8 @@ def get_base_dir() -> Path:
 
 
 def free_space(path: str | Path) -> str:
-    """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for the
-    messages of writes that failed: a full disk should say so, and how full."""
+    """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for
+    the messages of writes that failed: a full disk should say so, and how full."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -138,7 +138,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report MFU as None rather than a guess.
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices get MFU None rather than a guess.
 _PEAK_FLOPS = {
     "H100": 989e12,
     "H200": 989e12,

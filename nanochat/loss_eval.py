@@ -6,9 +6,9 @@ number of UTF-8 *bytes* those tokens stand for removes that dependence:
 
     bpb = sum_t nats(t) / (ln 2 * sum_t bytes(t))
 
-over every target token t. Special tokens (<|bos|> ...) have bytes == 0 in `token_bytes` and are left
-out of both sums, as are ignored targets (-1). Under torchrun each rank evaluates its own batches and
-the two sums are all-reduced, so every rank returns the same number.
+over every target token t. Special tokens (<|bos|> ...) have bytes == 0 in `token_bytes` and are
+left out of both sums, as are ignored targets (-1). Under torchrun each rank evaluates its own
+batches and the two sums are all-reduced, so every rank returns the same number.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ def evaluate_bpb(model, batches, steps: int, token_bytes: torch.Tensor) -> float
     try:
         for _ in range(steps):
             x, y = _next(batches)
-            nats = (
-                model(x, y, loss_reduction="none").reshape(-1).double()
-            )  # (B*T,), 0 where y == -1
+            # (B*T,), 0 where y == -1
+            nats = model(x, y, loss_reduction="none").reshape(-1).double()
             y = y.reshape(-1)
             valid = y >= 0
             nbytes = torch.where(

@@ -9,14 +9,14 @@ the ids right after the last merge. Special tokens are only ever produced by `en
 the chat renderer: text that *looks* like "<|bos|>" is encoded as ordinary bytes, so user data can
 never inject control tokens.
 
-On disk (`<base>/tokenizer/`, or NANOCHAT_TOKENIZER_DIR: run_aquarat_small.sh gives each run its own,
-`<base>/runs/<run>/tokenizer/`):
-  tokenizer.tiktoken   the mergeable ranks, tiktoken's own format ("<base64 bytes> <rank>" per line;
-                       `tiktoken.load.load_tiktoken_bpe` reads it)
-  tokenizer.json       split pattern, special tokens, vocab size, a sha256 of the ranks file, training meta
-  token_bytes.pt       int32 tensor [vocab]: bytes each id stands for (0 for specials), for bits-per-byte
+On disk (`<base>/tokenizer/`, or NANOCHAT_TOKENIZER_DIR: run_aquarat_small.sh gives each run
+its own, `<base>/runs/<run>/tokenizer/`):
+  tokenizer.tiktoken   the mergeable ranks, tiktoken's own format ("<base64 bytes> <rank>" per
+                       line; `tiktoken.load.load_tiktoken_bpe` reads it)
+  tokenizer.json       split pattern, special tokens, vocab size, the ranks file's sha256, meta
+  token_bytes.pt       int32 [vocab]: bytes each id stands for (0 for specials), for bits per byte
 Every file is written to a temp name and renamed; tokenizer.json is written last and carries the
-hash of the ranks file, so a save that died half-way is detected on load instead of silently mixing.
+hash of the ranks file, so a save that died half-way is detected on load instead of mixing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ SPECIAL_TOKENS = [
 # GPT-4 (cl100k) style split, except digits are grouped by at most 2 instead of 3: with a small
 # vocabulary, spending merges on every 3-digit number is wasteful, and 1-2 digit chunks keep
 # arithmetic in AQuA-style problems more regular.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 
 
 def split_pattern(max_digits: int = 2) -> str:
@@ -73,9 +76,9 @@ def _sha256(data: bytes) -> str:
 class Tokenizer:
     """A byte-level BPE tokenizer with chat special tokens.
 
-    Build it with `train_from_iterator`, `load`, or the constructor: a split pattern and the merges as
-    {token bytes: rank} (or rustbpe's [(bytes, rank)]); the special tokens default to SPECIAL_TOKENS
-    numbered right after the merges."""
+    Build it with `train_from_iterator`, `load`, or the constructor: a split pattern and the
+    merges as {token bytes: rank} (or rustbpe's [(bytes, rank)]); the special tokens default to
+    SPECIAL_TOKENS numbered right after the merges."""
 
     def __init__(
         self,
@@ -87,9 +90,7 @@ class Tokenizer:
         pairs = list(
             mergeable_ranks.items() if isinstance(mergeable_ranks, dict) else mergeable_ranks
         )
-        ranks = {
-            bytes(tok): int(rank) for tok, rank in pairs
-        }  # a dict or rustbpe's [(bytes, rank)]
+        ranks = {bytes(tok): int(rank) for tok, rank in pairs}  # a dict or rustbpe's pairs
         if len(ranks) != len(pairs):
             raise ValueError("mergeable ranks contain the same token bytes twice")
         n = len(ranks)
@@ -99,7 +100,8 @@ class Tokenizer:
         if missing:
             # Without every single byte some text would be unencodable.
             raise ValueError(
-                f"mergeable ranks lack {len(missing)} of the 256 single bytes (e.g. byte {missing[0]})"
+                f"mergeable ranks lack {len(missing)} of the 256 single bytes "
+                f"(e.g. byte {missing[0]})"
             )
         if special_tokens is None:
             special_tokens = {name: n + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -157,7 +159,8 @@ class Tokenizer:
         for path in (config_path, ranks_path):
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"tokenizer file {path} is missing; train one with `python -m scripts.tok_train`"
+                    f"tokenizer file {path} is missing; "
+                    "train one with `python -m scripts.tok_train`"
                 )
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -198,8 +201,8 @@ class Tokenizer:
         return ("\n".join(lines) + "\n").encode("ascii")
 
     def fingerprint(self) -> dict:
-        """What a checkpoint records of the tokenizer it was trained with: a model only makes sense with
-        exactly these merges (ids mean tokens), so loading it with another tokenizer is refused."""
+        """What a checkpoint records of the tokenizer it was trained with: a model only makes sense
+        with exactly these merges (ids mean tokens), so loading it with another one is refused."""
         if self._fingerprint is None:
             self._fingerprint = {
                 "vocab_size": self.get_vocab_size(),
@@ -271,12 +274,13 @@ class Tokenizer:
         if isinstance(token, int) and 0 <= token < self.get_vocab_size():
             return token
         raise ValueError(
-            f"prepend/append must be a special token name or an id in [0, {self.get_vocab_size()}), "
+            "prepend/append must be a special token name or an id in "
+            f"[0, {self.get_vocab_size()}), "
             f"got {token!r}"
         )
 
     def encode(self, text, prepend=None, append=None, num_threads: int = 8):
-        """str -> list[int]; list[str] -> list[list[int]]. Special-token text is encoded as plain text.
+        """str -> list[int]; list[str] -> list[list[int]]. Special-token text stays plain text.
         prepend/append: an id or a special token name added to each sequence."""
         pre = [self._to_id(prepend)] if prepend is not None else []
         post = [self._to_id(append)] if append is not None else []
@@ -286,7 +290,8 @@ class Tokenizer:
             bad = [i for i, t in enumerate(text) if not isinstance(t, str)]
             if bad:
                 raise TypeError(
-                    f"encode() got a list whose item {bad[0]} is {type(text[bad[0]]).__name__}, not str"
+                    f"encode() got a list whose item {bad[0]} is "
+                    f"{type(text[bad[0]]).__name__}, not str"
                 )
             return [
                 pre + ids + post
@@ -307,9 +312,10 @@ class Tokenizer:
     def render_conversation(
         self, conversation: dict, max_tokens: int | None = 2048
     ) -> tuple[list[int], list[int]]:
-        """Token ids of a whole conversation and a loss mask of the same length: 1 exactly on what the
-        assistant must learn to produce (its text, its python calls with their delimiters, and
-        <|assistant_end|>), 0 on everything else (bos, user turns, <|assistant_start|>, tool output).
+        """Token ids of a whole conversation and a loss mask of the same length: 1 exactly on what
+        the assistant must learn to produce (its text, its python calls with their delimiters, and
+        <|assistant_end|>), 0 on everything else (bos, user turns, <|assistant_start|>, tool
+        output).
         Truncated to max_tokens (None: no truncation)."""
         messages = _validated_messages(conversation)
         ids, mask = [], []
@@ -333,11 +339,9 @@ class Tokenizer:
                 text_ids = self.encode(part["text"])
                 if part["type"] == "text":
                     add(text_ids, 1)
-                elif (
-                    part["type"] == "python"
-                ):  # the model writes the tool call, delimiters included
+                elif part["type"] == "python":  # the model writes the call, delimiters included
                     add([sp["<|python_start|>"]] + text_ids + [sp["<|python_end|>"]], 1)
-                else:  # python_output: produced by the tool, so the model is never trained to predict it
+                else:  # python_output comes from the tool: never trained to predict it
                     add([sp["<|output_start|>"]] + text_ids + [sp["<|output_end|>"]], 0)
             add([sp["<|assistant_end|>"]], 1)  # learning to stop is part of the answer
         if max_tokens is not None:
@@ -347,8 +351,8 @@ class Tokenizer:
         return ids, mask
 
     def render_for_completion(self, conversation: dict) -> list[int]:
-        """Prompt ids for sampling: the conversation minus its final assistant message (which must be
-        last), followed by <|assistant_start|> so the model continues as the assistant."""
+        """Prompt ids for sampling: the conversation minus its final assistant message (which must
+        be last), followed by <|assistant_start|> so the model continues as the assistant."""
         messages = _validated_messages(conversation)
         if messages[-1]["role"] != "assistant":
             raise ValueError(
@@ -387,7 +391,8 @@ def _validated_messages(conversation) -> list[dict]:
     first user message. Raises ValueError naming the offending message."""
     if not isinstance(conversation, dict):
         raise ValueError(
-            f"a conversation must be a dict with a 'messages' list, got {type(conversation).__name__}"
+            "a conversation must be a dict with a 'messages' list, "
+            f"got {type(conversation).__name__}"
         )
     messages = conversation.get("messages")
     if not isinstance(messages, list):
@@ -399,7 +404,8 @@ def _validated_messages(conversation) -> list[dict]:
             raise ValueError(f"messages[{i}] must be a dict, got {type(msg).__name__}")
         if msg.get("role") not in ("system", "user", "assistant"):
             raise ValueError(
-                f"messages[{i}] has unknown role {msg.get('role')!r} (expected system, user or assistant)"
+                f"messages[{i}] has unknown role {msg.get('role')!r} "
+                "(expected system, user or assistant)"
             )
         if "content" not in msg:
             raise ValueError(f"messages[{i}] ({msg['role']}) has no 'content'")
@@ -426,9 +432,8 @@ def _validated_messages(conversation) -> list[dict]:
         where = f"messages[{i}] ({msg['role']})"
         if msg["role"] == "user":
             text = _content_text(msg["content"], where)
-            if (
-                system is not None
-            ):  # the chat format has no system role: prepend it to the first user turn
+            # the chat format has no system role: prepend it to the first user turn
+            if system is not None:
                 text = system + "\n\n" + text
                 system = None
             out.append({"role": "user", "content": text})
@@ -447,7 +452,8 @@ def _validated_messages(conversation) -> list[dict]:
                     or not isinstance(part.get("text"), str)
                 ):
                     raise ValueError(
-                        f"{where}: part {j} must be {{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
+                        f"{where}: part {j} must be "
+                        f"{{'type': one of {PART_TYPES}, 'text': str}}, got {part!r:.80}"
                     )
         else:
             raise ValueError(
@@ -459,7 +465,8 @@ def _validated_messages(conversation) -> list[dict]:
 
 # ---------------------------------------------------------------------- the project's tokenizer
 def tokenizer_dir() -> Path:
-    """NANOCHAT_TOKENIZER_DIR when set (run_aquarat_small.sh sets one per run), else <base>/tokenizer."""
+    """NANOCHAT_TOKENIZER_DIR when set (run_aquarat_small.sh sets one per run), else
+    <base>/tokenizer."""
     from nanochat.common import get_base_dir
 
     return Path(os.environ.get("NANOCHAT_TOKENIZER_DIR") or get_base_dir() / "tokenizer")
@@ -488,8 +495,8 @@ def get_token_bytes(device="cpu", directory=None) -> torch.Tensor:
 
 
 def tokenizer_record(tokenizer: Tokenizer) -> dict:
-    """For checkpoint meta: where the tokenizer lives (relative to the base dir when inside it, so a base
-    dir fetched from a GPU node to a laptop still resolves) and its fingerprint."""
+    """For checkpoint meta: where the tokenizer lives (relative to the base dir when inside it, so
+    a base dir fetched from a GPU node to a laptop still resolves) and its fingerprint."""
     from nanochat.common import get_base_dir
 
     directory = Path(tokenizer.directory or tokenizer_dir()).resolve()

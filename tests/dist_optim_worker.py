@@ -1,7 +1,7 @@
 """Train a tiny GPT for a few steps with setup_optimizers() and save the weights (test helper).
 
-Run either as a plain process (world size 1) or under `torchrun --nproc_per_node=N`; the GLOBAL batch
-is fixed by --batch-size and each rank takes its contiguous 1/N slice. --grad-accum K additionally
+Run either as a plain process (world size 1) or under `torchrun --nproc_per_node=N`; the GLOBAL
+batch is fixed by --batch-size and each rank takes its contiguous 1/N slice. --grad-accum K also
 splits each rank's slice into K micro-batches. Every rank writes <out>/rank<r>.pt.
 """
 
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # run as a script by torchrun: find nanochat/
+# run as a script by torchrun: find nanochat/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat.common import cleanup_distributed, init_distributed
 from nanochat.gpt import GPT, GPTConfig
@@ -22,7 +21,7 @@ from nanochat.optim import clip_grad_norm_
 
 
 def tiny_config(seq_len: int = 16) -> GPTConfig:
-    # 3 layers: the MLP shape groups hold 3 matrices, so with 2 ranks DistMuon's padding slot is exercised.
+    # 3 layers: the MLP shape groups hold 3 matrices, so with 2 ranks DistMuon's padding slot runs.
     return GPTConfig(
         sequence_len=seq_len, vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64
     )

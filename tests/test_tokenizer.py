@@ -1,4 +1,4 @@
-"""Tokenizer: round-trips, specials never parsed from text, chat rendering masks, save/load, training."""
+"""Tokenizer: round-trips, specials never parsed from text, chat masks, save/load, training."""
 
 import collections
 import json
