@@ -1,7 +1,10 @@
-"""Dataset sources (dir / synthetic / fineweb layout) and the shard downloader against a loopback HTTP server."""
+"""Dataset sources (dir / synthetic / fineweb layout), and the shard downloader against a loopback
+stand-in for the Hub's file endpoint."""
 
+import hashlib
 import http.server
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset as ds
+from nanochat import shard_download as sd
 
 REPO = "someone/tiny-corpus"
 
 
-# ------------------------------------------------------------------------------------------ local sources
+# ---------------------------------------------------------------------------------- local sources
 
 
 def _write_parquet(path, docs, row_group_size=5, column="text"):
@@ -103,17 +107,21 @@ def test_auto_source(base_dir, capsys):
     assert list(ds.text_iterator("val")) == ["s1"]
 
 
-# ------------------------------------------------------------------------------------------ downloader
+# ------------------------------------------------------------------------------------- downloader
 
 
 class Hub:
-    """Serves files under /datasets/<repo>/resolve/main/<name> with Range support and injectable faults."""
+    """The Hub's file endpoint, GET /datasets/<repo>/resolve/main/<name>, as huggingface_hub's
+    http_get reads it: Content-Length, Range requests answered 206 with Content-Range, and 416 past
+    the end. Faults can be injected per file. No Xet headers: the library's Xet path is never taken.
+    """
 
     def __init__(self, files):
         self.files = dict(files)
         self.fail = {}  # name -> number of 500s still to return
         self.drop = {}  # name -> (times, bytes): send only this many body bytes, then hang up
         self.log = []  # (name, Range header or None, status)
+        self.auth = []  # the Authorization header of each request, None where there was none
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -121,6 +129,7 @@ class Hub:
                 pass
 
             def do_GET(self):
+                hub.auth.append(self.headers.get("Authorization"))
                 prefix = f"/datasets/{REPO}/resolve/main/"
                 name = self.path[len(prefix) :] if self.path.startswith(prefix) else None
                 rng = self.headers.get("Range")
@@ -138,6 +147,7 @@ class Hub:
                 hub.log.append((name, rng, 206 if rng else 200))
                 self.send_response(206 if rng else 200)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
@@ -166,11 +176,8 @@ class Hub:
 
 
 def _parquet_bytes(tmp_path, i, n_docs=300):
-    import random
-
-    rng = random.Random(
-        i
-    )  # hex noise: barely compressible, so the file spans several 64 KiB chunks
+    # hex noise: barely compressible, so the file spans several 64 KiB chunks
+    rng = random.Random(i)
     p = tmp_path / f"src_{i}.parquet"
     docs = [f"shard {i} document {j} " + rng.randbytes(600).hex() for j in range(n_docs)]
     _write_parquet(p, docs, row_group_size=100)
@@ -178,7 +185,13 @@ def _parquet_bytes(tmp_path, i, n_docs=300):
 
 
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, monkeypatch):
+    # huggingface_hub keeps what a dropped connection delivered in whole chunks of 10 MB; a test
+    # shard is 360 kB, so chunks of 64 KiB show the resume at work
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     files = {ds.shard_name(i): _parquet_bytes(tmp_path, i) for i in range(3)}
     h = Hub(files)
     yield h
@@ -186,22 +199,8 @@ def hub(tmp_path):
 
 
 def _main(hub, out, *extra):
-    return ds.main(
-        [
-            "-n",
-            "3",
-            "--repo",
-            REPO,
-            "--base-url",
-            hub.url,
-            "--out-dir",
-            str(out),
-            "--backoff",
-            "0.01",
-            "--no-progress",
-            *extra,
-        ]
-    )
+    args = ["-n", "3", "--repo", REPO, "--base-url", hub.url, "--out-dir", str(out)]
+    return sd.main([*args, "--backoff", "0.01", "--no-progress", *extra])
 
 
 def test_download_verify_and_skip_present(tmp_path, hub, capsys):
@@ -209,6 +208,7 @@ def test_download_verify_and_skip_present(tmp_path, hub, capsys):
     assert _main(hub, out) == 0
     for name, data in hub.files.items():
         assert (out / name).read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.files)  # no cache or metadata dirs
     assert "val = shard_00002.parquet" in capsys.readouterr().out
     hub.log.clear()
     assert _main(hub, out) == 0  # everything present and valid: no requests at all
@@ -216,6 +216,15 @@ def test_download_verify_and_skip_present(tmp_path, hub, capsys):
     assert list(ds.text_iterator("val", source="fineweb", data_dir=out))[0].startswith(
         "shard 2 document 0"
     )
+
+
+def test_hf_token_is_sent_and_never_printed(tmp_path, hub, monkeypatch, capsys):
+    token = "hf_" + "T" * 30
+    monkeypatch.setenv("HF_TOKEN", token)
+    assert _main(hub, tmp_path / "base_data") == 0
+    assert hub.auth and set(hub.auth) == {f"Bearer {token}"}
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err
 
 
 def test_resume_partial_and_dropped_connection(tmp_path, hub):
@@ -237,6 +246,16 @@ def test_resume_partial_and_dropped_connection(tmp_path, hub):
         and 0 < starts[0] < starts[1] < len(hub.files[ds.shard_name(2)])
     )
     assert (out / ds.shard_name(2)).read_bytes() == hub.files[ds.shard_name(2)]
+
+
+def test_partial_longer_than_the_file_starts_again(tmp_path, hub):
+    out = tmp_path / "base_data"
+    out.mkdir()
+    name = ds.shard_name(0)
+    (out / f"{name}.tmp").write_bytes(b"\0" * (len(hub.files[name]) + 10))  # not a prefix of it
+    assert _main(hub, out) == 0
+    assert [e[2] for e in hub.log if e[0] == name] == [416, 200]
+    assert (out / name).read_bytes() == hub.files[name]
 
 
 def test_retries_on_500(tmp_path, hub):
@@ -268,8 +287,6 @@ def test_corrupt_files_detected(tmp_path, hub, capsys):
 
 
 def test_sha256_manifest(tmp_path, hub):
-    import hashlib
-
     out = tmp_path / "base_data"
     manifest = tmp_path / "SHA256SUMS"
     lines = [f"{hashlib.sha256(d).hexdigest()}  {n}" for n, d in hub.files.items()]
@@ -279,33 +296,40 @@ def test_sha256_manifest(tmp_path, hub):
     assert not (out / ds.shard_name(0)).exists() and (out / ds.shard_name(1)).exists()
 
 
-def test_unreachable_hub_one_clear_message(tmp_path):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, NANOCHAT_DATASET_BASE_URL=f"http://127.0.0.1:{port}")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nanochat.dataset",
-            "-n",
-            "4",
-            "--retries",
-            "1",
-            "--backoff",
-            "0.01",
-            "--no-progress",
-            "--out-dir",
-            str(tmp_path / "d"),
-        ],
+def _download_cli(out_dir, env, *extra):
+    """`python -m nanochat.dataset` in a fresh process, where huggingface_hub reads HF_ENDPOINT and
+    HF_HUB_OFFLINE (at import)."""
+    args = ["-n", "4", "--retries", "1", "--backoff", "0.01", "--no-progress"]
+    return subprocess.run(
+        [sys.executable, "-m", "nanochat.dataset", *args, "--out-dir", str(out_dir), *extra],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "", **env},
         timeout=120,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
+
+
+@pytest.mark.parametrize("variable", ["NANOCHAT_DATASET_BASE_URL", "HF_ENDPOINT"])
+def test_unreachable_hub_one_clear_message(tmp_path, variable):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _download_cli(tmp_path / "d", {variable: f"http://127.0.0.1:{port}"})
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.count("cannot reach 127.0.0.1") == 1
     assert "--data-dir" in r.stderr and "synthetic" in r.stderr
+    assert list((tmp_path / "d").iterdir()) == []  # not even an empty partial file
+
+
+def test_offline_mode_keeps_present_shards_and_names_the_missing_one(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    for i in range(2):
+        _write_parquet(out / ds.shard_name(i), [f"s{i}"])
+    r = _download_cli(out, {"HF_HUB_OFFLINE": "1"}, "-n", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.count("HF_HUB_OFFLINE is set") == 1 and "--data-dir" in r.stderr
+    assert f"{out / ds.shard_name(2)} is missing" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [ds.shard_name(0), ds.shard_name(1)]
