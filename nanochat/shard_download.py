@@ -40,16 +40,6 @@ class HubUnreachable(DownloadError):
     """No connection to the Hub at all (or HF_HUB_OFFLINE is set): every shard would fail alike."""
 
 
-def dataset_repo() -> str:
-    return os.environ.get("NANOCHAT_DATASET_REPO") or DEFAULT_REPO
-
-
-def dataset_endpoint() -> str | None:
-    # None: huggingface_hub's own choice, HF_ENDPOINT or huggingface.co. Ours comes first, so the
-    # shards can come from one mirror while `datasets` (AQuA-RAT) follows HF_ENDPOINT.
-    return os.environ.get("NANOCHAT_DATASET_BASE_URL") or None
-
-
 def parquet_problem(path: Path, sha256: str | None = None) -> str | None:
     """Why path is not a sound shard (not parquet, no `text` column, wrong sha256), or None."""
     try:
@@ -229,12 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--repo",
-        default=dataset_repo(),
+        default=os.environ.get("NANOCHAT_DATASET_REPO") or DEFAULT_REPO,
         help=f"HF dataset repo id (env NANOCHAT_DATASET_REPO; default {DEFAULT_REPO})",
     )
+    # None leaves the choice to huggingface_hub: HF_ENDPOINT, else huggingface.co. Ours comes first
+    # so that the shards can come from one mirror while `datasets` (AQuA-RAT) follows HF_ENDPOINT.
     parser.add_argument(
         "--base-url",
-        default=dataset_endpoint(),
+        default=os.environ.get("NANOCHAT_DATASET_BASE_URL") or None,
         help="hub URL (env NANOCHAT_DATASET_BASE_URL, else HF_ENDPOINT, else huggingface.co)",
     )
     parser.add_argument(
