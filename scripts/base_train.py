@@ -50,9 +50,10 @@ from nanochat.common import (
     print0,
     seed_everything,
 )
+from nanochat.compile import maybe_compile
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, config_from_depth, maybe_compile
+from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section

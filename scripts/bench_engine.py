@@ -81,7 +81,7 @@ def main(argv=None):
         while n < args.vocab_size - 9:
             ranks[b"\xff\xfe" + n.to_bytes(4, "big")] = n
             n += 1
-        tokenizer = Tokenizer.from_ranks(SPLIT_PATTERN, ranks)
+        tokenizer = Tokenizer(SPLIT_PATTERN, ranks)
         config = config_from_depth(
             args.depth,
             tokenizer.get_vocab_size(),

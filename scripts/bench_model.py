@@ -22,7 +22,8 @@ import time
 import torch
 
 from nanochat.common import autodetect_device, peak_flops, print0, synchronize
-from nanochat.gpt import GPT, config_from_depth, maybe_compile
+from nanochat.compile import maybe_compile
+from nanochat.gpt import GPT, config_from_depth
 
 
 def time_steps(fn, steps: int, warmup: int, device) -> tuple[float, float]:

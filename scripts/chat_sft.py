@@ -34,7 +34,7 @@ from nanochat.common import (
     print0,
     seed_everything,
 )
-from nanochat.gpt import maybe_compile
+from nanochat.compile import maybe_compile
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import write_section
 from nanochat.tokenizer import tokenizer_record

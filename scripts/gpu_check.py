@@ -19,7 +19,8 @@ import time
 import torch
 
 from nanochat.common import autodetect_device, autodetect_dtype, synchronize
-from nanochat.gpt import GPT, config_from_depth, maybe_compile
+from nanochat.compile import maybe_compile
+from nanochat.gpt import GPT, config_from_depth
 
 
 def versions(device: torch.device) -> list[tuple[str, str]]:

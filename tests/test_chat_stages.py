@@ -41,7 +41,7 @@ def tiny_tokenizer() -> Tokenizer:
     ranks = {bytes([i]): i for i in range(256)}
     for j, letter in enumerate("ABCDE"):  # " A" .. " E" as single tokens: the categorical fast path
         ranks[b" " + letter.encode()] = 256 + j
-    return Tokenizer.from_ranks(SPLIT_PATTERN, ranks)
+    return Tokenizer(SPLIT_PATTERN, ranks)
 
 
 def make_base(base_dir: Path, tag: str = "d2", stage: str = "base") -> GPTConfig:
@@ -447,7 +447,7 @@ def test_letter_scorer_matches_logits(base_dir):
         logits = model(torch.tensor([prompt + tok.encode("Answer:")]))[0, -1]
     assert choice == int(torch.argmax(logits[256:261]))
     # the multi-token path (bytes-only tokenizer: " A" is two tokens) agrees with summed log-probs
-    plain = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    plain = Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     s2 = LetterScorer(plain)
     assert not s2.single
     model2 = GPT(

@@ -151,7 +151,7 @@ def test_rng_roundtrip():
 def test_load_model_roundtrip(tmp_path, base_dir, monkeypatch):
     gpt = pytest.importorskip("nanochat.gpt")
     tok_mod = pytest.importorskip("nanochat.tokenizer")
-    tok = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    tok = tok_mod.Tokenizer(tok_mod.SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     monkeypatch.setattr(tok_mod, "get_tokenizer", lambda directory=None: tok)
     torch.manual_seed(0)
     cfg = gpt.GPTConfig(
@@ -227,7 +227,7 @@ def test_load_model_refuses_another_tokenizer(base_dir):
     gpt = pytest.importorskip("nanochat.gpt")
     tok_mod = pytest.importorskip("nanochat.tokenizer")
     byte_ranks = {bytes([i]): i for i in range(256)}
-    first = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, byte_ranks)
+    first = tok_mod.Tokenizer(tok_mod.SPLIT_PATTERN, byte_ranks)
     first.save(tok_mod.tokenizer_dir())
     first = tok_mod.get_tokenizer()
     cfg = gpt.GPTConfig(
@@ -246,12 +246,12 @@ def test_load_model_refuses_another_tokenizer(base_dir):
 
     # same vocabulary size, other merges: ids would silently mean other tokens
     swapped = {**byte_ranks, b"a": 98, b"b": 97}
-    tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, swapped).save(tok_mod.tokenizer_dir())
+    tok_mod.Tokenizer(tok_mod.SPLIT_PATTERN, swapped).save(tok_mod.tokenizer_dir())
     with pytest.raises(SystemExit, match="trained with another tokenizer .* retrained since"):
         ck.load_model("base", device="cpu")
 
     # a checkpoint that records no tokenizer: a vocabulary larger than the model's is still refused
-    bigger = tok_mod.Tokenizer.from_ranks(tok_mod.SPLIT_PATTERN, {**byte_ranks, b"ab": 256})
+    bigger = tok_mod.Tokenizer(tok_mod.SPLIT_PATTERN, {**byte_ranks, b"ab": 256})
     bigger.save(tok_mod.tokenizer_dir())
     ck.save_checkpoint(
         ck.checkpoint_dir("base", "old"),

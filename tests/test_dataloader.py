@@ -15,7 +15,7 @@ from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 @pytest.fixture(scope="module")
 def tok():
     # A real (tiktoken-backed) byte-level tokenizer: 256 byte tokens + the specials, no training needed.
-    return Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    return Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
 
 
 def _docs(n, seed=0):

@@ -78,7 +78,7 @@ def save_small_tokenizer(base: Path) -> Tokenizer:
     ranks = {bytes([i]): i for i in range(256)}
     for tok in (b"th", b"he", b"the", b" the", b"in", b"an", b"  "):
         ranks[tok] = len(ranks)
-    tok = Tokenizer.from_ranks(SPLIT_PATTERN, ranks)
+    tok = Tokenizer(SPLIT_PATTERN, ranks)
     tok.save(base / "tokenizer")
     return tok
 
