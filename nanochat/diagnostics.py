@@ -24,22 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import AttentionEntropy
+from nanochat.mc_eval import LetterScorer
+from tasks.aqua import ANSWER_PREFIX, AQUA_LETTERS
 
-LETTERS = ("A", "B", "C", "D", "E")
-ANSWER_PREFIX = b"Answer:"
+ANSWER_BYTES = ANSWER_PREFIX.encode()
 
 
 def letter_token_ids(tokenizer) -> list[int] | None:
     """Ids of " A" .. " E", the letter tokens that follow "Answer:", or None when a letter is not one
     token after "Answer:" in this tokenizer (then the letter diagnostics are off)."""
-    prefix = tokenizer.encode("Answer:")
-    ids = []
-    for letter in LETTERS:
-        full = tokenizer.encode(f"Answer: {letter}")
-        if full[: len(prefix)] != prefix or len(full) != len(prefix) + 1:
-            return None
-        ids.append(full[-1])
-    return ids
+    scorer = LetterScorer(tokenizer)
+    return scorer.letter_ids if scorer.single else None
 
 
 def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> int | None:
@@ -47,10 +42,10 @@ def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> 
     no "Answer:" or what follows it is not one of the letter tokens."""
     pieces = [tokenizer.enc.decode_single_token_bytes(t) for t in ids]
     text = b"".join(pieces)
-    start = text.rfind(ANSWER_PREFIX)
+    start = text.rfind(ANSWER_BYTES)
     if start < 0:
         return None
-    target = start + len(ANSWER_PREFIX)  # the letter's byte: first non-space after the colon
+    target = start + len(ANSWER_BYTES)  # the letter's byte: first non-space after the colon
     while text[target : target + 1] == b" ":
         target += 1
     offset = 0
@@ -115,10 +110,10 @@ def sequence_kl(
 
 def letter_counts(predictions: list[str | None]) -> dict[str, int]:
     """{"A": n, ..., "E": n, "none": n}: the letters the completions chose (None = no letter)."""
-    counts = {letter: 0 for letter in LETTERS}
+    counts = {letter: 0 for letter in AQUA_LETTERS}
     counts["none"] = 0
     for pred in predictions:
-        counts[pred if pred in LETTERS else "none"] += 1
+        counts[pred if pred in AQUA_LETTERS else "none"] += 1
     return counts
 
 

@@ -1,29 +1,28 @@
-"""Evaluate a chat checkpoint on AQuA-RAT (and the synthetic AQuA set): generative and categorical accuracy.
+"""Evaluate a chat checkpoint on AQuA-RAT (and the synthetic AQuA set): generative and categorical.
 
     python -m scripts.chat_eval -i sft -a AQUA                         # AQuA-RAT test split
     python -m scripts.chat_eval -i sft -a SYNTH --max-problems 200     # synthetic AQuA (offline)
     python -m scripts.chat_eval -i rl -a AQUA,SYNTH --num-samples 8 --temperature 1.0   # + pass@8
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft -a AQUA
 
-Two ways to score each multiple-choice problem:
-- generative: sample a rationale from the prompt (Engine), then extract_letter(completion, options).
-  Greedy accuracy always (temperature 0, one sample); with --num-samples k > 1 also pass@k over k samples
-  at --temperature (a problem counts if ANY sample names the gold letter) and the mean per-sample accuracy.
-- categorical: no rationale. The assistant turn is primed with "Answer:" right after the prompt and the
-  five continuations " A" .. " E" are compared: when each is a single token (the usual case: it is how
-  "Answer: C" tokenises in the SFT targets) that is one forward and an argmax over five logits; otherwise
-  each continuation's summed log-probability. It measures what the model "believes" without reasoning,
-  and it is the quantity whose letter distribution RL diagnostics track.
+Two ways to score each multiple-choice problem (nanochat/mc_eval.py, shared with chat_rl):
+- generative: decode a rationale from the prompt, then extract_letter(completion, options). Greedy
+  accuracy always; with --num-samples k > 1 also pass@k over k samples at --temperature (a problem
+  counts if ANY sample names the gold letter) and the mean per-sample accuracy.
+- categorical: no rationale. The assistant turn is primed with "Answer:" right after the prompt and
+  the five continuations " A" .. " E" are compared (their logits when each is one token, else their
+  summed log-probs), --batch-prompts problems per forward. It measures what the model "believes"
+  without reasoning, the quantity whose letter distribution the RL diagnostics track.
 
-For both: per-letter confusion matrix (gold x predicted, "none" when no letter is found), the predicted
-letter distribution, and two baselines of the split: chance (20%) and always answering the split's most
-frequent gold letter. Each rank takes problems rank::world_size; counts are all-reduced.
+For both: a confusion matrix (gold x predicted, "none" when no letter is found), the predicted
+letter distribution, and two baselines of the split: chance (20%) and always answering its most
+frequent gold letter. Each rank takes problems rank::world_size; counts are summed over ranks.
 
 Output: <base>/runs/<run>/chat_eval.jsonl, one line per (task, mode), e.g.
-  {"source": "sft", "task": "aqua", "split": "test", "mode": "generative", "acc": 0.31, "n": 254, ...}
-The generative line also lists the greedy result of every problem ("per_problem", 1 = right), which
+  {"source": "sft", "task": "aqua", "split": "test", "mode": "generative", "acc": 0.31, ...}
+(task "synthetic_aqua" for SYNTH), and the report section chat_eval_<source>. The generative line
+also lists the greedy result of every problem ("per_problem", 1 = right), which
 scripts/compare_evals.py pairs across checkpoints (paired counts and an exact sign test).
-(task "synthetic_aqua" for SYNTH) and the report section <base>/report/chat_eval_<source>.md.
 """
 
 from __future__ import annotations
@@ -32,17 +31,15 @@ import argparse
 import json
 import time
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
 from nanochat.checkpoint import load_model
 from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
 from nanochat.engine import Engine
+from nanochat.mc_eval import LetterScorer, categorical_eval, generative_eval
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, make_tracker
+from tasks.aqua import AQUA_LETTERS
 
-LETTERS = ("A", "B", "C", "D", "E")
+LETTERS = AQUA_LETTERS
 PRED_LABELS = LETTERS + ("none",)
 TASK_NAMES = {"AQUA": "aqua", "SYNTH": "synthetic_aqua"}
 SPLIT_ALIASES = {"val": "validation", "dev": "validation"}
@@ -79,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--aqua-data-dir",
         default=None,
-        help="local AQuA-RAT directory (default: <base>/data/aqua_rat if prepared, else Hugging Face)",
+        help="local AQuA-RAT directory (default: <base>/data/aqua_rat if prepared, else "
+        "Hugging Face)",
     )
     p.add_argument(
         "--synthetic-examples",
@@ -140,170 +138,80 @@ def load_task(name: str, args):
     return SyntheticAqua(args.split, num_examples=n, difficulty=args.synthetic_difficulty)
 
 
-class LetterScorer:
-    """Categorical scoring: the five continuations of the primed prefix "Answer:" (see the docstring)."""
-
-    def __init__(self, tokenizer, letters=LETTERS, prefix: str = "Answer:"):
-        self.prefix_ids = tokenizer.encode(prefix)
-        self.conts = []
-        for letter in letters:
-            full = tokenizer.encode(f"{prefix} {letter}")
-            if full[: len(self.prefix_ids)] != self.prefix_ids:
-                # the prefix tokenises differently with the letter attached: score the whole line instead
-                self.prefix_ids = []
-                break
-            self.conts.append(full[len(self.prefix_ids) :])
-        if not self.prefix_ids:
-            self.conts = [tokenizer.encode(f"{prefix} {letter}") for letter in letters]
-        self.single = all(len(c) == 1 for c in self.conts)
-        self.letter_ids = [c[0] for c in self.conts] if self.single else None
-
-    @torch.no_grad()
-    def __call__(self, model, prompt_ids: list[int]) -> tuple[int, list[float]]:
-        """-> (index of the chosen letter, per-letter scores: log-probs under the model)."""
-        device = next(model.parameters()).device
-        base = prompt_ids + self.prefix_ids
-        if self.single:
-            logits = model(torch.tensor([base], device=device))[0, -1].float()
-            logp = F.log_softmax(logits, dim=-1)[self.letter_ids]
-            scores = logp.tolist()
-        else:
-            rows = [base + c for c in self.conts]
-            T = max(len(r) for r in rows)
-            x = torch.tensor([r + [r[-1]] * (T - len(r)) for r in rows], device=device)
-            logp = F.log_softmax(model(x).float(), dim=-1)
-            scores = []
-            for j, c in enumerate(self.conts):  # token t of the continuation sits at len(base) + t
-                scores.append(
-                    sum(float(logp[j, len(base) - 1 + t, tok]) for t, tok in enumerate(c))
-                )
-        return max(range(len(scores)), key=lambda i: scores[i]), scores
+def confusion(gold: list[int], pred: list[int]) -> list[list[int]]:
+    """5 x 6 counts: gold letter (rows A-E) x predicted letter (columns A-E, none)."""
+    counts = [[0] * len(PRED_LABELS) for _ in LETTERS]
+    for g, p in zip(gold, pred):
+        counts[g][p] += 1
+    return counts
 
 
-def letter_index(letter: str | None) -> int:
-    return LETTERS.index(letter) if letter in LETTERS else len(LETTERS)  # "none"
-
-
-def evaluate_task(
-    name: str, task, model, tokenizer, args, rank: int, world_size: int, device
-) -> list[dict]:
-    engine = Engine(model, tokenizer)
-    scorer = LetterScorer(tokenizer)
-    from tasks.aqua import extract_letter
-
-    n = len(task)
-    # counters (summed over ranks): confusion matrices gold x predicted(+none) and scalar tallies
-    conf = {
-        m: torch.zeros(5, 6, dtype=torch.float64, device=device)
-        for m in ("generative", "categorical")
-    }
-    gold_counts = torch.zeros(5, dtype=torch.float64, device=device)
-    tallies = torch.zeros(
-        4, dtype=torch.float64, device=device
-    )  # pass@k hits, sample hits, samples, gen tokens
-    greedy_right = torch.zeros(
-        n, dtype=torch.float64, device=device
-    )  # per problem, for paired comparisons
-    shown = 0
-    t0 = time.time()
-    mine = list(range(rank, n, world_size))
-    done_count = 0
-    for start in range(0, len(mine), args.batch_prompts):
-        chunk = mine[start : start + args.batch_prompts]
-        convs = [task[i] for i in chunk]
-        prompts = [tokenizer.render_for_completion(conv) for conv in convs]
-        greedy, sampled = None, None
-        if (
-            "generative" in args.mode_list
-        ):  # the chunk's prompts decode together (Engine.generate_multi)
-            greedy = engine.generate_multi(prompts, 1, args.max_tokens, temperature=0.0)
-            if args.num_samples > 1:
-                sampled = engine.generate_multi(
-                    prompts,
-                    args.num_samples,
-                    args.max_tokens,
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    seeds=[args.seed + i for i in chunk],
-                )
-        for k, (i, conv, prompt) in enumerate(zip(chunk, convs, prompts)):
-            gold = conv["answer"]
-            gold_counts[LETTERS.index(gold)] += 1
-            if greedy is not None:
-                text = tokenizer.decode(engine.without_stop(greedy[k].sequences[0]))
-                pred = extract_letter(text, conv.get("options"))
-                conf["generative"][LETTERS.index(gold), letter_index(pred)] += 1
-                greedy_right[i] = float(pred == gold)
-                tallies[3] += len(greedy[k].sequences[0])
-                if rank == 0 and shown < args.show:
-                    print0(f"--- {name} #{i} gold {gold} greedy-pred {pred}\n{text.strip()}\n")
-                    shown += 1
-            if sampled is not None:
-                hits = [
-                    extract_letter(tokenizer.decode(engine.without_stop(s)), conv.get("options"))
-                    == gold
-                    for s in sampled[k].sequences
-                ]
-                tallies[0] += float(any(hits))
-                tallies[1] += sum(hits)
-                tallies[2] += len(hits)
-            if "categorical" in args.mode_list:
-                choice, _ = scorer(model, prompt)
-                conf["categorical"][LETTERS.index(gold), choice] += 1
-        done_count += len(chunk)
-        if rank == 0:
-            print0(f"  {name}: {done_count * world_size}/{n} problems, {time.time() - t0:.0f}s")
-    if dist.is_available() and dist.is_initialized():
-        for t in list(conf.values()) + [gold_counts, tallies, greedy_right]:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-    total = int(gold_counts.sum().item())
-    golds = {l: int(c) for l, c in zip(LETTERS, gold_counts.tolist())}
-    top_letter = max(LETTERS, key=lambda l: golds[l])
-    baselines = {
+def result_row(args, task, mode: str, gold: list[int], pred: list[int]) -> dict:
+    """The JSONL line of one (task, mode): accuracy, baselines, letter counts and confusion."""
+    total = len(gold)
+    counts = confusion(gold, pred)
+    correct = sum(counts[j][j] for j in range(len(LETTERS)))
+    golds = {letter: sum(row) for letter, row in zip(LETTERS, counts)}
+    top_letter = max(LETTERS, key=lambda letter: golds[letter])
+    return {
+        "source": args.source,
+        "task": task.name,
+        "split": args.split,
+        "mode": mode,
+        "acc": correct / max(total, 1),
+        "n": total,
+        "correct": correct,
         "chance": 0.2,
         "most_frequent_letter": top_letter,
         "most_frequent_acc": golds[top_letter] / max(total, 1),
+        "gold_counts": golds,
+        "pred_counts": {lab: sum(row[c] for row in counts) for c, lab in enumerate(PRED_LABELS)},
+        "confusion": {
+            g: {lab: v for lab, v in zip(PRED_LABELS, row)} for g, row in zip(LETTERS, counts)
+        },
     }
+
+
+def evaluate_task(name: str, task, model, tokenizer, args) -> list[dict]:
+    """One row per mode in --modes (see the module docstring), over all ranks."""
+    n = len(task)
     rows = []
     for mode in args.mode_list:
-        c = conf[mode]
-        correct = int(c.diagonal().sum().item())
-        row = {
-            "source": args.source,
-            "task": task.name,
-            "split": args.split,
-            "mode": mode,
-            "acc": correct / max(total, 1),
-            "n": total,
-            "correct": correct,
-            **baselines,
-            "gold_counts": golds,
-            "pred_counts": {lab: int(v) for lab, v in zip(PRED_LABELS, c.sum(0).tolist())},
-            "confusion": {
-                g: {lab: int(v) for lab, v in zip(PRED_LABELS, c[j].tolist())}
-                for j, g in enumerate(LETTERS)
-            },
-        }
         if mode == "generative":
-            row["greedy"] = True
-            row["per_problem"] = [
-                int(v) for v in greedy_right.tolist()
-            ]  # 1 = problem i answered right
-            row["mean_completion_tokens"] = tallies[3].item() / max(total, 1)
-            if args.num_samples > 1:
-                row.update(
-                    {
-                        "k": args.num_samples,
-                        "temperature": args.temperature,
-                        f"pass@{args.num_samples}": tallies[0].item() / max(total, 1),
-                        "sample_acc": tallies[1].item() / max(tallies[2].item(), 1),
-                    }
-                )
-        else:
-            row["scoring"] = (
-                "single-token logits" if scorer.single else "summed continuation log-probs"
+            res = generative_eval(
+                Engine(model, tokenizer),
+                tokenizer,
+                task,
+                n,
+                args.max_tokens,
+                args.batch_prompts,
+                args.num_samples,
+                args.temperature,
+                args.top_k,
+                args.seed,
+                progress=f"{name} generative",
             )
+            for i in sorted(res.texts)[: args.show]:
+                pred = PRED_LABELS[res.greedy[i]]
+                print0(f"--- {name} #{i} gold {LETTERS[res.gold[i]]} greedy-pred {pred}")
+                print0(res.texts[i].strip() + "\n")
+            row = result_row(args, task, mode, res.gold, res.greedy)
+            row["greedy"] = True
+            # 1 = problem i answered right: compare_evals pairs these across checkpoints
+            row["per_problem"] = [int(g == p) for g, p in zip(res.gold, res.greedy)]
+            row["mean_completion_tokens"] = sum(res.greedy_tokens) / max(n, 1)
+            if args.num_samples > 1:
+                row["k"] = args.num_samples
+                row["temperature"] = args.temperature
+                row[f"pass@{args.num_samples}"] = res.pass_at_k
+                row["sample_acc"] = res.sample_acc
+        else:
+            gold, chosen = categorical_eval(
+                model, tokenizer, task, n, args.batch_prompts, progress=f"{name} categorical"
+            )
+            row = result_row(args, task, mode, gold, chosen)
+            single = LetterScorer(tokenizer).single
+            row["scoring"] = "single-token logits" if single else "summed continuation log-probs"
         rows.append(row)
     return rows
 
@@ -320,78 +228,84 @@ def confusion_markdown(row: dict) -> list[str]:
     return lines
 
 
+def pass_at_k(row: dict) -> float | None:
+    """The generative row's pass@k, None on a greedy-only or categorical row."""
+    return row[f"pass@{row['k']}"] if "k" in row else None
+
+
+def print_row(row: dict) -> None:
+    pass_k = f", pass@{row['k']} {pass_at_k(row):.3f}" if "k" in row else ""
+    print0(
+        f"{row['task']} {row['split']} {row['mode']}: acc {row['acc']:.3f} "
+        f"({row['correct']}/{row['n']}){pass_k} | chance 0.200 | "
+        f"always-{row['most_frequent_letter']} {row['most_frequent_acc']:.3f} | "
+        f"predicted {row['pred_counts']}"
+    )
+
+
+def report_markdown(args, tag: str, step, rows: list[dict]) -> str:
+    md = [
+        f"## Chat evaluation of {args.source} ({tag}, step {step})",
+        "",
+        "| task | split | mode | acc | n | chance | always-most-frequent | pass@k |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        pass_k = ""
+        if "k" in row:
+            pass_k = f"{pass_at_k(row):.3f} (k={row['k']}, T={row['temperature']})"
+        md.append(
+            f"| {row['task']} | {row['split']} | {row['mode']} | {row['acc']:.3f} | {row['n']} | "
+            f"0.200 | {row['most_frequent_acc']:.3f} ({row['most_frequent_letter']}) | {pass_k} |"
+        )
+    for row in rows:
+        md += ["", f"Confusion ({row['task']}, {row['mode']}; rows gold, columns predicted):", ""]
+        md += confusion_markdown(row)
+    return "\n".join(md)
+
+
 def main(argv=None) -> list[dict]:
+    # ---- setup and model
     args = parse_args(argv)
     info = init_distributed()
-    device, rank, world_size = info.device, info.rank, info.world_size
     model, tokenizer, meta = load_model(
-        args.source, tag=args.model_tag, step=args.step, device=device, phase="eval"
+        args.source, tag=args.model_tag, step=args.step, device=info.device, phase="eval"
     )
     tag = meta.get("tag") or args.model_tag or "?"
     print0(
-        f"chat_eval: {args.source}/{tag} step {meta.get('step')}, tasks {args.task_list}, split {args.split}, "
-        f"modes {args.mode_list}, {world_size} process(es) on {device.type}"
+        f"chat_eval: {args.source}/{tag} step {meta.get('step')}, tasks {args.task_list}, "
+        f"split {args.split}, modes {args.mode_list}, {info.world_size} process(es) "
+        f"on {info.device.type}"
     )
     tracker = make_tracker(
         args, f"chat_eval_{args.source}", {**vars(args), "tag": tag, "step": meta.get("step")}
     )
+
+    # ---- evaluate each task in each mode
     all_rows = []
     for name in args.task_list:
         task = load_task(name, args)
         t0 = time.time()
-        rows = evaluate_task(name, task, model, tokenizer, args, rank, world_size, device)
+        rows = evaluate_task(name, task, model, tokenizer, args)
         for row in rows:
-            row.update(
-                {
-                    "tag": tag,
-                    "step": meta.get("step"),
-                    "time": time.time(),
-                    "seconds": time.time() - t0,
-                }
-            )
-            pk_key = f"pass@{row['k']}" if "k" in row else None
-            extra = f", {pk_key} {row[pk_key]:.3f}" if pk_key else ""
-            print0(
-                f"{row['task']} {row['split']} {row['mode']}: acc {row['acc']:.3f} ({row['correct']}/{row['n']})"
-                f"{extra} | chance 0.200 | always-{row['most_frequent_letter']} {row['most_frequent_acc']:.3f} | "
-                f"predicted {row['pred_counts']}"
-            )
+            row.update(tag=tag, step=meta.get("step"), time=time.time(), seconds=time.time() - t0)
+            print_row(row)
             metrics = {f"{row['task']}/{row['mode']}/acc": row["acc"]}
-            if pk_key:
-                metrics[f"{row['task']}/{pk_key}"] = row[pk_key]
+            if "k" in row:
+                metrics[f"{row['task']}/pass@{row['k']}"] = pass_at_k(row)
             tracker.log(metrics, step=0)
         all_rows.extend(rows)
     tracker.finish()
-    if rank == 0:
+
+    # ---- write the JSONL lines and the report section
+    if info.rank == 0:
         run_dir = get_base_dir() / "runs" / args.run
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "chat_eval.jsonl", "a", encoding="utf-8") as fh:
             for row in all_rows:
                 fh.write(json.dumps(row) + "\n")
-        md = [
-            f"## Chat evaluation of {args.source} ({tag}, step {meta.get('step')})",
-            "",
-            "| task | split | mode | acc | n | chance | always-most-frequent | pass@k |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for row in all_rows:
-            pk = (
-                f"{row['pass@' + str(row['k'])]:.3f} (k={row['k']}, T={row['temperature']})"
-                if "k" in row
-                else ""
-            )
-            md.append(
-                f"| {row['task']} | {row['split']} | {row['mode']} | {row['acc']:.3f} | {row['n']} | 0.200 | "
-                f"{row['most_frequent_acc']:.3f} ({row['most_frequent_letter']}) | {pk} |"
-            )
-        for row in all_rows:
-            md += [
-                "",
-                f"Confusion ({row['task']}, {row['mode']}; rows gold, columns predicted):",
-                "",
-            ]
-            md += confusion_markdown(row)
-        write_section(get_base_dir(), args.run, f"chat_eval_{args.source}", "\n".join(md))
+        markdown = report_markdown(args, tag, meta.get("step"), all_rows)
+        write_section(get_base_dir(), args.run, f"chat_eval_{args.source}", markdown)
         print0(f"wrote {run_dir / 'chat_eval.jsonl'}")
     cleanup_distributed()
     return all_rows

@@ -20,6 +20,7 @@ from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint,
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from nanochat.tracking import read_jsonl
+from tasks.aqua import AQUA_LETTERS
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--no-wandb"]
@@ -422,25 +423,30 @@ def test_chat_eval_writes_jsonl_and_report(base_dir):
     assert "synthetic_aqua" in (base_dir / "report" / "local" / "chat_eval_sft.md").read_text()
 
 
+def tiny_gpt(vocab_size: int, seed: int, sequence_len: int = 64) -> GPT:
+    """One layer of 16, in eval mode, with a wide lm_head so that the letters' logits differ."""
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        sequence_len=sequence_len,
+        vocab_size=vocab_size,
+        n_layer=1,
+        n_head=2,
+        n_kv_head=2,
+        n_embd=16,
+    )
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=1.0)
+    return model
+
+
 def test_letter_scorer_matches_logits(base_dir):
-    from scripts.chat_eval import LetterScorer
+    from nanochat.mc_eval import LetterScorer
 
     tok = tiny_tokenizer()
     scorer = LetterScorer(tok)
     assert scorer.single and scorer.letter_ids == [256, 257, 258, 259, 260]
-    torch.manual_seed(1)
-    model = GPT(
-        GPTConfig(
-            sequence_len=64,
-            vocab_size=tok.get_vocab_size(),
-            n_layer=1,
-            n_head=2,
-            n_kv_head=2,
-            n_embd=16,
-        )
-    ).eval()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(std=1.0)
+    model = tiny_gpt(tok.get_vocab_size(), seed=1)
     prompt = tok.encode("Q?", prepend="<|bos|>")
     choice, scores = scorer(model, prompt)
     with torch.no_grad():
@@ -450,6 +456,7 @@ def test_letter_scorer_matches_logits(base_dir):
     plain = Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     s2 = LetterScorer(plain)
     assert not s2.single
+    torch.manual_seed(1)
     model2 = GPT(
         GPTConfig(
             sequence_len=64,
@@ -467,6 +474,38 @@ def test_letter_scorer_matches_logits(base_dir):
     n = len(prompt) + len(plain.encode("Answer:"))
     expected = float(logp[n - 1, ids[n]] + logp[n, ids[n + 1]])
     assert scores2[2] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("single_token", [True, False])
+def test_categorical_eval_batched_equals_one_at_a_time(single_token):
+    """Prompts of different lengths, right-padded into one forward, score as they do alone."""
+    from nanochat.mc_eval import LetterScorer, categorical_eval
+    from tasks.synthetic_aqua import SyntheticAqua
+
+    tok = tiny_tokenizer()
+    if not single_token:  # bytes only: every letter continuation is two tokens, one row each
+        tok = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+    model = tiny_gpt(tok.get_vocab_size(), seed=3, sequence_len=512)
+    with torch.no_grad():  # the init zeroes the output projections: attention would add nothing
+        for param in model.parameters():
+            param.normal_(std=0.3)
+    task = SyntheticAqua("test", num_examples=8, difficulty="mixed")
+    prompts = [tok.render_for_completion(conv) for conv in task]
+    assert len({len(p) for p in prompts}) > 1  # the batch really is padded
+    scorer = LetterScorer(tok)
+    assert scorer.single == single_token
+    batched = scorer.scores(model, prompts)
+    alone = torch.cat([scorer.scores(model, [p]) for p in prompts])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
+    gold, one_by_one = categorical_eval(model, tok, task, len(task), batch_prompts=1)
+    gold_b, in_batches = categorical_eval(model, tok, task, len(task), batch_prompts=5)
+    assert gold == gold_b == [AQUA_LETTERS.index(conv["answer"]) for conv in task]
+    assert one_by_one == in_batches == alone.argmax(-1).tolist()
+    # the scores depend on the prompt (a pad mistake would show), not one row repeated
+    assert (batched - batched[0]).abs().max() > 1e-3
+    right = sum(g == c for g, c in zip(gold, in_batches))
+    assert right == sum(g == c for g, c in zip(gold, one_by_one))
 
 
 def test_chat_eval_real_aqua_dev(base_dir, shared_dir):
