@@ -486,11 +486,22 @@ def make_aqua_conversation(question: str, values: list[str], rationale: str, ans
     }
 
 
-class AquaRat(Task):
+class AquaStyleTask(Task):
+    """What AquaRat and SyntheticAqua share: items from make_aqua_conversation, graded by the letter
+    the completion's answer statement names (extract_letter)."""
+
+    eval_type = "generative"
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        return int(
+            extract_letter(completion, conversation.get("options")) == conversation["answer"]
+        )
+
+
+class AquaRat(AquaStyleTask):
     """AQuA-RAT as a generative chat task (see the module docstring for sources and item format)."""
 
     name = "aqua"
-    eval_type = "generative"
 
     def __init__(
         self,
@@ -511,9 +522,4 @@ class AquaRat(Task):
         row = self.rows[index]
         return make_aqua_conversation(
             row["question"], row["values"], clean_rationale(row["rationale"]), row["correct"]
-        )
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        return int(
-            extract_letter(completion, conversation.get("options")) == conversation["answer"]
         )

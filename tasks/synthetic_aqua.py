@@ -31,8 +31,7 @@ import re
 from fractions import Fraction
 from typing import Iterator
 
-from tasks.aqua import AQUA_LETTERS, extract_letter, make_aqua_conversation
-from tasks.common import Task
+from tasks.aqua import AQUA_LETTERS, AquaStyleTask, make_aqua_conversation
 
 LEVELS = ("easy", "medium", "hard")
 SPLIT_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
@@ -764,11 +763,10 @@ def generate(
     return conv
 
 
-class SyntheticAqua(Task):
+class SyntheticAqua(AquaStyleTask):
     """num_examples generated AQuA-style items of one split; same format and grading as AquaRat."""
 
     name = "synthetic_aqua"
-    eval_type = "generative"
 
     def __init__(
         self,
@@ -789,11 +787,6 @@ class SyntheticAqua(Task):
 
     def get_example(self, index: int) -> dict:
         return generate(self.split, index, self.difficulty, self.seed, self.check_options)
-
-    def evaluate(self, conversation: dict, completion: str) -> int:
-        return int(
-            extract_letter(completion, conversation.get("options")) == conversation["answer"]
-        )
 
 
 # ------------------------------------------------------------------------------------------------
