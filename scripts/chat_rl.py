@@ -1,36 +1,30 @@
-"""GRPO-style reinforcement learning on AQuA-style multiple choice, with diagnostics of how the policy moves.
+"""GRPO-style RL on AQuA-style multiple choice, with diagnostics of how the policy moves.
 
     python -m scripts.chat_rl                                        # from the sft checkpoint
     python -m scripts.chat_rl --aqua-source hf --num-steps 300       # AQuA-RAT train, eval on dev
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl --examples-per-step 64
 
-One step, top to bottom (the loop in main):
-1. rollouts: --examples-per-step training questions (split across ranks), --num-samples completions
-   each, decoded together (Engine.generate_multi) at temperature 1 with no top-k/top-p, so the
-   sampled tokens come from the very distribution the policy gradient differentiates. The samples of
-   question q at step s are seeded by (--seed, s, q, sample index): same rollouts on any number of
-   ranks and after a resume.
-2. rewards: 1 when the task grades the completion right (extract_letter; answer statements naming two
-   different letters earn 0), plus an optional --format-reward for one well-formed final "Answer: X",
-   annealed to 0 over --format-anneal-steps.
-3. advantages: reward minus the group mean (--adv-std-norm also divides by the group std). Groups
-   whose rewards are all equal carry no signal: they get no backward pass (unless --kl-coef), and are
-   counted; a step with no signal on any rank makes no update.
-4. loss: the clipped surrogate -min(ratio * A, clip(ratio) * A) per completion token, plus an
-   optional k3 KL penalty to the reference (--kl-coef, 0 by default: KL is then tracked, not
-   optimised), summed with weights that make it a mean over the GLOBAL batch, every completion counted
-   (--loss-norm: per token, per sequence, or Dr. GRPO's constant). --ppo-epochs > 1 reuses the batch, one optimizer step per
-   pass; the ratio is 1 on the first pass (old log-probs = the current ones, detached).
-5. diagnostics: the policy's side read off the rollout (the engine's log-probs and letter logits),
-   the frozen reference (a copy of the starting weights) scoring every round(1 / --kl-sample-frac)-th
-   question's group: letter KL, sequence KL, letter margin, predicted-letter counts (see
-   nanochat/diagnostics.py); attention entropy per layer on fixed probe conversations every
-   --attn-every steps, heatmaps every --attn-heatmap-every steps.
-Every --eval-every steps and at the end: rl/acc = greedy accuracy on the validation split (AQuA-RAT
-dev, or synthetic validation problems) and pass@k over --eval-samples samples at temperature 1.
+One step (the loop in main):
+1. rollouts: --examples-per-step questions (split across ranks), --num-samples completions each,
+   decoded together at temperature 1 with no top-k/top-p, so the tokens come from the very
+   distribution the policy gradient differentiates. Sample seeds depend on (--seed, step, question,
+   sample) only: the same rollouts on any number of ranks and after a resume.
+2. rewards: 1 when the task grades the completion right (two different answer letters earn 0),
+   plus an optional --format-reward for one well-formed final "Answer: X", annealed to 0 over
+   --format-anneal-steps.
+3. advantages: reward minus the group mean (--adv-std-norm: over the group std as well). A group
+   whose rewards are all equal carries no signal and gets no backward pass (unless --kl-coef).
+4. loss: the clipped surrogate per completion token, plus an optional k3 KL penalty to the
+   reference (--kl-coef; 0 by default: KL is tracked, not optimised), normalised over the GLOBAL
+   batch (--loss-norm). --ppo-epochs > 1 reuses the batch, one optimizer step per pass.
+5. diagnostics (nanochat/diagnostics.py): letter KL, sequence KL, letter margin and predicted-letter
+   counts against the frozen reference; attention entropy per layer on fixed probes every
+   --attn-every steps, heatmaps every --attn-heatmap-every.
+Every --eval-every steps and at the end: rl/acc, greedy accuracy on the validation split, and
+pass@k over --eval-samples samples (nanochat/mc_eval.py, shared with chat_eval).
 
-Checkpoints: <base>/checkpoints/rl/<tag>/ every --save-every steps and at the end; re-running the same
-command resumes (a SIGKILLed run ends with the same weights as an uninterrupted one on CPU fp32).
+Checkpoints: <base>/checkpoints/rl/<tag>/ every --save-every steps and at the end; the same command
+resumes (a SIGKILLed run ends with the weights of an uninterrupted one on CPU fp32).
 Logs: stage "rl" (<base>/runs/<run>/rl.jsonl and W&B); report section "rl".
 """
 
@@ -48,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat import diagnostics as diag
+from nanochat import rl
 from nanochat.checkpoint import checkpoint_dir, load_model
 from nanochat.common import (
     autodetect_dtype,
@@ -57,17 +52,9 @@ from nanochat.common import (
     print0,
 )
 from nanochat.engine import Engine
+from nanochat.mc_eval import generative_eval
 from nanochat.optim import clip_grad_norm_
 from nanochat.report import report_dir, write_section
-from nanochat.rl import (
-    correctness_reward,
-    format_bonus,
-    group_advantages,
-    policy_loss,
-    rollout_seed,
-    token_weights,
-    well_formed,
-)
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
 from nanochat.training import (
@@ -79,7 +66,8 @@ from nanochat.training import (
     stop_if_not_finite,
     warmdown_multiplier,
 )
-from tasks.aqua import extract_letter
+from tasks.aqua import AQUA_LETTERS, AquaRat, extract_letter
+from tasks.synthetic_aqua import SyntheticAqua
 
 STAGE = "rl"
 # Flags that may change on a resume besides the common ones (nanochat/training.HARMLESS_FLAGS): they
@@ -329,7 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         or args.device_batch_size < 1
     ):
         problems.append(
-            "--examples-per-step, --num-steps, --max-new-tokens and --device-batch-size must be >= 1"
+            "--examples-per-step, --num-steps, --max-new-tokens and --device-batch-size must be "
+            ">= 1"
         )
     if args.temperature <= 0:
         problems.append(
@@ -378,15 +367,11 @@ def resolve_source(args, device) -> str:
 def load_split(args, source: str, split: str, n: int):
     """The task of one split: AQuA-RAT (hf/dir) or synthetic problems; n < 0 = the whole split."""
     if source == "synthetic":
-        from tasks.synthetic_aqua import SyntheticAqua
-
         size = n if n > 0 else (20000 if split == "train" else 254)
         seed = args.synthetic_seed if split == "train" else 0
         return SyntheticAqua(
             split, num_examples=size, difficulty=args.synthetic_difficulty, seed=seed
         )
-    from tasks.aqua import AquaRat
-
     data_dir = args.aqua_data_dir if source == "dir" else None
     try:
         task = AquaRat(split, data_dir=data_dir, max_examples=None if n < 0 else n)
@@ -403,8 +388,16 @@ def load_split(args, source: str, split: str, n: int):
     return task
 
 
+def step_questions(args, step: int, rank: int, world: int) -> list[int]:
+    """Global question numbers of this rank at `step`: each rank takes a contiguous share."""
+    per_rank = args.examples_per_step // world
+    first = step * args.examples_per_step + rank * per_rank
+    return list(range(first, first + per_rank))
+
+
 def question_index(seed: int, q: int, n: int) -> int:
-    """Problem behind global question number q: each pass over the n problems is a fresh permutation."""
+    """Problem behind global question number q: each pass over the n problems is a fresh
+    permutation."""
     epoch, pos = divmod(q, n)
     return _pass_order(seed, epoch, n)[pos]
 
@@ -428,9 +421,7 @@ class Completion:
     correct: bool
     letter: str | None  # the letter the completion chose (extract_letter)
     letter_pos: int | None  # index in ids of its final answer-letter token
-    letter_logits: (
-        list[float] | None
-    )  # the policy's logits of " A".." E" where it chose that letter
+    letter_logits: list[float] | None  # the policy's " A".." E" logits where it chose its letter
     gold: int  # index 0-4 of the gold letter
     sample: int  # index inside its group
 
@@ -441,7 +432,7 @@ def rollout(
     """Sample and score the groups of this rank's questions (global question numbers)."""
     convs = [task[question_index(args.seed, q, len(task))] for q in questions]
     prompts = [tokenizer.render_for_completion(conv) for conv in convs]
-    seeds = [rollout_seed(args.seed, step, q) for q in questions]
+    seeds = [rl.rollout_seed(args.seed, step, q) for q in questions]
     chunk = args.rollout_prompts or len(prompts)
     results = []
     for i in range(0, len(prompts), chunk):
@@ -455,15 +446,15 @@ def rollout(
             seeds=seeds[i : i + chunk],
             watch_ids=letter_ids,
         )
-    bonus = format_bonus(args.format_reward, args.format_anneal_steps, step)
+    bonus = rl.format_bonus(args.format_reward, args.format_anneal_steps, step)
     groups = []
     for conv, prompt, res in zip(convs, prompts, results):
         group = []
         for i, (seq, lps, fin) in enumerate(zip(res.sequences, res.logprobs, res.finished)):
             body = engine.without_stop(seq)  # the stop token is trained on, but is not text
             text = tokenizer.decode(body)
-            correct = correctness_reward(task, conv, text)
-            reward = correct + (bonus if bonus and well_formed(text, fin) else 0.0)
+            correct = rl.correctness_reward(task, conv, text)
+            reward = correct + (bonus if bonus and rl.well_formed(text, fin) else 0.0)
             pos = diag.answer_letter_position(body, tokenizer, letter_ids) if letter_ids else None
             group.append(
                 Completion(
@@ -476,7 +467,7 @@ def rollout(
                     letter=extract_letter(text, conv.get("options")),
                     letter_pos=None if pos is None else len(prompt) + pos,
                     letter_logits=None if pos is None else res.watched[i][pos],
-                    gold="ABCDE".index(conv["answer"]),
+                    gold=AQUA_LETTERS.index(conv["answer"]),
                     sample=i,
                 )
             )
@@ -485,26 +476,7 @@ def rollout(
 
 
 # ------------------------------------------------------------------------------------------------
-# the update
-
-
-def batch_tensors(rows: list[Completion], pad_id: int, device, mask_truncated: bool):
-    """inputs (B, T), targets (B, T) with -1 off the completion, completion mask (B, T) and the mask of
-    tokens that train (the completion mask, minus truncated completions with --mask-truncated)."""
-    T = max(len(c.ids) for c in rows) - 1
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, c in enumerate(rows):
-        ids = torch.tensor(c.ids, dtype=torch.long)
-        x[r, : len(c.ids) - 1] = ids[:-1]
-        y[r, c.prompt_len - 1 : len(c.ids) - 1] = ids[
-            c.prompt_len :
-        ]  # position t predicts token t + 1
-    comp = y != -1
-    train = comp.clone()
-    if mask_truncated:
-        train &= torch.tensor([c.finished for c in rows])[:, None]
-    return x.to(device), y.to(device), comp.to(device), train.to(device)
+# diagnostics: how far the policy has moved from the reference
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -515,11 +487,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
     """Per completion: sequence KL (and k3) to the reference, and where there is an answer letter,
-    letter KL and margin. The policy's side comes from the rollout itself (the engine's log-probs and
-    letter logits: the policy before this step's update); the reference scores the groups of every
-    round(1 / kl-sample-frac)-th global question (so the subsample does not depend on the number of
-    ranks), one prompt forward per group."""
+    letter KL and margin (empty lists with --no-diagnostics).
+
+    The policy's side costs nothing: it is read off the rollout (the engine's log-probs and letter
+    logits, i.e. the policy before this step's update). Only the reference runs, one prompt forward
+    per group, on the groups of every round(1 / kl-sample-frac)-th global question, so the
+    subsample does not depend on the number of ranks."""
     out = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": []}
+    if not args.diagnostics:
+        return out
     stride = max(1, round(1.0 / args.kl_sample_frac))
     for q, group in zip(questions, groups):
         if q % stride:
@@ -534,30 +510,86 @@ def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
         policy_logp = torch.tensor(
             [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in group], device=ref.device
         )
-        ref_logp = token_logprobs(ref, targets)
-        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, ref_logp, targets != -1)
+        # Sequence KL: the sampled tokens came from the policy, so summing log pi - log pi_ref over
+        # them estimates KL(pi || pi_ref) of whole completions without enumerating the vocabulary.
+        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, token_logprobs(ref, targets), targets != -1)
         out["kl_seq"] += seq_kl.tolist()
         out["kl_seq_k3"] += seq_k3.tolist()
         lettered = [r for r, c in enumerate(group) if c.letter_pos is not None]
-        if letter_ids and lettered:
-            at = [group[r].letter_pos - group[r].prompt_len for r in lettered]
-            ref_letters = ref[torch.tensor(lettered), torch.tensor(at)]
-            # the policy's five letter logits, placed in a full-vocabulary row for the shared helpers
-            policy_letters = torch.full_like(ref_letters, float("-inf"))
-            policy_letters[:, letter_ids] = torch.tensor(
-                [group[r].letter_logits for r in lettered], device=ref.device
-            )
-            gold = torch.tensor([group[r].gold for r in lettered], device=ref.device)
-            out["kl_letter"] += diag.letter_kl(policy_letters, ref_letters, letter_ids).tolist()
-            out["margin"] += diag.letter_margin(policy_letters, letter_ids, gold).tolist()
+        if not (letter_ids and lettered):
+            continue
+        # Letter KL: at the one token where the answer is decided, compare the two models' choice
+        # among the five letters exactly (a 5-way distribution), not through a sampled estimate.
+        at = [group[r].letter_pos - group[r].prompt_len for r in lettered]
+        ref_letters = ref[torch.tensor(lettered), torch.tensor(at)]
+        # the policy's five letter logits, placed in a full-vocabulary row for the shared helpers
+        policy_letters = torch.full_like(ref_letters, float("-inf"))
+        policy_letters[:, letter_ids] = torch.tensor(
+            [group[r].letter_logits for r in lettered], device=ref.device
+        )
+        gold = torch.tensor([group[r].gold for r in lettered], device=ref.device)
+        out["kl_letter"] += diag.letter_kl(policy_letters, ref_letters, letter_ids).tolist()
+        out["margin"] += diag.letter_margin(policy_letters, letter_ids, gold).tolist()
     return out
 
 
+def attention_probes(task, tokenizer, n: int, max_tokens: int) -> list[list[int]]:
+    """The token ids of the first n conversations of `task`, whole (prompt and answer)."""
+    n = min(n, len(task))
+    return [tokenizer.render_conversation(task[i], max_tokens=max_tokens)[0] for i in range(n)]
+
+
+def attention_due(args, step: int, last: bool) -> tuple[bool, bool]:
+    """(measure attention entropy at this step, with heatmaps): every --attn-every and
+    --attn-heatmap-every steps, and at the end."""
+    heatmaps = last or _every(args.attn_heatmap_every, step)
+    return args.diagnostics and (heatmaps or _every(args.attn_every, step)), heatmaps
+
+
+def attention_metrics(model, tokenizer, probes, step: int, heatmaps: bool, out_dir) -> dict:
+    """attn/entropy_mean, attn/entropy/layer_<i>, and (heatmaps) one image per layer of probe 0.
+
+    Training runs the fused attention kernel, which never materialises attention probabilities;
+    these probe forwards take the explicit path (attn_capture) on a few fixed validation
+    conversations, so the curve follows the same inputs across steps at a small cost."""
+    per_layer, probs = diag.attention_entropy(model, probes, keep_probs=heatmaps)
+    out = {"attn/entropy_mean": sum(per_layer) / len(per_layer)}
+    out.update({f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)})
+    if heatmaps and probs:
+        labels = [tokenizer.id_to_token(t) for t in probes[0]]
+        for i, path in enumerate(diag.save_heatmaps(probs, labels, out_dir, step)):
+            out[f"attn/heatmap/layer_{i}"] = Image(path, caption=f"layer {i}, step {step}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the update
+
+
+def batch_tensors(rows: list[Completion], pad_id: int, device, mask_truncated: bool):
+    """inputs (B, T), targets (B, T) with -1 off the completion, completion mask (B, T) and the
+    mask of tokens that train (the completion mask, minus truncated ones with --mask-truncated)."""
+    T = max(len(c.ids) for c in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, c in enumerate(rows):
+        ids = torch.tensor(c.ids, dtype=torch.long)
+        x[r, : len(c.ids) - 1] = ids[:-1]
+        y[r, c.prompt_len - 1 : len(c.ids) - 1] = ids[c.prompt_len :]  # t predicts token t + 1
+    comp = y != -1
+    train = comp.clone()
+    if mask_truncated:
+        train &= torch.tensor([c.finished for c in rows])[:, None]
+    return x.to(device), y.to(device), comp.to(device), train.to(device)
+
+
 def loss_normalisers(rows, args, info) -> tuple[float, float]:
-    """(completion tokens, completions) of the GLOBAL batch that the loss may train on: every
-    completion counts, zero-signal ones too (they carry zero advantage, so a batch that is mostly
-    solved takes a proportionally smaller step, and --loss-norm constant stays constant); with
-    --mask-truncated, truncated completions are out."""
+    """(completion tokens, completions) of the GLOBAL batch that the loss may train on.
+
+    Every completion counts, zero-signal ones too: they carry zero advantage, so a batch that is
+    mostly solved takes a proportionally smaller step, and --loss-norm constant stays constant.
+    Counting over all ranks (not per rank or per micro-batch) makes the loss the same mean however
+    the batch is split. With --mask-truncated, truncated completions are out."""
     kept = [c for c in rows if c.finished or not args.mask_truncated]
     counts = torch.tensor(
         [float(sum(len(c.ids) - c.prompt_len for c in kept)), float(len(kept))],
@@ -569,37 +601,13 @@ def loss_normalisers(rows, args, info) -> tuple[float, float]:
     return counts[0].item(), counts[1].item()
 
 
-def train_step(
-    model,
-    ref_model,
-    optimizers,
-    groups,
-    questions,
-    adv,
-    zero_signal,
-    args,
-    info,
-    letter_ids,
-    pad_id,
-):
-    """The ppo-epochs optimizer steps on one rollout batch; returns the step's statistics (this rank)."""
-    device, world = info.device, info.world_size
-    stats = {
-        "kl_seq": [],
-        "kl_seq_k3": [],
-        "kl_letter": [],
-        "margin": [],
-        "clipped": 0.0,
-        "clip_tokens": 0.0,
-        "logprob_gap": 0.0,
-        "gap_tokens": 0.0,
-        "grad_norm": 0.0,
-        "skipped": False,
-    }
-    if args.diagnostics:  # the policy as it sampled (before this update) against the reference
-        stats.update(diagnose(ref_model, groups, questions, args, letter_ids, pad_id))
+def train_step(model, ref_model, optimizers, groups, adv, zero_signal, args, info, pad_id) -> dict:
+    """The --ppo-epochs optimizer steps on one rollout batch; returns this rank's statistics."""
+    device = info.device
+    stats = {"clipped": 0.0, "clip_tokens": 0.0, "logprob_gap": 0.0, "gap_tokens": 0.0}
+    stats.update(grad_norm=0.0, skipped=False)
     rows = [c for group in groups for c in group]
-    row_adv = [a for group_adv in adv.tolist() for a in group_adv]
+    row_adv = adv.flatten().tolist()
     # Zero-signal groups have zero advantage everywhere: no forward/backward unless the KL penalty
     # applies to them too.
     trained = [
@@ -633,13 +641,14 @@ def train_step(
                     engine_lp[r, span] = torch.tensor(c.logprobs, device=device)
                 stats["logprob_gap"] += ((logp.detach() - engine_lp).abs() * comp).sum().item()
                 stats["gap_tokens"] += comp.sum().item()
+                # The first pass is on-policy: old log-probs = these, detached, so the ratio is 1.
                 first_pass[b] = (logp.detach(), ref_logp)
             old_logp, ref_logp = first_pass[b]
-            weights = token_weights(
+            weights = rl.token_weights(
                 train_mask, args.loss_norm, global_tokens, global_seqs, args.max_new_tokens
             )
             a = torch.tensor([row_adv[i] for i in idx], device=device)
-            loss, clipped = policy_loss(
+            loss, clipped = rl.policy_loss(
                 logp,
                 old_logp,
                 a,
@@ -650,7 +659,7 @@ def train_step(
                 ref_logp,
             )
             # the optimizers average gradients over ranks, so * world makes it the global sum
-            (loss * world).backward()
+            (loss * info.world_size).backward()
             if epoch > 0:  # on the first pass the ratio is exactly 1: nothing can be clipped
                 stats["clipped"] += clipped.sum().item()
                 stats["clip_tokens"] += train_mask.sum().item()
@@ -663,69 +672,38 @@ def train_step(
 
 
 # ------------------------------------------------------------------------------------------------
-# evaluation
+# evaluation and step metrics
 
 
-@torch.no_grad()
-def evaluate(engine, tokenizer, task, n: int, args, info) -> dict:
-    """Greedy accuracy and pass@k (temperature 1) on the first n validation problems, over all ranks."""
-    mine = list(range(info.rank, n, info.world_size))
-    tally = torch.zeros(
-        4, dtype=torch.float64, device=info.device
-    )  # greedy hits, pass@k hits, sample hits, n
-    for start in range(0, len(mine), args.eval_prompts):
-        idx = mine[start : start + args.eval_prompts]
-        convs = [task[i] for i in idx]
-        prompts = [tokenizer.render_for_completion(conv) for conv in convs]
-        greedy = engine.generate_multi(prompts, 1, args.max_new_tokens, temperature=0.0, seeds=idx)
-        sampled = None
-        if args.eval_samples > 1:
-            sampled = engine.generate_multi(
-                prompts,
-                args.eval_samples,
-                args.max_new_tokens,
-                temperature=1.0,
-                seeds=[args.seed * 7 + i for i in idx],
-            )
-        for k, conv in enumerate(convs):
-            grade = lambda seq: task.evaluate(conv, tokenizer.decode(engine.without_stop(seq)))  # noqa: E731
-            tally[0] += grade(greedy[k].sequences[0])
-            tally[3] += 1
-            if sampled is not None:
-                hits = [grade(s) for s in sampled[k].sequences]
-                tally[1] += float(any(hits))
-                tally[2] += sum(hits)
-    if info.is_ddp:
-        dist.all_reduce(tally)
-    total = max(tally[3].item(), 1.0)
-    out = {"rl/acc": tally[0].item() / total}
+def evaluate(engine, tokenizer, task, n: int, args) -> dict:
+    """rl/acc (greedy) and pass@k at temperature 1 on the first n validation problems, all ranks."""
+    res = generative_eval(
+        engine,
+        tokenizer,
+        task,
+        n,
+        args.max_new_tokens,
+        args.eval_prompts,
+        args.eval_samples,
+        temperature=1.0,
+        seed=args.seed * 7,
+    )
+    out = {"rl/acc": res.acc}
     if args.eval_samples > 1:
-        out[f"rl/pass@{args.eval_samples}"] = tally[1].item() / total
-        out["rl/eval_sample_acc"] = tally[2].item() / (total * args.eval_samples)
+        out[f"rl/pass@{args.eval_samples}"] = res.pass_at_k
+        out["rl/eval_sample_acc"] = res.sample_acc
     return out
 
 
-def attention_metrics(model, tokenizer, probes, step: int, heatmaps: bool, out_dir) -> dict:
-    """attn/entropy_mean, attn/entropy/layer_<i>, and (heatmaps) one image per layer of probe 0."""
-    per_layer, probs = diag.attention_entropy(model, probes, keep_probs=heatmaps)
-    out = {"attn/entropy_mean": sum(per_layer) / len(per_layer)}
-    out.update({f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)})
-    if heatmaps and probs:
-        labels = [tokenizer.id_to_token(t) for t in probes[0]]
-        for i, path in enumerate(diag.save_heatmaps(probs, labels, out_dir, step)):
-            out[f"attn/heatmap/layer_{i}"] = Image(path, caption=f"layer {i}, step {step}")
-    return out
+def step_metrics(groups, zero_signal, update, moved, rollout_s: float, args, info) -> dict:
+    """Everything logged for one step, reduced over ranks (sums, maxima and gathered lists).
 
-
-# ------------------------------------------------------------------------------------------------
-# step metrics
-
-
-def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
-    """Everything logged for one step, reduced over ranks (sums, maxima and gathered lists)."""
+    update: train_step's statistics; moved: diagnose's lists."""
     rows = [c for group in groups for c in group]
     lengths = [len(c.ids) - c.prompt_len for c in rows]
     rewards = [c.reward for c in rows]
+    pred_labels = list(AQUA_LETTERS) + ["none"]
+    letter_counts = diag.letter_counts([c.letter for c in rows])
     sums = torch.tensor(
         [
             len(rows),
@@ -736,18 +714,18 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
             sum(not c.finished for c in rows),
             float(zero_signal.sum()),
             len(groups),
-            stats["clipped"],
-            stats["clip_tokens"],
-            stats["logprob_gap"],
-            stats["gap_tokens"],
+            update["clipped"],
+            update["clip_tokens"],
+            update["logprob_gap"],
+            update["gap_tokens"],
             sum(c.letter_pos is not None for c in rows),
         ]
-        + [letter_counts[k] for k in list(diag.LETTERS) + ["none"]],
+        + [letter_counts[k] for k in pred_labels],
         dtype=torch.float64,
         device=info.device,
     )
     longest = torch.tensor([max(lengths)], dtype=torch.float64, device=info.device)
-    lists = {k: stats[k] for k in ("kl_seq", "kl_seq_k3", "kl_letter", "margin")}
+    lists = dict(moved)
     if info.is_ddp:
         dist.all_reduce(sums)
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
@@ -756,7 +734,6 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
         lists = {k: [v for part in gathered for v in part[k]] for k in lists}
     s = sums.tolist()
     n = max(s[0], 1.0)
-    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     out = {
         "rl/mean_reward": s[1] / n,
         "rl/reward_std": math.sqrt(max(s[2] / n - (s[1] / n) ** 2, 0.0)),
@@ -769,23 +746,161 @@ def step_metrics(groups, zero_signal, stats, args, info, letter_counts) -> dict:
         "rl/clip_frac": s[8] / max(s[9], 1.0),
         "rl/logprob_gap_mean": s[10] / max(s[11], 1.0),
         "rl/answered_frac": s[12] / n,
-        "rl/update_skipped": float(stats["skipped"]),
-        "rl/grad_norm": stats["grad_norm"],
+        "rl/update_skipped": float(update["skipped"]),
+        "rl/grad_norm": update["grad_norm"],
+        "rl/rollout_time_s": rollout_s,
+        "rl/rollout_tok_per_s": s[4] / max(rollout_s, 1e-9),  # all ranks' new tokens
     }
-    for k, letter in enumerate(list(diag.LETTERS) + ["none"]):
+    for k, letter in enumerate(pred_labels):
         out[f"rl/letter_pred_counts/{letter}"] = s[13 + k]
     if args.diagnostics:
-        out.update(
-            {
-                "rl/kl_sequence_mean": mean(lists["kl_seq"]),
-                "rl/kl_sequence_k3_mean": mean(lists["kl_seq_k3"]),
-                "rl/kl_letter_mean": mean(lists["kl_letter"]),
-                "rl/letter_margin_mean": mean(lists["margin"]),
-            }
-        )
+        out["rl/kl_sequence_mean"] = _mean(lists["kl_seq"])
+        out["rl/kl_sequence_k3_mean"] = _mean(lists["kl_seq_k3"])
+        out["rl/kl_letter_mean"] = _mean(lists["kl_letter"])
+        out["rl/letter_margin_mean"] = _mean(lists["margin"])
         if lists["margin"]:
             out["rl/letter_margin_hist"] = Histogram(lists["margin"])
     return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _every(period: int, step: int) -> bool:
+    """True every `period` steps (never when period is 0)."""
+    return period > 0 and step % period == 0
+
+
+def _format(metrics: dict) -> str:
+    return " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
+def print_step(step: int, metrics: dict, args, step_s: float) -> None:
+    if metrics["rl/truncation_rate"] > args.truncation_warn:
+        print0(
+            f"WARNING step {step}: {metrics['rl/truncation_rate']:.0%} of the completions hit "
+            f"--max-new-tokens {args.max_new_tokens} (raise it, or --mask-truncated)"
+        )
+    if step % args.log_every and step != args.num_steps:
+        return
+    kl = ""
+    if args.diagnostics:
+        kl = (
+            f" | kl seq {metrics['rl/kl_sequence_mean']:.4f} "
+            f"letter {metrics['rl/kl_letter_mean']:.4f} "
+            f"| margin {metrics['rl/letter_margin_mean']:.2f}"
+        )
+    signal = f"{int(metrics['rl/zero_signal_groups'])}/{int(metrics['rl/groups'])}"
+    print0(
+        f"step {step:04d}/{args.num_steps} | reward {metrics['rl/mean_reward']:.3f} | "
+        f"zero-signal {signal}{kl} | len {metrics['rl/completion_len_mean']:.0f} | "
+        f"{step_s:.2f}s (rollout {metrics['rl/rollout_time_s']:.2f}s, "
+        f"{metrics['rl/rollout_tok_per_s']:,.0f} tok/s)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# setup, resume and the report
+
+
+def check_run(args, world: int) -> None:
+    if args.examples_per_step % world != 0:
+        raise SystemExit(
+            f"--examples-per-step {args.examples_per_step} must be divisible by the {world} "
+            f"processes (each rank samples an equal share of the questions)"
+        )
+    if args.temperature != 1.0 or args.top_k is not None or args.top_p is not None:
+        print0(
+            "WARNING: temperature != 1 or top-k/top-p: the samples do not come from the policy's "
+            "own distribution, so the loss's ratio and the tracked sequence KL are off-policy "
+            "estimates"
+        )
+
+
+def load_policy_and_reference(args, device):
+    """(policy, frozen reference or None, tokenizer, source meta, output tag): both models start
+    from the same source checkpoint; the reference is only loaded when something reads it."""
+    source = dict(tag=args.source_tag, step=args.source_step, device=device)
+    model, tokenizer, src_meta = load_model(args.source_stage, **source, phase="train")
+    ref_model = None
+    if args.diagnostics or args.kl_coef > 0:
+        ref_model, _, _ = load_model(args.source_stage, **source, phase="eval")
+        ref_model.requires_grad_(False)
+    tag = args.tag or src_meta.get("tag") or f"d{model.config.n_layer}"
+    if args.source_stage == STAGE and tag == src_meta.get("tag"):
+        raise SystemExit(
+            f"-i rl with output tag {tag!r} would train into its own source (and --fresh would "
+            f"delete it): pass another --tag"
+        )
+    return model, ref_model, tokenizer, src_meta, tag
+
+
+def resume(ckpt_dir, info, model, optimizers, args, src_meta) -> tuple[int, dict]:
+    """(first step, the run's kept statistics): step 0 and fresh statistics, or those of the last
+    checkpoint of this tag when it was written by the same settings, ranks and source."""
+    start_step, resumed, _ = start_or_resume(
+        ckpt_dir, info, model, optimizers, args.fresh, args.resume
+    )
+    kept = {"first_acc": None, "best_acc": None, "train_time": 0.0, "timed_steps": 0}
+    if resumed is None:
+        return start_step, kept
+    refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
+    if resumed.get("world_size") != info.world_size:  # Muon's state is sharded per rank
+        raise SystemExit(
+            f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
+            f"process(es), this run has {info.world_size}: resume with the same number, or --fresh"
+        )
+    began = (resumed.get("source_tag"), resumed.get("source_step"))
+    if began != (src_meta.get("tag"), src_meta.get("step")):
+        raise SystemExit(
+            f"{ckpt_dir} started from {args.source_stage}/{began[0]} step {began[1]}, but the "
+            f"reference now resolves to {src_meta.get('tag')} step {src_meta.get('step')}: "
+            f"pass --source-tag {began[0]} --source-step {began[1]} to resume, or --fresh"
+        )
+    kept.update(resumed.get("stats", {}))
+    return start_step, kept
+
+
+def static_checkpoint_meta(args, model, tokenizer, tag: str, src_meta: dict) -> dict:
+    """What every checkpoint of this run records besides its statistics and last evaluation."""
+    return {
+        "model_config": asdict(model.config),
+        "tokenizer": tokenizer_record(tokenizer),
+        "stage": STAGE,
+        "tag": tag,
+        "args": vars(args),
+        "source_stage": args.source_stage,
+        "source_tag": src_meta.get("tag"),
+        "source_step": src_meta.get("step"),
+        "num_iterations": args.num_steps,
+    }
+
+
+def write_report(
+    base_dir, args, src_meta, tag, source, n_train, n_eval, kept, last_eval, timer, info
+):
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    pass_k = last_eval.get(f"rl/pass@{args.eval_samples}")
+    lines = [
+        "## Reinforcement learning (chat_rl)",
+        "",
+        f"- checkpoint: `{checkpoint_dir(STAGE, tag)}` (step {args.num_steps}), from "
+        f"{args.source_stage}/{src_meta.get('tag')} step {src_meta.get('step')}; the reference "
+        f"model is that checkpoint, frozen",
+        f"- problems: {source}, {n_train} train questions; rl/acc on {n_eval} validation problems "
+        f"(greedy)",
+        f"- {args.num_steps} steps x {args.examples_per_step} questions x {args.num_samples} "
+        f"samples, max {args.max_new_tokens} new tokens, temperature {args.temperature}",
+        f"- loss: {args.loss_norm}-normalised clipped policy gradient (eps {args.clip_eps}/"
+        f"{args.clip_eps_high}, {args.ppo_epochs} epoch(s)), KL coefficient {args.kl_coef}, "
+        f"advantage std-norm {args.adv_std_norm}, format reward {args.format_reward}",
+        f"- validation accuracy (greedy): start {fmt(kept['first_acc'])} -> end "
+        f"{fmt(last_eval.get('rl/acc'))} (best {fmt(kept['best_acc'])})"
+        + (f"; pass@{args.eval_samples} {fmt(pass_k)}" if pass_k is not None else ""),
+        f"- training time: {timer.total / 60:.1f} min on {info.world_size} x {info.device.type}",
+    ]
+    write_section(base_dir, args.run, STAGE, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -796,43 +911,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     info = init_distributed()
     device, rank, world = info.device, info.rank, info.world_size
-    if args.examples_per_step % world != 0:
-        raise SystemExit(
-            f"--examples-per-step {args.examples_per_step} must be divisible by the {world} "
-            f"processes (each rank samples an equal share of the questions)"
-        )
-    if args.temperature != 1.0 or args.top_k is not None or args.top_p is not None:
-        print0(
-            "WARNING: temperature != 1 or top-k/top-p: the samples do not come from the policy's own "
-            "distribution, so the loss's ratio and the tracked sequence KL are off-policy estimates"
-        )
+    check_run(args, world)
     base_dir = get_base_dir()
 
     # ---- model: the policy and its frozen reference (the same starting weights)
-    model, tokenizer, src_meta = load_model(
-        args.source_stage, tag=args.source_tag, step=args.source_step, device=device, phase="train"
-    )
-    ref_model = None
-    if args.diagnostics or args.kl_coef > 0:
-        ref_model, _, _ = load_model(
-            args.source_stage,
-            tag=args.source_tag,
-            step=args.source_step,
-            device=device,
-            phase="eval",
-        )
-        ref_model.requires_grad_(False)
-    tag = args.tag or src_meta.get("tag") or f"d{model.config.n_layer}"
-    if args.source_stage == STAGE and tag == src_meta.get("tag"):
-        raise SystemExit(
-            f"-i rl with output tag {tag!r} would train into its own source (and --fresh would "
-            f"delete it): pass another --tag"
-        )
+    model, ref_model, tokenizer, src_meta, tag = load_policy_and_reference(args, device)
     letter_ids = diag.letter_token_ids(tokenizer)
     if letter_ids is None:
         print0(
-            "note: ' A'..' E' are not single tokens after 'Answer:' in this tokenizer: letter KL and "
-            "margins are off"
+            "note: ' A'..' E' are not single tokens after 'Answer:' in this tokenizer: letter KL "
+            "and margins are off"
         )
 
     # ---- problems
@@ -840,17 +928,15 @@ def main(argv=None) -> dict:
     train_task = load_split(args, source, "train", args.train_examples)
     val_task = load_split(args, source, "validation", args.eval_problems)
     n_eval = len(val_task) if args.eval_problems < 0 else min(args.eval_problems, len(val_task))
-    probes = [
-        tokenizer.render_conversation(val_task[i], max_tokens=model.config.sequence_len)[0]
-        for i in range(min(args.attn_probes, len(val_task)))
-    ]
+    probes = attention_probes(val_task, tokenizer, args.attn_probes, model.config.sequence_len)
     print0(
         f"rl: {args.source_stage}/{src_meta.get('tag')} step {src_meta.get('step')} -> rl/{tag}; "
-        f"{source} problems: {len(train_task)} train, {n_eval} validation; {args.num_steps} steps x "
-        f"{args.examples_per_step} questions x {args.num_samples} samples on {world} x {device.type}"
+        f"{source} problems: {len(train_task)} train, {n_eval} validation; {args.num_steps} "
+        f"steps x {args.examples_per_step} questions x {args.num_samples} samples on {world} x "
+        f"{device.type}"
     )
 
-    # ---- optimizer, checkpoint
+    # ---- optimizer, checkpoint, tracking
     optimizers = model.setup_optimizers(
         unembedding_lr=args.unembedding_lr,
         embedding_lr=args.embedding_lr,
@@ -858,25 +944,7 @@ def main(argv=None) -> dict:
         weight_decay=args.weight_decay,
     )
     ckpt_dir = checkpoint_dir(STAGE, tag)
-    start_step, resumed, _ = start_or_resume(
-        ckpt_dir, info, model, optimizers, args.fresh, args.resume
-    )
-    stats_kept = {"first_acc": None, "best_acc": None, "train_time": 0.0, "timed_steps": 0}
-    if resumed is not None:
-        refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
-        if resumed.get("world_size") != world:  # Muon's state is sharded per rank
-            raise SystemExit(
-                f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
-                f"process(es), this run has {world}: resume with the same number, or --fresh"
-            )
-        began = (resumed.get("source_tag"), resumed.get("source_step"))
-        if began != (src_meta.get("tag"), src_meta.get("step")):
-            raise SystemExit(
-                f"{ckpt_dir} started from {args.source_stage}/{began[0]} step {began[1]}, but the "
-                f"reference now resolves to {src_meta.get('tag')} step {src_meta.get('step')}: "
-                f"pass --source-tag {began[0]} --source-step {began[1]} to resume, or --fresh"
-            )
-        stats_kept.update(resumed.get("stats", {}))
+    start_step, kept = resume(ckpt_dir, info, model, optimizers, args, src_meta)
     run_config = {
         **vars(args),
         "stage": STAGE,
@@ -891,134 +959,67 @@ def main(argv=None) -> dict:
         "resumed_from": start_step,
     }
     tracker = make_tracker(args, STAGE, run_config)
+    checkpoint_meta = static_checkpoint_meta(args, model, tokenizer, tag, src_meta)
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    per_rank = args.examples_per_step // world
-    timer = StepTimer(
-        device, start_step, args.num_steps, stats_kept["train_time"], stats_kept["timed_steps"]
-    )
+    timer = StepTimer(device, start_step, args.num_steps, kept["train_time"], kept["timed_steps"])
     last_eval = {}
 
     # ---- the loop: `step` = RL steps already taken
     step = start_step
     while True:
         last = step == args.num_steps
-        if last or step == start_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            last_eval = evaluate(engine, tokenizer, val_task, n_eval, args, info)
-            stats_kept["first_acc"] = (
-                stats_kept["first_acc"]
-                if stats_kept["first_acc"] is not None
-                else last_eval["rl/acc"]
-            )
-            stats_kept["best_acc"] = max(stats_kept["best_acc"] or 0.0, last_eval["rl/acc"])
+        if last or step == start_step or _every(args.eval_every, step):
+            last_eval = evaluate(engine, tokenizer, val_task, n_eval, args)
+            if kept["first_acc"] is None:
+                kept["first_acc"] = last_eval["rl/acc"]
+            kept["best_acc"] = max(kept["best_acc"] or 0.0, last_eval["rl/acc"])
             tracker.log(last_eval, step=step)
-            print0(
-                f"step {step:04d}/{args.num_steps} | eval "
-                + " | ".join(f"{k} {v:.3f}" for k, v in last_eval.items())
-            )
-        attn_now = args.diagnostics and args.attn_every > 0 and step % args.attn_every == 0
-        heat_now = (
-            args.diagnostics and args.attn_heatmap_every > 0 and step % args.attn_heatmap_every == 0
-        )
-        if (attn_now or heat_now or (last and args.diagnostics)) and rank == 0 and probes:
-            tracker.log(
-                attention_metrics(
-                    model, tokenizer, probes, step, heat_now or last, report_dir(base_dir, args.run)
-                ),
-                step=step,
-            )
+            print0(f"step {step:04d}/{args.num_steps} | eval " + _format(last_eval))
+        measure, heatmaps = attention_due(args, step, last)
+        if measure and rank == 0 and probes:
+            out_dir = report_dir(base_dir, args.run)
+            metrics = attention_metrics(model, tokenizer, probes, step, heatmaps, out_dir)
+            tracker.log(metrics, step=step)
         if last:
             break
 
         timer.start()
         t0 = time.time()
-        questions = [step * args.examples_per_step + rank * per_rank + j for j in range(per_rank)]
+        questions = step_questions(args, step, rank, world)
         groups = rollout(engine, tokenizer, train_task, questions, step, args, letter_ids)
         rollout_s = time.time() - t0
         rewards = torch.tensor([[c.reward for c in group] for group in groups])
-        adv, zero_signal = group_advantages(rewards, args.adv_std_norm)
+        adv, zero_signal = rl.group_advantages(rewards, args.adv_std_norm)
+        moved = diagnose(ref_model, groups, questions, args, letter_ids, pad_id)
         lrm = warmdown_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
-        stats = train_step(
-            model,
-            ref_model,
-            optimizers,
-            groups,
-            questions,
-            adv,
-            zero_signal,
-            args,
-            info,
-            letter_ids,
-            pad_id,
+        update = train_step(
+            model, ref_model, optimizers, groups, adv, zero_signal, args, info, pad_id
         )
         timer.stop()
         step += 1
 
-        stop_if_not_finite(stats["grad_norm"], "the gradient norm", step, ckpt_dir)
-        counts = diag.letter_counts([c.letter for group in groups for c in group])
-        metrics = step_metrics(groups, zero_signal, stats, args, info, counts)
-        new_tokens = torch.tensor(
-            [float(sum(len(c.ids) - c.prompt_len for g in groups for c in g))], device=device
-        )
-        if info.is_ddp:
-            dist.all_reduce(new_tokens)
-        metrics.update(
-            {
-                "rl/lr": args.matrix_lr * args.init_lr_frac * lrm,
-                "rl/lrm": lrm,
-                "rl/step_time_s": timer.last,
-                "rl/rollout_time_s": rollout_s,
-                "rl/rollout_tok_per_s": new_tokens.item() / max(rollout_s, 1e-9),
-                "rl/format_bonus": format_bonus(
-                    args.format_reward, args.format_anneal_steps, step - 1
-                ),
-            }
+        stop_if_not_finite(update["grad_norm"], "the gradient norm", step, ckpt_dir)
+        metrics = step_metrics(groups, zero_signal, update, moved, rollout_s, args, info)
+        metrics["rl/lr"] = args.matrix_lr * args.init_lr_frac * lrm
+        metrics["rl/lrm"] = lrm
+        metrics["rl/step_time_s"] = timer.last
+        metrics["rl/format_bonus"] = rl.format_bonus(
+            args.format_reward, args.format_anneal_steps, step - 1
         )
         tracker.log(metrics, step=step)
-        if metrics["rl/truncation_rate"] > args.truncation_warn:
-            print0(
-                f"WARNING step {step}: {metrics['rl/truncation_rate']:.0%} of the completions hit "
-                f"--max-new-tokens {args.max_new_tokens} (raise it, or --mask-truncated)"
-            )
-        if step % args.log_every == 0 or step == args.num_steps:
-            kl = (
-                (
-                    f" | kl seq {metrics['rl/kl_sequence_mean']:.4f} letter {metrics['rl/kl_letter_mean']:.4f} "
-                    f"| margin {metrics['rl/letter_margin_mean']:.2f}"
-                )
-                if args.diagnostics
-                else ""
-            )
-            print0(
-                f"step {step:04d}/{args.num_steps} | reward {metrics['rl/mean_reward']:.3f} | "
-                f"zero-signal {int(metrics['rl/zero_signal_groups'])}/{int(metrics['rl/groups'])}{kl} | "
-                f"len {metrics['rl/completion_len_mean']:.0f} | {timer.last:.2f}s "
-                f"(rollout {rollout_s:.2f}s, {metrics['rl/rollout_tok_per_s']:,.0f} tok/s)"
-            )
-
-        if step == args.num_steps or (args.save_every > 0 and step % args.save_every == 0):
-            stats_kept.update(train_time=timer.total, timed_steps=timer.count)
-            meta = {
-                "model_config": asdict(model.config),
-                "tokenizer": tokenizer_record(tokenizer),
-                "stage": STAGE,
-                "tag": tag,
-                "args": vars(args),
-                "source_stage": args.source_stage,
-                "source_tag": src_meta.get("tag"),
-                "source_step": src_meta.get("step"),
-                "num_iterations": args.num_steps,
-                "stats": stats_kept,
-                "eval": last_eval,
-            }
+        print_step(step, metrics, args, timer.last)
+        if step == args.num_steps or _every(args.save_every, step):
+            kept.update(train_time=timer.total, timed_steps=timer.count)
+            meta = {**checkpoint_meta, "stats": kept, "eval": last_eval}
             save(ckpt_dir, step, model, optimizers, meta, rank, args.keep_last, {})
 
-    # ---- wrap up
+    # ---- summary and report
     summary = {
         "final/acc": last_eval.get("rl/acc"),
-        "final/first_acc": stats_kept["first_acc"],
-        "final/best_acc": stats_kept["best_acc"],
+        "final/first_acc": kept["first_acc"],
+        "final/best_acc": kept["best_acc"],
         "final/steps": args.num_steps,
         "final/train_time_s": timer.total,
     }
@@ -1027,51 +1028,17 @@ def main(argv=None) -> dict:
     tracker.summary(summary)
     tracker.finish()
     if rank == 0:
+        n_train = len(train_task)
         write_report(
-            base_dir,
-            args,
-            src_meta,
-            tag,
-            source,
-            len(train_task),
-            n_eval,
-            stats_kept,
-            last_eval,
-            timer,
-            world,
-            device,
+            base_dir, args, src_meta, tag, source, n_train, n_eval, kept, last_eval, timer, info
         )
     cleanup_distributed()
     return {
         "acc": last_eval.get("rl/acc"),
-        "first_acc": stats_kept["first_acc"],
+        "first_acc": kept["first_acc"],
         "ckpt_dir": str(ckpt_dir),
         **last_eval,
     }
-
-
-def write_report(
-    base_dir, args, src_meta, tag, source, n_train, n_eval, kept, last_eval, timer, world, device
-):
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    pass_k = last_eval.get(f"rl/pass@{args.eval_samples}")
-    lines = [
-        "## Reinforcement learning (chat_rl)",
-        "",
-        f"- checkpoint: `{checkpoint_dir(STAGE, tag)}` (step {args.num_steps}), from {args.source_stage}/"
-        f"{src_meta.get('tag')} step {src_meta.get('step')}; the reference model is that checkpoint, frozen",
-        f"- problems: {source}, {n_train} train questions; rl/acc on {n_eval} validation problems (greedy)",
-        f"- {args.num_steps} steps x {args.examples_per_step} questions x {args.num_samples} samples, "
-        f"max {args.max_new_tokens} new tokens, temperature {args.temperature}",
-        f"- loss: {args.loss_norm}-normalised clipped policy gradient (eps {args.clip_eps}/{args.clip_eps_high}, "
-        f"{args.ppo_epochs} epoch(s)), KL coefficient {args.kl_coef}, advantage std-norm {args.adv_std_norm}, "
-        f"format reward {args.format_reward}",
-        f"- validation accuracy (greedy): start {fmt(kept['first_acc'])} -> end {fmt(last_eval.get('rl/acc'))} "
-        f"(best {fmt(kept['best_acc'])})"
-        + (f"; pass@{args.eval_samples} {fmt(pass_k)}" if pass_k is not None else ""),
-        f"- training time: {timer.total / 60:.1f} min on {world} x {device.type}",
-    ]
-    write_section(base_dir, args.run, STAGE, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def tiny_config(tok) -> GPTConfig:
 
 @pytest.fixture(scope="module")
 def answering_sft(tmp_path_factory):
-    """A base dir holding a tiny SFT checkpoint that answers "Answer: X" (a letter it mostly guesses):
-    its groups get mixed rewards, so RL steps have a signal to follow."""
+    """A base dir holding a tiny SFT checkpoint that answers "Answer: X" (a letter it mostly
+    guesses): its groups get mixed rewards, so RL steps have a signal to follow."""
     import json
     from dataclasses import asdict
 
@@ -159,12 +159,10 @@ def test_correctness_reward_refuses_two_letters_and_grades_one():
     other = "A" if gold != "A" else "B"
     assert correctness_reward(task, conv, f"some work\nAnswer: {gold}") == 1.0
     assert correctness_reward(task, conv, f"Answer: {other}") == 0.0
-    assert (
-        correctness_reward(task, conv, f"Answer: {other}\nno wait\nAnswer: {gold}") == 0.0
-    )  # hedging
-    assert (
-        correctness_reward(task, conv, f"Answer: {gold}\nso the answer is {gold}") == 1.0
-    )  # same letter twice
+    # hedging
+    assert correctness_reward(task, conv, f"Answer: {other}\nno wait\nAnswer: {gold}") == 0.0
+    # same letter twice
+    assert correctness_reward(task, conv, f"Answer: {gold}\nso the answer is {gold}") == 1.0
     assert answer_letters(f"the answer is {other}. Answer: {gold}") == [other, gold]
 
 
@@ -229,7 +227,7 @@ def test_policy_loss_clips_and_kl_penalty():
     assert with_kl.item() == pytest.approx(0.5 * (math.exp(r) - 1 - r))
 
 
-# ------------------------------------------------------------------------------------------ diagnostics
+# -------------------------------------------------------------------------------------- diagnostics
 
 
 def test_letter_kl_and_margin_by_hand():
@@ -298,11 +296,11 @@ def test_attention_entropy_reduces_inside_attention():
     assert (capture.entropy[0] <= math.log(10) + 1e-5).all()
 
 
-# ------------------------------------------------------------------------------------------ one update
+# --------------------------------------------------------------------------------------- one update
 
 
 def _crafted(tok, model):
-    """One question, two completions by hand: the right answer (reward 1) and a wrong one (reward 0)."""
+    """One question, two completions by hand: the right answer (reward 1), a wrong one (0)."""
     from scripts.chat_rl import Completion
 
     conv = SyntheticAqua("train", num_examples=1)[0]
@@ -350,9 +348,19 @@ def _rl_args(**overrides):
     return Namespace(**{**vars(parse_args(["--num-samples", "2"])), **overrides})
 
 
-def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
-    from scripts.chat_rl import train_step
+CPU = DistInfo(False, 0, 0, 1, torch.device("cpu"))
 
+
+def _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids) -> dict:
+    """What one step of chat_rl's loop does with a rollout: diagnose it, then train on it."""
+    from scripts.chat_rl import diagnose, train_step
+
+    pad = tok.encode_special("<|assistant_end|>")
+    moved = diagnose(ref, groups, [0], args, letter_ids, pad)
+    return {**moved, **train_step(model, ref, optimizers, groups, adv, zero, args, CPU, pad)}
+
+
+def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     cfg = tiny_config(tok)
@@ -367,26 +375,20 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero():
     adv, zero = group_advantages(rewards, std_norm=False)
     optimizers = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     args = _rl_args(device_batch_size=2)
-    info = DistInfo(False, 0, 0, 1, torch.device("cpu"))
-    pad = tok.encode_special("<|assistant_end|>")
-    stats = train_step(model, ref, optimizers, groups, [0], adv, zero, args, info, letter_ids, pad)
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
     # the policy equals the reference before the first update: both KLs are 0 (float round-off only:
     # the policy side is the rollout's, the reference scores through a KV cache)
     assert stats["kl_seq"] == pytest.approx([0.0, 0.0], abs=1e-5)
     assert stats["kl_letter"] == pytest.approx([0.0, 0.0], abs=1e-6)
     assert len(stats["margin"]) == 2 and stats["grad_norm"] > 0
-    assert (
-        stats["logprob_gap"] / stats["gap_tokens"] < 1e-4
-    )  # engine-style log-probs = training forward
+    # engine-style log-probs = training forward
+    assert stats["logprob_gap"] / stats["gap_tokens"] < 1e-4
     after = (_seq_logp(model, good), _seq_logp(model, bad))
     assert after[0] > before[0] and after[1] < before[1]
     groups2, _ = _crafted(tok, model)  # sampled again by the updated policy
-    stats2 = train_step(
-        model, ref, optimizers, groups2, [0], adv, zero, args, info, letter_ids, pad
-    )
-    assert (
-        all(v > 1e-4 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 1e-3
-    )  # the policy has moved
+    stats2 = _diagnose_and_train(model, ref, optimizers, groups2, adv, zero, args, tok, letter_ids)
+    # the policy has moved
+    assert all(v > 1e-4 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 1e-3
     assert stats2["kl_seq_k3"][0] > 1e-4
 
 
@@ -412,8 +414,6 @@ def _tiny_policy(tok):
     ],
 )
 def test_train_step_variants_update_and_stay_finite(overrides):
-    from scripts.chat_rl import train_step
-
     tok = tiny_tokenizer()
     model, ref = _tiny_policy(tok)
     groups, letter_ids = _crafted(tok, model)
@@ -422,19 +422,8 @@ def test_train_step_variants_update_and_stay_finite(overrides):
         torch.tensor([[1.0, 0.0]]), std_norm=overrides.get("adv_std_norm", False)
     )
     args = _rl_args(device_batch_size=1, init_lr_frac=1.0, **overrides)
-    stats = train_step(
-        model,
-        ref,
-        model.setup_optimizers(),
-        groups,
-        [0],
-        adv,
-        zero,
-        args,
-        DistInfo(False, 0, 0, 1, torch.device("cpu")),
-        letter_ids,
-        tok.encode_special("<|assistant_end|>"),
-    )
+    optimizers = model.setup_optimizers()
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
     assert not stats["skipped"] and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     if overrides.get("ppo_epochs", 1) > 1:  # later passes see ratios != 1 and clip some tokens
@@ -442,8 +431,6 @@ def test_train_step_variants_update_and_stay_finite(overrides):
 
 
 def test_all_zero_signal_step_leaves_the_weights_alone():
-    from scripts.chat_rl import train_step
-
     tok = tiny_tokenizer()
     model, ref = _tiny_policy(tok)
     groups, letter_ids = _crafted(tok, model)
@@ -452,29 +439,19 @@ def test_all_zero_signal_step_leaves_the_weights_alone():
     args = _rl_args(
         device_batch_size=2, grad_clip=0.0
     )  # no clipping: nothing may divide by no grads
-    stats = train_step(
-        model,
-        ref,
-        model.setup_optimizers(),
-        groups,
-        [0],
-        adv,
-        zero,
-        args,
-        DistInfo(False, 0, 0, 1, torch.device("cpu")),
-        letter_ids,
-        tok.encode_special("<|assistant_end|>"),
-    )
+    optimizers = model.setup_optimizers()
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
     assert stats["skipped"] and len(stats["kl_seq"]) == 2  # still diagnosed, not trained
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# ------------------------------------------------------------------------------------------ tracking media
+# ----------------------------------------------------------------------------------- tracking media
 
 
 def read_offline_wandb(run_dir: Path) -> list[dict]:
-    """History rows of an offline W&B run, parsed from its run-*.wandb file (W&B's record log: 7-byte
-    header, 32 KiB blocks of records with a 7-byte crc/length/type header, payloads are protobufs)."""
+    """History rows of an offline W&B run, parsed from its run-*.wandb file (W&B's record log:
+    7-byte header, 32 KiB blocks of records with a 7-byte crc/length/type header, payloads are
+    protobufs)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     path = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[-1]
@@ -537,7 +514,7 @@ def test_tracker_logs_images_and_histograms(base_dir, tmp_path, monkeypatch):
     assert "rl/acc" in keys and any(k.startswith("img") for k in keys) and "hist/_type" in keys
 
 
-# ------------------------------------------------------------------------------------------ chat_rl end to end
+# ------------------------------------------------------------------------------- chat_rl end to end
 
 
 def rl(args):
@@ -589,9 +566,8 @@ def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, m
         0.0, abs=1e-6
     )  # step 0: policy == reference
     assert steps[0]["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-6)
-    assert (
-        steps[-1]["rl/kl_sequence_k3_mean"] > 0 and steps[-1]["rl/kl_letter_mean"] > 0
-    )  # it moved
+    # it moved
+    assert steps[-1]["rl/kl_sequence_k3_mean"] > 0 and steps[-1]["rl/kl_letter_mean"] > 0
     assert any(
         r["rl/zero_signal_groups"] < r["rl/groups"] for r in steps
     )  # some groups had a signal
@@ -705,9 +681,8 @@ def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_pat
         r for r in read_jsonl(base_dir / "runs" / "local" / "rl.jsonl") if "rl/mean_reward" in r
     ]
     two_rows = [r for r in read_jsonl(two / "runs" / "local" / "rl.jsonl") if "rl/mean_reward" in r]
-    assert (
-        one_rows[0]["rl/zero_signal_groups"] < 4 and one_rows[0]["rl/grad_norm"] > 0
-    )  # a real update
+    # a real update
+    assert one_rows[0]["rl/zero_signal_groups"] < 4 and one_rows[0]["rl/grad_norm"] > 0
     for key in (
         "rl/mean_reward",
         "rl/completion_len_mean",
@@ -729,7 +704,7 @@ def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_pat
     assert res.returncode != 0 and "divisible" in res.stdout + res.stderr
 
 
-# ------------------------------------------------------------------------------------------ paired comparison
+# -------------------------------------------------------------------------------- paired comparison
 
 
 def test_sign_test_and_paired_counts(tmp_path, capsys):
