@@ -5,14 +5,15 @@ and letter logits as it sampled), the reference's from `completion_logits` (one 
 group, the prompt shared through a KV cache), attention entropy from `attention_entropy` on fixed
 probes.
 
-- The answer letter of a completion is the token after its last "Answer:" (`answer_letter_position`).
-  At that position the five letter tokens, as the tokenizer writes them after "Answer:" (" A" .. " E"),
-  are the choice the model makes; restricting the logits to them gives a 5-way distribution.
+- The answer letter of a completion is the token after its last "Answer:"
+  (`answer_letter_position`). At that position the five letter tokens, as the tokenizer writes them
+  after "Answer:" (" A" .. " E"), are the choice the model makes; restricting the logits to them
+  gives a 5-way distribution.
 - letter KL: KL(policy || reference) between those two 5-way distributions.
 - letter margin: policy logit of the correct letter minus the largest of the other four (> 0: the
   model prefers the right letter at the moment it commits).
-- sequence KL: sum over a completion's sampled tokens of log pi - log pi_ref (an unbiased estimate of
-  KL(pi || pi_ref) over whole sequences, since the tokens were drawn from pi), and the k3 form
+- sequence KL: sum over a completion's sampled tokens of log pi - log pi_ref (an unbiased estimate
+  of KL(pi || pi_ref) over whole sequences, since the tokens were drawn from pi), and the k3 form
   sum(exp(r) - 1 - r) with r = log pi_ref - log pi (always >= 0, lower variance).
 - attention entropy: per layer, the entropy of each head's attention distribution at each query
   position, averaged (gpt.AttentionEntropy reduces inside the attention computation).
@@ -31,15 +32,15 @@ ANSWER_BYTES = ANSWER_PREFIX.encode()
 
 
 def letter_token_ids(tokenizer) -> list[int] | None:
-    """Ids of " A" .. " E", the letter tokens that follow "Answer:", or None when a letter is not one
-    token after "Answer:" in this tokenizer (then the letter diagnostics are off)."""
+    """Ids of " A" .. " E", the letter tokens that follow "Answer:", or None when a letter is not
+    one token after "Answer:" in this tokenizer (then the letter diagnostics are off)."""
     scorer = LetterScorer(tokenizer)
     return scorer.letter_ids if scorer.single else None
 
 
 def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> int | None:
-    """Index in `ids` (a completion) of the letter token after its last "Answer:", or None when there is
-    no "Answer:" or what follows it is not one of the letter tokens."""
+    """Index in `ids` (a completion) of the letter token after its last "Answer:", or None when
+    there is no "Answer:" or what follows it is not one of the letter tokens."""
     pieces = [tokenizer.enc.decode_single_token_bytes(t) for t in ids]
     text = b"".join(pieces)
     start = text.rfind(ANSWER_BYTES)
@@ -60,10 +61,11 @@ def answer_letter_position(ids: list[int], tokenizer, letter_ids: list[int]) -> 
 def completion_logits(
     model, prompt: list[int], completions: list[list[int]], pad_id: int
 ) -> torch.Tensor:
-    """Float logits (k, longest, V): row i, position j predicts token j of completions[i] (all of them
-    continue the same prompt). The prompt is forwarded once and its keys/values shared by the k rows
-    (a KV cache), so a group of samples costs one prompt plus its completions, not k whole sequences.
-    Shorter rows are padded at the end; their extra positions are garbage, to be masked by the caller."""
+    """Float logits (k, longest, V): row i, position j predicts token j of completions[i] (all of
+    them continue the same prompt). The prompt is forwarded once and its keys/values shared by the
+    k rows (a KV cache), so a group of samples costs one prompt plus its completions, not k whole
+    sequences. Shorter rows are padded at the end; their extra positions are garbage, to be masked
+    by the caller."""
     device = next(model.parameters()).device
     longest = max(len(c) for c in completions)
     cache = model.new_kv_cache(1, len(prompt) + longest)
@@ -90,7 +92,7 @@ def letter_kl(
 def letter_margin(
     policy_logits: torch.Tensor, letter_ids: list[int], correct: torch.Tensor
 ) -> torch.Tensor:
-    """(N,) logit of the correct letter (index 0-4 in `correct`) minus the best of the other four."""
+    """(N,) logit of the correct letter (index 0-4 in `correct`) minus the best other one."""
     letters = policy_logits[:, letter_ids].float()
     right = letters.gather(1, correct[:, None]).squeeze(1)
     others = letters.scatter(1, correct[:, None], float("-inf")).max(-1).values
@@ -101,7 +103,7 @@ def sequence_kl(
     logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per completion (rows of (N, T) log-probs of the sampled tokens, mask 1 on completion tokens):
-    (sum of log pi - log pi_ref, sum of the k3 estimator exp(r) - 1 - r with r = log pi_ref - log pi)."""
+    (sum of log pi - log pi_ref, sum of k3 = exp(r) - 1 - r), with r = log pi_ref - log pi."""
     mask = mask.float()
     diff = (logp - ref_logp) * mask
     r = (ref_logp - logp) * mask
@@ -141,7 +143,7 @@ def save_heatmaps(
     step: int,
     prefix: str = "heatmap_rl",
 ) -> list:
-    """One PNG per layer (attention averaged over heads, queries down, keys across); returns the paths."""
+    """One PNG per layer (attention averaged over heads, queries down, keys across) -> the paths."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -2,9 +2,9 @@
 
 Sources, in the same example order whichever is used:
   - Hugging Face `deepmind/aqua_rat` ("raw" config; splits train/validation/test),
-  - a local directory with prepared JSONL (`train.jsonl`, `validation.jsonl`, `test.jsonl`, written by
-    `python -m scripts.prepare_aqua`), or the ORIGINAL JSON-lines files of the AQuA-RAT repository
-    (`train.json`, `dev.json` = validation, `test.json`).
+  - a local directory with prepared JSONL (`train.jsonl`, `validation.jsonl`, `test.jsonl`, written
+    by `python -m scripts.prepare_aqua`), or the ORIGINAL JSON-lines files of the AQuA-RAT
+    repository (`train.json`, `dev.json` = validation, `test.json`).
 With data_dir=None, `<base>/data/aqua_rat/<split>.jsonl` is used when prepare_aqua has written it,
 otherwise the Hub.
 
@@ -62,7 +62,8 @@ def parse_option(option: str) -> tuple[str, str]:
 
 
 def validate_row(row) -> dict:
-    """Check one raw row and return it normalised: question, values (5), options, rationale, correct."""
+    """Check one raw row and return it normalised: question, values (5), options, rationale and
+    correct."""
     if not isinstance(row, dict):
         raise BadRow(f"row is a {type(row).__name__}, expected an object")
     question = row.get("question")
@@ -91,7 +92,7 @@ def validate_row(row) -> dict:
     return {
         "question": question.strip(),
         "values": values,
-        "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
+        "options": [f"{letter}){v}" for letter, v in zip(AQUA_LETTERS, values)],
         "rationale": rationale.strip(),
         "correct": correct.strip(),
     }
@@ -140,8 +141,8 @@ def read_jsonl_rows(path: Path):
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 yield BadRow(
-                    f"line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
-                    f"re-save the file as UTF-8"
+                    f"line {lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}): re-save the file as UTF-8"
                 )
                 continue
             if not line.strip():
@@ -190,9 +191,8 @@ def load_rows(
                 f"(scripts.prepare_aqua) or {ORIGINAL_FILES[split]} (original AQuA-RAT)"
             )
     elif use_prepared:
-        path = (
-            default_data_dir() / f"{split}.jsonl"
-        )  # only prepare_aqua's own output is picked up implicitly
+        # only prepare_aqua's own output is picked up implicitly
+        path = default_data_dir() / f"{split}.jsonl"
         path = path if path.is_file() else None
     else:
         path = None
@@ -217,7 +217,8 @@ _SEP = (
 )
 _OPT = r"(?:(?:option|choice)\s*[:\-]?\s*)?"
 _ANSWER_PATTERNS = [
-    # "Answer: C", "the answer is (C)", "ANSWER:C", "Ans - C", "answer will be option C", "Answer = E"
+    # "Answer: C", "the answer is (C)", "ANSWER:C", "Ans - C", "answer will be option C",
+    # "Answer = E"
     re.compile(r"\b(?:answer|ans)\b" + _SEP + _OPT + _L, re.I),
     # "correct option is B", "CORRECT OPTION:OPTION E", "right choice: D"
     re.compile(r"\b(?:correct|right|best)\s+(?:option|choice)" + _SEP + _OPT + _L, re.I),
@@ -275,9 +276,9 @@ _OK_NEXT_WORDS = {
 }
 _AFTER_BAD = re.compile(
     r"""^(?:\s*(?:or|and|/|,|&)\s*\(?(?-i:[A-E])(?![A-Za-z0-9])  # "A or B": undecided
-                              |['’]s\b                                           # "A's share": a person
-                              |[ \t]*[=<>+*/^]                                   # "A = 5": a variable
-                           )""",
+         |['’]s\b                                         # "A's share": a person
+         |[ \t]*[=<>+*/^]                                 # "A = 5": a variable
+       )""",
     re.I | re.X,
 )
 _NEXT_WORD = re.compile(r"^[ \t]+([a-z]+)\b")
@@ -312,7 +313,12 @@ def find_answer_statements(text: str) -> list[tuple[int, int, str]]:
 
 
 _CURRENCY = r"(?:\$|₹|£|€|rs\.?|inr|usd)"
-_NUM = r"[-+−]?(?:\d+\s+\d+/\d+|\d+(?:\.\d+)?/\d+(?:\.\d+)?|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+_NUM = (
+    r"[-+−]?(?:\d+\s+\d+/\d+"  # a mixed number: 2 1/2
+    r"|\d+(?:\.\d+)?/\d+(?:\.\d+)?"  # a fraction: 16/7
+    r"|\d{1,3}(?:,\d{3})+(?:\.\d+)?"  # thousands separators: 1,200.50
+    r"|\d+(?:\.\d+)?|\.\d+)"  # plain: 12, 3.5, .5
+)
 _VALUE_RE = re.compile(
     r"^\s*" + _CURRENCY + r"?\s*(" + _NUM + r")\s*(?:" + _CURRENCY + r"|[a-z%°²³/.\s])*$", re.I
 )
@@ -339,22 +345,24 @@ def _to_float(s: str) -> float | None:
 
 
 def option_number(value: str) -> float | None:
-    """The number an option value stands for ("$1,200" -> 1200, "16/7 hours" -> 2.2857), else None."""
+    """The number an option value stands for ("$1,200" -> 1200, "16/7 hours" -> 2.2857), or None."""
     m = _VALUE_RE.match(value)
     return _to_float(m.group(1)) if m else None
 
 
-# A final value must read as a result: "= 25km", "x: Rs. 500", "≈ 3.3", or a line that starts with it.
-# "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own. "is 12" is
-# not enough either: questions are full of "...is 30% of N", and a completion that merely parrots the
-# question must not earn a reward (with "is" allowed, 35 of 754 bare questions matched some option).
+# A final value must read as a result: "= 25km", "x: Rs. 500", "≈ 3.3", or a line that starts
+# with it. "x = -5 and 3" or "dropped by 20%" end in numbers that are not the result on their own.
+# "is 12" is not enough either: questions are full of "...is 30% of N", and a completion that
+# merely parrots the question must not earn a reward (with "is" allowed, 35 of 754 bare questions
+# matched some option).
 _RESULT_LEAD = re.compile(
     r"(?:^|=|:|≈|~|\b(?:approx\.?|approximately))\s*" + _CURRENCY + r"?\s*$", re.I
 )
 
 
 def final_number(text: str) -> float | None:
-    """The final computed value: the last number of the last line with a digit, if it reads as a result."""
+    """The final computed value: the last number of the last line with a digit, if it reads as a
+    result."""
     for line in reversed(text.strip().split("\n")):
         if re.search(r"\d", line):
             nums = list(_NUM_IN_TEXT.finditer(line))
@@ -392,10 +400,10 @@ def answer_letters(completion: str) -> list[str]:
 def extract_letter(completion: str, options: list[str] | None = None) -> str | None:
     """The answer letter (A-E) a completion commits to, or None.
 
-    1. The LAST explicit answer statement ("Answer: C", "the answer is (C)", "C is the correct option",
-       "Option C" closing a line, "=> C", a last line that is just "C", ...). Letters are uppercase
-       A-E only; a letter followed by another choice ("A or B"), by "=" (a variable) or by ordinary
-       prose ("A bit") does not count.
+    1. The LAST explicit answer statement ("Answer: C", "the answer is (C)", "C is the correct
+       option", "Option C" closing a line, "=> C", a last line that is just "C", ...). Letters are
+       uppercase A-E only; a letter followed by another choice ("A or B"), by "=" (a variable) or by
+       ordinary prose ("A bit") does not count.
     2. Otherwise, with options given: the final number of the text (its last line with a digit)
        compared with the options' numeric values (units and currency stripped, 0.1% tolerance);
        exactly one option must match.
@@ -436,12 +444,13 @@ _TRAILING_FILLER = re.compile(
 
 
 def clean_rationale(rationale: str) -> str:
-    """Drop the rationale's own closing answer statement so the target ends in exactly one "Answer: X".
+    """Drop the rationale's closing answer statement: the target ends in exactly one "Answer: X".
 
-    Only a statement on the LAST line is removed, together with what follows it on that line when that
-    is short (an echoed value like ") 109 rolls") and lead-in words before it ("So the correct").
-    Statements earlier in the text are kept: they are part of the reasoning. Whatever the original
-    letter said, the target's final line carries the gold letter (a handful of AQuA-RAT rows disagree).
+    Only a statement on the LAST line is removed, together with what follows it on that line when
+    that is short (an echoed value like ") 109 rolls") and lead-in words before it ("So the
+    correct"). Statements earlier in the text are kept: they are part of the reasoning. Whatever the
+    original letter said, the target's final line carries the gold letter (a handful of AQuA-RAT
+    rows disagree).
     """
     text = rationale.strip()
     if not text:
@@ -468,7 +477,7 @@ def clean_rationale(rationale: str) -> str:
 
 def render_aqua_prompt(question: str, values: list[str], letters=AQUA_LETTERS) -> str:
     """The user message shared by AquaRat and SyntheticAqua."""
-    opts = "\n".join(f"{l}) {v}" for l, v in zip(letters, values))
+    opts = "\n".join(f"{letter}) {v}" for letter, v in zip(letters, values))
     return f"{question.strip()}\n\n{opts}\n\n{AQUA_INSTRUCTION}"
 
 
@@ -482,7 +491,7 @@ def make_aqua_conversation(question: str, values: list[str], rationale: str, ans
         ],
         "letters": list(AQUA_LETTERS),
         "answer": answer,
-        "options": [f"{l}){v}" for l, v in zip(AQUA_LETTERS, values)],
+        "options": [f"{letter}){v}" for letter, v in zip(AQUA_LETTERS, values)],
     }
 
 

@@ -2,8 +2,9 @@
 
 A Task is a read-only list of conversation dicts
     {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...extra keys}
-that can be sliced (start/stop/step), shuffled deterministically by seed, and that knows how to grade
-a model completion (`evaluate`). Multiple-choice tasks add "letters", "answer" and "options" keys.
+that can be sliced (start/stop/step), shuffled deterministically by seed, and that knows how to
+grade a model completion (`evaluate`). Multiple-choice tasks add the keys "letters", "answer" and
+"options".
 
 Views (subset/shuffle) never copy the data: they only hold a list of indices into the base task, so
 a 100k-row task shuffled and cut to 500 rows costs 100k ints, not 100k conversations.
@@ -19,22 +20,22 @@ import sys
 
 
 def log(msg: str) -> None:
-    """Print once per job (rank 0 only under torchrun) to stderr, so task warnings don't pollute stdout data."""
+    """Print once per job (rank 0 only under torchrun) to stderr, so that task warnings stay out of
+    data written to stdout."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(msg, file=sys.stderr, flush=True)
 
 
 class Task:
-    """Base class. Subclasses implement num_examples() and get_example(i); everything else is shared.
+    """Base class: subclasses implement num_examples() and get_example(i), the rest is shared.
 
     start/stop/step select a sub-range of the underlying examples (python slice semantics, applied
     before shuffling); shuffle_seed, if given, permutes that sub-range deterministically.
     """
 
     name = "task"
-    eval_type = (
-        "generative"  # "generative" (sample then grade) or "categorical" (compare option logits)
-    )
+    # "generative" (sample then grade) or "categorical" (compare option logits)
+    eval_type = "generative"
 
     def __init__(
         self,
@@ -46,9 +47,8 @@ class Task:
         if step == 0:
             raise ValueError("Task step must be non-zero")
         self.start, self.stop, self.step, self.shuffle_seed = start, stop, step, shuffle_seed
-        self._indices: list[int] | None = (
-            None  # built lazily: num_examples() may need the data loaded
-        )
+        # built lazily: num_examples() may need the data loaded
+        self._indices: list[int] | None = None
 
     # -- to implement ------------------------------------------------------------------------------
     def num_examples(self) -> int:
@@ -130,7 +130,7 @@ class _View(Task):
 
 
 class _Composite(Task):
-    """Shared plumbing of TaskMixture and TaskSequence: a flat list of (task number, index) pairs."""
+    """What TaskMixture and TaskSequence share: a flat list of (task number, index) pairs."""
 
     def __init__(self, tasks: list[Task], **kwargs):
         if not tasks:
@@ -204,7 +204,8 @@ def render_mc(question: str, letters, choices) -> str:
 
 
 def load_hf_dataset(path: str, name: str | None, split: str, hint: str = ""):
-    """datasets.load_dataset with one clear message when the Hub is unreachable or the split is wrong."""
+    """datasets.load_dataset, with one clear message when the Hub is unreachable or the split is
+    wrong."""
     try:
         import datasets
 
@@ -225,8 +226,9 @@ def validate_messages(messages) -> list[dict]:
     """Check a conversation's messages (raises ValueError naming the message) and return them.
 
     Rules (those of nanochat/tokenizer.render_conversation): a list of {"role", "content"} dicts; an
-    optional system message first; then user/assistant alternating, starting with user and ending with
-    assistant. content is a non-empty string, or (assistant only) a list of {"type", "text"} parts.
+    optional system message first; then user/assistant alternating, starting with user and ending
+    with assistant. content is a non-empty string, or (assistant only) a list of
+    {"type", "text"} parts.
     """
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
@@ -256,7 +258,8 @@ def validate_messages(messages) -> list[dict]:
                     and isinstance(part.get("text"), str)
                 ):
                     raise ValueError(
-                        f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}"
+                        f"message {i} part {j} must be "
+                        f"{{'type': one of {_PART_TYPES}, 'text': str}}"
                     )
         else:
             raise ValueError(f"message {i} ({m['role']}) content must be a string")
@@ -274,6 +277,7 @@ def validate_messages(messages) -> list[dict]:
 
 
 def first_letter(completion: str, letters) -> str | None:
-    """The choice letter a categorical completion starts with ("B", " (B)", "B) Paris", "B."), else None."""
+    """The choice letter a categorical completion starts with ("B", " (B)", "B) Paris", "B."), or
+    None."""
     m = re.match(r"\s*\(?([A-Z])(?![A-Za-z0-9])", completion or "")
     return m.group(1) if m and m.group(1) in letters else None

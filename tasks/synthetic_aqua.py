@@ -14,8 +14,8 @@ Determinism and disjoint splits:
     objects) is hashed to a bucket: 80% train, 10% validation, 10% test. A generated problem whose
     bucket belongs to another split is rejected and the next attempt drawn, so no problem (and no
     number combination of a family) appears in two splits;
-  - the correct letter is exactly uniform: each block of 5 consecutive indices uses each letter once,
-    in a seeded random order.
+  - the correct letter is exactly uniform: each block of 5 consecutive indices uses each letter
+    once, in a seeded random order.
 Items have the same format as AquaRat (same prompt, rationale + final "Answer: X" target, "letters",
 "answer", "options") plus "family" and "difficulty". The rationale's worked steps are followed by a
 check of the options in order, up to the right one ("A) 4 no", "B) 12 yes"; see option_checks);
@@ -320,7 +320,8 @@ def interest(rng, level):
         p, r, t = rng.randrange(1, 10) * 100, rng.randrange(1, 11), rng.randrange(1, 6)
         i = p * r * t // 100
         return Problem(
-            f"What is the simple interest on ${p} at {r}% a year for {t} year{'s' if t > 1 else ''}?",
+            f"What is the simple interest on ${p} at {r}% a year for {t} "
+            f"year{'s' if t > 1 else ''}?",
             [f"Interest = {p} x {r} x {t} / 100 = {i}."],
             i,
             [p * r // 100, i + p, i + 10, i * 2, r * t],
@@ -395,7 +396,10 @@ def ratio(rng, level):
     x, y = Fraction(a * b2, b1 * c).numerator, Fraction(a * b2, b1 * c).denominator
     if x == y:  # A:C = 1:1 makes a poor question; ask a three-way share instead
         return _ratio_hard_fallback(rng)
-    fmt_r = lambda v: f"{v[0]}:{v[1]}"
+
+    def fmt_r(v):
+        return f"{v[0]}:{v[1]}"
+
     wrong = [(y, x), (a * c, b1 * b2), (a + b2, b1 + c), (x + 1, y), (x, y + 1)]
     wrong = [(Fraction(p, q).numerator, Fraction(p, q).denominator) for p, q in wrong]
     # P, Q, R rather than A, B, C: those letters name the options
@@ -454,7 +458,8 @@ def ages(rng, level):
             f"A father is {k} times as old as his son. Their ages add up to {total}. "
             f"How old is the father?",
             [
-                f"Son + {k} x son = {k + 1} x son = {total}, so the son is {total} / {k + 1} = {s}.",
+                f"Son + {k} x son = {k + 1} x son = {total}, "
+                f"so the son is {total} / {k + 1} = {s}.",
                 f"Father = {k} x {s} = {k * s}.",
             ],
             k * s,
@@ -636,8 +641,8 @@ def unitary(rng, level):
             break
     x = a * h1 * d // (b * h2)
     return Problem(
-        f"{a} men working {h1} hours a day finish a job in {d} days. In how many days would {b} men "
-        f"working {h2} hours a day finish it?",
+        f"{a} men working {h1} hours a day finish a job in {d} days. "
+        f"In how many days would {b} men working {h2} hours a day finish it?",
         [
             f"Total work = {a} x {h1} x {d} = {a * h1 * d} man-hours.",
             f"Days = {a * h1 * d} / ({b} x {h2}) = {x}.",
@@ -714,14 +719,16 @@ _LEADING_NUMBER = re.compile(
 
 
 def option_checks(values: list[str], position: int) -> list[str]:
-    """The rationale's last lines: the options in order, each marked no, up to the right one, marked yes.
+    """The rationale's last lines: the options in order, each marked no, up to the right one
+    (marked yes).
 
-    Why: naming the letter of the option that holds a computed value is a backward lookup (the letter
-    comes before the value in "B) 12"), and tiny models did not learn it -- not from problems, nor from
-    100,000+ lookup drills (README, "What the CPU profile shows"). Walking the options forward needs only
-    copying (letter -> its value, what induction heads do) and a same-number test, which is learned in a
-    few hundred steps. Each option is cut after its number ("C) 90 no" for "90 sq cm") so that the
-    yes/no comes right after the number it judges; options the cut would make alike are shown whole."""
+    Why: naming the letter of the option that holds a computed value is a backward lookup (the
+    letter comes before the value in "B) 12"), and tiny models did not learn it -- not from
+    problems, nor from 100,000+ lookup drills (README, "What the CPU profile shows"). Walking the
+    options forward needs only copying (letter -> its value, what induction heads do) and a
+    same-number test, which is learned in a few hundred steps. Each option is cut after its number
+    ("C) 90 no" for "90 sq cm") so that the yes/no comes right after the number it judges; options
+    the cut would make alike are shown whole."""
     heads = [m.group(0) if (m := _LEADING_NUMBER.match(v)) else v for v in values]
     if len(set(heads)) < len(heads):
         heads = values
@@ -736,7 +743,8 @@ def generate(
 ) -> dict:
     """The item `index` of a split, as a conversation dict (deterministic in all its arguments).
 
-    With check_options the rationale ends with option_checks(); without, it ends at the computed value."""
+    With check_options the rationale ends with option_checks(); without, it ends at the computed
+    value."""
     if split not in SPLIT_BUCKETS:
         raise ValueError(f"split must be one of {tuple(SPLIT_BUCKETS)}, not {split!r}")
     if difficulty not in LEVELS + ("mixed",):
@@ -810,7 +818,8 @@ def _render_doc_problem(conv: dict, rng) -> str:
     opts = [o.replace(")", ") ", 1) for o in conv["options"]]
     style = rng.randrange(5)
     if style == 0:
-        return f"Question: {question}\nOptions: {' '.join(opts)}\nRationale: {rationale}\n{answer_line}"
+        options = " ".join(opts)
+        return f"Question: {question}\nOptions: {options}\nRationale: {rationale}\n{answer_line}"
     if style == 1:
         return f"Q: {question}\nA: {rationale} So the answer is {value}."
     if style == 2:
@@ -824,7 +833,8 @@ def _render_doc_problem(conv: dict, rng) -> str:
 
 
 def synthetic_texts(num_docs: int, seed: int = 0, difficulty: str = "mixed") -> Iterator[str]:
-    """num_docs plain-text documents (1-3 solved problems each, varied prose), deterministic in seed."""
+    """num_docs plain-text documents (1-3 solved problems each, varied prose), deterministic in
+    seed."""
     counter = 0
     for d in range(num_docs):
         rng = random.Random(f"texts/{seed}/{d}")

@@ -99,7 +99,8 @@ def test_extract_letter_explicit(text, letter):
         "answer: c",
         "The answer is A or B, I cannot tell.",  # undecided
         "The answer is A bit larger than 5",  # prose after the letter
-        "Consider option B: it gives 14, not 12. Option C: 16.",  # weighing options is not committing
+        # weighing options is not committing
+        "Consider option B: it gives 14, not 12. Option C: 16.",
         "A's share is 40 and B's share is 60.",
         "Answers vary.",
         "If A = 5 then B = 6",
@@ -133,9 +134,8 @@ def test_extract_letter_value_fallback(text, letter):
 
 def test_value_fallback_needs_a_unique_clean_match():
     assert extract_letter("x = 7", OPTS) is None  # matches nothing
-    assert (
-        extract_letter("x = -5 and 3", ["A)-5 and 3", "B)3", "C)5", "D)6", "E)7"]) is None
-    )  # not a lone result
+    # not a lone result
+    assert extract_letter("x = -5 and 3", ["A)-5 and 3", "B)3", "C)5", "D)6", "E)7"]) is None
     assert extract_letter("dropped by 20%", ["A)20%", "B)0%", "C)-10%", "D)-20%", "E)-25%"]) is None
     assert (
         extract_letter(
@@ -194,7 +194,8 @@ def test_extract_letter_on_real_dev_rationales(shared_dir):
 
 
 def test_value_fallback_on_real_dev_rationales(shared_dir):
-    """With the answer statements cut away, only the final-value match is left: it must rarely lie."""
+    """With the answer statements cut away, only the final-value match is left: it must rarely
+    lie."""
     rows = _dev_rows(shared_dir)
     recovered = wrong = 0
     for r in rows:
@@ -286,15 +287,12 @@ def test_original_and_prepared_and_hf_give_identical_items(tmp_path, monkeypatch
     assert from_orig[1]["messages"][1]["content"] == "10 * 2 = 20 km.\nAnswer: C"
     assert from_orig.evaluate(c, "so 4.5\nAnswer: B") == 1
     assert from_orig.evaluate(c, "Answer: C") == 0
-    assert (
-        from_orig.evaluate(c, "half of it = 4.5 apples") == 1
-    )  # no letter: the final value decides
-    assert (
-        from_orig.evaluate(c, "half of it is 4.5 apples") == 0
-    )  # "is" does not introduce a final value
-    assert (
-        from_orig.evaluate(c, "4.5 is half of 9") == 0
-    )  # the last number (9) is not introduced as a result
+    # no letter: the final value decides
+    assert from_orig.evaluate(c, "half of it = 4.5 apples") == 1
+    # "is" does not introduce a final value
+    assert from_orig.evaluate(c, "half of it is 4.5 apples") == 0
+    # the last number (9) is not introduced as a result
+    assert from_orig.evaluate(c, "4.5 is half of 9") == 0
 
 
 def test_default_source_is_prepared_base_dir(tmp_path, base_dir, monkeypatch):
@@ -397,36 +395,15 @@ def test_prepare_aqua_writes_nothing_on_error(tmp_path):
     write_lines(tmp_path / "dev.json", ROWS)
     write_lines(tmp_path / "test.json", BAD_ROWS)
     out = tmp_path / "out"
+    dirs = ["--source-dir", str(tmp_path), "--out-dir", str(out)]
+    two_splits = dirs + ["--splits", "validation,test"]
     with pytest.raises(SystemExit, match="test row 1"):
-        prepare_aqua.main(
-            [
-                "--source-dir",
-                str(tmp_path),
-                "--splits",
-                "validation,test",
-                "--out-dir",
-                str(out),
-                "--on-bad-row",
-                "error",
-            ]
-        )
+        prepare_aqua.main(two_splits + ["--on-bad-row", "error"])
     assert not any(out.glob("*.jsonl"))
-    with pytest.raises(
-        SystemExit, match="train"
-    ):  # a missing split file names the file and the fix
-        prepare_aqua.main(["--source-dir", str(tmp_path), "--out-dir", str(out)])
-    prepare_aqua.main(
-        [
-            "--source-dir",
-            str(tmp_path),
-            "--splits",
-            "validation,test",
-            "--out-dir",
-            str(out),
-            "--max-validation",
-            "1",
-        ]
-    )
+    # a missing split file names the file and the fix
+    with pytest.raises(SystemExit, match="train"):
+        prepare_aqua.main(dirs)
+    prepare_aqua.main(two_splits + ["--max-validation", "1"])
     assert len((out / "validation.jsonl").read_text().splitlines()) == 1
     assert len((out / "test.jsonl").read_text().splitlines()) == 2
 

@@ -1,4 +1,5 @@
-"""Synthetic AQuA: deterministic, disjoint splits, balanced letters, consistent options, short easy items."""
+"""Synthetic AQuA: deterministic, disjoint splits, balanced letters, consistent options, short easy
+items."""
 
 from collections import Counter
 
@@ -50,9 +51,10 @@ def test_splits_are_disjoint():
         assert not group["train"] & group["validation"]
         assert not group["train"] & group["test"]
         assert not group["validation"] & group["test"]
-    # and the splits are not tiny pools repeated over and over. Each split owns 10% (val/test) or 80%
-    # (train) of every family's number combinations, and easy families have only a few hundred
-    # combinations, so 1500 easy test items hold ~540 distinct questions, 1500 mixed ones ~970 (measured)
+    # and the splits are not tiny pools repeated over and over. Each split owns 10% (val/test) or
+    # 80% (train) of every family's number combinations, and easy families have only a few hundred
+    # combinations, so (measured) 1500 easy test items hold ~540 distinct questions, 1500 mixed
+    # ones ~970
     assert len(easy["test"]) > 450 and len(texts["test"]) > 850
 
 
@@ -100,8 +102,8 @@ def test_items_are_well_formed(level):
             v.startswith(head) and head[-1].isdigit() or head == v
             for (_, head), v in zip(shown, values)
         )
-        # the steps' final value picks the right option on its own (checks option/rationale agreement);
-        # P:R ratio answers are not numbers, so the value fallback does not apply to them
+        # the steps' final value picks the right option on its own (checks option/rationale
+        # agreement); P:R ratio answers are not numbers: the value fallback does not apply
         if not worked[0].startswith("P:R"):
             assert extract_letter("\n".join(worked), c["options"]) == c["answer"], (
                 worked,
@@ -150,9 +152,8 @@ def test_easy_items_are_short():
         f"(mean {sum(full) / len(full):.0f})"
     )
     assert max(lengths) < 230  # measured ~206 (the option checks add up to five short lines)
-    assert (
-        max(full) < 360
-    )  # measured ~330 including options and the instruction (~150 tokens at most)
+    # measured ~330 including options and the instruction (~150 tokens at most)
+    assert max(full) < 360
 
 
 def test_task_views_work_on_synthetic():

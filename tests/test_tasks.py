@@ -1,5 +1,6 @@
 """Task plumbing (slicing, shuffling, mixtures, sequences, render_mc) and the chat tasks loaded from
-Hugging Face, exercised on small local datasets in the real column formats (load_dataset patched)."""
+Hugging Face, exercised on small local datasets in the real column formats (load_dataset
+patched)."""
 
 import json
 
@@ -289,10 +290,10 @@ def test_gsm8k(fake_hub):
     tables, _ = fake_hub
     tables[("openai/gsm8k", "main", "test")] = [
         {
-            "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
-            "May. How many clips did Natalia sell altogether in April and May?",
-            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
-            "altogether in April and May.\n#### 72",
+            "question": "Natalia sold clips to 48 of her friends in April, and then she sold half "
+            "as many clips in May. How many clips did Natalia sell altogether in April and May?",
+            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = "
+            "<<48+24=72>>72 clips altogether in April and May.\n#### 72",
         },
         {
             "question": "Big money?",
@@ -386,7 +387,7 @@ def test_arc(fake_hub):
 
 
 def test_mixture_of_real_task_types(fake_hub, tmp_path):
-    """A mid-training style mixture: synthetic AQuA + custom chat + MMLU, graded by the right task."""
+    """A mid-training mixture: synthetic AQuA + custom chat + MMLU, each graded by its own task."""
     from tasks.customjson import CustomJSON
     from tasks.mmlu import MMLU
     from tasks.synthetic_aqua import SyntheticAqua
