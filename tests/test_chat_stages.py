@@ -377,7 +377,7 @@ def test_missing_checkpoint_is_one_line_not_a_traceback(base_dir):
     assert f"no checkpoints under {base_dir / 'checkpoints' / 'rl'}" in res.stderr
 
 
-# ------------------------------------------------------------------------------------------ eval and CLI
+# ------------------------------------------------------------------------------------- eval and CLI
 
 
 def test_chat_eval_writes_jsonl_and_report(base_dir):
@@ -414,7 +414,7 @@ def test_chat_eval_writes_jsonl_and_report(base_dir):
         assert r["most_frequent_letter"] in "ABCDE" and 0.2 <= r["most_frequent_acc"] <= 1.0
         assert sum(r["pred_counts"].values()) == 5 and sum(r["gold_counts"].values()) == 5
         assert sum(sum(v.values()) for v in r["confusion"].values()) == 5
-        assert r["correct"] == sum(r["confusion"][l][l] for l in "ABCDE")
+        assert r["correct"] == sum(r["confusion"][letter][letter] for letter in "ABCDE")
     gen = next(r for r in lines if r["mode"] == "generative")
     cat = next(r for r in lines if r["mode"] == "categorical")
     assert gen["k"] == 2 and 0.0 <= gen["pass@2"] <= 1.0
@@ -456,17 +456,7 @@ def test_letter_scorer_matches_logits(base_dir):
     plain = Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     s2 = LetterScorer(plain)
     assert not s2.single
-    torch.manual_seed(1)
-    model2 = GPT(
-        GPTConfig(
-            sequence_len=64,
-            vocab_size=plain.get_vocab_size(),
-            n_layer=1,
-            n_head=2,
-            n_kv_head=2,
-            n_embd=16,
-        )
-    ).eval()
+    model2 = tiny_gpt(plain.get_vocab_size(), seed=1)
     choice2, scores2 = s2(model2, prompt)
     ids = prompt + plain.encode("Answer: C")
     with torch.no_grad():
