@@ -127,19 +127,8 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
                 groups = chat_rl.rollout(engine, tokenizer, task, questions, step, a, letter_ids)
                 rewards = torch.tensor([[c.reward for c in g] for g in groups])
                 adv, zero = group_advantages(rewards, a.adv_std_norm)
-                chat_rl.train_step(
-                    policy,
-                    ref if a.diagnostics else None,
-                    optimizers,
-                    groups,
-                    questions,
-                    adv,
-                    zero,
-                    a,
-                    info,
-                    letter_ids,
-                    pad,
-                )
+                chat_rl.diagnose(ref, groups, questions, a, letter_ids, pad)
+                chat_rl.train_step(policy, ref, optimizers, groups, adv, zero, a, info, pad)
 
             _, dt = timed(one_step, device)
             if step > 0:  # step 0 warms up

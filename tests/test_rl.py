@@ -5,6 +5,7 @@ torchrun x2 == one process). Tiny models, CPU."""
 import glob
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -744,3 +745,16 @@ def test_sign_test_and_paired_counts(tmp_path, capsys):
     assert out["p"] == pytest.approx(2 / 16)
     with pytest.raises(SystemExit, match="no generative"):
         compare(["sft", "mid", files[0]])
+
+
+def test_bench_rl_times_both_settings_on_a_random_model(base_dir):
+    # gpu_check.sh runs this benchmark on a lent GPU: its step calls must follow chat_rl's
+    tiny_tokenizer().save(base_dir / "tokenizer")
+    cmd = [sys.executable, "-m", "scripts.bench_rl", "--random-depth", "2", "--prompts", "2"]
+    cmd += ["--samples", "2", "--max-new-tokens", "8", "--steps", "1"]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "diagnostics off" in out.stdout and "diagnostics on" in out.stdout
+    assert re.search(r"ratio on / off: \d+\.\d+", out.stdout)
