@@ -222,8 +222,9 @@ def add_optimizer_args(group, lr_note: str = "") -> None:
     )
 
 
-def add_checkpoint_args(group, save_every: int, tag_help: str) -> None:
-    """Where a training stage saves, how often, and whether it resumes."""
+def add_checkpoint_args(group, save_every: int, tag_help: str | None = None) -> None:
+    """How often a training stage saves, how many it keeps, whether it resumes; and --tag, the
+    checkpoints' name, unless the stage declares it elsewhere (tag_help None)."""
     group.add_argument(
         "--save-every",
         type=int,
@@ -233,7 +234,8 @@ def add_checkpoint_args(group, save_every: int, tag_help: str) -> None:
     group.add_argument(
         "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
     )
-    group.add_argument("--tag", default=None, help=tag_help)
+    if tag_help is not None:
+        group.add_argument("--tag", default=None, help=tag_help)
     group.add_argument(
         "--resume",
         default="auto",

@@ -59,6 +59,8 @@ from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
 from nanochat.training import (
     StepTimer,
+    add_checkpoint_args,
+    add_optimizer_args,
     refuse_changed_flags,
     save,
     set_lr,
@@ -224,16 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g = p.add_argument_group("optimization")
     g.add_argument("--num-steps", type=int, default=100, help="RL steps")
-    g.add_argument(
-        "--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding (x init-lr-frac)"
-    )
-    g.add_argument(
-        "--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head (x init-lr-frac)"
-    )
-    g.add_argument(
-        "--matrix-lr", type=float, default=0.02, help="Muon lr of block matrices (x init-lr-frac)"
-    )
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    add_optimizer_args(g, lr_note=" (x --init-lr-frac)")
     g.add_argument(
         "--init-lr-frac", type=float, default=0.05, help="multiplier on the three lrs above"
     )
@@ -243,7 +236,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="fraction of the steps at the end over which the lr decays linearly to 0",
     )
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0: off)")
     g.add_argument("--seed", type=int, default=42, help="question order and rollout sampling seed")
     g = p.add_argument_group("evaluation and diagnostics")
     g.add_argument(
@@ -285,24 +277,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--log-every", type=int, default=1, help="print a line every N steps (all are logged)"
     )
     g = p.add_argument_group("checkpoints")
-    g.add_argument(
-        "--save-every",
-        type=int,
-        default=50,
-        help="checkpoint every N steps (0: only the final one)",
-    )
-    g.add_argument(
-        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
-    )
-    g.add_argument(
-        "--resume",
-        default="auto",
-        choices=["auto", "require"],
-        help="auto: resume if this tag has a checkpoint; require: fail if there is none",
-    )
-    g.add_argument(
-        "--fresh", action="store_true", help="DELETE this tag's rl checkpoints and start over"
-    )
+    add_checkpoint_args(g, save_every=50)
     add_tracking_args(p)
     args = p.parse_args(argv)
     if args.clip_eps_high is None:
