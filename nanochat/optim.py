@@ -273,19 +273,28 @@ def build_optimizers(
     weight_decay: float = 0.0,
     adam_betas=(0.8, 0.95),
     muon_momentum: float = 0.95,
+    value_embed_lr: float | None = None,
 ) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] for a GPT; DistAdamW and DistMuon when torch.distributed runs with >1 rank.
 
     Every param_group carries "initial_lr": the schedule sets lr = initial_lr * factor
     (training.set_lr).
     weight_decay is decoupled (p *= 1 - lr * wd) in both; default 0.
+    value_embed_lr: None trains the value-embedding tables with the token embedding; 0 freezes
+    them (no gradient, no optimizer state); else their own AdamW lr.
     """
     # Embedding tables are lookups, not matmuls: Muon's orthogonal step means nothing for them.
-    # The value embeddings are token embeddings too: same rule, same lr.
-    embedding = [model.transformer.wte.weight] + [t.weight for t in model.value_embeds.values()]
+    # The value embeddings are token embeddings too: the same rule, by default the same lr.
+    embedding = [model.transformer.wte.weight]
+    value_tables = [t.weight for t in model.value_embeds.values()]
+    if value_embed_lr is None:
+        embedding, value_tables = embedding + value_tables, []
+    elif value_embed_lr == 0:
+        for table in value_tables:
+            table.requires_grad_(False)
     unembedding = [model.lm_head.weight]
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
-    ruled = {id(p) for p in embedding + unembedding + matrices}
+    ruled = {id(p) for p in embedding + value_tables + unembedding + matrices}
     unruled = [
         f"{name} {tuple(p.shape)}" for name, p in model.named_parameters() if id(p) not in ruled
     ]
@@ -302,6 +311,8 @@ def build_optimizers(
         dict(params=unembedding, lr=unembedding_lr * scale),
         dict(params=embedding, lr=embedding_lr * scale),
     ]
+    if value_tables and value_embed_lr > 0:
+        adam_groups.append(dict(params=value_tables, lr=value_embed_lr * scale))
     # One Muon group per shape: Muon batches same-shape matrices into one Newton-Schulz call, and
     # DistMuon hands them out across ranks. Insertion order = model order, identical on every rank.
     by_shape: dict[tuple, list] = {}

@@ -202,8 +202,9 @@ class StepTimer:
             self.count += 1
 
 
-def add_optimizer_args(group, lr_note: str = "") -> None:
-    """The optimizer flags of every training stage; lr_note says what scales the lrs, if any."""
+def add_optimizer_args(group, lr_note: str = "", fine_tuning: bool = False) -> None:
+    """The optimizer flags of every training stage; lr_note says what scales the lrs, if any.
+    Fine-tuning stages also get --value-embed-lr, which leaves the value embeddings frozen."""
     group.add_argument(
         "--embedding-lr", type=float, default=0.2, help=f"AdamW lr of the token embedding{lr_note}"
     )
@@ -213,6 +214,14 @@ def add_optimizer_args(group, lr_note: str = "") -> None:
     group.add_argument(
         "--matrix-lr", type=float, default=0.02, help=f"Muon lr of the block matrices{lr_note}"
     )
+    if fine_tuning:
+        group.add_argument(
+            "--value-embed-lr",
+            type=float,
+            default=0.0,
+            help=f"AdamW lr of the value-embedding tables{lr_note}; 0 keeps them as pretraining "
+            "left them (mid-training them cost accuracy: README, Performance)",
+        )
     group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     group.add_argument(
         "--grad-clip",

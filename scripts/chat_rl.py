@@ -226,7 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g = p.add_argument_group("optimization")
     g.add_argument("--num-steps", type=int, default=100, help="RL steps")
-    add_optimizer_args(g, lr_note=" (x --init-lr-frac)")
+    add_optimizer_args(g, lr_note=" (x --init-lr-frac)", fine_tuning=True)
     g.add_argument(
         "--init-lr-frac", type=float, default=0.05, help="multiplier on the three lrs above"
     )
@@ -917,6 +917,7 @@ def main(argv=None) -> dict:
         embedding_lr=args.embedding_lr,
         matrix_lr=args.matrix_lr,
         weight_decay=args.weight_decay,
+        value_embed_lr=args.value_embed_lr,
     )
     ckpt_dir = checkpoint_dir(STAGE, tag)
     start_step, kept = resume(ckpt_dir, info, model, optimizers, args, src_meta)

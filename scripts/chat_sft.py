@@ -106,7 +106,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         "--num-epochs", type=float, default=d["num_epochs"], help="passes over the training mixture"
     )
     g = p.add_argument_group("optimization")
-    add_optimizer_args(g, lr_note=" (x --init-lr-frac)")
+    add_optimizer_args(g, lr_note=" (x --init-lr-frac)", fine_tuning=True)
     g.add_argument(
         "--init-lr-frac",
         type=float,
@@ -251,6 +251,7 @@ def main(argv=None, stage: str = "sft") -> dict:
         embedding_lr=args.embedding_lr,
         matrix_lr=args.matrix_lr,
         weight_decay=args.weight_decay,
+        value_embed_lr=args.value_embed_lr,
     )
     plan = {"num_iterations": num_iterations, "per_step": per_step}
     start_step, loader_state = resume_or_start(ckpt_dir, info, model, optimizers, args, plan)

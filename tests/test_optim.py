@@ -113,6 +113,42 @@ def test_setup_optimizers_groups_and_lrs():
             assert group["initial_lr"] == group["lr"]
 
 
+def test_value_embedding_tables_train_with_the_embedding_or_alone_or_not_at_all():
+    def step(value_embed_lr):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY, value_embed_every=1))
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        opts = model.setup_optimizers(value_embed_lr=value_embed_lr)
+        ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+        for _ in range(2):  # the zero-initialised output projections pass no gradient at step 1
+            model(ids, ids).backward()
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        return model, opts, moved
+
+    scale = (64 / 768) ** -0.5
+    model, (adamw, _), moved = step(None)  # pretraining: one embedding group holds every table
+    tables = [t.weight for t in model.value_embeds.values()]
+    assert [id(p) for p in adamw.param_groups[1]["params"]] == [
+        id(p) for p in [model.transformer.wte.weight] + tables
+    ]
+    assert {f"value_embeds.{i}.weight" for i in model.value_embeds} <= moved
+    model, (adamw, _), moved = step(0.05)  # an lr of their own
+    assert len(adamw.param_groups) == 3 and adamw.param_groups[2]["lr"] == pytest.approx(
+        0.05 * scale
+    )
+    assert {f"value_embeds.{i}.weight" for i in model.value_embeds} <= moved
+    model, (adamw, muon), moved = step(0.0)  # frozen: no gradient, no state, not moved
+    assert not any(k.startswith("value_embeds.") for k in moved)
+    assert "transformer.wte.weight" in moved and "lm_head.weight" in moved
+    frozen = {id(t.weight) for t in model.value_embeds.values()}
+    optimized = {id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]}
+    assert frozen and not frozen & optimized
+    assert not any(t.weight.requires_grad for t in model.value_embeds.values())
+
+
 def test_a_parameter_without_an_optimizer_rule_is_refused():
     # The model has no 1-D or 0-D parameters; one added later needs a rule, not a silent default.
     torch.manual_seed(0)
