@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.chat_loader import collate
-from nanochat.diagnostics import LETTERS, letter_token_ids
+from nanochat.diagnostics import letter_token_ids
+from tasks.aqua import AQUA_LETTERS
 
 
 def iter_eval_batches(
@@ -28,7 +29,7 @@ def iter_eval_batches(
     mine = list(range(rank, n, world_size))
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     letter_ids = letter_token_ids(tokenizer)
-    letter_of = dict(zip(letter_ids, LETTERS)) if letter_ids else {}
+    letter_of = dict(zip(letter_ids, AQUA_LETTERS)) if letter_ids else {}
     for i in range(0, len(mine), batch_size):
         rows, letter_pos = [], []
         for j in mine[i : i + batch_size]:
