@@ -2,16 +2,11 @@
 
 Layout: <base>/checkpoints/<stage>/<tag>/step_<06d>/
     model.pt            rank 0: the model state_dict
-    optim_rank<r>.pt    rank r: list of optimizer state_dicts (sharded optimizers differ per rank)
-    meta.json           rank 0, written LAST: the caller's meta + "step", "files" (name -> size),
-                        "world_size" and "rank_state" (one JSON-able entry per rank, e.g. the
-                        data-loader state and RNG state of that rank)
+    optim_rank<r>.pt    rank r: its optimizer state_dicts (sharded optimizers differ per rank)
+    meta.json           rank 0, written last: the caller's meta plus "step", "files" (name -> size),
+                        "world_size" and "rank_state" (per rank: data-loader and RNG state)
 
-Every file goes to a temporary name, is fsynced and then os.replace()d into place, so a crash leaves either
-the old file or the new one, never half of one. A step directory counts as complete only once meta.json
-exists and every file it lists is present with the recorded size and a readable zip directory (torch.save
-writes zip archives, whose central directory sits at the very end: a truncated file fails to open).
-Everything is loaded with torch.load(weights_only=True): checkpoints hold tensors and plain containers only.
+A step directory counts as complete once meta.json exists and every file it lists checks out.
 """
 
 from __future__ import annotations
@@ -53,11 +48,12 @@ def optim_name(rank: int) -> str:
     return f"optim_rank{rank}.pt"
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # atomic file writing
 
 
 def _atomic_torch_save(obj, path: Path) -> dict:
+    # a temp name, fsync, then rename: a crash leaves the old file or the new one, never half of one
     with atomic_path(path) as tmp:
         try:
             torch.save(obj, tmp)
@@ -73,9 +69,9 @@ def _atomic_torch_save(obj, path: Path) -> dict:
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a quota, a vanished mount). The step directory
-    it was writing is removed (it never had meta.json, so nothing would have loaded it anyway); the
-    older checkpoints are untouched."""
+    """A checkpoint could not be written (a full disk, a quota, a vanished mount). The step
+    directory it was writing is removed (it never had meta.json, so nothing would have loaded it);
+    the older checkpoints are untouched."""
 
 
 def _write_failed(exc: OSError, path: Path, ckpt_dir: Path, step: int) -> CheckpointWriteError:
@@ -92,9 +88,9 @@ def _write_failed(exc: OSError, path: Path, ckpt_dir: Path, step: int) -> Checkp
         else "No earlier checkpoint exists: a resume starts over."
     )
     error = CheckpointWriteError(
-        f"could not write checkpoint step {step}: {path}: {exc.strerror or exc} ({free_space(path)} on "
-        f"that filesystem{need}). {kept} Free some space (or keep fewer checkpoints: --keep-last 1), then "
-        f"run the same command."
+        f"could not write checkpoint step {step}: {path}: {exc.strerror or exc} "
+        f"({free_space(path)} on that filesystem{need}). {kept} Free some space (or keep fewer "
+        f"checkpoints: --keep-last 1), then run the same command."
     )
     error.errno = exc.errno
     return error
@@ -104,7 +100,7 @@ def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # saving
 
 
@@ -135,16 +131,15 @@ def save_checkpoint(
 ) -> Path:
     """Write <ckpt_dir>/step_<step>/ atomically and return that directory.
 
-    Call it on EVERY rank when torch.distributed is initialised (it synchronises them): rank 0 writes
-    model.pt and meta.json, each rank writes optim_rank<r>.pt (when optimizer_states is not None).
-    meta must be JSON-serialisable; "step" is filled in. rank_state (JSON-able, per rank: data-loader
-    state, RNG state, ...) is gathered into meta["rank_state"][r]. keep_last: keep this many newest
-    complete checkpoints (None or 0 keeps all; the newest complete one is never removed).
+    Call it on every rank when torch.distributed is initialised: it synchronises them. meta and
+    rank_state must be JSON-serialisable; keep_last None or 0 keeps every checkpoint.
     """
     ckpt_dir = Path(ckpt_dir)
     out_dir = step_dir(ckpt_dir, step)
     meta = dict(meta)
     meta["step"] = int(step)
+    # rank 0 writes model.pt and meta.json, each rank its own optim_rank<r>.pt; each rank's
+    # rank_state (data-loader and RNG state) is gathered into meta["rank_state"][r]
     try:  # fail before touching the disk if meta cannot be written
         json.dumps(meta)
         json.dumps(rank_state)
@@ -194,9 +189,8 @@ def save_checkpoint(
             meta["rank_state"] = [rs for _, rs in gathered]
         meta["saved_at"] = time.time()
         try:
-            write_text_atomic(
-                out_dir / META_NAME, json.dumps(meta, indent=1)
-            )  # LAST: marks it complete
+            # last: its presence is what marks the step complete
+            write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=1))
         except OSError as exc:
             shutil.rmtree(out_dir, ignore_errors=True)
             raise _write_failed(exc, out_dir / META_NAME, ckpt_dir, step) from None
@@ -208,7 +202,8 @@ def save_checkpoint(
 
 
 def _prune(ckpt_dir: Path, keep_last: int, protect: int) -> None:
-    """Keep the newest `keep_last` complete steps; drop older ones and broken leftovers of crashed saves."""
+    """Keep the newest `keep_last` complete steps (and `protect`); drop older ones and leftovers
+    of crashed saves."""
     keep_last = max(1, int(keep_last))
     complete, broken = [], []
     for step, path in _list_step_dirs(ckpt_dir):
@@ -220,7 +215,7 @@ def _prune(ckpt_dir: Path, keep_last: int, protect: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # finding and verifying
 
 
@@ -242,7 +237,8 @@ def _read_meta(path: Path) -> dict:
 
 
 def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
-    """(ok, reason). Shallow: meta.json parses and listed files have their sizes. Deep: zip directories open."""
+    """(ok, reason). Shallow: meta.json parses and the files it lists have their sizes.
+    Deep: their zip directories open too."""
     if not (path / META_NAME).exists():
         return False, "no meta.json (save never finished)"
     try:
@@ -260,6 +256,8 @@ def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
         if size != info.get("size"):
             return False, f"{name} has {size} bytes, meta.json says {info.get('size')} (truncated?)"
         if deep:
+            # torch.save writes a zip archive whose directory sits at the very end, so a truncated
+            # or overwritten tail fails here instead of at load time
             try:
                 with zipfile.ZipFile(f) as zf:
                     zf.infolist()
@@ -269,7 +267,8 @@ def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
 
 
 def find_last_step(ckpt_dir: str | Path) -> int | None:
-    """Newest complete and readable step in ckpt_dir, or None. Newer broken ones are skipped with a warning."""
+    """Newest complete and readable step in ckpt_dir, or None; newer broken ones are skipped with a
+    warning."""
     for step, path in reversed(_list_step_dirs(ckpt_dir)):
         ok, reason = _verify(path)
         if ok:
@@ -278,7 +277,7 @@ def find_last_step(ckpt_dir: str | Path) -> int | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # loading
 
 
@@ -286,6 +285,7 @@ def _load_step(path: Path, device, load_optimizer: bool, rank: int):
     meta = _read_meta(path)
 
     def load(name):
+        # weights_only: checkpoints hold tensors and plain containers, nothing to unpickle as code
         return torch.load(path / name, map_location=device, weights_only=True)
 
     model_state = load(MODEL_NAME) if (path / MODEL_NAME).exists() else None
@@ -294,7 +294,8 @@ def _load_step(path: Path, device, load_optimizer: bool, rank: int):
         name = optim_name(rank)
         if not (path / name).exists():
             raise FileNotFoundError(
-                f"{path / name} is missing: this checkpoint was saved with world_size={meta.get('world_size')}; "
+                f"{path / name} is missing: this checkpoint was saved with "
+                f"world_size={meta.get('world_size')}; "
                 f"resume with the same number of processes or pass load_optimizer=False"
             )
         optim_states = load(name)
@@ -308,8 +309,9 @@ def load_checkpoint(
     load_optimizer: bool = False,
     rank: int = 0,
 ):
-    """-> (model_state, optim_states | None, meta). step=None: newest complete step; if it fails to load,
-    warn and fall back to the previous one. meta["rank_state"][rank] holds what that rank saved."""
+    """-> (model_state, optim_states | None, meta); meta["rank_state"][rank] is what `rank` saved.
+
+    step None: the newest complete step, or (with a warning) an older one that loads."""
     ckpt_dir = Path(ckpt_dir)
     if step is not None:
         path = step_dir(ckpt_dir, step)
@@ -317,8 +319,7 @@ def load_checkpoint(
         if not ok:
             raise FileNotFoundError(f"checkpoint {path} is not usable: {reason}")
         return _load_step(path, device, load_optimizer, rank)
-    candidates = [(s, p) for s, p in reversed(_list_step_dirs(ckpt_dir))]
-    for s, path in candidates:
+    for _, path in reversed(_list_step_dirs(ckpt_dir)):
         ok, reason = _verify(path)
         if not ok:
             warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
@@ -339,7 +340,7 @@ def _latest_tag(stage_dir: Path) -> str:
     best, best_time = None, -1.0
     if stage_dir.is_dir():
         for tag_dir in stage_dir.iterdir():
-            for step, path in _list_step_dirs(tag_dir):
+            for _, path in _list_step_dirs(tag_dir):
                 meta_file = path / META_NAME
                 if meta_file.exists() and meta_file.stat().st_mtime > best_time:
                     best, best_time = tag_dir.name, meta_file.stat().st_mtime
@@ -354,18 +355,15 @@ def _latest_tag(stage_dir: Path) -> str:
 def load_model(
     stage: str, tag: str | None = None, step: int | None = None, device=None, phase: str = "eval"
 ):
-    """-> (model: GPT, tokenizer, meta) from <base>/checkpoints/<stage>/<tag>. tag None: the tag whose newest
-    checkpoint was written most recently. phase "eval" or "train" sets the module mode.
+    """-> (model: GPT, tokenizer, meta) from <base>/checkpoints/<stage>/<tag>, in `phase` mode.
 
-    The tokenizer is the one the checkpoint records (meta["tokenizer"]), else tokenizer_dir(). What a user
-    can fix (no such checkpoint, a tokenizer that is not the one the model was trained with) ends the
-    program with a one-line message (SystemExit): entry points call this, not library code."""
+    tag None: the tag whose newest checkpoint was written last. The tokenizer is the one the
+    checkpoint records, else tokenizer_dir(). For entry points: what a user can fix (no checkpoint,
+    the wrong tokenizer) ends the program with a one-line message (SystemExit)."""
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
-    from nanochat.gpt import (
-        GPT,
-        GPTConfig,
-    )  # lazy: checkpoint utilities must not need the model to import
+    # imported here: the checkpoint utilities must not need the model to import
+    from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
 
     device = torch.device(device) if device is not None else autodetect_device()
@@ -390,7 +388,7 @@ def load_model(
     except (
         FileNotFoundError,
         ValueError,
-    ) as exc:  # missing, or damaged (the message names the files)
+    ) as exc:  # missing or damaged: the message names the files
         raise SystemExit(f"{where} needs its tokenizer: {exc}") from None
     check_tokenizer(meta, tokenizer, config.vocab_size, where)
     with torch.device("meta"):  # no throwaway random init of a big model on the CPU
@@ -416,17 +414,18 @@ def checkpoint_tokenizer_dir(meta: dict) -> Path | None:
 
 
 def check_tokenizer(meta: dict, tokenizer, model_vocab: int, where: str) -> None:
-    """Refuse a tokenizer other than the one the model was trained with: ids would mean other tokens (and
-    ids past the model's vocabulary crash the embedding)."""
+    """Refuse a tokenizer other than the one the model was trained with: its ids would mean other
+    tokens (and ids past the model's vocabulary crash the embedding)."""
     record = meta.get("tokenizer") or {}
     have = tokenizer.fingerprint() if record.get("ranks_sha256") else None
     directory = tokenizer.directory or "the tokenizer"
     if have is not None and have["ranks_sha256"] != record["ranks_sha256"]:
         raise SystemExit(
-            f"{where} was trained with another tokenizer ({record['vocab_size']} tokens, ranks sha256 "
-            f"{record['ranks_sha256'][:12]}) than {directory} ({have['vocab_size']} tokens, "
-            f"{have['ranks_sha256'][:12]}): it was retrained since. Point NANOCHAT_TOKENIZER_DIR at the "
-            f"run's own tokenizer, or retrain from the base stage (run_aquarat_small.sh --from tokenizer)."
+            f"{where} was trained with another tokenizer ({record['vocab_size']} tokens, "
+            f"ranks sha256 {record['ranks_sha256'][:12]}) than {directory} "
+            f"({have['vocab_size']} tokens, {have['ranks_sha256'][:12]}): it was retrained since. "
+            f"Point NANOCHAT_TOKENIZER_DIR at the run's own tokenizer, or retrain from the base "
+            f"stage (run_aquarat_small.sh --from tokenizer)."
         )
     if tokenizer.get_vocab_size() > model_vocab:
         raise SystemExit(
@@ -436,7 +435,7 @@ def check_tokenizer(meta: dict, tokenizer, model_vocab: int, where: str) -> None
         )
 
 
-# ---------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # RNG state (JSON-able, for meta.json / rank_state)
 
 
@@ -449,9 +448,8 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def save_rng_state() -> dict:
-    """Python, NumPy, torch CPU and (when CUDA is in use) this process's own CUDA device generator, as
-    JSON-able data. Only the local device: each rank owns one GPU, and reading every device's state
-    would create a CUDA context on all of them from every rank."""
+    """The Python, NumPy, torch CPU and (when CUDA is in use) local CUDA generators, as JSON-able
+    data."""
     version, py_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -460,9 +458,9 @@ def save_rng_state() -> dict:
         "torch": _b64(torch.get_rng_state()),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = _b64(
-            torch.cuda.get_rng_state()
-        )  # the current device, set by init_distributed
+        # only the current device (init_distributed set it to this rank's GPU): reading every
+        # device's state would create a CUDA context on all of them from every rank
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
     return state
 
 
@@ -474,13 +472,8 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
         saved = state["cuda"]
-        if isinstance(
-            saved, list
-        ):  # checkpoints before the local-device format held every device's
-            saved = (
-                saved[torch.cuda.current_device()]
-                if torch.cuda.current_device() < len(saved)
-                else None
-            )
+        if isinstance(saved, list):  # older checkpoints held every device's state
+            device = torch.cuda.current_device()
+            saved = saved[device] if device < len(saved) else None
         if saved is not None:
             torch.cuda.set_rng_state(_unb64(saved))  # the current device
