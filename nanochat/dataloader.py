@@ -1,24 +1,10 @@
-"""Distributed, resumable pretraining data loader: documents -> tokens -> BOS-aligned rows -> (inputs, targets).
+"""Distributed, resumable pretraining data loader: documents -> tokens -> rows -> (inputs, targets).
 
-Packing policy ("BOS-aligned best fit"):
-  * every document is tokenised with <|bos|> prepended, so every document starts with BOS;
-  * a row holds seq_len + 1 tokens and always starts at the start of a document (hence with BOS);
-  * the row is filled from a look-ahead buffer of `buffer_size` whole documents (refilled in corpus order):
-    repeatedly take the LARGEST buffered document that still fits in the space left (ties: the older one);
-    when none fits, take the OLDEST buffered document and crop it to the space left (its tail is dropped).
-    Taking the oldest when cropping bounds how long a document can wait in the buffer;
-  * inputs = row[:-1], targets = row[1:]. Attention is not masked at document boundaries (BOS separates).
-  Every token position is used; the price is the cropped document tails.
-
-Sharding: rank r reads every world_size-th unit (parquet row group / text block / synthetic seed; see
-dataset.shard_units). Small corpora are looped over: each pass over this rank's units is one epoch.
-
-State (JSON-able; state_dict() between batches, DataLoader(..., state=s) continues with the exact next batch):
-  {"version": 1, "split", "source", "rank", "world_size", "seq_len", "buffer_size", "fingerprint",
-   "epoch": passes completed over this rank's units,
-   "unit": index into this rank's unit list of the next document to enter the buffer, "doc": its index there,
-   "buffer": [[unit, doc], ...] the buffered documents, oldest first (re-read and re-tokenised on resume),
-   "batches": batches produced so far}
+Rows are packed "BOS-aligned best fit": every row starts at the start of a document, and is filled
+from a look-ahead buffer of whole documents (see DataLoader._next_row). Rank r reads every
+world_size-th unit (parquet row group, text block or synthetic seed: dataset.shard_units); a small
+corpus is looped over, one pass over this rank's units per epoch. state_dict() between batches,
+then DataLoader(..., state=s), continues with the exact next batch.
 """
 
 from __future__ import annotations
@@ -64,10 +50,13 @@ class DataLoader:
         self.units = ds.shard_units(all_units, rank, world_size)
         self.fingerprint = self._fingerprint(all_units)
 
+        # where reading stands: passes completed over this rank's units, the index (in this rank's
+        # unit list) of the unit the next document comes from, that document's index in it, and
+        # the batches produced so far
         self.epoch, self.unit, self.doc, self.batches = 0, 0, 0, 0
-        self.buffer: list[
-            tuple[tuple[int, int], list[int]]
-        ] = []  # ((unit, doc), tokens), oldest first
+        # the look-ahead: ((unit, doc), tokens), oldest first; a saved state lists only the refs and
+        # the documents are re-read and re-tokenised on resume
+        self.buffer: list[tuple[tuple[int, int], list[int]]] = []
         self._docs: list[str] | None = None  # documents of self.unit, loaded lazily
         self._tok_start, self._toks = 0, []  # tokenised slice of self._docs starting at _tok_start
         if state is not None:
@@ -75,7 +64,7 @@ class DataLoader:
 
     @property
     def passes(self) -> float:
-        """How far through this rank's data: 1.0 = every unit read once; above 1, documents repeat."""
+        """How far through this rank's data: 1.0 = every unit read once; past 1 documents repeat."""
         return self.epoch + self.unit / max(1, len(self.units))
 
     # ---------------------------------------------------------------- state
@@ -122,12 +111,10 @@ class DataLoader:
                     f"{value!r}. Resume with the same data, split and number of processes "
                     f"(or start the data from scratch)."
                 )
-        self.epoch, self.unit, self.doc, self.batches = (
-            state["epoch"],
-            state["unit"],
-            state["doc"],
-            state["batches"],
-        )
+        self.epoch = state["epoch"]
+        self.unit = state["unit"]
+        self.doc = state["doc"]
+        self.batches = state["batches"]
         # Re-read the buffered documents: group by unit so each unit is loaded once.
         refs = [tuple(r) for r in state["buffer"]]
         tokens = {}
@@ -174,11 +161,17 @@ class DataLoader:
 
     # ---------------------------------------------------------------- packing
     def _next_row(self, out: list[int]) -> None:
+        """Append seq_len + 1 tokens to `out`: one row, starting with a document's BOS.
+
+        Each document is tokenised with <|bos|> in front, so a row that starts at a document start
+        starts with BOS, and attention needs no mask at document boundaries. Every token position
+        is used; the price is the cropped tails."""
         row_len = self.seq_len + 1
         used = 0
         while used < row_len:
             self._fill_buffer()
             space = row_len - used
+            # the largest buffered document that still fits (ties: the older one) ...
             best, best_len = -1, 0
             for i, (_, toks) in enumerate(self.buffer):
                 if best_len < len(toks) <= space:
@@ -186,12 +179,15 @@ class DataLoader:
             if best >= 0:
                 toks = self.buffer.pop(best)[1]
             else:
+                # ... or, when none fits, the oldest one cropped to the space left: taking the
+                # oldest bounds how long a long document can wait in the buffer
                 toks = self.buffer.pop(0)[1][:space]
             out.extend(toks)
             used += len(toks)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (inputs, targets), LongTensors of shape [batch_size, seq_len] on the loader's device."""
+        """-> (inputs, targets): LongTensors [batch_size, seq_len] on the loader's device; targets
+        are the inputs shifted by one."""
         flat: list[int] = []
         for _ in range(self.batch_size):
             self._next_row(flat)
