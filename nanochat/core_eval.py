@@ -1,27 +1,7 @@
-"""The DCLM CORE metric: in-context-learning accuracy over a fixed suite of tasks, centred by chance.
+"""The DCLM CORE metric: in-context-learning accuracy on a fixed suite of tasks, centred by chance.
 
-The eval bundle (`eval_bundle.zip`, as used by DCLM and nanochat) holds
-    core.yaml              icl_tasks: [{label, dataset_uri, num_fewshot: [k], icl_task_type,
-                                        continuation_delimiter (default " ")}, ...]
-    eval_data/<uri>.jsonl  one example per line, by task type:
-        multiple_choice    {"query": str, "choices": [str, ...], "gold": int}
-        schema             {"context_options": [str, ...], "continuation": str, "gold": int}
-        language_modeling  {"context": str, "continuation": str}
-    eval_meta_data.csv     columns "Eval Task" (= label) and "Random baseline" (chance accuracy, percent)
-
-How one example is scored (all from the model's own logits, no sampling):
-- multiple_choice: one prompt per choice, `<k shots>\\n\\n<query><delim><choice>`; the choice whose tokens
-  get the lowest mean cross-entropy wins. Tokens shared by every prompt (the common prefix) are context.
-- schema: one prompt per context option, `<shots><context_option><delim><continuation>`; the option
-  under which the shared continuation (the common token suffix) has the lowest mean loss wins.
-- language_modeling: correct iff greedy argmax reproduces every continuation token.
-Few-shot examples are drawn from the same task (never the example itself) with a per-example seed,
-and each task's data is shuffled with a fixed seed, so results are reproducible and `--max-per-task`
-subsets are the same every time. Prompts longer than the model's context are cropped from the left.
-
-Per task: accuracy; centred = (acc - 0.01 * baseline) / (1 - 0.01 * baseline) (0 = chance, 1 = perfect);
-CORE = mean of the centred scores. Under torchrun every rank scores examples rank, rank + W, ... and the
-correct-flags are all-reduced.
+Every example is scored from the model's own logits (no sampling); few-shot picks and the order of
+each task's data are seeded, so results, and `--max-per-task` subsets, are the same every time.
 """
 
 from __future__ import annotations
@@ -48,7 +28,8 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 
 def download_bundle(dest: Path, url: str = BUNDLE_URL, timeout: float = 60.0) -> Path:
-    """Download and unpack the eval bundle into `dest` (atomically: a half-download never lands there)."""
+    """Download and unpack the eval bundle into `dest`, atomically: it is unpacked in a temp dir
+    beside `dest` and renamed, so a half-download never lands there."""
     import requests
 
     dest = Path(dest)
@@ -66,7 +47,8 @@ def download_bundle(dest: Path, url: str = BUNDLE_URL, timeout: float = 60.0) ->
                         fh.write(chunk)
         except requests.RequestException as exc:
             raise RuntimeError(
-                f"could not download the CORE eval bundle from {url} ({type(exc).__name__}: {exc}). "
+                f"could not download the CORE eval bundle from {url} "
+                f"({type(exc).__name__}: {exc}). "
                 f"If this machine is offline, fetch eval_bundle.zip elsewhere, unzip it and pass "
                 f"--bundle-dir /path/to/eval_bundle (or place it at {dest})"
             ) from None
@@ -91,7 +73,12 @@ def download_bundle(dest: Path, url: str = BUNDLE_URL, timeout: float = 60.0) ->
 
 
 def load_bundle(bundle_dir: Path) -> tuple[list[dict], dict[str, float]]:
-    """(tasks from core.yaml, {label: random baseline in percent}), validated with clear errors."""
+    """(tasks from core.yaml, {label: random baseline in percent}), validated with clear errors.
+
+    The bundle (eval_bundle.zip, as DCLM and nanochat use it) holds core.yaml (icl_tasks: label,
+    dataset_uri, num_fewshot: [k], icl_task_type, continuation_delimiter), eval_meta_data.csv
+    (columns "Eval Task" = label and "Random baseline" = chance accuracy in percent) and
+    eval_data/<dataset_uri> (JSON lines, fields by task type: see load_task_data)."""
     import yaml
 
     bundle_dir = Path(bundle_dir)
@@ -146,6 +133,7 @@ def load_bundle(bundle_dir: Path) -> tuple[list[dict], dict[str, float]]:
 
 
 def load_task_data(bundle_dir: Path, task: dict) -> list[dict]:
+    """The task's examples, each checked for the fields its task type needs."""
     path = Path(bundle_dir) / "eval_data" / task["dataset_uri"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (task {task['label']!r} in core.yaml)")
@@ -175,12 +163,17 @@ def load_task_data(bundle_dir: Path, task: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- prompts
 
 
+# Shots are solved examples separated by blank lines, then the example itself, once per candidate.
+
+
 def render_prompts_mc(item: dict, delim: str, shots: list[dict]) -> list[str]:
+    """One prompt per choice: <shots><query><delim><choice>."""
     prefix = "".join(f"{ex['query']}{delim}{ex['choices'][ex['gold']]}\n\n" for ex in shots)
     return [f"{prefix}{item['query']}{delim}{choice}" for choice in item["choices"]]
 
 
 def render_prompts_schema(item: dict, delim: str, shots: list[dict]) -> list[str]:
+    """One prompt per context option: <shots><context option><delim><continuation>."""
     prefix = "".join(
         f"{ex['context_options'][ex['gold']]}{delim}{ex['continuation']}\n\n" for ex in shots
     )
@@ -188,10 +181,11 @@ def render_prompts_schema(item: dict, delim: str, shots: list[dict]) -> list[str
 
 
 def render_prompts_lm(item: dict, delim: str, shots: list[dict]) -> list[str]:
-    """[prompt without continuation, prompt with it]. The first is right-stripped: a trailing space
-    would become its own token, while in the full prompt it merges into the continuation's first token."""
+    """[prompt without the continuation, prompt with it]."""
     prefix = "".join(f"{ex['context'].strip()}{delim}{ex['continuation']}\n\n" for ex in shots)
     without = f"{prefix}{item['context'].strip()}{delim}"
+    # right-stripped: a trailing space would be a token of its own, while in the full prompt it
+    # merges into the continuation's first token
     return [without.rstrip(), f"{without}{item['continuation']}"]
 
 
@@ -210,20 +204,23 @@ def _common_suffix_len(seqs: list[list[int]]) -> int:
 def build_sequences(
     tokenizer, task_type: str, prompts: list[str]
 ) -> tuple[list[list[int]], list[int], list[int]]:
-    """Token rows and, per row, the [start, end) span of the tokens being scored."""
+    """Token rows and, per row, the [start, end) span of the tokens being scored.
+
+    multiple_choice scores each choice after the tokens every prompt shares; schema scores the
+    continuation that every prompt ends with; language_modeling its continuation."""
     bos = tokenizer.get_bos_token_id()
     rows = tokenizer.encode(prompts, prepend=bos)
     if task_type == "multiple_choice":
-        # capped so every row keeps >= 1 scored token even if one choice tokenises as a prefix of another
+        # capped so every row keeps a scored token even when one choice tokenises as a prefix of
+        # another
         start = min(_common_prefix_len(rows), min(len(r) for r in rows) - 1)
         return rows, [start] * len(rows), [len(r) for r in rows]
     if task_type == "schema":
         suffix = min(_common_suffix_len(rows), min(len(r) for r in rows) - 1)
         return rows, [len(r) - suffix for r in rows], [len(r) for r in rows]
     without, with_cont = rows
-    start = _common_prefix_len(
-        [without, with_cont]
-    )  # == len(without) unless BPE merged across the seam
+    # len(without) unless BPE merged a token across the seam
+    start = _common_prefix_len([without, with_cont])
     return [with_cont], [start], [len(with_cont)]
 
 
@@ -232,7 +229,9 @@ def build_sequences(
 
 @torch.no_grad()
 def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], device) -> bool:
-    """True iff the model gets this example right (see module docstring)."""
+    """True iff the model gets this example right: for choices, the candidate whose scored tokens
+    have the lowest mean cross-entropy is the gold one; for language modelling, greedy argmax
+    reproduces every continuation token."""
     task_type, delim = task["task_type"], task["continuation_delimiter"]
     render = {
         "multiple_choice": render_prompts_mc,
@@ -242,7 +241,7 @@ def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], d
     rows, starts, ends = build_sequences(tokenizer, task_type, render(item, delim, shots))
     max_len = model.config.sequence_len
     for i, row in enumerate(rows):
-        if len(row) > max_len:  # keep the end (the part being scored), drop the oldest context
+        if len(row) > max_len:  # keep the end (the part being scored), crop the oldest context
             cut = len(row) - max_len
             rows[i], starts[i], ends[i] = row[cut:], max(1, starts[i] - cut), ends[i] - cut
     for s, e in zip(starts, ends):
@@ -255,7 +254,7 @@ def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], d
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
     logits = model(ids)  # (B, T, V) float32
-    # position t predicts token t + 1: the scored tokens [s, e) are predicted at positions [s-1, e-1)
+    # position t predicts token t + 1: the scored tokens [s, e) come from positions [s-1, e-1)
     if task_type == "language_modeling":
         s, e = starts[0], ends[0]
         return bool(torch.equal(logits[0, s - 1 : e - 1].argmax(-1), ids[0, s:e]))
@@ -267,6 +266,7 @@ def score_example(model, tokenizer, item: dict, task: dict, shots: list[dict], d
 
 
 def fewshot_examples(data: list[dict], idx: int, k: int) -> list[dict]:
+    """k other examples of the task, drawn with a seed of the example's own index."""
     k = min(k, len(data) - 1)
     if k <= 0:
         return []
@@ -276,7 +276,8 @@ def fewshot_examples(data: list[dict], idx: int, k: int) -> list[dict]:
 
 
 def evaluate_task(model, tokenizer, data: list[dict], task: dict, device) -> float:
-    """Accuracy on `data`; each rank scores its share, the flags are summed across ranks."""
+    """Accuracy on `data`: rank r scores examples r, r + W, ...; the correct-flags are summed
+    across ranks."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
@@ -289,6 +290,7 @@ def evaluate_task(model, tokenizer, data: list[dict], task: dict, device) -> flo
 
 
 def centered(accuracy: float, baseline_percent: float) -> float:
+    """0 at chance, 1 perfect."""
     b = 0.01 * baseline_percent
     return (accuracy - b) / (1.0 - b)
 
@@ -302,7 +304,9 @@ def evaluate_core(
     only: list[str] | None = None,
     log=print,
 ) -> dict:
-    """Run every task in the bundle. Returns {"results": {label: acc}, "centered": {label: c}, "core": mean c}."""
+    """Run every task in the bundle (or those in `only`).
+
+    -> {"results": {label: accuracy}, "centered": {label: centred}, "core": mean centred}."""
     tasks, baselines = load_bundle(bundle_dir)
     if only:
         unknown = sorted(set(only) - {t["label"] for t in tasks})
@@ -325,7 +329,8 @@ def evaluate_core(
             results[task["label"]] = acc
             centred[task["label"]] = centered(acc, baselines[task["label"]])
             log(
-                f"{task['label']:<36} n={len(data):<5} acc={acc:.4f} centered={centred[task['label']]:+.4f} "
+                f"{task['label']:<36} n={len(data):<5} acc={acc:.4f} "
+                f"centered={centred[task['label']]:+.4f} "
                 f"({time.time() - t0:.1f}s)"
             )
     finally:
