@@ -1,10 +1,8 @@
 """The run report: `<base>/report/<run>/report.md` with PNG plots beside it.
 
-Stages write their own markdown sections into `<base>/report/<run>/<section>.md` as they finish (each
-run has its own folder: two runs in one base dir never mix their reports); this module
+Stages write their sections to `<base>/report/<run>/<section>.md` as they finish; this module
 stitches them together in pipeline order, adds an environment header, and draws plots from the
-stage logs in `<base>/runs/<run>/<stage>.jsonl`. Plots are drawn only for metrics that were logged,
-so a partial pipeline still gets an honest partial report.
+stage logs in `<base>/runs/<run>/<stage>.jsonl`, only for metrics that were logged.
 """
 
 from __future__ import annotations
@@ -74,19 +72,26 @@ PLOTS = [
         False,
     ),
 ]
-SPARSE = (
-    25  # series with at most this many points are drawn as markers: they were measured only there
-)
+# series with at most this many points are drawn as markers: they were measured only there
+SPARSE = 25
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a training node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save_figure(fig, out: Path) -> None:
-    import matplotlib.pyplot as plt
-
     try:
         with atomic_path(out) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
 
 
 def report_dir(base_dir: Path, run: str) -> Path:
@@ -96,16 +101,18 @@ def report_dir(base_dir: Path, run: str) -> Path:
 
 
 def write_section(base_dir: Path, run: str, name: str, markdown: str) -> Path:
-    """Write one stage's section of run `run` atomically (a crashed stage never leaves half a section)."""
+    """Write one stage's section of run `run`, atomically: a crashed stage never leaves half of
+    one. Each run has its own folder, so two runs in one base dir never mix their reports."""
     path = report_dir(base_dir, run) / f"{name}.md"
     write_text_atomic(path, markdown.rstrip() + "\n")
     return path
 
 
 def current_rows(rows: list[dict]) -> list[dict]:
-    """The rows of a stage log that describe its latest run: a fresh start (a "start" event whose config
-    has no resumed_from) replaces everything before it; a resume from step k drops the older rows past
-    k, whose work was lost and is redone."""
+    """The rows of a stage log that describe its latest run.
+
+    A fresh start (a "start" event whose config has no resumed_from) replaces everything before
+    it; a resume from step k drops the older rows past k, whose work was lost and is redone."""
     out: list[dict] = []
     for row in rows:
         if row.get("event") == "start":
@@ -135,11 +142,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def _plot_lines(
     out: Path, title: str, curves: dict[str, tuple[list, list]], ylabel: str = "", log: bool = False
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, (xs, ys) in curves.items():
         if len(xs) <= SPARSE:
@@ -158,9 +161,8 @@ def _plot_lines(
             )
     values = [y for _, ys in curves.values() for y in ys]
     if log and values and min(values) > 0:
-        ax.set_yscale(
-            "log"
-        )  # losses fall by orders of magnitude: linear hides everything after the start
+        # losses fall by orders of magnitude: a linear axis hides everything after the start
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -177,22 +179,16 @@ def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
     rows = [r for r in rows if "step" in r and f"rl/letter_pred_counts/{letters[0]}" in r]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [r["step"] for r in rows]
-    totals = [
-        max(sum(float(r.get(f"rl/letter_pred_counts/{l}", 0)) for l in letters), 1.0) for r in rows
+    # counts[row][letter index], then each letter's share of its row, one series per letter
+    counts = [
+        [float(r.get(f"rl/letter_pred_counts/{letter}", 0)) for letter in letters] for r in rows
     ]
-    shares = [
-        [float(r.get(f"rl/letter_pred_counts/{l}", 0)) / t for r, t in zip(rows, totals)]
-        for l in letters
-    ]
-    window = max(
-        1, len(steps) // 25
-    )  # a running mean: one step's 64-256 completions are a noisy sample
+    totals = [max(sum(row_counts), 1.0) for row_counts in counts]
+    shares = [[c[i] / t for c, t in zip(counts, totals)] for i in range(len(letters))]
+    # a running mean: one step's 64-256 completions are a noisy sample
+    window = max(1, len(steps) // 25)
     shares = [_running_mean(share, window) for share in shares]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.stackplot(steps, shares, labels=letters, alpha=0.85)
@@ -210,7 +206,7 @@ def _plot_letter_counts(out: Path, rows: list[dict]) -> bool:
 
 
 def _plot_margin_histogram(out: Path, rows: list[dict]) -> bool:
-    """The last logged histogram of letter margins (rl/letter_margin_hist: counts over bin edges)."""
+    """The last logged histogram of letter margins (rl/letter_margin_hist: counts, bin edges)."""
     last = next(
         (
             r["rl/letter_margin_hist"]
@@ -222,11 +218,7 @@ def _plot_margin_histogram(out: Path, rows: list[dict]) -> bool:
     )
     if last is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     edges, counts = last["edges"], last["counts"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(
@@ -291,7 +283,8 @@ def _environment() -> str:
 
 
 def sign_test(a_only: int, b_only: int) -> float:
-    """Exact two-sided p-value of a_only vs b_only discordant pairs under p = 1/2 (the sign test)."""
+    """Exact two-sided p-value of a_only vs b_only discordant pairs under p = 1/2: the sign
+    test."""
     n = a_only + b_only
     if n == 0:
         return 1.0
@@ -313,7 +306,8 @@ def paired_counts(a: list[int], b: list[int]) -> dict:
 
 
 def _time_table(rows: list[dict], hourly_price: float) -> list[str]:
-    """Wall time (and cost) per stage from the orchestrator's stages.jsonl; the latest run of each."""
+    """Wall time (and cost) per stage from the orchestrator's stages.jsonl, the latest run of
+    each."""
     latest = {}
     for row in rows:
         if "stage" in row and "seconds" in row:
@@ -412,9 +406,9 @@ def _accuracy_table(rows: list[dict]) -> list[str]:
             c = paired_counts(sft["per_problem"], rl["per_problem"])
             lines += [
                 "",
-                f"SFT -> RL on the same {c['n']} {task}/{split} problems (greedy): RL right and SFT "
-                f"wrong {c['b_only']}, SFT right and RL wrong {c['a_only']}, exact sign test p = "
-                f"{sign_test(c['a_only'], c['b_only']):.2g}.",
+                f"SFT -> RL on the same {c['n']} {task}/{split} problems (greedy): "
+                f"RL right and SFT wrong {c['b_only']}, SFT right and RL wrong {c['a_only']}, "
+                f"exact sign test p = {sign_test(c['a_only'], c['b_only']):.2g}.",
             ]
     return lines + [""]
 
