@@ -1,12 +1,7 @@
 """One logging interface for every stage: Weights & Biases plus a local JSON-lines mirror.
 
-Each `log(metrics, step)` call writes one JSON object to `<base>/runs/<run>/<stage>.jsonl` and, when
-W&B is usable, the same metrics to W&B. W&B follows its own variables (WANDB_MODE, WANDB_PROJECT,
-WANDB_ENTITY, WANDB_API_KEY); with no key and no mode it runs offline and says how to sync later.
-Only rank 0 logs; other ranks get a tracker that does nothing.
-
-Media: a metric value may be an `Image` (a PNG on disk: W&B gets a wandb.Image, the JSON line the
-path) or a `Histogram` (W&B gets a wandb.Histogram, the JSON line count/mean/min/max and the bins).
+Each `log(metrics, step)` writes one JSON object to `<base>/runs/<run>/<stage>.jsonl` and, when
+W&B is usable, the same metrics to W&B. Only rank 0 logs; other ranks' trackers do nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +38,10 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Media metric values: W&B gets a wandb.Image / wandb.Histogram, the JSON line the image's path /
+# the histogram's count, mean, min, max and bins.
+
+
 @dataclass
 class Image:
     path: str | Path
@@ -57,9 +56,10 @@ class Histogram:
     def numpy(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         values = np.asarray(self.values, dtype=np.float64).ravel()
         values = values[np.isfinite(values)]
-        counts, edges = (
-            np.histogram(values, bins=self.bins) if values.size else (np.zeros(0), np.zeros(0))
-        )
+        if values.size:
+            counts, edges = np.histogram(values, bins=self.bins)
+        else:
+            counts, edges = np.zeros(0), np.zeros(0)
         return values, counts, edges
 
     def summary(self) -> dict:
@@ -98,7 +98,8 @@ def _jsonable(value):
 
 
 def wandb_mode() -> str:
-    """The W&B mode to use: W&B's own variable if set, online with a key, otherwise offline."""
+    """The W&B mode to use: W&B's own variable if set, online with a key, otherwise offline (and
+    the tracker says how to sync later). WANDB_PROJECT and WANDB_ENTITY are W&B's own too."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
@@ -158,14 +159,16 @@ class Tracker:
             )
         except Exception as exc:  # W&B must never take a training run down with it.
             print(
-                f"[tracking] W&B unavailable ({type(exc).__name__}: {exc}); logging locally to {self.path}",
+                f"[tracking] W&B unavailable ({type(exc).__name__}: {exc}); "
+                f"logging locally to {self.path}",
                 flush=True,
             )
             self._wandb_run = None
             return
         if mode == "offline":
             print(
-                f"[tracking] W&B offline (no WANDB_API_KEY). Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
+                "[tracking] W&B offline (no WANDB_API_KEY). "
+                f"Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
                 flush=True,
             )
 
@@ -205,20 +208,21 @@ class Tracker:
 
 
 def check_wandb(run_dir: Path, timeout: float = 10.0) -> str | None:
-    """None when W&B will not be contacted (offline/disabled, no key) or its server answers; otherwise
-    one line saying it is unreachable and how to upload the offline runs later. Any HTTP answer counts
-    as reachable: this only asks whether the network path exists (seconds, not wandb.init's minutes)."""
+    """None when W&B will not be contacted (offline/disabled, no key) or its server answers;
+    otherwise one line saying it is unreachable and how to upload the offline runs later."""
     if wandb_mode() != "online":
         return None
     import requests
 
     url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
     try:
+        # any HTTP answer will do: this only asks whether the network path exists, in seconds
+        # rather than the minutes wandb.init takes to give up
         requests.get(url, timeout=timeout)
     except requests.RequestException as exc:
         return (
-            f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. Upload later "
-            f"with: wandb sync {run_dir}/wandb/offline-run-*"
+            f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. "
+            f"Upload later with: wandb sync {run_dir}/wandb/offline-run-*"
         )
     return None
 
@@ -234,7 +238,8 @@ def make_tracker(args: argparse.Namespace, stage: str, config: dict | None = Non
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a stage log back (report, tests); malformed trailing lines from a killed run are skipped."""
+    """Read a stage log back (report, tests), skipping malformed lines: a killed run can leave half
+    of one at the end."""
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
