@@ -1,13 +1,5 @@
-"""The training-loop plumbing that base_train, chat_sft / mid_train and chat_rl share.
-
-- `start_or_resume`: --fresh deletes the stage's checkpoints, otherwise the newest complete one (if
-  any) is loaded into the model and optimizers, its model config checked, this rank's RNG restored.
-- `set_lr`: the schedule's multiplier on every param group's initial lr (and Muon's momentum).
-- `save`: a checkpoint of model, optimizers and meta, with this rank's RNG state added to its state.
-- `stop_if_not_finite`: a loss or gradient norm that went NaN/inf stops the stage, naming the step;
-  `save` refuses non-finite weights, so a blown-up run never overwrites good checkpoints.
-- `StepTimer`: wall time of the optimizer steps, the first step of each session left out (it pays
-  for warm-up and torch.compile), so throughput figures survive a resume.
+"""The training-loop plumbing that base_train, chat_sft / mid_train and chat_rl share: resume, the
+lr schedule, checkpoint saves that refuse non-finite weights, step timing and the shared flags.
 """
 
 from __future__ import annotations
@@ -34,8 +26,9 @@ from nanochat.common import print0, synchronize
 def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str):
     """-> (start step, meta of the resumed checkpoint or None, this rank's saved state or None).
 
-    fresh: delete ckpt_dir first. resume "require": fail when there is nothing to resume. A
-    checkpoint of a model of another shape is refused (the flags changed: --fresh or another --tag).
+    The newest complete checkpoint in ckpt_dir, if any, is loaded into the model and optimizers and
+    this rank's RNG restored. fresh: delete ckpt_dir first. resume "require": fail when there is
+    nothing to resume. A checkpoint of a model of another shape is refused.
     """
     if fresh and resume == "require":
         raise SystemExit("--fresh and --resume require contradict each other")
@@ -118,6 +111,7 @@ def warmdown_multiplier(step: int, num_steps: int, warmdown_ratio: float) -> flo
 
 
 def set_lr(optimizers, multiplier: float, momentum: float | None = None) -> None:
+    """The schedule's multiplier on every param group's initial lr (and Muon's momentum)."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
@@ -146,12 +140,12 @@ def stop_if_not_finite(value: float, what: str, step: int, ckpt_dir) -> None:
 def save(
     ckpt_dir, step: int, model, optimizers, meta: dict, rank: int, keep_last: int, rank_state: dict
 ) -> None:
-    """Checkpoint `step` on every rank (save_checkpoint synchronises them); RNG state added here.
-    Non-finite weights are refused: they must never replace a good checkpoint."""
+    """Checkpoint `step` on every rank (save_checkpoint synchronises them), with this rank's RNG
+    state added to its rank_state. Non-finite weights are refused: a run that blew up must never
+    overwrite a good checkpoint."""
     params = list(model.named_parameters())
-    finite = torch.stack(
-        [p.detach().isfinite().all() for _, p in params]
-    )  # one device sync, not one each
+    # one flag per parameter, stacked: one device sync instead of one per parameter
+    finite = torch.stack([p.detach().isfinite().all() for _, p in params])
     if not bool(finite.all()):
         bad = [name for (name, _), ok in zip(params, finite.tolist()) if not ok]
         last = find_last_step(ckpt_dir)
@@ -177,16 +171,21 @@ def save(
 
 class StepTimer:
     """timer.start(); ...one optimizer step...; timer.stop() -> timer.last (s); total/count over the
-    timed steps."""
+    timed steps.
+
+    The first step of each session is left out of total/count: it pays for warm-up and
+    torch.compile, so throughput figures survive a resume."""
 
     def __init__(
         self, device, start_step: int, num_iterations: int, total: float = 0.0, count: int = 0
     ):
-        self.device, self.total, self.count, self.last = device, total, count, 0.0
+        self.device = device
+        self.total = total
+        self.count = count
+        self.last = 0.0
         self.first = start_step + 1
-        self.only_one = (
-            num_iterations - start_step == 1
-        )  # then time it anyway: there is nothing else
+        # a session of a single step times it anyway: there is nothing else to time
+        self.only_one = num_iterations - start_step == 1
         self.step = start_step
 
     def start(self) -> None:
