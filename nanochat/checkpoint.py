@@ -30,6 +30,8 @@ import torch.distributed as dist
 from nanochat.common import autodetect_device, free_space, get_base_dir
 from nanochat.files import atomic_path, fsync_dir, write_text_atomic
 
+# the stages that write checkpoints a later script can load, in pipeline order
+CHECKPOINT_STAGES = ["base", "mid", "sft", "rl"]
 META_NAME = "meta.json"
 MODEL_NAME = "model.pt"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -401,6 +403,19 @@ def load_model(
     else:
         model.eval()
     return model, tokenizer, meta
+
+
+def add_load_args(parser) -> None:
+    """-i/--stage, --tag, --step: which checkpoint an evaluation script loads with load_model."""
+    parser.add_argument(
+        "-i", "--stage", default="base", choices=CHECKPOINT_STAGES, help="checkpoint stage"
+    )
+    parser.add_argument(
+        "--tag", default=None, help="checkpoint tag (default: the most recently written one)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
+    )
 
 
 def checkpoint_tokenizer_dir(meta: dict) -> Path | None:

@@ -237,6 +237,22 @@ def make_tracker(args: argparse.Namespace, stage: str, config: dict | None = Non
     )
 
 
+def log_results(
+    args: argparse.Namespace,
+    stage: str,
+    metrics: dict,
+    step: int = 0,
+    config: dict | None = None,
+    extra: dict | None = None,
+) -> None:
+    """For a stage whose results are one set of metrics (an evaluation, the tokenizer): log them
+    at `step` with `extra` (logged, not summarised) beside them, summarise them, and finish."""
+    tracker = make_tracker(args, stage, config)
+    tracker.log({**metrics, **(extra or {})}, step=step)
+    tracker.summary(metrics)
+    tracker.finish()
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Read a stage log back (report, tests), skipping malformed lines: a killed run can leave half
     of one at the end."""

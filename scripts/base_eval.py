@@ -1,27 +1,27 @@
-"""The DCLM CORE metric of a checkpoint (see nanochat/core_eval.py for how it is computed).
+"""The DCLM CORE metric of a checkpoint (nanochat/core_eval.py computes it).
 
-    python -m scripts.base_eval                              # newest base checkpoint, full bundle
+    python -m scripts.base_eval                          # newest base checkpoint, full bundle
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --tag d20
-    python -m scripts.base_eval --max-per-task 100           # quick estimate
-    python -m scripts.base_eval --bundle-dir /data/eval_bundle   # offline: a bundle you unzipped yourself
+    python -m scripts.base_eval --max-per-task 100       # quick estimate
+    python -m scripts.base_eval --bundle-dir /data/eval_bundle   # a bundle you unzipped yourself
 
-The bundle is downloaded once into <base>/eval_bundle (atomic: unzip into a temp dir, then rename).
-Logs core/core, core/acc/<task> and core/centered/<task> to the tracker (stage "<stage>_eval") and writes
-the report section <base>/report/<stage>_eval.md.
+The bundle is downloaded once into <base>/eval_bundle. Logs core/core, core/acc/<task> and
+core/centered/<task> (stage "<stage>_eval") and writes that report section.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch.distributed as dist
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_load_args, load_model
 from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
 from nanochat.core_eval import BUNDLE_URL, download_bundle, evaluate_core
 from nanochat.report import write_section
-from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.tracking import add_tracking_args, log_results
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,19 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="CORE metric (DCLM in-context tasks) of a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "-i",
-        "--stage",
-        default="base",
-        choices=["base", "mid", "sft", "rl"],
-        help="checkpoint stage",
-    )
-    p.add_argument(
-        "--tag", default=None, help="checkpoint tag (default: the most recently written one)"
-    )
-    p.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
-    )
+    add_load_args(p)
     p.add_argument(
         "--bundle-dir",
         default=None,
@@ -65,27 +53,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def fetch_bundle(args, info, base_dir) -> Path:
+    """The eval bundle: --bundle-dir, or <base>/eval_bundle, which rank 0 downloads if missing."""
+    if args.bundle_dir:
+        return Path(args.bundle_dir)
+    bundle = base_dir / "eval_bundle"
+    error = None
+    if info.is_main and not (bundle / "core.yaml").is_file():
+        print0(f"Downloading the CORE eval bundle from {args.bundle_url} ...")
+        try:
+            download_bundle(bundle, url=args.bundle_url)
+        except RuntimeError as exc:
+            error = str(exc)
+    # every rank must learn whether rank 0 got it: a rank that exited alone would leave the
+    # others hanging in their next collective
+    if info.is_ddp:
+        flag = [error]
+        dist.broadcast_object_list(flag, src=0)
+        error = flag[0]
+    if error:
+        raise SystemExit(error)
+    return bundle
+
+
+def section_lines(args, info, stage_name, tag, step, out, elapsed) -> list[str]:
+    """The report section: the CORE score, then accuracy and centred accuracy per task."""
+    per_task = "all" if args.max_per_task <= 0 else args.max_per_task
+    lines = [
+        f"## CORE metric ({stage_name})",
+        "",
+        f"- checkpoint: {args.stage} / {tag} / step {step}",
+        f"- **CORE: {out['core']:.4f}** (mean of centred accuracies; 0 = chance, 1 = perfect)",
+        f"- examples per task: {per_task}; {info.world_size} process(es); {elapsed:.0f}s",
+        "",
+        "| task | accuracy | centred |",
+        "|---|---|---|",
+    ]
+    for task, accuracy in out["results"].items():
+        lines.append(f"| {task} | {accuracy:.4f} | {out['centered'][task]:+.4f} |")
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = init_distributed()
     base_dir = get_base_dir()
-    if args.bundle_dir:
-        bundle = args.bundle_dir
-    else:
-        bundle = base_dir / "eval_bundle"
-        error = None
-        if info.is_main and not (bundle / "core.yaml").is_file():
-            print0(f"Downloading the CORE eval bundle from {args.bundle_url} ...")
-            try:
-                download_bundle(bundle, url=args.bundle_url)
-            except RuntimeError as exc:
-                error = str(exc)
-        if info.is_ddp:  # every rank must learn whether rank 0 got it
-            flag = [error]
-            dist.broadcast_object_list(flag, src=0)
-            error = flag[0]
-        if error:
-            raise SystemExit(error)
+    bundle = fetch_bundle(args, info, base_dir)
     if args.download_only:
         print0(f"CORE eval bundle ready in {bundle}")
         cleanup_distributed()
@@ -96,7 +109,8 @@ def main(argv=None) -> None:
     )
     tag, step = meta.get("tag", args.tag), meta.get("step")
     print0(
-        f"CORE of {args.stage} checkpoint {tag or ''} step {step} on {info.device} x {info.world_size}"
+        f"CORE of {args.stage} checkpoint {tag or ''} step {step} "
+        f"on {info.device} x {info.world_size}"
     )
     only = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     t0 = time.time()
@@ -116,30 +130,13 @@ def main(argv=None) -> None:
     print0(f"CORE: {out['core']:.4f} ({elapsed:.0f}s)")
 
     stage_name = f"{args.stage}_eval"
-    tracker = make_tracker(
-        args, stage_name, {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag}
-    )
     metrics = {"core/core": out["core"]}
     metrics.update({f"core/acc/{k}": v for k, v in out["results"].items()})
     metrics.update({f"core/centered/{k}": v for k, v in out["centered"].items()})
-    tracker.log(metrics, step=step or 0)
-    tracker.summary(metrics)
-    tracker.finish()
+    config = {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag}
+    log_results(args, stage_name, metrics, step=step or 0, config=config)
     if info.is_main:
-        lines = [
-            f"## CORE metric ({stage_name})",
-            "",
-            f"- checkpoint: {args.stage} / {tag} / step {step}",
-            f"- **CORE: {out['core']:.4f}** (mean of centred accuracies; 0 = chance, 1 = perfect)",
-            f"- examples per task: {'all' if args.max_per_task <= 0 else args.max_per_task}; "
-            f"{info.world_size} process(es); {elapsed:.0f}s",
-            "",
-            "| task | accuracy | centred |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| {k} | {out['results'][k]:.4f} | {out['centered'][k]:+.4f} |" for k in out["results"]
-        ]
+        lines = section_lines(args, info, stage_name, tag, step, out, elapsed)
         write_section(base_dir, args.run, stage_name, "\n".join(lines))
     cleanup_distributed()
 

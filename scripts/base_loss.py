@@ -1,26 +1,24 @@
-"""Bits per byte of a checkpoint on the train and val splits of the pretraining data, plus a few samples.
+"""Bits per byte of a checkpoint on the pretraining data's train and val splits, and a few samples.
 
     python -m scripts.base_loss                                  # newest base checkpoint
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss --tag d20 --split-tokens 20971520
     python -m scripts.base_loss -i sft --source synthetic --split-tokens 65536
 
-Bits per byte (nanochat/loss_eval.py) does not depend on the tokenizer's vocabulary, so numbers are
-comparable across tokenizers and with other models' reported bpb. Logs loss/train_bpb and
-loss/val_bpb (stage "<stage>_loss") and writes the report section <base>/report/<stage>_loss.md.
+Logs loss/train_bpb and loss/val_bpb (stage "<stage>_loss") and writes that report section.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import add_load_args, load_model
 from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes
-from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.tracking import add_tracking_args, log_results
 
 PROMPTS = [
     "The capital of France is",
@@ -36,19 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Train/val bits per byte and samples of a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "-i",
-        "--stage",
-        default="base",
-        choices=["base", "mid", "sft", "rl"],
-        help="checkpoint stage",
-    )
-    p.add_argument(
-        "--tag", default=None, help="checkpoint tag (default: the most recently written one)"
-    )
-    p.add_argument(
-        "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)"
-    )
+    add_load_args(p)
     p.add_argument(
         "--source",
         default="auto",
@@ -70,6 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def greedy_samples(model, tokenizer, max_tokens: int) -> list[str]:
+    """Each of PROMPTS continued greedily: a glance at what the model has learned."""
+    engine = Engine(model, tokenizer)
+    samples = []
+    for prompt in PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        out = engine.generate_batch(tokens, max_tokens=max_tokens, temperature=0.0)
+        samples.append(prompt + tokenizer.decode(out.sequences[0]))
+        print0(f"  {samples[-1]!r}")
+    return samples
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = init_distributed()
@@ -80,9 +78,12 @@ def main(argv=None) -> None:
     seq_len = args.max_seq_len or model.config.sequence_len
     tokens_per_step = args.device_batch_size * seq_len * info.world_size
     steps = max(1, args.split_tokens // tokens_per_step)
+    # bits per byte rather than loss per token: it does not depend on the vocabulary, so numbers
+    # compare across tokenizers and with other models' reported bpb
     token_bytes = get_token_bytes(info.device, tokenizer.directory)
     print0(
-        f"{args.stage} checkpoint {tag or ''} step {step}: {steps} x {tokens_per_step:,} tokens per split"
+        f"{args.stage} checkpoint {tag or ''} step {step}: "
+        f"{steps} x {tokens_per_step:,} tokens per split"
     )
 
     bpb = {}
@@ -100,24 +101,15 @@ def main(argv=None) -> None:
         )
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f}")
-
     samples = []
     if info.is_main and args.sample_tokens > 0:
-        engine = Engine(model, tokenizer)
-        for prompt in PROMPTS:
-            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            out = engine.generate_batch(tokens, max_tokens=args.sample_tokens, temperature=0.0)
-            samples.append(prompt + tokenizer.decode(out.sequences[0]))
-            print0(f"  {samples[-1]!r}")
+        samples = greedy_samples(model, tokenizer, args.sample_tokens)
 
     stage_name = f"{args.stage}_loss"
-    tracker = make_tracker(
-        args, stage_name, {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag}
-    )
     metrics = {"loss/train_bpb": bpb["train"], "loss/val_bpb": bpb["val"]}
-    tracker.log({**metrics, **{f"samples/{i}": s for i, s in enumerate(samples)}}, step=step or 0)
-    tracker.summary(metrics)
-    tracker.finish()
+    config = {**vars(args), "checkpoint_step": step, "checkpoint_tag": tag}
+    extra = {f"samples/{i}": s for i, s in enumerate(samples)}
+    log_results(args, stage_name, metrics, step=step or 0, config=config, extra=extra)
     if info.is_main:
         lines = [
             f"## Bits per byte ({stage_name})",
