@@ -1,12 +1,10 @@
-"""Evaluate the trained tokenizer: compression (bytes per token) on sample texts, next to GPT-2 and GPT-4.
+"""The trained tokenizer's compression (bytes per token) on sample texts, next to GPT-2 and GPT-4.
 
     python -m scripts.tok_eval
     python -m scripts.tok_eval --source dir --data-dir ./shards     # val sample from local shards
 
-Higher bytes/token = better compression = more text per context window and per FLOP. GPT-2 (50k vocab)
-and GPT-4's cl100k_base (100k vocab) are loaded through tiktoken, which downloads them on first use;
-offline, the comparison is skipped with a note. Prints a table, writes the report section
-<base>/report/tok_eval.md and logs the figures (stage "tok_eval").
+More bytes per token is more text per context window and per FLOP. Prints a table, writes the
+tok_eval report section and logs the figures (stage "tok_eval").
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import threading
 from nanochat.common import get_base_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import get_tokenizer
-from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.tracking import add_tracking_args, log_results
 
 PROSE = """\
 The river had been rising for three days before anyone in the village took it seriously. On the
@@ -63,16 +61,21 @@ Relative speed = 10 + 15 = 25 m/s; total length = 120 + 168 = 288 m.
 Time = 288 / 25 = 11.52 s.
 Answer: B"""
 
-MULTILINGUAL = """\
-Der schnelle braune Fuchs springt über den faulen Hund. Le cœur a ses raisons que la raison ne
-connaît point. 東京は日本の首都です。Москва — столица России. 안녕하세요! ¿Dónde está la biblioteca? 🙂"""
+MULTILINGUAL = (
+    "Der schnelle braune Fuchs springt über den faulen Hund. "
+    "Le cœur a ses raisons que la raison ne\n"
+    "connaît point. 東京は日本の首都です。Москва — столица России. "
+    "안녕하세요! ¿Dónde está la biblioteca? 🙂"
+)
 
 SAMPLES = {"prose": PROSE, "code": CODE, "math": MATH, "multilingual": MULTILINGUAL}
-BASELINES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}  # our label -> tiktoken encoding name
+# our label -> tiktoken encoding name: GPT-2's 50k vocabulary and GPT-4's 100k
+BASELINES = {"gpt2": "gpt2", "gpt4": "cl100k_base"}
 
 
 def load_baseline(name: str, timeout_s: float):
-    """tiktoken.get_encoding(name), or (None, reason) when it cannot be fetched (offline, slow net)."""
+    """(tiktoken.get_encoding(name), None), or (None, reason) when it cannot be had: tiktoken
+    downloads an encoding on first use, which fails offline or hangs on a slow network."""
     import tiktoken
 
     result = {}
@@ -84,9 +87,8 @@ def load_baseline(name: str, timeout_s: float):
             msg = str(exc).splitlines()[0] if str(exc) else ""
             result["err"] = f"{type(exc).__name__}: {msg[:90]}{'...' if len(msg) > 90 else ''}"
 
-    thread = threading.Thread(
-        target=target, daemon=True
-    )  # daemon: a hung download cannot block exit
+    # a daemon thread: a hung download cannot block the exit
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(timeout_s)
     if "enc" in result:
@@ -112,7 +114,7 @@ def val_sample(source: str, data_dir: str | None, max_chars: int) -> tuple[str |
     return text, None
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -139,8 +141,58 @@ def main(argv=None):
         help="seconds to wait for each baseline encoding",
     )
     add_tracking_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def load_baselines(args, notes: list[str]) -> dict:
+    """{label: tiktoken encoding} of the baselines that load; a note for each one that does not."""
+    baselines = {}
+    if args.no_compare:
+        notes.append("GPT-2/GPT-4 comparison skipped (--no-compare).")
+        return baselines
+    for label, enc_name in BASELINES.items():
+        enc, why = load_baseline(enc_name, args.download_timeout)
+        if enc is None:
+            notes.append(
+                f"{label} comparison skipped: tiktoken could not load `{enc_name}` ({why}). "
+                "tiktoken downloads it on first use: run once with network access, or point "
+                "TIKTOKEN_CACHE_DIR at a cache that has it."
+            )
+        else:
+            baselines[label] = enc
+    return baselines
+
+
+def token_counts(tok, baselines: dict, samples: dict) -> list[tuple[str, int, dict]]:
+    """(sample name, UTF-8 bytes, {tokenizer label: tokens}) per sample, then the total "all"."""
+    rows = []
+    for name, text in samples.items():
+        counts = {"ours": len(tok.encode(text))}
+        for label, enc in baselines.items():
+            counts[label] = len(enc.encode_ordinary(text))
+        rows.append((name, len(text.encode("utf-8")), counts))
+    total_counts = {k: sum(counts[k] for _, _, counts in rows) for k in rows[0][2]}
+    rows.append(("all", sum(nbytes for _, nbytes, _ in rows), total_counts))
+    return rows
+
+
+def print_table(header: list[str], table: list[list[str]]) -> None:
+    """Columns padded to their widest cell: names left-aligned, numbers right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for cells in table:
+        print(line(cells))
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         tok = get_tokenizer()
     except (
@@ -156,69 +208,44 @@ def main(argv=None):
             notes.append(f"No val sample from source `{args.source}`: {why}.")
         else:
             samples["val"] = text
-
-    baselines = {}
-    if args.no_compare:
-        notes.append("GPT-2/GPT-4 comparison skipped (--no-compare).")
-    else:
-        for label, enc_name in BASELINES.items():
-            enc, why = load_baseline(enc_name, args.download_timeout)
-            if enc is None:
-                notes.append(
-                    f"{label} comparison skipped: tiktoken could not load `{enc_name}` ({why}). "
-                    "tiktoken downloads it on first use: run once with network access, or point "
-                    "TIKTOKEN_CACHE_DIR at a cache that has it."
-                )
-            else:
-                baselines[label] = enc
-
-    # rows: name, bytes, {tokenizer label: n_tokens}
-    rows = []
-    for name, text in samples.items():
-        counts = {"ours": len(tok.encode(text))}
-        for label, enc in baselines.items():
-            counts[label] = len(enc.encode_ordinary(text))
-        rows.append((name, len(text.encode("utf-8")), counts))
-    total = ("all", sum(r[1] for r in rows), {k: sum(r[2][k] for r in rows) for k in rows[0][2]})
-    rows.append(total)
+    baselines = load_baselines(args, notes)
+    rows = token_counts(tok, baselines, samples)
 
     labels = ["ours"] + list(baselines)
-    header = ["sample", "bytes"] + [f"{l} tokens" for l in labels] + [f"{l} B/tok" for l in labels]
-    header += [f"ours vs {l}" for l in baselines]
+    header = ["sample", "bytes"] + [f"{label} tokens" for label in labels]
+    header += [f"{label} B/tok" for label in labels]
+    header += [f"ours vs {label}" for label in baselines]
     table = []
     metrics = {"vocab_size": tok.get_vocab_size()}
     for name, nbytes, counts in rows:
-        ratio = {l: nbytes / max(counts[l], 1) for l in labels}
+        ratio = {label: nbytes / max(counts[label], 1) for label in labels}
         # + means our tokenizer needs fewer tokens for the same bytes
-        rel = [f"{100 * (ratio['ours'] - ratio[l]) / ratio[l]:+.1f}%" for l in baselines]
+        relative = [
+            f"{100 * (ratio['ours'] - ratio[label]) / ratio[label]:+.1f}%" for label in baselines
+        ]
         table.append(
             [name, f"{nbytes:,}"]
-            + [f"{counts[l]:,}" for l in labels]
-            + [f"{ratio[l]:.2f}" for l in labels]
-            + rel
+            + [f"{counts[label]:,}" for label in labels]
+            + [f"{ratio[label]:.2f}" for label in labels]
+            + relative
         )
         metrics[f"bytes_per_token/{name}"] = ratio["ours"]
-        for l in baselines:
-            metrics[f"{l}/bytes_per_token/{name}"] = ratio[l]
+        for label in baselines:
+            metrics[f"{label}/bytes_per_token/{name}"] = ratio[label]
 
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(
-        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )
     print(
-        f"Tokenizer compression (vocab {tok.get_vocab_size():,}), bytes per token, higher is better:"
+        f"Tokenizer compression (vocab {tok.get_vocab_size():,}), "
+        "bytes per token, higher is better:"
     )
-    print(fmt(header))
-    print(fmt(["-" * w for w in widths]))
-    for r in table:
-        print(fmt(r))
+    print_table(header, table)
     for note in notes:
         print(f"note: {note}")
 
     md = [
         "## Tokenizer evaluation",
         "",
-        f"Compression in UTF-8 bytes per token (higher is better); our vocab has {tok.get_vocab_size():,} ids.",
+        "Compression in UTF-8 bytes per token (higher is better); "
+        f"our vocab has {tok.get_vocab_size():,} ids.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -226,14 +253,9 @@ def main(argv=None):
     md += ["| " + " | ".join(r) + " |" for r in table]
     if notes:
         md += [""] + [f"- {n}" for n in notes]
-    base = get_base_dir()
-    path = write_section(base, args.run, "tok_eval", "\n".join(md))
+    path = write_section(get_base_dir(), args.run, "tok_eval", "\n".join(md))
     print(f"[tok_eval] report section -> {path}")
-
-    tracker = make_tracker(args, "tok_eval")
-    tracker.log(metrics, step=0)
-    tracker.summary(metrics)
-    tracker.finish()
+    log_results(args, "tok_eval", metrics)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the BPE tokenizer on the pretraining text and save it to <base>/tokenizer.
 
-    python -m scripts.tok_train                                  # 2B chars of the default source, vocab 65536
+    python -m scripts.tok_train               # 2B chars of the default source, vocab 65536
     python -m scripts.tok_train --source dir --data-dir ./shards --vocab-size 8192 --max-chars 1e8
 
 Documents are capped at --doc-cap characters so a few huge pages cannot dominate the statistics, and
@@ -17,8 +17,9 @@ from pathlib import Path
 from nanochat.common import get_base_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, split_pattern, tokenizer_dir
-from nanochat.tracking import add_tracking_args, make_tracker
+from nanochat.tracking import add_tracking_args, log_results
 
+NO_TEXT = "[tok_train] error: source {source!r} yielded no text; check --source/--data-dir"
 SANITY_TEXT = "Hello world! 12 + 34 = 46. Ünïcödé 日本 😀 <|bos|>\n\tdef f(x): return x"
 
 
@@ -41,12 +42,17 @@ def human(n: float) -> str:
 
 
 class ProgressIterator:
-    """Wraps the document stream: enforces the caps, counts what rustbpe consumed, prints progress."""
+    """Wraps the document stream: enforces the caps, counts what rustbpe took, prints progress."""
 
     def __init__(self, docs, max_chars: int, doc_cap: int, every_s: float = 10.0):
-        self.docs, self.max_chars, self.doc_cap, self.every_s = docs, max_chars, doc_cap, every_s
-        self.chars = self.num_docs = 0
-        self.t0 = self.last = time.time()
+        self.docs = docs
+        self.max_chars = max_chars
+        self.doc_cap = doc_cap
+        self.every_s = every_s
+        self.chars = 0
+        self.num_docs = 0
+        self.t0 = time.time()
+        self.last = self.t0
 
     def __iter__(self):
         for doc in self.docs:
@@ -67,13 +73,14 @@ class ProgressIterator:
         elapsed = time.time() - self.t0
         print(
             f"[tok_train] {human(self.chars)} / {human(self.max_chars)} chars "
-            f"({100 * self.chars / self.max_chars:.1f}% of --max-chars) | {self.num_docs:,} docs | {elapsed:.1f}s | "
+            f"({100 * self.chars / self.max_chars:.1f}% of --max-chars) | "
+            f"{self.num_docs:,} docs | {elapsed:.1f}s | "
             f"{human(self.chars / max(elapsed, 1e-9))} chars/s",
             flush=True,
         )
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -125,18 +132,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS):
         parser.error(
-            f"--vocab-size {args.vocab_size} is too small: need 256 byte tokens + {len(SPECIAL_TOKENS)} specials"
+            f"--vocab-size {args.vocab_size} is too small: "
+            f"need 256 byte tokens + {len(SPECIAL_TOKENS)} specials"
         )
+    return args
 
+
+def open_text(args):
+    """The training documents, the first one already read: a missing or empty source fails here
+    with its own message rather than from inside rustbpe."""
     from nanochat.dataset import text_iterator  # imported late so --help works without data deps
-
-    base = get_base_dir()
-    out_dir = Path(args.out_dir) if args.out_dir else tokenizer_dir()
-    print(
-        f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | doc cap {args.doc_cap:,} | "
-        f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""),
-        flush=True,
-    )
 
     docs = text_iterator(
         split="train",
@@ -145,17 +150,53 @@ def main(argv=None):
         max_chars=args.max_chars,
         doc_cap=args.doc_cap,
     )
-    # Pull the first document here so a missing/empty source fails with its own message, not from inside rustbpe.
     try:
         first = next(docs, None)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         raise SystemExit(f"[tok_train] error: cannot read the training text: {exc}") from None
     if first is None:
+        raise SystemExit(NO_TEXT.format(source=args.source))
+    return itertools.chain([first], docs)
+
+
+def check_round_trip(out_dir: Path) -> None:
+    """The saved tokenizer reloads and round-trips, and special-token text stays text."""
+    loaded = Tokenizer.load(out_dir)
+    ids = loaded.encode(SANITY_TEXT)
+    if loaded.decode(ids) != SANITY_TEXT or loaded.get_bos_token_id() in ids:
         raise SystemExit(
-            f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir"
+            f"[tok_train] error: the saved tokenizer in {out_dir} fails the round-trip check"
         )
-    docs = itertools.chain([first], docs)
-    stream = ProgressIterator(docs, args.max_chars, args.doc_cap, args.progress_every)
+
+
+def section_lines(args, tok, num_merges: int, stream, train_s: float) -> list[str]:
+    source = args.source + (f" ({args.data_dir})" if args.data_dir else "")
+    chars_per_s = stream.chars / max(train_s, 1e-9)
+    return [
+        "## Tokenizer training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| vocab size (incl. {len(SPECIAL_TOKENS)} specials) | {tok.get_vocab_size():,} |",
+        f"| merges learned | {num_merges:,} |",
+        f"| source | {source} |",
+        f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs "
+        f"(cap {args.doc_cap:,} chars/doc) |",
+        f"| training time | {train_s:.1f} s ({human(chars_per_s)} chars/s) |",
+    ]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir) if args.out_dir else tokenizer_dir()
+    print(
+        f"[tok_train] vocab {args.vocab_size:,} | max {args.max_chars:,} chars | "
+        f"doc cap {args.doc_cap:,} | "
+        f"source {args.source}" + (f" ({args.data_dir})" if args.data_dir else ""),
+        flush=True,
+    )
+
+    stream = ProgressIterator(open_text(args), args.max_chars, args.doc_cap, args.progress_every)
     t0 = time.time()
     tok = Tokenizer.train_from_iterator(
         iter(stream),
@@ -166,18 +207,16 @@ def main(argv=None):
     train_s = time.time() - t0
     stream.report()
     if stream.chars == 0:
-        raise SystemExit(
-            f"[tok_train] error: source {args.source!r} yielded no text; check --source/--data-dir"
-        )
-
+        raise SystemExit(NO_TEXT.format(source=args.source))
     num_merges = len(tok.get_mergeable_ranks()) - 256
-    if (
-        tok.get_vocab_size() < args.vocab_size
-    ):  # rustbpe stops early only when no pair is left to merge
+    # rustbpe stops early only when no pair is left to merge
+    if tok.get_vocab_size() < args.vocab_size:
         print(
             f"[tok_train] warning: the corpus ran out of pairs after {num_merges} merges; vocab is "
-            f"{tok.get_vocab_size()} instead of {args.vocab_size}. Use more text (--max-chars) or a smaller vocab."
+            f"{tok.get_vocab_size()} instead of {args.vocab_size}. "
+            f"Use more text (--max-chars) or a smaller vocab."
         )
+
     tok.meta = {
         "source": args.source,
         "data_dir": args.data_dir,
@@ -189,14 +228,7 @@ def main(argv=None):
         "requested_vocab_size": args.vocab_size,
     }
     tok.save(out_dir)
-
-    # Sanity: the saved tokenizer reloads and round-trips, and special-token text stays text.
-    loaded = Tokenizer.load(out_dir)
-    ids = loaded.encode(SANITY_TEXT)
-    if loaded.decode(ids) != SANITY_TEXT or loaded.get_bos_token_id() in ids:
-        raise SystemExit(
-            f"[tok_train] error: the saved tokenizer in {out_dir} fails the round-trip check"
-        )
+    check_round_trip(out_dir)
 
     chars_per_s = stream.chars / max(train_s, 1e-9)
     metrics = {
@@ -207,31 +239,12 @@ def main(argv=None):
         "train_seconds": train_s,
         "chars_per_second": chars_per_s,
     }
-    tracker = make_tracker(args, "tok_train")
-    tracker.log(metrics, step=0)
-    tracker.summary(metrics)
-    tracker.finish()
-
-    write_section(
-        base,
-        args.run,
-        "tokenizer",
-        "\n".join(
-            [
-                "## Tokenizer training",
-                "",
-                "| setting | value |",
-                "|---|---|",
-                f"| vocab size (incl. {len(SPECIAL_TOKENS)} specials) | {tok.get_vocab_size():,} |",
-                f"| merges learned | {num_merges:,} |",
-                f"| source | {args.source}{' (' + str(args.data_dir) + ')' if args.data_dir else ''} |",
-                f"| training text | {stream.chars:,} chars in {stream.num_docs:,} docs (cap {args.doc_cap:,} chars/doc) |",
-                f"| training time | {train_s:.1f} s ({human(chars_per_s)} chars/s) |",
-            ]
-        ),
-    )
+    log_results(args, "tok_train", metrics)
+    lines = section_lines(args, tok, num_merges, stream, train_s)
+    write_section(get_base_dir(), args.run, "tokenizer", "\n".join(lines))
     print(
-        f"[tok_train] done: vocab {tok.get_vocab_size():,} ({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
+        f"[tok_train] done: vocab {tok.get_vocab_size():,} "
+        f"({num_merges:,} merges + {len(SPECIAL_TOKENS)} specials) "
         f"from {stream.chars:,} chars / {stream.num_docs:,} docs in {train_s:.1f}s "
         f"({human(chars_per_s)} chars/s) -> {out_dir}",
         flush=True,
