@@ -31,19 +31,21 @@ def base_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def shared_dir():
-    """../shared beside the checkout (reference data, API spec); tests needing it skip where it is absent."""
+    """../shared beside the checkout (reference data, API spec); tests needing it skip where it is
+    absent."""
     if not SHARED_DIR.is_dir():
         pytest.skip(f"{SHARED_DIR} is absent (reference data lives beside the checkout, not in it)")
     return SHARED_DIR
 
 
-# ---------------------------------------------------------------------------------------------------
-# One smoke-profile pipeline run, shared by test_orchestrator's smoke test and three rows of the fault
-# matrix (test_faults.py). It runs from a copy of the checkout whose .env holds secrets (and a W&B key
-# with no server behind it: offline runs), is stopped by a Ctrl-C (SIGINT to its process group, as a
-# terminal sends it) during base while a second pipeline tries the same run, is stopped by a SIGTERM
-# to the script alone during mid, and is then finished by the same command. Every command line on the
-# machine is sampled meanwhile. Tests using it share an xdist group, so one worker builds it once.
+# ----------------------------------------------------------------------------------------------
+# One smoke-profile pipeline run, shared by test_orchestrator's smoke test and three rows of the
+# fault matrix (test_faults.py). It runs from a copy of the checkout whose .env holds secrets (and a
+# W&B key with no server behind it: offline runs), is stopped by a Ctrl-C (SIGINT to its process
+# group, as a terminal sends it) during base while a second pipeline tries the same run, is stopped
+# by a SIGTERM to the script alone during mid, and is then finished by the same command. Every
+# command line on the machine is sampled meanwhile. Tests using it share an xdist group, so one
+# worker builds it once.
 
 SECRETS = {
     "WANDB_API_KEY": "wandbkey" + "7" * 32,
@@ -115,18 +117,18 @@ def smoke_run(tmp_path_factory):
     started = []
 
     def start():
-        started.append(
-            subprocess.Popen(
-                cmd,
-                cwd=tree,
-                env=env,
-                stdout=subprocess.PIPE,
-                text=True,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )  # as in a shell
-        return started[-1]
+        # a session of its own, as a shell starts a pipeline: the Ctrl-C goes to its process group
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(proc)
+        return proc
 
     seen: set = set()
     stop = threading.Event()

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 def sigkill_after_checkpoints(
     cmd: list[str], env: dict, ckpt_dir: Path, count: int, timeout: float = 240
 ) -> None:
-    """Start `cmd`, SIGKILL it as soon as ckpt_dir holds `count` complete checkpoints (step_*/meta.json;
-    older ones may be pruned meanwhile, so whatever is there counts), and check it died of the kill."""
+    """Start `cmd`, SIGKILL it as soon as ckpt_dir holds `count` complete checkpoints, and check it
+    died of the kill. Older checkpoints may be pruned meanwhile, so whatever is there counts."""
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
