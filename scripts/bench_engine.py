@@ -1,8 +1,8 @@
 """Benchmark: batched sampling with the KV cache vs recomputing the full forward every step.
 
 Same model, same prompts, same sampling settings and seeds, one run of each; prints tokens/s for
-both and the ratio. By default it uses a freshly initialised model of --depth (no checkpoint needed);
-`-i sft` (etc.) benchmarks a trained checkpoint instead.
+both and the ratio. By default it uses a freshly initialised model of --depth (no checkpoint
+needed); `-i sft` (etc.) benchmarks a trained checkpoint instead.
 
     python -m scripts.bench_engine --depth 4 --num-samples 8 --max-tokens 128
 """
@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from nanochat.checkpoint import CHECKPOINT_STAGES, load_model
 from nanochat.common import autodetect_device, print0, synchronize
 from nanochat.engine import Engine, generate_nocache
 
@@ -26,7 +27,7 @@ def main(argv=None):
         "-i",
         "--source",
         default=None,
-        choices=["base", "mid", "sft", "rl"],
+        choices=CHECKPOINT_STAGES,
         help="benchmark this checkpoint stage (default: a random model of --depth)",
     )
     parser.add_argument(
@@ -52,30 +53,23 @@ def main(argv=None):
     device = autodetect_device()
     torch.manual_seed(args.seed)
     if args.source:
-        from nanochat.checkpoint import load_model
-
         model, tokenizer, _ = load_model(
             args.source, tag=args.model_tag, device=device, phase="eval"
         )
-        prompts = [
-            tokenizer.render_for_completion(
-                {
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": f"Question {i}: a train covers 120 km in 2 hours. What is its speed?",
-                        },
-                        {"role": "assistant", "content": "."},
-                    ]
-                }
-            )
-            for i in range(args.num_prompts)
-        ]
+        prompts = []
+        for i in range(args.num_prompts):
+            question = f"Question {i}: a train covers 120 km in 2 hours. What is its speed?"
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "."},
+            ]
+            prompts.append(tokenizer.render_for_completion({"messages": messages}))
     else:
         from nanochat.gpt import GPT, config_from_depth
         from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 
-        # a byte-level tokenizer padded with dummy merges up to --vocab-size, so the model's vocab is realistic
+        # a byte-level tokenizer padded with dummy merges up to --vocab-size, so that the model's
+        # vocabulary (embedding and lm_head) has a realistic size
         ranks = {bytes([i]): i for i in range(256)}
         n = 256
         while n < args.vocab_size - 9:

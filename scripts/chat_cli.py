@@ -1,6 +1,6 @@
 """Talk to a checkpoint in the terminal.
 
-    python -m scripts.chat_cli -i sft                     # interactive; the conversation is remembered
+    python -m scripts.chat_cli -i sft                    # interactive, the conversation remembered
     python -m scripts.chat_cli -i sft -p "What is 15% of 80?"   # one prompt, print the reply, exit
 
 Commands in the interactive loop: /clear (forget the conversation), /quit (or Ctrl-D).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import CHECKPOINT_STAGES, load_model
 from nanochat.common import autodetect_device
 from nanochat.engine import Engine
 
@@ -27,7 +27,7 @@ def parse_args(argv=None):
         "-i",
         "--source",
         default="sft",
-        choices=["base", "mid", "sft", "rl"],
+        choices=CHECKPOINT_STAGES,
         help="checkpoint stage",
     )
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the stage's latest)")
@@ -44,8 +44,8 @@ def parse_args(argv=None):
 
 
 def fit_history(tokenizer, messages: list[dict], limit: int) -> tuple[list[int], int]:
-    """Prompt ids for the conversation (ending with <|assistant_start|>), dropping the oldest user/assistant
-    pairs until it fits in `limit` tokens. Returns (ids, number of dropped turns)."""
+    """Prompt ids for the conversation (ending with <|assistant_start|>), dropping the oldest
+    user/assistant pairs until it fits in `limit` tokens. Returns (ids, number of dropped turns)."""
     dropped = 0
     while True:
         ids = tokenizer.render_for_completion(
@@ -101,8 +101,8 @@ def main(argv=None):
         reply(engine, tokenizer, messages, args, 0)
         return
     print(
-        f"nanochat-aquarat: {args.source}/{meta.get('tag', '?')} step {meta.get('step')} on {device.type}. "
-        f"/clear forgets the conversation, /quit exits."
+        f"nanochat-aquarat: {args.source}/{meta.get('tag', '?')} step {meta.get('step')} "
+        f"on {device.type}. /clear forgets the conversation, /quit exits."
     )
     turn = 0
     while True:
