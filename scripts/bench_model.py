@@ -2,14 +2,15 @@
 
 Always (CPU, fp32, eager): the fixed tiny config
     config_from_depth(--cpu-depth=4, vocab_size=--cpu-vocab=8192, sequence_len=--cpu-seq-len=256)
-    = 4 layers, n_embd 256, 2 heads of 128, vocab 8192 (~6.9M params), batch --cpu-batch-size=8 x 256 tokens;
+    = 4 layers, n_embd 256, 2 heads of 128, vocab 8192 (~6.9M params),
+    batch --cpu-batch-size=8 x 256 tokens;
   training = forward + backward + Muon/AdamW step; inference = no-grad forward of the same batch.
 On CUDA additionally, for each --gpu-depths (default d8 and d20, vocab 65536, sequence 2048): the
   same two measurements in the model's compute dtype (bf16 on SM >= 80) with torch.compile (switch
   with NANOCHAT_COMPILE=0/1), and MFU = estimate_flops() * tok/s / peak_flops(device)
   (inference MFU uses 2N + the forward attention term, a third of the training FLOPs per token).
 
-    python -m scripts.bench_model                        # CPU figures (+ GPU ones when CUDA is there)
+    python -m scripts.bench_model                   # CPU figures (+ GPU ones when CUDA is there)
     python -m scripts.bench_model --gpu-depths 8,12,20 --gpu-batch-size 16
 """
 
@@ -92,22 +93,21 @@ def bench(
 
 def report(name: str, batch_size: int, config, r: dict) -> None:
     print0(
-        f"[{name}] {r['params'] / 1e6:.1f}M params, n_layer={config.n_layer} n_embd={config.n_embd} "
-        f"n_head={config.n_head} vocab={config.vocab_size}, batch {batch_size} x {config.sequence_len}, "
+        f"[{name}] {r['params'] / 1e6:.1f}M params, "
+        f"n_layer={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} "
+        f"vocab={config.vocab_size}, batch {batch_size} x {config.sequence_len}, "
         f"dtype={r['dtype']} compiled={r['compiled']}"
     )
-    line = f"    train     : {r['train_tok_s']:>12,.0f} tok/s"
-    if "train_mfu" in r:
-        line += f"   MFU {100 * r['train_mfu']:.1f}%"
-    if "train_tok_per_cpu_s" in r:
-        line += f"   ({r['train_tok_per_cpu_s']:,.0f} tok per CPU-second)"
-    print0(line)
-    line = f"    inference : {r['infer_tok_s']:>12,.0f} tok/s  (forward only, no grad)"
-    if "infer_mfu" in r:
-        line += f"   MFU {100 * r['infer_mfu']:.1f}%"
-    if "infer_tok_per_cpu_s" in r:
-        line += f"   ({r['infer_tok_per_cpu_s']:,.0f} tok per CPU-second)"
-    print0(line)
+    for key, label, note in (
+        ("train", "train", ""),
+        ("infer", "inference", "  (forward only, no grad)"),
+    ):
+        line = f"    {label:<10}: {r[f'{key}_tok_s']:>12,.0f} tok/s{note}"
+        if f"{key}_mfu" in r:
+            line += f"   MFU {100 * r[f'{key}_mfu']:.1f}%"
+        if f"{key}_tok_per_cpu_s" in r:
+            line += f"   ({r[f'{key}_tok_per_cpu_s']:,.0f} tok per CPU-second)"
+        print0(line)
     if "peak_mem_gib" in r:
         print0(f"    peak memory: {r['peak_mem_gib']:.1f} GiB")
 
@@ -182,7 +182,8 @@ def main():
             r = bench(config, device, args.gpu_batch_size, args.steps, args.warmup, compile_model)
         except torch.OutOfMemoryError:
             print0(
-                f"[cuda d{depth}] out of memory at batch {args.gpu_batch_size}: lower --gpu-batch-size"
+                f"[cuda d{depth}] out of memory at batch {args.gpu_batch_size}: "
+                "lower --gpu-batch-size"
             )
             torch.cuda.empty_cache()
             continue

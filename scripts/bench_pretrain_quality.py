@@ -1,9 +1,9 @@
 """Pretraining quality at equal compute: model configs trained side by side on identical batches.
 
 Every config sees the same training batches (built once, before any model), is scored on the same
-validation batches, and is trained with base_train's own optimizers, schedule and clipping, for each
-seed. Printed: validation cross-entropy (nats/token) at every --eval-every step, the paired difference
-to the first config per seed, parameters, matmul FLOPs per step and wall seconds per step.
+validation batches, and is trained with base_train's own optimizers, schedule and clipping, for
+each seed. Printed: validation cross-entropy (nats/token) at every --eval-every step, the paired
+difference to the first config per seed, parameters, matmul FLOPs per step and seconds per step.
 
 The default is the cpu profile's pretraining shape (depth 4, n_embd 128, 2 heads of 64, context 256,
 300 steps x 16 x 256 tokens, a 2,048-token BPE with 3-digit number chunks, on the synthetic corpus):
@@ -121,7 +121,8 @@ def val_loss(model, batches, device) -> float:
 
 
 def train_one(config, seed: int, train, val, args, device) -> dict:
-    """base_train's loop (one micro-batch per step) on the given batches; val loss at the checkpoints."""
+    """base_train's loop (one micro-batch per step) on the given batches; the val loss every
+    --eval-every steps and at the end."""
     defaults = base_train_args([])
     seed_everything(seed)
     model = GPT(config).to(device)
@@ -183,9 +184,9 @@ def main(argv=None) -> None:
     train = build_batches(tokenizer, args, "train", args.steps)
     val = build_batches(tokenizer, args, "val", args.val_batches)
     print(
-        f"{len(train)} training batches of {args.batch_size} x {args.max_seq_len} tokens (identical for every "
-        f"run), {len(val)} validation batches; vocab {tokenizer.get_vocab_size()}; {device}, "
-        f"{torch.get_num_threads()} threads"
+        f"{len(train)} training batches of {args.batch_size} x {args.max_seq_len} tokens "
+        f"(identical for every run), {len(val)} validation batches; "
+        f"vocab {tokenizer.get_vocab_size()}; {device}, {torch.get_num_threads()} threads"
     )
 
     results = {}
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             r = train_one(config, seed, train, val, args, device)
             results[(name, seed)] = r
-            curve = "  ".join(f"{s}: {l:.4f}" for s, l in r["losses"].items())
+            curve = "  ".join(f"{step}: {loss:.4f}" for step, loss in r["losses"].items())
             print(
                 f"{name:>10} seed {seed:>4}: {curve}   ({r['s_per_step'] * 1000:.0f} ms/step)",
                 flush=True,
@@ -202,7 +203,8 @@ def main(argv=None) -> None:
     baseline = variants[0][0]
     last = args.steps
     print(
-        f"\nvalidation cross-entropy (nats/token) at step {last}; paired difference to {baseline} per seed"
+        f"\nvalidation cross-entropy (nats/token) at step {last}; "
+        f"paired difference to {baseline} per seed"
     )
     print(
         f"{'variant':>10} | {'params':>10} | {'GFLOP/step':>10} | "
@@ -224,7 +226,8 @@ def main(argv=None) -> None:
             + " | ".join(f"{r['losses'][last]:9.4f}" for r in rs)
             + " | "
             + " | ".join(f"{d:+9.4f}" for d in diffs)
-            + f" | {sum(diffs) / len(diffs):+9.4f} | {t / len(rs) * 1000:7.0f} | {t / base_time:10.3f}"
+            + f" | {sum(diffs) / len(diffs):+9.4f} | {t / len(rs) * 1000:7.0f}"
+            + f" | {t / base_time:10.3f}"
         )
     spread = [
         abs(results[(baseline, a)]["losses"][last] - results[(baseline, b)]["losses"][last])

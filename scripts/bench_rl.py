@@ -1,13 +1,13 @@
-"""RL speed, two side-by-side measurements in one process on the same model, prompts and seeds:
+"""RL speed: two side-by-side measurements in one process, on the same model, prompts and seeds.
 
-1. rollouts: Engine.generate_multi (all P x G rows decoded together) vs looping generate_batch over the
-   P prompts (G rows each) -- new tokens per second of each and the ratio, plus a check that both
+1. rollouts: Engine.generate_multi (all P x G rows decoded together) vs generate_batch looped over
+   the P prompts (G rows each): new tokens per second of each, the ratio, and whether both
    produced the same tokens;
-2. diagnostics overhead: RL step time (rollout + update) with every diagnostic on (reference forward,
-   KL, margins, attention entropy and heatmaps amortised over their default cadence) vs all off
-   (--no-diagnostics, --kl-coef 0), the two interleaved step by step on two copies of the model.
+2. diagnostics overhead: RL step time (rollout + update) with every diagnostic on (reference
+   forward, KL, margins, attention entropy and heatmaps amortised over their default cadence) vs
+   all off (--no-diagnostics, --kl-coef 0), interleaved step by step on two copies of the model.
 
-    python -m scripts.bench_rl                       # the latest sft checkpoint (e.g. the cpu profile's)
+    python -m scripts.bench_rl                  # the latest sft checkpoint (e.g. the cpu profile's)
     python -m scripts.bench_rl --prompts 8 --samples 8 --max-new-tokens 128 --steps 6
     python -m scripts.bench_rl --random-depth 8      # random weights at d8: speed at a real depth
 """
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -84,12 +86,26 @@ def bench_rollouts(engine, tokenizer, task, args, device):
     )
     rows = args.prompts * args.samples
     print(
-        f"rollouts, {args.prompts} prompts x {args.samples} samples x <= {args.max_new_tokens} new tokens "
+        f"rollouts, {args.prompts} prompts x {args.samples} samples "
+        f"x <= {args.max_new_tokens} new tokens "
         f"({tokens} tokens generated; {same}/{rows} rows identical in both):"
     )
     print(f"  looped generate_batch : {t_looped:6.2f} s  {tokens / t_looped:8,.0f} tok/s")
     print(f"  batched generate_multi: {t_batched:6.2f} s  {tokens / t_batched:8,.0f} tok/s")
     print(f"  ratio batched / looped: {t_looped / t_batched:.2f}x")
+
+
+def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
+    """One chat_rl step of one setting: rollouts of this step's questions, advantages, update."""
+    policy, engine, optimizers, run_args = run
+    questions = list(range(step * ctx.prompts, (step + 1) * ctx.prompts))
+    groups = chat_rl.rollout(
+        engine, ctx.tokenizer, ctx.task, questions, step, run_args, ctx.letter_ids
+    )
+    rewards = torch.tensor([[c.reward for c in g] for g in groups])
+    adv, zero = group_advantages(rewards, run_args.adv_std_norm)
+    chat_rl.diagnose(ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
+    chat_rl.train_step(policy, ctx.ref, optimizers, groups, adv, zero, run_args, ctx.info, ctx.pad)
 
 
 def bench_diagnostics(model, tokenizer, task, probes, args, device):
@@ -110,27 +126,24 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
         "on": base,
         "off": argparse.Namespace(**{**vars(base), "diagnostics": False, "kl_coef": 0.0}),
     }
-    info = DistInfo(False, 0, 0, 1, device)
-    letter_ids = chat_rl.diag.letter_token_ids(tokenizer)
-    pad = tokenizer.encode_special("<|assistant_end|>")
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    # what every step of both settings shares
+    ctx = SimpleNamespace(
+        tokenizer=tokenizer,
+        task=task,
+        prompts=args.prompts,
+        info=DistInfo(False, 0, 0, 1, device),
+        letter_ids=chat_rl.diag.letter_token_ids(tokenizer),
+        pad=tokenizer.encode_special("<|assistant_end|>"),
+        ref=copy.deepcopy(model).eval().requires_grad_(False),
+    )
     runs = {}
-    for name, a in settings.items():
+    for name, run_args in settings.items():
         policy = copy.deepcopy(model).train()
-        runs[name] = (policy, Engine(policy, tokenizer), policy.setup_optimizers(), a)
+        runs[name] = (policy, Engine(policy, tokenizer), policy.setup_optimizers(), run_args)
     times = {name: [] for name in settings}
     for step in range(args.steps + 1):
-        for name, (policy, engine, optimizers, a) in runs.items():
-
-            def one_step():
-                questions = list(range(step * args.prompts, (step + 1) * args.prompts))
-                groups = chat_rl.rollout(engine, tokenizer, task, questions, step, a, letter_ids)
-                rewards = torch.tensor([[c.reward for c in g] for g in groups])
-                adv, zero = group_advantages(rewards, a.adv_std_norm)
-                chat_rl.diagnose(ref, groups, questions, a, letter_ids, pad)
-                chat_rl.train_step(policy, ref, optimizers, groups, adv, zero, a, info, pad)
-
-            _, dt = timed(one_step, device)
+        for name, run in runs.items():
+            _, dt = timed(functools.partial(rl_step, step, run, ctx), device)
             if step > 0:  # step 0 warms up
                 times[name].append(dt)
     # attention entropy every --attn-every steps and heatmaps every --attn-heatmap-every, amortised
@@ -142,12 +155,15 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
     on = sum(times["on"]) / len(times["on"]) + amortised
     off = sum(times["off"]) / len(times["off"])
     print(
-        f"RL step time, {args.steps} steps each, interleaved (kl-sample-frac {base.kl_sample_frac}):"
+        f"RL step time, {args.steps} steps each, interleaved "
+        f"(kl-sample-frac {base.kl_sample_frac}):"
     )
     print(f"  diagnostics off (--no-diagnostics, --kl-coef 0): {off:6.3f} s/step")
     print(
-        f"  diagnostics on  (reference forward, KL, margins; attention entropy every {base.attn_every} "
-        f"and heatmaps every {base.attn_heatmap_every} steps, {amortised * 1000:.1f} ms/step amortised): "
+        "  diagnostics on  (reference forward, KL, margins; "
+        f"attention entropy every {base.attn_every} "
+        f"and heatmaps every {base.attn_heatmap_every} steps, "
+        f"{amortised * 1000:.1f} ms/step amortised): "
         f"{on:6.3f} s/step"
     )
     print(f"  ratio on / off: {on / off:.3f}")
@@ -170,8 +186,9 @@ def main(argv=None):
         )
     cfg = model.config
     print(
-        f"model: {args.source_stage}/{meta.get('tag')} step {meta.get('step')}, depth {cfg.n_layer}, n_embd "
-        f"{cfg.n_embd}, {model.num_params():,} params on {device.type}, {torch.get_num_threads()} threads"
+        f"model: {args.source_stage}/{meta.get('tag')} step {meta.get('step')}, "
+        f"depth {cfg.n_layer}, n_embd {cfg.n_embd}, {model.num_params():,} params "
+        f"on {device.type}, {torch.get_num_threads()} threads"
     )
     source_args = argparse.Namespace(
         synthetic_difficulty="easy", synthetic_seed=1, aqua_data_dir=args.aqua_data_dir

@@ -33,7 +33,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / ".bench"
-GPT4 = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+# GPT-4's split pattern, nanochat.tokenizer.split_pattern(3), spelled out: the worker subprocesses
+# run from outside the repo and cannot import nanochat
+GPT4 = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 CONTENDERS = ["ours", "ours-regex", "hf", "pypi"]
 
 
@@ -68,7 +73,8 @@ def build_default_corpus(mb):
             break
     if size < limit:
         sys.exit(
-            f"only {size / 1e6:.1f} MB of text found for the default corpus; pass --corpus FILE or a smaller --mb"
+            f"only {size / 1e6:.1f} MB of text found for the default corpus; "
+            "pass --corpus FILE or a smaller --mb"
         )
     BENCH_DIR.mkdir(exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -198,7 +204,8 @@ def ensure_pypi(pypi_dir):
         except FileNotFoundError:
             continue
     sys.exit(
-        f"could not install the PyPI rustbpe into {pypi_dir}; install it there by hand or drop 'pypi' from --contenders"
+        f"could not install the PyPI rustbpe into {pypi_dir}; "
+        "install it there by hand or drop 'pypi' from --contenders"
     )
 
 
