@@ -1,11 +1,11 @@
-"""Paired comparison of two checkpoints' greedy answers on the same problems, with an exact sign test.
+"""Paired comparison of two checkpoints' greedy answers on the same problems, with a sign test.
 
     python -m scripts.compare_evals sft rl ~/.cache/nanochat/runs/aquarat_small/chat_eval.jsonl
-    python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl   # pooled over runs
+    python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl   # pooled
 
 For each chat_eval.jsonl given (one per run or seed), the newest generative line of each source for
-the task and split is taken; both must cover the same problems. Per file and pooled: problems both get
-right, only A, only B, neither; the accuracy of each; and the exact two-sided sign test on the
+the task and split is taken; both must cover the same problems. Per file and pooled: problems both
+get right, only A, only B, neither; the accuracy of each; and the exact two-sided sign test on the
 discordant pairs (under "A and B are equally good", only-A vs only-B is Binomial(n, 1/2)).
 """
 
@@ -34,6 +34,15 @@ def newest_row(rows: list[dict], source: str, task: str, split: str, path: Path)
             f"per-problem results (run scripts.chat_eval -i {source} first)"
         )
     return found[-1]
+
+
+def table_row(label: str, c: dict, p_value: float) -> str:
+    """One line of the table: n, both accuracies, the four-way counts but 'neither', p."""
+    n = max(c["n"], 1)
+    return (
+        f"{label[-48:]:<48} {c['n']:>5} {c['a_right'] / n:>9.3f} {c['b_right'] / n:>9.3f} "
+        f"{c['both']:>5} {c['a_only']:>9} {c['b_only']:>9} {p_value:>8.2g}"
+    )
 
 
 def main(argv=None) -> dict:
@@ -71,16 +80,9 @@ def main(argv=None) -> dict:
         c = paired_counts(ra["per_problem"], rb["per_problem"])
         for k in pooled:
             pooled[k] += c[k]
-        print(
-            f"{str(path)[-48:]:<48} {c['n']:>5} {c['a_right'] / c['n']:>9.3f} {c['b_right'] / c['n']:>9.3f} "
-            f"{c['both']:>5} {c['a_only']:>9} {c['b_only']:>9} {sign_test(c['a_only'], c['b_only']):>8.2g}"
-        )
+        print(table_row(str(path), c, sign_test(c["a_only"], c["b_only"])))
     p_value = sign_test(pooled["a_only"], pooled["b_only"])
-    n = max(pooled["n"], 1)
-    print(
-        f"{'pooled':<48} {pooled['n']:>5} {pooled['a_right'] / n:>9.3f} {pooled['b_right'] / n:>9.3f} "
-        f"{pooled['both']:>5} {pooled['a_only']:>9} {pooled['b_only']:>9} {p_value:>8.2g}"
-    )
+    print(table_row("pooled", pooled, p_value))
     return {**pooled, "p": p_value}
 
 

@@ -1,10 +1,11 @@
-"""What only a GPU shows, part 1 (scripts/gpu_check.sh runs the rest): the versions, and whether bf16 +
-torch.compile training follows fp32 training.
+"""What only a GPU shows, part 1 (scripts/gpu_check.sh runs the rest): the versions, and whether
+bf16 + torch.compile training follows fp32 training.
 
 The check trains the same tiny model from the same weights on the same fixed batches twice, once in
-fp32 eager and once in the device's compute dtype (bf16 on SM >= 80) compiled, and compares the losses:
-bf16 rounds every matmul, so the curves differ a little; a broken compiled or mixed-precision path
-(NaNs, a graph that drops the softcap, wrong casts) shows as a large gap or a loss that does not fall.
+fp32 eager and once in the device's compute dtype (bf16 on SM >= 80) compiled, and compares the
+losses: bf16 rounds every matmul, so the curves differ a little; a broken compiled or
+mixed-precision path (NaNs, a graph that drops the softcap, wrong casts) shows as a large gap or a
+loss that does not fall.
 
     python -m scripts.gpu_check --out gpu_check.md      # appends its markdown to that file
 """
@@ -31,11 +32,9 @@ def versions(device: torch.device) -> list[tuple[str, str]]:
     ]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        memory = f"{props.total_memory / 2**30:.0f} GiB"
         rows += [
-            (
-                "card",
-                f"{props.name}, {props.total_memory / 2**30:.0f} GiB, SM {props.major}.{props.minor}",
-            ),
+            ("card", f"{props.name}, {memory}, SM {props.major}.{props.minor}"),
             ("cards visible", str(torch.cuda.device_count())),
         ]
         try:
@@ -58,8 +57,7 @@ def versions(device: torch.device) -> list[tuple[str, str]]:
 def train_losses(
     device, dtype, compiled: bool, steps: int, seed: int = 0
 ) -> tuple[list[float], float]:
-    """Per-step losses of a d2 model on 4 fixed batches, and the seconds it took. Each row repeats a random
-    32-token segment: learnable by copying (what small transformers learn first), so the loss falls."""
+    """Per-step losses of a d2 model on 4 fixed batches, and the seconds it took."""
     torch.manual_seed(seed)
     config = config_from_depth(2, 4096, sequence_len=256, aspect_ratio=64, head_dim=64)
     model = GPT(config).to(device)
@@ -68,6 +66,8 @@ def train_losses(
     optimizers = model.setup_optimizers()
     run = maybe_compile(model, device, enabled=compiled)
     gen = torch.Generator().manual_seed(seed + 1)
+    # each row repeats a random 32-token segment: learnable by copying (what small transformers
+    # learn first), so the loss falls within a few dozen steps
     segments = torch.randint(0, 4096, (4, 8, 32), generator=gen)
     batches = [seg.repeat(1, 9)[:, :257].to(device) for seg in segments]
     losses = []
@@ -83,6 +83,11 @@ def train_losses(
         losses.append(loss.item())
     synchronize(device)
     return losses, time.time() - t0
+
+
+def tail_mean(losses: list[float]) -> float:
+    """The mean of the last 8 losses: less noisy than the last one alone."""
+    return sum(losses[-8:]) / len(losses[-8:])
 
 
 def main(argv=None) -> None:
@@ -111,9 +116,8 @@ def main(argv=None) -> None:
 
     ref, t_ref = train_losses(device, torch.float32, False, args.steps)
     test, t_test = train_losses(device, dtype, compiled, args.steps)
-    tail = lambda xs: sum(xs[-8:]) / len(xs[-8:])  # noqa: E731  (the last steps, less noisy than one)
-    gap = abs(tail(test) - tail(ref))
-    learned = tail(test) < test[0] - 1.0
+    gap = abs(tail_mean(test) - tail_mean(ref))
+    learned = tail_mean(test) < test[0] - 1.0
     finite = all(x == x and abs(x) != float("inf") for x in test)
     ok = finite and learned and gap <= args.tolerance
     label = f"{str(dtype).replace('torch.', '')}{' + torch.compile' if compiled else ' eager'}"
@@ -122,12 +126,13 @@ def main(argv=None) -> None:
     lines += [f"| {k} | {v} |" for k, v in versions(device)]
     lines += [
         "",
-        f"## {label} training vs fp32 eager ({args.steps} steps, d2 model, same weights and batches)",
+        f"## {label} training vs fp32 eager "
+        f"({args.steps} steps, d2 model, same weights and batches)",
         "",
         "| run | first loss | final loss (mean of last 8) | time |",
         "| --- | --- | --- | --- |",
-        f"| fp32 eager | {ref[0]:.4f} | {tail(ref):.4f} | {t_ref:.1f} s |",
-        f"| {label} | {test[0]:.4f} | {tail(test):.4f} | {t_test:.1f} s (incl. compile) |",
+        f"| fp32 eager | {ref[0]:.4f} | {tail_mean(ref):.4f} | {t_ref:.1f} s |",
+        f"| {label} | {test[0]:.4f} | {tail_mean(test):.4f} | {t_test:.1f} s (incl. compile) |",
         "",
         f"**{'PASS' if ok else 'FAIL'}**: gap {gap:.4f} nats (tolerance {args.tolerance}), "
         f"{'finite' if finite else 'NOT FINITE'}, {'learned' if learned else 'DID NOT LEARN'}.",

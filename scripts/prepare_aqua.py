@@ -1,13 +1,12 @@
 """Download (or normalise local copies of) AQuA-RAT into validated JSON-lines splits.
 
-    python -m scripts.prepare_aqua                          # Hugging Face deepmind/aqua_rat -> <base>/data/aqua_rat/
-    python -m scripts.prepare_aqua --source-dir ~/AQuA      # the original train.json / dev.json / test.json
+    python -m scripts.prepare_aqua                   # deepmind/aqua_rat -> <base>/data/aqua_rat/
+    python -m scripts.prepare_aqua --source-dir ~/AQuA   # the original train/dev/test.json
     python -m scripts.prepare_aqua --max-train 20000 --out-dir /data/aqua
 
-Writes <out>/train.jsonl, validation.jsonl, test.jsonl (one {"question", "options", "rationale", "correct"}
-object per line, options as "A)value", same order as the source) and manifest.json (counts, source).
-Every row is validated exactly as tasks.aqua.AquaRat does; bad rows are reported by split and index and
-skipped (default) or abort the run (--on-bad-row error). AquaRat(data_dir=None) then reads these files
+Writes <out>/train.jsonl, validation.jsonl, test.jsonl and manifest.json (counts, source). Every
+row is validated as tasks.aqua.AquaRat does; bad rows are reported by split and index and skipped
+(default) or abort the run (--on-bad-row error). AquaRat(data_dir=None) then reads these files
 instead of the Hub, so later stages run offline.
 """
 
@@ -20,7 +19,8 @@ from tasks.aqua import ORIGINAL_FILES, SPLITS, BadRow, default_data_dir, load_ro
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """One validated row per line; written whole or not at all (a killed run leaves the old split)."""
+    """One validated row per line, options as "A)value" in the source's order; written whole or
+    not at all (a killed run leaves the old split)."""
     keys = ("question", "options", "rationale", "correct")
     lines = [json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n" for r in rows]
     write_text_atomic(path, "".join(lines))
@@ -72,7 +72,8 @@ def main(argv=None):
     out_dir = Path(args.out_dir) if args.out_dir else default_data_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # read and validate everything first, so a failure (network, bad row with --on-bad-row error) writes nothing
+    # read and validate everything first, so that a failure (the network, a bad row with
+    # --on-bad-row error) writes nothing
     prepared = {}
     for split in splits:
         try:
@@ -85,10 +86,11 @@ def main(argv=None):
             )
         except FileNotFoundError as e:
             raise SystemExit(
-                f"prepare_aqua: {e}. Use --splits to prepare only the splits you have. Nothing written."
-            )
-        except (BadRow, RuntimeError) as e:
-            raise SystemExit(f"prepare_aqua: {e}. Nothing written.")
+                f"prepare_aqua: {e}. Use --splits to prepare only the splits you have. "
+                "Nothing written."
+            ) from None
+        except (BadRow, RuntimeError) as e:  # the message names the row, no traceback needed
+            raise SystemExit(f"prepare_aqua: {e}. Nothing written.") from None
         prepared[split] = (rows, source)
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

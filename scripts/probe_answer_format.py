@@ -1,13 +1,15 @@
-"""Probe: which rationale ending lets a tiny model name the right letter? Minutes instead of a pipeline run.
+"""Probe: which rationale ending lets a tiny model name the right letter? Minutes, not a pipeline.
 
-Fine-tunes the base checkpoint on easy synthetic AQuA problems whose rationales end one of two ways, and
-prints every --eval-every steps the greedy generative accuracy on held-out (validation) problems, graded
-as chat_eval grades them (chance 0.2), and how often the first rationale line is exactly the gold one:
-    checks  "8 + 4 = 12." then the options in order up to the right one ("A) 4 no", "B) 12 yes"), then
-            "Answer: B" -- the default of tasks/synthetic_aqua.py;
-    value   "8 + 4 = 12." then "Answer: B": the letter must be found from the value, a backward lookup.
-The two differ only in that ending, so the gap between them is what the ending is worth (README, "What
-the CPU profile shows"). Nothing is saved.
+Fine-tunes the base checkpoint on easy synthetic AQuA problems whose rationales end one of two
+ways, and prints every --eval-every steps the greedy generative accuracy on held-out (validation)
+problems, graded as chat_eval grades them (chance 0.2), and how often the first rationale line is
+exactly the gold one:
+    checks  "8 + 4 = 12." then the options in order up to the right one ("A) 4 no",
+            "B) 12 yes"), then "Answer: B" -- the default of tasks/synthetic_aqua.py;
+    value   "8 + 4 = 12." then "Answer: B": the letter must be found from the value, a backward
+            lookup.
+The two differ only in that ending, so the gap between them is what the ending is worth (README,
+"What the CPU profile shows"). Nothing is saved.
 
     python -m scripts.probe_answer_format --ending checks --steps 750
     python -m scripts.probe_answer_format --ending value --steps 750
@@ -24,7 +26,7 @@ from nanochat.chat_loader import collate
 from nanochat.checkpoint import load_model
 from nanochat.common import print0, seed_everything
 from nanochat.engine import Engine
-from nanochat.training import warmdown_multiplier
+from nanochat.training import set_lr, warmdown_multiplier
 from tasks.synthetic_aqua import SyntheticAqua
 
 
@@ -79,12 +81,10 @@ def main(argv=None) -> list[tuple[int, float, float]]:
     )
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     optimizers = model.setup_optimizers()
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
     print0(
         f"probe_answer_format: ending {args.ending}, from base step {meta.get('step')}, "
-        f"{model.num_params():,} params, {args.steps} steps x {args.batch_size} problems, chance 0.2"
+        f"{model.num_params():,} params, {args.steps} steps x {args.batch_size} problems, "
+        "chance 0.2"
     )
     curve, t0 = [], time.time()
     for step in range(args.steps + 1):
@@ -92,7 +92,8 @@ def main(argv=None) -> list[tuple[int, float, float]]:
             acc, first_line = generative_accuracy(model, tokenizer, held_out, args.max_tokens)
             curve.append((step, acc, first_line))
             print0(
-                f"step {step:05d} | generative acc {acc:.3f} | first rationale line right {first_line:.3f} | "
+                f"step {step:05d} | generative acc {acc:.3f} | "
+                f"first rationale line right {first_line:.3f} | "
                 f"{time.time() - t0:.0f}s"
             )
         if step == args.steps:
@@ -100,9 +101,7 @@ def main(argv=None) -> list[tuple[int, float, float]]:
         batch = range(step * args.batch_size, (step + 1) * args.batch_size)
         x, y = collate([tokenizer.render_conversation(train[i]) for i in batch], pad_id)
         lrm = warmdown_multiplier(step, args.steps, args.warmdown_ratio)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * args.init_lr_frac * lrm
+        set_lr(optimizers, args.init_lr_frac * lrm)
         model(x, y).backward()
         for opt in optimizers:
             opt.step()

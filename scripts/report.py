@@ -1,7 +1,7 @@
 """Build the markdown report of a run (`<base>/report/<run>/report.md`) from its sections and logs.
 
 python -m scripts.report --run myrun          # assemble the report
-python -m scripts.report --run myrun --reset  # set the run's old report aside (kept) and start empty
+python -m scripts.report --run myrun --reset  # set the run's old report aside (kept), start empty
 """
 
 import argparse
@@ -41,9 +41,7 @@ def main(argv=None) -> None:
         return
     try:
         path = generate_report(base, args.run, hourly_price=args.hourly_price)
-    except (
-        OSError
-    ) as exc:  # a full disk: the old report (written atomically) and every stage log stay
+    except OSError as exc:  # a full disk: the old report (written atomically) and the logs stay
         where = exc.filename or report_dir(base, args.run)
         raise SystemExit(
             f"could not write the report: {where}: {exc.strerror or exc} ({free_space(where)} "
