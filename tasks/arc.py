@@ -1,7 +1,6 @@
-"""ARC (allenai/ai2_arc): grade-school science questions, "ARC-Easy" or "ARC-Challenge", categorical.
+"""ARC (allenai/ai2_arc): grade-school science questions, ARC-Easy or ARC-Challenge, categorical.
 
-Rows: id, question, choices {"text": [...], "label": [...]}, answerKey. A few rows label their choices
-1-4 instead of A-D; those are relabelled A-D by position (answerKey with them) so every item uses letters.
+Rows: id, question, choices {"text": [...], "label": [...]}, answerKey.
 """
 
 from tasks.common import Task, first_letter, load_hf_dataset, render_mc
@@ -34,6 +33,8 @@ class ARC(Task):
                 f"{HF_PATH} {self.subset}/{self.split} row {index}: answerKey {row['answerKey']!r} "
                 f"is not among the choice labels {labels}"
             )
+        # a few rows label their choices 1-4 instead of A-D: relabel every row A, B, ... by
+        # position (the answer key with them), so that every item is graded by letter
         letters = [chr(ord("A") + i) for i in range(len(texts))]
         answer = letters[labels.index(row["answerKey"])]
         return {
@@ -43,7 +44,7 @@ class ARC(Task):
             ],
             "letters": letters,
             "answer": answer,
-            "options": [f"{l}){t}" for l, t in zip(letters, texts)],
+            "options": [f"{letter}){text}" for letter, text in zip(letters, texts)],
         }
 
     def evaluate(self, conversation: dict, completion: str) -> int:

@@ -1,8 +1,8 @@
-"""Conversations from a local JSON-lines file: the way to add your own chat data to mid-training or SFT.
+"""Conversations from a local JSON-lines file: how to add your own chat data to mid-training or SFT.
 
 Each non-blank line is either a list of messages or an object with a "messages" list:
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    {"messages": [{"role": "system", "content": "..."}, {"role": "user", ...}, {"role": "assistant", ...}]}
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", ...}, ...]}
 Every line is validated when the task is created (tasks.common.validate_messages); the first bad
 line raises a ValueError naming file:line and the problem, so nothing trains on a half-valid file.
 """

@@ -48,7 +48,8 @@ class GSM8K(Task):
         super().__init__(**kwargs)
         if subset not in ("main", "socratic") or split not in ("train", "test"):
             raise ValueError(
-                f"GSM8K subset must be main|socratic and split train|test, got {subset!r}, {split!r}"
+                "GSM8K subset must be main|socratic and split train|test, "
+                f"got {subset!r}, {split!r}"
             )
         self.split = split
         self.ds = load_hf_dataset(HF_PATH, subset, split)

@@ -1,7 +1,7 @@
 """MMLU (cais/mmlu): 57 subjects of four-choice questions, graded categorically (the letter only).
 
-Configs: "all" (splits test / validation / dev) and "auxiliary_train" (split train, ~100k questions used
-for mid-training). Rows: question, subject, choices (4 strings), answer (0-3).
+Configs: "all" (splits test / validation / dev) and "auxiliary_train" (split train, ~100k questions
+used for mid-training). Rows: question, subject, choices (4 strings), answer (0-3).
 """
 
 from tasks.common import Task, first_letter, load_hf_dataset, render_mc
@@ -33,7 +33,8 @@ class MMLU(Task):
         choices, answer = row["choices"], row["answer"]
         if len(choices) != 4 or not isinstance(answer, int) or not 0 <= answer < 4:
             raise ValueError(
-                f"{HF_PATH} {self.subset}/{self.split} row {index}: expected 4 choices and answer 0-3"
+                f"{HF_PATH} {self.subset}/{self.split} row {index}: "
+                "expected 4 choices and answer 0-3"
             )
         letter = LETTERS[answer]
         return {
@@ -43,7 +44,7 @@ class MMLU(Task):
             ],
             "letters": list(LETTERS),
             "answer": letter,
-            "options": [f"{l}){c}" for l, c in zip(LETTERS, choices)],
+            "options": [f"{letter}){choice}" for letter, choice in zip(LETTERS, choices)],
             "subject": row.get("subject", ""),
         }
 

@@ -1,8 +1,9 @@
 """SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for mid-training and SFT.
 
-Splits "train" (~460k conversations) and "test" (~24k). Rows are {"messages": [{"role", "content"}, ...]}
-with an optional system message first. A row that breaks the chat rules raises a ValueError naming its
-index when it is read (rows are checked lazily: validating 460k rows up front costs more than it saves).
+Splits "train" (~460k conversations) and "test" (~24k). Rows are {"messages": [{"role",
+"content"}, ...]} with an optional system message first. A row that breaks the chat rules raises a
+ValueError naming its index when it is read: rows are checked lazily, since validating 460k rows up
+front costs more than it saves.
 """
 
 from tasks.common import Task, load_hf_dataset, validate_messages
