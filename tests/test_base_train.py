@@ -1,8 +1,10 @@
-"""Pretraining end to end on CPU with real subprocesses: a tiny run, torchrun x2 == grad accumulation,
-SIGKILL + resume == uninterrupted, truncated-checkpoint fallback, and base_loss/base_eval on the result.
+"""Pretraining end to end on CPU with real subprocesses: a tiny run, torchrun x2 == grad
+accumulation, SIGKILL + resume == uninterrupted, truncated-checkpoint fallback, and
+base_loss/base_eval on the result.
 
 Everything is tiny (depth 1, n_embd 64, vocab 512 trained here with rustbpe on the offline synthetic
-corpus, 64-token rows) and single-threaded per process, so the file runs in about a minute on 2 cores.
+corpus, 64-token rows) and single-threaded per process, so the file runs in about a minute on two
+cores.
 """
 
 import json
@@ -47,7 +49,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
-    """A 512-token BPE tokenizer trained with rustbpe on the synthetic pretraining corpus (once per module)."""
+    """A 512-token BPE tokenizer, trained once per module with rustbpe on the synthetic corpus."""
     from nanochat.tokenizer import Tokenizer
     from tasks.synthetic_aqua import synthetic_texts
 
@@ -66,7 +68,8 @@ def base(base_dir, trained_tokenizer):
 
 
 def env_for(base: Path) -> dict:
-    # one thread per process: two processes on two cores, no oversubscription; same for every run compared
+    # one thread per process (two processes on two cores, no oversubscription), the same for
+    # every run compared
     return {
         **os.environ,
         "NANOCHAT_BASE_DIR": str(base),
@@ -96,7 +99,8 @@ def run(args, base, timeout=300, module="scripts.base_train", check=True):
 
 @pytest.fixture
 def inproc(monkeypatch):
-    """Run a script's main(argv) inside pytest (no 5-10 s torch import), single-threaded like the subprocesses."""
+    """Run a script's main(argv) inside pytest (no 5-10 s torch import), single-threaded like
+    the subprocesses."""
     monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     threads = torch.get_num_threads()
@@ -267,8 +271,8 @@ def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc)
         "scripts.base_train",
         *common,
     ]
-    # NANOCHAT_RUN, not --run: torchrun's own parser rejects "--run" anywhere on its command line as an
-    # ambiguous abbreviation of its --run-path
+    # NANOCHAT_RUN, not --run: torchrun's own parser rejects "--run" anywhere on its command line as
+    # an ambiguous abbreviation of its --run-path
     cmd.remove("--run"), cmd.remove("t")
     proc = subprocess.run(
         [sys.executable, *cmd],
@@ -395,7 +399,8 @@ def test_schedule_and_budget_rules():
 
 
 def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
-    """A small corpus is looped over; the log, the console and the report say the documents repeated."""
+    """A small corpus is looped over; the log, the console and the report say documents
+    repeated."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     docs = [f"Document {i}: {i} plus {i} makes {2 * i}." for i in range(60)]
@@ -431,8 +436,9 @@ def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(
     base, inproc, capsys, monkeypatch
 ):
-    """A simulated GPU that holds at most 2 rows: the micro-batch backs off 8 -> 4 -> 2 at the start,
-    gradient accumulation grows 2 -> 8, and a later run of the same command keeps that layout."""
+    """A simulated GPU that holds at most 2 rows: the micro-batch backs off 8 -> 4 -> 2 at the
+    start, gradient accumulation grows 2 -> 8, and a later run of the same command keeps that
+    layout."""
     from nanochat.gpt import GPT
 
     forward = GPT.forward

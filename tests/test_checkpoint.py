@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, completeness, keep-last-N, truncation fallback, weights_only, RNG round-trip."""
+"""Checkpoints: atomic save, completeness, keep-last-N, truncation fallback, weights_only, and the
+RNG round-trip."""
 
 import json
 import random
@@ -17,7 +18,8 @@ def _model_state(seed=0):
 
 
 def _optim_states():
-    # the shape of an AdamW state_dict after one step (built by hand: opt.step() would import torch._dynamo)
+    # the shape of an AdamW state_dict after one step, built by hand: opt.step() would import
+    # torch._dynamo
     state = {
         0: {"step": torch.tensor(1.0), "exp_avg": torch.randn(3, 3), "exp_avg_sq": torch.rand(3, 3)}
     }
@@ -222,8 +224,9 @@ def test_two_rank_save_gloo(tmp_path):
 
 
 def test_load_model_refuses_another_tokenizer(base_dir):
-    """A checkpoint records the tokenizer it was trained with; a tokenizer retrained in its place since
-    (another run, another vocabulary) is refused in one line instead of feeding the model foreign ids."""
+    """A checkpoint records the tokenizer it was trained with; a tokenizer retrained in its place
+    since (another run, another vocabulary) is refused in one line instead of feeding the model
+    foreign ids."""
     gpt = pytest.importorskip("nanochat.gpt")
     tok_mod = pytest.importorskip("nanochat.tokenizer")
     byte_ranks = {bytes([i]): i for i in range(256)}

@@ -1,9 +1,11 @@
-"""CORE metric: scoring from logits, centring, bundle loading/downloading, and scripts.base_eval end to end.
+"""CORE metric: scoring from logits, centring, bundle loading and downloading, and
+scripts.base_eval end to end.
 
-The bundle here is made in the test, in the real eval_bundle.zip layout (core.yaml, eval_data/*.jsonl,
-eval_meta_data.csv), with a few items of each task type.
+The bundle here is made in the test, in the real eval_bundle.zip layout (core.yaml,
+eval_data/*.jsonl, eval_meta_data.csv), with a few items of each task type.
 """
 
+import functools
 import http.server
 import json
 import os
@@ -109,8 +111,9 @@ def random_gpt(vocab: int, seq_len: int = 256, seed: int = 0) -> GPT:
 
 
 class OracleLM(torch.nn.Module):
-    """Logits that favour (good=True) or disfavour the next token of whichever gold token sequence a row
-    follows. A model that 'knows' the answers: CORE must reward it fully, and punish its opposite."""
+    """Logits that favour (good=True) or disfavour the next token of whichever gold token sequence a
+    row follows: a model that 'knows' the answers, which CORE must reward fully (and punish its
+    opposite)."""
 
     def __init__(self, gold_seqs, vocab, seq_len=512, good=True):
         super().__init__()
@@ -191,7 +194,8 @@ def test_mc_and_lm_match_hand_computation(byte_tok):
     }
     hand_correct = 0
     for item in mc:
-        # choices share "the " so the common token prefix includes it: the scored part starts after it
+        # the choices share "the ", so the common token prefix includes it and the scored part
+        # starts after it
         means = [
             nats(item["query"] + " the ", c[len("the ") :])[0].mean().item()
             for c in item["choices"]
@@ -271,9 +275,7 @@ def test_bad_bundles_fail_clearly(tmp_path):
 
 
 def _serve(directory: Path):
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(
-        *a, directory=str(directory), **k
-    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -332,8 +334,8 @@ def test_base_eval_script_on_tiny_checkpoint(tmp_path, base_dir, byte_tok):
         "WANDB_MODE": "disabled",
         "NANOCHAT_DEVICE": "cpu",
     }
-    # under torchrun with 2 ranks (gloo): each scores every other example, the flags are all-reduced,
-    # so the result must equal the single-process computation exactly
+    # under torchrun with 2 ranks (gloo): each scores every other example, the flags are
+    # all-reduced, so the result must equal the single-process computation exactly
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -1,4 +1,4 @@
-"""DataLoader: BOS-aligned best-fit packing, exact resume from state_dict, disjoint sharding across ranks."""
+"""DataLoader: BOS-aligned best-fit packing, exact resume from state_dict, disjoint rank shards."""
 
 import json
 
@@ -14,7 +14,7 @@ from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
-    # A real (tiktoken-backed) byte-level tokenizer: 256 byte tokens + the specials, no training needed.
+    # a real (tiktoken-backed) byte-level tokenizer: 256 byte tokens and the specials, untrained
     return Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
 
 
@@ -60,7 +60,8 @@ def test_rows_are_bos_aligned_and_whole_documents(tmp_path, tok):
         assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
         assert (x[:, 0] == bos).all()  # every row starts a document
         for row in torch.cat([x, y[:, -1:]], dim=1).tolist():
-            # split the row at BOS: each piece is a whole document or (the last piece) a cropped prefix
+            # split the row at BOS: each piece is a whole document, or (the last piece) a
+            # cropped prefix of one
             starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
             for a, b in zip(starts, starts[1:]):
                 text = tok.decode(row[a + 1 : b])

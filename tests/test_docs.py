@@ -1,5 +1,5 @@
-"""The user's docs stay true to the code: every command they show runs a module that exists with flags
-it has, and every variable they name is one the code reads."""
+"""The user's docs stay true to the code: every command they show runs a module that exists with
+flags it has, and every variable they name is one the code reads."""
 
 import re
 from pathlib import Path
@@ -20,7 +20,7 @@ STOP_TOKENS = {"|", "||", "&&", ";", "#", ">", "2>&1"}
 
 
 def _argparse_flags(path: Path) -> set[str]:
-    """Every "--flag" string in the file's add_argument(...) calls (flags come before any help text)."""
+    """Every "--flag" string in the file's add_argument(...) calls (flags precede help texts)."""
     calls = re.findall(r"add_argument\([^)]*", path.read_text())
     return set(re.findall(r'"(--[a-z0-9-]+)"', "".join(calls)))
 
@@ -31,7 +31,7 @@ def _orchestrator_flags() -> set[str]:
 
 
 def _commands(text: str):
-    """Shell commands shown in the docs: code blocks (continuation lines joined) and `inline code`."""
+    """Shell commands in the docs: code blocks (continuation lines joined) and `inline code`."""
     for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
         yield from block.replace("\\\n", " ").splitlines()
     yield from re.findall(r"`([^`\n]+)`", text)

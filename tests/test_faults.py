@@ -122,8 +122,8 @@ def test_the_worst_cases_written_out():
     assert correctness_reward(TASK, CONV, "Answer: A\nAnswer: B") == 0.0
 
 
-# Row: the loss becomes NaN/inf (a huge learning rate) -> the stage stops, naming the step; NaN weights
-# are never saved over good ones.
+# Row: the loss becomes NaN/inf (a huge learning rate) -> the stage stops, naming the step; NaN
+# weights are never saved over good ones.
 
 
 def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir, tmp_path):
@@ -291,9 +291,9 @@ def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(smoke_run):
 
 
 # Row: the disk fills up while a checkpoint or the report is written -> the error names the path and
-# the free space; the previous checkpoint is intact and is what a resume loads; no partial checkpoint
-# is ever loaded. For real on a small tmpfs where the machine allows mounting one, and always with a
-# write failure injected at the one checkpoint writer.
+# the free space; the previous checkpoint is intact and is what a resume loads; no partial
+# checkpoint is ever loaded. For real on a small tmpfs where the machine allows mounting one, and
+# always with a write failure injected at the one checkpoint writer.
 
 TINY_BASE = [
     "--depth",
@@ -393,14 +393,16 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_report(base_dir, small_fi
         "step_000001"
     ]  # no partial step 2 left to load
 
-    filler.unlink()  # space freed: the same command resumes from step 1 and ends where the reference did
+    # space freed: the same command resumes from step 1 and ends where the reference did
+    filler.unlink()
     again = _base_train(small)
     assert again.returncode == 0 and "from step 1" in again.stdout, again.stderr[-2000:]
     ours, _, _ = load_checkpoint(ckpt, step=4)
     theirs, _, _ = load_checkpoint(ref_ckpt, step=4)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
-    # the report: written once, then the disk fills; the rewrite fails naming the file, the old one stays
+    # the report: written once, then the disk fills; the rewrite fails naming the file, and the
+    # old one stays
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(small)}
     report_cmd = [sys.executable, "-m", "scripts.report", "--run", "default"]
     first = subprocess.run(
@@ -593,8 +595,8 @@ def test_unreachable_services_stop_before_training_or_are_left_out(base_dir, tmp
 
 
 # Row: SIGKILL at a random point of a training stage, same command again -> it continues from the
-# last complete checkpoint, and the CPU fp32 final weights equal an uninterrupted run's. base and rl:
-# test_base_train.py and test_rl.py (`*sigkill*`); mid and sft here.
+# last complete checkpoint, and the CPU fp32 final weights equal an uninterrupted run's. base and
+# rl: test_base_train.py and test_rl.py (`*sigkill*`); mid and sft here.
 
 
 @pytest.mark.parametrize(
@@ -761,9 +763,10 @@ def test_damaged_shards_are_named_then_skipped_only_when_asked(base_dir):
     assert meta["args"]["source"] == "fineweb"  # it trained, on the good shards
 
 
-# Row: the tokenizer file corrupted, or from another run (a vocabulary the checkpoint was not trained
-# with) -> a clear error naming both. Another run's: test_checkpoint.py
-# (test_load_model_refuses_another_tokenizer); a damaged one here, at every kind of stage that loads it.
+# Row: the tokenizer file corrupted, or from another run (a vocabulary the checkpoint was not
+# trained with) -> a clear error naming both. Another run's: test_checkpoint.py
+# (test_load_model_refuses_another_tokenizer); a damaged one here, at every kind of stage that
+# loads one.
 
 
 def test_a_damaged_tokenizer_is_named_with_its_twin_file(base_dir):

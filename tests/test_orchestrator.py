@@ -163,7 +163,8 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     assert all(f"[pipeline] {s}: done earlier, skipping" in again.stdout for s in STAGES)
     assert rl_marker.stat().st_mtime_ns == stamp
 
-    # The same run with another seed would skip the stages done with the old one: refused, in one go.
+    # The same run with another seed would skip the stages done with the old one: refused, all in
+    # one go.
     args = cmd[2:]
     other_seed = run(
         args[: args.index("--seed") + 1] + ["9"] + args[args.index("--seed") + 2 :], timeout=120
@@ -201,7 +202,7 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     assert "run `smk`" in (base_dir / "report" / "smk" / "report.md").read_text()
 
 
-# ---------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # The gpu profile, rehearsed on CPU: its stages and flags, local stand-ins for what it downloads, and
 # --stage-args that change sizes only.
 
@@ -240,8 +241,8 @@ def _fineweb_stand_in(root: Path, shards: int = 2) -> Path:
 
 
 def _aqua_stand_in(out: Path) -> Path:
-    """train.json / dev.json / test.json in AQuA-RAT's original JSON-lines format, cut from the 254 real
-    dev problems in ../shared, or (where ../shared is absent) 254 sums written in the same format."""
+    """train.json / dev.json / test.json in AQuA-RAT's original JSON-lines format, cut from the
+    254 real dev problems in ../shared, or (where ../shared is absent) 254 sums in that format."""
     from conftest import SHARED_DIR
 
     real = SHARED_DIR / "data" / "aqua_rat" / "dev.json"
@@ -257,7 +258,7 @@ def _aqua_stand_in(out: Path) -> Path:
                     {
                         "question": f"What is {a} + {b}?",
                         "correct": letter,
-                        "options": [f"{l}){v}" for l, v in zip("ABCDE", values)],
+                        "options": [f"{letter}){v}" for letter, v in zip("ABCDE", values)],
                         "rationale": f"{a} + {b} = {a + b}",
                     }
                 )
@@ -273,7 +274,7 @@ def _aqua_stand_in(out: Path) -> Path:
 
 
 def test_threads_per_process_divide_the_cores(base_dir, tmp_path):
-    """8 ranks each with all cores would oversubscribe the CPU 8 times: each process gets its share."""
+    """8 ranks each using all cores would oversubscribe the CPU 8 times: each gets its share."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "nproc").write_text(
@@ -313,13 +314,13 @@ GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
     " --num-iterations 4 --eval-every 2 --eval-tokens 1024 --sample-every -1 --save-every 2",
     "base_loss": "--split-tokens 1024 --sample-tokens 8",
     "base_eval": "--max-per-task 4",
-    "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64 --synthetic-val-examples 8"
-    " --max-seq-len 256"
+    "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64"
+    " --synthetic-val-examples 8 --max-seq-len 256"
     " --device-batch-size 2 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
     "sft": "--aqua-train-examples 64 --aqua-val-examples 8 --max-seq-len 256 --device-batch-size 2"
     " --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
-    "rl": "--train-examples 16 --examples-per-step 2 --num-samples 2 --max-new-tokens 16 --num-steps 2"
-    " --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
+    "rl": "--train-examples 16 --examples-per-step 2 --num-samples 2 --max-new-tokens 16"
+    " --num-steps 2 --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
     "eval": "--max-problems 4 --synthetic-examples 4 --num-samples 2 --max-tokens 16",
 }
 GPU_STAGES = [

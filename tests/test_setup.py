@@ -1,5 +1,5 @@
-"""Set-up on a bare node: installing uv where the system Python refuses pip (PEP 668), and refusing to
-run the CPU profile on a node whose GPUs torch cannot use."""
+"""Set-up on a bare node: installing uv where the system Python refuses pip (PEP 668), and refusing
+to run the CPU profile on a node whose GPUs torch cannot use."""
 
 import glob
 import os
@@ -22,8 +22,8 @@ def _reachable(host: str, port: int = 443) -> bool:
 
 
 def test_install_uv_on_an_externally_managed_python(tmp_path):
-    """Debian's own /usr/bin/python3 is "externally managed" as Ubuntu 24.04's is: pip --user is refused,
-    so uv goes into a private venv, from PyPI, with nothing else on PATH."""
+    """Debian's own /usr/bin/python3 is "externally managed" as Ubuntu 24.04's is: pip --user is
+    refused, so uv goes into a private venv, from PyPI, with nothing else on PATH."""
     if not glob.glob("/usr/lib/python3*/EXTERNALLY-MANAGED") or not os.access(
         "/usr/bin/python3", os.X_OK
     ):
@@ -72,8 +72,8 @@ esac
 
 
 def test_gpus_that_torch_cannot_use_stop_the_pipeline(base_dir, tmp_path):
-    """auto (the default profile) would otherwise pick the CPU profile and run it for hours on a billed
-    GPU node; --profile gpu goes through the same check."""
+    """auto (the default profile) would otherwise pick the CPU profile and run it for hours on a
+    billed GPU node; --profile gpu goes through the same check."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)

@@ -1,4 +1,4 @@
-"""scripts.tok_train and scripts.tok_eval end to end on a small local corpus in a temp NANOCHAT_BASE_DIR."""
+"""scripts.tok_train and scripts.tok_eval end to end, on a small local corpus in a temp base dir."""
 
 import json
 import os
@@ -43,7 +43,8 @@ def make_docs(n_docs: int, seed: int) -> list[str]:
 
 
 def write_corpus(data_dir: Path, train_docs=900, val_docs=60) -> None:
-    """Local parquet shards in the pretraining format (a `text` column); the last shard is the val split."""
+    """Local parquet shards in the pretraining format (a `text` column); the last is the val
+    split."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,7 +75,7 @@ def run_script(module: str, *args: str, base: Path) -> subprocess.CompletedProce
 
 
 def save_small_tokenizer(base: Path) -> Tokenizer:
-    """A byte-level tokenizer with a few handmade merges, for tok_eval tests that need no training."""
+    """A byte-level tokenizer with a few handmade merges, for tok_eval tests without training."""
     ranks = {bytes([i]): i for i in range(256)}
     for tok in (b"th", b"he", b"the", b" the", b"in", b"an", b"  "):
         ranks[tok] = len(ranks)

@@ -1,5 +1,6 @@
 """Tracking (W&B offline + JSONL mirror) and the report builder, with a real offline W&B run."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -53,6 +54,29 @@ def test_tracker_survives_broken_wandb(base_dir, monkeypatch, capsys):
     assert read_jsonl(base_dir / "runs" / "t2" / "sft.jsonl")[1]["loss"] == 1.0
 
 
+def test_log_results_logs_extra_but_summarises_only_metrics(base_dir):
+    """The one-shot logging of the evaluation scripts: metrics and extra at the step, in the run's
+    config, then a summary of the metrics alone and the end event."""
+    args = argparse.Namespace(run="t3", no_wandb=True)
+    tracking.log_results(
+        args,
+        "base_loss",
+        {"loss/val_bpb": 1.25},
+        step=7,
+        config={"checkpoint_step": 7},
+        extra={"samples/0": "The capital of France is Paris"},
+    )
+    rows = read_jsonl(base_dir / "runs" / "t3" / "base_loss.jsonl")
+    assert [r.get("event") for r in rows] == ["start", None, "summary", "end"]
+    assert rows[0]["config"] == {"checkpoint_step": 7}
+    assert rows[1] == {
+        "step": 7,
+        "loss/val_bpb": 1.25,
+        "samples/0": "The capital of France is Paris",
+    }
+    assert rows[2] == {"event": "summary", "loss/val_bpb": 1.25}
+
+
 def test_read_jsonl_skips_torn_last_line(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"step": 0, "loss": 1}) + "\n" + '{"step": 1, "lo')
@@ -72,7 +96,7 @@ def test_report_orders_sections_and_plots_logged_metrics(base_dir):
                 "rl/mean_reward": step / 3,
                 "attn/entropy/layer_0": 1.0,
                 "attn/entropy/layer_1": 0.5,
-                **{f"rl/letter_pred_counts/{l}": 2 for l in "ABCDE"},
+                **{f"rl/letter_pred_counts/{letter}": 2 for letter in "ABCDE"},
             }
             fh.write(json.dumps(row) + "\n")
     write_section(base_dir, "r", "sft", "## SFT\nloss 1.0")
