@@ -22,29 +22,11 @@ from nanochat.checkpoint import find_last_step
 from nanochat.tracking import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--depth",
-    "1",
-    "--aspect-ratio",
-    "64",
-    "--head-dim",
-    "32",
-    "--max-seq-len",
-    "64",
-    "--device-batch-size",
-    "2",
-    "--source",
-    "synthetic",
-    "--eval-tokens",
-    "512",
-    "--sample-every",
-    "-1",
-    "--run",
-    "t",
-    "--tag",
-    "tiny",
-    "--no-wandb",
-]
+# a one-layer model on 64-token rows: the flags every run here starts from
+TINY = (
+    "--depth 1 --aspect-ratio 64 --head-dim 32 --max-seq-len 64 --device-batch-size 2"
+    " --source synthetic --eval-tokens 512 --sample-every -1 --run t --tag tiny --no-wandb"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -480,34 +462,11 @@ def test_bench_pretrain_quality_runs_variants_on_the_same_batches(capsys):
     from scripts.bench_pretrain_quality import main
 
     main(
-        [
-            "--variants",
-            "none:value_embed_every=0",
-            "ve:value_embed_every=1",
-            "--seeds",
-            "1",
-            "3",
-            "--depth",
-            "1",
-            "--aspect-ratio",
-            "64",
-            "--head-dim",
-            "32",
-            "--max-seq-len",
-            "32",
-            "--batch-size",
-            "2",
-            "--steps",
-            "2",
-            "--eval-every",
-            "1",
-            "--val-batches",
-            "1",
-            "--vocab-size",
-            "300",
-            "--tokenizer-chars",
-            "50000",
-        ]
+        (
+            "--variants none:value_embed_every=0 ve:value_embed_every=1 --seeds 1 3"
+            " --depth 1 --aspect-ratio 64 --head-dim 32 --max-seq-len 32 --batch-size 2"
+            " --steps 2 --eval-every 1 --val-batches 1 --vocab-size 300 --tokenizer-chars 50000"
+        ).split()
     )
     out = capsys.readouterr().out
     rows = {
