@@ -1,7 +1,7 @@
 """Mid-training / SFT / chat_eval / chat_cli end to end on a tiny checkpoint made in the test (CPU).
 
-The fixture writes a real tokenizer (tiktoken files, byte-level plus merges for " A".." E") and a tiny
-GPT saved with checkpoint.save_checkpoint, so every script runs its real loading path.
+The fixture writes a real tokenizer (tiktoken files, byte-level plus merges for " A".." E") and a
+tiny GPT saved with checkpoint.save_checkpoint, so every script runs its real loading path.
 """
 
 import json
@@ -137,8 +137,9 @@ def test_compiled_shapes_are_a_few_buckets_not_the_whole_context(capsys):
     assert real == dynamic.real_tokens and bucketed.padded_tokens < 0.5 * 8 * 8 * 2048
     full_pad_frac, bucket_pad_frac = 1 - real / (8 * 8 * 2048), 1 - real / bucketed.padded_tokens
     print(
-        f"padding tokens per micro-batch of 8 at a 2048 context: full {(8 * 8 * 2048 - real) / 8:,.0f} "
-        f"({full_pad_frac:.1%}), buckets {(bucketed.padded_tokens - real) / 8:,.0f} ({bucket_pad_frac:.1%}); "
+        "padding tokens per micro-batch of 8 at a 2048 context: full "
+        f"{(8 * 8 * 2048 - real) / 8:,.0f} ({full_pad_frac:.1%}), buckets "
+        f"{(bucketed.padded_tokens - real) / 8:,.0f} ({bucket_pad_frac:.1%}); "
         f"shapes {sorted(shapes)}"
     )
     assert bucket_pad_frac < full_pad_frac - 0.3
@@ -205,11 +206,12 @@ def test_all_masked_micro_batch_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-# ------------------------------------------------------------------------------------------ SFT / mid
+# ------------------------------------------------------------------------------------ SFT / mid
 
 
 def test_sft_all_masked_step_gives_finite_loss(base_dir, tmp_path):
-    """A conversation cut (by --max-seq-len) before the assistant speaks: every target of the step is masked."""
+    """A conversation cut (by --max-seq-len) before the assistant speaks: every target of the
+    step is masked."""
     make_base(base_dir)
     conv = {
         "messages": [
@@ -474,7 +476,7 @@ def test_categorical_eval_batched_equals_one_at_a_time(single_token):
 
     tok = tiny_tokenizer()
     if not single_token:  # bytes only: every letter continuation is two tokens, one row each
-        tok = Tokenizer.from_ranks(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
+        tok = Tokenizer(SPLIT_PATTERN, {bytes([i]): i for i in range(256)})
     model = tiny_gpt(tok.get_vocab_size(), seed=3, sequence_len=512)
     with torch.no_grad():  # the init zeroes the output projections: attention would add nothing
         for param in model.parameters():
@@ -569,7 +571,7 @@ def test_chat_cli_one_prompt_subprocess(base_dir):
     )
 
 
-# ------------------------------------------------------------------------------------------ torchrun (gloo)
+# ------------------------------------------------------------------------------ torchrun (gloo)
 
 
 def _free_port() -> int:
@@ -581,8 +583,8 @@ def _free_port() -> int:
 
 
 def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
-    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches (same rows, same loss normalisation);
-    chat_eval split over 2 ranks gives the same counts as one process."""
+    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches (same rows, same loss
+    normalisation); chat_eval split over 2 ranks gives the same counts as one process."""
     make_base(base_dir)
     flags = [
         "--source-stage",

@@ -703,8 +703,8 @@ def test_aqua_files_in_the_wrong_encoding_are_named_not_misread(base_dir, tmp_pa
 
 
 # Row: a parquet shard truncated or not parquet -> named; re-downloaded (the data stage replaces a
-# damaged shard: test_dataset.py test_corrupt_files_detected) or skipped with NANOCHAT_BAD_SHARDS=skip;
-# never silently read as empty.
+# damaged shard: test_dataset.py test_corrupt_files_detected) or skipped with
+# NANOCHAT_BAD_SHARDS=skip; never silently read as empty.
 
 
 def test_damaged_shards_are_named_then_skipped_only_when_asked(base_dir):

@@ -203,8 +203,8 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
 
 
 # ----------------------------------------------------------------------------------------------
-# The gpu profile, rehearsed on CPU: its stages and flags, local stand-ins for what it downloads, and
-# --stage-args that change sizes only.
+# The gpu profile, rehearsed on CPU: its stages and flags, local stand-ins for what it downloads,
+# and --stage-args that change sizes only.
 
 
 def _serve_directory(root: Path):
@@ -223,8 +223,8 @@ def _serve_directory(root: Path):
 
 
 def _fineweb_stand_in(root: Path, shards: int = 2) -> Path:
-    """Parquet shards (column `text`, several row groups) at the Hugging Face URL layout the data stage
-    downloads from."""
+    """Parquet shards (column `text`, several row groups) at the Hugging Face URL layout the data
+    stage downloads from."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
