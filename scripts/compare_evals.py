@@ -2,9 +2,12 @@
 
     python -m scripts.compare_evals sft rl ~/.cache/nanochat/runs/aquarat_small/chat_eval.jsonl
     python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl   # pooled
+    python -m scripts.compare_evals sft sft new_s42/chat_eval.jsonl new_s1/chat_eval.jsonl \
+        --b-files old_s42/chat_eval.jsonl old_s1/chat_eval.jsonl      # two configs, seed by seed
 
 For each chat_eval.jsonl given (one per run or seed), the newest generative line of each source for
-the task and split is taken; both must cover the same problems. Per file and pooled: problems both
+the task and split is taken (B from the matching --b-files file when given); both must cover the
+same problems. Per file and pooled: problems both
 get right, only A, only B, neither; the accuracy of each; and the exact two-sided sign test on the
 discordant pairs (under "A and B are equally good", only-A vs only-B is Binomial(n, 1/2)).
 """
@@ -58,18 +61,29 @@ def main(argv=None) -> dict:
         help="task name in the eval lines (aqua, synthetic_aqua)",
     )
     p.add_argument("--split", default="test")
+    p.add_argument(
+        "--b-files",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="read B from these files instead, one per file above and in the same order (e.g. "
+        "another model config's runs with the same seeds)",
+    )
     args = p.parse_args(argv)
+    b_files = args.b_files or args.files
+    if len(b_files) != len(args.files):
+        raise SystemExit(f"{len(args.files)} files for A but {len(b_files)} --b-files for B")
     pooled = {"both": 0, "a_only": 0, "b_only": 0, "neither": 0, "n": 0, "a_right": 0, "b_right": 0}
     print(
         f"{'file':<48} {'n':>5} {args.a + ' acc':>9} {args.b + ' acc':>9} {'both':>5} "
         f"{args.a + ' only':>9} {args.b + ' only':>9} {'p':>8}"
     )
-    for path in args.files:
-        if not path.is_file():
-            raise SystemExit(f"{path}: no such file")
-        rows = read_jsonl(path)
-        ra = newest_row(rows, args.a, args.task, args.split, path)
-        rb = newest_row(rows, args.b, args.task, args.split, path)
+    for path, b_path in zip(args.files, b_files):
+        for f in {path, b_path}:
+            if not f.is_file():
+                raise SystemExit(f"{f}: no such file")
+        ra = newest_row(read_jsonl(path), args.a, args.task, args.split, path)
+        rb = newest_row(read_jsonl(b_path), args.b, args.task, args.split, b_path)
         if len(ra["per_problem"]) != len(rb["per_problem"]):
             raise SystemExit(
                 f"{path}: {args.a} was scored on {len(ra['per_problem'])} problems, {args.b} on "

@@ -745,6 +745,11 @@ def test_sign_test_and_paired_counts(tmp_path, capsys):
     assert out["p"] == pytest.approx(2 / 16)
     with pytest.raises(SystemExit, match="no generative"):
         compare(["sft", "mid", files[0]])
+    # two runs' checkpoints, file by file: A = rl of the first files, B = sft of the --b-files
+    out = compare(["rl", "sft", files[0], "--b-files", files[1]])
+    assert (out["a_only"], out["b_only"], out["n"]) == (2, 0, 4)
+    with pytest.raises(SystemExit, match="2 files for A but 1 --b-files"):
+        compare(["rl", "sft", *files, "--b-files", files[1]])
 
 
 def test_bench_rl_times_both_settings_on_a_random_model(base_dir):
