@@ -189,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def lr_multiplier(
     step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float
 ) -> float:
+    # Warm-up, stable, decay: the flat stretch makes most of the progress at full lr, and the
+    # linear decay at the end averages out the step noise, which is where the final loss drops.
     warmup = round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
@@ -200,6 +202,8 @@ def lr_multiplier(
 
 
 def muon_momentum(step: int, warmup_steps: int) -> float:
+    # Early gradients point in changing directions; a lower momentum lets Muon follow them before
+    # it settles into the long average that 0.95 gives.
     frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     return (1 - frac) * 0.85 + frac * 0.95
 
@@ -528,7 +532,9 @@ def main(argv=None) -> None:
                 loaders[0],
                 device,
             )
-            if peak:  # percent of the devices' peak bf16 FLOP/s
+            # MFU: the model's FLOPs per token (6 per parameter-multiply plus attention) times the
+            # tokens per second, as a percent of the devices' peak bf16 FLOP/s
+            if peak:
                 metrics["train/mfu"] = (
                     100 * flops_per_token * metrics["train/tok_per_sec"] / (peak * world_size)
                 )
