@@ -25,6 +25,9 @@ from tasks.aqua import extract_letter
 from tasks.synthetic_aqua import SyntheticAqua
 
 REPO = Path(__file__).resolve().parents[1]
+# the smallest base_train model, fed the synthetic corpus
+TINY_FLAGS = "--depth 1 --aspect-ratio 64 --head-dim 32 --max-seq-len 64 --device-batch-size 2"
+TINY_FLAGS += " --total-batch-size 128 --source synthetic"
 
 
 def stage_env(base: Path) -> dict:
@@ -136,37 +139,9 @@ def test_a_blown_up_run_stops_at_the_step_and_keeps_the_good_checkpoint(base_dir
     Tokenizer.train_from_iterator(synthetic_texts(200, seed=7), 512).save(base_dir / "tokenizer")
     env = stage_env(base_dir)
     # lr 1e20: the gradient norm is NaN at step 2 and the loss at step 3 (measured)
-    args = [
-        "--depth",
-        "1",
-        "--aspect-ratio",
-        "64",
-        "--head-dim",
-        "32",
-        "--max-seq-len",
-        "64",
-        "--device-batch-size",
-        "2",
-        "--total-batch-size",
-        "128",
-        "--source",
-        "synthetic",
-        "--num-iterations",
-        "8",
-        "--save-every",
-        "1",
-        "--eval-every",
-        "-1",
-        "--sample-every",
-        "-1",
-        "--embedding-lr",
-        "1e20",
-        "--unembedding-lr",
-        "1e20",
-        "--matrix-lr",
-        "1e20",
-        "--no-wandb",
-    ]
+    args = TINY_FLAGS.split() + "--num-iterations 8 --save-every 1 --eval-every -1".split()
+    args += "--sample-every -1 --embedding-lr 1e20 --unembedding-lr 1e20 --matrix-lr 1e20".split()
+    args += ["--no-wandb"]
     ckpt = base_dir / "checkpoints" / "base"
     for log_every, tag in (("1", "logged"), ("4", "quiet")):  # quiet: only the save guard sees it
         res = subprocess.run(
@@ -295,35 +270,8 @@ def test_secrets_in_env_never_reach_logs_reports_wandb_or_argv(smoke_run):
 # checkpoint is ever loaded. For real on a small tmpfs where the machine allows mounting one, and
 # always with a write failure injected at the one checkpoint writer.
 
-TINY_BASE = [
-    "--depth",
-    "1",
-    "--aspect-ratio",
-    "64",
-    "--head-dim",
-    "32",
-    "--max-seq-len",
-    "64",
-    "--device-batch-size",
-    "2",
-    "--total-batch-size",
-    "128",
-    "--source",
-    "synthetic",
-    "--num-iterations",
-    "4",
-    "--save-every",
-    "1",
-    "--keep-last",
-    "2",
-    "--eval-every",
-    "-1",
-    "--sample-every",
-    "-1",
-    "--no-wandb",
-    "--tag",
-    "full",
-]
+TINY_BASE = TINY_FLAGS.split() + "--num-iterations 4 --save-every 1 --keep-last 2".split()
+TINY_BASE += "--eval-every -1 --sample-every -1 --no-wandb --tag full".split()
 
 
 def _base_train(base: Path, timeout=300):
