@@ -160,6 +160,20 @@ def forward_right_padded(model, rows: list[list[int]]) -> torch.Tensor:
     return model(ids.to(device))
 
 
+# One forward's float32 logits stay under this, however many prompts are scored together: at a
+# 65,536-token vocabulary a batch of 32 prompts of 300 tokens would otherwise hold 2.5 GB.
+LOGITS_BUDGET_BYTES = 1 << 29
+
+
+def forward_in_chunks(model, rows: list[list[int]]):
+    """Yields (index of the chunk's first row, its right-padded logits) over chunks of `rows`
+    whose (rows, longest, vocab) float32 logits fit LOGITS_BUDGET_BYTES."""
+    longest = max(len(r) for r in rows)
+    per_chunk = max(1, LOGITS_BUDGET_BYTES // (4 * longest * model.config.vocab_size))
+    for start in range(0, len(rows), per_chunk):
+        yield start, forward_right_padded(model, rows[start : start + per_chunk])
+
+
 class LetterScorer:
     """Categorical scoring: the five continuations of the primed prefix "Answer:".
 
@@ -177,19 +191,23 @@ class LetterScorer:
         """(len(prompts), 5) log-probabilities of the five letters after each prompt."""
         if self.single:
             rows = [prompt + self.prefix_ids for prompt in prompts]
-            logits = forward_right_padded(model, rows)
-            last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
-            at_last = logits[torch.arange(len(rows), device=logits.device), last]
-            return F.log_softmax(at_last, dim=-1)[:, self.letter_ids]
+            scores = []
+            for first, logits in forward_in_chunks(model, rows):
+                n = logits.size(0)
+                last = torch.tensor([len(r) - 1 for r in rows[first : first + n]])
+                at_last = logits[torch.arange(n), last.to(logits.device)]
+                scores.append(F.log_softmax(at_last, dim=-1)[:, self.letter_ids])
+            return torch.cat(scores)
         rows = [p + self.prefix_ids + c for p in prompts for c in self.conts]
-        logp = F.log_softmax(forward_right_padded(model, rows), dim=-1)
-        scores = torch.zeros(len(rows), dtype=logp.dtype, device=logp.device)
-        for r, row in enumerate(rows):
-            cont = self.conts[r % len(self.conts)]
-            start = len(row) - len(cont)  # the continuation's first token; the logits one earlier
-            targets = torch.tensor(cont, device=logp.device)
-            scores[r] = logp[r, start - 1 : len(row) - 1].gather(1, targets[:, None]).sum()
-        return scores.view(len(prompts), len(self.conts))
+        scores = []
+        for first, logits in forward_in_chunks(model, rows):
+            for r in range(logits.size(0)):
+                row, cont = rows[first + r], self.conts[(first + r) % len(self.conts)]
+                start = len(row) - len(cont)  # the continuation's first token; its logits one back
+                logp = F.log_softmax(logits[r, start - 1 : len(row) - 1], dim=-1)
+                targets = torch.tensor(cont, device=logp.device)
+                scores.append(logp.gather(1, targets[:, None]).sum())
+        return torch.stack(scores).view(len(prompts), len(self.conts))
 
     def __call__(self, model, prompt_ids: list[int]) -> tuple[int, list[float]]:
         """One prompt -> (index of the chosen letter, per-letter log-prob scores)."""

@@ -287,11 +287,14 @@ def build_optimizers(
     # The value embeddings are token embeddings too: the same rule, by default the same lr.
     embedding = [model.transformer.wte.weight]
     value_tables = [t.weight for t in model.value_embeds.values()]
+    if value_embed_lr is not None and value_embed_lr < 0:
+        raise ValueError(
+            f"value_embed_lr must be >= 0 (0 freezes the tables), got {value_embed_lr}"
+        )
+    for table in value_tables:  # frozen at 0; set either way, in case an earlier call froze them
+        table.requires_grad_(value_embed_lr is None or value_embed_lr > 0)
     if value_embed_lr is None:
         embedding, value_tables = embedding + value_tables, []
-    elif value_embed_lr == 0:
-        for table in value_tables:
-            table.requires_grad_(False)
     unembedding = [model.lm_head.weight]
     matrices = [p for p in model.transformer.h.parameters() if p.ndim == 2]
     ruled = {id(p) for p in embedding + value_tables + unembedding + matrices}

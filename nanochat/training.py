@@ -62,7 +62,16 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
         )
     model.load_state_dict(model_state, strict=True)
     for opt, state in zip(optimizers, optim_states):
-        opt.load_state_dict(state)
+        try:
+            opt.load_state_dict(state)
+        except ValueError as exc:  # its parameter groups are not the ones these flags build
+            raise SystemExit(
+                f"{ckpt_dir} step {last_step}: its optimizer state does not fit the optimizer "
+                f"these flags build ({exc}); checkpoints of mid/SFT/RL from before "
+                f"--value-embed-lr trained the value embeddings with the token embedding. Finish "
+                f"such a run with "
+                f"the code it started with, or start over with --fresh / another --tag."
+            ) from None
     rank_state = meta["rank_state"][info.rank]
     restore_rng_state(rank_state["rng"])
     print0(f"Resuming {ckpt_dir} from step {last_step}")

@@ -139,7 +139,9 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
     runs = {}
     for name, run_args in settings.items():
         policy = copy.deepcopy(model).train()
-        runs[name] = (policy, Engine(policy, tokenizer), policy.setup_optimizers(), run_args)
+        # as chat_rl does: the value-embedding tables frozen unless its flag says otherwise
+        optimizers = policy.setup_optimizers(value_embed_lr=run_args.value_embed_lr)
+        runs[name] = (policy, Engine(policy, tokenizer), optimizers, run_args)
     times = {name: [] for name in settings}
     for step in range(args.steps + 1):
         for name, run in runs.items():

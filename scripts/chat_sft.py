@@ -223,7 +223,8 @@ def main(argv=None, stage: str = "sft") -> dict:
     seq_len = args.max_seq_len or config.sequence_len
     source = {"stage": source_stage, "tag": src_meta.get("tag"), "step": src_meta.get("step")}
     print0(
-        f"{stage}: source {source_stage}/{source['tag']} step {source['step']} -> {stage}/{tag}; "
+        f"{stage}: source {source_stage}/{source['tag'] or '?'} step {source['step']} -> "
+        f"{stage}/{tag}; "
         f"depth {config.n_layer}, n_embd {config.n_embd}, vocab {config.vocab_size}, "
         f"{model.num_params():,} params; seq len {seq_len}"
     )

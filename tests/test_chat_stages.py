@@ -469,8 +469,9 @@ def test_letter_scorer_matches_logits(base_dir):
 
 
 @pytest.mark.parametrize("single_token", [True, False])
-def test_categorical_eval_batched_equals_one_at_a_time(single_token):
+def test_categorical_eval_batched_equals_one_at_a_time(single_token, monkeypatch):
     """Prompts of different lengths, right-padded into one forward, score as they do alone."""
+    from nanochat import mc_eval
     from nanochat.mc_eval import LetterScorer, categorical_eval
     from tasks.synthetic_aqua import SyntheticAqua
 
@@ -490,6 +491,17 @@ def test_categorical_eval_batched_equals_one_at_a_time(single_token):
     alone = torch.cat([scorer.scores(model, [p]) for p in prompts])
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
     assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
+    # a logits budget of 3 rows' worth: the same scores from forwards of at most 3 rows
+    longest = max(len(p) for p in prompts) + len(scorer.prefix_ids) + 2
+    monkeypatch.setattr(mc_eval, "LOGITS_BUDGET_BYTES", 3 * 4 * longest * tok.get_vocab_size())
+    sizes = []
+    forward = mc_eval.forward_right_padded
+    monkeypatch.setattr(
+        mc_eval, "forward_right_padded", lambda m, rows: sizes.append(len(rows)) or forward(m, rows)
+    )
+    torch.testing.assert_close(scorer.scores(model, prompts), batched, rtol=1e-4, atol=1e-4)
+    assert sizes and max(sizes) <= 3 and sum(sizes) == len(prompts) * (1 if single_token else 5)
+    monkeypatch.undo()
     gold, one_by_one = categorical_eval(model, tok, task, len(task), batch_prompts=1)
     gold_b, in_batches = categorical_eval(model, tok, task, len(task), batch_prompts=5)
     assert gold == gold_b == [AQUA_LETTERS.index(conv["answer"]) for conv in task]

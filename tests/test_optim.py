@@ -149,6 +149,30 @@ def test_value_embedding_tables_train_with_the_embedding_or_alone_or_not_at_all(
     assert not any(t.weight.requires_grad for t in model.value_embeds.values())
 
 
+def test_a_negative_value_embedding_lr_is_refused():
+    model = GPT(GPTConfig(**TINY, value_embed_every=1))
+    with pytest.raises(ValueError, match="value_embed_lr must be >= 0"):
+        model.setup_optimizers(value_embed_lr=-0.1)
+
+
+def test_a_resume_whose_optimizer_groups_differ_is_refused_in_one_line(tmp_path):
+    from dataclasses import asdict
+
+    from nanochat.common import DistInfo
+    from nanochat.training import save, start_or_resume
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, value_embed_every=1))
+    # a fine-tuning checkpoint from before --value-embed-lr: tables in the embedding group
+    old = model.setup_optimizers()
+    save(tmp_path, 1, model, old, {"model_config": asdict(model.config)}, 0, 2, {})
+    info = DistInfo(False, 0, 0, 1, torch.device("cpu"))
+    new = model.setup_optimizers(value_embed_lr=0.05)
+    with pytest.raises(SystemExit, match=r"step 1: its optimizer state does not fit .*--fresh"):
+        start_or_resume(tmp_path, info, model, new, fresh=False, resume="auto")
+    assert start_or_resume(tmp_path, info, model, old, fresh=False, resume="auto")[0] == 1
+
+
 def test_a_parameter_without_an_optimizer_rule_is_refused():
     # The model has no 1-D or 0-D parameters; one added later needs a rule, not a silent default.
     torch.manual_seed(0)
