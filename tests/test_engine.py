@@ -236,9 +236,8 @@ def test_left_padded_forward_matches_unpadded(tok):
         batched = model(torch.tensor([[bos] * pad + short, long_]), kv_cache=cache)
         step = model(torch.tensor([[7], [7]]), kv_cache=cache)[:, -1]
         alone = model(torch.tensor([short + [7]]))
-    assert torch.isfinite(
-        batched
-    ).all()  # pad queries see themselves: no NaN leaks into later layers
+    # pad queries see themselves: no NaN leaks into later layers
+    assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched[0, pad:], alone[0, :-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step[0], alone[0, -1], atol=1e-4, rtol=1e-4)
 

@@ -827,9 +827,8 @@ def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
     for step in (99, 100):  # complete steps: meta.json is written last
         (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}").mkdir(parents=True)
         (base / "checkpoints" / "base" / "d4" / f"step_{step:06d}" / "meta.json").write_text("{}")
-    (
-        base / "checkpoints" / "base" / "d4" / "step_000101"
-    ).mkdir()  # a save killed before its meta.json
+    # a save killed before its meta.json
+    (base / "checkpoints" / "base" / "d4" / "step_000101").mkdir()
     remote = Remote(
         "127.0.0.1", sshd["user"], sshd["port"], sshd["key"], tmp_path / "kh", connect_timeout=5
     )

@@ -102,20 +102,11 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     run_dir = base_dir / "runs" / "smk"
     assert list((run_dir / "wandb").glob("offline-run-*"))  # offline runs to sync later
     assert all((run_dir / f".done_{s}").is_file() for s in STAGES)
-    assert not (
-        run_dir / ".done_base_eval"
-    ).exists()  # CORE needs the downloaded bundle: gpu profile only
-    for stage in [
-        "base",
-        "mid",
-        "sft",
-        "rl",
-    ]:  # tagged with the run; --seed reached every training stage
-        meta = json.loads(
-            sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))[
-                -1
-            ].read_text()
-        )
+    # CORE needs the downloaded bundle: gpu profile only
+    assert not (run_dir / ".done_base_eval").exists()
+    for stage in ["base", "mid", "sft", "rl"]:  # tagged with the run; --seed reached every stage
+        metas = sorted((base_dir / "checkpoints" / stage / "smk").glob("step_*/meta.json"))
+        meta = json.loads(metas[-1].read_text())
         assert meta["args"]["seed"] == 7
         assert meta["tokenizer"]["dir"] == "runs/smk/tokenizer"  # the run's own tokenizer, recorded
     assert not (base_dir / "tokenizer").exists()
