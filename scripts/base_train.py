@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import resource
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -364,11 +365,13 @@ def train_loaders(args, tokenizer, device_batch, grad_accum, info, rank_state) -
         raise SystemExit(f"pretraining data: {exc}") from None
 
 
-def val_bpb(train_model, tokenizer, token_bytes, args, device_batch, info, val_steps) -> float:
+def val_bpb(train_model, tokenizer, token_bytes, run) -> float:
+    args, info = run.args, run.info
+    val_steps = max(1, eval_tokens(args) // (run.device_batch * args.max_seq_len * info.world_size))
     # a fresh loader each time: every evaluation scores the same first val tokens
     val_loader = DataLoader(
         tokenizer,
-        device_batch,
+        run.device_batch,
         args.max_seq_len,
         "val",
         rank=info.rank,
@@ -378,6 +381,10 @@ def val_bpb(train_model, tokenizer, token_bytes, args, device_batch, info, val_s
         device=info.device,
     )
     return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
+
+
+def eval_tokens(args) -> int:
+    return args.eval_tokens if args.eval_tokens > 0 else 10 * args.total_batch_size
 
 
 def train_step(train_model, model, optimizers, loaders, lrm, momentum, grad_clip, device):
@@ -401,24 +408,15 @@ def train_step(train_model, model, optimizers, loaders, lrm, momentum, grad_clip
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = init_distributed()
-    device, rank, world_size = info.device, info.rank, info.world_size
-    tag = args.tag or f"d{args.depth}"
-    check_batch_geometry(args, world_size)
+    check_batch_geometry(args, info.world_size)
 
     # ---- tokenizer, model and token budget
     tokenizer = load_tokenizer()
-    token_bytes = get_token_bytes(device)
-    model = build_model(args, tokenizer.get_vocab_size(), device)
-    config = model.config
-    num_params, flops_per_token = model.num_params(), model.estimate_flops()
-    budget_params = model.num_budget_params()  # value embeddings add parameters, not tokens
-    total_batch = args.total_batch_size
-    num_iterations, budget_rule = resolve_num_iterations(
-        args, budget_params, flops_per_token, total_batch
-    )
+    token_bytes = get_token_bytes(info.device)
+    model = build_model(args, tokenizer.get_vocab_size(), info.device)
+    run = plan_run(args, info, model)
 
     # ---- optimizers, a resume if there is a checkpoint, and the micro-batch
-    ckpt_dir = checkpoint_dir(STAGE, tag)
     optimizers = model.setup_optimizers(
         unembedding_lr=args.unembedding_lr,
         embedding_lr=args.embedding_lr,
@@ -426,75 +424,31 @@ def main(argv=None) -> None:
         weight_decay=args.weight_decay,
     )
     start_step, resumed, rank_state = start_or_resume(
-        ckpt_dir, info, model, optimizers, args.fresh, args.resume
+        run.ckpt_dir, info, model, optimizers, args.fresh, args.resume
     )
-    train_model = maybe_compile(model, device)
-    # A resumed run keeps its micro-batch (the data layout depends on it); a fresh one takes the
-    # largest that fits, halving --device-batch-size on out-of-memory.
-    if resumed is not None:
-        device_batch = resumed.get("device_batch_size", args.device_batch_size)
-    else:
-        device_batch = fit_device_batch(
-            train_model, model, args.device_batch_size, args.max_seq_len, info
-        )
-    grad_accum = total_batch // (device_batch * args.max_seq_len * world_size)
-    stats = dict(FRESH_STATS)
-    if resumed is not None:
-        layout = (world_size, grad_accum)
-        check_resumable(resumed, ckpt_dir, start_step, args, tokenizer, layout, num_iterations)
-        stats.update(resumed.get("stats", {}))
-    if start_step == num_iterations:
-        print0(
-            f"Training already complete at step {start_step}: only the final evaluation and "
-            f"report are redone (use --fresh to retrain)"
-        )
-    print0(
-        f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab "
-        f"{config.vocab_size}, seq {config.sequence_len}, {num_params:,} params, "
-        f"{flops_per_token:.3e} FLOPs/token"
-    )
-    print0(
-        f"batch: {total_batch:,} tokens/step = {world_size} proc x {grad_accum} micro x "
-        f"{device_batch} rows x {args.max_seq_len}; {num_iterations} steps ({budget_rule}) = "
-        f"{num_iterations * total_batch:,} tokens, "
-        f"{num_iterations * total_batch / budget_params:.1f} tokens/param "
-        f"(value embeddings not counted)"
-    )
+    train_model = maybe_compile(model, info.device)
+    stats = fix_layout(run, resumed, start_step, train_model, model, tokenizer)
+    announce(run, model, start_step)
 
     # ---- data and tracking
-    loaders = train_loaders(args, tokenizer, device_batch, grad_accum, info, rank_state)
-    eval_tokens = args.eval_tokens if args.eval_tokens > 0 else 10 * total_batch
-    val_steps = max(1, eval_tokens // (device_batch * args.max_seq_len * world_size))
-    run_config = {
-        **vars(args),
-        "tag": tag,
-        "num_params": num_params,
-        "flops_per_token": flops_per_token,
-        "num_iterations": num_iterations,
-        "grad_accum": grad_accum,
-        "world_size": world_size,
-        "device": str(device),
-        "dtype": str(autodetect_dtype(device)),
-        "model_config": asdict(config),
-        "resumed_from": start_step,
-        "cpu_threads": torch.get_num_threads(),
-    }
-    tracker = make_tracker(args, STAGE, run_config)
-    peak = peak_flops(device)
+    loaders = train_loaders(args, tokenizer, run.device_batch, run.grad_accum, info, rank_state)
+    tracker = make_tracker(args, STAGE, run_config(run, model, start_step))
 
     # ---- the training loop: `step` optimizer steps are done
     samples = []
-    timer = StepTimer(device, start_step, num_iterations, stats["train_time"], stats["timed_steps"])
-    for step in range(start_step, num_iterations + 1):
-        last = step == num_iterations
+    timer = StepTimer(
+        info.device, start_step, run.num_iterations, stats["train_time"], stats["timed_steps"]
+    )
+    for step in range(start_step, run.num_iterations + 1):
+        last = step == run.num_iterations
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            bpb = val_bpb(train_model, tokenizer, token_bytes, args, device_batch, info, val_steps)
+            bpb = val_bpb(train_model, tokenizer, token_bytes, run)
             stats["val_bpb"] = bpb
             stats["min_val_bpb"] = min(bpb, stats["min_val_bpb"] or float("inf"))
-            print0(f"step {step:05d}/{num_iterations} | val bpb {bpb:.4f}")
+            print0(f"step {step:05d}/{run.num_iterations} | val bpb {bpb:.4f}")
             tracker.log({"val/bpb": bpb}, step=step)
         sample_now = last or (args.sample_every > 0 and step % args.sample_every == 0)
-        if args.sample_every >= 0 and sample_now and rank == 0:
+        if args.sample_every >= 0 and sample_now and info.rank == 0:
             samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS, args.sample_tokens)
             for i, text in enumerate(samples):
                 print0(f"  sample {i}: {text!r}")
@@ -504,103 +458,207 @@ def main(argv=None) -> None:
 
         timer.start()
         lrm = lr_multiplier(
-            step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
+            step, run.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
         )
         momentum = muon_momentum(step, args.momentum_warmup_steps)
         loss_sum, grad_norm = train_step(
-            train_model, model, optimizers, loaders, lrm, momentum, args.grad_clip, device
+            train_model, model, optimizers, loaders, lrm, momentum, args.grad_clip, info.device
         )
         timer.stop()
         done = step + 1
         stats["train_time"], stats["timed_steps"] = timer.total, timer.count
-
-        if done % args.log_every == 0 or done == num_iterations:
-            if info.is_ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            train_loss = loss_sum.item() / (grad_accum * world_size)
-            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, ckpt_dir)
-            stop_if_not_finite(train_loss, "the training loss", done, ckpt_dir)
-            metrics = step_metrics(
-                stats,
-                train_loss,
-                grad_norm.item(),
-                lrm,
-                momentum,
-                timer.last,
-                done * total_batch,
-                total_batch,
-                loaders[0],
-                device,
+        if done % args.log_every == 0 or done == run.num_iterations:
+            log_step(
+                run, stats, tracker, loaders[0], done, loss_sum, grad_norm, lrm, momentum, timer
             )
-            # MFU: the model's FLOPs per token (6 per parameter-multiply plus attention) times the
-            # tokens per second, as a percent of the devices' peak bf16 FLOP/s
-            if peak:
-                metrics["train/mfu"] = (
-                    100 * flops_per_token * metrics["train/tok_per_sec"] / (peak * world_size)
-                )
-            tracker.log(metrics, step=done)
-            print_step(done, num_iterations, metrics)
-            if loaders[0].epoch >= 1 and not stats.get("data_repeat_noted"):
-                stats["data_repeat_noted"] = True  # said once per run (kept across resumes)
-                print0(
-                    f"note: the training data ran out by step {done}: the documents now repeat "
-                    f"(pass {loaders[0].epoch + 1}). More data: more shards "
-                    f"(run_aquarat_small.sh --shards N, python -m nanochat.dataset -n N) or a "
-                    f"smaller --num-iterations"
-                )
-
-        if done == num_iterations or (args.save_every > 0 and done % args.save_every == 0):
-            meta = {
-                "model_config": asdict(config),
-                "tokenizer": tokenizer_record(tokenizer),
-                "stage": STAGE,
-                "tag": tag,
-                "num_iterations": num_iterations,
-                "grad_accum": grad_accum,
-                "total_batch_size": total_batch,
-                "device_batch_size": device_batch,
-                "stats": stats,
-                "args": vars(args),
-            }
+        if done == run.num_iterations or (args.save_every > 0 and done % args.save_every == 0):
+            meta = checkpoint_meta(run, model, tokenizer, stats)
             loader_states = {"loaders": [loader.state_dict() for loader in loaders]}
-            save(ckpt_dir, done, model, optimizers, meta, rank, args.keep_last, loader_states)
+            save(
+                run.ckpt_dir,
+                done,
+                model,
+                optimizers,
+                meta,
+                info.rank,
+                args.keep_last,
+                loader_states,
+            )
 
-    # ---- wrap up (the figures accumulate over resumes)
+    finish(run, model, tracker, stats, loaders[0], samples)
+    cleanup_distributed()
+
+
+def plan_run(args, info, model) -> SimpleNamespace:
+    """What this run is: its checkpoint place, its budget and the figures its logs need. The
+    micro-batch and gradient accumulation are filled in by fix_layout."""
+    budget_params = model.num_budget_params()  # value embeddings add parameters, not tokens
+    flops_per_token = model.estimate_flops()
+    num_iterations, budget_rule = resolve_num_iterations(
+        args, budget_params, flops_per_token, args.total_batch_size
+    )
+    tag = args.tag or f"d{args.depth}"
+    return SimpleNamespace(
+        args=args,
+        info=info,
+        tag=tag,
+        ckpt_dir=checkpoint_dir(STAGE, tag),
+        num_iterations=num_iterations,
+        budget_rule=budget_rule,
+        budget_params=budget_params,
+        flops_per_token=flops_per_token,
+        total_batch=args.total_batch_size,
+        peak=peak_flops(info.device),
+        device_batch=None,
+        grad_accum=None,
+    )
+
+
+def fix_layout(run, resumed, start_step, train_model, model, tokenizer) -> dict:
+    """Sets the micro-batch and gradient accumulation; returns the running stats (a resume's)."""
+    args, world_size = run.args, run.info.world_size
+    # A resumed run keeps its micro-batch (the data layout depends on it); a fresh one takes the
+    # largest that fits, halving --device-batch-size on out-of-memory.
+    if resumed is not None:
+        run.device_batch = resumed.get("device_batch_size", args.device_batch_size)
+    else:
+        run.device_batch = fit_device_batch(
+            train_model, model, args.device_batch_size, args.max_seq_len, run.info
+        )
+    run.grad_accum = run.total_batch // (run.device_batch * args.max_seq_len * world_size)
+    stats = dict(FRESH_STATS)
+    if resumed is not None:
+        layout = (world_size, run.grad_accum)
+        check_resumable(
+            resumed, run.ckpt_dir, start_step, args, tokenizer, layout, run.num_iterations
+        )
+        stats.update(resumed.get("stats", {}))
+    return stats
+
+
+def announce(run, model, start_step) -> None:
+    config, args, steps, total = model.config, run.args, run.num_iterations, run.total_batch
+    if start_step == steps:
+        print0(
+            f"Training already complete at step {start_step}: only the final evaluation and "
+            f"report are redone (use --fresh to retrain)"
+        )
+    print0(
+        f"model: depth {config.n_layer}, n_embd {config.n_embd}, heads {config.n_head}, vocab "
+        f"{config.vocab_size}, seq {config.sequence_len}, {model.num_params():,} params, "
+        f"{run.flops_per_token:.3e} FLOPs/token"
+    )
+    print0(
+        f"batch: {total:,} tokens/step = {run.info.world_size} proc x {run.grad_accum} micro x "
+        f"{run.device_batch} rows x {args.max_seq_len}; {steps} steps ({run.budget_rule}) = "
+        f"{steps * total:,} tokens, {steps * total / run.budget_params:.1f} tokens/param "
+        f"(value embeddings not counted)"
+    )
+
+
+def run_config(run, model, start_step) -> dict:
+    """What the tracker records about the run (W&B's config)."""
+    device = run.info.device
+    return {
+        **vars(run.args),
+        "tag": run.tag,
+        "num_params": model.num_params(),
+        "flops_per_token": run.flops_per_token,
+        "num_iterations": run.num_iterations,
+        "grad_accum": run.grad_accum,
+        "world_size": run.info.world_size,
+        "device": str(device),
+        "dtype": str(autodetect_dtype(device)),
+        "model_config": asdict(model.config),
+        "resumed_from": start_step,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def checkpoint_meta(run, model, tokenizer, stats) -> dict:
+    return {
+        "model_config": asdict(model.config),
+        "tokenizer": tokenizer_record(tokenizer),
+        "stage": STAGE,
+        "tag": run.tag,
+        "num_iterations": run.num_iterations,
+        "grad_accum": run.grad_accum,
+        "total_batch_size": run.total_batch,
+        "device_batch_size": run.device_batch,
+        "stats": stats,
+        "args": vars(run.args),
+    }
+
+
+def mfu(run, tok_per_sec: float) -> float | None:
+    """Model FLOPs utilisation: the model's FLOPs per token (6 per matmul parameter plus the
+    attention matmuls) times the tokens per second, in percent of the devices' peak bf16 FLOP/s."""
+    if not run.peak or not tok_per_sec:
+        return None
+    return 100.0 * run.flops_per_token * tok_per_sec / (run.peak * run.info.world_size)
+
+
+def log_step(run, stats, tracker, loader, step, loss_sum, grad_norm, lrm, momentum, timer) -> None:
+    info = run.info
+    if info.is_ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    train_loss = loss_sum.item() / (run.grad_accum * info.world_size)
+    stop_if_not_finite(grad_norm.item(), "the gradient norm", step, run.ckpt_dir)
+    stop_if_not_finite(train_loss, "the training loss", step, run.ckpt_dir)
+    metrics = step_metrics(run, stats, loader, step, train_loss, grad_norm.item(), lrm, momentum)
+    metrics["train/step_time_s"] = timer.last
+    metrics["train/tok_per_sec"] = run.total_batch / timer.last
+    step_mfu = mfu(run, metrics["train/tok_per_sec"])
+    if step_mfu is not None:
+        metrics["train/mfu"] = step_mfu
+    tracker.log(metrics, step=step)
+    print_step(step, run.num_iterations, metrics)
+    if loader.epoch >= 1 and not stats.get("data_repeat_noted"):
+        stats["data_repeat_noted"] = True  # said once per run (kept across resumes)
+        print0(
+            f"note: the training data ran out by step {step}: the documents now repeat "
+            f"(pass {loader.epoch + 1}). More data: more shards "
+            f"(run_aquarat_small.sh --shards N, python -m nanochat.dataset -n N) or a "
+            f"smaller --num-iterations"
+        )
+
+
+def finish(run, model, tracker, stats, loader, samples) -> None:
+    """The summary (the figures accumulate over resumes) and the report section."""
+    info, total = run.info, run.total_batch
     train_time, timed_steps = stats["train_time"], stats["timed_steps"]
-    avg_tok_per_sec = total_batch * timed_steps / train_time if train_time > 0 else None
-    avg_mfu = None
-    if peak and avg_tok_per_sec:
-        avg_mfu = 100.0 * flops_per_token * avg_tok_per_sec / (peak * world_size)
+    avg_tok_per_sec = total * timed_steps / train_time if train_time > 0 else None
     summary = {
         "final/val_bpb": stats["val_bpb"],
         "final/min_val_bpb": stats["min_val_bpb"],
         "final/train_loss": stats["train_loss"],
         "final/tok_per_sec": avg_tok_per_sec,
-        "final/mfu": avg_mfu,
-        "final/steps": num_iterations,
-        "final/tokens": num_iterations * total_batch,
-        "final/mem_mb": memory_mb(device),
+        "final/mfu": mfu(run, avg_tok_per_sec),
+        "final/steps": run.num_iterations,
+        "final/tokens": run.num_iterations * total,
+        "final/mem_mb": memory_mb(info.device),
         "final/train_time_s": train_time,
-        "final/data_passes": loaders[0].passes,
+        "final/data_passes": loader.passes,
     }
     tracker.summary(summary)
     tracker.finish()
-    if rank == 0:
-        facts = {
-            "ckpt_dir": ckpt_dir,
-            "config": config,
-            "num_params": num_params,
-            "budget_params": budget_params,
-            "budget_rule": budget_rule,
-            "passes": loaders[0].passes,
-            "repeated": loaders[0].epoch >= 1,
-            "layout": f"{world_size} process(es) x {grad_accum} micro-steps x {device_batch} rows",
-            "device": device,
-            "samples": samples,
-        }
-        lines = report_lines(args, facts, stats, summary)
-        write_section(get_base_dir(), args.run, "base_train", "\n".join(lines))
-    cleanup_distributed()
+    if info.rank != 0:
+        return
+    facts = {
+        "ckpt_dir": run.ckpt_dir,
+        "config": model.config,
+        "num_params": model.num_params(),
+        "budget_params": run.budget_params,
+        "budget_rule": run.budget_rule,
+        "passes": loader.passes,
+        "repeated": loader.epoch >= 1,
+        "layout": f"{info.world_size} process(es) x {run.grad_accum} micro-steps x "
+        f"{run.device_batch} rows",
+        "device": info.device,
+        "samples": samples,
+    }
+    lines = report_lines(run.args, facts, stats, summary)
+    write_section(get_base_dir(), run.args.run, "base_train", "\n".join(lines))
 
 
 def load_tokenizer():
@@ -610,8 +668,9 @@ def load_tokenizer():
         raise SystemExit(str(exc)) from None
 
 
-def step_metrics(stats, loss, grad_norm, lrm, momentum, dt, tokens, total_batch, loader, device):
-    """The logged figures of one step; updates the running loss average in `stats`."""
+def step_metrics(run, stats, loader, step, loss, grad_norm, lrm, momentum) -> dict:
+    """The logged figures of one step (timing added by the caller); updates the running loss
+    average in `stats`."""
     stats["train_loss"] = loss
     stats["smooth_loss"] = SMOOTHING * stats["smooth_loss"] + (1 - SMOOTHING) * loss
     stats["smooth_count"] += 1
@@ -623,10 +682,8 @@ def step_metrics(stats, loss, grad_norm, lrm, momentum, dt, tokens, total_batch,
         "train/lrm": lrm,
         "train/muon_momentum": momentum,
         "train/grad_norm": grad_norm,
-        "train/tok_per_sec": total_batch / dt,
-        "train/step_time_s": dt,
-        "train/tokens": tokens,
-        "train/mem_mb": memory_mb(device),
+        "train/tokens": step * run.total_batch,
+        "train/mem_mb": memory_mb(run.info.device),
         "train/data_passes": loader.passes,
     }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -211,42 +212,12 @@ def train_step(train_model, model, optimizers, micro_batches, lr_multiplier, gra
 def main(argv=None, stage: str = "sft") -> dict:
     args = build_parser(stage).parse_args(argv)
     info = init_distributed()
-    device, rank, world_size = info.device, info.rank, info.world_size
 
-    # ---- the model to start from
-    source_stage = pick_source_stage(args, stage)
-    model, tokenizer, src_meta = load_model(
-        source_stage, tag=args.source_tag, step=args.source_step, device=device, phase="train"
-    )
-    config = model.config
-    tag = args.tag or src_meta.get("tag") or args.source_tag or f"d{config.n_layer}"
-    seq_len = args.max_seq_len or config.sequence_len
-    source = {"stage": source_stage, "tag": src_meta.get("tag"), "step": src_meta.get("step")}
-    print0(
-        f"{stage}: source {source_stage}/{source['tag'] or '?'} step {source['step']} -> "
-        f"{stage}/{tag}; "
-        f"depth {config.n_layer}, n_embd {config.n_embd}, vocab {config.vocab_size}, "
-        f"{model.num_params():,} params; seq len {seq_len}"
-    )
-
-    # ---- data and the number of steps
-    train_task, train_desc = build_mixture(args, "train", device, seed=args.seed)
-    val_task, val_desc = build_mixture(args, "val", device, seed=args.seed)
-    aqua_source = resolve_aqua_source(args, device)
-    print0(f"train mixture: {train_desc} = {len(train_task)} conversations (AQuA: {aqua_source})")
-    print0(f"val mixture:   {val_desc}" + (f" = {len(val_task)} conversations" if val_task else ""))
-    per_step = world_size * args.grad_accum * args.device_batch_size
-    num_iterations = args.num_iterations
-    if num_iterations <= 0:
-        num_iterations = max(1, int(args.num_epochs * len(train_task)) // per_step)
-    epochs = num_iterations * per_step / len(train_task)
-    print0(
-        f"{num_iterations} steps x {per_step} conversations ({world_size} proc x "
-        f"{args.grad_accum} micro x {args.device_batch_size}) = {epochs:.2f} epochs"
-    )
+    # ---- the model to start from, the data, the number of steps
+    model, tokenizer, run = load_source(args, stage, info)
+    train_task, val_task = load_data(run, info)
 
     # ---- optimizers, and a resume of this stage's checkpoint if there is one
-    ckpt_dir = checkpoint_dir(stage, tag)
     optimizers = model.setup_optimizers(
         unembedding_lr=args.unembedding_lr,
         embedding_lr=args.embedding_lr,
@@ -254,43 +225,30 @@ def main(argv=None, stage: str = "sft") -> dict:
         weight_decay=args.weight_decay,
         value_embed_lr=args.value_embed_lr,
     )
-    plan = {"num_iterations": num_iterations, "per_step": per_step}
-    start_step, loader_state = resume_or_start(ckpt_dir, info, model, optimizers, args, plan)
-    train_model = maybe_compile(model, device)
+    start_step, loader_state = resume_or_start(
+        run.ckpt_dir, info, model, optimizers, args, run.plan
+    )
+    train_model = maybe_compile(model, info.device)
     # compiled: a few bucket lengths, so a few graphs, instead of one per batch length
     loader = ConversationLoader(
         train_task,
         tokenizer,
         args.device_batch_size,
-        seq_len,
+        run.seq_len,
         grad_accum=args.grad_accum,
-        rank=rank,
-        world_size=world_size,
+        rank=info.rank,
+        world_size=info.world_size,
         seed=args.seed,
-        device=device,
+        device=info.device,
         state=loader_state,
         fixed_shapes=train_model is not model,
     )
-    run_config = {
-        **vars(args),
-        **plan,
-        "stage": stage,
-        "tag": tag,
-        **{f"source_{k}": v for k, v in source.items()},
-        "world_size": world_size,
-        "device": str(device),
-        "dtype": str(autodetect_dtype(device)),
-        "model_config": asdict(config),
-        "train_mixture": train_desc,
-        "val_mixture": val_desc,
-        "seq_len": seq_len,
-        "resumed_from": start_step,
-    }
-    tracker = make_tracker(args, stage, run_config)
+    tracker = make_tracker(args, stage, run_config(run, model, start_step, info))
 
     # ---- the training loop: `step` optimizer steps are done
-    val_losses, val_loss, letter_acc, train_loss = [], None, {}, float("nan")
-    timer = StepTimer(device, start_step, num_iterations)
+    num_iterations = run.plan["num_iterations"]
+    scores = {"val_losses": [], "val_loss": None, "letter_acc": {}, "train_loss": float("nan")}
+    timer = StepTimer(info.device, start_step, num_iterations)
     model.train()
     for step in range(start_step, num_iterations + 1):
         last = step == num_iterations
@@ -300,105 +258,173 @@ def main(argv=None, stage: str = "sft") -> dict:
                 val_task,
                 tokenizer,
                 args.device_batch_size,
-                seq_len,
+                run.seq_len,
                 info,
                 args.eval_examples,
             )
             if val_loss is not None:
-                val_losses.append(val_loss)
+                scores.update(val_loss=val_loss, letter_acc=letter_acc)
+                scores["val_losses"].append(val_loss)
                 log_val(tracker, step, num_iterations, val_loss, letter_acc)
         if last:
             break
 
         timer.start()
         lrm = warmdown_multiplier(step, num_iterations, args.warmdown_ratio)
+        micro_batches = loader.next_step()
         loss_sum, counts, grad_norm = train_step(
             train_model,
             model,
             optimizers,
-            loader.next_step(),
+            micro_batches,
             args.init_lr_frac * lrm,
             args.grad_clip,
             info,
         )
         timer.stop()
         done = step + 1
-
         if done % args.log_every == 0 or done == num_iterations:
             if info.is_ddp:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            train_loss = loss_sum.item() / max(counts[0].item(), 1.0)
-            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, ckpt_dir)
-            stop_if_not_finite(train_loss, "the training loss", done, ckpt_dir)
-            log_train(
-                tracker,
-                done,
-                num_iterations,
-                args,
-                loader,
-                timer.last,
-                lrm,
-                train_loss,
-                grad_norm.item(),
-                counts,
-            )
-
+            scores["train_loss"] = loss_sum.item() / max(counts[0].item(), 1.0)
+            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, run.ckpt_dir)
+            stop_if_not_finite(scores["train_loss"], "the training loss", done, run.ckpt_dir)
+            log_train(tracker, done, run, loader, timer.last, lrm, scores, grad_norm.item(), counts)
         if done == num_iterations or (args.save_every > 0 and done % args.save_every == 0):
-            meta = {
-                "model_config": asdict(config),
-                "tokenizer": tokenizer_record(tokenizer),
-                "stage": stage,
-                "tag": tag,
-                **plan,
-                **{f"source_{k}": v for k, v in source.items()},
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "args": vars(args),
-            }
-            loader_state = {"loader": loader.state_dict()}
-            save(ckpt_dir, done, model, optimizers, meta, rank, args.keep_last, loader_state)
+            meta = checkpoint_meta(run, model, tokenizer, scores)
+            state = {"loader": loader.state_dict()}
+            save(run.ckpt_dir, done, model, optimizers, meta, info.rank, args.keep_last, state)
 
-    # ---- wrap up
-    best_val = min(val_losses, default=None)
+    result = finish(run, tracker, scores, loader, train_task, timer, info)
+    cleanup_distributed()
+    return result
+
+
+def load_source(args, stage: str, info):
+    """(model, tokenizer, run): the checkpoint this stage starts from, and what the run is."""
+    source_stage = pick_source_stage(args, stage)
+    model, tokenizer, src_meta = load_model(
+        source_stage, tag=args.source_tag, step=args.source_step, device=info.device, phase="train"
+    )
+    config = model.config
+    tag = args.tag or src_meta.get("tag") or args.source_tag or f"d{config.n_layer}"
+    run = SimpleNamespace(
+        stage=stage,
+        args=args,
+        tag=tag,
+        ckpt_dir=checkpoint_dir(stage, tag),
+        seq_len=args.max_seq_len or config.sequence_len,
+        source={"stage": source_stage, "tag": src_meta.get("tag"), "step": src_meta.get("step")},
+    )
+    print0(
+        f"{stage}: source {source_stage}/{run.source['tag'] or '?'} step {run.source['step']} "
+        f"-> {stage}/{tag}; depth {config.n_layer}, n_embd {config.n_embd}, vocab "
+        f"{config.vocab_size}, {model.num_params():,} params; seq len {run.seq_len}"
+    )
+    return model, tokenizer, run
+
+
+def load_data(run, info):
+    """(train mixture, val mixture or None); sets the run's plan (steps x conversations)."""
+    args, device, world_size = run.args, info.device, info.world_size
+    train_task, run.train_desc = build_mixture(args, "train", device, seed=args.seed)
+    val_task, run.val_desc = build_mixture(args, "val", device, seed=args.seed)
+    run.aqua_source = resolve_aqua_source(args, device)
+    run.conversations = len(train_task)
+    print0(
+        f"train mixture: {run.train_desc} = {len(train_task)} conversations (AQuA: "
+        f"{run.aqua_source})"
+    )
+    val_size = f" = {len(val_task)} conversations" if val_task else ""
+    print0(f"val mixture:   {run.val_desc}{val_size}")
+    per_step = world_size * args.grad_accum * args.device_batch_size
+    num_iterations = args.num_iterations
+    if num_iterations <= 0:
+        num_iterations = max(1, int(args.num_epochs * len(train_task)) // per_step)
+    run.plan = {"num_iterations": num_iterations, "per_step": per_step}
+    run.epochs = num_iterations * per_step / len(train_task)
+    print0(
+        f"{num_iterations} steps x {per_step} conversations ({world_size} proc x "
+        f"{args.grad_accum} micro x {args.device_batch_size}) = {run.epochs:.2f} epochs"
+    )
+    return train_task, val_task
+
+
+def run_config(run, model, start_step, info) -> dict:
+    """What the tracker records about the run (W&B's config)."""
+    return {
+        **vars(run.args),
+        **run.plan,
+        "stage": run.stage,
+        "tag": run.tag,
+        **{f"source_{k}": v for k, v in run.source.items()},
+        "world_size": info.world_size,
+        "device": str(info.device),
+        "dtype": str(autodetect_dtype(info.device)),
+        "model_config": asdict(model.config),
+        "train_mixture": run.train_desc,
+        "val_mixture": run.val_desc,
+        "seq_len": run.seq_len,
+        "resumed_from": start_step,
+    }
+
+
+def checkpoint_meta(run, model, tokenizer, scores) -> dict:
+    return {
+        "model_config": asdict(model.config),
+        "tokenizer": tokenizer_record(tokenizer),
+        "stage": run.stage,
+        "tag": run.tag,
+        **run.plan,
+        **{f"source_{k}": v for k, v in run.source.items()},
+        "train_loss": scores["train_loss"],
+        "val_loss": scores["val_loss"],
+        "args": vars(run.args),
+    }
+
+
+def finish(run, tracker, scores, loader, train_task, timer, info) -> dict:
+    """The summary, the report section and main's return value."""
+    best_val = min(scores["val_losses"], default=None)
+    letter_acc = scores["letter_acc"]
     summary = {
-        "final/train_loss": train_loss,
-        "final/val_loss": val_loss,
+        "final/train_loss": scores["train_loss"],
+        "final/val_loss": scores["val_loss"],
         **{f"final/letter_acc/{k}": v for k, v in letter_acc.items()},
         "final/min_val_loss": best_val,
-        "final/steps": num_iterations,
+        "final/steps": run.plan["num_iterations"],
         "final/train_time_s": timer.total,
     }
     tracker.summary(summary)
     tracker.finish()
-    if rank == 0:
+    if info.rank == 0:
         facts = {
-            "ckpt_dir": ckpt_dir,
-            "source": source,
-            **plan,
+            "ckpt_dir": run.ckpt_dir,
+            "source": run.source,
+            **run.plan,
             "conversations": len(train_task),
-            "train_desc": train_desc,
-            "val_desc": val_desc,
-            "aqua_source": aqua_source,
-            "epochs": epochs,
-            "seq_len": seq_len,
+            "train_desc": run.train_desc,
+            "val_desc": run.val_desc,
+            "aqua_source": run.aqua_source,
+            "epochs": run.epochs,
+            "seq_len": run.seq_len,
             "truncated": loader.truncated,
-            "train_loss": train_loss,
-            "first_val": val_losses[0] if val_losses else None,
-            "val_loss": val_loss,
+            "train_loss": scores["train_loss"],
+            "first_val": scores["val_losses"][0] if scores["val_losses"] else None,
+            "val_loss": scores["val_loss"],
             "best_val": best_val,
             "letter_acc": letter_acc,
             "minutes": timer.total / 60,
-            "hardware": f"{world_size} x {device.type}",
+            "hardware": f"{info.world_size} x {info.device.type}",
         }
-        lines = report_lines(stage, args, facts)
-        write_section(get_base_dir(), args.run, stage, "\n".join(lines))
-    cleanup_distributed()
+        lines = report_lines(run.stage, run.args, facts)
+        write_section(get_base_dir(), run.args.run, run.stage, "\n".join(lines))
     return {
-        "val_loss": val_loss,
+        "val_loss": scores["val_loss"],
         "letter_acc": letter_acc,
-        "train_loss": train_loss,
-        "ckpt_dir": str(ckpt_dir),
-        "steps": num_iterations,
+        "train_loss": scores["train_loss"],
+        "ckpt_dir": str(run.ckpt_dir),
+        "steps": run.plan["num_iterations"],
     }
 
 
@@ -409,7 +435,8 @@ def log_val(tracker, step, num_iterations, val_loss, letter_acc) -> None:
     tracker.log(metrics, step=step)
 
 
-def log_train(tracker, step, num_iterations, args, loader, dt, lrm, loss, grad_norm, counts):
+def log_train(tracker, step, run, loader, dt, lrm, scores, grad_norm, counts) -> None:
+    args, loss = run.args, scores["train_loss"]
     trained_tokens, input_tokens = counts[0].item(), counts[1].item()
     tok_per_sec = input_tokens / dt
     metrics = {
@@ -426,7 +453,7 @@ def log_train(tracker, step, num_iterations, args, loader, dt, lrm, loss, grad_n
     }
     tracker.log(metrics, step=step)
     print0(
-        f"step {step:05d}/{num_iterations} | loss {loss:.4f} | lrm {lrm:.3f} | gnorm "
+        f"step {step:05d}/{run.plan['num_iterations']} | loss {loss:.4f} | lrm {lrm:.3f} | gnorm "
         f"{grad_norm:.3f} | {int(trained_tokens)} trained tok | {dt * 1000:.0f} ms | "
         f"{tok_per_sec:,.0f} tok/s | epoch {loader.epoch:.2f}"
     )
