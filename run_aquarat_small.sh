@@ -367,8 +367,8 @@ elif [ "$PROFILE" = cpu ]; then
     # 3-digit chunks: the synthetic corpus then holds its numbers (< 1000) as single tokens (~1700 ids).
     TOK=(--source synthetic --vocab-size 2048 --max-digits 3 --max-chars 2000000)
     # 2 heads of 64: the shape of the runs measured in the README ("What the CPU profile shows").
-    # No value embeddings here: with them pretraining reached a lower loss, but the profile's SFT
-    # scored 82.5% instead of ~88% and the run took 22.7 min (README, Performance; issue 16).
+    # No value embeddings here: with them pretraining reaches a lower loss, but mid-training and
+    # SFT score lower on the synthetic test problems (two seeds, README, Performance; issue 16).
     BASE=(--value-embed-every 0 --depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256
           --source synthetic --device-batch-size 16 --total-batch-size 4096 --num-iterations 300
           --eval-every 100 --sample-every 150 --save-every 100)
