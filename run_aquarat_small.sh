@@ -173,8 +173,9 @@ stopped() {
     for s in $ALL_STAGES; do [ -f "$RUN_DIR/.done_$s" ] && done_list+=" $s"; done
     if [ -n "$CURRENT" ]; then
         where="during stage $CURRENT"
+        # || true: a stage without checkpoints (ls exits 2) must not end the trap under pipefail
         newest=$(ls -d "$NANOCHAT_BASE_DIR/checkpoints/$CURRENT/$RUN"/step_*/meta.json 2>/dev/null |
-                 tail -n 1 | sed -E 's|.*/step_0*([0-9]+)/meta.json|\1|')
+                 tail -n 1 | sed -E 's|.*/step_0*([0-9]+)/meta.json|\1|' || true)
         if [ -n "$newest" ]; then
             where+=" (newest checkpoint: step $newest)"
             next=", $CURRENT resumes from step $newest"

@@ -493,10 +493,12 @@ def test_unreachable_services_stop_before_training_or_are_left_out(base_dir, tmp
             stderr=subprocess.STDOUT,
         )
         lines = []
-        for line in proc.stdout:  # stop it once it has gone past the downloads
+        sent = False
+        for line in proc.stdout:  # stop it once it has gone past the downloads, in tok_train
             lines.append(line)
-            if line.startswith("[pipeline] tokenizer:"):
+            if line.startswith("[tok_train]") and not sent:
                 proc.send_signal(signal.SIGTERM)
+                sent = True
         proc.wait(timeout=120)
     finally:
         hub.shutdown()
@@ -505,6 +507,9 @@ def test_unreachable_services_stop_before_training_or_are_left_out(base_dir, tmp
         "[pipeline] the CORE eval bundle could not be downloaded: base_eval will be left out" in out
     )
     assert "[pipeline] tokenizer:" in out and proc.returncode == 143, out[-3000:]
+    # a stage with no checkpoint yet: it starts again (no step to name)
+    assert "stopped by SIGTERM during stage tokenizer. Done: data." in out, out[-3000:]
+    assert "tokenizer starts again." in out
     subprocess.run(
         [sys.executable, "-m", "scripts.report", "--run", "nocore"],
         cwd=REPO,
