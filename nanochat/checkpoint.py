@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import autodetect_device, free_space, get_base_dir
-from nanochat.files import atomic_path, fsync_dir, write_text_atomic
+from nanochat.files import atomic_path, write_text_atomic
 
 # the stages that write checkpoints a later script can load, in pipeline order
 CHECKPOINT_STAGES = ["base", "mid", "sft", "rl"]
@@ -174,7 +174,6 @@ def save_checkpoint(
     except OSError as exc:  # a full disk: say so, and leave no half-written step behind
         shutil.rmtree(out_dir, ignore_errors=True)
         raise _write_failed(exc, writing, ckpt_dir, step) from None
-    fsync_dir(out_dir)
 
     gathered = [(files, rank_state)]
     if distributed:
