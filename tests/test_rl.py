@@ -453,11 +453,16 @@ def read_offline_wandb(run_dir: Path) -> list[dict]:
     """History rows of an offline W&B run, parsed from its run-*.wandb file (W&B's record log:
     7-byte header, 32 KiB blocks of records with a 7-byte crc/length/type header, payloads are
     protobufs)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
-    path = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))[-1]
+    # run.finish() returns once the run's exit is acknowledged; the service process writes the
+    # file out when it closes the run's stream, which can come later on a loaded machine (one CI
+    # run read no history at all). Teardown waits for the service to close every stream.
+    wandb.teardown()
+    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
     data = Path(path).read_bytes()
-    pos, block, buf, rows = 7, 32768, b"", []
+    pos, block, buf, rows, kinds = 7, 32768, b"", [], []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
@@ -472,13 +477,15 @@ def read_offline_wandb(run_dir: Path) -> list[dict]:
             record = pb.Record()
             record.ParseFromString(buf)
             buf = b""
-            if record.WhichOneof("record_type") == "history":
+            kinds.append(record.WhichOneof("record_type"))
+            if kinds[-1] == "history":
                 rows.append(
                     {
                         item.key or "/".join(item.nested_key): item.value_json
                         for item in record.history.item
                     }
                 )
+    assert rows, f"no history records in {path} ({len(data)} bytes); records: {kinds}"
     return rows
 
 
