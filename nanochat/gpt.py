@@ -417,8 +417,11 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
                 nn.init.zeros_(block.attn.ve_gate.weight)  # gate 2 sigmoid(0) = 1
-        for table in self.value_embeds.values():  # at the scale of c_v's output, like a value
-            nn.init.uniform_(table.weight, -bound, bound)
+        # Value-embedding tables start at zero: a row moves only once its token occurs, so a token
+        # that pretraining never shows (the chat special tokens) adds nothing to the values in
+        # fine-tuning, rather than a random vector at a value's scale in every such layer.
+        for table in self.value_embeds.values():
+            nn.init.zeros_(table.weight)
         cos, sin = self._rotary_tables(
             self.rotary_seq_len, cfg.n_embd // cfg.n_head, device=self.cos.device
         )

@@ -25,6 +25,8 @@ def tiny_model(seed=0, **overrides):
             if block.attn.ve_gate is not None:  # a gate that differs per token and head
                 block.attn.ve_gate.weight.normal_(std=0.5)
         model.lm_head.weight.normal_(std=0.1)
+        for table in model.value_embeds.values():  # tables start at zero: give them values
+            table.weight.normal_(std=1.0)
     return model.eval()
 
 
@@ -341,13 +343,36 @@ def test_value_embeddings_sit_on_every_kth_layer_from_the_last_and_change_the_ou
     assert every2.estimate_flops() - plain.estimate_flops() == 6 * 3 * 32 * TINY["n_kv_head"]
     x = torch.randint(0, 256, (2, 16))
     assert not torch.allclose(plain(x), every2(x))
-    # the gate is 2 sigmoid(W x): exactly 1 at init, so a fresh model adds each table once
+    # the gate is 2 sigmoid(W x): exactly 1 at init; the tables start at zero, so a fresh model
+    # computes what the model without them does
     fresh = GPT(GPTConfig(**cfg, value_embed_every=2))
     assert all(
         (b.attn.ve_gate.weight == 0).all()
         for b in fresh.transformer.h
         if b.attn.ve_gate is not None
     )
+    assert all((t.weight == 0).all() for t in fresh.value_embeds.values())
+
+
+def test_value_embedding_rows_of_tokens_never_seen_stay_zero():
+    """The chat special tokens never occur in pretraining: their rows must stay zero (no noise in
+    the values when fine-tuning first shows them), while the rows of the tokens trained on move."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, value_embed_every=1))
+    model.compute_dtype = torch.float32
+    opts = model.setup_optimizers()
+    x = torch.randint(0, 128, (2, 16))  # ids 128..255 never occur
+    model.train()
+    for _ in range(3):
+        model(x, x).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    seen = torch.zeros(256, dtype=torch.bool)
+    seen[x.unique()] = True
+    for table in model.value_embeds.values():
+        assert (table.weight[seen].abs().sum(dim=1) > 0).all()
+        assert (table.weight[~seen] == 0).all()
 
 
 def test_value_embedding_tables_train_with_the_embedding_rule_and_gates_with_muon():
