@@ -295,7 +295,7 @@ def main(argv=None, stage: str = "sft") -> dict:
             state = {"loader": loader.state_dict()}
             save(run.ckpt_dir, done, model, optimizers, meta, info.rank, args.keep_last, state)
 
-    result = finish(run, tracker, scores, loader, train_task, timer, info)
+    result = finish(run, tracker, scores, loader, timer, info)
     cleanup_distributed()
     return result
 
@@ -332,7 +332,7 @@ def load_data(run, info):
     run.aqua_source = resolve_aqua_source(args, device)
     run.conversations = len(train_task)
     print0(
-        f"train mixture: {run.train_desc} = {len(train_task)} conversations (AQuA: "
+        f"train mixture: {run.train_desc} = {run.conversations} conversations (AQuA: "
         f"{run.aqua_source})"
     )
     val_size = f" = {len(val_task)} conversations" if val_task else ""
@@ -340,9 +340,9 @@ def load_data(run, info):
     per_step = world_size * args.grad_accum * args.device_batch_size
     num_iterations = args.num_iterations
     if num_iterations <= 0:
-        num_iterations = max(1, int(args.num_epochs * len(train_task)) // per_step)
+        num_iterations = max(1, int(args.num_epochs * run.conversations) // per_step)
     run.plan = {"num_iterations": num_iterations, "per_step": per_step}
-    run.epochs = num_iterations * per_step / len(train_task)
+    run.epochs = num_iterations * per_step / run.conversations
     print0(
         f"{num_iterations} steps x {per_step} conversations ({world_size} proc x "
         f"{args.grad_accum} micro x {args.device_batch_size}) = {run.epochs:.2f} epochs"
@@ -383,7 +383,7 @@ def checkpoint_meta(run, model, tokenizer, scores) -> dict:
     }
 
 
-def finish(run, tracker, scores, loader, train_task, timer, info) -> dict:
+def finish(run, tracker, scores, loader, timer, info) -> dict:
     """The summary, the report section and main's return value."""
     best_val = min(scores["val_losses"], default=None)
     letter_acc = scores["letter_acc"]
@@ -402,7 +402,7 @@ def finish(run, tracker, scores, loader, train_task, timer, info) -> dict:
             "ckpt_dir": run.ckpt_dir,
             "source": run.source,
             **run.plan,
-            "conversations": len(train_task),
+            "conversations": run.conversations,
             "train_desc": run.train_desc,
             "val_desc": run.val_desc,
             "aqua_source": run.aqua_source,
