@@ -30,6 +30,19 @@ def base_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as the subprocesses run (OMP_NUM_THREADS=1): a run in
+    this process compared bit for bit with a subprocess's must add up in the same order. The
+    previous count comes back afterwards, so no later test in the worker inherits it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def shared_dir():
     """../shared beside the checkout (reference data, API spec); tests needing it skip where it is
     absent."""

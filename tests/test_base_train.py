@@ -80,21 +80,18 @@ def run(args, base, timeout=300, module="scripts.base_train", check=True):
 
 
 @pytest.fixture
-def inproc(monkeypatch):
+def inproc(monkeypatch, one_thread):
     """Run a script's main(argv) inside pytest (no 5-10 s torch import), single-threaded like
     the subprocesses."""
     monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def call(args, module="scripts.base_train"):
         import importlib
 
         importlib.import_module(module).main(list(args))
 
-    yield call
-    torch.set_num_threads(threads)
+    return call
 
 
 def free_port() -> int:

@@ -225,11 +225,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_training_matches_single_process(tmp_path):
+def test_two_process_training_matches_single_process(tmp_path, one_thread):
     """Same global batch of 4 rows, 3 steps with clipping: 1 process (full batch), 1 process with
     2-step gradient accumulation, and torchrun with 2 gloo ranks (2 rows each) end with the same
     weights."""
-    torch.set_num_threads(1)
     single = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4)
     accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2)
     env = {

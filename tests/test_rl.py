@@ -628,7 +628,7 @@ def _same_weights(a_dir, b_dir, step, atol=0.0):
         )
 
 
-def test_chat_rl_sigkill_resume_equals_uninterrupted(answering_sft, base_dir, tmp_path):
+def test_chat_rl_sigkill_resume_equals_uninterrupted(answering_sft, base_dir, tmp_path, one_thread):
     use_checkpoint(answering_sft, base_dir)
     flags = TINY_RL + ["--num-steps", "8", "--save-every", "1", "--keep-last", "0", "--no-wandb"]
     killed = tmp_path / "killed"
@@ -647,7 +647,7 @@ def test_chat_rl_sigkill_resume_equals_uninterrupted(answering_sft, base_dir, tm
     _same_weights(checkpoint_dir("rl", "d2"), ckpt, 8)
 
 
-def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_path):
+def test_torchrun_rl_step_equals_single_process(answering_sft, base_dir, tmp_path, one_thread):
     from test_chat_stages import _free_port
 
     use_checkpoint(answering_sft, base_dir)
