@@ -124,13 +124,19 @@ def sshd(tmp_path_factory):
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
         )
     shutil.copy(d / "user_key.pub", d / "authorized_keys")
-    # The "GPU node": an nvidia-smi on the sessions' PATH, listing 8 GPUs unless <dir>/no_gpu exists
+    # The "GPU node": an nvidia-smi on the sessions' PATH, listing 8 GPUs unless <dir>/no_gpu
+    # exists, with driver 580.65.06 unless <dir>/driver says another
     (d / "bin").mkdir()
     (d / "bin" / "nvidia-smi").write_text(f"""#!/bin/sh
 if [ -e {d}/no_gpu ]; then
   echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."; exit 9
 fi
-for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done
+for i in 0 1 2 3 4 5 6 7; do
+  case "$*" in
+    *driver_version*) cat {d}/driver 2>/dev/null || echo 580.65.06 ;;
+    *) echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)" ;;
+  esac
+done
 """)
     (d / "bin" / "nvidia-smi").chmod(0o755)
     port = free_port()
@@ -326,7 +332,12 @@ IMPORT_WITHOUT_TORCH = textwrap.dedent("""
     launch_lambda.main(["--help"])
 """)
 # What the launcher may load from nanochat outside its own package: stdlib-only modules.
-NANOCHAT_OUTSIDE_LAUNCHER = {"nanochat", "nanochat.files"}
+NANOCHAT_OUTSIDE_LAUNCHER = {
+    "nanochat",
+    "nanochat.files",
+    "nanochat.driver_check",
+    "nanochat.wandb_login",
+}
 
 
 def test_no_torch_in_import_graph(tmp_path):
@@ -359,7 +370,8 @@ def test_no_torch_in_import_graph(tmp_path):
 def test_only_requests_and_dotenv_beyond_the_stdlib():
     """Read from the source, so an import inside a function that no test runs is caught too."""
     imported = set()
-    for path in [LAUNCHER, *PACKAGE_DIR.glob("*.py"), REPO_ROOT / "nanochat" / "files.py"]:
+    outside = [REPO_ROOT / (m.replace(".", "/") + ".py") for m in NANOCHAT_OUTSIDE_LAUNCHER]
+    for path in [LAUNCHER, *PACKAGE_DIR.glob("*.py"), *(p for p in outside if p.is_file())]:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -367,7 +379,9 @@ def test_only_requests_and_dotenv_beyond_the_stdlib():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module)
     nanochat = {m for m in imported if m.split(".")[0] == "nanochat"}
-    assert {m for m in nanochat if not m.startswith("nanochat.launcher")} == {"nanochat.files"}
+    assert {
+        m for m in nanochat if not m.startswith("nanochat.launcher")
+    } <= NANOCHAT_OUTSIDE_LAUNCHER
     third_party = {m.split(".")[0] for m in imported - nanochat}
     assert third_party - set(sys.stdlib_module_names) == {"requests", "dotenv"}
 
@@ -505,7 +519,7 @@ def test_capacity_errors_then_success_with_wait(env, fake):
     assert len(fake.launches()) == 3 and all(r["status"] != 429 for r in fake.launches())
     (iid,) = [i["id"] for i in fake.running()]
     assert (
-        f"Launched {iid}" in out and "python launch_lambda.py ssh" in out and "$23.92/hour" in out
+        f"Launched {iid}" in out and "uv run launch_lambda.py ssh" in out and "$23.92/hour" in out
     )
     assert state_of(env)[iid]["status"] == "active"
     assert (
@@ -693,7 +707,7 @@ def test_full_deploy_run_fetch_auto_terminate(env, fake, sshd, project, tmp_path
     ).read_text() == f"WANDB_API_KEY='{WANDB_KEY}'\nWANDB_PROJECT='aquarat-test'\n"
     # the pipeline ran in tmux with the .env loaded and the user's flags, and its log streamed back
     assert "wandb key present: yes, project: aquarat-test" in out and "pipeline done" in out
-    assert "GPUs on the instance: 8 x NVIDIA H100 80GB HBM3" in out
+    assert "GPUs on the instance: 8 x NVIDIA H100 80GB HBM3, driver 580.65.06" in out
     assert (
         f"pipeline running with base {remote_home / 'base'}, "
         "args: --sleep 0.5 --profile gpu --gpu-hourly-price 23.92" in out
@@ -818,6 +832,11 @@ def test_ctrl_c_during_run_terminates(env, fake, sshd, project, tmp_path):
     reader.wait_for("pipeline running")
     interrupt(proc, reader)
     assert not fake.running()
+    # what the run had written was brought home before the instance went
+    assert "fetching what the run has written so far" in reader.text
+    dest = tmp_path / "lambda-results" / fake.instances.popitem()[0]
+    assert (dest / "report" / "report.md").read_text() == "# fake report\n"
+    assert "pipeline running" in (dest / "run.log").read_text()
 
 
 def test_fetch_falls_back_to_tar_without_rsync(sshd, tmp_path, monkeypatch):
@@ -877,3 +896,113 @@ def test_docs_mention_only_real_flags_and_codes():
     assert {f for f in launch_flags if f not in ("-h", "--help", "--env-file", "--name")} <= set(
         re.findall(r"--[a-z][a-z-]+", quick)
     ), "a launch flag is missing from QUICKSTART.md"
+
+
+# -----------------------------------------------------------------------------
+# A newcomer's first launch (issue 23): what would fail or bill by surprise is refused first
+
+
+def test_old_driver_on_the_node_is_refused_before_shipping(env, fake, sshd, project, tmp_path):
+    """The node's driver is older than the locked torch's CUDA needs: terminated before anything
+    is shipped, with the fix in the message."""
+    lock = '[[package]]\nname = "nvidia-cuda-runtime"\nversion = "13.0.96"\n'
+    (project / "uv.lock").write_text(lock)
+    (sshd["dir"] / "driver").write_text("550.90.07\n")
+    remote_home = tmp_path / "remote_home"
+    try:
+        proc, out = launcher(env, *deploy_args(sshd, project, remote_home, "--auto-terminate"))
+    finally:
+        (sshd["dir"] / "driver").unlink()
+    assert proc.returncode == errors.EXIT_DEPLOY, out
+    assert "NVIDIA driver 550.90.07 is too old" in out and "needs driver >= 580" in out
+    assert "Terminated" in out and not fake.running()
+    assert not (remote_home / "nanochat-aquarat").exists()
+
+
+def test_max_hours_without_auto_terminate_is_refused(env, fake, project):
+    proc, out = launcher(env, *launch_args("--max-hours", "2", "--repo", str(project)))
+    assert proc.returncode == errors.EXIT_USAGE, out
+    assert "--max-hours needs --auto-terminate" in out and not fake.launches()
+
+
+def test_max_hours_counts_from_the_launch(monkeypatch):
+    """An instance that took 10 s to boot and deploy, under a 5 s cap, is over it at once."""
+    from nanochat.launcher import deploy
+
+    monkeypatch.setattr(deploy, "poll_run", lambda *a: (None, True, b""))
+    with pytest.raises(errors.LaunchError, match="exceeded --max-hours"):
+        deploy.follow_run(None, "d", "s", 0.01, 1, max_seconds=5, started=time.monotonic() - 10)
+
+
+def make_key(path, passphrase=""):
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(path)], check=True
+    )
+    return (path.parent / f"{path.name}.pub").read_text()
+
+
+def test_key_with_a_passphrase_not_in_an_agent_is_refused_before_launch(env, fake, project):
+    """BatchMode ssh can never use it: refused before the launch, so nothing bills."""
+    key = Path(env["HOME"]) / "locked_key"
+    fake.ssh_keys[0]["public_key"] = make_key(key, "s3cret phrase").strip()
+    env = {k: v for k, v in env.items() if k != "SSH_AUTH_SOCK"}  # no agent
+    proc, out = launcher(env, *launch_args("--repo", str(project), "--ssh-key-file", str(key)))
+    assert proc.returncode == errors.EXIT_CONFIG, out
+    assert f"{key} has a passphrase and is not loaded in ssh-agent" in out
+    assert f"ssh-add {key}" in out and not fake.launches()
+    # the default keys too (no --ssh-key-file): ~/.ssh/id_ed25519 with a passphrase
+    ssh_dir = Path(env["HOME"]) / ".ssh"
+    ssh_dir.mkdir(exist_ok=True)
+    fake.ssh_keys[0]["public_key"] = make_key(ssh_dir / "id_ed25519", "other phrase").strip()
+    proc, out = launcher(env, *launch_args("--repo", str(project), "--dry-run"))
+    assert proc.returncode == errors.EXIT_CONFIG, out
+    assert "id_ed25519 has a passphrase and is not loaded in ssh-agent" in out
+
+
+def test_key_loaded_in_an_agent_is_usable(tmp_path, monkeypatch):
+    from nanochat.launcher.ssh import check_key_usable
+
+    key = tmp_path / "agent_key"
+    public = make_key(key, "pass phrase")
+    with pytest.raises(errors.LaunchError, match="not loaded in ssh-agent"):
+        monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+        check_key_usable(str(key), "laptop", public)
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        askpass = tmp_path / "askpass"
+        askpass.write_text("#!/bin/sh\necho 'pass phrase'\n")
+        askpass.chmod(0o700)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        added = subprocess.run(
+            ["ssh-add", str(key)],
+            env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=20,
+        )
+        assert added.returncode == 0, added.stderr
+        check_key_usable(str(key), "laptop", public)  # no error: the agent holds it
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
+def test_wandb_login_key_and_server_are_forwarded(tmp_path, monkeypatch):
+    from nanochat.launcher.settings import load_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC", raising=False)
+    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / ".netrc").write_text("machine wandb.example.com login u password k3yfromlogin\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    env_file = tmp_path / "my.env"
+    env_file.write_text("WANDB_BASE_URL=https://wandb.example.com\n")
+    settings = load_settings(str(env_file))
+    text = remote_env_text(settings)
+    assert "WANDB_API_KEY='k3yfromlogin'" in text
+    assert "WANDB_BASE_URL='https://wandb.example.com'" in text

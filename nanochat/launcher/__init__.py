@@ -1,4 +1,4 @@
-"""The Lambda Cloud launcher behind `python launch_lambda.py`. It runs on a laptop with only
+"""The Lambda Cloud launcher behind `uv run launch_lambda.py`. It runs on a laptop with only
 requests and python-dotenv, so nothing here imports torch or the rest of nanochat.
 
 errors    exit codes and LaunchError          settings  keys from the environment / .env

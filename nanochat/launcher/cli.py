@@ -1,4 +1,4 @@
-"""The command line: `python launch_lambda.py SUBCOMMAND ...` (with no subcommand, `launch`)."""
+"""The command line: `uv run launch_lambda.py SUBCOMMAND ...` (with no subcommand, `launch`)."""
 
 import argparse
 import os
@@ -89,6 +89,16 @@ def check_launch_args(args, remote_args):
             "arguments after -- only extend the default command; put them in --command instead",
             EXIT_USAGE,
         )
+    if args.max_hours is not None and not args.auto_terminate:
+        # Without --auto-terminate nothing watches the run, so no cap could be kept: refused
+        # rather than accepted and silently ignored (the node would bill past it).
+        raise LaunchError(
+            "--max-hours needs --auto-terminate: without it the launcher leaves once the run has "
+            "started, and nothing would stop the instance after that many hours",
+            EXIT_USAGE,
+        )
+    if args.max_hours is not None and args.max_hours <= 0:
+        raise LaunchError("--max-hours must be > 0", EXIT_USAGE)
     for name in ("ssh_timeout", "active_timeout", "poll_interval"):
         if getattr(args, name) <= 0:
             raise LaunchError(f"--{name.replace('_', '-')} must be > 0", EXIT_USAGE)
@@ -257,7 +267,8 @@ def add_launch_parser(sub, common):
         "--max-hours",
         type=float,
         default=None,
-        help="with --auto-terminate: stop, fetch and terminate after this many hours",
+        help="with --auto-terminate (required): fetch and terminate this many hours after the "
+        "launch, whatever the run is doing",
     )
     p.add_argument(
         "--keep-on-failure",

@@ -9,7 +9,9 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+from nanochat.driver_check import driver_problem
 from nanochat.launcher.errors import (
     EXIT_CONFIG,
     EXIT_DEPLOY,
@@ -28,9 +30,10 @@ def tmux_session(instance_id):
     return f"aquarat-{instance_id[:8]}"
 
 
-def check_gpus(remote):
-    """Before anything is shipped, the node must list its GPUs. A driver problem found now costs
-    a minute of billing, not a pipeline that stops (or crawls on the CPU) after its set-up."""
+def check_gpus(remote, repo):
+    """Before anything is shipped, the node must list its GPUs, with a driver new enough for the
+    torch that repo's uv.lock installs. A driver problem found now costs a minute of billing, not a
+    pipeline that stops (or crawls on the CPU) after minutes of set-up."""
     proc = remote.run("nvidia-smi -L", check=False, timeout=60)
     out = (proc.stdout or b"").decode(errors="replace")
     gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
@@ -43,7 +46,18 @@ def check_gpus(remote):
             EXIT_DEPLOY,
         )
     model = gpus[0].split(":", 1)[1].split("(UUID")[0].strip()
-    print(f"GPUs on the instance: {len(gpus)} x {model}")
+    query = remote.run(
+        "nvidia-smi --query-gpu=driver_version --format=csv,noheader", check=False, timeout=60
+    )
+    driver = ((query.stdout or b"").decode(errors="replace").strip().splitlines() or ["?"])[0]
+    print(f"GPUs on the instance: {len(gpus)} x {model}, driver {driver}")
+    problem = driver_problem(driver, Path(repo) / "uv.lock")
+    if problem:
+        raise LaunchError(
+            f"{problem} Nothing was started on the instance. (A custom --command that brings "
+            "its own torch: --skip-gpu-check.)",
+            EXIT_DEPLOY,
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -188,12 +202,21 @@ def poll_run(remote, remote_dir, session, offset):
 
 
 def follow_run(
-    remote, remote_dir, session, poll, ssh_timeout, max_seconds=None, api=None, instance_id=None
+    remote,
+    remote_dir,
+    session,
+    poll,
+    ssh_timeout,
+    max_seconds=None,
+    api=None,
+    instance_id=None,
+    started=None,
 ):
     """Streams the remote log until the run finishes and returns its exit code. SSH outages up to
-    ssh_timeout are ridden out; with an api, an instance that is gone ends the wait at once."""
+    ssh_timeout are ridden out; with an api, an instance that is gone ends the wait at once.
+    max_seconds counts from `started` (time.monotonic(); default: now)."""
     offset = 0
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     down_since = None
     while True:
         try:

@@ -37,7 +37,7 @@ from nanochat.launcher.errors import (
 )
 from nanochat.launcher.fetch import default_dest, fetch_artifacts
 from nanochat.launcher.settings import remote_env_text, require_api_key
-from nanochat.launcher.ssh import Remote, shown
+from nanochat.launcher.ssh import Remote, check_key_usable, shown
 from nanochat.launcher.state import State, timestamp
 
 DEFAULT_COMMAND = "bash run_aquarat_small.sh"
@@ -47,7 +47,7 @@ def cmd_launch(args, settings):
     api, env_text = check_before_launching(args, settings)
     if args.dry_run:
         return dry_run(api, args)
-    ssh_key, existing_ids = look_at_account(api, args.ssh_key_name)
+    ssh_key, existing_ids = look_at_account(api, args)
     state = State()
     instance_id, region, price = acquire_or_clean_up(api, state, args, ssh_key, existing_ids)
     command = remote_command(args, price)
@@ -99,13 +99,17 @@ def check_before_launching(args, settings):
     return api, env_text
 
 
-def look_at_account(api, wanted_key):
-    """(SSH key name to attach, ids of the instances that exist before we launch)."""
+def look_at_account(api, args):
+    """(SSH key name to attach, ids of the instances that exist before we launch). Refuses, before
+    anything is billed, a key that ssh could not use without a prompt."""
     try:
-        ssh_key = choose_ssh_key(api, wanted_key)
+        keys = {k["name"]: k.get("public_key") for k in api.ssh_keys()}
+        ssh_key = choose_ssh_key(list(keys), args.ssh_key_name)
         existing = api.instances()
     except ApiError as e:
         raise api_failure(e, "preparing the launch") from e
+    if not args.no_deploy:  # with --no-deploy the user logs in by hand and may type a passphrase
+        check_key_usable(args.ssh_key_file, ssh_key, keys[ssh_key])
     if existing:
         listed = ", ".join(
             f"{i['id']} ({i['instance_type']['name']}, {i['status']})" for i in existing
@@ -114,8 +118,7 @@ def look_at_account(api, wanted_key):
     return ssh_key, {i["id"] for i in existing}
 
 
-def choose_ssh_key(api, wanted):
-    names = [k["name"] for k in api.ssh_keys()]
+def choose_ssh_key(names, wanted):
     if wanted:
         if wanted not in names:
             raise LaunchError(
@@ -147,7 +150,7 @@ def choose_ssh_key(api, wanted):
 def lookup_type(types, name):
     if name not in types:
         raise LaunchError(
-            f"--instance-type {name!r} does not exist; run `python launch_lambda.py types`. "
+            f"--instance-type {name!r} does not exist; run `uv run launch_lambda.py types`. "
             f"Known: {', '.join(sorted(types))}",
             EXIT_CONFIG,
         )
@@ -264,21 +267,22 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
     if args.no_deploy:
         print(
             f"--no-deploy: nothing started. The instance keeps billing until "
-            f"`python launch_lambda.py terminate {instance_id}`."
+            f"`uv run launch_lambda.py terminate {instance_id}`."
         )
         return EXIT_OK
     remote.wait_ready(args.ssh_timeout, args.poll_interval)
     if not args.skip_gpu_check:
-        check_gpus(remote)
+        check_gpus(remote, args.repo)
     session = tmux_session(instance_id)
     deploy(remote, args.repo, args.remote_dir, command, args.remote_base_dir, env_text, session)
     state.update(instance_id, deployed_at=timestamp())
     if not args.auto_terminate:
         print(
-            "The run continues without this laptop. "
-            f"Follow: python launch_lambda.py logs {instance_id} --follow\n"
-            f"  Results: python launch_lambda.py fetch {instance_id}\n"
-            f"  STOP BILLING when done: python launch_lambda.py terminate {instance_id}"
+            "The run continues without this laptop, and the instance bills until you terminate "
+            "it, whether the run succeeds or fails. "
+            f"Follow: uv run launch_lambda.py logs {instance_id} --follow\n"
+            f"  Results: uv run launch_lambda.py fetch {instance_id}\n"
+            f"  STOP BILLING when done: uv run launch_lambda.py terminate {instance_id}"
         )
         return EXIT_OK
     return watch_fetch_terminate(api, state, args, remote, instance_id, price, launched)
@@ -299,7 +303,7 @@ def connect_when_active(api, state, args, instance_id, price, launched):
     so_far = price * (time.monotonic() - launched) / 3600
     print(
         f"Instance {instance_id} is active at {inst['ip']}.\n"
-        f"  SSH:  {remote.human_command()}   (or: python launch_lambda.py ssh {instance_id})\n"
+        f"  SSH:  {remote.human_command()}   (or: uv run launch_lambda.py ssh {instance_id})\n"
         f"  Cost: {money(price)}/hour, ~{money(so_far)} so far"
     )
     return remote
@@ -331,7 +335,12 @@ def wait_active(api, instance_id, timeout, poll):
 
 
 def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched):
-    print("--auto-terminate: watching the run (Ctrl-C terminates the instance) ...")
+    print(
+        "--auto-terminate: watching the run. Ctrl-C, or closing this terminal, fetches what the "
+        "run has written so far and then terminates the instance (a second Ctrl-C skips the "
+        "fetch). To close the terminal and keep the run going, start the launcher inside tmux "
+        "or under nohup."
+    )
     max_seconds = args.max_hours * 3600 if args.max_hours else None
     dest = args.dest or default_dest(instance_id)
     try:
@@ -344,10 +353,18 @@ def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched
             max_seconds,
             api,
             instance_id,
+            started=launched,  # --max-hours counts from the launch: that is when billing began
         )
     except LaunchError as e:
         if e.exit_code == EXIT_RUN_FAILED:  # bring home whatever exists before terminating
             fetch_what_exists(remote, args, dest)
+        raise
+    except KeyboardInterrupt:
+        print("Interrupted: fetching what the run has written so far, then terminating ...")
+        try:
+            fetch_what_exists(remote, args, dest)
+        except KeyboardInterrupt:
+            print("  fetch skipped (interrupted again)")
         raise
     dest = fetch_artifacts(remote, args.remote_dir, args.remote_base_dir, dest)
     hours = (time.monotonic() - launched) / 3600
@@ -392,8 +409,8 @@ def cleanup_after_failure(api, state, instance_id, keep, reason):
     if keep:
         print(
             f"--keep-on-failure: instance {instance_id} is STILL RUNNING and billed. Inspect it "
-            f"with `python launch_lambda.py ssh {instance_id}`, then "
-            f"`python launch_lambda.py terminate {instance_id}`."
+            f"with `uv run launch_lambda.py ssh {instance_id}`, then "
+            f"`uv run launch_lambda.py terminate {instance_id}`."
         )
         return
     print(
@@ -410,7 +427,7 @@ def cleanup_after_failure(api, state, instance_id, keep, reason):
         print(
             f"!!! COULD NOT TERMINATE {instance_id}: {e}\n"
             "!!! It may still be billing. Terminate it now at https://cloud.lambda.ai/instances "
-            f"or with `python launch_lambda.py terminate {instance_id}`."
+            f"or with `uv run launch_lambda.py terminate {instance_id}`."
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -459,9 +476,10 @@ def show_type_and_key(api, args):
     """The dry run's look at the account: type, capacity now, SSH key. Returns the price."""
     try:
         item = lookup_type(api.instance_types(), args.instance_type)
-        keys = [k["name"] for k in api.ssh_keys()]
+        public_keys = {k["name"]: k.get("public_key") for k in api.ssh_keys()}
     except ApiError as e:
         raise api_failure(e, "dry run") from e
+    keys = list(public_keys)
     regions = [r["name"] for r in item["regions_with_capacity_available"]]
     print(f"  type:      {args.instance_type}: {item['instance_type']['description']}")
     print(f"  capacity:  {', '.join(regions) or 'none right now'}")
@@ -475,4 +493,6 @@ def show_type_and_key(api, args):
     else:
         key = keys[0] if len(keys) == 1 else "ask among " + ", ".join(keys)
     print(f"  ssh key:   {key}")
+    if key in public_keys and not args.no_deploy:
+        check_key_usable(args.ssh_key_file, key, public_keys[key])  # what the launch would refuse
     return item["instance_type"]["price_cents_per_hour"]

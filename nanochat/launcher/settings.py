@@ -10,10 +10,18 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from nanochat.launcher.errors import EXIT_CONFIG, LaunchError
+from nanochat.wandb_login import stored_api_key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout that holds launch_lambda.py
 # Settings forwarded into the instance's .env when set locally (W&B, Hugging Face).
-FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "HF_TOKEN")
+FORWARDED_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_PROJECT",
+    "WANDB_ENTITY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "HF_TOKEN",
+)
 
 
 def load_settings(env_file):
@@ -31,6 +39,12 @@ def load_settings(env_file):
         if env_file:
             raise LaunchError(f"--env-file {path} does not exist", EXIT_CONFIG)
     settings.update({k: v for k, v in os.environ.items() if v != ""})
+    if not settings.get("WANDB_API_KEY"):
+        # `wandb login` keeps the key in ~/.netrc and sets no variable: forward that one
+        key = stored_api_key(settings.get("WANDB_BASE_URL"))
+        if key:
+            settings["WANDB_API_KEY"] = key
+            print("note: using the W&B key that `wandb login` stored in ~/.netrc")
     return settings
 
 

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from nanochat.launcher.errors import EXIT_DEPLOY, EXIT_NOT_READY, LaunchError
+from nanochat.launcher.errors import EXIT_CONFIG, EXIT_DEPLOY, EXIT_NOT_READY, LaunchError
 
 
 def home_relative(path):
@@ -122,3 +122,94 @@ class Remote:
             last_line = last.splitlines()[-1] if last else "no answer"
             print(f"  waiting for sshd on {self.host}:{self.port} ... ({last_line})")
             time.sleep(poll)
+
+
+# -----------------------------------------------------------------------------
+# Can ssh use the key without asking? Checked before launching: every ssh here runs with
+# BatchMode=yes (a prompt would hang an unattended run), so a key with a passphrase that no agent
+# holds never connects, and the instance would bill until the SSH wait gave up.
+
+
+def key_id(public_key):
+    """'type base64' of an OpenSSH public key line, without its comment."""
+    return " ".join((public_key or "").split()[:2])
+
+
+def agent_keys():
+    """The public keys ssh-agent holds (empty without an agent)."""
+    try:
+        proc = subprocess.run(["ssh-add", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    if proc.returncode != 0:
+        return set()
+    return {key_id(line) for line in proc.stdout.splitlines() if line.strip()}
+
+
+def default_key_files():
+    """The identity files ssh tries by itself (`ssh -G` applies the user's ssh config)."""
+    try:
+        out = subprocess.run(
+            ["ssh", "-G", "lambda-node.invalid"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    prefix = "identityfile "
+    files = [line[len(prefix) :] for line in out.splitlines() if line.startswith(prefix)]
+    if not files:
+        files = [f"~/.ssh/id_{kind}" for kind in ("rsa", "ecdsa", "ed25519")]
+    return [Path(f).expanduser() for f in files if Path(f).expanduser().is_file()]
+
+
+def read_key(path):
+    """(public key id, needs a passphrase?) of a private key file. An unencrypted key yields its
+    public key; an encrypted one yields the .pub beside it, if any."""
+    proc = subprocess.run(
+        ["ssh-keygen", "-y", "-P", "", "-f", str(path)], capture_output=True, text=True, timeout=10
+    )
+    if proc.returncode == 0:
+        return key_id(proc.stdout), False
+    pub = Path(f"{path}.pub")
+    return (key_id(pub.read_text()) if pub.is_file() else None), True
+
+
+def check_key_usable(key_file, account_key_name, account_public_key):
+    """Raise LaunchError when the key for the node certainly needs a passphrase that no agent
+    holds; warn when no local key matches the account's key (it may live elsewhere, e.g. on a
+    hardware token)."""
+    loaded = agent_keys()
+    files = [Path(key_file)] if key_file else default_key_files()
+    usable, locked = set(loaded), []
+    for path in files:
+        public, needs_passphrase = read_key(path)
+        if not needs_passphrase:
+            usable.add(public)
+        elif public not in loaded:
+            locked.append((path, public))
+    account = key_id(account_public_key)
+    if account and account in usable:
+        return
+    hint = (
+        "ssh runs without prompts (BatchMode), so this key could never log in and the instance "
+        "would bill until the SSH wait gave up. Load it into your agent first: ssh-add {path} "
+        "(macOS: ssh-add --apple-use-keychain {path}), then launch again."
+    )
+    for path, public in locked:
+        if (account and public == account) or (key_file and public is None and not loaded):
+            raise LaunchError(
+                f"{path} has a passphrase and is not loaded in ssh-agent. "
+                + hint.format(path=path),
+                EXIT_CONFIG,
+            )
+    if not usable and locked:
+        names = ", ".join(str(path) for path, _ in locked)
+        raise LaunchError(
+            f"every SSH key here needs a passphrase and none is loaded in ssh-agent ({names}). "
+            + hint.format(path=locked[0][0]),
+            EXIT_CONFIG,
+        )
+    if account:
+        print(
+            f"warning: no SSH key here matches the account's key '{account_key_name}' "
+            f"({account[:40]}...); pass --ssh-key-file with its private key if ssh is refused"
+        )
