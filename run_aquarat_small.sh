@@ -48,6 +48,8 @@ Usage: bash run_aquarat_small.sh [options]
   --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
                            gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
                            a GPU node's run before paying for one (the test suite does this)
+  --no-wandb               no Weights & Biases at all (WANDB_MODE=disabled): only the local JSON-lines
+                           files under <base>/runs/<run>/ (changes no result; allowed on a resume)
   --no-sync                skip uv: run with the environment as it is (NANOCHAT_PYTHON, else .venv,
                            else python3), e.g. a torch build installed by hand for an older driver
   -h, --help               this text
@@ -58,7 +60,7 @@ EOF
 }
 
 PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS="" AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
-REHEARSAL=0 NO_SYNC=0 DEVICE_BATCH=32 SEQ_LEN=2048
+REHEARSAL=0 NO_SYNC=0 NO_WANDB=0 DEVICE_BATCH=32 SEQ_LEN=2048
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -81,6 +83,7 @@ while [ $# -gt 0 ]; do
         --device-batch-size) DEVICE_BATCH=${2:?--device-batch-size needs a value}; shift 2 ;;
         --max-seq-len) SEQ_LEN=${2:?--max-seq-len needs a value}; shift 2 ;;
         --no-sync) NO_SYNC=1; shift ;;
+        --no-wandb) NO_WANDB=1; shift ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -109,6 +112,25 @@ if ! [[ "$PRICE" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
 fi
 if [ "$REHEARSAL" = 1 ] && [ "$PROFILE" != gpu ]; then
     echo "--cpu-rehearsal rehearses the gpu profile: add --profile gpu" >&2; exit 2
+fi
+# --from a stage that this profile never runs would redo nothing: refuse it, naming the ones it has
+# (checked here for an explicit profile, and again once --profile auto has chosen one)
+check_from_stage() {
+    if [ "$PROFILE" != gpu ] && [[ "$FROM" == data || "$FROM" == base_eval ]]; then
+        echo "--from $FROM: the $PROFILE profile has no $FROM stage (it pretrains on the offline" \
+             "synthetic corpus; data and base_eval are the gpu profile's). Its stages: tokenizer" \
+             "tok_eval base base_loss mid sft rl eval" >&2
+        exit 2
+    fi
+}
+[ "$PROFILE" != auto ] && check_from_stage
+
+# A GPU node whose driver is older than the locked torch's CUDA needs: say so now, before `uv sync`
+# spends minutes of a billed node downloading ~3 GB of CUDA wheels it could not use. (With
+# --no-sync the torch at hand may be another build: the check after set-up covers that case.)
+if [ "$NO_SYNC" = 0 ] && [ "$REHEARSAL" = 0 ] && [[ "$PROFILE" == auto || "$PROFILE" == gpu ]] \
+        && command -v python3 >/dev/null 2>&1; then
+    python3 -m nanochat.driver_check || exit 2
 fi
 
 # --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------
@@ -192,10 +214,14 @@ trap 'stopped SIGTERM 143' TERM
 
 NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 # GPUs that torch cannot use (typically a driver older than the CUDA torch was built for): stop, rather
-# than run the CPU profile for hours on a billed GPU node.
+# than run the CPU profile for hours on a billed GPU node. nvidia-smi's output is read whole before it
+# is searched: `nvidia-smi | grep -q` or `| head` may close the pipe while nvidia-smi still writes,
+# and under pipefail its SIGPIPE would make the test false, or end the script with exit 141 silently.
+SMI_GPUS=$( (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null) || true)
 if [ "$NGPU" -eq 0 ] && [ "$REHEARSAL" = 0 ] && [[ "$PROFILE" == auto || "$PROFILE" == gpu ]] \
-        && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
-    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        && [[ $'\n'"$SMI_GPUS" == *$'\n'"GPU "* ]]; then
+    DRIVER=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null || true)
+    DRIVER=${DRIVER%%$'\n'*}
     "$PY" - "${DRIVER:-unknown}" >&2 <<'PYEOF'
 import sys, torch
 driver, cuda = sys.argv[1], torch.version.cuda or "none (a CPU-only build)"
@@ -211,7 +237,23 @@ PYEOF
     exit 2
 fi
 if [ "$PROFILE" = auto ]; then
-    if [ "$NGPU" -gt 0 ]; then PROFILE=gpu; else PROFILE=cpu; fi
+    if [ "$NGPU" -gt 0 ]; then
+        PROFILE=gpu
+        # A laptop or workstation with an NVIDIA card gets the node's pipeline: say what that
+        # means before any download, and how to get the laptop demo instead.
+        echo "[pipeline] --profile auto: torch sees $NGPU CUDA GPU(s), so this is the gpu profile:" \
+             "it downloads FineWeb-Edu shards (about 100 MB each, dozens of them) and pretrains a" \
+             "depth-$DEPTH model, which takes hours on one GPU. For the laptop demo (tiny model," \
+             "synthetic data, ~20 min), stop now (Ctrl-C) and run: bash run_aquarat_small.sh" \
+             "--profile cpu" >&2
+        if [ -t 0 ]; then
+            echo "[pipeline] starting the gpu profile in 15 s ..." >&2
+            sleep 15
+        fi
+    else
+        PROFILE=cpu
+    fi
+    check_from_stage
 fi
 if [ "$PROFILE" = gpu ] && [ "$NGPU" -eq 0 ] && [ "$REHEARSAL" = 0 ]; then
     echo "--profile gpu asked for, but torch sees no CUDA GPU (and nvidia-smi lists none):" \
@@ -261,18 +303,17 @@ SETTINGS="profile=$PROFILE seed=$SEED"
 for name in $(printf '%s\n' "${!STAGE_ARGS[@]}" | sort); do
     SETTINGS+=" $name=[$(echo ${STAGE_ARGS[$name]})]"
 done
+# Flags that change no result (cadence, --keep-last, logging) may change on a resume, and so may the
+# --stage-args of a stage that has not finished (it checks its own resume): see check_run_settings.
 if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ] \
         && [ "$FORCE" = 0 ] && [ -z "$FROM" ]; then
-    echo "run '$RUN' was made with: $(cat "$RUN_DIR/settings")" >&2
-    echo "this command asks for:  $SETTINGS" >&2
-    echo "Use another --run NAME for a separate run, or redo this one with the new settings:" \
-         "--force (every stage) or --from STAGE (that stage and the later ones)." >&2
-    exit 2
+    "$PY" -m scripts.check_run_settings "$RUN_DIR" "$(cat "$RUN_DIR/settings")" "$SETTINGS" || exit 2
 fi
 echo "$SETTINGS" > "$RUN_DIR/settings"
 
 # W&B: find out once, in seconds, whether its server answers; if not, every stage runs offline
 # (instead of each waiting ~100 s in wandb.init) and the line printed says how to sync later.
+[ "$NO_WANDB" = 1 ] && export WANDB_MODE=disabled
 WANDB_CHECK=$("$PY" -m nanochat.tracking --check-wandb "$RUN_DIR") || true
 if [ -n "$WANDB_CHECK" ]; then
     export WANDB_MODE=offline
@@ -441,5 +482,6 @@ done
 "$PY" -m scripts.report --run "$RUN" --hourly-price "$PRICE" 2>&1 | tee -a "$LOG"
 
 echo "[pipeline] finished. Report: $NANOCHAT_BASE_DIR/report/$RUN/report.md" | tee -a "$LOG"
+if [ -n "${UV_PATH_NOTE:-}" ]; then echo "[pipeline] note: $UV_PATH_NOTE" | tee -a "$LOG"; fi
 exit 0
 }

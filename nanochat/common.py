@@ -18,7 +18,10 @@ import torch.distributed as dist
 
 def get_base_dir() -> Path:
     """Root for data, tokenizer, checkpoints, runs and the report (NANOCHAT_BASE_DIR)."""
+    # expanduser: a "~/..." that no shell expanded (a quoted export, a .env read by python-dotenv)
+    # would otherwise make a directory literally named "~"
     base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+    base = base.expanduser()
     base.mkdir(parents=True, exist_ok=True)
     return base
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from nanochat.common import get_base_dir, get_rank
+from nanochat.wandb_login import stored_api_key
 
 DEFAULT_PROJECT = "nanochat-aquarat"
 
@@ -103,7 +104,7 @@ def wandb_mode() -> str:
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or stored_api_key():  # a key, or a `wandb login`
         return "online"
     return "offline"
 
@@ -167,8 +168,8 @@ class Tracker:
             return
         if mode == "offline":
             print(
-                "[tracking] W&B offline (no WANDB_API_KEY). "
-                f"Upload later with: wandb sync {run_dir}/wandb/offline-run-*",
+                "[tracking] W&B offline (no WANDB_API_KEY, no `wandb login`). Upload later "
+                f"with: {sync_command(run_dir)}",
                 flush=True,
             )
 
@@ -207,6 +208,14 @@ class Tracker:
         self.active = False
 
 
+def sync_command(run_dir: Path) -> str:
+    """How to upload the offline runs, as a command that works pasted into a fresh terminal."""
+    return (
+        f"uv run wandb sync {run_dir}/wandb/offline-run-* (from the project's directory; it "
+        "needs a W&B key: WANDB_API_KEY, or `uv run wandb login` once)"
+    )
+
+
 def check_wandb(run_dir: Path, timeout: float = 10.0) -> str | None:
     """None when W&B will not be contacted (offline/disabled, no key) or its server answers;
     otherwise one line saying it is unreachable and how to upload the offline runs later."""
@@ -222,7 +231,7 @@ def check_wandb(run_dir: Path, timeout: float = 10.0) -> str | None:
     except requests.RequestException as exc:
         return (
             f"W&B at {url} is unreachable ({type(exc).__name__}): every stage logs offline. "
-            f"Upload later with: wandb sync {run_dir}/wandb/offline-run-*"
+            f"Upload later with: {sync_command(run_dir)}"
         )
     return None
 
@@ -270,11 +279,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    # python -m nanochat.tracking --check-wandb RUN_DIR: prints the unreachable line, or nothing
+    # uv run python -m nanochat.tracking --check-wandb RUN_DIR: the unreachable line, or nothing
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] != "--check-wandb":
-        raise SystemExit("usage: python -m nanochat.tracking --check-wandb RUN_DIR")
+        raise SystemExit("usage: uv run python -m nanochat.tracking --check-wandb RUN_DIR")
     line = check_wandb(Path(sys.argv[2]))
     if line:
         print(line)

@@ -8,17 +8,34 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default gpu_check/; writes OUT_DIR/gpu_check.md
 #
-# Python: NANOCHAT_PYTHON, else .venv/bin/python, else python3. A machine with torch+CUDA but no uv
-# needs the rustbpe extension built elsewhere (it is abi3: one build serves Python >= 3.10):
+# Python: NANOCHAT_PYTHON, else .venv/bin/python; on a bare node (neither) it first does the
+# pipeline's set-up (driver check, uv, `uv sync`). A machine with torch+CUDA but no uv needs the
+# rustbpe extension built elsewhere (it is abi3: one build serves Python >= 3.10):
 #   mkdir -p build/pyext && cp -r .venv/lib/python3*/site-packages/rustbpe build/pyext/   # where built
 # build/pyext is put on PYTHONPATH. Without CUDA it says so and runs only part 1 (fp32 twice).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${NANOCHAT_PYTHON:-}" ]; then
+    PY=$NANOCHAT_PYTHON
+elif [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+else
+    # A bare node: the system python3 has no torch, and would report "no CUDA device"
+    echo "[gpu_check] no .venv yet: setting it up first (uv sync: torch with CUDA, about 3 GB)"
+    python3 -m nanochat.driver_check || exit 2
+    source scripts/install_uv.sh
+    uv sync || { echo "[gpu_check] uv sync failed (its message is above)" >&2; exit 2; }
+    PY=.venv/bin/python
+fi
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "[gpu_check] $PY cannot import torch: run the set-up first (uv sync, or" \
+         "bash run_aquarat_small.sh), or point NANOCHAT_PYTHON at a Python that has torch" >&2
+    exit 2
+fi
 OUT=${1:-gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 REPORT="$OUT/gpu_check.md"
-PY=${NANOCHAT_PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 export PYTHONPATH="$PWD:$PWD/build/pyext${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=disabled PYTHONUNBUFFERED=1
 export NANOCHAT_BASE_DIR="$OUT/base"
 echo "# GPU check ($(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))" \

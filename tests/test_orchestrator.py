@@ -146,13 +146,20 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     log = (run_dir / "pipeline.log").read_text()
     assert "[pipeline] rl:" in log and "finished" in log
 
-    # Same command again: nothing is retrained.
+    # Same command again, with flags that change nothing trained (a troubleshooting row's advice):
+    # nothing is retrained, and the run goes on.
     rl_marker = run_dir / ".done_rl"
     stamp = rl_marker.stat().st_mtime_ns
-    again = run(cmd[2:])
+    again = run(cmd[2:] + ["--stage-args", "base=--keep-last 1 --save-every 3"])
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "--stage-args for base changed" in again.stdout
     assert all(f"[pipeline] {s}: done earlier, skipping" in again.stdout for s in STAGES)
     assert rl_marker.stat().st_mtime_ns == stamp
+    # ... but a flag that changes what a finished stage trained is refused, naming it
+    changed = run(cmd[2:] + ["--stage-args", "base=--num-iterations 99"], timeout=120)
+    assert changed.returncode == 2
+    assert "base (finished): --num-iterations" in changed.stderr, changed.stderr
+    assert "-> 99" in changed.stderr and "[pipeline] tokenizer" not in changed.stdout
 
     # The same run with another seed would skip the stages done with the old one: refused, all in
     # one go.
