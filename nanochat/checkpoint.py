@@ -348,7 +348,7 @@ def _latest_tag(stage_dir: Path) -> str:
     if best is None:
         raise FileNotFoundError(
             f"no checkpoints under {stage_dir}: train that stage first "
-            f"(e.g. python -m scripts.base_train) or pass the right --tag"
+            f"(e.g. uv run python -m scripts.base_train) or pass the right --tag"
         )
     return best
 

@@ -1,8 +1,9 @@
 """The pretraining corpus: where documents come from, cut into deterministic units.
 
 Sources (text_iterator / list_units + load_unit read them all alike):
-  fineweb    parquet shards in <base>/base_data/, downloaded by `python -m nanochat.dataset -n N`
-             (nanochat/shard_download.py). The last shard present is val, the others train.
+  fineweb    parquet shards in <base>/base_data/, downloaded by
+             `uv run python -m nanochat.dataset -n N` (nanochat/shard_download.py). The last shard
+             present is val, the others train.
   dir        --data-dir: parquet files (column `text`) or, if it has none, .txt/.md files whose
              documents are separated by blank lines. The last file by name is val; a single file is
              split by document instead (doc i is val when i % 20 == 19, or the last of < 20 docs).
@@ -106,7 +107,7 @@ def resolve_source(source: str, data_dir: str | Path | None = None) -> str:
         print(
             f"note: no pretraining shards in {default_data_dir()} and no --data-dir given; using "
             f"the offline synthetic corpus (download FineWeb-Edu with: "
-            f"python -m nanochat.dataset -n 8)",
+            f"uv run python -m nanochat.dataset -n 8)",
             flush=True,
         )
     return "synthetic"
@@ -144,7 +145,8 @@ def _parquet_units(files: list[Path], split: str) -> list[Unit]:
         if os.environ.get("NANOCHAT_BAD_SHARDS", "error") != "skip":
             raise ValueError(
                 f"not a readable parquet file (truncated, or not parquet): {listing}. A downloaded "
-                f"FineWeb-Edu shard: download it again (python -m nanochat.dataset -n N replaces "
+                "FineWeb-Edu shard: download it again "
+                f"(uv run python -m nanochat.dataset -n N replaces "
                 f"damaged shards; run_aquarat_small.sh: --from data); your own file: fix or remove "
                 f"it. Or set NANOCHAT_BAD_SHARDS=skip to train without it"
             )
@@ -201,7 +203,8 @@ def list_units(
         if len(files) < 2:
             raise FileNotFoundError(
                 f"found {len(files)} parquet shard(s) in {directory}; need at least 2 (the last "
-                f"one is the val split). Download with: python -m nanochat.dataset -n 8   (or use "
+                f"one is the val split). Download with: uv run python -m nanochat.dataset -n 8 "
+                "(or use "
                 f"--data-dir / source 'synthetic')"
             )
         return source, _parquet_units(files, split)
@@ -328,7 +331,7 @@ def text_iterator(
 
 
 if __name__ == "__main__":
-    # `python -m nanochat.dataset -n N`, the command every message names, downloads the shards
+    # `uv run python -m nanochat.dataset -n N`, the command every message names, downloads shards
     from nanochat.shard_download import main
 
     sys.exit(main())

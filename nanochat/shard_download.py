@@ -1,6 +1,7 @@
 """Download FineWeb-Edu parquet shards from the Hugging Face Hub into <base>/base_data/.
 
-Run as `python -m nanochat.dataset -n N`: shards 0..N-1 of karpathy/fineweb-edu-100b-shuffle, the
+Run as `uv run python -m nanochat.dataset -n N`: shards 0..N-1 of
+karpathy/fineweb-edu-100b-shuffle, the
 last of them the val split. huggingface_hub does the HTTP: the Hub's URL layout, HF_TOKEN (or a
 saved `hf auth login`), HF_ENDPOINT, HF_HUB_OFFLINE, redirects to its CDN, and a connection dropped
 mid-file picked up with a Range request. This module adds what the pipeline needs on top, each
@@ -203,7 +204,7 @@ def download_shards(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nanochat.dataset",
+        prog="uv run python -m nanochat.dataset",
         description="Download pretraining shards (parquet) from a Hugging Face dataset repo into "
         "<base>/base_data/. Of the shards present, the LAST one (by name) is the validation "
         "split and all others are training data, so download at least 2.",

@@ -160,13 +160,14 @@ class Tokenizer:
             if not path.is_file():
                 raise FileNotFoundError(
                     f"tokenizer file {path} is missing; "
-                    "train one with `python -m scripts.tok_train`"
+                    "train one with `uv run python -m scripts.tok_train`"
                 )
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(
-                f"{config_path} is not valid JSON ({exc}); re-run `python -m scripts.tok_train`"
+                f"{config_path} is not valid JSON ({exc}); "
+                "re-run `uv run python -m scripts.tok_train`"
             ) from exc
         if config.get("format") != FORMAT_NAME:
             raise ValueError(
@@ -176,7 +177,7 @@ class Tokenizer:
         if config.get("ranks_sha256") != _sha256(raw):
             raise ValueError(
                 f"{ranks_path} does not match {config_path} (a save was interrupted or a file was "
-                f"replaced); re-run `python -m scripts.tok_train`"
+                f"replaced); re-run `uv run python -m scripts.tok_train`"
             )
         ranks = {}
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -477,7 +478,8 @@ def get_tokenizer(directory=None) -> Tokenizer:
     directory = Path(directory) if directory is not None else tokenizer_dir()
     if not (directory / CONFIG_FILE).is_file():
         raise FileNotFoundError(
-            f"no tokenizer at {directory}: train one first with `python -m scripts.tok_train` "
+            f"no tokenizer at {directory}: train one first with "
+            "`uv run python -m scripts.tok_train` "
             f"(same NANOCHAT_BASE_DIR and NANOCHAT_TOKENIZER_DIR)"
         )
     return Tokenizer.load(directory)

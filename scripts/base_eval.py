@@ -1,9 +1,9 @@
 """The DCLM CORE metric of a checkpoint (nanochat/core_eval.py computes it).
 
-    python -m scripts.base_eval                          # newest base checkpoint, full bundle
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --tag d20
-    python -m scripts.base_eval --max-per-task 100       # quick estimate
-    python -m scripts.base_eval --bundle-dir /data/eval_bundle   # a bundle you unzipped yourself
+    uv run python -m scripts.base_eval                         # newest base checkpoint, full bundle
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.base_eval --tag d20
+    uv run python -m scripts.base_eval --max-per-task 100       # quick estimate
+    uv run python -m scripts.base_eval --bundle-dir /data/eval_bundle  # a bundle unzipped by hand
 
 The bundle is downloaded once into <base>/eval_bundle. Logs core/core, core/acc/<task> and
 core/centered/<task> (stage "<stage>_eval") and writes that report section.

@@ -1,8 +1,9 @@
 """Bits per byte of a checkpoint on the pretraining data's train and val splits, and a few samples.
 
-    python -m scripts.base_loss                                  # newest base checkpoint
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss --tag d20 --split-tokens 20971520
-    python -m scripts.base_loss -i sft --source synthetic --split-tokens 65536
+    uv run python -m scripts.base_loss                                  # newest base checkpoint
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.base_loss --tag d20 \\
+        --split-tokens 20971520
+    uv run python -m scripts.base_loss -i sft --source synthetic --split-tokens 65536
 
 Logs loss/train_bpb and loss/val_bpb (stage "<stage>_loss") and writes that report section.
 """

@@ -1,8 +1,8 @@
 """Pretrain the base model: next-token prediction on the pretraining corpus.
 
-    python -m scripts.base_train --depth 20                   # one process (GPU or CPU)
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20
-    python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 \\
+    uv run python -m scripts.base_train --depth 20                   # one process (GPU or CPU)
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20
+    uv run python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 \\
         --total-batch-size 1024 --num-iterations 50 --source synthetic      # tiny CPU run
 
 What one optimizer step is: `--total-batch-size` tokens, split over world_size processes and
@@ -618,7 +618,7 @@ def log_step(run, stats, tracker, loader, step, loss_sum, grad_norm, lrm, moment
         print0(
             f"note: the training data ran out by step {step}: the documents now repeat "
             f"(pass {loader.epoch + 1}). More data: more shards "
-            f"(run_aquarat_small.sh --shards N, python -m nanochat.dataset -n N) or a "
+            f"(run_aquarat_small.sh --shards N, uv run python -m nanochat.dataset -n N) or a "
             f"smaller --num-iterations"
         )
 

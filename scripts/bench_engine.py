@@ -4,7 +4,7 @@ Same model, same prompts, same sampling settings and seeds, one run of each; pri
 both and the ratio. By default it uses a freshly initialised model of --depth (no checkpoint
 needed); `-i sft` (etc.) benchmarks a trained checkpoint instead.
 
-    python -m scripts.bench_engine --depth 4 --num-samples 8 --max-tokens 128
+    uv run python -m scripts.bench_engine --depth 4 --num-samples 8 --max-tokens 128
 """
 
 from __future__ import annotations

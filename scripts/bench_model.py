@@ -10,8 +10,8 @@ On CUDA additionally, for each --gpu-depths (default d8 and d20, vocab 65536, se
   with NANOCHAT_COMPILE=0/1), and MFU = estimate_flops() * tok/s / peak_flops(device)
   (inference MFU uses 2N + the forward attention term, a third of the training FLOPs per token).
 
-    python -m scripts.bench_model                   # CPU figures (+ GPU ones when CUDA is there)
-    python -m scripts.bench_model --gpu-depths 8,12,20 --gpu-batch-size 16
+    uv run python -m scripts.bench_model              # CPU figures (+ GPU ones when CUDA is there)
+    uv run python -m scripts.bench_model --gpu-depths 8,12,20 --gpu-batch-size 16
 """
 
 from __future__ import annotations

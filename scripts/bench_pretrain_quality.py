@@ -8,10 +8,10 @@ difference to the first config per seed, parameters, matmul FLOPs per step and s
 The default is the cpu profile's pretraining shape (depth 4, n_embd 128, 2 heads of 64, context 256,
 300 steps x 16 x 256 tokens, a 2,048-token BPE with 3-digit number chunks, on the synthetic corpus):
 
-    python -m scripts.bench_pretrain_quality                                  # ~12 min on 2 cores
-    python -m scripts.bench_pretrain_quality --variants "none:value_embed_every=0" \\
+    uv run python -m scripts.bench_pretrain_quality                             # ~12 min, 2 cores
+    uv run python -m scripts.bench_pretrain_quality --variants "none:value_embed_every=0" \\
         "every2:value_embed_every=2" "every1:value_embed_every=1" --seeds 42 1
-    python -m scripts.bench_pretrain_quality --source fineweb --depth 8 --aspect-ratio 64 \\
+    uv run python -m scripts.bench_pretrain_quality --source fineweb --depth 8 --aspect-ratio 64 \\
         --head-dim 128 --max-seq-len 2048 --batch-size 16 --steps 500 --vocab-size 65536   # a GPU
 
 A variant is NAME:FIELD=VALUE[,FIELD=VALUE...] over GPTConfig (e.g. value_embed_every=0).

@@ -7,9 +7,9 @@
    forward, KL, margins, attention entropy and heatmaps amortised over their default cadence) vs
    all off (--no-diagnostics, --kl-coef 0), interleaved step by step on two copies of the model.
 
-    python -m scripts.bench_rl                  # the latest sft checkpoint (e.g. the cpu profile's)
-    python -m scripts.bench_rl --prompts 8 --samples 8 --max-new-tokens 128 --steps 6
-    python -m scripts.bench_rl --random-depth 8      # random weights at d8: speed at a real depth
+    uv run python -m scripts.bench_rl           # the latest sft checkpoint (e.g. the cpu profile's)
+    uv run python -m scripts.bench_rl --prompts 8 --samples 8 --max-new-tokens 128 --steps 6
+    uv run python -m scripts.bench_rl --random-depth 8  # random weights: speed at d8
 """
 
 from __future__ import annotations

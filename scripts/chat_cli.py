@@ -1,7 +1,7 @@
 """Talk to a checkpoint in the terminal.
 
-    python -m scripts.chat_cli -i sft                    # interactive, the conversation remembered
-    python -m scripts.chat_cli -i sft -p "What is 15% of 80?"   # one prompt, print the reply, exit
+    uv run python -m scripts.chat_cli -i sft              # interactive, the conversation remembered
+    uv run python -m scripts.chat_cli -i sft -p "What is 15% of 80?"  # one reply, then exit
 
 Commands in the interactive loop: /clear (forget the conversation), /quit (or Ctrl-D).
 The reply is streamed token by token from the KV-cache engine; when the conversation no longer fits

@@ -1,9 +1,9 @@
 """Evaluate a chat checkpoint on AQuA-RAT (and the synthetic AQuA set): generative and categorical.
 
-    python -m scripts.chat_eval -i sft -a AQUA                         # AQuA-RAT test split
-    python -m scripts.chat_eval -i sft -a SYNTH --max-problems 200     # synthetic AQuA (offline)
-    python -m scripts.chat_eval -i rl -a AQUA,SYNTH --num-samples 8 --temperature 1.0   # + pass@8
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft -a AQUA
+    uv run python -m scripts.chat_eval -i sft -a AQUA                         # AQuA-RAT test split
+    uv run python -m scripts.chat_eval -i sft -a SYNTH --max-problems 200  # synthetic, offline
+    uv run python -m scripts.chat_eval -i rl -a AQUA,SYNTH --num-samples 8 --temperature 1  # pass@8
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -i sft -a AQUA
 
 Two ways to score each multiple-choice problem (nanochat/mc_eval.py, shared with chat_rl):
 - generative: decode a rationale from the prompt, then extract_letter(completion, options). Greedy

@@ -1,8 +1,8 @@
 """GRPO-style RL on AQuA-style multiple choice, with diagnostics of how the policy moves.
 
-    python -m scripts.chat_rl                                        # from the sft checkpoint
-    python -m scripts.chat_rl --aqua-source hf --num-steps 300       # AQuA-RAT train, eval on dev
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl --examples-per-step 64
+    uv run python -m scripts.chat_rl                                       # from the sft checkpoint
+    uv run python -m scripts.chat_rl --aqua-source hf --num-steps 300  # AQuA-RAT train, eval on dev
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl --examples-per-step 64
 
 One step (the loop in main):
 1. rollouts: --examples-per-step questions (split across ranks), --num-samples completions each,
@@ -94,7 +94,7 @@ RESUME_HARMLESS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m scripts.chat_rl",
+        prog="uv run python -m scripts.chat_rl",
         description="GRPO-style RL on AQuA-style multiple choice (see the module "
         "docstring for what one step does).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,10 +1,11 @@
 """Supervised fine-tuning on chat conversations, and mid-training (scripts/mid_train.py runs this
 file with the mid stage's defaults).
 
-    python -m scripts.chat_sft                       # from the mid checkpoint (or base)
-    python -m scripts.chat_sft --aqua-source hf --aqua_train_examples=20000 --aqua_val_examples=254
-    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
-    python -m scripts.chat_sft --aqua-source synthetic --synthetic-examples 4000   # CPU
+    uv run python -m scripts.chat_sft                       # from the mid checkpoint (or base)
+    uv run python -m scripts.chat_sft --aqua-source hf --aqua-train-examples 20000 \\
+        --aqua-val-examples 254
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+    uv run python -m scripts.chat_sft --aqua-source synthetic --synthetic-examples 4000   # CPU
 
 Loads the previous stage's checkpoint (sft: mid, or base when there is no mid checkpoint; mid:
 base), builds the task mixture the data flags ask for (nanochat/chat_mixture.py) and trains with
@@ -64,7 +65,7 @@ TRAINING_SCRIPT = {"base": "base_train", "mid": "mid_train", "sft": "chat_sft", 
 def build_parser(stage: str) -> argparse.ArgumentParser:
     d = STAGE_DEFAULTS[stage]
     p = argparse.ArgumentParser(
-        prog=f"python -m scripts.{TRAINING_SCRIPT[stage]}",
+        prog=f"uv run python -m scripts.{TRAINING_SCRIPT[stage]}",
         description=f"{TITLES[stage]}: train on a conversation task mixture with the loss on "
         "assistant tokens (see scripts/chat_sft.py's docstring).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

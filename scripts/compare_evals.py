@@ -1,8 +1,8 @@
 """Paired comparison of two checkpoints' greedy answers on the same problems, with a sign test.
 
-    python -m scripts.compare_evals sft rl ~/.cache/nanochat/runs/aquarat_small/chat_eval.jsonl
-    python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl   # pooled
-    python -m scripts.compare_evals sft sft new_s42/chat_eval.jsonl new_s1/chat_eval.jsonl \
+    uv run python -m scripts.compare_evals sft rl <base>/runs/aquarat_small/chat_eval.jsonl
+    uv run python -m scripts.compare_evals sft rl runA/chat_eval.jsonl runB/chat_eval.jsonl # pooled
+    uv run python -m scripts.compare_evals sft sft new_s42/chat_eval.jsonl new_s1/chat_eval.jsonl \
         --b-files old_s42/chat_eval.jsonl old_s1/chat_eval.jsonl      # two configs, seed by seed
 
 For each chat_eval.jsonl given (one per run or seed), the newest generative line of each source for

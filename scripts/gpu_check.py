@@ -7,7 +7,7 @@ losses: bf16 rounds every matmul, so the curves differ a little; a broken compil
 mixed-precision path (NaNs, a graph that drops the softcap, wrong casts) shows as a large gap or a
 loss that does not fall.
 
-    python -m scripts.gpu_check --out gpu_check.md      # appends its markdown to that file
+    uv run python -m scripts.gpu_check --out gpu_check.md      # appends its markdown to that file
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ pretraining learning rates (--init-lr-frac 1.0) with a short warmdown. Checkpoin
 <base>/checkpoints/mid/<tag>/, logs to <base>/runs/<run>/mid.jsonl, the report section to
 <base>/report/<run>/mid.md.
 
-    python -m scripts.mid_train --aqua-source synthetic --synthetic-examples 20000   # CPU, offline
-    torchrun --standalone --nproc_per_node=8 -m scripts.mid_train --aqua-train-examples 20000
+    uv run python -m scripts.mid_train --aqua-source synthetic --synthetic-examples 20000  # CPU
+    uv run torchrun --standalone --nproc_per_node=8 -m scripts.mid_train --aqua-train-examples 20000
 """
 
 from scripts.chat_sft import main as _stage_main

@@ -1,8 +1,8 @@
 """Download (or normalise local copies of) AQuA-RAT into validated JSON-lines splits.
 
-    python -m scripts.prepare_aqua                   # deepmind/aqua_rat -> <base>/data/aqua_rat/
-    python -m scripts.prepare_aqua --source-dir ~/AQuA   # the original train/dev/test.json
-    python -m scripts.prepare_aqua --max-train 20000 --out-dir /data/aqua
+    uv run python -m scripts.prepare_aqua               # deepmind/aqua_rat -> <base>/data/aqua_rat/
+    uv run python -m scripts.prepare_aqua --source-dir ~/AQuA   # the original train/dev/test.json
+    uv run python -m scripts.prepare_aqua --max-train 20000 --out-dir /data/aqua
 
 Writes <out>/train.jsonl, validation.jsonl, test.jsonl and manifest.json (counts, source). Every
 row is validated as tasks.aqua.AquaRat does; bad rows are reported by split and index and skipped

@@ -11,8 +11,8 @@ exactly the gold one:
 The two differ only in that ending, so the gap between them is what the ending is worth (README,
 "What the CPU profile shows"). Nothing is saved.
 
-    python -m scripts.probe_answer_format --ending checks --steps 750
-    python -m scripts.probe_answer_format --ending value --steps 750
+    uv run python -m scripts.probe_answer_format --ending checks --steps 750
+    uv run python -m scripts.probe_answer_format --ending value --steps 750
 """
 
 from __future__ import annotations

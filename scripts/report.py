@@ -1,7 +1,7 @@
 """Build the markdown report of a run (`<base>/report/<run>/report.md`) from its sections and logs.
 
-python -m scripts.report --run myrun          # assemble the report
-python -m scripts.report --run myrun --reset  # set the run's old report aside (kept), start empty
+uv run python -m scripts.report --run myrun          # assemble the report
+uv run python -m scripts.report --run myrun --reset  # old report set aside (kept), start empty
 """
 
 import argparse
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         raise SystemExit(
             f"could not write the report: {where}: {exc.strerror or exc} ({free_space(where)} "
             f"on that filesystem). The previous report and the stage logs it is built from are "
-            f"intact: free some space, then run `python -m scripts.report --run {args.run}` "
+            f"intact: free some space, then run `uv run python -m scripts.report --run {args.run}` "
             f"(or the same pipeline command)."
         ) from None
     print(f"Report written to {path}")

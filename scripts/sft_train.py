@@ -1,6 +1,6 @@
 """Alias of scripts/chat_sft.py (the seed's name for the SFT stage): same flags, same behaviour.
 
-python -m scripts.sft_train --aqua_train_examples=20000 --aqua_val_examples=254
+uv run python -m scripts.sft_train --aqua_train_examples=20000 --aqua_val_examples=254
 """
 
 from scripts.chat_sft import main as _stage_main

@@ -1,7 +1,7 @@
 """The trained tokenizer's compression (bytes per token) on sample texts, next to GPT-2 and GPT-4.
 
-    python -m scripts.tok_eval
-    python -m scripts.tok_eval --source dir --data-dir ./shards     # val sample from local shards
+    uv run python -m scripts.tok_eval
+    uv run python -m scripts.tok_eval --source dir --data-dir ./shards  # local shards
 
 More bytes per token is more text per context window and per FLOP. Prints a table, writes the
 tok_eval report section and logs the figures (stage "tok_eval").

@@ -1,7 +1,8 @@
 """Train the BPE tokenizer on the pretraining text and save it to <base>/tokenizer.
 
-    python -m scripts.tok_train               # 2B chars of the default source, vocab 65536
-    python -m scripts.tok_train --source dir --data-dir ./shards --vocab-size 8192 --max-chars 1e8
+    uv run python -m scripts.tok_train               # 2B chars of the default source, vocab 65536
+    uv run python -m scripts.tok_train --source dir --data-dir ./shards --vocab-size 8192 \\
+        --max-chars 1e8
 
 Documents are capped at --doc-cap characters so a few huge pages cannot dominate the statistics, and
 training stops after --max-chars characters in total. The vocab size includes the special tokens.

@@ -13,6 +13,7 @@ DOCS = [
     "LAMBDA_MANUAL_SETUP.md",
     ".env.template",
     "rustbpe/README.md",
+    "docs/gpu-node.md",
 ]
 # argparse helpers that scripts add to their own parsers
 SHARED_ARG_FILES = ["nanochat/tracking.py", "nanochat/chat_mixture.py", "nanochat/training.py"]
@@ -127,7 +128,26 @@ def test_named_variables_are_read_by_the_code():
     assert problems == []
 
 
-@pytest.mark.parametrize("doc", ["README.md", "QUICKSTART.md", "LAMBDA_MANUAL_SETUP.md"])
+def test_shown_commands_work_outside_the_venv():
+    """A command pasted into a fresh terminal has no activated .venv: project commands go through
+    `uv run` (or name .venv/bin/...), and nothing asks for `pip install` or a `python` command,
+    which PEP 668 refuses or stock Ubuntu lacks."""
+    bare = re.compile(
+        r"(?<!uv run )(?<![/\w])(python3? -m (scripts|nanochat)\.|torchrun --|wandb (sync|login)"
+        r"|python launch_lambda\.py|pip install requests)"
+    )
+    problems = [
+        f"{doc}: `{command.strip()}`"
+        for doc, text in _doc_texts()
+        for command in _commands(text)
+        if bare.search(command)
+    ]
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    "doc", ["README.md", "QUICKSTART.md", "LAMBDA_MANUAL_SETUP.md", "docs/gpu-node.md"]
+)
 def test_relative_links_resolve(doc):
     text = (REPO / doc).read_text()
     anchors = {
