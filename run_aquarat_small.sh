@@ -38,7 +38,8 @@ Usage: bash run_aquarat_small.sh [options]
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
   --seed N                 seed of the training stages (weight init, data order; default 42)
   --from STAGE             redo STAGE and every later one (training stages start over with --fresh):
-                           data, tokenizer, tok_eval, base, base_loss, base_eval, mid, sft, rl, eval
+                           data, tokenizer, tok_eval, base, base_loss, base_eval, mid, sft, rl; each
+                           chat stage is evaluated right after it; eval: the three evaluations only
   --force                  redo every stage; training stages start over (--fresh deletes their old checkpoints)
   --gpu-hourly-price USD   what the machine costs per hour, for the report's cost per stage (default 0:
                            no cost shown; launch_lambda.py passes the instance's price)
@@ -179,7 +180,8 @@ echo "pid $$ on $(hostname) since $(date -u +%FT%TZ)" > "$RUN_DIR/.lock_owner"
 # Ctrl-C or SIGTERM (kill, a preemption notice) while a stage runs: the stage is stopped (checkpoints
 # are written atomically, so its last complete one survives), one line says where the run stopped,
 # and the same command goes on from there.
-ALL_STAGES="${STAGES% eval} eval_mid eval_sft eval_rl"  # the marker names
+# the marker names, in the order they run
+ALL_STAGES="data tokenizer tok_eval base base_loss base_eval mid eval_mid sft eval_sft rl eval_rl"
 CURRENT="" STAGE_PID=""
 stopped() {
     trap '' INT TERM  # a second Ctrl-C must not cut this short
@@ -324,17 +326,22 @@ fi
 REDO=$FORCE
 stage() {
     local name=$1; shift
-    # --from eval redoes eval_mid, eval_sft and eval_rl
-    if [ "$name" = "$FROM" ] || [[ "$name" == "${FROM}_"* ]]; then REDO=1; fi
+    if [ "$name" = "$FROM" ]; then REDO=1; fi
+    # the evaluations run right after their stages, so --from eval means those three only
+    local redo=$REDO
+    if [ "$FROM" = eval ]; then
+        redo=$FORCE
+        if [[ "$name" == eval_* ]]; then redo=1; fi
+    fi
     local marker="$RUN_DIR/.done_$name"
-    if [ -f "$marker" ] && [ "$REDO" = 0 ]; then
+    if [ -f "$marker" ] && [ "$redo" = 0 ]; then
         echo "[pipeline] $name: done earlier, skipping ($marker)" | tee -a "$LOG"
         return 0
     fi
     rm -f "$marker"
     # A training stage being redone starts over (--fresh); otherwise it resumes its last checkpoint.
     local extra=()
-    if [ "$REDO" = 1 ] && [[ " base mid sft rl " == *" $name "* ]]; then extra=(--fresh); fi
+    if [ "$redo" = 1 ] && [[ " base mid sft rl " == *" $name "* ]]; then extra=(--fresh); fi
     # --stage-args: split on spaces, after the profile's flags (argparse keeps the last value)
     local more="${STAGE_ARGS[$name]:-}"
     [[ "$name" == eval_* ]] && more="${STAGE_ARGS[eval]:-} $more"
@@ -397,9 +404,11 @@ if [ "$PROFILE" = smoke ]; then
           --eval-every 5 --eval-tokens 1024 --sample-every -1 --save-every 5)
     BASE_LOSS=(--source synthetic --device-batch-size 4 --split-tokens 2048 --sample-tokens 8)
     MID=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
-         --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
+         --max-seq-len 128 --device-batch-size 4 --total-batch-size 4 --num-iterations 6
+         --eval-every 3 --save-every 3)
     SFT=(--aqua-source synthetic --synthetic-examples 64 --synthetic-val-examples 16
-         --max-seq-len 128 --device-batch-size 4 --num-iterations 6 --eval-every 3 --save-every 3)
+         --max-seq-len 128 --device-batch-size 4 --total-batch-size 4 --num-iterations 6
+         --eval-every 3 --save-every 3)
     RL=(--aqua-source synthetic --train-examples 32 --eval-problems 8 --examples-per-step 2
         --num-samples 2 --max-new-tokens 16 --num-steps 2 --eval-every 0 --eval-samples 2
         --attn-every 1 --attn-heatmap-every 2 --save-every 1)
@@ -419,9 +428,11 @@ elif [ "$PROFILE" = cpu ]; then
     # order ("B) 12 yes"), which a tiny model learns in a few hundred steps (README, "What the CPU profile
     # shows"). Mid-training: 32,000 problems = 1,000 steps; SFT: 500 steps over 8,000 of them.
     MID=(--aqua-source synthetic --synthetic-examples 32000 --synthetic-difficulty easy
-         --max-seq-len 256 --device-batch-size 32 --init-lr-frac 0.3 --eval-every 250 --save-every 250)
+         --max-seq-len 256 --device-batch-size 32 --total-batch-size 32 --init-lr-frac 0.3
+         --eval-every 250 --save-every 250)
     SFT=(--aqua-source synthetic --synthetic-examples 8000 --synthetic-difficulty easy
-         --max-seq-len 256 --device-batch-size 16 --init-lr-frac 0.3 --warmdown-ratio 0.3
+         --max-seq-len 256 --device-batch-size 16 --total-batch-size 16 --init-lr-frac 0.3
+         --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
     # RL: the README's measured setting ("What RL does to the CPU profile's model"): 240 steps of 32
     # questions x 8 samples on fresh synthetic train problems, ~7 min on 2 cores.
@@ -471,13 +482,18 @@ if [ "$PROFILE" = gpu ]; then
             | tee -a "$LOG"
     fi
 fi
+# Each chat checkpoint is evaluated right after its stage, so that a later stage that fails still
+# leaves the earlier accuracies in the report; all three see the same problems with the same
+# decoding, and the report's accuracy table puts them side by side.
+evaluate() {
+    stage "eval_$1" "${LAUNCH[@]}" scripts.chat_eval -i "$1" --model-tag "$RUN" "${EVAL[@]}"
+}
 stage mid "${LAUNCH[@]}" scripts.mid_train "${MID[@]}" --seed "$SEED" "${FROM_RUN[@]}"
+evaluate mid
 stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}" --seed "$SEED" "${FROM_RUN[@]}"
+evaluate sft
 stage rl "${LAUNCH[@]}" scripts.chat_rl "${RL[@]}" --seed "$SEED" "${FROM_RUN[@]}"
-# The three chat checkpoints on the same problems with the same decoding: the report's accuracy table.
-for source in mid sft rl; do
-    stage "eval_$source" "${LAUNCH[@]}" scripts.chat_eval -i "$source" --model-tag "$RUN" "${EVAL[@]}"
-done
+evaluate rl
 # The report is rebuilt every time, from whatever the stages have written so far.
 "$PY" -m scripts.report --run "$RUN" --hourly-price "$PRICE" 2>&1 | tee -a "$LOG"
 

@@ -111,6 +111,28 @@ def refuse_changed_flags(ckpt_dir, step: int, old_args: dict, args, harmless=())
         )
 
 
+def batch_layout(total: int, device_batch: int | None, world_size: int, what: str = "rows"):
+    """(device batch, micro-batches per process) that make `total` rows per optimizer step on
+    world_size processes, so that a run is the same run on 1 GPU and on 8 (only the split differs).
+    device_batch None: the largest of 8, 4, 2, 1 that divides the per-process share. A layout that
+    cannot make the total exactly is refused, naming the numbers."""
+    if total <= 0 or total % world_size:
+        raise SystemExit(
+            f"--total-batch-size {total} {what} per step cannot be split evenly over {world_size} "
+            f"processes: use a positive multiple of {world_size}"
+        )
+    share = total // world_size
+    if device_batch is None:
+        device_batch = next(b for b in (8, 4, 2, 1) if share % b == 0)
+    if device_batch <= 0 or share % device_batch:
+        raise SystemExit(
+            f"--total-batch-size {total} {what} per step on {world_size} process(es) is {share} "
+            f"per process, which --device-batch-size {device_batch} does not divide: pick a device "
+            f"batch that divides {share} (the micro-batches per process follow from it)"
+        )
+    return device_batch, share // device_batch
+
+
 def warmdown_multiplier(step: int, num_steps: int, warmdown_ratio: float) -> float:
     """1.0, then linear decay to 0 over the last warmdown_ratio of the steps (chat stages)."""
     warmdown = round(warmdown_ratio * num_steps)

@@ -9,8 +9,10 @@ file with the mid stage's defaults).
 
 Loads the previous stage's checkpoint (sft: mid, or base when there is no mid checkpoint; mid:
 base), builds the task mixture the data flags ask for (nanochat/chat_mixture.py) and trains with
-the loss on the assistant's tokens only. A step is world_size * grad_accum * device_batch_size
-conversations; every --eval-every steps the held-out loss and answer-letter accuracy are measured.
+the loss on the assistant's tokens only. A step is --total-batch-size conversations whatever the
+number of processes (each process takes its share in micro-batches of --device-batch-size), so a
+run on one GPU and on eight is the same run; every --eval-every steps the held-out loss and
+answer-letter accuracy are measured.
 Checkpoints go to <base>/checkpoints/<stage>/<tag>/ and the same command resumes from the newest;
 --fresh starts over. Logs: <base>/runs/<run>/<stage>.jsonl (and W&B); report: <stage>.md.
 """
@@ -45,6 +47,7 @@ from nanochat.training import (
     StepTimer,
     add_checkpoint_args,
     add_optimizer_args,
+    batch_layout,
     refuse_changed_flags,
     save,
     set_lr,
@@ -96,10 +99,17 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         help="tokens per conversation (longer ones are truncated; default: the model's context)",
     )
     g.add_argument(
-        "--device-batch-size", type=int, default=8, help="conversations per micro-batch per process"
+        "--total-batch-size",
+        type=int,
+        default=32,
+        help="conversations per optimizer step, over all processes (the same on 1 GPU and on 8)",
     )
     g.add_argument(
-        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step per process"
+        "--device-batch-size",
+        type=int,
+        default=None,
+        help="conversations per micro-batch per process (default: the largest of 8, 4, 2, 1 that "
+        "divides the per-process share; micro-batches per step follow)",
     )
     g.add_argument(
         "--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)"
@@ -234,9 +244,9 @@ def main(argv=None, stage: str = "sft") -> dict:
     loader = ConversationLoader(
         train_task,
         tokenizer,
-        args.device_batch_size,
+        run.device_batch,
         run.seq_len,
-        grad_accum=args.grad_accum,
+        grad_accum=run.grad_accum,
         rank=info.rank,
         world_size=info.world_size,
         seed=args.seed,
@@ -258,7 +268,7 @@ def main(argv=None, stage: str = "sft") -> dict:
                 model,
                 val_task,
                 tokenizer,
-                args.device_batch_size,
+                run.device_batch,
                 run.seq_len,
                 info,
                 args.eval_examples,
@@ -338,7 +348,10 @@ def load_data(run, info):
     )
     val_size = f" = {len(val_task)} conversations" if val_task else ""
     print0(f"val mixture:   {run.val_desc}{val_size}")
-    per_step = world_size * args.grad_accum * args.device_batch_size
+    run.device_batch, run.grad_accum = batch_layout(
+        args.total_batch_size, args.device_batch_size, world_size, "conversations"
+    )
+    per_step = args.total_batch_size
     num_iterations = args.num_iterations
     if num_iterations <= 0:
         num_iterations = max(1, int(args.num_epochs * run.conversations) // per_step)
@@ -346,7 +359,7 @@ def load_data(run, info):
     run.epochs = num_iterations * per_step / run.conversations
     print0(
         f"{num_iterations} steps x {per_step} conversations ({world_size} proc x "
-        f"{args.grad_accum} micro x {args.device_batch_size}) = {run.epochs:.2f} epochs"
+        f"{run.grad_accum} micro x {run.device_batch}) = {run.epochs:.2f} epochs"
     )
     return train_task, val_task
 

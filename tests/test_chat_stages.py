@@ -33,6 +33,8 @@ TINY_DATA = [
     "6",
     "--device-batch-size",
     "4",
+    "--total-batch-size",
+    "4",
     "--max-seq-len",
     "256",
 ]
@@ -233,6 +235,8 @@ def test_sft_all_masked_step_gives_finite_loss(base_dir, tmp_path):
             "16",
             "--device-batch-size",
             "2",
+            "--total-batch-size",
+            "2",
             "--num-iterations",
             "2",
             "--eval-every",
@@ -340,7 +344,8 @@ def test_bad_data_gets_one_line_errors(base_dir, tmp_path):
     bad_rows = [{**good, "options": good["options"][:4]}, {**good, "correct": "F"}]
     (aqua / "train.json").write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
     (aqua / "dev.json").write_text(json.dumps(good) + "\n")
-    dir_data = ["--aqua-source", "dir", "--aqua-data-dir", str(aqua), "--device-batch-size", "2"]
+    batch = ["--device-batch-size", "2", "--total-batch-size", "2"]
+    dir_data = ["--aqua-source", "dir", "--aqua-data-dir", str(aqua), *batch]
     with pytest.raises(
         SystemExit,
         match=r"train split in .*train.json has no usable rows.*"
@@ -595,8 +600,10 @@ def _free_port() -> int:
 
 
 def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
-    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches (same rows, same loss
-    normalisation); chat_eval split over 2 ranks gives the same counts as one process."""
+    """The same flags on 2 gloo ranks and on 1 process make the same run: a step is
+    --total-batch-size conversations either way (2 ranks x 1 micro-batch, or 1 process x 2), with
+    the same step count from --num-epochs and the same weights; chat_eval split over 2 ranks gives
+    the same counts as one process."""
     make_base(base_dir)
     flags = [
         "--source-stage",
@@ -607,18 +614,20 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
         "16",
         "--synthetic-val-examples",
         "4",
+        "--total-batch-size",
+        "4",
         "--device-batch-size",
         "2",
         "--max-seq-len",
         "256",
-        "--num-iterations",
-        "3",
+        "--num-epochs",
+        "0.75",  # 12 of the 16 conversations: 3 steps of 4, whatever the number of processes
         "--eval-every",
         "0",
         "--log-every",
         "1",
     ]
-    sft(flags + ["--grad-accum", "2"])
+    sft(flags)  # 4 conversations a step: 2 micro-batches of 2
     base2 = tmp_path / "base2"
     base2.mkdir()
     shutil.copytree(base_dir / "tokenizer", base2 / "tokenizer")
@@ -640,7 +649,7 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
         str(_free_port()),
     ]
     res = subprocess.run(
-        launcher + ["-m", "scripts.chat_sft", *flags, "--grad-accum", "1", "--no-wandb"],
+        launcher + ["-m", "scripts.chat_sft", *flags, "--no-wandb"],  # 2 ranks x 1 micro-batch
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -648,7 +657,7 @@ def test_torchrun_sft_and_eval_match_single_process(base_dir, tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "2 proc x 1 micro" in res.stdout
+    assert "3 steps x 4 conversations (2 proc x 1 micro x 2)" in res.stdout
     w1, _, _ = load_checkpoint(checkpoint_dir("sft", "d2"), step=3)
     w2, _, meta2 = load_checkpoint(base2 / "checkpoints" / "sft" / "d2", step=3)
     assert meta2["world_size"] == 2
@@ -694,3 +703,19 @@ def test_resume_with_changed_training_flags_is_refused(base_dir):
         sft(flags + ["--seed", "7"])
     with pytest.raises(SystemExit, match="--init-lr-frac"):
         sft(flags + ["--init-lr-frac", "0.5"])
+
+
+def test_batch_layout_fixes_the_global_batch():
+    """The conversations per step do not depend on the number of processes: the device batch
+    and the micro-batches per process follow from them, and a layout that cannot make them is
+    refused, naming the numbers."""
+    from nanochat.training import batch_layout
+
+    assert batch_layout(32, None, 1) == (8, 4)
+    assert batch_layout(32, None, 8) == (4, 1)
+    assert batch_layout(32, 2, 8) == (2, 2)
+    assert batch_layout(16, 16, 1) == (16, 1)
+    with pytest.raises(SystemExit, match="cannot be split evenly over 3 processes"):
+        batch_layout(32, None, 3)
+    with pytest.raises(SystemExit, match="--device-batch-size 8 does not divide"):
+        batch_layout(32, 8, 8)

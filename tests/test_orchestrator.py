@@ -145,6 +145,10 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
         assert (report_dir / png).is_file() and f"({png})" in report, png
     log = (run_dir / "pipeline.log").read_text()
     assert "[pipeline] rl:" in log and "finished" in log
+    # each chat checkpoint is evaluated right after its stage (a failed RL keeps mid and SFT's)
+    order = ["mid", "eval_mid", "sft", "eval_sft", "rl", "eval_rl"]
+    starts = [log.index(f"[pipeline] {s}: 2") for s in order]  # "[pipeline] sft: 2026-..."
+    assert starts == sorted(starts), dict(zip(order, starts))
 
     # Same command again, with flags that change nothing trained (a troubleshooting row's advice):
     # nothing is retrained, and the run goes on.
@@ -314,9 +318,10 @@ GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
     "base_eval": "--max-per-task 4",
     "mid": "--aqua-train-examples 64 --aqua-val-examples 8 --synthetic-examples 64"
     " --synthetic-val-examples 8 --max-seq-len 256"
-    " --device-batch-size 2 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    " --device-batch-size 2 --total-batch-size 4 --num-iterations 4 --eval-every 2"
+    " --eval-examples 4 --save-every 2",
     "sft": "--aqua-train-examples 64 --aqua-val-examples 8 --max-seq-len 256 --device-batch-size 2"
-    " --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
+    " --total-batch-size 4 --num-iterations 4 --eval-every 2 --eval-examples 4 --save-every 2",
     "rl": "--train-examples 16 --examples-per-step 2 --num-samples 2 --max-new-tokens 16"
     " --num-steps 2 --eval-every 2 --eval-problems 4 --eval-samples 2 --save-every 1",
     "eval": "--max-problems 4 --synthetic-examples 4 --num-samples 2 --max-tokens 16",

@@ -128,6 +128,8 @@ def answering_sft(tmp_path_factory):
                 "512",
                 "--device-batch-size",
                 "8",
+                "--total-batch-size",
+                "8",
                 "--num-iterations",
                 "40",
                 "--init-lr-frac",
