@@ -56,6 +56,9 @@ from nanochat.training import (
     warmdown_multiplier,
 )
 
+# Flags that may change on a resume besides the common ones (nanochat/training.HARMLESS_FLAGS): the
+# micro-batch only splits the --total-batch-size conversations of a step differently.
+RESUME_HARMLESS = {"device_batch_size"}
 # Mid-training is the longer, hotter pass right after pretraining; SFT a gentle final one.
 STAGE_DEFAULTS = {
     "mid": {"source_stage": "base", "init_lr_frac": 1.0, "num_epochs": 1.0, "warmdown_ratio": 0.2},
@@ -177,7 +180,7 @@ def resume_or_start(ckpt_dir, info, model, optimizers, args, plan: dict):
     if resumed is None:
         seed_everything(args.seed)
         return 0, None
-    refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args)
+    refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
     saved = {k: resumed.get(k) for k in plan}
     if saved != plan:
         raise SystemExit(

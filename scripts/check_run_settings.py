@@ -11,8 +11,8 @@ a message when it may not:
   resumes from a checkpoint and refuses by itself the flags that change what it trains;
 - a changed --stage-args of a finished stage is allowed only when every changed flag is one that
   stage may change on a resume (cadence, checkpoints kept, logging: nanochat.training's
-  HARMLESS_FLAGS, and for RL its RESUME_HARMLESS); anything else would skip a stage trained with
-  the old flags under a settings line that claims the new ones.
+  HARMLESS_FLAGS, and the chat stages' RESUME_HARMLESS); anything else would skip a stage trained
+  with the old flags under a settings line that claims the new ones.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def stage_flags(stage: str, words: list[str]) -> tuple[dict, set[str]]:
 
         return vars(parse_args(words)), set(HARMLESS_FLAGS)
     if stage in ("mid", "sft"):
-        from scripts.chat_sft import build_parser
+        from scripts.chat_sft import RESUME_HARMLESS, build_parser
 
-        return vars(build_parser(stage).parse_args(words)), set(HARMLESS_FLAGS)
+        return vars(build_parser(stage).parse_args(words)), HARMLESS_FLAGS | RESUME_HARMLESS
     from scripts.chat_rl import RESUME_HARMLESS, parse_args
 
     return vars(parse_args(words)), HARMLESS_FLAGS | RESUME_HARMLESS

@@ -719,3 +719,21 @@ def test_batch_layout_fixes_the_global_batch():
         batch_layout(32, None, 3)
     with pytest.raises(SystemExit, match="--device-batch-size 8 does not divide"):
         batch_layout(32, 8, 8)
+
+
+def test_sft_resumes_with_another_micro_batch(base_dir):
+    """--device-batch-size only splits a step's conversations (the loader's state is one cursor):
+    a resume may change it, e.g. after running out of memory, and ends where an unchanged run ends
+    (up to float round-off: the loss sums the same tokens in other groups)."""
+    from nanochat.checkpoint import load_checkpoint
+
+    make_base(base_dir)
+    flags = ["--source-stage", "base", *TINY_DATA, "--eval-every", "0", "--save-every", "2"]
+    sft([*flags, "--num-iterations", "4"])  # 4 conversations a step, one micro-batch of 4
+    ckpt = checkpoint_dir("sft", "d2")
+    straight, _, _ = load_checkpoint(ckpt, step=4)
+    shutil.rmtree(ckpt / "step_000004")  # as if killed after step 2's checkpoint
+    sft([*flags, "--num-iterations", "4", "--device-batch-size", "2"])  # 2 micro-batches of 2
+    resumed, _, _ = load_checkpoint(ckpt, step=4)
+    for k in straight:
+        assert torch.allclose(resumed[k], straight[k], rtol=0, atol=1e-5), k
