@@ -49,6 +49,8 @@ Usage: bash run_aquarat_small.sh [options]
   --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
                            gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
                            a GPU node's run before paying for one (the test suite does this)
+  --plan                   print the gpu profile's plan for this depth and GPU count (every stage's
+                           steps, tokens, FLOPs, estimated time and cost) and stop
   --no-wandb               no Weights & Biases at all (WANDB_MODE=disabled): only the local JSON-lines
                            files under <base>/runs/<run>/ (changes no result; allowed on a resume)
   --no-sync                skip uv: run with the environment as it is (NANOCHAT_PYTHON, else .venv,
@@ -61,7 +63,7 @@ EOF
 }
 
 PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS="" AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
-REHEARSAL=0 NO_SYNC=0 NO_WANDB=0 DEVICE_BATCH=32 SEQ_LEN=2048
+REHEARSAL=0 NO_SYNC=0 NO_WANDB=0 PLAN=0 DEVICE_BATCH=32 SEQ_LEN=2048
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -85,6 +87,7 @@ while [ $# -gt 0 ]; do
         --max-seq-len) SEQ_LEN=${2:?--max-seq-len needs a value}; shift 2 ;;
         --no-sync) NO_SYNC=1; shift ;;
         --no-wandb) NO_WANDB=1; shift ;;
+        --plan) PLAN=1; shift ;;
         --force) FORCE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run_aquarat_small.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -268,6 +271,14 @@ if [ "$REHEARSAL" = 1 ]; then
     NPROC=${NPROC:-2}
 fi
 NPROC=${NPROC:-$([ "$PROFILE" = gpu ] && echo "$NGPU" || echo 1)}
+if [ "$PLAN" = 1 ]; then
+    # the plan is the gpu profile's: for this machine's GPUs (--nproc), else for an 8-GPU node
+    plan_gpus=$([ "$PROFILE" = gpu ] && echo "$NPROC" || echo 8)
+    plan_args=(--depth "$DEPTH" --gpus "$plan_gpus" --max-seq-len "$SEQ_LEN" --hourly-price "$PRICE")
+    [ -n "$SHARDS" ] && plan_args+=(--shards "$SHARDS")
+    "$PY" -m scripts.plan_run "${plan_args[@]}"
+    exit 0
+fi
 DEVICE=$([ "$NGPU" -gt 0 ] && [ "$PROFILE" = gpu ] && echo cuda || echo cpu)
 # CPU threads per process: the cores shared among the processes (torchrun's own default is 1 thread)
 CORES=$(nproc 2>/dev/null || echo 1)
