@@ -464,6 +464,19 @@ def test_seed_form_dry_run_prints_plan_and_cost(env, fake, project):
     assert "bash run_aquarat_small.sh --depth 20 --profile gpu --gpu-hourly-price 23.92" in out
     assert "ssh key:   laptop" in out
     assert all(r["method"] == "GET" for r in fake.requests)
+    # a checkout without .venv (no torch on this laptop): how to see the stage plan
+    assert "bash run_aquarat_small.sh --plan --depth 20 --nproc 8" in out
+
+
+def test_dry_run_prints_the_stage_plan_with_the_checkouts_venv(env, fake):
+    if not (REPO_ROOT / ".venv" / "bin" / "python").is_file():
+        pytest.skip("this checkout has no .venv (uv sync makes it)")
+    proc, out = launcher(
+        env, *launch_args("--dry-run", "--repo", str(REPO_ROOT), "--", "--depth", "20"), timeout=180
+    )
+    assert proc.returncode == 0, out
+    assert "gpu profile, depth 20" in out and "8 GPU(s)" in out
+    assert "| rl | 300 |" in out and "| **total** |" in out
 
 
 def test_types_lists_prices_and_capacity(env, fake):
@@ -872,6 +885,7 @@ def test_docs_mention_only_real_flags_and_codes():
         "--help",
         "--profile",
         "--gpu-hourly-price",
+        "--plan",
     }  # the orchestrator's
     for doc in ("QUICKSTART.md",):
         text = (REPO_ROOT / doc).read_text()

@@ -469,7 +469,34 @@ def dry_run(api, args):
         hours = [args.max_hours] if args.max_hours else [1, 4, 8]
         estimates = ", ".join(f"{h:g} h = {money(price * h)}" for h in hours)
         print(f"  cost:      {money(price)}/hour; {estimates}")
+    if args.command is None:
+        show_stage_plan(args, price)
     return EXIT_OK
+
+
+def show_stage_plan(args, price_cents):
+    """The pipeline's own plan (scripts/plan_run.py: every stage's time and cost at stated
+    assumptions). It needs torch, which the launcher never imports: it runs with the checkout's
+    .venv when the laptop has one, and otherwise says how to get it."""
+    flags = shlex.split(remote_command(args, price_cents))
+    depth = flags[flags.index("--depth") + 1] if "--depth" in flags else "8"
+    gpus = str(getattr(args, "gpus", None) or 8)
+    plan = ["-m", "scripts.plan_run", "--depth", depth, "--gpus", gpus]
+    if price_cents is not None:
+        plan += ["--hourly-price", f"{price_cents / 100:.2f}"]
+    python = Path(args.repo) / ".venv" / "bin" / "python"
+    if not python.is_file():
+        print(
+            "  stages:    on a machine set up for the pipeline, `bash run_aquarat_small.sh --plan "
+            f"--depth {depth} --nproc {gpus}` prints every stage's time and cost"
+        )
+        return
+    print("  stages (scripts/plan_run.py):")
+    proc = subprocess.run(
+        [str(python), *plan], cwd=args.repo, capture_output=True, text=True, timeout=120
+    )
+    for line in (proc.stdout + proc.stderr).splitlines():
+        print(f"    {line}")
 
 
 def show_type_and_key(api, args):
@@ -481,6 +508,7 @@ def show_type_and_key(api, args):
         raise api_failure(e, "dry run") from e
     keys = list(public_keys)
     regions = [r["name"] for r in item["regions_with_capacity_available"]]
+    args.gpus = item["instance_type"].get("specs", {}).get("gpus")
     print(f"  type:      {args.instance_type}: {item['instance_type']['description']}")
     print(f"  capacity:  {', '.join(regions) or 'none right now'}")
     if args.ssh_key_name and args.ssh_key_name not in keys:
