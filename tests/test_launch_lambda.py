@@ -1020,3 +1020,28 @@ def test_wandb_login_key_and_server_are_forwarded(tmp_path, monkeypatch):
     text = remote_env_text(settings)
     assert "WANDB_API_KEY='k3yfromlogin'" in text
     assert "WANDB_BASE_URL='https://wandb.example.com'" in text
+
+
+def test_uv_runs_the_launcher_in_its_own_small_environment(tmp_path):
+    """`uv run launch_lambda.py` (the laptop's one command, no pip install, no `python`): the
+    script's own header names exactly what it imports beyond the standard library, and uv runs it
+    from those alone, not from the project's environment with torch."""
+    import re
+
+    header = re.search(r"# /// script\n(.*?)# ///", LAUNCHER.read_text(), re.S).group(1)
+    deps = re.findall(r'"([A-Za-z0-9_.-]+)[<>=!~]', header)
+    assert sorted(deps) == ["python-dotenv", "requests"]
+    uv = shutil.which("uv") or str(Path.home() / ".local" / "bin" / "uv")
+    if not Path(uv).is_file():
+        pytest.skip("uv is not installed here (scripts/install_uv.sh installs it)")
+    proc = subprocess.run(
+        [uv, "run", "-v", str(LAUNCHER), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: launch_lambda.py" in proc.stdout
+    assert "Reading inline script metadata" in proc.stderr
+    assert str(REPO_ROOT / ".venv") not in proc.stderr  # not the project's environment
