@@ -397,3 +397,12 @@ def test_optimizer_state_dict_resume_is_exact():
     run(resumed, resumed_opts, batches[2:])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_bench_optim_sharding_figures_add_up():
+    from scripts.bench_optim_sharding import figures
+
+    f = figures(depth=2, vocab_size=256, world_size=4)
+    # the sharded files of one checkpoint hold each state once: a single process's bytes
+    assert f["new_ckpt"] == f["single_ckpt"] < f["old_ckpt"]
+    assert f["new_state"] < f["old_state"] and 0 < f["new_comm"] < f["old_comm"]
