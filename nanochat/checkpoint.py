@@ -2,7 +2,9 @@
 
 Layout: <base>/checkpoints/<stage>/<tag>/step_<06d>/
     model.pt            rank 0: the model state_dict
-    optim_rank<r>.pt    rank r: its optimizer state_dicts (sharded optimizers differ per rank)
+    optim_rank<r>.pt    rank r: its optimizer state_dicts, each holding only rank r's shard under
+                        torchrun (nanochat.optim: sharded ZeRO-2 style); a run with another
+                        process count merges every rank's file and re-shards (load_checkpoint)
     meta.json           rank 0, written last: the caller's meta plus "step", "files" (name -> size),
                         "world_size" and "rank_state" (per rank: data-loader and RNG state)
 
@@ -237,6 +239,11 @@ def _read_meta(path: Path) -> dict:
         return json.load(f)
 
 
+def read_meta(ckpt_dir: str | Path, step: int) -> dict:
+    """meta.json of one step (what wrote it: world_size, step, the caller's meta)."""
+    return _read_meta(step_dir(ckpt_dir, step))
+
+
 def _verify(path: Path, deep: bool = True) -> tuple[bool, str]:
     """(ok, reason). Shallow: meta.json parses and the files it lists have their sizes.
     Deep: their zip directories open too."""
@@ -282,16 +289,19 @@ def find_last_step(ckpt_dir: str | Path) -> int | None:
 # loading
 
 
-def _load_step(path: Path, device, load_optimizer: bool, rank: int):
+def _load_step(path: Path, device, load_optimizer: bool, rank: int, world_size: int | None):
     meta = _read_meta(path)
 
-    def load(name):
+    def load(name, device=device):
         # weights_only: checkpoints hold tensors and plain containers, nothing to unpickle as code
         return torch.load(path / name, map_location=device, weights_only=True)
 
     model_state = load(MODEL_NAME) if (path / MODEL_NAME).exists() else None
     optim_states = None
-    if load_optimizer:
+    saved_world = meta.get("world_size", 1)
+    if load_optimizer and world_size is not None and world_size != saved_world:
+        optim_states = _reshard_optimizer_states(path, saved_world, world_size, load)
+    elif load_optimizer:
         name = optim_name(rank)
         if not (path / name).exists():
             raise FileNotFoundError(
@@ -303,30 +313,52 @@ def _load_step(path: Path, device, load_optimizer: bool, rank: int):
     return model_state, optim_states, meta
 
 
+def _reshard_optimizer_states(path: Path, saved_world: int, world_size: int, load) -> list:
+    """Every rank's optimizer file of a checkpoint written by `saved_world` processes, merged into
+    single-process state_dicts, which a sharded optimizer of any world size slices its part from
+    (its load_state_dict). Every rank reads every file, on the CPU: at d20, 8 GB of AdamW state."""
+    from nanochat.optim import merge_optimizer_states  # the optimizers know their own layout
+
+    names = [optim_name(r) for r in range(saved_world)]
+    missing = [n for n in names if not (path / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} was written by {saved_world} process(es), this run has {world_size}: "
+            f"re-sharding its optimizer state needs every rank's file, and "
+            f"{', '.join(missing)} is missing"
+        )
+    parts = [load(n, device="cpu") for n in names]  # per rank: one state_dict per optimizer
+    return [merge_optimizer_states(list(per_opt)) for per_opt in zip(*parts)]
+
+
 def load_checkpoint(
     ckpt_dir: str | Path,
     step: int | None = None,
     device="cpu",
     load_optimizer: bool = False,
     rank: int = 0,
+    world_size: int | None = None,
 ):
     """-> (model_state, optim_states | None, meta); meta["rank_state"][rank] is what `rank` saved.
 
-    step None: the newest complete step, or (with a warning) an older one that loads."""
+    step None: the newest complete step, or (with a warning) an older one that loads.
+    world_size: this run's process count; when the checkpoint was written by another, the
+    optimizer states of all its ranks are merged into single-process ones (each sharded optimizer
+    keeps its part when it loads them). None: load this rank's file, whatever wrote it."""
     ckpt_dir = Path(ckpt_dir)
     if step is not None:
         path = step_dir(ckpt_dir, step)
         ok, reason = _verify(path)
         if not ok:
             raise FileNotFoundError(f"checkpoint {path} is not usable: {reason}")
-        return _load_step(path, device, load_optimizer, rank)
+        return _load_step(path, device, load_optimizer, rank, world_size)
     for _, path in reversed(_list_step_dirs(ckpt_dir)):
         ok, reason = _verify(path)
         if not ok:
             warnings.warn(f"skipping checkpoint {path}: {reason}", stacklevel=2)
             continue
         try:
-            return _load_step(path, device, load_optimizer, rank)
+            return _load_step(path, device, load_optimizer, rank, world_size)
         except FileNotFoundError:
             raise  # a missing optimizer shard is a setup problem, not corruption: say so
         except Exception as e:  # corrupt payload behind a correct size: try the previous step

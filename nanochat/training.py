@@ -16,6 +16,7 @@ from nanochat.checkpoint import (
     CheckpointWriteError,
     find_last_step,
     load_checkpoint,
+    read_meta,
     restore_rng_state,
     save_checkpoint,
     save_rng_state,
@@ -43,6 +44,15 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
         if resume == "require":
             raise SystemExit(f"--resume require: no complete checkpoint in {ckpt_dir}")
         return 0, None, None
+    saved_world = read_meta(ckpt_dir, last_step).get("world_size", 1)
+    if saved_world != info.world_size:
+        # The optimizer state would re-shard (load_checkpoint(world_size=...)), but each rank's
+        # data-loader position and RNG state belong to the rank that saved them.
+        raise SystemExit(
+            f"{ckpt_dir} step {last_step} was written by {saved_world} process(es), this run has "
+            f"{info.world_size}: resume with --nproc_per_node={saved_world}, or start over with "
+            f"--fresh (or another --tag)."
+        )
     model_state, optim_states, meta = load_checkpoint(
         ckpt_dir, step=last_step, device=info.device, load_optimizer=True, rank=info.rank
     )

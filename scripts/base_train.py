@@ -56,7 +56,7 @@ from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, overlap_grad_sync
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
@@ -390,10 +390,12 @@ def eval_tokens(args) -> int:
 def train_step(train_model, model, optimizers, loaders, lrm, momentum, grad_clip, device):
     """One optimizer step over this rank's micro-batches -> (summed loss, gradient norm)."""
     loss_sum = torch.zeros((), device=device)
-    for loader in loaders:
+    for i, loader in enumerate(loaders):
         x, y = loader.next_batch()
         loss = train_model(x, y)
         loss_sum += loss.detach()
+        if i == len(loaders) - 1:  # the last backward sends the gradients as they complete
+            overlap_grad_sync(optimizers)
         # each micro-batch's loss is a mean over its tokens; dividing by their count makes the
         # gradient the mean over this rank's step, and the optimizers average it over ranks
         (loss / len(loaders)).backward()

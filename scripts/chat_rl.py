@@ -53,7 +53,7 @@ from nanochat.common import (
 )
 from nanochat.engine import Engine
 from nanochat.mc_eval import generative_eval
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, overlap_grad_sync
 from nanochat.report import report_dir, write_section
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import Histogram, Image, add_tracking_args, make_tracker
@@ -633,6 +633,8 @@ def train_step(model, ref_model, optimizers, groups, adv, zero_signal, args, inf
                 args.kl_coef,
                 ref_logp,
             )
+            if b == len(batches) - 1:  # the last backward sends the gradients as they complete
+                overlap_grad_sync(optimizers)
             # the optimizers average gradients over ranks, so * world makes it the global sum
             (loss * info.world_size).backward()
             if epoch > 0:  # on the first pass the ratio is exactly 1: nothing can be clipped
@@ -821,7 +823,7 @@ def resume(ckpt_dir, info, model, optimizers, args, src_meta) -> tuple[int, dict
     if resumed is None:
         return start_step, kept
     refuse_changed_flags(ckpt_dir, start_step, resumed.get("args", {}), args, RESUME_HARMLESS)
-    if resumed.get("world_size") != info.world_size:  # Muon's state is sharded per rank
+    if resumed.get("world_size") != info.world_size:  # start_or_resume refuses it first
         raise SystemExit(
             f"{ckpt_dir} step {start_step} was written by {resumed.get('world_size')} "
             f"process(es), this run has {info.world_size}: resume with the same number, or --fresh"

@@ -39,7 +39,7 @@ from nanochat.common import (
     seed_everything,
 )
 from nanochat.compile import maybe_compile
-from nanochat.optim import clip_grad_norm_
+from nanochat.optim import clip_grad_norm_, overlap_grad_sync
 from nanochat.report import write_section
 from nanochat.tokenizer import tokenizer_record
 from nanochat.tracking import add_tracking_args, make_tracker
@@ -210,9 +210,11 @@ def train_step(train_model, model, optimizers, micro_batches, lr_multiplier, gra
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     trained_tokens = max(counts[0].item(), 1.0)
     loss_sum = torch.zeros((), device=info.device)
-    for x, y in micro_batches:
+    for i, (x, y) in enumerate(micro_batches):
         loss = train_model(x, y, loss_reduction="sum")
         loss_sum += loss.detach()
+        if i == len(micro_batches) - 1:  # the last backward sends the gradients as they complete
+            overlap_grad_sync(optimizers)
         # the optimizers average gradients over ranks: * world_size turns that mean into the sum
         (loss * (info.world_size / trained_tokens)).backward()
     grad_norm = clip_grad_norm_(optimizers, grad_clip if grad_clip > 0 else None)

@@ -226,7 +226,13 @@ def test_tiny_cpu_run_learns_logs_checkpoints_and_evaluates(base, tmp_path, inpr
 
 
 def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc):
+    # No clipping: 2 ranks sum the squares of their gradient shards for the norm, 1 process takes
+    # torch's norm of whole gradients; the clip factors differ in their last bits, which Adam
+    # blows up to ~1e-2 on the zero-initialised value-embedding tables (elements whose gradient is
+    # round-off). Unclipped, the two runs compute the same bits (test_optim covers clipping).
     common = TINY + [
+        "--grad-clip",
+        "0",
         "--num-iterations",
         "6",
         "--total-batch-size",
@@ -264,7 +270,7 @@ def test_torchrun_two_processes_equals_grad_accumulation(base, tmp_path, inproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 proc x 1 micro" in proc.stdout
     d2 = ckpt(base2) / "step_000006"
-    # Muon state is sharded
+    # the optimizer state is sharded
     assert (d2 / "optim_rank0.pt").is_file() and (d2 / "optim_rank1.pt").is_file()
 
     w1, w2 = final_weights(base), final_weights(base2)

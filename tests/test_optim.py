@@ -225,54 +225,140 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_training_matches_single_process(tmp_path, one_thread):
-    """Same global batch of 4 rows, 3 steps with clipping: 1 process (full batch), 1 process with
-    2-step gradient accumulation, and torchrun with 2 gloo ranks (2 rows each) end with the same
-    weights."""
-    single = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4)
-    accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2)
+def _close(a: dict, b: dict, what: str) -> None:
+    for name, w in b.items():
+        # Muon matrices agree to ~1e-7. The embeddings are the loosest: Adam's m/sqrt(v) on
+        # elements whose gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5
+        # on values ~0.2, lr 0.7).
+        tol = dict(atol=1e-6, rtol=1e-5) if "transformer.h." in name else dict(atol=5e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            a[name], w, **tol, msg=lambda m, name=name: f"{name}: {what}: {m}"
+        )
+
+
+def test_two_process_sharded_training_matches_single_process(tmp_path, one_thread):
+    """Same global batch of 4 rows, 3 steps with clipping, a checkpoint after step 2. One process
+    (full batch, and with 2-step gradient accumulation) and torchrun with 2 gloo ranks (2 rows each,
+    2 micro-steps, gradients sent from the hooks of the last backward; or all-reduced, as on old
+    gloo) end with the same weights.
+    The 2 ranks' optimizer files together are no bigger than the one process's, and hold each
+    parameter's state once. Resuming at step 2 from the 2-rank checkpoint on 2 ranks is bit-exact;
+    from the 1-process checkpoint on 2 ranks, and from the 2-rank one in 1 process, the optimizer
+    state is re-sharded and training ends where the uninterrupted runs do."""
+    ckpt1, ckpt2 = tmp_path / "ckpt1", tmp_path / "ckpt2"
+    single = dist_optim_worker.train(
+        str(tmp_path), steps=3, batch_size=4, save_at=2, ckpt_dir=str(ckpt1)
+    )
+    accum = dist_optim_worker.train(str(tmp_path), steps=3, batch_size=4, grad_accum=2, name="acc")
     env = {
         **os.environ,
         "NANOCHAT_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(REPO_ROOT),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port",
-        str(free_port()),
-        str(REPO_ROOT / "tests" / "dist_optim_worker.py"),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "3",
-        "--batch-size",
-        "4",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--master_port", str(free_port()), str(REPO_ROOT / "tests" / "dist_optim_worker.py")]
+    cmd += ["--out", str(tmp_path), "--steps", "3", "--batch-size", "4", "--grad-accum", "2"]
+    cmd += ["--save-at", "2", "--ckpt", str(ckpt2), "--resume", str(ckpt2), "--resume", str(ckpt1)]
+    cmd += ["--all-reduce-run"]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for name, w in single.items():
-        assert torch.equal(rank0[name], rank1[name]), f"{name} differs across ranks"
-        # Muon matrices agree to ~1e-7. The embedding is the loosest: Adam's m/sqrt(v) on elements
-        # whose gradient nearly cancels amplifies summation-order round-off (seen: 1.6e-5 on
-        # values ~0.2, lr 0.7).
-        tol = dict(atol=1e-6, rtol=1e-5) if "transformer.h." in name else dict(atol=5e-5, rtol=1e-4)
-        torch.testing.assert_close(
-            rank0[name], w, **tol, msg=lambda m, name=name: f"{name}: 2-proc vs 1-proc: {m}"
-        )
-        torch.testing.assert_close(
-            accum[name], w, **tol, msg=lambda m, name=name: f"{name}: grad-accum vs 1-proc: {m}"
-        )
+
+    def weights(name):
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"{name}: {key} differs across ranks"
+        return ranks[0]
+
+    two = weights("fresh")
+    _close(two, single, "2-proc vs 1-proc")
+    _close(accum, single, "grad-accum vs 1-proc")
+    resumed_same = weights("resume0")  # 2 ranks from the 2-rank checkpoint
+    for key, w in two.items():
+        assert torch.equal(resumed_same[key], w), f"2 -> 2 resume is not exact: {key}"
+    _close(weights("resume1"), single, "1 -> 2 resume vs 1-proc")  # 2 ranks from 1 process
+    for key, w in weights("allreduce").items():  # old gloo's stand-in: the same sums
+        assert torch.equal(w, two[key]), f"all-reduce instead of reduce-scatter: {key}"
+    one_from_two = dist_optim_worker.train(
+        str(tmp_path), steps=3, batch_size=4, name="from2", resume=str(ckpt2)
+    )
+    _close(one_from_two, single, "2 -> 1 resume vs 1-proc")
     torch.manual_seed(0)  # the worker's initial weights: training must have moved them
     initial = GPT(dist_optim_worker.tiny_config()).state_dict()
-    assert (
-        single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]
-    ).abs().max() > 1e-3
+    moved = single["transformer.h.0.attn.c_q.weight"] - initial["transformer.h.0.attn.c_q.weight"]
+    assert moved.abs().max() > 1e-3
+
+    # Each rank's file holds its shard only: together no more than 1.1x the one process's file.
+    one_file = (ckpt1 / "step_000002" / "optim_rank0.pt").stat().st_size
+    shards = [ckpt2 / "step_000002" / f"optim_rank{r}.pt" for r in (0, 1)]
+    total = sum(f.stat().st_size for f in shards)
+    assert total <= 1.1 * one_file, (total, one_file)
+    # ... and no parameter's state (no element of it) is on both ranks
+    full = torch.load(ckpt1 / "step_000002" / "optim_rank0.pt", weights_only=True)
+    parts = [torch.load(f, weights_only=True) for f in shards]
+    adam_full, muon_full = full
+    for index, entry in adam_full["state"].items():
+        pieces = [part[0]["state"][index]["exp_avg"] for part in parts]
+        assert sum(p.numel() for p in pieces) == entry["exp_avg"].numel(), index
+        assert all(p.numel() < entry["exp_avg"].numel() for p in pieces), index
+    owners = [set(part[1]["state"]) for part in parts]
+    assert not owners[0] & owners[1] and owners[0] | owners[1] == set(muon_full["state"])
+
+    # A training stage refuses the other process count: its data and RNG state are per rank.
+    from nanochat.common import DistInfo
+    from nanochat.training import start_or_resume
+
+    info = DistInfo(False, 0, 0, 1, torch.device("cpu"))
+    model = GPT(dist_optim_worker.tiny_config())
+    with pytest.raises(SystemExit, match="written by 2 process.es., this run has 1"):
+        start_or_resume(ckpt2, info, model, model.setup_optimizers(), fresh=False, resume="auto")
+
+
+def test_merged_shards_are_the_state_and_reshard_exactly(monkeypatch):
+    """Slicing a single-process state_dict into every rank's part (what a sharded optimizer keeps
+    when it loads one) and merging the parts (merge_optimizer_states) gives it back bit for bit,
+    for several world sizes and sizes that do not divide; Muon's parts are its owners' states."""
+    import types
+
+    import nanochat.optim as optim
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(7, 5), (3,), (2, 2), (64, 8)]]
+    full = {
+        "state": {
+            i: {"step": 3, "exp_avg": torch.randn(p.shape), "exp_avg_sq": torch.rand(p.shape)}
+            for i, p in enumerate(params)
+            if i != 2  # a parameter that never had a gradient has no state
+        },
+        "param_groups": [{"params": [0, 1], "lr": 0.1}, {"params": [2, 3], "lr": 0.2}],
+    }
+    opt = types.SimpleNamespace(param_groups=[{"params": params[:2]}, {"params": params[2:]}])
+    shapes = [list(p.shape) for p in params]
+    for world in (1, 2, 3, 8):
+        parts = []
+        for rank in range(world):
+            fake = types.SimpleNamespace(
+                get_rank=lambda r=rank: r, get_world_size=lambda w=world: w
+            )
+            monkeypatch.setattr(optim, "dist", fake)
+            part = optim._own_part(full, opt, "slice")
+            owner = optim._own_part(full, opt, "owner")
+            for i, entry in part["state"].items():
+                lo, hi = optim.shard_range(params[i].numel(), rank, world)
+                assert entry["exp_avg"].shape == (hi - lo,) and entry["step"] == 3
+            # Muon's owners: index i of a group (counted within the group) is on rank i % world
+            assert set(owner["state"]) == {
+                i for i in full["state"] if (i if i < 2 else i - 2) % world == rank
+            }
+            part["sharding"] = dict(layout="slice", world_size=world, rank=rank, shapes=shapes)
+            parts.append(part)
+        merged = optim.merge_optimizer_states(parts)
+        assert merged["state"].keys() == full["state"].keys()
+        for i, entry in full["state"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(merged["state"][i][key], entry[key]), (world, i, key)
+    with pytest.raises(ValueError, match=r"ranks 0\.\.7 in order"):
+        optim.merge_optimizer_states(parts[::-1])
 
 
 def test_optimizer_state_dict_resume_is_exact():
@@ -311,3 +397,12 @@ def test_optimizer_state_dict_resume_is_exact():
     run(resumed, resumed_opts, batches[2:])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_bench_optim_sharding_figures_add_up():
+    from scripts.bench_optim_sharding import figures
+
+    f = figures(depth=2, vocab_size=256, world_size=4)
+    # the sharded files of one checkpoint hold each state once: a single process's bytes
+    assert f["new_ckpt"] == f["single_ckpt"] < f["old_ckpt"]
+    assert f["new_state"] < f["old_state"] and 0 < f["new_comm"] < f["old_comm"]
