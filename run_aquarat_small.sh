@@ -266,7 +266,7 @@ if [ "$PROFILE" = gpu ]; then
               sort -n | head -n 1 || true)
     PLANNED=""
     if [[ "$GPU_MIB" =~ ^[0-9]+$ ]]; then
-        FIT_GIB=$(awk -v m="$GPU_MIB" 'BEGIN { printf "%.1f", m / 1024 * 0.9 - 1 }')
+        FIT_GIB=$(awk -v m="$GPU_MIB" 'BEGIN { printf "%.1f", m / 1024 * 0.9 - 1 }')  # usable_gib
         PLANNED=$("$PY" -m scripts.plan_memory --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
                   --device-batch-size "$DEVICE_BATCH" --gpus "$NPROC" --fit-gib "$FIT_GIB" \
                   --print-batch 2>>"$LOG") || PLANNED=""

@@ -59,12 +59,13 @@ def test_optimizer_state_per_rank():
 
 def test_cli_table_and_fit(capsys):
     tiny = "--depth 1 --vocab-size 512 --max-seq-len 64 --device-batch-size 8 --gpus 2"
-    pm.main((tiny + " --rl-prompt-tokens 16 --rl-new-tokens 16 --gpu-gib 0.01").split())
+    pm.main((tiny + " --rl-prompt-tokens 16 --rl-new-tokens 16 --gpu-gib 80").split())
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| d1 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["base", "base eval", "mid/SFT", "RL"]
     peaks = [float(r.split("|")[9]) for r in rows]
     assert all(0 < p < 0.01 for p in peaks) and "KV cache" in out
+    assert "a 80 GiB card leaves 71.0 GiB" in out and all("| yes |" in r for r in rows)
     # the largest divisor of 8 that fits, halving like base_train's probe: the budget is half of
     # what 8 rows take, so 4 rows or fewer
     budget = peaks[0] / 2
