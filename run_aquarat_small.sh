@@ -30,8 +30,9 @@ Usage: bash run_aquarat_small.sh [options]
                            (default NANOCHAT_RUN, else aquarat_small)
   --depth N                model depth for the gpu profile (default 8; 20 for the larger run)
   --nproc N                processes for torchrun (default: number of visible GPUs)
-  --device-batch-size N    gpu profile: pretraining rows per micro-batch per GPU (default 32; halved
-                           by base_train itself until a step fits in memory)
+  --device-batch-size N    gpu profile: pretraining rows per micro-batch per GPU (default 32; cut to
+                           what fits the GPU's memory by scripts.plan_memory before any download,
+                           and halved by base_train itself if a step still runs out of memory)
   --max-seq-len N          gpu profile: context of pretraining, mid-training and SFT (default 2048)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default: enough for
                            the depth's budget of 20 tokens per parameter, estimated: 37 at d8)
@@ -308,11 +309,41 @@ print(math.ceil(20 * params * 4.8 / 250e6) + 1)")
         | tee -a "$LOG"
 fi
 
+# The gpu profile's micro-batch for this card's memory, before any download: scripts.plan_memory runs
+# the real model and optimizers on fake tensors and takes the largest divisor of --device-batch-size
+# whose base step (optimizer state included) fits in 90% of the smallest GPU's memory less 1 GiB (the
+# CUDA context, NCCL and fragmentation it cannot see). The total batch is unchanged (more gradient
+# accumulation); base_train's own probe still halves it on a real out-of-memory. If the planner
+# cannot say, --device-batch-size stays as given. The run's settings keep the requested figure.
+REQUESTED_BATCH=$DEVICE_BATCH
+if [ "$PROFILE" = gpu ]; then
+    # the smallest card's memory; no `| head`, whose early close could SIGPIPE the writer
+    GPU_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null |
+              sort -n || true)
+    GPU_MIB=${GPU_MIB%%$'\n'*}
+    PLANNED=""
+    if [[ "$GPU_MIB" =~ ^[0-9]+$ ]]; then
+        FIT_GIB=$(awk -v m="$GPU_MIB" 'BEGIN { printf "%.1f", m / 1024 * 0.9 - 1 }')  # usable_gib
+        PLANNED=$("$PY" -m scripts.plan_memory --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
+                  --device-batch-size "$DEVICE_BATCH" --gpus "$NPROC" --fit-gib "$FIT_GIB" \
+                  --print-batch 2>>"$LOG") || PLANNED=""
+    fi
+    if [[ "$PLANNED" =~ ^[1-9][0-9]*$ ]]; then
+        echo "[pipeline] memory plan: --device-batch-size $PLANNED of $DEVICE_BATCH fits" \
+             "$FIT_GIB GiB per GPU at depth $DEPTH (uv run python -m scripts.plan_memory)" | tee -a "$LOG"
+        DEVICE_BATCH=$PLANNED
+    else
+        echo "[pipeline] warning: no memory plan (GPU memory '${GPU_MIB:-unknown}' MiB; the" \
+             "planner's messages are in $LOG): --device-batch-size $DEVICE_BATCH as given, and" \
+             "base_train halves it if a step runs out of memory" | tee -a "$LOG" >&2
+    fi
+fi
+
 # A run is one set of settings: re-running it with other ones would skip the stages already done
 # with the old settings and mix the two. Refused, unless --force / --from say which stages to redo.
 SETTINGS="profile=$PROFILE seed=$SEED"
 [ "$PROFILE" = gpu ] && SETTINGS+=" depth=$DEPTH shards=$SHARDS aqua-data-dir=${AQUA_DIR:-hf}" \
-    && SETTINGS+=" device-batch-size=$DEVICE_BATCH max-seq-len=$SEQ_LEN"
+    && SETTINGS+=" device-batch-size=$REQUESTED_BATCH max-seq-len=$SEQ_LEN"
 for name in $(printf '%s\n' "${!STAGE_ARGS[@]}" | sort); do
     SETTINGS+=" $name=[$(echo ${STAGE_ARGS[$name]})]"
 done

@@ -2,9 +2,11 @@
 
 Token embedding (untied from lm_head), rotary positions, QK-norm, parameter-free RMSNorm, ReLU^2
 MLP, no biases, grouped-query attention, soft-capped logits and value embeddings. Parameters are
-always float32: they are the master weights the optimizers update. forward runs its matmuls in the
-compute dtype (common.autodetect_dtype: bf16 on CUDA with SM >= 80, fp32 elsewhere) under
-autocast, so callers need no autocast of their own. When to torch.compile it: nanochat/compile.py.
+always float32: they are the master weights the optimizers update. forward runs in the compute dtype
+(common.autodetect_dtype: bf16 on CUDA with SM >= 80, fp32 elsewhere): the embedding lookups are
+cast to it, so the residual stream and every activation saved for backward are bf16 there, and the
+matmuls run under autocast; callers need no autocast of their own. When to torch.compile it:
+nanochat/compile.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class GPTConfig:
     value_embed_every: int = 0
 
 
+# Rows of final hidden states turned into logits at a time by the chunked loss paths: 4096 rows x
+# a 65,536 vocabulary is 1 GiB per fp32 copy of the logits.
+HEAD_CHUNK_ROWS = 4096
 VE_GATE_CHANNELS = 32  # the gate of a value embedding reads the first channels of the block's input
 
 
@@ -246,7 +251,7 @@ class CausalSelfAttention(nn.Module):
             # Added before the cache stores v, so decoding reuses it like any other value.
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # (B,T,H_kv)
             ve = value_embed.view(B, T, self.n_kv_head, self.head_dim)
-            v = v + (gate.unsqueeze(-1) * ve).to(v.dtype)  # the lookup is fp32: keep v in bf16
+            v = v + (gate.unsqueeze(-1) * ve).to(v.dtype)  # keep v in v's dtype (bf16)
         cos, sin = cos_sin
         # QK-norm: with q and k at unit RMS per head, q.k / sqrt(d) stays bounded however large the
         # weights grow, so attention logits cannot blow up into one-hot softmaxes at high lrs.
@@ -506,13 +511,19 @@ class GPT(nn.Module):
             cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
             attn_mask = attention_mask(pad, pos, T)
         # Matmuls in bf16 (when that is the compute dtype) while weights, gradients and optimizer
-        # state stay fp32: autocast casts at each matmul.
+        # state stay fp32: autocast casts at each matmul. The fp32 tables are looked up and the
+        # rows cast to the compute dtype at once, so the residual stream, and everything autograd
+        # saves along it, is bf16 too (half the activation memory); an fp32 lookup would keep it
+        # fp32 all the way through, since x + bf16 is fp32. The gradient flows back through the
+        # cast into the fp32 tables, so the optimizer still updates fp32 master weights.
         dtype = self.get_compute_dtype(idx.device)
         autocast = dict(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32)
         with torch.autocast(**autocast):
-            x = norm(self.transformer.wte(idx))
+            x = norm(self.transformer.wte(idx).to(dtype)).to(dtype)
             for i, block in enumerate(self.transformer.h):
-                ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+                ve = None
+                if str(i) in self.value_embeds:
+                    ve = self.value_embeds[str(i)](idx).to(dtype)
                 x = block(x, cos_sin, kv_cache, attn_capture, attn_mask, ve)
             x = norm(x)
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
@@ -524,13 +535,28 @@ class GPT(nn.Module):
                 return total
             # count clamped to 1: a batch with every target ignored gives 0 with a graph, not NaN
             return total / (flat_targets != -1).sum().clamp(min=1)
-        with torch.autocast(**autocast):
-            logits = self.lm_head(x)
-        logits = logits.float()  # the softcap and the loss in fp32: tanh and logsumexp need it
-        if self.config.softcap:
-            # Logit soft-cap: c tanh(z / c) is z for small logits and bounds them smoothly to
-            # (-c, c), so the model cannot grow over-confident logits to push the loss down.
-            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        no_grads = not torch.is_grad_enabled()
+        if targets is not None and loss_reduction == "none" and self.chunked_loss and no_grads:
+            # Evaluation (bits per byte, the RL reference): per-token losses a chunk of rows at a
+            # time, so the (rows, vocab) fp32 logits of a 32 x 2048 batch (17 GB per copy at a
+            # 65,536 vocabulary) never exist at once. With gradients each chunk's logits would be
+            # kept for backward anyway: that path stays the plain one below.
+            flat_targets = targets.reshape(-1)
+            hidden = x.reshape(-1, x.size(-1))
+            chunk = HEAD_CHUNK_ROWS
+            per_token = torch.cat(
+                [
+                    F.cross_entropy(
+                        self._head_logits(hidden[s : s + chunk], autocast),
+                        flat_targets[s : s + chunk],
+                        ignore_index=-1,
+                        reduction="none",
+                    )
+                    for s in range(0, hidden.size(0), chunk)
+                ]
+            )
+            return per_token.view(B, T)
+        logits = self._head_logits(x, autocast)
         if targets is None:
             return logits
         flat_logits = logits.view(-1, logits.size(-1))
@@ -547,6 +573,17 @@ class GPT(nn.Module):
             )
             return per_token.view(B, T)
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+
+    def _head_logits(self, x: torch.Tensor, autocast: dict) -> torch.Tensor:
+        """Soft-capped fp32 logits of the final hidden states x (..., n_embd)."""
+        with torch.autocast(**autocast):
+            logits = self.lm_head(x)
+        logits = logits.float()  # the softcap and the loss in fp32: tanh and logsumexp need it
+        if self.config.softcap:
+            # Logit soft-cap: c tanh(z / c) is z for small logits and bounds them smoothly to
+            # (-c, c), so the model cannot grow over-confident logits to push the loss down.
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        return logits
 
     def setup_optimizers(self, **settings) -> list[torch.optim.Optimizer]:
         """[AdamW, Muon] for this model: optim.build_optimizers, whose keyword settings (lrs, weight
@@ -612,7 +649,7 @@ def chunked_head_loss(
     targets: torch.Tensor,
     softcap: float,
     dtype: torch.dtype,
-    chunk: int = 4096,
+    chunk: int = HEAD_CHUNK_ROWS,
 ) -> torch.Tensor:
     """Summed cross-entropy of softcap(h @ weight.T) against targets (-1 = ignored), h (N, d),
     without materialising the (N, vocab) logits (see _ChunkedHeadLoss). Matmuls run in `dtype`."""

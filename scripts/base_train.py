@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+from contextlib import contextmanager
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -232,12 +233,49 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
-    """The largest micro-batch <= `batch` whose forward + backward fits in memory, halving on
-    out-of-memory; grad accumulation grows to keep the total batch. Probed with one step on zero
-    tokens (no optimizer step, no RNG drawn: training itself is unchanged); all ranks take the
-    smallest fit. The optimizer state, allocated at the first real step, is not in the probe: at
-    the very edge of memory that step can still run out."""
+@contextmanager
+def optimizer_state_allocated(model, optimizers):
+    """The optimizers' state, allocated for the duration of the block and dropped after it, so
+    that a memory probe sees what every training step after the first holds (AdamW's two moments,
+    Muon's momentum). Allocated by one step at lr 0 on zero gradients, which moves no parameter
+    (every update is scaled by the lr, weight decay too); afterwards each optimizer gets back its
+    state_dict from before (no state, the same lrs), so training is exactly as without the probe.
+    Under torchrun the step's collectives run on every rank, before the probe's first try."""
+    saved = [opt.state_dict() for opt in optimizers]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    try:
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+            opt.step()
+    except torch.OutOfMemoryError:
+        raise SystemExit(
+            "out of memory with the parameters, gradients and optimizer state alone, before any "
+            "activation: a smaller --depth, more GPUs, or a GPU with more memory (uv run python -m "
+            "scripts.plan_memory shows the figures)"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for opt, state in zip(optimizers, saved):
+            opt.load_state_dict(state)
+
+
+def fit_device_batch(train_model, model, optimizers, batch: int, seq_len: int, info) -> int:
+    """The largest micro-batch <= `batch` whose forward + backward fits in memory next to the
+    optimizer state (held during the probe: optimizer_state_allocated), halving on out-of-memory;
+    grad accumulation grows to keep the total batch. Probed with one step on zero tokens (no RNG
+    drawn, no parameter moved: training itself is unchanged); all ranks take the smallest fit.
+    uv run python -m scripts.plan_memory gives the same answer before any download or GPU."""
+    with optimizer_state_allocated(model, optimizers):
+        return _fit_device_batch(train_model, model, batch, seq_len, info)
+
+
+def _fit_device_batch(train_model, model, batch: int, seq_len: int, info) -> int:
     while True:
         try:
             ids = torch.zeros(batch, seq_len, dtype=torch.long, device=info.device)
@@ -429,7 +467,7 @@ def main(argv=None) -> None:
         run.ckpt_dir, info, model, optimizers, args.fresh, args.resume
     )
     train_model = maybe_compile(model, info.device)
-    stats = fix_layout(run, resumed, start_step, train_model, model, tokenizer)
+    stats = fix_layout(run, resumed, start_step, train_model, model, optimizers, tokenizer)
     announce(run, model, start_step)
 
     # ---- data and tracking
@@ -516,7 +554,7 @@ def plan_run(args, info, model) -> SimpleNamespace:
     )
 
 
-def fix_layout(run, resumed, start_step, train_model, model, tokenizer) -> dict:
+def fix_layout(run, resumed, start_step, train_model, model, optimizers, tokenizer) -> dict:
     """Sets the micro-batch and gradient accumulation; returns the running stats (a resume's)."""
     args, world_size = run.args, run.info.world_size
     # A resumed run keeps its micro-batch (the data layout depends on it); a fresh one takes the
@@ -525,7 +563,7 @@ def fix_layout(run, resumed, start_step, train_model, model, tokenizer) -> dict:
         run.device_batch = resumed.get("device_batch_size", args.device_batch_size)
     else:
         run.device_batch = fit_device_batch(
-            train_model, model, args.device_batch_size, args.max_seq_len, run.info
+            train_model, model, optimizers, args.device_batch_size, args.max_seq_len, run.info
         )
     run.grad_accum = run.total_batch // (run.device_batch * args.max_seq_len * world_size)
     stats = dict(FRESH_STATS)

@@ -460,6 +460,43 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(
     assert "already complete at step 4" in capsys.readouterr().out
 
 
+def test_out_of_memory_probe_holds_the_optimizer_state_and_changes_nothing(
+    base, inproc, capsys, monkeypatch
+):
+    """A simulated GPU that holds 4 rows next to the parameters alone, but only 2 once AdamW and
+    Muon have their state (from the first step on): the probe must hold that state and settle on
+    2, not on 4 (whose first step would run out of memory), and the run must end with the same
+    weights as one given 2 rows from the start: the probe's step moved nothing and left no state."""
+    from nanochat.gpt import GPT
+
+    forward, setup = GPT.forward, GPT.setup_optimizers
+    optimizers = []
+
+    def small_gpu(self, idx, targets=None, **kw):
+        state = any(opt.state for opt in optimizers)
+        if targets is not None and idx.shape[0] > (2 if state else 4):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, idx, targets, **kw)
+
+    def keep_optimizers(self, **kw):
+        optimizers[:] = setup(self, **kw)
+        return optimizers
+
+    args = TINY + ["--total-batch-size", "512", "--num-iterations", "3", "--eval-every", "-1"]
+    args += ["--save-every", "3"]
+    with monkeypatch.context() as m:
+        m.setattr(GPT, "forward", small_gpu)
+        m.setattr(GPT, "setup_optimizers", keep_optimizers)
+        inproc(args + ["--device-batch-size", "8"])
+    out = capsys.readouterr().out
+    assert "a micro-batch of 4 x 64 tokens does not fit in memory: trying 2" in out
+    assert "1 proc x 4 micro x 2 rows x 64" in out
+    inproc(args + ["--device-batch-size", "2", "--tag", "direct"])
+    probed, direct = final_weights(base), final_weights(base, "direct")
+    assert probed.keys() == direct.keys()
+    assert all(torch.equal(probed[k], direct[k]) for k in probed)
+
+
 def test_bench_pretrain_quality_runs_variants_on_the_same_batches(capsys):
     from scripts.bench_pretrain_quality import main
 

@@ -136,6 +136,25 @@ def test_logits_fp32_softcapped_and_loss_reductions():
         model(x, y, loss_reduction="avg")
 
 
+def test_per_token_losses_without_grad_go_a_chunk_of_rows_at_a_time(monkeypatch):
+    import nanochat.gpt as gpt
+
+    model = tiny_model()
+    x = torch.randint(0, 256, (3, 12))
+    y = torch.randint(0, 256, (3, 12))
+    y[1, 4:] = -1
+    full = model(x, y, loss_reduction="none")  # with grad: the plain full-logits path
+    head, chunks = model._head_logits, []
+    monkeypatch.setattr(model, "_head_logits", lambda h, ac: chunks.append(h.shape) or head(h, ac))
+    monkeypatch.setattr(gpt, "HEAD_CHUNK_ROWS", 8)
+    with torch.no_grad():
+        per_token = model(x, y, loss_reduction="none")
+    # 36 rows, 8 at a time: the logits of all 36 never exist at once
+    assert [tuple(c) for c in chunks] == [(8, 64)] * 4 + [(4, 64)]
+    assert per_token.shape == (3, 12) and (per_token[1, 4:] == 0).all()
+    torch.testing.assert_close(per_token, full.detach())
+
+
 @pytest.mark.parametrize("softcap", [15.0, 0.0])
 def test_chunked_head_loss_equals_full_logits_loss_and_grads(softcap):
     """The scalar losses never build the (rows, vocab) logits; loss and every gradient are the same
@@ -184,6 +203,24 @@ def test_all_ignored_targets_give_zero_loss_with_graph():
     loss.backward()
     for p in model.parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() == 0
+
+
+def test_bf16_compute_puts_the_residual_stream_and_lookups_in_bf16(monkeypatch):
+    # The fp32 tables' rows are cast on lookup: an fp32 embedding would keep the whole residual
+    # stream (and what autograd saves along it) fp32 under autocast, twice the activation memory.
+    model = tiny_model(value_embed_every=1).train()
+    model.compute_dtype = None
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")  # CPU autocast, as CUDA's bf16
+    seen = []
+    for block in model.transformer.h:
+        block.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[5].dtype)))
+        block.register_forward_hook(lambda mod, args, out: seen.append((out.dtype,)))
+    x = torch.randint(0, 256, (2, 16))
+    model(x, x).backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16), (torch.bfloat16,)] * model.config.n_layer
+    # the master weights and their gradients stay fp32, and the gradient reaches the tables
+    for p in (model.transformer.wte.weight, *(t.weight for t in model.value_embeds.values())):
+        assert p.dtype == p.grad.dtype == torch.float32 and p.grad[x.unique()].abs().sum() > 0
 
 
 def test_bf16_compute_keeps_fp32_params_and_logits(monkeypatch):

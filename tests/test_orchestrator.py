@@ -3,6 +3,7 @@ steps), then a re-run that skips finished stages and a --from that redoes only t
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -308,6 +309,36 @@ def test_threads_per_process_divide_the_cores(base_dir, tmp_path):
         )
         assert res.returncode == 2 and "run 'thr' was made with" in res.stderr, res.stderr[-2000:]
         assert f"processes={nproc} threads/process={threads} " in res.stdout
+
+
+def test_gpu_profile_plans_the_micro_batch_for_the_cards_memory(base_dir, tmp_path):
+    """Before any download, scripts.plan_memory cuts --device-batch-size to what fits the memory
+    nvidia-smi reports (here a fake one); when it cannot say, the flag stays as given."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    run_dir = base_dir / "runs" / "mem"
+    run_dir.mkdir(parents=True)
+    (run_dir / "settings").write_text("profile=gpu seed=1\n")  # another run's: stops after the plan
+    env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    args = ["--profile", "gpu", "--cpu-rehearsal", "--no-sync", "--run", "mem", "--shards", "2"]
+    args += ["--depth", "2", "--max-seq-len", "128", "--device-batch-size", "8"]
+    # d2, 128 tokens a row: 8 rows peak at about 1.6 GiB, 2 rows at 0.6; the card leaves 1.1 GiB
+    for mib, expected in (
+        ("2389", r"--device-batch-size [24] of 8 fits 1\.1 GiB"),
+        ("[N/A]", None),
+    ):
+        smi.write_text(f"#!/bin/sh\necho '{mib}'\n")
+        smi.chmod(0o755)
+        res = run_pipeline(args, base_dir, timeout=300, extra_env=env)
+        assert res.returncode == 2 and "run 'mem' was made with" in res.stderr, res.stderr[-2000:]
+        # the settings record the requested micro-batch, whatever the card
+        assert "device-batch-size=8 max-seq-len=128" in res.stderr
+        if expected:
+            assert re.search(expected, res.stdout), res.stdout[-2000:]
+        else:
+            assert "warning: no memory plan (GPU memory '[N/A]' MiB" in res.stderr
+            assert "--device-batch-size 8 as given" in res.stderr
 
 
 GPU_SIZES = {  # sizes only: every other flag is the gpu profile's own
