@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -44,6 +45,13 @@ DEFAULT_BUFFER = {"continue": 1024, "legacy": 32}
 # million tokens per loader): 1.00 on the bench corpus (scripts/bench_dataloader.py). The shard
 # count of run_aquarat_small.sh divides the token budget by it.
 KEPT_FRACTION = 1.0
+
+
+def default_tokenizer_threads() -> int:
+    """This process's share of the machine's cores: torchrun starts LOCAL_WORLD_SIZE processes per
+    node (on Lambda's 8x H100, 208 vCPUs / 8 = 26 each)."""
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_procs))
 
 
 class DataLoader:
@@ -63,15 +71,19 @@ class DataLoader:
         tokenizer_batch_size: int = 128,
         packing: str = "continue",
         prefetch: int = 0,
+        tokenizer_threads: int | None = None,
     ):
         if packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
         if buffer_size is None:
             buffer_size = DEFAULT_BUFFER[packing]
-        if batch_size < 1 or seq_len < 1 or buffer_size < 1 or prefetch < 0:
+        if tokenizer_threads is None:
+            tokenizer_threads = default_tokenizer_threads()
+        if min(batch_size, seq_len, buffer_size, tokenizer_threads) < 1 or prefetch < 0:
             raise ValueError(
-                f"batch_size ({batch_size}), seq_len ({seq_len}) and buffer_size ({buffer_size}) "
-                f"must be >= 1 and prefetch ({prefetch}) >= 0"
+                f"batch_size ({batch_size}), seq_len ({seq_len}), buffer_size ({buffer_size}) and "
+                f"tokenizer_threads ({tokenizer_threads}) must be >= 1 and prefetch ({prefetch}) "
+                f">= 0"
             )
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
@@ -80,6 +92,10 @@ class DataLoader:
         self.device = torch.device(device)
         self.buffer_size, self.tokenizer_batch_size = buffer_size, tokenizer_batch_size
         self.packing, self.prefetch = packing, prefetch
+        # Tokenising is most of a batch's CPU time and tiktoken releases the GIL while it works,
+        # so a batch of documents is split over this many threads (created on first use).
+        self.tokenizer_threads = tokenizer_threads
+        self._pool: ThreadPoolExecutor | None = None
         self.source, all_units = ds.list_units(split, source, data_dir)
         self.units = ds.shard_units(all_units, rank, world_size)
         self.fingerprint = self._fingerprint(all_units)
@@ -124,9 +140,19 @@ class DataLoader:
         return self._state["epoch"] + self._state["unit"] / max(1, len(self.units))
 
     @property
+    def tokens_kept(self) -> int:
+        """Tokenised text tokens placed in the rows consumed so far."""
+        return self._state["tokens_kept"]
+
+    @property
+    def tokens_dropped(self) -> int:
+        """Tokenised text tokens cropped away (never trained on) so far."""
+        return self._state["tokens_dropped"]
+
+    @property
     def kept_frac(self) -> float:
         """Tokens trained / tokens that left the look-ahead (trained or cropped away)."""
-        kept, dropped = self._state["tokens_kept"], self._state["tokens_dropped"]
+        kept, dropped = self.tokens_kept, self.tokens_dropped
         return kept / (kept + dropped) if kept + dropped else 1.0
 
     def state_dict(self) -> dict:
@@ -213,11 +239,18 @@ class DataLoader:
             self._keys.append((len(toks), -seq))
 
     # ---------------------------------------------------------------- reading documents
+    def _encode_serial(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.tokenizer.encode_array(t, prepend=self.bos) for t in texts]
+
     def _encode(self, texts: list[str]) -> list[np.ndarray]:
-        if not texts:
-            return []
-        ids = self.tokenizer.encode(texts, prepend=self.bos)
-        return [np.array(t, dtype=np.int32) for t in ids]
+        n = min(self.tokenizer_threads, len(texts))
+        if n <= 1:
+            return self._encode_serial(texts)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.tokenizer_threads, "dataloader-tokenize")
+        size = -(-len(texts) // n)  # contiguous chunks, one per thread, results kept in order
+        chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+        return [ids for part in self._pool.map(self._encode_serial, chunks) for ids in part]
 
     def _next_doc(self) -> tuple[tuple[int, int, int], np.ndarray]:
         empty_units = 0
@@ -352,6 +385,8 @@ class DataLoader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def __enter__(self):
         return self

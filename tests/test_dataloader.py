@@ -242,21 +242,30 @@ def test_kept_fraction_on_web_like_lengths(tmp_path, tok, packing, at_least, bel
 
 
 def test_next_batch_does_not_tokenise_in_the_caller(tmp_path, tok, monkeypatch):
-    """With prefetch, reading and tokenising happen in the background thread: next_batch in the
-    training step only pops a ready batch."""
+    """With prefetch, reading and tokenising happen in the background: next_batch in the training
+    step only pops a ready batch, however slow tokenising is (here 50 ms per document)."""
     import threading
+    import time
 
     _write_corpus(tmp_path / "c")
     callers = []
-    encode = tok.encode
+    encode = tok.encode_array
 
-    def spy(*args, **kw):
+    def slow(*args, **kw):
         callers.append(threading.current_thread())
+        time.sleep(0.05)
         return encode(*args, **kw)
 
-    monkeypatch.setattr(tok, "encode", spy)
-    with DataLoader(tok, 2, 32, "train", data_dir=tmp_path / "c", prefetch=2) as loader:
-        _take(loader, 20)
+    monkeypatch.setattr(tok, "encode_array", slow)
+    kw = dict(data_dir=tmp_path / "c", buffer_size=4, tokenizer_batch_size=1, prefetch=3)
+    with DataLoader(tok, 2, 128, "train", **kw) as loader:
+        loader.next_batch()
+        deadline = time.time() + 30
+        while not loader._queue.full() and time.time() < deadline:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        _take(loader, 3)  # ~2 documents' tokenising each, had they not been ready
+        assert time.perf_counter() - t0 < 0.05
     assert callers and threading.current_thread() not in callers
 
 
