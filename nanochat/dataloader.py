@@ -372,12 +372,15 @@ class DataLoader:
             self._put(exc)
 
     def _put(self, item) -> None:
+        # Poll rather than block in put(): a producer blocked there is woken by the very get() that
+        # frees a slot, and then takes the GIL from the caller before next_batch() has returned
+        # (measured: waits of 4-9 ms instead of 0.2 on a loaded machine).
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put_nowait(item)
                 return
             except queue.Full:
-                continue
+                self._stop.wait(0.002)
 
     def close(self) -> None:
         """Stop the background producer (if any). The batches it had prepared are discarded, so a

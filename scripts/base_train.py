@@ -13,7 +13,9 @@ Data layout (why the loaders are per "slot"): the global batch of a step is made
 world_size * grad_accum slots, each a data-loader shard `DataLoader(rank=slot, world_size=slots)`.
 Process r runs the slots r*grad_accum .. r*grad_accum + grad_accum - 1. So a step sees the same
 rows whether it runs as 1 process x 8 micro-steps or 8 processes x 1: the run is reproducible
-across device counts (tested: torchrun x2 equals one process with grad accumulation).
+across device counts (tested: torchrun x2 equals one process with grad accumulation). Each loader
+reads, tokenises and packs --prefetch batches ahead in a background thread, so the timed step only
+pops a ready batch; a checkpoint saves the position after the last batch trained on.
 
 Token budget (the first one set wins): --num-iterations; --target-flops (FLOPs / (FLOPs per
 token * tokens per step)); --target-param-data-ratio (tokens = ratio * params; 20 = Chinchilla).
