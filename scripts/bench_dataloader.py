@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--corpus-dir", default=None, help="parquet corpus (default <base>/bench/dataloader_corpus)"
     )
     g.add_argument("--tokenizer-dir", default=None, help="default <base>/bench/dataloader_tok")
-    g.add_argument("--corpus-chars", type=float, default=120e6, help="text in the corpus")
+    g.add_argument("--corpus-chars", type=float, default=60e6, help="text in the corpus")
     g.add_argument("--median-chars", type=int, default=2600, help="median document length")
     g.add_argument("--sigma", type=float, default=1.0, help="log-normal spread of the lengths")
     g.add_argument("--min-chars", type=int, default=800)
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="build the corpus and stop (e.g. for bench_pretrain_quality --source dir)",
     )
-    g.add_argument("--tokenizer-chars", type=float, default=20e6, help="text the BPE learns from")
+    g.add_argument("--tokenizer-chars", type=float, default=10e6, help="text the BPE learns from")
     g = p.add_argument_group("measurement")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--seq-len", type=int, default=2048)
