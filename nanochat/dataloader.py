@@ -8,8 +8,8 @@ packings:
   fills it and its remainder goes back into the look-ahead as a continuation (with a <|bos|> in
   front, so the row it later starts is still BOS-aligned). No text is thrown away.
 - "legacy" (the packing before issue 24, kept as the benchmarks' baseline): the oldest document is
-  cropped to the space left and its tail is dropped. On web text at 2048-token rows that discards
-  about a third of the tokenised text (scripts/bench_dataloader.py measures it).
+  cropped to the space left and its tail is dropped. On documents of web-text lengths at 2048-token
+  rows that discarded 45% of the tokenised text (scripts/bench_dataloader.py measures it).
 
 Rank r reads every world_size-th unit (parquet row group, text block or synthetic seed:
 dataset.shard_units); a small corpus is looped over, one pass over this rank's units per epoch.
@@ -41,9 +41,9 @@ PACKINGS = ("continue", "legacy")
 # usually filled by a whole document rather than by cutting one; "legacy" keeps its old size.
 DEFAULT_BUFFER = {"continue": 1024, "legacy": 32}
 # The share of tokenised text that "continue" packing trains on. It drops nothing, so every
-# tokenised token ends up in a row except the look-ahead still buffered when a run stops (under a
-# million tokens per loader): 1.00 on the bench corpus (scripts/bench_dataloader.py). The shard
-# count of run_aquarat_small.sh divides the token budget by it.
+# tokenised token ends up in a row except the look-ahead still buffered when a run stops (about a
+# million tokens per loader): 1.000 on the bench corpus (scripts/bench_dataloader.py). The shard
+# count of run_aquarat_small.sh divides the token budget by it (dataset.shards_needed).
 KEPT_FRACTION = 1.0
 
 
