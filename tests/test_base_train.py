@@ -443,6 +443,19 @@ def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
     )
 
 
+def test_packing_flag_and_kept_fraction_are_logged_and_reported(base, inproc):
+    """--packing legacy crops synthetic documents longer than a 64-token row: train/kept_frac
+    says how much of the tokenised text was trained on, and the report repeats it."""
+    short = "--num-iterations 3 --total-batch-size 128 --eval-every -1".split()
+    inproc(TINY + short)
+    inproc(TINY + short + "--packing legacy --tag leg".split())
+    logged = read_jsonl(base / "runs" / "t" / "base.jsonl")
+    kept = [r["train/kept_frac"] for r in logged if "train/kept_frac" in r]
+    assert kept[:3] == [1.0, 1.0, 1.0] and all(0 < k < 1 for k in kept[3:]) and len(kept) == 6
+    report = (base / "report" / "t" / "base_train.md").read_text()
+    assert f"{kept[-1]:.1%} of the tokenised text trained on" in report
+
+
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(
     base, inproc, capsys, monkeypatch
 ):
