@@ -305,3 +305,29 @@ def test_producer_errors_reach_the_caller(tmp_path, tok, monkeypatch):
     for _ in range(2):  # the same error again, never a hang
         with pytest.raises(ValueError, match="not a readable parquet file"):
             loader.next_batch()
+
+
+def test_bench_dataloader_runs_old_and_new_side_by_side(tmp_path, monkeypatch, capsys):
+    """The benchmark end to end on a tiny corpus: builds it from a text tree, trains a BPE, prints
+    both loaders' rows."""
+    import random
+
+    from scripts.bench_dataloader import main
+
+    rng = random.Random(0)
+    root = tmp_path / "doc"
+    (root / "pkg").mkdir(parents=True)
+    words = ["alpha", "beta", "gamma", "delta", "ratio", "sum", "the", "of"]
+    for f in range(3):
+        lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1500)]
+        (root / "pkg" / f"f{f}.txt").write_text("\n".join(lines))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    main(
+        f"--text-root {root} --median-chars 300 --min-chars 60 --shards 2 --vocab-size 300"
+        " --tokenizer-chars 50000 --batch-size 2 --seq-len 64 --batches 3 --blocking-steps 2"
+        " --warm-steps 1".split()
+    )
+    out = capsys.readouterr().out
+    rows = {line.split("|")[0].strip(): line for line in out.splitlines() if line.count("|") > 8}
+    assert set(rows) == {"loader", "old", "new"}
+    assert float(rows["new"].split("|")[3]) == 1.0 > float(rows["old"].split("|")[3])
