@@ -35,7 +35,7 @@ Usage: bash run_aquarat_small.sh [options]
                            and halved by base_train itself if a step still runs out of memory)
   --max-seq-len N          gpu profile: context of pretraining, mid-training and SFT (default 2048)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default: enough for
-                           the depth's budget of 20 tokens per parameter, estimated: 37 at d8)
+                           the depth's budget of 20 tokens per parameter, estimated: 38 at d8)
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
   --seed N                 seed of the training stages (weight init, data order; default 42)
   --from STAGE             redo STAGE and every later one (training stages start over with --fresh):
@@ -296,15 +296,19 @@ echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC threads/process=$OMP
 
 # The gpu profile's shard count, when not given: enough text for base_train's default budget (20
 # tokens per parameter), at an estimated 250M characters per shard and 4.8 characters per token
-# (upstream nanochat's figures for FineWeb-Edu and a 65k vocabulary), plus the val shard. base_train
-# logs the passes it actually made over the data (train/data_passes) and says so if text repeated.
+# (upstream nanochat's figures for FineWeb-Edu and a 65k vocabulary), divided by the share of the
+# tokenised text the data loader trains on (dataloader.KEPT_FRACTION, measured by
+# scripts/bench_dataloader.py), plus one shard of margin and the val shard (dataset.shards_needed).
+# base_train logs what the run did: train/kept_frac and train/data_passes (and says if text repeated).
 if [ "$PROFILE" = gpu ] && [ -z "$SHARDS" ]; then
     SHARDS=$("$PY" -c "
-import math, torch
+import torch
+from nanochat.dataloader import KEPT_FRACTION
+from nanochat.dataset import shards_needed
 from nanochat.gpt import GPT, config_from_depth
 with torch.device('meta'):
     params = GPT(config_from_depth($DEPTH, 65536, sequence_len=2048)).num_budget_params()
-print(math.ceil(20 * params * 4.8 / 250e6) + 1)")
+print(shards_needed(20 * params, KEPT_FRACTION))")
     echo "[pipeline] --shards: $SHARDS FineWeb-Edu shards for depth $DEPTH (an estimate; see --help)" \
         | tee -a "$LOG"
 fi

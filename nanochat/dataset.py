@@ -18,6 +18,7 @@ document), so a unit must load to the same documents every time.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import sys
@@ -38,6 +39,21 @@ SYN_VAL_UNITS = int(os.environ.get("NANOCHAT_SYNTHETIC_VAL_UNITS", "10"))  # 1k 
 SYN_TRAIN_SEED = 1
 SYN_VAL_SEED = 1_000_001
 SOURCES = ("auto", "fineweb", "dir", "synthetic")
+
+
+# FineWeb-Edu text per shard and per token of a 65,536-token vocabulary: upstream nanochat's
+# figures, not measured here
+CHARS_PER_SHARD = 250e6
+CHARS_PER_TOKEN = 4.8
+
+
+def shards_needed(train_tokens: float, kept_fraction: float) -> int:
+    """FineWeb-Edu shards to download for `train_tokens` tokens of training: the text they take,
+    divided by the share of the tokenised text the data loader trains on (dataloader.KEPT_FRACTION;
+    a packing that crops text away needs more), plus one shard of margin and the val shard."""
+    if not 0 < kept_fraction <= 1:
+        raise ValueError(f"kept_fraction must be in (0, 1], got {kept_fraction}")
+    return math.ceil(train_tokens * CHARS_PER_TOKEN / CHARS_PER_SHARD / kept_fraction) + 2
 
 
 def shard_name(index: int) -> str:

@@ -13,7 +13,9 @@ Data layout (why the loaders are per "slot"): the global batch of a step is made
 world_size * grad_accum slots, each a data-loader shard `DataLoader(rank=slot, world_size=slots)`.
 Process r runs the slots r*grad_accum .. r*grad_accum + grad_accum - 1. So a step sees the same
 rows whether it runs as 1 process x 8 micro-steps or 8 processes x 1: the run is reproducible
-across device counts (tested: torchrun x2 equals one process with grad accumulation).
+across device counts (tested: torchrun x2 equals one process with grad accumulation). Each loader
+reads, tokenises and packs --prefetch batches ahead in a background thread, so the timed step only
+pops a ready batch; a checkpoint saves the position after the last batch trained on.
 
 Token budget (the first one set wins): --num-iterations; --target-flops (FLOPs / (FLOPs per
 token * tokens per step)); --target-param-data-ratio (tokens = ratio * params; 20 = Chinchilla).
@@ -114,6 +116,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data-dir",
         default=None,
         help="directory of parquet/text shards (default <base>/base_data)",
+    )
+    g.add_argument(
+        "--packing",
+        default="continue",
+        choices=["continue", "legacy"],
+        help="how rows are packed (nanochat.dataloader): continue keeps every token, carrying a "
+        "cropped document's rest into a later row; legacy drops the cropped tails (about 45%% of "
+        "web-like text at 2048) but trained to a lower loss per FLOP in the small CPU benchmark "
+        "(README, Performance); it needs ~1.8x the shards",
+    )
+    g.add_argument(
+        "--prefetch",
+        type=int,
+        default=4,
+        help="batches each data loader reads, tokenises and packs ahead in a background thread, "
+        "so the step does not wait for them (0: tokenise inside the step)",
     )
     g = p.add_argument_group("budget and batch")
     g.add_argument(
@@ -396,6 +414,8 @@ def train_loaders(args, tokenizer, device_batch, grad_accum, info, rank_state) -
                 data_dir=args.data_dir,
                 device=info.device,
                 state=states[i],
+                packing=args.packing,
+                prefetch=args.prefetch,
             )
             for i in range(grad_accum)
         ]
@@ -407,7 +427,7 @@ def val_bpb(train_model, tokenizer, token_bytes, run) -> float:
     args, info = run.args, run.info
     val_steps = max(1, eval_tokens(args) // (run.device_batch * args.max_seq_len * info.world_size))
     # a fresh loader each time: every evaluation scores the same first val tokens
-    val_loader = DataLoader(
+    with DataLoader(
         tokenizer,
         run.device_batch,
         args.max_seq_len,
@@ -417,8 +437,9 @@ def val_bpb(train_model, tokenizer, token_bytes, run) -> float:
         source=args.source,
         data_dir=args.data_dir,
         device=info.device,
-    )
-    return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
+        prefetch=args.prefetch,
+    ) as val_loader:
+        return evaluate_bpb(train_model, val_loader, val_steps, token_bytes)
 
 
 def eval_tokens(args) -> int:
@@ -508,9 +529,7 @@ def main(argv=None) -> None:
         done = step + 1
         stats["train_time"], stats["timed_steps"] = timer.total, timer.count
         if done % args.log_every == 0 or done == run.num_iterations:
-            log_step(
-                run, stats, tracker, loaders[0], done, loss_sum, grad_norm, lrm, momentum, timer
-            )
+            log_step(run, stats, tracker, loaders, done, loss_sum, grad_norm, lrm, momentum, timer)
         if done == run.num_iterations or (args.save_every > 0 and done % args.save_every == 0):
             meta = checkpoint_meta(run, model, tokenizer, stats)
             loader_states = {"loaders": [loader.state_dict() for loader in loaders]}
@@ -525,7 +544,9 @@ def main(argv=None) -> None:
                 loader_states,
             )
 
-    finish(run, model, tracker, stats, loaders[0], samples)
+    for loader in loaders:
+        loader.close()
+    finish(run, model, tracker, stats, loaders, samples)
     cleanup_distributed()
 
 
@@ -638,14 +659,14 @@ def mfu(run, tok_per_sec: float) -> float | None:
     return 100.0 * run.flops_per_token * tok_per_sec / (run.peak * run.info.world_size)
 
 
-def log_step(run, stats, tracker, loader, step, loss_sum, grad_norm, lrm, momentum, timer) -> None:
-    info = run.info
+def log_step(run, stats, tracker, loaders, step, loss_sum, grad_norm, lrm, momentum, timer):
+    info, loader = run.info, loaders[0]
     if info.is_ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
     train_loss = loss_sum.item() / (run.grad_accum * info.world_size)
     stop_if_not_finite(grad_norm.item(), "the gradient norm", step, run.ckpt_dir)
     stop_if_not_finite(train_loss, "the training loss", step, run.ckpt_dir)
-    metrics = step_metrics(run, stats, loader, step, train_loss, grad_norm.item(), lrm, momentum)
+    metrics = step_metrics(run, stats, loaders, step, train_loss, grad_norm.item(), lrm, momentum)
     metrics["train/step_time_s"] = timer.last
     metrics["train/tok_per_sec"] = run.total_batch / timer.last
     step_mfu = mfu(run, metrics["train/tok_per_sec"])
@@ -663,9 +684,9 @@ def log_step(run, stats, tracker, loader, step, loss_sum, grad_norm, lrm, moment
         )
 
 
-def finish(run, model, tracker, stats, loader, samples) -> None:
+def finish(run, model, tracker, stats, loaders, samples) -> None:
     """The summary (the figures accumulate over resumes) and the report section."""
-    info, total = run.info, run.total_batch
+    info, total, loader = run.info, run.total_batch, loaders[0]
     train_time, timed_steps = stats["train_time"], stats["timed_steps"]
     avg_tok_per_sec = total * timed_steps / train_time if train_time > 0 else None
     summary = {
@@ -679,6 +700,7 @@ def finish(run, model, tracker, stats, loader, samples) -> None:
         "final/mem_mb": memory_mb(info.device),
         "final/train_time_s": train_time,
         "final/data_passes": loader.passes,
+        "final/kept_frac": kept_frac(loaders),
     }
     tracker.summary(summary)
     tracker.finish()
@@ -691,6 +713,7 @@ def finish(run, model, tracker, stats, loader, samples) -> None:
         "budget_params": run.budget_params,
         "budget_rule": run.budget_rule,
         "passes": loader.passes,
+        "kept_frac": summary["final/kept_frac"],
         "repeated": loader.epoch >= 1,
         "layout": f"{info.world_size} process(es) x {run.grad_accum} micro-steps x "
         f"{run.device_batch} rows",
@@ -708,7 +731,16 @@ def load_tokenizer():
         raise SystemExit(str(exc)) from None
 
 
-def step_metrics(run, stats, loader, step, loss, grad_norm, lrm, momentum) -> dict:
+def kept_frac(loaders) -> float:
+    """Tokens trained / tokens tokenised (and out of the look-ahead) over this rank's loaders: what
+    the packing kept of the text. The shard count (run_aquarat_small.sh) assumes
+    dataloader.KEPT_FRACTION; a lower figure here means the shards run out sooner."""
+    kept = sum(loader.tokens_kept for loader in loaders)
+    seen = kept + sum(loader.tokens_dropped for loader in loaders)
+    return kept / seen if seen else 1.0
+
+
+def step_metrics(run, stats, loaders, step, loss, grad_norm, lrm, momentum) -> dict:
     """The logged figures of one step (timing added by the caller); updates the running loss
     average in `stats`."""
     stats["train_loss"] = loss
@@ -724,7 +756,8 @@ def step_metrics(run, stats, loader, step, loss, grad_norm, lrm, momentum) -> di
         "train/grad_norm": grad_norm,
         "train/tokens": step * run.total_batch,
         "train/mem_mb": memory_mb(run.info.device),
-        "train/data_passes": loader.passes,
+        "train/data_passes": loaders[0].passes,
+        "train/kept_frac": kept_frac(loaders),
     }
 
 
@@ -758,7 +791,8 @@ def report_lines(args, f: dict, stats: dict, summary: dict) -> list[str]:
         "parameters",
         f"- data: source `{args.source}`; {steps} steps x {args.total_batch_size:,} tokens = "
         f"{tokens:,} tokens ({tokens / f['budget_params']:.2f} tokens/param, budget from "
-        f"{f['budget_rule']}); {f['passes']:.2f} passes over the training documents{repeated}",
+        f"{f['budget_rule']}); {f['passes']:.2f} passes over the training documents{repeated}; "
+        f"{f['kept_frac']:.1%} of the tokenised text trained on (the rest cropped away)",
         f"- layout: {f['layout']} on {device.type} ({autodetect_dtype(device)})",
         f"- lrs: embedding {args.embedding_lr}, unembedding {args.unembedding_lr}, matrix "
         f"{args.matrix_lr}, weight decay {args.weight_decay}, warmup {args.warmup_ratio}, "

@@ -13,8 +13,13 @@ The default is the cpu profile's pretraining shape (depth 4, n_embd 128, 2 heads
         "every2:value_embed_every=2" "every1:value_embed_every=1" --seeds 42 1
     uv run python -m scripts.bench_pretrain_quality --source fineweb --depth 8 --aspect-ratio 64 \\
         --head-dim 128 --max-seq-len 2048 --batch-size 16 --steps 500 --vocab-size 65536   # a GPU
+    uv run python -m scripts.bench_pretrain_quality --variants base: --packings legacy continue \\
+        --source dir --data-dir CORPUS              # the data loader's packings (issue 24)
 
-A variant is NAME:FIELD=VALUE[,FIELD=VALUE...] over GPTConfig (e.g. value_embed_every=0).
+A variant is NAME:FIELD=VALUE[,FIELD=VALUE...] over GPTConfig (e.g. value_embed_every=0). With
+several --packings every variant trains once per packing (NAME/PACKING), each on batches packed its
+way from the same documents, and is scored on validation batches packed each of those ways (one
+table per validation packing).
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-batches", type=int, default=16)
+    p.add_argument(
+        "--packings",
+        nargs="+",
+        default=["continue"],
+        choices=["continue", "legacy"],
+        help="data loader packings to compare (nanochat.dataloader); the first is the baseline",
+    )
     p.add_argument("--source", default="synthetic", choices=["synthetic", "fineweb", "dir"])
     p.add_argument("--data-dir", default=None)
     p.add_argument(
@@ -99,7 +111,7 @@ def make_config(args, vocab_size: int, overrides: dict):
 
 
 def build_batches(
-    tokenizer, args, split: str, count: int
+    tokenizer, args, split: str, count: int, packing: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     loader = DataLoader(
         tokenizer,
@@ -108,8 +120,11 @@ def build_batches(
         split,
         source=args.source,
         data_dir=args.data_dir,
+        packing=packing,
     )
-    return [loader.next_batch() for _ in range(count)]
+    batches = [loader.next_batch() for _ in range(count)]
+    print(f"{split} batches packed {packing!r}: {loader.kept_frac:.3f} of the tokenised text kept")
+    return batches
 
 
 @torch.no_grad()
@@ -120,9 +135,9 @@ def val_loss(model, batches, device) -> float:
     return total / len(batches)
 
 
-def train_one(config, seed: int, train, val, args, device) -> dict:
-    """base_train's loop (one micro-batch per step) on the given batches; the val loss every
-    --eval-every steps and at the end."""
+def train_one(config, seed: int, train, vals: dict, args, device) -> dict:
+    """base_train's loop (one micro-batch per step) on the given batches; the loss on each
+    validation set every --eval-every steps and at the end."""
     defaults = base_train_args([])
     seed_everything(seed)
     model = GPT(config).to(device)
@@ -135,7 +150,7 @@ def train_one(config, seed: int, train, val, args, device) -> dict:
     losses, seconds = {}, 0.0
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            losses[step] = val_loss(model, val, device)
+            losses[step] = {name: val_loss(model, val, device) for name, val in vals.items()}
         if step == args.steps:
             break
         synchronize(device)
@@ -181,29 +196,41 @@ def main(argv=None) -> None:
         tokenizer = get_tokenizer()
     variants = [parse_variant(v) for v in args.variants]
     configs = {name: make_config(args, tokenizer.get_vocab_size(), o) for name, o in variants}
-    train = build_batches(tokenizer, args, "train", args.steps)
-    val = build_batches(tokenizer, args, "val", args.val_batches)
+    trains = {p: build_batches(tokenizer, args, "train", args.steps, p) for p in args.packings}
+    vals = {p: build_batches(tokenizer, args, "val", args.val_batches, p) for p in args.packings}
     print(
-        f"{len(train)} training batches of {args.batch_size} x {args.max_seq_len} tokens "
-        f"(identical for every run), {len(val)} validation batches; "
+        f"{args.steps} training batches of {args.batch_size} x {args.max_seq_len} tokens "
+        f"(identical for every run of a packing), {args.val_batches} validation batches; "
         f"vocab {tokenizer.get_vocab_size()}; {device}, {torch.get_num_threads()} threads"
     )
+    runs = {}  # name -> (config, packing)
+    for name, config in configs.items():
+        for packing in args.packings:
+            runs[name if len(args.packings) == 1 else f"{name}/{packing}"] = (config, packing)
 
     results = {}
-    for name, config in configs.items():
+    for name, (config, packing) in runs.items():
         for seed in args.seeds:
-            r = train_one(config, seed, train, val, args, device)
+            r = train_one(config, seed, trains[packing], vals, args, device)
             results[(name, seed)] = r
-            curve = "  ".join(f"{step}: {loss:.4f}" for step, loss in r["losses"].items())
+            curve = "  ".join(
+                f"{step}: " + "/".join(f"{v:.4f}" for v in loss.values())
+                for step, loss in r["losses"].items()
+            )
             print(
                 f"{name:>10} seed {seed:>4}: {curve}   ({r['s_per_step'] * 1000:.0f} ms/step)",
                 flush=True,
             )
+    for val_name in vals:
+        print_table(args, runs, results, val_name, len(vals) > 1)
 
-    baseline = variants[0][0]
+
+def print_table(args, runs: dict, results: dict, val_name: str, name_val: bool) -> None:
+    baseline = next(iter(runs))
     last = args.steps
+    on = f" on validation batches packed {val_name!r}" if name_val else ""
     print(
-        f"\nvalidation cross-entropy (nats/token) at step {last}; "
+        f"\nvalidation cross-entropy (nats/token){on} at step {last}; "
         f"paired difference to {baseline} per seed"
     )
     print(
@@ -214,24 +241,24 @@ def main(argv=None) -> None:
         + " | mean diff | ms/step | time ratio"
     )
     base_time = sum(results[(baseline, s)]["s_per_step"] for s in args.seeds)
-    for name in configs:
+
+    def loss(name, seed):
+        return results[(name, seed)]["losses"][last][val_name]
+
+    for name in runs:
         rs = [results[(name, s)] for s in args.seeds]
-        diffs = [
-            r["losses"][last] - results[(baseline, s)]["losses"][last]
-            for r, s in zip(rs, args.seeds)
-        ]
+        diffs = [loss(name, s) - loss(baseline, s) for s in args.seeds]
         t = sum(r["s_per_step"] for r in rs)
         print(
             f"{name:>10} | {rs[0]['params']:>10,} | {rs[0]['flops_per_step'] / 1e9:>10.2f} | "
-            + " | ".join(f"{r['losses'][last]:9.4f}" for r in rs)
+            + " | ".join(f"{loss(name, s):9.4f}" for s in args.seeds)
             + " | "
             + " | ".join(f"{d:+9.4f}" for d in diffs)
             + f" | {sum(diffs) / len(diffs):+9.4f} | {t / len(rs) * 1000:7.0f}"
             + f" | {t / base_time:10.3f}"
         )
     spread = [
-        abs(results[(baseline, a)]["losses"][last] - results[(baseline, b)]["losses"][last])
-        for a, b in zip(args.seeds, args.seeds[1:])
+        abs(loss(baseline, a) - loss(baseline, b)) for a, b in zip(args.seeds, args.seeds[1:])
     ]
     if spread:
         print(f"seed spread of {baseline}: {max(spread):.4f}")

@@ -329,6 +329,38 @@ def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base
     assert steps[-1] == 100
 
 
+def test_sigkill_during_prefetch_resumes_exactly(base, tmp_path, inproc):
+    """Two loaders (gradient accumulation 2), each with a producer thread up to 8 batches ahead of
+    training, when the run is SIGKILLed: the checkpoints hold each loader's position after the
+    last batch trained on, not the producer's, and the resumed run ends with the weights of an
+    uninterrupted one."""
+    args = (
+        TINY
+        + (
+            "--num-iterations 12 --total-batch-size 256 --eval-every 0 --save-every 3 --prefetch 8"
+        ).split()
+    )
+    cmd = [sys.executable, "-m", "scripts.base_train", *args]
+    sigkill_after_checkpoints(cmd, env_for(base), ckpt(base), 2)
+    killed_at = find_last_step(ckpt(base))
+    assert killed_at is not None and 6 <= killed_at < 12
+    meta = json.loads((ckpt(base) / f"step_{killed_at:06d}" / "meta.json").read_text())
+    loader_states = meta["rank_state"][0]["loaders"]
+    assert [s["batches"] for s in loader_states] == [killed_at, killed_at]
+    run(args, base)
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "tokenizer").symlink_to(base / "tokenizer")
+    os.environ["NANOCHAT_BASE_DIR"] = str(ref)  # restored by the base_dir fixture's monkeypatch
+    inproc(args)
+    w_ref, w_resumed = final_weights(ref), final_weights(base)
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_resumed[k]), (k, (w_ref[k] - w_resumed[k]).abs().max())
+    logged = read_jsonl(base / "runs" / "t" / "base.jsonl")
+    assert [r["train/kept_frac"] for r in logged if "train/kept_frac" in r][-1] == 1.0
+
+
 def test_fresh_deletes_only_when_asked(base, inproc):
     args = TINY + [
         "--num-iterations",
@@ -415,6 +447,19 @@ def test_running_out_of_data_is_logged_and_said(base, tmp_path, inproc, capsys):
         "passes over the training documents (they repeated"
         in (base / "report" / "t" / "base_train.md").read_text()
     )
+
+
+def test_packing_flag_and_kept_fraction_are_logged_and_reported(base, inproc):
+    """--packing legacy crops synthetic documents longer than a 64-token row: train/kept_frac
+    says how much of the tokenised text was trained on, and the report repeats it."""
+    short = "--num-iterations 3 --total-batch-size 128 --eval-every -1".split()
+    inproc(TINY + short)
+    inproc(TINY + short + "--packing legacy --tag leg".split())
+    logged = read_jsonl(base / "runs" / "t" / "base.jsonl")
+    kept = [r["train/kept_frac"] for r in logged if "train/kept_frac" in r]
+    assert kept[:3] == [1.0, 1.0, 1.0] and all(0 < k < 1 for k in kept[3:]) and len(kept) == 6
+    report = (base / "report" / "t" / "base_train.md").read_text()
+    assert f"{kept[-1]:.1%} of the tokenised text trained on" in report
 
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_total(
@@ -518,3 +563,16 @@ def test_bench_pretrain_quality_runs_variants_on_the_same_batches(capsys):
     assert int(rows["ve"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the tables
     assert rows["ve"][2] == rows["none"][2]  # ...at equal matmul FLOPs
     assert "seed spread of none" in out
+
+    # the data loader's packings: each trained on its own batches, scored on both val packings
+    main(
+        (
+            "--variants base: --packings legacy continue --seeds 1 --depth 1 --aspect-ratio 64"
+            " --head-dim 32 --max-seq-len 32 --batch-size 2 --steps 2 --eval-every 2"
+            " --val-batches 1 --vocab-size 300 --tokenizer-chars 50000"
+        ).split()
+    )
+    out = capsys.readouterr().out
+    assert out.count("on validation batches packed") == 2
+    assert out.count("base/legacy |") == 2 and out.count("base/continue |") == 2
+    assert "train batches packed 'legacy'" in out and "of the tokenised text kept" in out

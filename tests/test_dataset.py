@@ -333,3 +333,18 @@ def test_offline_mode_keeps_present_shards_and_names_the_missing_one(tmp_path):
     assert r.stderr.count("HF_HUB_OFFLINE is set") == 1 and "--data-dir" in r.stderr
     assert f"{out / ds.shard_name(2)} is missing" in r.stderr
     assert sorted(p.name for p in out.iterdir()) == [ds.shard_name(0), ds.shard_name(1)]
+
+
+def test_shards_needed_follows_the_kept_fraction():
+    """The orchestrator's default download: the budget's text over the share the loader trains on,
+    plus a shard of margin and the val shard. d8's budget (20 x 92.3M params) with today's packing
+    (nothing cropped) needs 38; the old packing's ~0.55 would have needed 67."""
+    from nanochat.dataloader import KEPT_FRACTION
+
+    tokens = 20 * 92_275_200
+    assert KEPT_FRACTION >= 0.9
+    assert ds.shards_needed(tokens, KEPT_FRACTION) == 38
+    assert ds.shards_needed(tokens, 0.55) == 67
+    assert ds.shards_needed(ds.CHARS_PER_SHARD / ds.CHARS_PER_TOKEN, 1.0) == 3  # exactly one + 2
+    with pytest.raises(ValueError, match="kept_fraction"):
+        ds.shards_needed(tokens, 0)

@@ -3,6 +3,7 @@
 import collections
 import json
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
@@ -154,6 +155,15 @@ def test_encode_prepend_append_and_batch(bpe_tok):
         bpe_tok.encode(b"bytes")
     with pytest.raises(ValueError, match="cannot decode id"):
         bpe_tok.decode([10**9])
+
+
+def test_encode_array_equals_encode(bpe_tok):
+    """The loader's int32 path gives encode()'s ids, special-token text included (plain text)."""
+    bos = bpe_tok.get_bos_token_id()
+    for text in ("hello world, 12345 tokens", "", "a <|bos|> b <|assistant_end|>", "Ünï 😀\n\n"):
+        arr = bpe_tok.encode_array(text, prepend="<|bos|>")
+        assert arr.dtype == np.int32 and arr.tolist() == bpe_tok.encode(text, prepend=bos)
+        assert bpe_tok.encode_array(text).tolist() == bpe_tok.encode(text)
 
 
 def test_bad_ranks_rejected():
