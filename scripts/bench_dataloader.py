@@ -1,6 +1,6 @@
 """The pretraining data loader, old against new, side by side in one run.
 
-    uv run python -m scripts.bench_dataloader                    # builds the corpus and tokenizer once
+    uv run python -m scripts.bench_dataloader              # builds the corpus and tokenizer once
     uv run python -m scripts.bench_dataloader --batches 200 --blocking-steps 50
 
 The corpus: real text found on this machine (default /usr/share/doc: Debian's package documentation,
