@@ -297,18 +297,18 @@ echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC threads/process=$OMP
 # The gpu profile's shard count, when not given: enough text for base_train's default budget (20
 # tokens per parameter), at an estimated 250M characters per shard and 4.8 characters per token
 # (upstream nanochat's figures for FineWeb-Edu and a 65k vocabulary), divided by the share of the
-# tokenised text the data loader trains on (dataloader.KEPT_FRACTION, measured by
+# tokenised text pretraining's packing trains on (dataloader.KEPT_FRACTION, measured by
 # scripts/bench_dataloader.py), plus one shard of margin and the val shard (dataset.shards_needed).
 # base_train logs what the run did: train/kept_frac and train/data_passes (and says if text repeated).
 if [ "$PROFILE" = gpu ] && [ -z "$SHARDS" ]; then
     SHARDS=$("$PY" -c "
 import torch
-from nanochat.dataloader import KEPT_FRACTION
+from nanochat.dataloader import KEPT_FRACTION, PRETRAINING_PACKING
 from nanochat.dataset import shards_needed
 from nanochat.gpt import GPT, config_from_depth
 with torch.device('meta'):
     params = GPT(config_from_depth($DEPTH, 65536, sequence_len=2048)).num_budget_params()
-print(shards_needed(20 * params, KEPT_FRACTION))")
+print(shards_needed(20 * params, KEPT_FRACTION[PRETRAINING_PACKING]))")
     echo "[pipeline] --shards: $SHARDS FineWeb-Edu shards for depth $DEPTH (an estimate; see --help)" \
         | tee -a "$LOG"
 fi

@@ -4,12 +4,14 @@ Rows are packed "BOS-aligned best fit" from a look-ahead buffer of tokenised doc
 DataLoader._next_row): every row starts with <|bos|>, and no token position is padding. Two
 packings:
 
-- "continue" (the default): when no buffered document fits the space left in a row, the longest one
-  fills it and its remainder goes back into the look-ahead as a continuation (with a <|bos|> in
-  front, so the row it later starts is still BOS-aligned). No text is thrown away.
-- "legacy" (the packing before issue 24, kept as the benchmarks' baseline): the oldest document is
-  cropped to the space left and its tail is dropped. On documents of web-text lengths at 2048-token
-  rows that discarded 45% of the tokenised text (scripts/bench_dataloader.py measures it).
+- "continue" (this class's default): when no buffered document fits the space left in a row, the
+  longest one fills it and its remainder goes back into the look-ahead as a continuation (with a
+  <|bos|> in front, so the row it later starts is still BOS-aligned). No text is thrown away.
+- "legacy" (the packing before issue 24; base_train's default, PRETRAINING_PACKING): the oldest
+  document is cropped to the space left and its tail is dropped. On documents of web-text lengths
+  at 2048-token rows that discards 45% of the tokenised text (scripts/bench_dataloader.py), but at
+  equal FLOPs it trained to a 0.08-0.10 nats/token lower loss than "continue" in the CPU benchmark
+  (README, Performance): the text it drops costs download and CPU, not GPU time.
 
 Rank r reads every world_size-th unit (parquet row group, text block or synthetic seed:
 dataset.shard_units); a small corpus is looped over, one pass over this rank's units per epoch.
@@ -40,11 +42,14 @@ PACKINGS = ("continue", "legacy")
 # Look-ahead sizes (documents). "continue" wants many candidates so that a row's last gap is
 # usually filled by a whole document rather than by cutting one; "legacy" keeps its old size.
 DEFAULT_BUFFER = {"continue": 1024, "legacy": 32}
-# The share of tokenised text that "continue" packing trains on. It drops nothing, so every
-# tokenised token ends up in a row except the look-ahead still buffered when a run stops (about a
-# million tokens per loader): 1.000 on the bench corpus (scripts/bench_dataloader.py). The shard
-# count of run_aquarat_small.sh divides the token budget by it (dataset.shards_needed).
-KEPT_FRACTION = 1.0
+# The share of tokenised text each packing trains on, measured at 32 x 2048 on web-like document
+# lengths (scripts/bench_dataloader.py): "continue" drops nothing (1.000, but for the look-ahead
+# still buffered when a run stops), "legacy" 0.546. The shard count of run_aquarat_small.sh divides
+# the token budget by the pretraining packing's (dataset.shards_needed).
+KEPT_FRACTION = {"continue": 1.0, "legacy": 0.546}
+# The packing pretraining uses unless --packing says otherwise: the one that reached the lower loss
+# per FLOP in bench_pretrain_quality (two seeds, paired; README, Performance).
+PRETRAINING_PACKING = "legacy"
 
 
 def default_tokenizer_threads() -> int:

@@ -55,7 +55,7 @@ from nanochat.common import (
     seed_everything,
 )
 from nanochat.compile import maybe_compile
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import PRETRAINING_PACKING, DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
@@ -119,12 +119,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument(
         "--packing",
-        default="continue",
+        default=PRETRAINING_PACKING,
         choices=["continue", "legacy"],
-        help="how rows are packed (nanochat.dataloader): continue keeps every token, carrying a "
-        "cropped document's rest into a later row; legacy drops the cropped tails (about 45%% of "
-        "web-like text at 2048) but trained to a lower loss per FLOP in the small CPU benchmark "
-        "(README, Performance); it needs ~1.8x the shards",
+        help="how rows are packed (nanochat.dataloader): legacy drops the cropped tails (about "
+        "45%% of web-like text at 2048; the shard count allows for it) but trained to a 0.08-0.10 "
+        "nats/token lower loss per FLOP than continue in the CPU benchmark (README, Performance); "
+        "continue keeps every token, carrying a cropped document's rest into a later row "
+        "(pass --shards about 0.55x as many)",
     )
     g.add_argument(
         "--prefetch",
@@ -734,7 +735,7 @@ def load_tokenizer():
 def kept_frac(loaders) -> float:
     """Tokens trained / tokens tokenised (and out of the look-ahead) over this rank's loaders: what
     the packing kept of the text. The shard count (run_aquarat_small.sh) assumes
-    dataloader.KEPT_FRACTION; a lower figure here means the shards run out sooner."""
+    dataloader.KEPT_FRACTION of the packing; a lower figure here means the shards run out sooner."""
     kept = sum(loader.tokens_kept for loader in loaders)
     seen = kept + sum(loader.tokens_dropped for loader in loaders)
     return kept / seen if seen else 1.0

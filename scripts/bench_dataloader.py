@@ -24,8 +24,9 @@ Measured, at --batch-size x --seq-len rows:
   cores a node gives each GPU: one core has to feed 1/--cores-per-gpu of a GPU.
 
 "old" is the packing before issue 24 ("legacy": 32-document look-ahead, the oldest document
-cropped, its tail dropped) tokenising inside next_batch; "new" is base_train's loader ("continue"
-packing, prefetch 4). Both use today's tokenising path (int32 arrays straight from tiktoken). The
+cropped, its tail dropped) tokenising inside next_batch; "new" is the "continue" packing with
+prefetch 4; "default" is base_train's loader: the old packing (it trained to the lower loss per
+FLOP, README) with prefetch 4. All use today's tokenising path (int32 arrays from tiktoken). The
 consumer: d8 (vocab --vocab-size, context --seq-len) on one H100 at --mfu of 989 bf16 TFLOP/s;
 Lambda's 8x H100 node has 208 vCPUs, 26 per GPU (--cores-per-gpu).
 """
@@ -272,7 +273,9 @@ def main(argv=None) -> None:
         f"{step_s * 1000:.0f} ms; torch {torch.get_num_threads()} thread(s); load average "
         f"{os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores"
     )
-    contenders = {"old": ("legacy", 0), "new": ("continue", 4)}
+    # old: the loader before issue 24; new: "continue" packing with prefetch; default: what
+    # base_train uses, the old packing (lower loss per FLOP) with prefetch
+    contenders = {"old": ("legacy", 0), "new": ("continue", 4), "default": ("legacy", 4)}
     rows = {}
     cores = os.sched_getaffinity(0)
     for name, (packing, prefetch) in contenders.items():

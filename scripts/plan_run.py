@@ -17,11 +17,13 @@ import math
 
 import torch
 
+from nanochat.dataloader import KEPT_FRACTION, PRETRAINING_PACKING
+from nanochat.dataset import shards_needed
 from nanochat.gpt import GPT, config_from_depth
 
 # The gpu profile's settings (run_aquarat_small.sh): what each stage is asked to do.
 VOCAB, TOTAL_BATCH_TOKENS, TOKENS_PER_PARAM = 65536, 524288, 20
-TOKENIZER_CHARS, SHARD_CHARS, CHARS_PER_TOKEN, SHARD_MB = 2e9, 250e6, 4.8, 100
+TOKENIZER_CHARS, SHARD_MB = 2e9, 100
 MID_CONVERSATIONS, SFT_CONVERSATIONS = 40_000, 20_000  # 20k AQuA (+ 20k synthetic in mid), 1 epoch
 RL_STEPS, RL_QUESTIONS, RL_SAMPLES, RL_MAX_NEW = 300, 32, 8, 512
 RL_EVAL_EVERY, RL_EVAL_PROBLEMS, RL_EVAL_SAMPLES = 50, 254, 4
@@ -77,7 +79,8 @@ def plan(args) -> tuple[list[dict], dict]:
     fwd_flops = train_flops / 3
     tokens = TOKENS_PER_PARAM * budget
     steps = tokens // TOTAL_BATCH_TOKENS
-    shards = args.shards or math.ceil(tokens * CHARS_PER_TOKEN / SHARD_CHARS) + 1
+    # the orchestrator's own count: the budget's text over what pretraining's packing keeps
+    shards = args.shards or shards_needed(tokens, KEPT_FRACTION[PRETRAINING_PACKING])
     compute = args.gpus * args.peak_tflops * 1e12  # FLOP/s of the whole node at 100%
 
     def at(flops, mfu):

@@ -329,5 +329,6 @@ def test_bench_dataloader_runs_old_and_new_side_by_side(tmp_path, monkeypatch, c
     )
     out = capsys.readouterr().out
     rows = {line.split("|")[0].strip(): line for line in out.splitlines() if line.count("|") > 8}
-    assert set(rows) == {"loader", "old", "new"}
+    assert set(rows) == {"loader", "old", "new", "default"}
     assert float(rows["new"].split("|")[3]) == 1.0 > float(rows["old"].split("|")[3])
+    assert [cell.strip() for cell in rows["default"].split("|")[1:3]] == ["legacy", "4"]

@@ -337,14 +337,15 @@ def test_offline_mode_keeps_present_shards_and_names_the_missing_one(tmp_path):
 
 def test_shards_needed_follows_the_kept_fraction():
     """The orchestrator's default download: the budget's text over the share the loader trains on,
-    plus a shard of margin and the val shard. d8's budget (20 x 92.3M params) with today's packing
-    (nothing cropped) needs 38; the old packing's ~0.55 would have needed 67."""
-    from nanochat.dataloader import KEPT_FRACTION
+    plus a shard of margin and the val shard. d8's budget (20 x 92.3M params): 38 with the packing
+    that crops nothing, 67 with pretraining's, which keeps 0.546 of the text (37 before, when the
+    cropped text was not allowed for: the run repeated its data)."""
+    from nanochat.dataloader import KEPT_FRACTION, PRETRAINING_PACKING
 
     tokens = 20 * 92_275_200
-    assert KEPT_FRACTION >= 0.9
-    assert ds.shards_needed(tokens, KEPT_FRACTION) == 38
-    assert ds.shards_needed(tokens, 0.55) == 67
+    assert KEPT_FRACTION["continue"] >= 0.9
+    assert ds.shards_needed(tokens, KEPT_FRACTION["continue"]) == 38
+    assert ds.shards_needed(tokens, KEPT_FRACTION[PRETRAINING_PACKING]) == 67
     assert ds.shards_needed(ds.CHARS_PER_SHARD / ds.CHARS_PER_TOKEN, 1.0) == 3  # exactly one + 2
     with pytest.raises(ValueError, match="kept_fraction"):
         ds.shards_needed(tokens, 0)
