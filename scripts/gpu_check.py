@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import time
 
 import torch
 
 from nanochat.common import autodetect_device, autodetect_dtype, synchronize
 from nanochat.compile import maybe_compile
+from nanochat.driver_check import local_driver_version
 from nanochat.gpt import GPT, config_from_depth
 
 
@@ -37,15 +37,7 @@ def versions(device: torch.device) -> list[tuple[str, str]]:
             ("card", f"{props.name}, {memory}, SM {props.major}.{props.minor}"),
             ("cards visible", str(torch.cuda.device_count())),
         ]
-        try:
-            driver = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            ).stdout.splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            driver = "unknown (nvidia-smi did not answer)"
+        driver = local_driver_version() or "unknown (nvidia-smi did not answer)"
         rows.append(("driver", driver))
     else:
         rows.append(

@@ -317,6 +317,14 @@ def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base
     assert "skipping checkpoint" in proc2.stderr and "truncated" in proc2.stderr
 
     # Reference: the same run uninterrupted, in its own base dir (in-process, also single-threaded).
+    assert_equals_an_uninterrupted_run(base, tmp_path, inproc, args)
+    steps = [r["step"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r]
+    assert steps[-1] == 100
+
+
+def assert_equals_an_uninterrupted_run(base, tmp_path, inproc, args):
+    """The final weights in `base` equal, bit for bit, those of the same run done uninterrupted in
+    its own base dir (in-process, on one thread like the subprocesses)."""
     ref = tmp_path / "ref"
     ref.mkdir()
     (ref / "tokenizer").symlink_to(base / "tokenizer")
@@ -325,8 +333,6 @@ def test_sigkill_resume_equals_uninterrupted_and_skips_truncated_checkpoint(base
     w_ref, w_resumed = final_weights(ref), final_weights(base)
     for k in w_ref:
         assert torch.equal(w_ref[k], w_resumed[k]), (k, (w_ref[k] - w_resumed[k]).abs().max())
-    steps = [r["step"] for r in read_jsonl(base / "runs" / "t" / "base.jsonl") if "train/loss" in r]
-    assert steps[-1] == 100
 
 
 def test_sigkill_during_prefetch_resumes_exactly(base, tmp_path, inproc):
@@ -349,14 +355,7 @@ def test_sigkill_during_prefetch_resumes_exactly(base, tmp_path, inproc):
     assert [s["batches"] for s in loader_states] == [killed_at, killed_at]
     run(args, base)
 
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    (ref / "tokenizer").symlink_to(base / "tokenizer")
-    os.environ["NANOCHAT_BASE_DIR"] = str(ref)  # restored by the base_dir fixture's monkeypatch
-    inproc(args)
-    w_ref, w_resumed = final_weights(ref), final_weights(base)
-    for k in w_ref:
-        assert torch.equal(w_ref[k], w_resumed[k]), (k, (w_ref[k] - w_resumed[k]).abs().max())
+    assert_equals_an_uninterrupted_run(base, tmp_path, inproc, args)
     logged = read_jsonl(base / "runs" / "t" / "base.jsonl")
     kept = [r["train/kept_frac"] for r in logged if "train/kept_frac" in r]
     assert kept and all(0 < k <= 1 for k in kept)  # the default packing: some tails cropped
