@@ -104,7 +104,7 @@ def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
     )
     rewards = torch.tensor([[c.reward for c in g] for g in groups])
     adv, zero = group_advantages(rewards, run_args.adv_std_norm)
-    chat_rl.diagnose(ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
+    chat_rl.diagnose(policy, ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
     chat_rl.train_step(policy, ctx.ref, optimizers, groups, adv, zero, run_args, ctx.info, ctx.pad)
 
 
