@@ -30,7 +30,7 @@ class GenerationResult:
     finished: list[bool] = field(default_factory=list)  # stopped on a stop token (not max_tokens)
     prompt_len: int = 0
     # With watch_ids: per row, per generated token, the logits of the watched ids at the step that
-    # sampled it (RL reads the five answer-letter logits there, at no extra forward).
+    # sampled it (at no extra forward; the RL diagnostics now score the letters with a prefill).
     watched: list[list[list[float]]] | None = None
 
 

@@ -257,9 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kl-sample-frac",
         type=float,
         default=0.125,
-        help="the reference scores the groups of every round(1 / frac)-th question (the same ones "
-        "on any number of ranks): tracked KL and margins come from that subsample (the reference "
-        "forward is the diagnostics' main cost; 1: every completion)",
+        help="policy and reference score the groups of every round(1 / frac)-th question (the "
+        "same ones on any number of ranks) with one prefill each: tracked KL and margins come from "
+        "that subsample (those two forwards are the diagnostics' main cost; 1: every completion)",
     )
     g.add_argument(
         "--attn-every", type=int, default=25, help="attention entropy every N steps (0: off)"
