@@ -1,9 +1,9 @@
 """How the policy moves during RL: the numbers behind the rl/* and attn/* metrics.
 
-All of them come from the models: the policy's side from the rollout itself (the engine's log-probs
-and letter logits as it sampled), the reference's from `completion_logits` (one no-grad forward per
-group, the prompt shared through a KV cache), attention entropy from `attention_entropy` on fixed
-probes.
+All of them come from the models: the policy's side and the reference's through the same function,
+`completion_logits` (one no-grad forward per group, the prompt shared through a KV cache, fp32
+logits), so that before the first update the two sides are identical in any dtype; attention
+entropy from `attention_entropy` on fixed probes.
 
 - The answer letter of a completion is the token after its last "Answer:"
   (`answer_letter_position`). At that position the five letter tokens, as the tokenizer writes them

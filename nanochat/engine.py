@@ -7,6 +7,7 @@ samples the same tokens with full forwards: the reference the KV cache is tested
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,16 +30,23 @@ class GenerationResult:
     finished: list[bool] = field(default_factory=list)  # stopped on a stop token (not max_tokens)
     prompt_len: int = 0
     # With watch_ids: per row, per generated token, the logits of the watched ids at the step that
-    # sampled it (RL reads the five answer-letter logits there, at no extra forward).
+    # sampled it (at no extra forward; the RL diagnostics now score the letters with a prefill).
     watched: list[list[list[float]]] | None = None
 
 
-# Randomness: every row has its own torch.Generator, seeded from (seed, row index within its
-# prompt), and draws one uniform vector per step while it runs. A row's tokens then depend only on
-# (model, prompt, seed, row, sampling settings): not on num_samples, the other prompts of the batch
-# or when other rows stop. num_samples=2 reproduces the first two rows of num_samples=8, and a
-# prompt sampled in a batch of 8 prompts gives the tokens it gets alone (up to float round-off in
-# the logits, which only matters at exact ties).
+# Randomness: counter-based. Row r of a batch run with `seed` draws, at decoding step t, one uniform
+# number u = hash(row_seed(seed, r), t) (a few integer ops on the device, for all rows at once), and
+# samples its token by inverting the CDF of its filtered distribution at u (in fp64, so that every
+# token's interval is its probability up to fp32 round-off: an exact draw). A row's tokens then
+# depend only on (model, prompt, seed, row, sampling settings): not on num_samples, the other
+# prompts of the batch or when other rows stop. num_samples=2 reproduces the first two rows of
+# num_samples=8, and a prompt sampled in a batch of 8 prompts gives the tokens it gets alone (up to
+# float round-off in the logits, which only matters when u falls within round-off of an interval's
+# edge).
+# (Until issue 27 each row had its own torch.Generator and drew a uniform vector per step for
+# Gumbel-max: the same distribution, other random streams, one call per row per step.)
+
+_M32 = 0xFFFFFFFF
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -46,15 +54,34 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) * 1_000_003 + int(row) * 7_919 + 12_345) % (2**63 - 1)
 
 
-def row_generators(seeds: list[int], num_samples: int, device) -> list[torch.Generator]:
-    """Generators of the rows of a P x num_samples batch, prompt-major (row p * num_samples + i)."""
-    gens = []
+def row_keys(seeds: list[int], num_samples: int, device) -> torch.Tensor:
+    """(P * num_samples, 2) int64: the low and high 32 bits of each row's seed, prompt-major (row
+    p * num_samples + i has row_seed(seeds[p], i))."""
+    keys = []
     for seed in seeds:
         for i in range(num_samples):
-            g = torch.Generator(device=device)
-            g.manual_seed(row_seed(seed, i))
-            gens.append(g)
-    return gens
+            s = row_seed(seed, i)
+            keys.append([s & _M32, (s >> 32) & _M32])
+    return torch.tensor(keys, dtype=torch.long, device=device)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mix (xorshift-multiply rounds) of int64 tensors in [0, 2^32).
+    The multipliers are below 2^31, so no product leaves int64: no overflow on any backend."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def step_uniforms(keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(N, S) fp64 uniforms in [0, 1), 53 random bits each: row i's at each of the decoding steps
+    `steps` (S,), from its key keys[i] (N, 2). Computed for every step at once, before decoding."""
+    row = _hash32(_hash32(keys[:, 0]) ^ keys[:, 1])[:, None]
+    a = _hash32(row ^ _hash32((steps[None, :] * 0x9E3779B1 + 0x68E31DA4) & _M32))
+    b = _hash32(a ^ 0x5BD1E995)
+    return (a * 2**21 + (b >> 11)).double() * 2.0**-53
 
 
 def filter_logits(
@@ -78,20 +105,100 @@ def filter_logits(
 
 
 def sample_next(
-    logits: torch.Tensor, gens: list, temperature: float, top_k: int | None, top_p: float | None
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next ids (N,) from float logits (N, V), one generator per row."""
-    # Every row draws its uniform vector even when greedy, so its random stream is the same
-    # whatever the decoding mode.
-    noise = torch.stack(
-        [torch.rand(logits.size(-1), generator=g, device=logits.device) for g in gens]
-    )
+    """Next ids (N,) from float logits (N, V), row i at uniform uniforms[i]: one batched op set.
+    logp: log_softmax(logits) when the caller has it (plain sampling then reuses it)."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
-    scaled = filter_logits(logits, temperature, top_k, top_p)
-    # Gumbel-max: argmax(logits / T + Gumbel noise) is an exact draw from softmax(logits / T)
-    gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
-    return torch.argmax(scaled + gumbel, dim=-1)
+    if logp is not None and temperature == 1.0 and top_k is None and top_p is None:
+        probs = logp.exp()
+    else:
+        probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    # Inverse CDF: token j owns [cdf[j-1], cdf[j]); filtered tokens own empty intervals. The sum in
+    # fp64 keeps each interval's length the token's fp32 probability (an fp32 cumsum over a 65k
+    # vocabulary would distort the small ones).
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    picked = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return picked.clamp_(max=logits.size(-1) - 1)
+
+
+@contextmanager
+def last_position_logits(model):
+    """Inside it, the model's lm_head sees only the last position: a prefill computes (B, 1, V)
+    logits instead of (B, T, V), all that sampling reads (a hook, so gpt.forward stays as is)."""
+    handle = model.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled decode step (GPU): static shapes, so torch.compile runs every step of a rollout with
+# one graph. The batch stays whole (finished rows keep decoding, masked out), the cache has one
+# length for the whole rollout (a multiple of CACHE_BUCKET), the position of the new token is a
+# tensor, not a Python int, and attention reads the whole cache under a mask.
+
+
+CACHE_BUCKET = 64
+
+
+class _StaticCache:
+    """A KVCache's buffers seen as a fixed-length cache: insert() writes the new token's keys and
+    values at slot `pos` (a 0-d tensor) and returns every slot; the mask hides the unwritten ones.
+    It speaks the two methods CausalSelfAttention calls on a cache."""
+
+    def __init__(self, kv: torch.Tensor, pos: torch.Tensor):
+        self.kv, self.pos = kv, pos
+
+    def get_pos(self):
+        return self.pos  # unused on the masked attention path
+
+    def insert(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        slot = self.pos.view(1)
+        self.kv[layer_idx, 0].index_copy_(2, slot, k.to(self.kv.dtype))
+        self.kv[layer_idx, 1].index_copy_(2, slot, v.to(self.kv.dtype))
+        return self.kv[layer_idx, 0], self.kv[layer_idx, 1]
+
+
+def static_decode_step(
+    model, ids: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits (B, V) of the tokens ids (B, 1) at cache slot pos, every shape fixed by the
+    batch and the cache length. pad (B,): the left padding of each row. The same computation as
+    GPT.forward with a KVCache (keep the two in step), written for torch.compile."""
+    from nanochat.gpt import norm
+
+    positions = (pos - pad).clamp(min=0)[:, None]  # (B, 1): row b's slot s is position s - pad[b]
+    cos_sin = model.cos[0, positions], model.sin[0, positions]  # (B, 1, 1, D/2)
+    slots = torch.arange(kv.size(4), device=ids.device)
+    mask = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= pos))[:, None, None, :]
+    cache = _StaticCache(kv, pos)
+    dtype = model.get_compute_dtype(ids.device)
+    autocast = dict(device_type=ids.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.autocast(**autocast):
+        x = norm(model.transformer.wte(ids))
+        for i, block in enumerate(model.transformer.h):
+            ve = model.value_embeds[str(i)](ids) if str(i) in model.value_embeds else None
+            x = block(x, cos_sin, cache, None, mask, ve)
+        logits = model.lm_head(norm(x))[:, -1, :]
+    logits = logits.float()
+    if model.config.softcap:
+        logits = model.config.softcap * torch.tanh(logits / model.config.softcap)
+    return logits
+
+
+def compiled_decode_step(device: torch.device):
+    """static_decode_step compiled by inductor, once per shape (batch, cache bucket). No CUDA graphs
+    (mode reduce-overhead) yet: the step writes into the cache, an input that CUDA graphs would copy
+    or refuse unless it lives at a static address; that, and the speed-up, need a GPU to verify."""
+    return torch.compile(static_decode_step, dynamic=False)
 
 
 @torch.inference_mode()
@@ -108,12 +215,23 @@ def decode_steps(
     pad_id: int,
     watch_ids: list[int] | None = None,
     use_cache: bool = True,
+    stats: dict | None = None,
+    step_fn=None,
 ):
-    """Yield (rows, next_ids, logprobs, watched) once per decoding step, as lists, for the rows
-    still running (indices into the P * num_samples batch, prompt-major). A row stops after a stop
-    token. use_cache=False forwards every row's whole sequence at each step (one prompt only)."""
+    """Yield (rows, next_ids, logprobs, watched, live) once per decoding step, as device tensors
+    over the current decode batch: rows (B,) indices into the P * num_samples batch (prompt-major),
+    the sampled ids (B,), their log-probs (B,), the watched logits (B, W) or None, and live (B,)
+    bool: the row was still running at this step (a row stops after a stop token; later tokens of a
+    stopped row that has not left the batch yet are not its). Nothing waits for the device except
+    one transfer per step, the stop flags, after the yield. use_cache=False forwards every row's
+    whole sequence at each step (one prompt only). stats["steps"] counts decode steps (bench_rl).
+    step_fn: static_decode_step or its compiled form: fixed shapes (no rows leave the batch, a cache
+    of a CACHE_BUCKET multiple), else the model's own forward with a KVCache."""
     device = next(model.parameters()).device
-    gens = row_generators(seeds, num_samples, device)
+    # every row's uniform for every step, drawn at once (see "Randomness" above)
+    uniforms = step_uniforms(
+        row_keys(seeds, num_samples, device), torch.arange(max_tokens, device=device)
+    )
     longest = max(len(tokens) for tokens in prompts)
     # Prefill the P prompts once, right-aligned (left padding), then share each prompt's keys and
     # values across its N rows. The pad token's value does not matter: no query ever sees it.
@@ -124,62 +242,86 @@ def decode_steps(
         [[pad_id] * pad + tokens for pad, tokens in zip(pads, prompts)], device=device
     )
     cache = None
+    static = step_fn is not None and use_cache
     if use_cache:
-        cache = model.new_kv_cache(len(prompts), longest + max_tokens)
-        if any(pads):
+        length = longest + max_tokens
+        if static:
+            length = -(-length // CACHE_BUCKET) * CACHE_BUCKET
+        cache = model.new_kv_cache(len(prompts), length)
+        if any(pads) or static:
             cache.pad = torch.tensor(pads, dtype=torch.long, device=device)
-    logits = model(ids, kv_cache=cache)[:, -1, :]
+    with last_position_logits(model):
+        logits = model(ids, kv_cache=cache)[:, -1, :]
     if num_samples > 1:
         logits = logits.repeat_interleave(num_samples, dim=0)
         if use_cache:
             cache = cache.repeat_batch(num_samples)
         else:
             ids = ids.repeat_interleave(num_samples, dim=0)
-    rows = list(range(len(prompts) * num_samples))  # batch position -> row
-    stopped = [False] * len(rows)  # per batch position
+    if static:
+        pos = torch.tensor(longest, device=device)  # the slot of the next token
+    n = len(prompts) * num_samples
+    rows = torch.arange(n, device=device)  # batch position -> row
+    live = torch.ones(n, dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(stop_tokens) or [-1], device=device)
+    watch = torch.tensor(watch_ids, device=device) if watch_ids else None
     for step in range(max_tokens):
         logits = logits.float()
-        next_ids = sample_next(logits, gens, temperature, top_k, top_p)
-        logprobs = F.log_softmax(logits, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
-        ids_list = next_ids.tolist()
-        lp_list = logprobs.tolist()
-        watched = logits[:, watch_ids].tolist() if watch_ids else None
-        live = [b for b in range(len(rows)) if not stopped[b]]
-        yield (
-            [rows[b] for b in live],
-            [ids_list[b] for b in live],
-            [lp_list[b] for b in live],
-            [watched[b] for b in live] if watched else None,
-        )
-        for b in live:
-            stopped[b] = ids_list[b] in stop_tokens
-        running = [b for b in range(len(rows)) if not stopped[b]]
-        if not running or step + 1 == max_tokens:
+        logp = F.log_softmax(logits, dim=-1)
+        next_ids = sample_next(logits, uniforms[:, step], temperature, top_k, top_p, logp)
+        logprobs = logp.gather(1, next_ids[:, None]).squeeze(1)
+        watched = logits.index_select(1, watch) if watch is not None else None
+        if stats is not None:
+            stats["steps"] = stats.get("steps", 0) + 1
+        yield rows, next_ids, logprobs, watched, live
+        live = live & ~torch.isin(next_ids, stops)
+        if step + 1 == max_tokens:
+            return
+        flags = live.tolist()  # the step's one host sync: which rows still run
+        running = sum(flags)
+        if not running:
             return
         # Once at most half of the batch still runs, the finished rows leave it (their cache rows
         # are copied out), so the tail of long completions decodes a smaller batch.
-        if len(running) <= len(rows) // 2:
-            keep = torch.tensor(running, device=device)
+        if running <= len(flags) // 2 and not static:
+            keep = torch.nonzero_static(live, size=running).squeeze(1)  # no sync: size is known
             next_ids = next_ids.index_select(0, keep)
             if use_cache:
                 cache = cache.keep_rows(keep)
             else:
                 ids = ids.index_select(0, keep)
-            rows = [rows[b] for b in running]
-            gens = [gens[b] for b in running]
-            stopped = [False] * len(rows)
-        if use_cache:
+            rows, uniforms, live = rows[keep], uniforms[keep], live[keep]
+        if static:
+            logits = step_fn(model, next_ids[:, None], cache.kv, pos, cache.pad)
+            pos += 1  # in place: the step reads it at the same address every time
+        elif use_cache:
             # the cache holds everything before: feed only the new token
             logits = model(next_ids[:, None], kv_cache=cache)[:, -1, :]
         else:
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            logits = model(ids)[:, -1, :]
+            with last_position_logits(model):
+                logits = model(ids)[:, -1, :]
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, compile_decode: bool | None = None):
+        """compile_decode: decode through the compiled static-shape step (compiled_decode_step);
+        None = nanochat.compile's rule (on for CUDA, off on CPU, NANOCHAT_COMPILE=0/1 overrides).
+        generate_multi / generate_batch use it; stream (the CLI) and generate_nocache stay eager."""
         self.model = model
         self.tokenizer = tokenizer
+        if compile_decode is None:
+            from nanochat.compile import compile_enabled
+
+            compile_decode = compile_enabled(next(model.parameters()).device)
+        self.step_fn = None
+        if compile_decode:
+            if getattr(model, "compute_dtype", None) is None:
+                # resolved outside the graph, as maybe_compile does (it reads os.environ)
+                model.compute_dtype = model.get_compute_dtype()
+            self.step_fn = compiled_decode_step(next(model.parameters()).device)
+        # None, or a dict in which decode_steps counts its decode steps (bench_rl)
+        self.stats: dict | None = None
         self.stop_tokens = {
             tokenizer.encode_special("<|assistant_end|>"),
             tokenizer.get_bos_token_id(),
@@ -214,7 +356,7 @@ class Engine:
             )
 
     def _decode(
-        self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids
+        self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids, fn=None
     ):
         return decode_steps(
             self.model,
@@ -228,6 +370,8 @@ class Engine:
             stop_tokens=self.stop_tokens,
             pad_id=self.tokenizer.get_bos_token_id(),
             watch_ids=watch_ids,
+            stats=self.stats,
+            step_fn=fn,
         )
 
     def generate_multi(
@@ -250,23 +394,49 @@ class Engine:
         was_training = self.model.training
         self.model.eval()
         n = len(prompts) * num_samples
-        seqs = [[] for _ in range(n)]
-        lps = [[] for _ in range(n)]
-        watched = [[] for _ in range(n)] if watch_ids else None
-        done = [False] * n
+        device = next(self.model.parameters()).device
+        # Every step's tokens are written into device buffers (no host sync); they come to the host
+        # once, at the end. A row's tokens are the first lengths[row] of its buffer row.
+        # (step, row) layout: each step fills one contiguous line.
+        ids = torch.zeros(max_tokens, n, dtype=torch.long, device=device)
+        lps = torch.zeros(max_tokens, n, device=device)
+        watched = torch.zeros(max_tokens, n, len(watch_ids), device=device) if watch_ids else None
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
         try:
             steps = self._decode(
-                prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids
+                prompts,
+                seeds,
+                num_samples,
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                watch_ids,
+                self.step_fn,
             )
-            for rows, ids_list, lp_list, watch_list in steps:  # only the rows still running
-                for k, (row, tok, lp) in enumerate(zip(rows, ids_list, lp_list)):
-                    if watched is not None:
-                        watched[row].append(watch_list[k])
-                    seqs[row].append(tok)
-                    lps[row].append(lp)
-                    done[row] = tok in self.stop_tokens
+            for step, (rows, next_ids, logprobs, watch, live) in enumerate(steps):
+                ids[step].index_copy_(0, rows, next_ids)
+                lps[step].index_copy_(0, rows, logprobs)
+                if watched is not None:
+                    watched[step].index_copy_(0, rows, watch)
+                lengths.index_add_(0, rows, live.long())
         finally:
             self.model.train(was_training)
+        # one transfer for everything (fp64 holds the ids, the fp32 log-probs and logits exactly)
+        T = max_tokens
+        parts = [lengths[:, None], ids.T, lps.T]
+        parts += [watched.transpose(0, 1).flatten(1)] if watched is not None else []
+        host = torch.cat([part.double() for part in parts], dim=1).tolist()
+        lengths = [int(row[0]) for row in host]
+        seqs = [[int(t) for t in row[1 : 1 + k]] for row, k in zip(host, lengths)]
+        lps = [row[1 + T : 1 + T + k] for row, k in zip(host, lengths)]
+        if watched is not None:
+            W = len(watch_ids)
+            watched = [
+                [row[1 + 2 * T + t * W : 1 + 2 * T + (t + 1) * W] for t in range(k)]
+                for row, k in zip(host, lengths)
+            ]
+        done = [bool(seq) and seq[-1] in self.stop_tokens for seq in seqs]
         results = []
         for p, tokens in enumerate(prompts):
             rows = range(p * num_samples, (p + 1) * num_samples)
@@ -312,8 +482,8 @@ class Engine:
         self.model.eval()
         try:
             steps = self._decode([tokens], [seed], 1, max_tokens, temperature, top_k, top_p, None)
-            for _, ids_list, _, _ in steps:
-                yield ids_list[0]
+            for _, next_ids, _, _, _ in steps:  # one row: live until the generator ends
+                yield int(next_ids[0])
         finally:
             self.model.train(was_training)
 
@@ -349,7 +519,8 @@ def generate_nocache(
         pad_id=0,  # unused: one prompt, no padding
         use_cache=False,
     )
-    for rows, ids_list, _, _ in steps:
-        for row, tok in zip(rows, ids_list):
-            out[row].append(tok)
+    for rows, next_ids, _, _, live in steps:
+        for row, tok, running in zip(rows.tolist(), next_ids.tolist(), live.tolist()):
+            if running:
+                out[row].append(tok)
     return out

@@ -2,7 +2,10 @@
 
 1. rollouts: Engine.generate_multi (all P x G rows decoded together) vs generate_batch looped over
    the P prompts (G rows each): new tokens per second of each, the ratio, and whether both
-   produced the same tokens;
+   produced the same tokens; decode steps per second and host syncs per decode step; each for the
+   current decode loop ("new") and for the one before issue 27 ("old", kept below as
+   `legacy_generate_multi`: a torch.Generator and a uniform vector per row and step, ~3 host syncs
+   per step, fp32 logits at every prompt position in the prefill);
 2. diagnostics overhead: RL step time (rollout + update) with every diagnostic on (reference
    forward, KL, margins, attention entropy and heatmaps amortised over their default cadence) vs
    all off (--no-diagnostics, --kl-coef 0), interleaved step by step on two copies of the model.
@@ -10,21 +13,24 @@
     uv run python -m scripts.bench_rl           # the latest sft checkpoint (e.g. the cpu profile's)
     uv run python -m scripts.bench_rl --prompts 8 --samples 8 --max-new-tokens 128 --steps 6
     uv run python -m scripts.bench_rl --random-depth 8  # random weights: speed at d8
+    uv run python -m scripts.bench_rl --random-depth 4 --random-shape 32,64,0  # the cpu profile's
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import time
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from nanochat.checkpoint import load_model
 from nanochat.common import DistInfo, autodetect_device, synchronize
-from nanochat.engine import Engine
+from nanochat.engine import Engine, GenerationResult, filter_logits, row_seed
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.rl import group_advantages, rollout_seed
 from nanochat.tokenizer import get_tokenizer
@@ -45,11 +51,23 @@ def parse_args(argv=None):
         help="instead of a checkpoint, random weights at this depth with the current tokenizer "
         "(speed only: nothing it samples makes sense)",
     )
+    p.add_argument(
+        "--random-shape",
+        default="64,128,2",
+        help="with --random-depth: aspect ratio, head dim, value-embed-every (the cpu profile's "
+        "model: --random-depth 4 --random-shape 32,64,0)",
+    )
     p.add_argument("--prompts", type=int, default=8, help="questions per step")
     p.add_argument("--samples", type=int, default=8, help="completions per question")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
         "--steps", type=int, default=6, help="RL steps timed per setting (after one warm-up)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rollout timings: best of this many runs each"
+    )
+    p.add_argument(
+        "--only", choices=["rollouts", "diagnostics"], default=None, help="run one of the two"
     )
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument(
@@ -71,28 +89,169 @@ def timed(fn, device):
     return out, time.time() - t0
 
 
+# ------------------------------------------------------------------------------------------------
+# the decode loop before issue 27, as the "old" contender (same model calls, same cache)
+
+
+@torch.inference_mode()
+def legacy_generate_multi(engine, prompts, num_samples, max_tokens, temperature, seeds, stats):
+    """Engine.generate_multi as it was: per-row torch.Generators drawing a uniform vector per step
+    (Gumbel-max), the stop checks, log-probs and tokens brought to the host every step, the prefill
+    computing logits at every prompt position."""
+    model, device = engine.model, next(engine.model.parameters()).device
+    gens = []
+    for seed in seeds:
+        for i in range(num_samples):
+            gens.append(torch.Generator(device=device))
+            gens[-1].manual_seed(row_seed(seed, i))
+    longest = max(len(t) for t in prompts)
+    pads = [longest - len(t) for t in prompts]
+    pad_id = engine.tokenizer.get_bos_token_id()
+    ids = torch.tensor([[pad_id] * p + t for p, t in zip(pads, prompts)], device=device)
+    cache = model.new_kv_cache(len(prompts), longest + max_tokens)
+    if any(pads):
+        cache.pad = torch.tensor(pads, dtype=torch.long, device=device)
+    logits = model(ids, kv_cache=cache)[:, -1, :].repeat_interleave(num_samples, dim=0)
+    cache = cache.repeat_batch(num_samples)
+    n = len(prompts) * num_samples
+    rows, stopped = list(range(n)), [False] * n
+    seqs, lps = [[] for _ in range(n)], [[] for _ in range(n)]
+    for step in range(max_tokens):
+        stats["steps"] = stats.get("steps", 0) + 1
+        logits = logits.float()
+        noise = torch.stack([torch.rand(logits.size(-1), generator=g, device=device) for g in gens])
+        scaled = filter_logits(logits, temperature, None, None)
+        gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1.0 - 1e-7)))
+        next_ids = torch.argmax(scaled + gumbel, dim=-1)
+        logprobs = F.log_softmax(logits, dim=-1).gather(1, next_ids[:, None]).squeeze(1)
+        ids_list, lp_list = next_ids.tolist(), logprobs.tolist()
+        live = [b for b in range(len(rows)) if not stopped[b]]
+        for b in live:
+            seqs[rows[b]].append(ids_list[b])
+            lps[rows[b]].append(lp_list[b])
+            stopped[b] = ids_list[b] in engine.stop_tokens
+        running = [b for b in range(len(rows)) if not stopped[b]]
+        if not running or step + 1 == max_tokens:
+            break
+        if len(running) <= len(rows) // 2:
+            keep = torch.tensor(running, device=device)
+            next_ids = next_ids.index_select(0, keep)
+            cache = cache.keep_rows(keep)
+            rows, gens = [rows[b] for b in running], [gens[b] for b in running]
+            stopped = [False] * len(rows)
+        logits = model(next_ids[:, None], kv_cache=cache)[:, -1, :]
+    return [
+        GenerationResult(
+            sequences=seqs[p * num_samples : (p + 1) * num_samples],
+            masks=[],
+            logprobs=lps[p * num_samples : (p + 1) * num_samples],
+        )
+        for p in range(len(prompts))
+    ]
+
+
+# Host syncs: every way Python can read a tensor's value (the device must finish first), counted
+# by wrapping those Tensor methods. On CPU that is what a sync would be on a GPU; on CUDA the
+# driver's view is torch.cuda.set_sync_debug_mode, whose warnings are counted too.
+_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs(device):
+    counts = {"syncs": 0}
+    saved = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+
+    def wrap(name):
+        method = saved[name]
+
+        def counted(self, *args, **kwargs):
+            counts["syncs"] += 1
+            return method(self, *args, **kwargs)
+
+        return counted
+
+    for name in _SYNC_METHODS:
+        setattr(torch.Tensor, name, wrap(name))
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            import warnings
+
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counts
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+                counts["cuda_sync_warnings"] = len(caught)
+
+
 def bench_rollouts(engine, tokenizer, task, args, device):
     prompts = [tokenizer.render_for_completion(task[i]) for i in range(args.prompts)]
     seeds = [rollout_seed(0, 0, i) for i in range(args.prompts)]
     kw = dict(num_samples=args.samples, max_tokens=args.max_new_tokens, temperature=1.0)
-    engine.generate_multi(prompts[:2], **{**kw, "max_tokens": 4}, seeds=seeds[:2])  # warm-up
-    batched, t_batched = timed(lambda: engine.generate_multi(prompts, seeds=seeds, **kw), device)
-    looped, t_looped = timed(
-        lambda: [engine.generate_batch(p, seed=s, **kw) for p, s in zip(prompts, seeds)], device
-    )
-    tokens = sum(len(s) for r in batched for s in r.sequences)
-    same = sum(
-        a == b for rb, rl in zip(batched, looped) for a, b in zip(rb.sequences, rl.sequences)
-    )
+
+    def new_multi(ps, ss, stats):
+        engine.stats = stats
+        try:
+            return engine.generate_multi(ps, seeds=ss, **kw)
+        finally:
+            engine.stats = None
+
+    def old_multi(ps, ss, stats):
+        return legacy_generate_multi(engine, ps, seeds=ss, stats=stats, **kw)
+
     rows = args.prompts * args.samples
     print(
         f"rollouts, {args.prompts} prompts x {args.samples} samples "
-        f"x <= {args.max_new_tokens} new tokens "
-        f"({tokens} tokens generated; {same}/{rows} rows identical in both):"
+        f"x <= {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads:"
     )
-    print(f"  looped generate_batch : {t_looped:6.2f} s  {tokens / t_looped:8,.0f} tok/s")
-    print(f"  batched generate_multi: {t_batched:6.2f} s  {tokens / t_batched:8,.0f} tok/s")
-    print(f"  ratio batched / looped: {t_looped / t_batched:.2f}x")
+    print(
+        "  decode loop | looped tok/s | batched tok/s | batched/looped | "
+        "decode steps/s (batched) | host syncs/decode step (batched) | rows same as looped"
+    )
+    contenders = {"old": old_multi, "new": new_multi}
+    for multi in contenders.values():
+        multi(prompts[:2], seeds[:2], {})  # warm-up
+    # best of --repeats, old and new interleaved (the machine's load drifts)
+    best = {name: [float("inf"), float("inf")] for name in contenders}
+    out = {}
+    for _ in range(args.repeats):
+        for name, multi in contenders.items():
+            stats = {}
+            with count_host_syncs(device) as syncs:
+                batched, t_batched = timed(functools.partial(multi, prompts, seeds, stats), device)
+            looped, t_looped = timed(
+                functools.partial(
+                    lambda m: [m([p], [s], {})[0] for p, s in zip(prompts, seeds)], multi
+                ),
+                device,
+            )
+            best[name] = [min(best[name][0], t_looped), min(best[name][1], t_batched)]
+            out[name] = (batched, looped, stats["steps"], syncs)
+    figures = {}
+    for name, (batched, looped, steps, syncs) in out.items():
+        t_looped, t_batched = best[name]
+        tokens = sum(len(s) for r in batched for s in r.sequences)
+        same = sum(
+            a == b for rb, rl in zip(batched, looped) for a, b in zip(rb.sequences, rl.sequences)
+        )
+        cuda = syncs.get("cuda_sync_warnings")
+        cuda = "" if cuda is None else f" (CUDA sync warnings {cuda})"
+        figures[name] = (tokens / t_looped, tokens / t_batched, t_looped / t_batched)
+        print(
+            f"  {name:11s} | {tokens / t_looped:12,.0f} | {tokens / t_batched:13,.0f} | "
+            f"{t_looped / t_batched:13.2f}x | {steps / t_batched:24,.1f} | "
+            f"{syncs['syncs'] / max(steps, 1):32.2f}{cuda} | {same}/{rows}"
+        )
+    print(
+        f"  new / old: looped {figures['new'][0] / figures['old'][0]:.2f}x, "
+        f"batched {figures['new'][1] / figures['old'][1]:.2f}x"
+    )
+    return figures
 
 
 def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
@@ -104,7 +263,7 @@ def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
     )
     rewards = torch.tensor([[c.reward for c in g] for g in groups])
     adv, zero = group_advantages(rewards, run_args.adv_std_norm)
-    chat_rl.diagnose(ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
+    chat_rl.diagnose(policy, ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
     chat_rl.train_step(policy, ctx.ref, optimizers, groups, adv, zero, run_args, ctx.info, ctx.pad)
 
 
@@ -176,7 +335,15 @@ def main(argv=None):
     device = autodetect_device()
     if args.random_depth > 0:
         tokenizer = get_tokenizer()
-        config = config_from_depth(args.random_depth, tokenizer.get_vocab_size(), sequence_len=2048)
+        aspect, head_dim, every = (int(v) for v in args.random_shape.split(","))
+        config = config_from_depth(
+            args.random_depth,
+            tokenizer.get_vocab_size(),
+            sequence_len=2048,
+            aspect_ratio=aspect,
+            head_dim=head_dim,
+            value_embed_every=every,
+        )
         with torch.device(device):
             model = GPT(config)
         model.init_weights()
@@ -200,8 +367,10 @@ def main(argv=None):
     probes = [
         tokenizer.render_conversation(val[i], max_tokens=cfg.sequence_len)[0] for i in range(4)
     ]
-    bench_rollouts(Engine(model, tokenizer), tokenizer, task, args, device)
-    bench_diagnostics(model, tokenizer, task, probes, args, device)
+    if args.only in (None, "rollouts"):
+        bench_rollouts(Engine(model, tokenizer), tokenizer, task, args, device)
+    if args.only in (None, "diagnostics"):
+        bench_diagnostics(model, tokenizer, task, probes, args, device)
 
 
 if __name__ == "__main__":

@@ -257,9 +257,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kl-sample-frac",
         type=float,
         default=0.125,
-        help="the reference scores the groups of every round(1 / frac)-th question (the same ones "
-        "on any number of ranks): tracked KL and margins come from that subsample (the reference "
-        "forward is the diagnostics' main cost; 1: every completion)",
+        help="policy and reference score the groups of every round(1 / frac)-th question (the "
+        "same ones on any number of ranks) with one prefill each: tracked KL and margins come from "
+        "that subsample (those two forwards are the diagnostics' main cost; 1: every completion)",
     )
     g.add_argument(
         "--attn-every", type=int, default=25, help="attention entropy every N steps (0: off)"
@@ -396,7 +396,6 @@ class Completion:
     correct: bool
     letter: str | None  # the letter the completion chose (extract_letter)
     letter_pos: int | None  # index in ids of its final answer-letter token
-    letter_logits: list[float] | None  # the policy's " A".." E" logits where it chose its letter
     gold: int  # index 0-4 of the gold letter
     sample: int  # index inside its group
 
@@ -419,7 +418,6 @@ def rollout(
             top_k=args.top_k,
             top_p=args.top_p,
             seeds=seeds[i : i + chunk],
-            watch_ids=letter_ids,
         )
     bonus = rl.format_bonus(args.format_reward, args.format_anneal_steps, step)
     groups = []
@@ -441,7 +439,6 @@ def rollout(
                     correct=bool(correct),
                     letter=extract_letter(text, conv.get("options")),
                     letter_pos=None if pos is None else len(prompt) + pos,
-                    letter_logits=None if pos is None else res.watched[i][pos],
                     gold=AQUA_LETTERS.index(conv["answer"]),
                     sample=i,
                 )
@@ -460,14 +457,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -nll.view(targets.shape) * (targets != -1)
 
 
-def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
+def diagnose(model, ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
     """Per completion: sequence KL (and k3) to the reference, and where there is an answer letter,
     letter KL and margin (empty lists with --no-diagnostics).
 
-    The policy's side costs nothing: it is read off the rollout (the engine's log-probs and letter
-    logits, i.e. the policy before this step's update). Only the reference runs, one prompt forward
-    per group, on the groups of every round(1 / kl-sample-frac)-th global question, so the
-    subsample does not depend on the number of ranks."""
+    Both sides are scored by the same function, `completion_logits` (one no-grad prompt forward per
+    group through a KV cache, fp32 log-softmax at the end), on the groups of every
+    round(1 / kl-sample-frac)-th global question (so the subsample does not depend on the number of
+    ranks): the policy before this step's update, and the reference. Reading the policy's side off
+    the rollout instead (the engine's one-token-at-a-time decode) would be free, but in bf16 the
+    decode and a prefill round differently, and the KLs would show a policy "moving" at step 0
+    (0.03-0.08 nats of sequence KL at d2). Through one code path, at step 0 policy and reference are
+    the same function of the same weights: both KLs are exactly 0 in any dtype. The sampler vs
+    trainer mismatch stays measured, by rl/logprob_gap_mean (train_step)."""
     out = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": []}
     if not args.diagnostics:
         return out
@@ -477,17 +479,17 @@ def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
             continue
         prompt = group[0].ids[: group[0].prompt_len]
         completions = [c.ids[c.prompt_len :] for c in group]
+        policy = diag.completion_logits(model, prompt, completions, pad_id)
         ref = diag.completion_logits(ref_model, prompt, completions, pad_id)
         width = ref.size(1)
         targets = torch.tensor(
             [c + [-1] * (width - len(c)) for c in completions], device=ref.device
         )
-        policy_logp = torch.tensor(
-            [c.logprobs + [0.0] * (width - len(c.logprobs)) for c in group], device=ref.device
-        )
         # Sequence KL: the sampled tokens came from the policy, so summing log pi - log pi_ref over
         # them estimates KL(pi || pi_ref) of whole completions without enumerating the vocabulary.
-        seq_kl, seq_k3 = diag.sequence_kl(policy_logp, token_logprobs(ref, targets), targets != -1)
+        seq_kl, seq_k3 = diag.sequence_kl(
+            token_logprobs(policy, targets), token_logprobs(ref, targets), targets != -1
+        )
         out["kl_seq"] += seq_kl.tolist()
         out["kl_seq_k3"] += seq_k3.tolist()
         lettered = [r for r, c in enumerate(group) if c.letter_pos is not None]
@@ -495,13 +497,11 @@ def diagnose(ref_model, groups, questions, args, letter_ids, pad_id) -> dict:
             continue
         # Letter KL: at the one token where the answer is decided, compare the two models' choice
         # among the five letters exactly (a 5-way distribution), not through a sampled estimate.
-        at = [group[r].letter_pos - group[r].prompt_len for r in lettered]
-        ref_letters = ref[torch.tensor(lettered), torch.tensor(at)]
-        # the policy's five letter logits, placed in a full-vocabulary row for the shared helpers
-        policy_letters = torch.full_like(ref_letters, float("-inf"))
-        policy_letters[:, letter_ids] = torch.tensor(
-            [group[r].letter_logits for r in lettered], device=ref.device
+        at = (
+            torch.tensor(lettered),
+            torch.tensor([group[r].letter_pos - group[r].prompt_len for r in lettered]),
         )
+        policy_letters, ref_letters = policy[at], ref[at]
         gold = torch.tensor([group[r].gold for r in lettered], device=ref.device)
         out["kl_letter"] += diag.letter_kl(policy_letters, ref_letters, letter_ids).tolist()
         out["margin"] += diag.letter_margin(policy_letters, letter_ids, gold).tolist()
@@ -969,7 +969,7 @@ def main(argv=None) -> dict:
         rollout_s = time.time() - t0
         rewards = torch.tensor([[c.reward for c in group] for group in groups])
         adv, zero_signal = rl.group_advantages(rewards, args.adv_std_norm)
-        moved = diagnose(ref_model, groups, questions, args, letter_ids, pad_id)
+        moved = diagnose(model, ref_model, groups, questions, args, letter_ids, pad_id)
         lrm = warmdown_multiplier(step, args.num_steps, args.warmdown_ratio)
         set_lr(optimizers, args.init_lr_frac * lrm)
         update = train_step(

@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.engine import Engine, decode_steps, filter_logits, generate_nocache
+from nanochat.engine import (
+    Engine,
+    decode_steps,
+    filter_logits,
+    generate_nocache,
+    row_keys,
+    sample_next,
+    step_uniforms,
+)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
 
@@ -65,19 +73,54 @@ def test_greedy_equals_argmax_of_full_forwards(tok):
     assert res.masks[0] == [1] * len(seq)
 
 
-def test_logprobs_match_full_forward_log_softmax(tok):
+def test_logprobs_and_watched_logits_match_full_forward(tok):
     model = make_model(tok)
     ids = prompt(tok)
-    res = Engine(model, tok).generate_batch(
-        ids, num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seed=3
-    )
-    for seq, lps in zip(res.sequences, res.logprobs):
-        assert len(seq) == len(lps)
+    watch = [3, 65, 200]
+    res = Engine(model, tok).generate_multi(
+        [ids], num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seeds=[3], watch_ids=watch
+    )[0]
+    for seq, lps, watched in zip(res.sequences, res.logprobs, res.watched):
+        assert len(seq) == len(lps) == len(watched)
         full = torch.tensor([ids + seq])
         with torch.no_grad():
-            logp = F.log_softmax(model(full)[0].float(), dim=-1)
+            logits = model(full)[0].float()
+        logp = F.log_softmax(logits, dim=-1)
         expected = [float(logp[len(ids) - 1 + t, tok_id]) for t, tok_id in enumerate(seq)]
         assert lps == pytest.approx(expected, abs=1e-4)
+        for t, row in enumerate(watched):
+            assert row == pytest.approx(logits[len(ids) - 1 + t, watch].tolist(), abs=1e-4)
+
+
+def test_counter_based_sampling_draws_the_filtered_distribution():
+    # 20,000 rows (distinct seeds) sample once from the same logits: the frequencies are the
+    # probabilities after top-k, and the filtered tokens never come up
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.04, 0.01])
+    n = 20_000
+    logits = probs.log().expand(n, -1)
+    uniforms = step_uniforms(row_keys(list(range(n)), 1, "cpu"), torch.arange(2))
+    assert 0.49 < uniforms.mean() < 0.51 and not torch.equal(uniforms[:, 0], uniforms[:, 1])
+    drawn = sample_next(logits, uniforms[:, 0], 1.0, 4, None)
+    freq = torch.bincount(drawn, minlength=6).double() / n
+    kept = probs[:4] / probs[:4].sum()
+    assert (freq[:4] - kept).abs().max() < 4 * (0.25 / n) ** 0.5
+    assert freq[4:].sum() == 0
+    # greedy ignores the uniforms
+    assert (sample_next(logits[:3], uniforms[:3, 0], 0.0, None, None) == 0).all()
+
+
+def test_decode_makes_at_most_one_host_sync_per_step(tok):
+    from scripts.bench_rl import count_host_syncs
+
+    model = make_model(tok, stop_boost=3.0)
+    eng = Engine(model, tok)
+    prompts = [prompt(tok, "Hi"), prompt(tok, "What is 7 times 8?")]
+    eng.stats = {}
+    with count_host_syncs(torch.device("cpu")) as syncs:
+        res = eng.generate_multi(prompts, num_samples=6, max_tokens=30, seeds=[3, 4])
+    assert len({len(s) for r in res for s in r.sequences}) > 1  # rows stopped and left the batch
+    assert eng.stats["steps"] == max(len(s) for r in res for s in r.sequences)
+    assert 0 < syncs["syncs"] <= eng.stats["steps"]
 
 
 def test_seed_reproduces_and_differs(tok):
@@ -248,3 +291,27 @@ def test_multi_prompt_bad_args(tok):
         eng.generate_multi([prompt(tok)], seeds=[1, 2])
     with pytest.raises(ValueError, match="no prompts"):
         eng.generate_multi([])
+
+
+def test_static_decode_step_eager_and_compiled_match_the_engine(tok):
+    # The GPU's decode step (fixed batch, fixed cache length, position as a tensor), run eagerly and
+    # compiled by inductor on CPU: the same tokens as the engine's eager decode and log-probs within
+    # round-off. Ragged prompts (left padding), rows that stop early (they keep decoding, masked).
+    from nanochat.engine import static_decode_step
+
+    model = make_model(tok, stop_boost=3.0)
+    prompts = [prompt(tok, "Hi"), prompt(tok, "What is 7 times 8?")]
+    kw = dict(num_samples=3, max_tokens=12, temperature=1.0, seeds=[3, 4], watch_ids=[3, 65])
+    plain = Engine(model, tok, compile_decode=False).generate_multi(prompts, **kw)
+    assert len({len(s) for r in plain for s in r.sequences}) > 1
+    static = Engine(model, tok, compile_decode=False)
+    static.step_fn = static_decode_step
+    compiled = Engine(model, tok, compile_decode=True)
+    assert compiled.step_fn is not None and compiled.step_fn is not static_decode_step
+    for engine in (static, compiled):
+        for a, b in zip(engine.generate_multi(prompts, **kw), plain):
+            assert a.sequences == b.sequences and a.finished == b.finished
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x == pytest.approx(y, abs=1e-4)
+            for x, y in zip(a.watched, b.watched):
+                assert torch.tensor(x) == pytest.approx(torch.tensor(y), abs=1e-4)
