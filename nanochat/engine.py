@@ -183,9 +183,12 @@ def static_decode_step(
     dtype = model.get_compute_dtype(ids.device)
     autocast = dict(device_type=ids.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.autocast(**autocast):
-        x = norm(model.transformer.wte(ids))
+        # the lookups cast to the compute dtype, as GPT.forward does (a bf16 residual stream)
+        x = norm(model.transformer.wte(ids).to(dtype)).to(dtype)
         for i, block in enumerate(model.transformer.h):
-            ve = model.value_embeds[str(i)](ids) if str(i) in model.value_embeds else None
+            ve = None
+            if str(i) in model.value_embeds:
+                ve = model.value_embeds[str(i)](ids).to(dtype)
             x = block(x, cos_sin, cache, None, mask, ve)
         logits = model.lm_head(norm(x))[:, -1, :]
     logits = logits.float()
