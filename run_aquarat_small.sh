@@ -135,7 +135,7 @@ check_from_stage() {
 # --no-sync the torch at hand may be another build: the check after set-up covers that case.)
 if [ "$NO_SYNC" = 0 ] && [ "$REHEARSAL" = 0 ] && [[ "$PROFILE" == auto || "$PROFILE" == gpu ]] \
         && command -v python3 >/dev/null 2>&1; then
-    python3 -m nanochat.driver_check || exit 2
+    python3 -m nanochat.driver_check || { echo "Or run on the CPU: --profile cpu." >&2; exit 2; }
 fi
 
 # --- set-up: uv builds .venv (torch, tiktoken, wandb, ...) and compiles the rustbpe crate ----------

@@ -282,7 +282,11 @@ def measure_cpu(args, depth: int) -> int:
         f"--value-embed-every={args.value_embed_every}",
         f"--device-batch-size={args.device_batch_size}",
     ]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "NANOCHAT_DTYPE": "fp32"}
+    # a clean environment: variables a caller left set (compile, device, threads) must not change
+    # what is measured; one thread, as kernels' per-thread scratch space is no tensor of the step
+    keep = ("PATH", "HOME", "PYTHONPATH", "LANG", "TMPDIR")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", NANOCHAT_DTYPE="fp32", OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", code, *flags], env=env, capture_output=True, text=True, check=True
     )
