@@ -171,30 +171,14 @@ def static_decode_step(
     model, ids: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor
 ) -> torch.Tensor:
     """fp32 logits (B, V) of the tokens ids (B, 1) at cache slot pos, every shape fixed by the
-    batch and the cache length. pad (B,): the left padding of each row. The same computation as
-    GPT.forward with a KVCache (keep the two in step), written for torch.compile."""
-    from nanochat.gpt import norm
-
+    batch and the cache length. pad (B,): the left padding of each row. GPT.forward's trunk and
+    head with a KVCache, its position and mask written as tensors for torch.compile."""
     positions = (pos - pad).clamp(min=0)[:, None]  # (B, 1): row b's slot s is position s - pad[b]
     cos_sin = model.cos[0, positions], model.sin[0, positions]  # (B, 1, 1, D/2)
     slots = torch.arange(kv.size(4), device=ids.device)
     mask = ((slots[None, :] >= pad[:, None]) & (slots[None, :] <= pos))[:, None, None, :]
-    cache = _StaticCache(kv, pos)
-    dtype = model.get_compute_dtype(ids.device)
-    autocast = dict(device_type=ids.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.autocast(**autocast):
-        # the lookups cast to the compute dtype, as GPT.forward does (a bf16 residual stream)
-        x = norm(model.transformer.wte(ids).to(dtype)).to(dtype)
-        for i, block in enumerate(model.transformer.h):
-            ve = None
-            if str(i) in model.value_embeds:
-                ve = model.value_embeds[str(i)](ids).to(dtype)
-            x = block(x, cos_sin, cache, None, mask, ve)
-        logits = model.lm_head(norm(x))[:, -1, :]
-    logits = logits.float()
-    if model.config.softcap:
-        logits = model.config.softcap * torch.tanh(logits / model.config.softcap)
-    return logits
+    x = model.hidden_states(ids, cos_sin, _StaticCache(kv, pos), None, mask)
+    return model._head_logits(x[:, -1, :], model.autocast_args(ids.device))
 
 
 def compiled_decode_step(device: torch.device):

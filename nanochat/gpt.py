@@ -510,22 +510,9 @@ class GPT(nn.Module):
             positions = (slots - pad[:, None]).clamp(min=0)
             cos_sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
             attn_mask = attention_mask(pad, pos, T)
-        # Matmuls in bf16 (when that is the compute dtype) while weights, gradients and optimizer
-        # state stay fp32: autocast casts at each matmul. The fp32 tables are looked up and the
-        # rows cast to the compute dtype at once, so the residual stream, and everything autograd
-        # saves along it, is bf16 too (half the activation memory); an fp32 lookup would keep it
-        # fp32 all the way through, since x + bf16 is fp32. The gradient flows back through the
-        # cast into the fp32 tables, so the optimizer still updates fp32 master weights.
         dtype = self.get_compute_dtype(idx.device)
-        autocast = dict(device_type=idx.device.type, dtype=dtype, enabled=dtype != torch.float32)
-        with torch.autocast(**autocast):
-            x = norm(self.transformer.wte(idx).to(dtype)).to(dtype)
-            for i, block in enumerate(self.transformer.h):
-                ve = None
-                if str(i) in self.value_embeds:
-                    ve = self.value_embeds[str(i)](idx).to(dtype)
-                x = block(x, cos_sin, kv_cache, attn_capture, attn_mask, ve)
-            x = norm(x)
+        autocast = self.autocast_args(idx.device)
+        x = self.hidden_states(idx, cos_sin, kv_cache, attn_capture, attn_mask)
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
             flat_targets = targets.reshape(-1)
             hidden = x.reshape(-1, x.size(-1))
@@ -573,6 +560,30 @@ class GPT(nn.Module):
             )
             return per_token.view(B, T)
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+
+    def autocast_args(self, device: torch.device) -> dict:
+        """torch.autocast's arguments for this model's compute dtype on device (off in fp32)."""
+        dtype = self.get_compute_dtype(device)
+        return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def hidden_states(self, idx, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None):
+        """The normed final hidden states (B, T, n_embd) of ids idx at the rotary angles cos_sin:
+        the trunk that forward and the engine's compiled decode step share."""
+        # Matmuls in bf16 (when that is the compute dtype) while weights, gradients and optimizer
+        # state stay fp32: autocast casts at each matmul. The fp32 tables are looked up and the
+        # rows cast to the compute dtype at once, so the residual stream, and everything autograd
+        # saves along it, is bf16 too (half the activation memory); an fp32 lookup would keep it
+        # fp32 all the way through, since x + bf16 is fp32. The gradient flows back through the
+        # cast into the fp32 tables, so the optimizer still updates fp32 master weights.
+        dtype = self.get_compute_dtype(idx.device)
+        with torch.autocast(**self.autocast_args(idx.device)):
+            x = norm(self.transformer.wte(idx).to(dtype)).to(dtype)
+            for i, block in enumerate(self.transformer.h):
+                ve = None
+                if str(i) in self.value_embeds:
+                    ve = self.value_embeds[str(i)](idx).to(dtype)
+                x = block(x, cos_sin, kv_cache, attn_capture, attn_mask, ve)
+            return norm(x)
 
     def _head_logits(self, x: torch.Tensor, autocast: dict) -> torch.Tensor:
         """Soft-capped fp32 logits of the final hidden states x (..., n_embd)."""
