@@ -1044,4 +1044,8 @@ def test_uv_runs_the_launcher_in_its_own_small_environment(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: launch_lambda.py" in proc.stdout
     assert "Reading inline script metadata" in proc.stderr
-    assert str(REPO_ROOT / ".venv") not in proc.stderr  # not the project's environment
+    # The interpreter that ran it is the script's own environment, not the project's .venv (uv -v
+    # may still mention .venv while it looks for a base interpreter, e.g. under `uv run pytest`).
+    ran_with = re.findall(r"Using Python \S+ interpreter at: (\S+)", proc.stderr)
+    assert ran_with, proc.stderr[-2000:]
+    assert str(REPO_ROOT / ".venv") not in ran_with[-1], ran_with
