@@ -260,7 +260,7 @@ def add_optimizer_args(group, lr_note: str = "", fine_tuning: bool = False) -> N
             type=float,
             default=0.0,
             help=f"AdamW lr of the value-embedding tables{lr_note}; 0 keeps them as pretraining "
-            "left them (mid-training them cost accuracy: README, Performance)",
+            "left them (mid-training them cost accuracy: docs/experiments.md)",
         )
     group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     group.add_argument(

@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["continue", "legacy"],
         help="how rows are packed (nanochat.dataloader): legacy drops the cropped tails (about "
         "45%% of web-like text at 2048; the shard count allows for it) but trained to a 0.08-0.10 "
-        "nats/token lower loss per FLOP than continue in the CPU benchmark (README, Performance); "
+        "nats/token lower loss per FLOP than continue in the CPU benchmark (docs/experiments.md); "
         "continue keeps every token, carrying a cropped document's rest into a later row "
         "(pass --shards about 0.55x as many)",
     )

@@ -26,9 +26,9 @@ Measured, at --batch-size x --seq-len rows:
 "old" is the packing before issue 24 ("legacy": 32-document look-ahead, the oldest document
 cropped, its tail dropped) tokenising inside next_batch; "new" is the "continue" packing with
 prefetch 4; "default" is base_train's loader: the old packing (it trained to the lower loss per
-FLOP, README) with prefetch 4. All use today's tokenising path (int32 arrays from tiktoken). The
-consumer: d8 (vocab --vocab-size, context --seq-len) on one H100 at --mfu of 989 bf16 TFLOP/s;
-Lambda's 8x H100 node has 208 vCPUs, 26 per GPU (--cores-per-gpu).
+FLOP, docs/experiments.md) with prefetch 4. All use today's tokenising path (int32 arrays from
+tiktoken). The consumer: d8 (vocab --vocab-size, context --seq-len) on one H100 at --mfu of 989
+bf16 TFLOP/s; Lambda's 8x H100 node has 208 vCPUs, 26 per GPU (--cores-per-gpu).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ exactly the gold one:
             "B) 12 yes"), then "Answer: B" -- the default of tasks/synthetic_aqua.py;
     value   "8 + 4 = 12." then "Answer: B": the letter must be found from the value, a backward
             lookup.
-The two differ only in that ending, so the gap between them is what the ending is worth (README,
-"What the CPU profile shows"). Nothing is saved.
+The two differ only in that ending, so the gap between them is what the ending is worth
+(docs/experiments.md, "The answer format"). Nothing is saved.
 
     uv run python -m scripts.probe_answer_format --ending checks --steps 750
     uv run python -m scripts.probe_answer_format --ending value --steps 750
