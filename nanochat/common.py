@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,34 @@ def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def reduce_by_name(values: dict[str, float], info: DistInfo, op: str = "sum") -> dict:
+    """{name: value} summed (op "sum") or maximised ("max") over all ranks, by name: the keys are
+    sorted into one tensor, so every rank must pass the same names (a missing one is an error,
+    not a silent shift of every later value)."""
+    names = sorted(values)
+    if not info.is_ddp:
+        return {name: float(values[name]) for name in names}
+    # str hashes differ between processes: a checksum of the names is the same on every rank
+    shape = torch.tensor([len(names), zlib.crc32("\0".join(names).encode())], device=info.device)
+    lowest, highest = shape.clone(), shape.clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    if not torch.equal(lowest, highest):
+        raise RuntimeError(f"reduce_by_name: the ranks reduce different metric names ({names})")
+    packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=info.device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(names, packed.tolist()))
+
+
+def gather_by_name(lists: dict[str, list], info: DistInfo) -> dict[str, list]:
+    """{name: list} concatenated over ranks in rank order."""
+    if not info.is_ddp:
+        return {name: list(v) for name, v in lists.items()}
+    parts = [None] * info.world_size
+    dist.all_gather_object(parts, lists)
+    return {name: [v for part in parts for v in part[name]] for name in lists}
 
 
 def get_rank() -> int:

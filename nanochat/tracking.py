@@ -17,26 +17,36 @@ from pathlib import Path
 import numpy as np
 
 from nanochat.common import get_base_dir, get_rank
+from nanochat.config import add_fields, knob
 from nanochat.wandb_login import stored_api_key
 
 DEFAULT_PROJECT = "nanochat-aquarat"
 
 
-def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+@dataclass
+class TrackingKnobs:
+    """Where a stage's logs go."""
+
     # --run-name too: torchrun's own parser rejects a bare --run (ambiguous with its --run-path)
-    parser.add_argument(
-        "--run",
-        "--run-name",
-        dest="run",
-        default=os.environ.get("NANOCHAT_RUN", "local"),
-        help="run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN; "
-        "spell it --run-name under torchrun)",
+    run: str = knob(
+        "local",
+        "run name: groups every stage's logs under <base>/runs/<run>/ (env NANOCHAT_RUN; spell it "
+        "--run-name under torchrun)",
+        group="tracking",
+        aliases=("--run-name",),
+        env="NANOCHAT_RUN",
+        resume_safe=True,
     )
-    parser.add_argument(
-        "--no-wandb",
-        action="store_true",
-        help="log only to the local JSON-lines file (same as WANDB_MODE=disabled)",
+    no_wandb: bool = knob(
+        False,
+        "log only to the local JSON-lines file (same as WANDB_MODE=disabled)",
+        group="tracking",
+        resume_safe=True,
     )
+
+
+def add_tracking_args(parser: argparse.ArgumentParser) -> None:
+    add_fields(parser, TrackingKnobs)
 
 
 # Media metric values: W&B gets a wandb.Image / wandb.Histogram, the JSON line the image's path /

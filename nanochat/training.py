@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,8 @@ from nanochat.checkpoint import (
     save_rng_state,
 )
 from nanochat.common import print0, synchronize
+from nanochat.config import add_fields, knob, resume_safe
+from nanochat.tracking import TrackingKnobs
 
 
 def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str):
@@ -86,23 +88,6 @@ def start_or_resume(ckpt_dir, info, model, optimizers, fresh: bool, resume: str)
     restore_rng_state(rank_state["rng"])
     print0(f"Resuming {ckpt_dir} from step {last_step}")
     return last_step, meta, rank_state
-
-
-# Flags every stage may change on a resume: they change what is logged or kept, not what is trained.
-HARMLESS_FLAGS = {
-    "eval_every",
-    "eval_tokens",
-    "eval_examples",
-    "sample_every",
-    "sample_tokens",
-    "log_every",
-    "save_every",
-    "keep_last",
-    "resume",
-    "fresh",
-    "run",
-    "no_wandb",
-}
 
 
 def refuse_changed_flags(ckpt_dir, step: int, old_args: dict, args, harmless=()) -> None:
@@ -242,55 +227,91 @@ class StepTimer:
             self.count += 1
 
 
+@dataclass
+class OptimizerKnobs:
+    """The optimizer knobs of every training stage ({lr_note}: what scales the lrs, if anything)."""
+
+    embedding_lr: float = knob(
+        0.2, "AdamW lr of the token embedding{lr_note}", group="optimization"
+    )
+    unembedding_lr: float = knob(0.004, "AdamW lr of lm_head{lr_note}", group="optimization")
+    matrix_lr: float = knob(0.02, "Muon lr of the block matrices{lr_note}", group="optimization")
+    weight_decay: float = knob(0.0, "decoupled weight decay", group="optimization")
+    grad_clip: float = knob(
+        1.0, "global grad-norm clip (0: off; the norm is logged anyway)", group="optimization"
+    )
+
+
+@dataclass
+class FineTuningOptimizerKnobs(OptimizerKnobs):
+    """Fine-tuning stages also set the value embeddings' lr, 0 (frozen) by default."""
+
+    value_embed_lr: float = knob(
+        0.0,
+        "AdamW lr of the value-embedding tables{lr_note}; 0 keeps them as pretraining left them "
+        "(mid-training them cost accuracy: docs/experiments.md)",
+        group="optimization",
+    )
+
+
+@dataclass
+class CheckpointKnobs:
+    """How often a training stage saves, how many it keeps, whether it resumes."""
+
+    save_every: int = knob(
+        0, "checkpoint every N steps (0: only the final one)", group="checkpoints", resume_safe=True
+    )
+    keep_last: int = knob(
+        2, "keep this many newest checkpoints (0: all)", group="checkpoints", resume_safe=True
+    )
+    resume: str = knob(
+        "auto",
+        "auto: resume if this stage/tag has a checkpoint; require: fail if there is none",
+        group="checkpoints",
+        choices=["auto", "require"],
+        resume_safe=True,
+    )
+    fresh: bool = knob(
+        False,
+        "DELETE this stage/tag's checkpoints and start over",
+        group="checkpoints",
+        resume_safe=True,
+    )
+
+
+def setup_optimizers(model, settings) -> list:
+    """The model's optimizers with the lrs and weight decay of `settings` (parsed flags or a
+    config with the optimizer knobs); the value embeddings' lr where the stage has that knob."""
+    names = ["embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "value_embed_lr"]
+    return model.setup_optimizers(
+        **{k: getattr(settings, k) for k in names if hasattr(settings, k)}
+    )
+
+
 def add_optimizer_args(group, lr_note: str = "", fine_tuning: bool = False) -> None:
-    """The optimizer flags of every training stage; lr_note says what scales the lrs, if any.
-    Fine-tuning stages also get --value-embed-lr, which leaves the value embeddings frozen."""
-    group.add_argument(
-        "--embedding-lr", type=float, default=0.2, help=f"AdamW lr of the token embedding{lr_note}"
-    )
-    group.add_argument(
-        "--unembedding-lr", type=float, default=0.004, help=f"AdamW lr of lm_head{lr_note}"
-    )
-    group.add_argument(
-        "--matrix-lr", type=float, default=0.02, help=f"Muon lr of the block matrices{lr_note}"
-    )
-    if fine_tuning:
-        group.add_argument(
-            "--value-embed-lr",
-            type=float,
-            default=0.0,
-            help=f"AdamW lr of the value-embedding tables{lr_note}; 0 keeps them as pretraining "
-            "left them (mid-training them cost accuracy: docs/experiments.md)",
-        )
-    group.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    group.add_argument(
-        "--grad-clip",
-        type=float,
-        default=1.0,
-        help="global grad-norm clip (0: off; the norm is logged anyway)",
-    )
+    """The optimizer flags of a stage whose parser is hand-written (base_train, chat_sft)."""
+    knobs = FineTuningOptimizerKnobs if fine_tuning else OptimizerKnobs
+    add_fields(group, knobs, notes={"lr_note": lr_note})
 
 
 def add_checkpoint_args(group, save_every: int, tag_help: str | None = None) -> None:
-    """How often a training stage saves, how many it keeps, whether it resumes; and --tag, the
-    checkpoints' name, unless the stage declares it elsewhere (tag_help None)."""
-    group.add_argument(
-        "--save-every",
-        type=int,
-        default=save_every,
-        help="checkpoint every N steps (0: only the final one)",
-    )
-    group.add_argument(
-        "--keep-last", type=int, default=2, help="keep this many newest checkpoints (0: all)"
-    )
+    """The checkpoint flags of a hand-written parser, and --tag, the checkpoints' name, unless the
+    stage declares it elsewhere (tag_help None)."""
+    add_fields(group, CheckpointKnobs, defaults={"save_every": save_every})
     if tag_help is not None:
         group.add_argument("--tag", default=None, help=tag_help)
-    group.add_argument(
-        "--resume",
-        default="auto",
-        choices=["auto", "require"],
-        help="auto: resume if this stage/tag has a checkpoint; require: fail if there is none",
-    )
-    group.add_argument(
-        "--fresh", action="store_true", help="DELETE this stage/tag's checkpoints and start over"
-    )
+
+
+# Flags every stage may change on a resume: they change what is logged or kept, not what is trained
+# (the knob groups' own resume_safe fields, and the cadences of base_train's and chat_sft's
+# hand-written parsers).
+HARMLESS_FLAGS = {
+    "eval_every",
+    "eval_tokens",
+    "eval_examples",
+    "sample_every",
+    "sample_tokens",
+    "log_every",
+    *resume_safe(CheckpointKnobs),
+    *resume_safe(TrackingKnobs),
+}

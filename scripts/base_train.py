@@ -70,6 +70,7 @@ from nanochat.training import (
     refuse_changed_flags,
     save,
     set_lr,
+    setup_optimizers,
     start_or_resume,
     stop_if_not_finite,
 )
@@ -205,6 +206,85 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fresh and args.resume == "require":
         p.error("--fresh and --resume require contradict each other")
     return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    info = init_distributed()
+    check_batch_geometry(args, info.world_size)
+
+    # ---- tokenizer, model and token budget
+    tokenizer = load_tokenizer()
+    token_bytes = get_token_bytes(info.device)
+    model = build_model(args, tokenizer.get_vocab_size(), info.device)
+    run = plan_run(args, info, model)
+
+    # ---- optimizers, a resume if there is a checkpoint, and the micro-batch
+    optimizers = setup_optimizers(model, args)
+    start_step, resumed, rank_state = start_or_resume(
+        run.ckpt_dir, info, model, optimizers, args.fresh, args.resume
+    )
+    train_model = maybe_compile(model, info.device)
+    stats = fix_layout(run, resumed, start_step, train_model, model, optimizers, tokenizer)
+    announce(run, model, start_step)
+
+    # ---- data and tracking
+    loaders = train_loaders(args, tokenizer, run.device_batch, run.grad_accum, info, rank_state)
+    tracker = make_tracker(args, STAGE, run_config(run, model, start_step))
+
+    # ---- the training loop: `step` optimizer steps are done
+    samples = []
+    timer = StepTimer(
+        info.device, start_step, run.num_iterations, stats["train_time"], stats["timed_steps"]
+    )
+    for step in range(start_step, run.num_iterations + 1):
+        last = step == run.num_iterations
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            bpb = val_bpb(train_model, tokenizer, token_bytes, run)
+            stats["val_bpb"] = bpb
+            stats["min_val_bpb"] = min(bpb, stats["min_val_bpb"] or float("inf"))
+            print0(f"step {step:05d}/{run.num_iterations} | val bpb {bpb:.4f}")
+            tracker.log({"val/bpb": bpb}, step=step)
+        sample_now = last or (args.sample_every > 0 and step % args.sample_every == 0)
+        if args.sample_every >= 0 and sample_now and info.rank == 0:
+            samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS, args.sample_tokens)
+            for i, text in enumerate(samples):
+                print0(f"  sample {i}: {text!r}")
+            tracker.log({f"samples/{i}": text for i, text in enumerate(samples)}, step=step)
+        if last:
+            break
+
+        timer.start()
+        lrm = lr_multiplier(
+            step, run.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
+        )
+        momentum = muon_momentum(step, args.momentum_warmup_steps)
+        loss_sum, grad_norm = train_step(
+            train_model, model, optimizers, loaders, lrm, momentum, args.grad_clip, info.device
+        )
+        timer.stop()
+        done = step + 1
+        stats["train_time"], stats["timed_steps"] = timer.total, timer.count
+        if done % args.log_every == 0 or done == run.num_iterations:
+            log_step(run, stats, tracker, loaders, done, loss_sum, grad_norm, lrm, momentum, timer)
+        if done == run.num_iterations or (args.save_every > 0 and done % args.save_every == 0):
+            meta = checkpoint_meta(run, model, tokenizer, stats)
+            loader_states = {"loaders": [loader.state_dict() for loader in loaders]}
+            save(
+                run.ckpt_dir,
+                done,
+                model,
+                optimizers,
+                meta,
+                info.rank,
+                args.keep_last,
+                loader_states,
+            )
+
+    for loader in loaders:
+        loader.close()
+    finish(run, model, tracker, stats, loaders, samples)
+    cleanup_distributed()
 
 
 def lr_multiplier(
@@ -465,90 +545,6 @@ def train_step(train_model, model, optimizers, loaders, lrm, momentum, grad_clip
         opt.step()
     model.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    info = init_distributed()
-    check_batch_geometry(args, info.world_size)
-
-    # ---- tokenizer, model and token budget
-    tokenizer = load_tokenizer()
-    token_bytes = get_token_bytes(info.device)
-    model = build_model(args, tokenizer.get_vocab_size(), info.device)
-    run = plan_run(args, info, model)
-
-    # ---- optimizers, a resume if there is a checkpoint, and the micro-batch
-    optimizers = model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr,
-        embedding_lr=args.embedding_lr,
-        matrix_lr=args.matrix_lr,
-        weight_decay=args.weight_decay,
-    )
-    start_step, resumed, rank_state = start_or_resume(
-        run.ckpt_dir, info, model, optimizers, args.fresh, args.resume
-    )
-    train_model = maybe_compile(model, info.device)
-    stats = fix_layout(run, resumed, start_step, train_model, model, optimizers, tokenizer)
-    announce(run, model, start_step)
-
-    # ---- data and tracking
-    loaders = train_loaders(args, tokenizer, run.device_batch, run.grad_accum, info, rank_state)
-    tracker = make_tracker(args, STAGE, run_config(run, model, start_step))
-
-    # ---- the training loop: `step` optimizer steps are done
-    samples = []
-    timer = StepTimer(
-        info.device, start_step, run.num_iterations, stats["train_time"], stats["timed_steps"]
-    )
-    for step in range(start_step, run.num_iterations + 1):
-        last = step == run.num_iterations
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            bpb = val_bpb(train_model, tokenizer, token_bytes, run)
-            stats["val_bpb"] = bpb
-            stats["min_val_bpb"] = min(bpb, stats["min_val_bpb"] or float("inf"))
-            print0(f"step {step:05d}/{run.num_iterations} | val bpb {bpb:.4f}")
-            tracker.log({"val/bpb": bpb}, step=step)
-        sample_now = last or (args.sample_every > 0 and step % args.sample_every == 0)
-        if args.sample_every >= 0 and sample_now and info.rank == 0:
-            samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS, args.sample_tokens)
-            for i, text in enumerate(samples):
-                print0(f"  sample {i}: {text!r}")
-            tracker.log({f"samples/{i}": text for i, text in enumerate(samples)}, step=step)
-        if last:
-            break
-
-        timer.start()
-        lrm = lr_multiplier(
-            step, run.num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac
-        )
-        momentum = muon_momentum(step, args.momentum_warmup_steps)
-        loss_sum, grad_norm = train_step(
-            train_model, model, optimizers, loaders, lrm, momentum, args.grad_clip, info.device
-        )
-        timer.stop()
-        done = step + 1
-        stats["train_time"], stats["timed_steps"] = timer.total, timer.count
-        if done % args.log_every == 0 or done == run.num_iterations:
-            log_step(run, stats, tracker, loaders, done, loss_sum, grad_norm, lrm, momentum, timer)
-        if done == run.num_iterations or (args.save_every > 0 and done % args.save_every == 0):
-            meta = checkpoint_meta(run, model, tokenizer, stats)
-            loader_states = {"loaders": [loader.state_dict() for loader in loaders]}
-            save(
-                run.ckpt_dir,
-                done,
-                model,
-                optimizers,
-                meta,
-                info.rank,
-                args.keep_last,
-                loader_states,
-            )
-
-    for loader in loaders:
-        loader.close()
-    finish(run, model, tracker, stats, loaders, samples)
-    cleanup_distributed()
 
 
 def plan_run(args, info, model) -> SimpleNamespace:

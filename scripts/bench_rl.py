@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 from types import SimpleNamespace
@@ -30,11 +31,14 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint import load_model
 from nanochat.common import DistInfo, autodetect_device, synchronize
+from nanochat.diagnostics import Diagnostics, attention_entropy
 from nanochat.engine import Engine, GenerationResult, filter_logits, row_seed
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.rl import group_advantages, rollout_seed
+from nanochat.rl import group_advantages, policy_update
+from nanochat.rl_config import parse_config
+from nanochat.rollouts import rollout_seed, sample_rollouts
 from nanochat.tokenizer import get_tokenizer
-from scripts import chat_rl
+from scripts.chat_rl import load_split
 
 
 def parse_args(argv=None):
@@ -255,16 +259,12 @@ def bench_rollouts(engine, tokenizer, task, args, device):
 
 
 def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
-    """One chat_rl step of one setting: rollouts of this step's questions, advantages, update."""
-    policy, engine, optimizers, run_args = run
-    questions = list(range(step * ctx.prompts, (step + 1) * ctx.prompts))
-    groups = chat_rl.rollout(
-        engine, ctx.tokenizer, ctx.task, questions, step, run_args, ctx.letter_ids
-    )
-    rewards = torch.tensor([[c.reward for c in g] for g in groups])
-    adv, zero = group_advantages(rewards, run_args.adv_std_norm)
-    chat_rl.diagnose(policy, ctx.ref, groups, questions, run_args, ctx.letter_ids, ctx.pad)
-    chat_rl.train_step(policy, ctx.ref, optimizers, groups, adv, zero, run_args, ctx.info, ctx.pad)
+    """One chat_rl step of one setting: rollouts, advantages, diagnostics, update."""
+    policy, engine, optimizers, cfg, diagnostics = run
+    rollouts = sample_rollouts(engine, ctx.task, step, cfg, rank=0, world=1)
+    adv, zero = group_advantages(rollouts.rewards(), cfg.adv_std_norm)
+    diagnostics.measure(policy, rollouts)
+    policy_update(policy, ctx.ref, optimizers, rollouts.groups, adv, zero, cfg, ctx.info, ctx.pad)
 
 
 def bench_diagnostics(model, tokenizer, task, probes, args, device):
@@ -280,27 +280,19 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
     ]
     if args.kl_sample_frac is not None:
         flags += ["--kl-sample-frac", str(args.kl_sample_frac)]
-    base = chat_rl.parse_args(flags)
-    settings = {
-        "on": base,
-        "off": argparse.Namespace(**{**vars(base), "diagnostics": False, "kl_coef": 0.0}),
-    }
+    base = parse_config(flags)
+    settings = {"on": base, "off": dataclasses.replace(base, diagnostics=False, kl_coef=0.0)}
     # what every step of both settings shares
-    ctx = SimpleNamespace(
-        tokenizer=tokenizer,
-        task=task,
-        prompts=args.prompts,
-        info=DistInfo(False, 0, 0, 1, device),
-        letter_ids=chat_rl.diag.letter_token_ids(tokenizer),
-        pad=tokenizer.encode_special("<|assistant_end|>"),
-        ref=copy.deepcopy(model).eval().requires_grad_(False),
-    )
+    pad = tokenizer.encode_special("<|assistant_end|>")
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ctx = SimpleNamespace(task=task, info=DistInfo(False, 0, 0, 1, device), pad=pad, ref=ref)
     runs = {}
-    for name, run_args in settings.items():
+    for name, cfg in settings.items():
         policy = copy.deepcopy(model).train()
         # as chat_rl does: the value-embedding tables frozen unless its flag says otherwise
-        optimizers = policy.setup_optimizers(value_embed_lr=run_args.value_embed_lr)
-        runs[name] = (policy, Engine(policy, tokenizer), optimizers, run_args)
+        optimizers = policy.setup_optimizers(value_embed_lr=cfg.value_embed_lr)
+        diagnostics = Diagnostics(cfg, ref, tokenizer, task, task, model.config.sequence_len, pad)
+        runs[name] = (policy, Engine(policy, tokenizer), optimizers, cfg, diagnostics)
     times = {name: [] for name in settings}
     for step in range(args.steps + 1):
         for name, run in runs.items():
@@ -308,10 +300,8 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
             if step > 0:  # step 0 warms up
                 times[name].append(dt)
     # attention entropy every --attn-every steps and heatmaps every --attn-heatmap-every, amortised
-    _, t_attn = timed(lambda: chat_rl.diag.attention_entropy(model, probes), device)
-    _, t_heat = timed(
-        lambda: chat_rl.diag.attention_entropy(model, probes[:1], keep_probs=True), device
-    )
+    _, t_attn = timed(lambda: attention_entropy(model, probes), device)
+    _, t_heat = timed(lambda: attention_entropy(model, probes[:1], keep_probs=True), device)
     amortised = t_attn / base.attn_every + t_heat / base.attn_heatmap_every
     on = sum(times["on"]) / len(times["on"]) + amortised
     off = sum(times["off"]) / len(times["off"])
@@ -362,8 +352,8 @@ def main(argv=None):
     source_args = argparse.Namespace(
         synthetic_difficulty="easy", synthetic_seed=1, aqua_data_dir=args.aqua_data_dir
     )
-    task = chat_rl.load_split(source_args, args.aqua_source, "train", 2000)
-    val = chat_rl.load_split(source_args, args.aqua_source, "validation", 8)
+    task = load_split(source_args, args.aqua_source, "train", 2000)
+    val = load_split(source_args, args.aqua_source, "validation", 8)
     probes = [
         tokenizer.render_conversation(val[i], max_tokens=cfg.sequence_len)[0] for i in range(4)
     ]

@@ -51,6 +51,7 @@ from nanochat.training import (
     refuse_changed_flags,
     save,
     set_lr,
+    setup_optimizers,
     start_or_resume,
     stop_if_not_finite,
     warmdown_multiplier,
@@ -148,6 +149,91 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     return p
 
 
+def main(argv=None, stage: str = "sft") -> dict:
+    args = build_parser(stage).parse_args(argv)
+    info = init_distributed()
+
+    # ---- the model to start from, the data, the number of steps
+    model, tokenizer, run = load_source(args, stage, info)
+    train_task, val_task = load_data(run, info)
+
+    # ---- optimizers, and a resume of this stage's checkpoint if there is one
+    optimizers = setup_optimizers(model, args)
+    start_step, loader_state = resume_or_start(
+        run.ckpt_dir, info, model, optimizers, args, run.plan
+    )
+    train_model = maybe_compile(model, info.device)
+    # compiled: a few bucket lengths, so a few graphs, instead of one per batch length
+    loader = ConversationLoader(
+        train_task,
+        tokenizer,
+        run.device_batch,
+        run.seq_len,
+        grad_accum=run.grad_accum,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=args.seed,
+        device=info.device,
+        state=loader_state,
+        fixed_shapes=train_model is not model,
+    )
+    tracker = make_tracker(args, stage, run_config(run, model, start_step, info))
+
+    # ---- the training loop: `step` optimizer steps are done
+    num_iterations = run.plan["num_iterations"]
+    scores = {"val_losses": [], "val_loss": None, "letter_acc": {}, "train_loss": float("nan")}
+    timer = StepTimer(info.device, start_step, num_iterations)
+    model.train()
+    for step in range(start_step, num_iterations + 1):
+        last = step == num_iterations
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            val_loss, letter_acc = evaluate_val(
+                model,
+                val_task,
+                tokenizer,
+                run.device_batch,
+                run.seq_len,
+                info,
+                args.eval_examples,
+            )
+            if val_loss is not None:
+                scores.update(val_loss=val_loss, letter_acc=letter_acc)
+                scores["val_losses"].append(val_loss)
+                log_val(tracker, step, num_iterations, val_loss, letter_acc)
+        if last:
+            break
+
+        timer.start()
+        lrm = warmdown_multiplier(step, num_iterations, args.warmdown_ratio)
+        micro_batches = loader.next_step()
+        loss_sum, counts, grad_norm = train_step(
+            train_model,
+            model,
+            optimizers,
+            micro_batches,
+            args.init_lr_frac * lrm,
+            args.grad_clip,
+            info,
+        )
+        timer.stop()
+        done = step + 1
+        if done % args.log_every == 0 or done == num_iterations:
+            if info.is_ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+            scores["train_loss"] = loss_sum.item() / max(counts[0].item(), 1.0)
+            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, run.ckpt_dir)
+            stop_if_not_finite(scores["train_loss"], "the training loss", done, run.ckpt_dir)
+            log_train(tracker, done, run, loader, timer.last, lrm, scores, grad_norm.item(), counts)
+        if done == num_iterations or (args.save_every > 0 and done % args.save_every == 0):
+            meta = checkpoint_meta(run, model, tokenizer, scores)
+            state = {"loader": loader.state_dict()}
+            save(run.ckpt_dir, done, model, optimizers, meta, info.rank, args.keep_last, state)
+
+    result = finish(run, tracker, scores, loader, timer, info)
+    cleanup_distributed()
+    return result
+
+
 def has_checkpoint(stage: str, tag: str | None) -> bool:
     root = get_base_dir() / "checkpoints" / stage
     dirs = [root / tag] if tag else (list(root.iterdir()) if root.is_dir() else [])
@@ -223,97 +309,6 @@ def train_step(train_model, model, optimizers, micro_batches, lr_multiplier, gra
         opt.step()
     model.zero_grad(set_to_none=True)
     return loss_sum, counts, grad_norm
-
-
-def main(argv=None, stage: str = "sft") -> dict:
-    args = build_parser(stage).parse_args(argv)
-    info = init_distributed()
-
-    # ---- the model to start from, the data, the number of steps
-    model, tokenizer, run = load_source(args, stage, info)
-    train_task, val_task = load_data(run, info)
-
-    # ---- optimizers, and a resume of this stage's checkpoint if there is one
-    optimizers = model.setup_optimizers(
-        unembedding_lr=args.unembedding_lr,
-        embedding_lr=args.embedding_lr,
-        matrix_lr=args.matrix_lr,
-        weight_decay=args.weight_decay,
-        value_embed_lr=args.value_embed_lr,
-    )
-    start_step, loader_state = resume_or_start(
-        run.ckpt_dir, info, model, optimizers, args, run.plan
-    )
-    train_model = maybe_compile(model, info.device)
-    # compiled: a few bucket lengths, so a few graphs, instead of one per batch length
-    loader = ConversationLoader(
-        train_task,
-        tokenizer,
-        run.device_batch,
-        run.seq_len,
-        grad_accum=run.grad_accum,
-        rank=info.rank,
-        world_size=info.world_size,
-        seed=args.seed,
-        device=info.device,
-        state=loader_state,
-        fixed_shapes=train_model is not model,
-    )
-    tracker = make_tracker(args, stage, run_config(run, model, start_step, info))
-
-    # ---- the training loop: `step` optimizer steps are done
-    num_iterations = run.plan["num_iterations"]
-    scores = {"val_losses": [], "val_loss": None, "letter_acc": {}, "train_loss": float("nan")}
-    timer = StepTimer(info.device, start_step, num_iterations)
-    model.train()
-    for step in range(start_step, num_iterations + 1):
-        last = step == num_iterations
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            val_loss, letter_acc = evaluate_val(
-                model,
-                val_task,
-                tokenizer,
-                run.device_batch,
-                run.seq_len,
-                info,
-                args.eval_examples,
-            )
-            if val_loss is not None:
-                scores.update(val_loss=val_loss, letter_acc=letter_acc)
-                scores["val_losses"].append(val_loss)
-                log_val(tracker, step, num_iterations, val_loss, letter_acc)
-        if last:
-            break
-
-        timer.start()
-        lrm = warmdown_multiplier(step, num_iterations, args.warmdown_ratio)
-        micro_batches = loader.next_step()
-        loss_sum, counts, grad_norm = train_step(
-            train_model,
-            model,
-            optimizers,
-            micro_batches,
-            args.init_lr_frac * lrm,
-            args.grad_clip,
-            info,
-        )
-        timer.stop()
-        done = step + 1
-        if done % args.log_every == 0 or done == num_iterations:
-            if info.is_ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            scores["train_loss"] = loss_sum.item() / max(counts[0].item(), 1.0)
-            stop_if_not_finite(grad_norm.item(), "the gradient norm", done, run.ckpt_dir)
-            stop_if_not_finite(scores["train_loss"], "the training loss", done, run.ckpt_dir)
-            log_train(tracker, done, run, loader, timer.last, lrm, scores, grad_norm.item(), counts)
-        if done == num_iterations or (args.save_every > 0 and done % args.save_every == 0):
-            meta = checkpoint_meta(run, model, tokenizer, scores)
-            state = {"loader": loader.state_dict()}
-            save(run.ckpt_dir, done, model, optimizers, meta, info.rank, args.keep_last, state)
-
-    result = finish(run, tracker, scores, loader, timer, info)
-    cleanup_distributed()
-    return result
 
 
 def load_source(args, stage: str, info):

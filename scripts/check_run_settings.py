@@ -47,9 +47,9 @@ def stage_flags(stage: str, words: list[str]) -> tuple[dict, set[str]]:
         from scripts.chat_sft import RESUME_HARMLESS, build_parser
 
         return vars(build_parser(stage).parse_args(words)), HARMLESS_FLAGS | RESUME_HARMLESS
-    from scripts.chat_rl import RESUME_HARMLESS, parse_args
+    from nanochat.rl_config import RESUME_SAFE, build_parser
 
-    return vars(parse_args(words)), HARMLESS_FLAGS | RESUME_HARMLESS
+    return vars(build_parser().parse_args(words)), HARMLESS_FLAGS | RESUME_SAFE
 
 
 def training_changes(stage: str, old: str, new: str) -> list[str]:

@@ -27,6 +27,7 @@ from tasks.common import Task, load_hf_dataset, log
 
 AQUA_LETTERS = ("A", "B", "C", "D", "E")
 ANSWER_PREFIX = "Answer:"  # the final line of every target is f"{ANSWER_PREFIX} {letter}"
+_FINAL_ANSWER = re.compile(r"(?:^|\n)Answer: [A-E]\s*\Z")  # a well-formed completion's end
 AQUA_INSTRUCTION = 'Solve step by step, then end with the line "Answer: <letter>".'
 HF_PATH, HF_CONFIG = "deepmind/aqua_rat", "raw"
 SPLITS = ("train", "validation", "test")
@@ -500,11 +501,32 @@ class AquaStyleTask(Task):
     the completion's answer statement names (extract_letter)."""
 
     eval_type = "generative"
+    # What the RL diagnostics read (nanochat/diagnostics.py takes them from the task, so the library
+    # knows no task): the choices and the text that introduces the committed one.
+    letters = AQUA_LETTERS
+    answer_prefix = ANSWER_PREFIX
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        return int(
-            extract_letter(completion, conversation.get("options")) == conversation["answer"]
+        return int(self.predicted_letter(conversation, completion) == conversation["answer"])
+
+    def predicted_letter(self, conversation: dict, completion: str) -> str | None:
+        return extract_letter(completion, conversation.get("options"))
+
+    def reward(
+        self, conversation: dict, completion: str, finished: bool, format_bonus: float = 0.0
+    ) -> tuple[float, bool]:
+        """(RL reward, correct) of one sampled completion. Correct: graded right, and its answer
+        statements do not name two different letters ("Answer: B ... Answer: D" earns nothing:
+        hedging must not pay). The reward is that 0/1 plus format_bonus for a well-formed
+        completion: one "Answer: X", on its final line, and the model stopped by itself."""
+        hedged = len(set(answer_letters(completion))) > 1
+        correct = not hedged and bool(self.evaluate(conversation, completion))
+        well_formed = (
+            finished
+            and completion.count(ANSWER_PREFIX) == 1
+            and _FINAL_ANSWER.search(completion) is not None
         )
+        return float(correct) + (format_bonus if well_formed else 0.0), correct
 
 
 class AquaRat(AquaStyleTask):

@@ -19,21 +19,36 @@ STOP_TOKENS = {"|", "||", "&&", ";", "#", ">", "2>&1"}
 
 def _argparse_flags(path: Path) -> set[str]:
     """Every "--flag" string in the file's add_argument(...) calls (flags precede help texts), and
-    --no-flag for a BooleanOptionalAction."""
+    --no-flag for a BooleanOptionalAction; and the flags generated from its config fields
+    (`name: type = knob(...)`, nanochat/config.py), with their aliases and --no- forms."""
     flags = set()
-    for call in re.findall(r"add_argument\([^)]*", path.read_text()):
+    text = path.read_text()
+    for call in re.findall(r"add_argument\([^)]*", text):
         names = re.findall(r'"(--[a-z0-9-]+)"', call)
         flags.update(names)
         if "BooleanOptionalAction" in call:
             flags.update("--no-" + name[2:] for name in names)
+    # a knob's declaration runs from its name to the next field or blank line
+    for name, call in re.findall(
+        r"^\s+(\w+): [^=\n]+= ((?:knob|with_default)\(.*?)(?=^\s+\w+: |^\s*$)", text, re.M | re.S
+    ):
+        flag = "--" + name.replace("_", "-")
+        flags.add(flag)
+        flags.update(re.findall(r'aliases=\("(--[a-z0-9-]+)"', call))
+        if "negatable=True" in call:
+            flags.add("--no-" + flag[2:])
     return flags
 
 
 def _module_flags(path: Path) -> set[str]:
-    """A stage's flags, following thin aliases (mid_train and sft_train run chat_sft's main)."""
+    """A stage's flags, following thin aliases (mid_train and sft_train run chat_sft's main) and
+    the config module its parser is generated from (chat_rl: nanochat/rl_config.py)."""
     flags = _argparse_flags(path)
-    for alias in re.findall(r"^from scripts\.(\w+) import main", path.read_text(), re.M):
+    text = path.read_text()
+    for alias in re.findall(r"^from scripts\.(\w+) import main", text, re.M):
         flags |= _argparse_flags(REPO / "scripts" / f"{alias}.py")
+    for module in re.findall(r"^from nanochat\.(\w+_config) import", text, re.M):
+        flags |= _argparse_flags(REPO / "nanochat" / f"{module}.py")
     return flags
 
 

@@ -20,7 +20,6 @@ from conftest import SECRETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanochat.rl import correctness_reward, well_formed
 from tasks.aqua import extract_letter
 from tasks.synthetic_aqua import SyntheticAqua
 
@@ -80,9 +79,8 @@ PIECES = [
 def check(completion: str, options=None) -> None:
     t0 = time.perf_counter()
     letter = extract_letter(completion, options)
-    reward = correctness_reward(TASK, CONV, completion)
-    well_formed(completion, finished=True)
-    assert letter in LETTERS and reward in (0.0, 1.0)
+    reward, _ = TASK.reward(CONV, completion, finished=True, format_bonus=0.5)
+    assert letter in LETTERS and reward in (0.0, 0.5, 1.0, 1.5)
     assert time.perf_counter() - t0 < 2.0, (
         f"{len(completion)} chars took {time.perf_counter() - t0:.1f} s"
     )
@@ -122,7 +120,7 @@ def test_the_worst_cases_written_out():
         "Answer: A\nAnswer: B\nAnswer: A",  # two different letters: hedging earns 0
     ]:
         check(completion, options)
-    assert correctness_reward(TASK, CONV, "Answer: A\nAnswer: B") == 0.0
+    assert TASK.reward(CONV, "Answer: A\nAnswer: B", finished=True) == (0.0, False)
 
 
 # Row: the loss becomes NaN/inf (a huge learning rate) -> the stage stops, naming the step; NaN

@@ -2,6 +2,7 @@
 crafted batch, and chat_rl end to end (metrics in the JSONL and the offline W&B run, SIGKILL resume,
 torchrun x2 == one process). Tiny models, CPU."""
 
+import dataclasses
 import glob
 import math
 import os
@@ -10,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -22,17 +22,12 @@ from test_chat_stages import make_base, tiny_tokenizer
 from nanochat import diagnostics as diag
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint
 from nanochat.common import DistInfo
+from nanochat.diagnostics import Diagnostics
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, AttentionEntropy, GPTConfig
-from nanochat.rl import (
-    correctness_reward,
-    format_bonus,
-    group_advantages,
-    policy_loss,
-    rollout_seed,
-    token_weights,
-    well_formed,
-)
+from nanochat.rl import group_advantages, policy_loss, policy_update, token_weights
+from nanochat.rl_config import parse_config
+from nanochat.rollouts import Completion, Rollouts, format_bonus, rollout_seed
 from nanochat.tracking import Histogram, Image, Tracker, read_jsonl
 from tasks.aqua import answer_letters
 from tasks.synthetic_aqua import SyntheticAqua
@@ -161,20 +156,30 @@ def test_correctness_reward_refuses_two_letters_and_grades_one():
     conv = task[0]
     gold = conv["answer"]
     other = "A" if gold != "A" else "B"
-    assert correctness_reward(task, conv, f"some work\nAnswer: {gold}") == 1.0
-    assert correctness_reward(task, conv, f"Answer: {other}") == 0.0
+    reward = lambda text: task.reward(conv, text, finished=True)  # noqa: E731
+    assert reward(f"some work\nAnswer: {gold}") == (1.0, True)
+    assert reward(f"Answer: {other}") == (0.0, False)
     # hedging
-    assert correctness_reward(task, conv, f"Answer: {other}\nno wait\nAnswer: {gold}") == 0.0
+    assert reward(f"Answer: {other}\nno wait\nAnswer: {gold}") == (0.0, False)
     # same letter twice
-    assert correctness_reward(task, conv, f"Answer: {gold}\nso the answer is {gold}") == 1.0
+    assert reward(f"Answer: {gold}\nso the answer is {gold}") == (1.0, True)
     assert answer_letters(f"the answer is {other}. Answer: {gold}") == [other, gold]
 
 
 def test_format_reward_and_anneal():
-    assert well_formed("x = 4\nAnswer: C", finished=True)
-    assert not well_formed("x = 4\nAnswer: C", finished=False)  # truncated
-    assert not well_formed("Answer: B\nAnswer: C", finished=True)
-    assert not well_formed("Answer: C and more", finished=True)
+    task = SyntheticAqua("train", num_examples=1)
+    conv = task[0]
+    wrong = "A" if conv["answer"] != "A" else "B"
+
+    def bonus(text, finished=True):  # the reward minus its correctness part
+        reward, correct = task.reward(conv, text, finished, format_bonus=0.1)
+        return reward - float(correct)
+
+    assert bonus(f"x = 4\nAnswer: {wrong}") == pytest.approx(0.1)
+    assert bonus(f"x = 4\nAnswer: {conv['answer']}") == pytest.approx(0.1)
+    assert bonus(f"x = 4\nAnswer: {wrong}", finished=False) == 0.0  # truncated
+    assert bonus(f"Answer: B\nAnswer: {wrong}") == 0.0
+    assert bonus(f"Answer: {wrong} and more") == 0.0
     assert format_bonus(0.1, 10, 0) == pytest.approx(0.1)
     assert format_bonus(0.1, 10, 5) == pytest.approx(0.05)
     assert format_bonus(0.1, 10, 20) == 0.0
@@ -194,7 +199,14 @@ def test_group_advantages_and_zero_signal():
     assert adv[1].tolist() == [0.0] * 4
     assert adv[2].tolist() == pytest.approx([-0.025, -0.025, -0.025, 0.075])
     adv_std, _ = group_advantages(rewards, std_norm=True)
-    assert adv_std[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-3)  # std 0.5
+    # the sample std (n - 1), as TRL and verl: sqrt((4 * 0.25) / 3) = 0.5774, not the population's
+    # 0.5; the advantage is 0.5 / (0.5774 + 1e-4)
+    std = math.sqrt(1.0 / 3.0)
+    expected = [x / (std + 1e-4) for x in (0.5, -0.5, -0.5, 0.5)]
+    assert adv_std[0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert adv_std[2].tolist() == pytest.approx(
+        [x / (math.sqrt(0.0075 / 3) + 1e-4) for x in (-0.025, -0.025, -0.025, 0.075)], rel=1e-5
+    )
 
 
 def test_token_weights_each_normaliser():
@@ -207,6 +219,43 @@ def test_token_weights_each_normaliser():
     close(token_weights(mask, "constant", 10, 4, 8), [[1 / 32] * 3 + [0], [1 / 32, 0, 0, 0]])
     with pytest.raises(ValueError, match="normaliser"):
         token_weights(mask, "bogus", 1, 1, 1)
+
+
+@pytest.mark.parametrize("norm", ["token", "sequence", "constant"])
+def test_mask_truncated_counts_every_completion_like_trl(norm):
+    """--mask-truncated leaves a truncated completion's tokens out of the loss, but it still counts
+    as a completion (contributing zero), as TRL's mask_truncated_completions does: `constant`
+    stays sum / (all completions * max_new_tokens) and `sequence` is the mean over all
+    completions. The losses below are TRL's dapo / grpo / dr_grpo formulas on the same tensors."""
+    from nanochat.rl import batch_tensors, loss_normalisers
+
+    max_new = 6
+    # three completions of one prompt [1, 2]: lengths 3, 6 (cut off by max_new_tokens), 2
+    rows = [
+        Completion([1, 2, 5, 6, 9], 2, [-1.0] * 3, True, "", 1.0, True),
+        Completion([1, 2, 5, 6, 7, 8, 5, 6], 2, [-1.0] * 6, False, "", 0.0, False),
+        Completion([1, 2, 7, 9], 2, [-1.0] * 2, True, "", 0.0, False),
+    ]
+    global_tokens, global_seqs = loss_normalisers(rows, mask_truncated=True, info=CPU)
+    assert (global_tokens, global_seqs) == (5.0, 3.0)  # kept tokens, every completion
+    _, _, comp, train = batch_tensors(rows, 0, "cpu", mask_truncated=True)
+    assert train.sum(-1).tolist() == [3, 0, 2]
+    torch.manual_seed(0)
+    logp = torch.randn(comp.shape) * comp
+    adv = torch.tensor([2 / 3, -1 / 3, -1 / 3])
+    weights = token_weights(train, norm, global_tokens, global_seqs, max_new)
+    loss, _ = policy_loss(logp, logp.detach(), adv, weights, 0.2, 0.2)
+    per_token = -adv[:, None] * torch.ones_like(logp)  # ratio 1: -A per token
+    mask = train.float()
+    trl = {
+        "token": (per_token * mask).sum() / mask.sum(),  # dapo
+        "sequence": ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(),  # grpo
+        "constant": (per_token * mask).sum() / (mask.size(0) * max_new),  # dr_grpo
+    }[norm]
+    assert loss.item() == pytest.approx(trl.item(), abs=1e-7)
+    by_hand = {"token": -(3 * 2 / 3 - 2 / 3) / 5, "sequence": -(2 / 3 - 1 / 3) / 3}
+    by_hand["constant"] = -(3 * 2 / 3 - 2 / 3) / (3 * max_new)
+    assert loss.item() == pytest.approx(by_hand[norm], abs=1e-7)
 
 
 def test_policy_loss_clips_and_kl_penalty():
@@ -305,8 +354,6 @@ def test_attention_entropy_reduces_inside_attention():
 
 def _crafted(tok, model):
     """One question, two completions by hand: the right answer (reward 1), a wrong one (0)."""
-    from scripts.chat_rl import Completion
-
     conv = SyntheticAqua("train", num_examples=1)[0]
     prompt = tok.render_for_completion(conv)
     end = tok.encode_special("<|assistant_end|>")
@@ -314,29 +361,17 @@ def _crafted(tok, model):
     wrong = "A" if gold != "A" else "B"
     letter_ids = diag.letter_token_ids(tok)
     rows = []
-    for i, (letter, reward) in enumerate([(gold, 1.0), (wrong, 0.0)]):
+    for letter, reward in [(gold, 1.0), (wrong, 0.0)]:
         body = tok.encode(f"Answer: {letter}")
         ids = prompt + body + [end]
         with torch.no_grad():
             logits = model(torch.tensor([ids[:-1]]))[0]
         logp = F.log_softmax(logits, -1)
         lps = [float(logp[len(prompt) - 1 + t, ids[len(prompt) + t]]) for t in range(len(body) + 1)]
-        letter_pos = len(prompt) + len(body) - 1
         rows.append(
-            Completion(
-                ids=ids,
-                prompt_len=len(prompt),
-                logprobs=lps,
-                finished=True,
-                reward=reward,
-                correct=bool(reward),
-                letter=letter,
-                letter_pos=letter_pos,
-                gold="ABCDE".index(gold),
-                sample=i,
-            )
+            Completion(ids, len(prompt), lps, True, f"Answer: {letter}", reward, reward > 0)
         )
-    return [rows], letter_ids
+    return Rollouts([0], [conv], [rows]), letter_ids
 
 
 def _seq_logp(model, c):
@@ -346,21 +381,19 @@ def _seq_logp(model, c):
 
 
 def _rl_args(**overrides):
-    from scripts.chat_rl import parse_args
-
-    return Namespace(**{**vars(parse_args(["--num-samples", "2"])), **overrides})
+    return dataclasses.replace(parse_config(["--num-samples", "2"]), **overrides)
 
 
 CPU = DistInfo(False, 0, 0, 1, torch.device("cpu"))
 
 
-def _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids) -> dict:
+def _diagnose_and_train(model, ref, optimizers, rollouts, adv, zero, cfg, tok) -> dict:
     """What one step of chat_rl's loop does with a rollout: diagnose it, then train on it."""
-    from scripts.chat_rl import diagnose, train_step
-
     pad = tok.encode_special("<|assistant_end|>")
-    moved = diagnose(model, ref, groups, [0], args, letter_ids, pad)
-    return {**moved, **train_step(model, ref, optimizers, groups, adv, zero, args, CPU, pad)}
+    task = SyntheticAqua("train", num_examples=1)
+    _, moved = Diagnostics(cfg, ref, tok, task, task, 512, pad).measure(model, rollouts)
+    groups = rollouts.groups
+    return {**moved, **policy_update(model, ref, optimizers, groups, adv, zero, cfg, CPU, pad)}
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -375,13 +408,13 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero(dtype, mo
     ref.load_state_dict(model.state_dict())
     ref.requires_grad_(False)
     groups, letter_ids = _crafted(tok, model)
-    good, bad = groups[0]
+    good, bad = groups.groups[0]
     before = (_seq_logp(model, good), _seq_logp(model, bad))
     rewards = torch.tensor([[good.reward, bad.reward]])
     adv, zero = group_advantages(rewards, std_norm=False)
     optimizers = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
     args = _rl_args(device_batch_size=2)
-    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok)
     # The policy equals the reference before the first update, and both sides are scored through
     # the same forward: every KL is 0 up to fp32 round-off (engine rollouts in bf16: below).
     assert stats["kl_seq"] == pytest.approx([0.0, 0.0], abs=1e-6)
@@ -394,7 +427,7 @@ def test_one_update_raises_the_better_completion_and_kl_starts_at_zero(dtype, mo
     after = (_seq_logp(model, good), _seq_logp(model, bad))
     assert after[0] > before[0] and after[1] < before[1]
     groups2, _ = _crafted(tok, model)  # sampled again by the updated policy
-    stats2 = _diagnose_and_train(model, ref, optimizers, groups2, adv, zero, args, tok, letter_ids)
+    stats2 = _diagnose_and_train(model, ref, optimizers, groups2, adv, zero, args, tok)
     # the policy has moved
     assert all(v > 1e-4 for v in stats2["kl_letter"]) and stats2["kl_seq"][0] > 1e-3
     assert stats2["kl_seq_k3"][0] > 1e-4
@@ -405,8 +438,6 @@ def test_kl_is_zero_at_step_zero_on_engine_rollouts(dtype, monkeypatch):
     """The real rollout path: the engine decodes one token at a time through its KV cache, which in
     bf16 rounds differently from a prefill forward (~1e-3 per token). The diagnostics score the
     policy's side with the reference's forward, so at step 0 both KLs are 0 in bf16 too."""
-    from scripts.chat_rl import Completion, diagnose
-
     monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
     tok = tiny_tokenizer()
     model, ref = _tiny_policy(tok)
@@ -417,27 +448,17 @@ def test_kl_is_zero_at_step_zero_on_engine_rollouts(dtype, monkeypatch):
             for block in m.transformer.h:
                 block.attn.c_proj.weight.normal_(0.0, 0.1)
                 block.mlp.c_proj.weight.normal_(0.0, 0.1)
-    letter_ids = diag.letter_token_ids(tok)
-    conv = SyntheticAqua("train", num_examples=1)[0]
-    prompt = tok.render_for_completion(conv)
+    task = SyntheticAqua("train", num_examples=1)
+    prompt = tok.render_for_completion(task[0])
     res = Engine(model, tok).generate_batch(prompt, num_samples=4, max_tokens=24, seed=3)
     group = [
-        Completion(
-            ids=prompt + seq,
-            prompt_len=len(prompt),
-            logprobs=lps,
-            finished=fin,
-            reward=0.0,
-            correct=False,
-            letter=None,
-            letter_pos=len(prompt) + len(seq) // 2,  # any position: the letter KL reads it there
-            gold=0,
-            sample=i,
-        )
-        for i, (seq, lps, fin) in enumerate(zip(res.sequences, res.logprobs, res.finished))
+        Completion(prompt + seq, len(prompt), lps, fin, "", 0.0, False)
+        for seq, lps, fin in zip(res.sequences, res.logprobs, res.finished)
     ]
     pad = tok.encode_special("<|assistant_end|>")
-    moved = diagnose(model, ref, [group], [0], _rl_args(num_samples=4), letter_ids, pad)
+    diagnostics = Diagnostics(_rl_args(num_samples=4), ref, tok, task, task, 512, pad)
+    positions = [len(seq) // 2 for seq in res.sequences]  # any position: the letter KL reads it
+    moved = diagnostics.score_group(model, group, positions, gold=0)
     assert len(moved["kl_seq"]) == 4 and len(moved["kl_letter"]) == 4
     for key in ("kl_seq", "kl_seq_k3", "kl_letter"):
         assert max(abs(v) for v in moved[key]) <= 1e-6, (key, moved[key])
@@ -474,7 +495,7 @@ def test_train_step_variants_update_and_stay_finite(overrides):
     )
     args = _rl_args(device_batch_size=1, init_lr_frac=1.0, **overrides)
     optimizers = model.setup_optimizers()
-    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok)
     assert not stats["skipped"] and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     if overrides.get("ppo_epochs", 1) > 1:  # later passes see ratios != 1 and clip some tokens
@@ -491,7 +512,7 @@ def test_all_zero_signal_step_leaves_the_weights_alone():
         device_batch_size=2, grad_clip=0.0
     )  # no clipping: nothing may divide by no grads
     optimizers = model.setup_optimizers()
-    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok, letter_ids)
+    stats = _diagnose_and_train(model, ref, optimizers, groups, adv, zero, args, tok)
     assert stats["skipped"] and len(stats["kl_seq"]) == 2  # still diagnosed, not trained
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
