@@ -362,3 +362,35 @@ def test_two_nodes_of_one_process_equal_one_node_of_two_and_resume_after_one_die
         ours, _, _ = load_checkpoint(shared / "checkpoints" / stage / "nodes")
         theirs, _, _ = load_checkpoint(tmp_path / "one" / "checkpoints" / stage / "nodes")
         assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6) for k in theirs), stage
+
+
+def test_deploy_hosts_starts_every_node_with_its_rank_node_0_first(
+    env, fake, sshd, project, tmp_path
+):
+    remote = tmp_path / "remote_home"
+    common = ["deploy", "--hosts", "127.0.0.1,127.0.0.2", "--repo", str(project)]
+    common += ["--ssh-user", sshd["user"], "--ssh-port", str(sshd["port"])]
+    common += ["--ssh-key-file", sshd["key"], "--remote-dir", str(remote / "checkout")]
+    proc, out = launcher(env, *common, "--", "--run", "two")
+    assert proc.returncode == errors.EXIT_USAGE and "needs --remote-base-dir DIR" in out, out
+    second = extra_sshd(sshd, "127.0.0.2")
+    try:
+        flags = [*common, "--remote-base-dir", str(remote / "shared"), "--", "--sleep", "0.2"]
+        proc, out = launcher(env, *flags)
+        assert proc.returncode == 0, out
+        log = remote / "checkout" / ".launcher" / "run.log"
+        deadline = time.monotonic() + 30
+        while log.read_text().count("pipeline done") < 2:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        second.kill()
+    assert out.index("node 0 of 2: 127.0.0.1") < out.index("node 1 of 2: 127.0.0.2")
+    started = [line for line in log.read_text().splitlines() if "args:" in line]
+    node = "--profile gpu --nnodes 2 --node-rank {} --master-addr 127.0.0.1 --master-port 29500"
+    expected = [
+        f"pipeline running with base {remote / 'shared'}, args: --sleep 0.2 {node.format(r)}"
+        for r in (0, 1)
+    ]
+    assert sorted(started) == expected, started
+    assert not fake.requests  # machines the user has: the Lambda API is not involved

@@ -29,12 +29,14 @@ from nanochat.launcher.launch import (
     cmd_launch,
     cmd_resume,
 )
+from nanochat.launcher.nodes import cmd_deploy
 from nanochat.launcher.settings import FORWARDED_ENV, REPO_ROOT, load_settings
 
 COMMANDS = {
     "types": cmd_types,
     "launch": cmd_launch,
     "resume": cmd_resume,
+    "deploy": cmd_deploy,
     "status": cmd_status,
     "logs": cmd_logs,
     "fetch": cmd_fetch,
@@ -82,10 +84,12 @@ def parse_args(argv):
         # the seed's form: `launch_lambda.py --instance-type ... --region ...`
         argv = ["launch", *argv]
     args = build_parser().parse_args(argv)
-    args.run_args = remote_args if args.cmd == "launch" else []
+    args.run_args = remote_args if args.cmd in ("launch", "deploy") else []
     args.remote_args = remote_args if args.cmd == "ssh" else []
     if args.cmd == "launch":
         check_launch_args(args, remote_args)
+    if args.cmd == "deploy":
+        args.repo = Path(args.repo).resolve()
     return args
 
 
@@ -146,6 +150,7 @@ def build_parser():
     p.add_argument("id")
     p.add_argument("--dest", default=None, help="local directory (default lambda-results/<id>)")
     add_resume_parser(sub, common)
+    add_deploy_parser(sub, common)
     p = sub.add_parser("terminate", parents=[common], help="terminate an instance (stops billing)")
     p.add_argument("id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -244,6 +249,41 @@ def add_resume_parser(sub, common):
     )
     add_resume_budget_flags(p, default=None)
     p.add_argument("--dest", default=None, help="where results go (default lambda-results/<id>)")
+
+
+def add_deploy_parser(sub, common):
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="start the run on machines you already have (one or several nodes)",
+        description="Ship this checkout to each host, write its .env, and start the orchestrator "
+        "in tmux with its --node-rank, node 0 first. Arguments after -- go to the orchestrator.",
+    )
+    p.add_argument("--hosts", required=True, help="H1,H2,...: node 0 first")
+    p.add_argument("--ssh-user", default="ubuntu", help="remote user (default %(default)s)")
+    p.add_argument("--ssh-port", type=int, default=22, help="sshd port (default %(default)s)")
+    p.add_argument("--ssh-key-file", default=None, help="private key file for ssh -i")
+    p.add_argument("--ssh-timeout", type=float, default=60, help="seconds to wait for each sshd")
+    p.add_argument(
+        "--master-addr",
+        default=None,
+        help="node 0's address as the other nodes reach it (default: the first host)",
+    )
+    p.add_argument("--master-port", type=int, default=29500, help="default %(default)s")
+    p.add_argument(
+        "--remote-dir",
+        default=DEFAULT_REMOTE_DIR,
+        help="checkout dir on each node, relative to home (default %(default)s)",
+    )
+    p.add_argument(
+        "--remote-base-dir",
+        default=None,
+        help="NANOCHAT_BASE_DIR on the nodes: required for several hosts, on storage they share",
+    )
+    p.add_argument("--repo", default=str(REPO_ROOT), help="git checkout to ship")
+    p.add_argument(
+        "--forward-env", action="append", default=[], metavar="KEY", help="as for launch"
+    )
 
 
 def add_launch_parser(sub, common):
