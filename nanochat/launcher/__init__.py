@@ -7,5 +7,6 @@ ssh       ssh subprocesses to one node        deploy    ship the tree, start and
 fetch     bring results home                  cost      dollars and durations for messages
 launch    the `launch` and `resume` commands  commands  types, status, logs, fetch, terminate, ssh
 filesystem  the run on a persistent filesystem (create, region, base dir, lock of a gone instance)
+nodes     `deploy --hosts`: the run on machines the user has, one node each
 cli       flags and main()
 """

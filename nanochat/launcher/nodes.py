@@ -25,7 +25,9 @@ def node_command(args, rank, nnodes, master):
 def cmd_deploy(args, settings):
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if not hosts or len(set(hosts)) != len(hosts):
-        raise LaunchError(f"--hosts wants distinct host names, e.g. h1,h2 (got {args.hosts!r})")
+        raise LaunchError(
+            f"--hosts wants distinct host names, e.g. h1,h2 (got {args.hosts!r})", EXIT_USAGE
+        )
     if len(hosts) > 1 and args.remote_base_dir is None:
         # each node's own ~/.cache/nanochat would scatter the checkpoint shards over the nodes
         raise LaunchError(
