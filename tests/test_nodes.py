@@ -107,7 +107,13 @@ def kill_instance(fake, instance_id):
     )
     for pid in panes.stdout.split():
         os.killpg(int(pid), signal.SIGKILL)
-    mark = f"NANOCHAT_INSTANCE_ID={instance_id}".encode()
+    kill_marked(f"NANOCHAT_INSTANCE_ID={instance_id}".encode())
+    kill_tmux(instance_id)
+    fake.set_status(instance_id, "terminated")
+
+
+def kill_marked(mark):
+    """SIGKILL every process whose environment holds `mark`, until none is left."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # until none is left: a parent may fork while we kill
         alive = 0
@@ -121,8 +127,6 @@ def kill_instance(fake, instance_id):
         if not alive:
             break
         time.sleep(0.05)
-    kill_tmux(instance_id)
-    fake.set_status(instance_id, "terminated")
 
 
 def test_auto_resume_replaces_lost_instances_until_the_cost_cap(env, fake, sshd, project, tmp_path):
@@ -332,7 +336,8 @@ def test_two_nodes_of_one_process_equal_one_node_of_two_and_resume_after_one_die
     shared = tmp_path / "shared"
 
     def both():
-        second = pipeline([*node, "--node-rank", "1"], shared)
+        # a mark on node 1's processes: torchrun starts its workers in sessions of their own
+        second = pipeline([*node, "--node-rank", "1"], shared, {"TEST_NODE": f"one{port}"})
         return pipeline([*node, "--node-rank", "0"], shared), second
 
     first, second = both()
@@ -341,7 +346,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two_and_resume_after_one_die
     while not (ckpt / "step_000010" / "meta.json").exists():
         assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
         time.sleep(0.01)
-    os.killpg(second.pid, signal.SIGKILL)  # node 1 is gone, its processes with it
+    kill_marked(f"TEST_NODE=one{port}".encode())  # node 1 is gone, its processes with it
     out0 = first.communicate(timeout=180)[0]
     second.communicate()
     assert first.returncode != 0
