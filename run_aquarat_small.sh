@@ -47,6 +47,12 @@ Usage: bash run_aquarat_small.sh [options]
   --stage-args STAGE=ARGS  extra flags for one stage, after the profile's own (the last of a repeated
                            flag wins): --stage-args "rl=--num-steps 600 --max-new-tokens 768".
                            STAGE is a stage name, or eval for all three evaluations; repeatable
+  --nnodes N --node-rank R --master-addr HOST [--master-port P]
+                           one of N nodes (machines) of one run: every node runs this same command
+                           with its own --node-rank (0 first); torchrun joins their --nproc processes
+                           at HOST:P (node 0's address; port default 29500). Single-process stages
+                           (downloads, tokenizer, report) run on node 0, the others wait for them.
+                           Needs NANOCHAT_BASE_DIR on storage all nodes share (docs/nodes.md)
   --cpu-rehearsal          let --profile gpu run on CPU (gloo under torchrun, --nproc default 2): the
                            gpu profile's exact stages and flags, shrunk with --stage-args, to rehearse
                            a GPU node's run before paying for one (the test suite does this)
@@ -59,12 +65,15 @@ Usage: bash run_aquarat_small.sh [options]
   -h, --help               this text
 
 Environment (or .env): NANOCHAT_BASE_DIR (default ~/.cache/nanochat), WANDB_API_KEY / WANDB_MODE /
-WANDB_PROJECT / WANDB_ENTITY / WANDB_BASE_URL, HF_TOKEN. See .env.template.
+WANDB_PROJECT / WANDB_ENTITY / WANDB_BASE_URL, HF_TOKEN. See .env.template. Set by launch_lambda.py:
+NANOCHAT_INSTANCE_ID (recorded with the run's lock), NANOCHAT_LOCK_TAKEOVER (an instance id the
+Lambda API reports terminated: its lock on the shared filesystem is set aside).
 EOF
 }
 
 PROFILE=auto RUN="" DEPTH=8 NPROC="" SHARDS="" AQUA_DIR="" FROM="" FORCE=0 SEED=42 PRICE=0
 REHEARSAL=0 NO_SYNC=0 NO_WANDB=0 PLAN=0 DEVICE_BATCH=32 SEQ_LEN=2048
+NNODES=1 NODE_RANK=0 MASTER_ADDR="" MASTER_PORT=29500
 declare -A STAGE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -84,6 +93,10 @@ while [ $# -gt 0 ]; do
             fi
             STAGE_ARGS[${spec%%=*}]="${STAGE_ARGS[${spec%%=*}]:-} ${spec#*=}"; shift 2 ;;
         --cpu-rehearsal) REHEARSAL=1; shift ;;
+        --nnodes) NNODES=${2:?--nnodes needs a value}; shift 2 ;;
+        --node-rank) NODE_RANK=${2:?--node-rank needs a value}; shift 2 ;;
+        --master-addr) MASTER_ADDR=${2:?--master-addr needs a value}; shift 2 ;;
+        --master-port) MASTER_PORT=${2:?--master-port needs a value}; shift 2 ;;
         --device-batch-size) DEVICE_BATCH=${2:?--device-batch-size needs a value}; shift 2 ;;
         --max-seq-len) SEQ_LEN=${2:?--max-seq-len needs a value}; shift 2 ;;
         --no-sync) NO_SYNC=1; shift ;;
@@ -107,11 +120,26 @@ for name in "${!STAGE_ARGS[@]}"; do
 done
 if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "--seed must be a whole number (got '$SEED')" >&2; exit 2; fi
 for pair in "--depth:$DEPTH" "--shards:${SHARDS:-1}" "--nproc:${NPROC:-1}" \
-        "--device-batch-size:$DEVICE_BATCH" "--max-seq-len:$SEQ_LEN"; do
+        "--device-batch-size:$DEVICE_BATCH" "--max-seq-len:$SEQ_LEN" "--nnodes:$NNODES" \
+        "--master-port:$MASTER_PORT"; do
     if ! [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]]; then
         echo "${pair%%:*} must be a whole number above 0 (got '${pair#*:}')" >&2; exit 2
     fi
 done
+if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+    echo "--node-rank must be 0 to $((NNODES - 1)) for --nnodes $NNODES (got '$NODE_RANK')" >&2; exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ -z "$MASTER_ADDR" ]; then
+    echo "--nnodes $NNODES needs --master-addr HOST: node 0's address, reachable from every node" >&2
+    exit 2
+fi
+if [ "$NNODES" -gt 1 ] && [ "$PLAN" = 0 ] && [[ -n "$FROM" || "$FORCE" = 1 ]]; then
+    # the other nodes would see node 0's old markers before node 0 removes them, and skip stages
+    # that node 0 redoes (its torchrun would then wait for them forever)
+    echo "--from/--force redo stages of a run, which one node must do alone: redo them with" \
+         "--nnodes 1 (or start a new --run), then resume on every node" >&2
+    exit 2
+fi
 if ! [[ "$PRICE" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
     echo "--gpu-hourly-price must be a number of dollars, e.g. 23.92 (got '$PRICE')" >&2; exit 2
 fi
@@ -159,27 +187,58 @@ if [ -f .env ]; then
     eval "$("$PY" -m nanochat.envfile .env)"
 fi
 
+if [ "$NNODES" -gt 1 ] && [ -z "${NANOCHAT_BASE_DIR:-}" ]; then
+    # Each node would download, tokenize and checkpoint into its own ~/.cache/nanochat: the shards of
+    # the sharded optimizer would be scattered over the nodes and no node could resume the run.
+    echo "--nnodes $NNODES needs NANOCHAT_BASE_DIR set to a directory every node shares (the same" \
+         "network filesystem, e.g. a Lambda filesystem under /lambda/nfs; see docs/nodes.md):" \
+         "the default ~/.cache/nanochat is each node's own disk" >&2
+    exit 2
+fi
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 RUN=${RUN:-${NANOCHAT_RUN:-aquarat_small}}
 export NANOCHAT_RUN="$RUN"
 RUN_DIR="$NANOCHAT_BASE_DIR/runs/$RUN"
 mkdir -p "$RUN_DIR"
+# Node 0 keeps the run's files; node R > 0 its own log and lock beside them
+NODE_SUFFIX=$([ "$NODE_RANK" -gt 0 ] && echo "_node$NODE_RANK" || true)
 # The run's own tokenizer: another run (another profile's vocabulary) cannot replace it under this run's
 # checkpoints, which record it and refuse any other.
 export NANOCHAT_TOKENIZER_DIR="${NANOCHAT_TOKENIZER_DIR:-$RUN_DIR/tokenizer}"
-LOG="$RUN_DIR/pipeline.log"
+LOG="$RUN_DIR/pipeline$NODE_SUFFIX.log"
 
-# One pipeline per run at a time: a second one would train into the same checkpoints and markers.
-# flock on an fd this shell holds open, taken through Python (macOS has no flock command): the lock
-# lives as long as this shell or a stage it started, and vanishes with them, even on SIGKILL.
-exec 9>>"$RUN_DIR/.lock"
-if ! "$PY" -c "import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)" 2>/dev/null; then
-    echo "run '$RUN' is in use by another pipeline ($(cat "$RUN_DIR/.lock_owner" 2>/dev/null ||
-        echo "owner unknown")): wait for it to finish, or stop it (Ctrl-C or kill PID; it resumes" \
-        "later). A separate run needs another --run NAME." >&2
-    exit 2
+# One pipeline per run (and node) at a time: a second one would train into the same checkpoints and
+# markers. flock on an fd this shell holds open, taken through Python (macOS has no flock command):
+# the lock lives as long as this shell or a stage it started, and vanishes with them, even on
+# SIGKILL. On a network filesystem the server keeps a lock of a machine that vanished until that
+# machine's lease runs out, or longer: so the owner records its instance id, and a resume on a new
+# instance (launch_lambda.py resume, after the Lambda API reported the old one terminated) sets
+# that lock aside (NANOCHAT_LOCK_TAKEOVER). A lock of an instance still running is never taken.
+LOCK="$RUN_DIR/.lock$NODE_SUFFIX" OWNER_FILE="$RUN_DIR/.lock_owner$NODE_SUFFIX"
+take_lock() {
+    exec 9>>"$LOCK"
+    "$PY" -c "import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)" 2>/dev/null
+}
+if ! take_lock; then
+    owner=$(cat "$OWNER_FILE" 2>/dev/null || echo "owner unknown")
+    gone=${NANOCHAT_LOCK_TAKEOVER:-}
+    if [ -n "$gone" ] && [[ "$owner" == *" instance $gone "* ]]; then
+        exec 9>&-
+        # the old holder keeps its lock on the file it opened, now under another name
+        mv "$LOCK" "$LOCK.stale-$gone"
+        if ! take_lock; then
+            echo "run '$RUN': could not take its lock even after setting aside $gone's" >&2; exit 2
+        fi
+        echo "[pipeline] took over the lock of run '$RUN' from: $owner (the Lambda API reports" \
+             "instance $gone terminated)" | tee -a "$LOG"
+    else
+        echo "run '$RUN' is in use by another pipeline ($owner): wait for it to finish, or stop it" \
+            "(Ctrl-C or kill PID; it resumes later). A separate run needs another --run NAME." >&2
+        exit 2
+    fi
 fi
-echo "pid $$ on $(hostname) since $(date -u +%FT%TZ)" > "$RUN_DIR/.lock_owner"
+echo "pid $$ on $(hostname) instance ${NANOCHAT_INSTANCE_ID:-none} since $(date -u +%FT%TZ)" \
+    > "$OWNER_FILE"
 
 # Ctrl-C or SIGTERM (kill, a preemption notice) while a stage runs: the stage is stopped (checkpoints
 # are written atomically, so its last complete one survives), one line says where the run stopped,
@@ -284,7 +343,11 @@ DEVICE=$([ "$NGPU" -gt 0 ] && [ "$PROFILE" = gpu ] && echo cuda || echo cpu)
 # CPU threads per process: the cores shared among the processes (torchrun's own default is 1 thread)
 CORES=$(nproc 2>/dev/null || echo 1)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))}"
-if [ "$NPROC" -gt 1 ]; then
+if [ "$NNODES" -gt 1 ]; then
+    # static rendezvous at node 0: every node must start its part of a stage for any to begin
+    LAUNCH=("$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
+            --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --nproc_per_node="$NPROC" -m)
+elif [ "$NPROC" -gt 1 ]; then
     LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
 else
     LAUNCH=("$PY" -m)
@@ -292,6 +355,8 @@ fi
 
 echo "[pipeline] profile=$PROFILE run=$RUN processes=$NPROC threads/process=$OMP_NUM_THREADS" \
      "device=$DEVICE base=$NANOCHAT_BASE_DIR (log: $LOG)" | tee -a "$LOG"
+[ "$NNODES" -gt 1 ] && echo "[pipeline] node $NODE_RANK of $NNODES (torchrun at" \
+    "$MASTER_ADDR:$MASTER_PORT): $((NPROC * NNODES)) processes in all" | tee -a "$LOG"
 [ "$REHEARSAL" = 1 ] && echo "[pipeline] --cpu-rehearsal: the gpu profile's stages, on CPU" | tee -a "$LOG"
 
 # The gpu profile's shard count, when not given: enough text for base_train's default budget (20
@@ -357,7 +422,8 @@ if [ -f "$RUN_DIR/settings" ] && [ "$(cat "$RUN_DIR/settings")" != "$SETTINGS" ]
         && [ "$FORCE" = 0 ] && [ -z "$FROM" ]; then
     "$PY" -m scripts.check_run_settings "$RUN_DIR" "$(cat "$RUN_DIR/settings")" "$SETTINGS" || exit 2
 fi
-echo "$SETTINGS" > "$RUN_DIR/settings"
+# the run's files (settings, stage times, report) are node 0's to write
+[ "$NODE_RANK" = 0 ] && echo "$SETTINGS" > "$RUN_DIR/settings"
 
 # W&B: find out once, in seconds, whether its server answers; if not, every stage runs offline
 # (instead of each waiting ~100 s in wandb.init) and the line printed says how to sync later.
@@ -384,6 +450,10 @@ stage() {
         echo "[pipeline] $name: done earlier, skipping ($marker)" | tee -a "$LOG"
         return 0
     fi
+    if [ "$NODE_RANK" -gt 0 ] && [[ " $* " != *" torch.distributed.run "* ]]; then
+        wait_for_node0 "$name" "$marker"
+        return 0
+    fi
     rm -f "$marker"
     # A training stage being redone starts over (--fresh); otherwise it resumes its last checkpoint.
     local extra=()
@@ -396,7 +466,7 @@ stage() {
     extra+=("${words[@]}")
     echo "[pipeline] $name: $(date -u +%FT%TZ)" | tee -a "$LOG"
     local t0=$SECONDS procs=1 out tee_pid rc=0
-    [[ " $* " == *" torch.distributed.run "* ]] && procs=$NPROC
+    [[ " $* " == *" torch.distributed.run "* ]] && procs=$((NPROC * NNODES))
     # In the background, so that `wait` (unlike a foreground command) returns at once when a signal
     # arrives; a background command ignores the terminal's Ctrl-C, and so does tee -i: the trap above
     # decides what stops, and every line the stage printed reaches the log.
@@ -409,19 +479,49 @@ stage() {
     STAGE_PID="" CURRENT=""
     exec {out}>&-
     wait "$tee_pid" 2>/dev/null || true
-    if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -ne 0 ] && [ "$NNODES" -gt 1 ] && [ "$procs" -gt 1 ]; then
+        # a stage spread over nodes stops everywhere when one node's processes stop: say where
+        # to look, once, instead of leaving each node's torchrun traceback to be decoded
+        echo "[pipeline] stage $name stopped on node $NODE_RANK of $NNODES (exit $rc): this node or" \
+             "another one failed or was stopped; the first error is in the log of the node where it" \
+             "began ($NANOCHAT_BASE_DIR/runs/$RUN/pipeline*.log). Run the same commands on every" \
+             "node: done stages are skipped, $name resumes from its last checkpoint." \
+             | tee -a "$LOG" >&2
+        exit "$rc"
+    elif [ "$rc" -ne 0 ]; then
         echo "[pipeline] stage $name failed (exit $rc): its message is above. Fix that, then run the" \
              "same command: done stages are skipped." | tee -a "$LOG" >&2
         exit "$rc"
     fi
     # wall time, processes and device of the stage, for the report's time and cost table
-    printf '{"stage": "%s", "seconds": %d, "processes": %d, "device": "%s", "finished": "%s"}\n' \
+    [ "$NODE_RANK" = 0 ] && printf \
+        '{"stage": "%s", "seconds": %d, "processes": %d, "device": "%s", "finished": "%s"}\n' \
         "$name" $((SECONDS - t0)) "$procs" "$DEVICE" "$(date -u +%FT%TZ)" >> "$RUN_DIR/stages.jsonl"
     touch "$marker"
 }
 
+# Node R > 0 leaves a single-process stage to node 0 and waits for its marker on the shared base
+# dir, so the data is downloaded and the tokenizer trained once. A marker that never comes means
+# node 0 failed, or that this base dir is not the one node 0 writes to.
+wait_for_node0() {
+    local name=$1 marker=$2 waited=0 limit=${NANOCHAT_NODE_WAIT_S:-7200}
+    echo "[pipeline] $name: node 0's to run; waiting for $marker" | tee -a "$LOG"
+    while [ ! -f "$marker" ]; do
+        if [ "$waited" -ge "$limit" ]; then
+            echo "[pipeline] node $NODE_RANK waited ${limit}s for node 0 to finish $name, in vain:" \
+                 "is node 0 running (its log: $RUN_DIR/pipeline.log), and is $NANOCHAT_BASE_DIR the" \
+                 "same shared filesystem on every node? Then run the same command again." \
+                 | tee -a "$LOG" >&2
+            exit 2
+        fi
+        sleep 1 & wait $!  # in the background, so that a Ctrl-C is handled at once
+        waited=$((waited + 1))
+    done
+}
+
 # A stage this profile leaves out, and why: the report says so instead of silently lacking it.
 not_run() {
+    [ "$NODE_RANK" = 0 ] || return 0
     printf '{"stage": "%s", "not_run": "%s"}\n' "$1" "$2" >> "$RUN_DIR/stages.jsonl"
 }
 
@@ -540,7 +640,11 @@ stage sft "${LAUNCH[@]}" scripts.chat_sft "${SFT[@]}" --seed "$SEED" "${FROM_RUN
 evaluate sft
 stage rl "${LAUNCH[@]}" scripts.chat_rl "${RL[@]}" --seed "$SEED" "${FROM_RUN[@]}"
 evaluate rl
-# The report is rebuilt every time, from whatever the stages have written so far.
+# The report is rebuilt every time, from whatever the stages have written so far (by node 0).
+if [ "$NODE_RANK" -gt 0 ]; then
+    echo "[pipeline] node $NODE_RANK finished its part; node 0 writes the report" | tee -a "$LOG"
+    exit 0
+fi
 "$PY" -m scripts.report --run "$RUN" --hourly-price "$PRICE" 2>&1 | tee -a "$LOG"
 
 echo "[pipeline] finished. Report: $NANOCHAT_BASE_DIR/report/$RUN/report.md" | tee -a "$LOG"

@@ -1,8 +1,10 @@
 """
 A loopback test double of the Lambda Cloud API v1 (OpenAPI 1.8.3), enough for launch_lambda.py:
-instance-types, ssh-keys, instances (list/get), launch, terminate. It follows the spec's envelopes
-and error codes, and, when the spec file is available, validates every request body and every
-response it sends against the spec's schemas (violations are collected in `fake.violations`).
+instance-types, ssh-keys, instances (list/get), launch (with file_system_names /
+file_system_mounts), terminate, and filesystems (list, create, delete). It follows the spec's
+envelopes and error codes, and, when the spec file is available, validates every request body
+and every response it sends against the spec's schemas (violations are collected in
+`fake.violations`).
 
 Scripted behaviour for failure tests:
   fake.fail(method, path_regex, status, code, times=1, create=False, retry_after=None)
@@ -15,6 +17,11 @@ Scripted behaviour for failure tests:
   fake.launch_window = S          launches closer than S seconds apart get 429 (the documented
                                   limit)
   fake.on_terminate(instance)     hook: the test uses it to kill what "ran on" the instance
+  fake.on_active(instance)        hook: called once when an instance turns active
+  fake.nfs_root = DIR             where filesystems are mounted (default /lambda/nfs, as on Lambda):
+                                  a test points it at a local directory shared by its "instances"
+  fake.prices = {type: cents}     price overrides (a cost cap reached in seconds, not hours)
+  fake.set_status(id, status)     the platform's view changes (e.g. "unhealthy", "terminated")
 """
 
 import json
@@ -71,6 +78,15 @@ ERROR_MESSAGES = {
     ),
     "provider/internal-unavailable": ("Provider unavailable", "Try again shortly"),
     "global/rate-limited": ("Too many requests.", "Slow down."),
+    "global/duplicate": ("A filesystem with that name already exists.", "Choose another name."),
+    "filesystems/filesystem-in-use": (
+        "Filesystem is mounted to a running instance.",
+        "Terminate the instances that use it first.",
+    ),
+    "instance-operations/launch/file-system-in-wrong-region": (
+        "File system is in a different region than the instance.",
+        "Launch in the filesystem's region.",
+    ),
 }
 
 
@@ -178,6 +194,10 @@ class FakeLambda:
         self.no_capacity_launches = 0
         self.launch_window = 0.0
         self.on_terminate = None
+        self.on_active = None
+        self.nfs_root = "/lambda/nfs"
+        self.prices = {}
+        self.filesystems = {}  # id -> the spec's Filesystem object
         self.faults = []
         self.requests = []  # dicts: method, path, body (parsed), raw, auth, time, status
         self.violations = []
@@ -229,7 +249,7 @@ class FakeLambda:
             "name": name,
             "description": desc,
             "gpu_description": gpu,
-            "price_cents_per_hour": cents,
+            "price_cents_per_hour": self.prices.get(name, cents),
             "specs": {"vcpus": vcpus, "memory_gib": mem, "storage_gib": disk, "gpus": gpus},
         }
 
@@ -266,6 +286,92 @@ class FakeLambda:
                 private_ip="10.0.0.2",
                 hostname="fake-" + inst["id"][:8],
             )
+            if self.on_active:
+                self.on_active(inst)
+
+    def set_status(self, instance_id, status):
+        with self.lock:
+            self.instances[instance_id]["status"] = status
+
+    def create_filesystem(self, name, region):
+        """What POST /filesystems does; tests call it to set up an account's existing one."""
+        fid = uuid.uuid4().hex
+        self.filesystems[fid] = {
+            "id": fid,
+            "name": name,
+            "mount_point": f"{self.nfs_root}/{name}",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "created_by": {"id": uuid.uuid4().hex, "email": "me@example.com", "status": "active"},
+            "is_in_use": False,
+            "region": {"name": region, "description": REGIONS[region]},
+            "bytes_used": 0,
+        }
+        return self.filesystems[fid]
+
+    def _in_use(self, name):
+        return any(
+            name in i["file_system_names"]
+            for i in self.instances.values()
+            if i["status"] not in ("terminated", "terminating")
+        )
+
+    def _public_filesystem(self, fs):
+        return dict(fs, is_in_use=self._in_use(fs["name"]))
+
+    def _create_filesystem(self, body):
+        if any(fs["name"] == body["name"] for fs in self.filesystems.values()):
+            return 400, self._error("global/duplicate")
+        if body["region"] not in REGIONS:
+            return 400, self._error("global/invalid-parameters", "Unknown region.")
+        fs = self.create_filesystem(body["name"], body["region"])
+        return 200, {"data": self._public_filesystem(fs)}
+
+    def _delete_filesystem(self, fid):
+        fs = self.filesystems.get(fid)
+        if fs is None:
+            return 404, self._error("global/object-does-not-exist", "Filesystem was not found.")
+        if self._in_use(fs["name"]):
+            return 400, self._error("filesystems/filesystem-in-use")
+        del self.filesystems[fid]
+        return 200, {"data": {"deleted_ids": [fid]}}
+
+    def _mounts(self, body, region):
+        """(names, mounts) the launch asks for, or an error (status, payload). The spec: names
+        mount at the filesystem's default point; `file_system_mounts` entries choose their own."""
+        by_name = {fs["name"]: fs for fs in self.filesystems.values()}
+        by_id = {fs["id"]: fs for fs in self.filesystems.values()}
+        wanted = {}
+        for name in body.get("file_system_names", []):
+            if name not in by_name:
+                return None, (
+                    404,
+                    self._error(
+                        "global/object-does-not-exist",
+                        f"Filesystem {name} was not found.",
+                        "Check the filesystem name.",
+                    ),
+                )
+            wanted[by_name[name]["id"]] = by_name[name]["mount_point"]
+        for entry in body.get("file_system_mounts", []):
+            if entry["file_system_id"] not in by_id:
+                return None, (
+                    404,
+                    self._error(
+                        "global/object-does-not-exist",
+                        "Filesystem was not found.",
+                        "Check the filesystem id.",
+                    ),
+                )
+            wanted[entry["file_system_id"]] = entry["mount_point"]
+        for fid in wanted:
+            if by_id[fid]["region"]["name"] != region:
+                return None, (
+                    400,
+                    self._error("instance-operations/launch/file-system-in-wrong-region"),
+                )
+        names = [by_id[fid]["name"] for fid in wanted]
+        mounts = [{"mount_point": mp, "file_system_id": fid} for fid, mp in wanted.items()]
+        return (names, mounts), None
 
     def _launch(self, body):
         name = body["instance_type_name"]
@@ -281,21 +387,27 @@ class FakeLambda:
             return 404, self._error(
                 "global/object-does-not-exist", "Instance type not found.", "List instance types."
             )
+        mounted, error = self._mounts(body, body["region_name"])
+        if error:
+            return error
         if self.no_capacity_launches > 0 or body["region_name"] not in self.capacity.get(name, []):
             self.no_capacity_launches = max(0, self.no_capacity_launches - 1)
             return 400, self._error("instance-operations/launch/insufficient-capacity")
         iid = uuid.uuid4().hex
+        names, mounts = mounted
         self.instances[iid] = {
             "id": iid,
             "name": body.get("name", ""),
             "status": "booting",
             "ssh_key_names": body["ssh_key_names"],
-            "file_system_names": [],
+            "file_system_names": names,
             "region": {"name": body["region_name"], "description": REGIONS[body["region_name"]]},
             "instance_type": self._instance_type(name),
             "is_reserved": False,
             "tags": [],
         }
+        if mounts:  # the spec: absent when nothing is mounted
+            self.instances[iid]["file_system_mounts"] = mounts
         return 200, {"data": {"instance_ids": [iid]}}
 
     def _terminate(self, body):
@@ -376,6 +488,19 @@ class FakeLambda:
             return status, payload, {}
         if method == "POST" and path == "/instance-operations/terminate":
             status, payload = self._terminate(body)
+            return status, payload, {}
+        if method == "GET" and path == "/file-systems":
+            return (
+                200,
+                {"data": [self._public_filesystem(f) for f in self.filesystems.values()]},
+                {},
+            )
+        if method == "POST" and path == "/filesystems":
+            status, payload = self._create_filesystem(body)
+            return status, payload, {}
+        m = re.fullmatch(r"/filesystems/([^/]+)", path)
+        if method == "DELETE" and m:
+            status, payload = self._delete_filesystem(m.group(1))
             return status, payload, {}
         return 404, self._error("global/object-does-not-exist", f"No route {method} {path}"), {}
 

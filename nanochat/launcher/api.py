@@ -88,6 +88,7 @@ def error_from_response(response, payload):
 
 class LambdaAPI:
     CAPACITY = "instance-operations/launch/insufficient-capacity"
+    WRONG_REGION = "instance-operations/launch/file-system-in-wrong-region"
     NOT_FOUND = "global/object-does-not-exist"
     AUTH_CODES = ("global/invalid-api-key", "global/account-inactive", "global/invalid-address")
 
@@ -180,6 +181,12 @@ class LambdaAPI:
             print(f"  the failed launch request did create {inst['id']}; using it")
             return {"instance_ids": [inst["id"]]}
         return None
+
+    def filesystems(self):
+        return self.request("GET", "/file-systems")
+
+    def create_filesystem(self, name, region):
+        return self.request("POST", "/filesystems", {"name": name, "region": region})
 
     def terminate(self, instance_id):
         return self.request(

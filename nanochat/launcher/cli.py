@@ -23,12 +23,20 @@ from nanochat.launcher.errors import (
     EXIT_USAGE,
     LaunchError,
 )
-from nanochat.launcher.launch import DEFAULT_COMMAND, cmd_launch
+from nanochat.launcher.launch import (
+    DEFAULT_COMMAND,
+    check_watch_flags,
+    cmd_launch,
+    cmd_resume,
+)
+from nanochat.launcher.nodes import cmd_deploy
 from nanochat.launcher.settings import FORWARDED_ENV, REPO_ROOT, load_settings
 
 COMMANDS = {
     "types": cmd_types,
     "launch": cmd_launch,
+    "resume": cmd_resume,
+    "deploy": cmd_deploy,
     "status": cmd_status,
     "logs": cmd_logs,
     "fetch": cmd_fetch,
@@ -76,10 +84,12 @@ def parse_args(argv):
         # the seed's form: `launch_lambda.py --instance-type ... --region ...`
         argv = ["launch", *argv]
     args = build_parser().parse_args(argv)
-    args.run_args = remote_args if args.cmd == "launch" else []
+    args.run_args = remote_args if args.cmd in ("launch", "deploy") else []
     args.remote_args = remote_args if args.cmd == "ssh" else []
     if args.cmd == "launch":
         check_launch_args(args, remote_args)
+    if args.cmd == "deploy":
+        args.repo = Path(args.repo).resolve()
     return args
 
 
@@ -89,16 +99,7 @@ def check_launch_args(args, remote_args):
             "arguments after -- only extend the default command; put them in --command instead",
             EXIT_USAGE,
         )
-    if args.max_hours is not None and not args.auto_terminate:
-        # Without --auto-terminate nothing watches the run, so no cap could be kept: refused
-        # rather than accepted and silently ignored (the node would bill past it).
-        raise LaunchError(
-            "--max-hours needs --auto-terminate: without it the launcher leaves once the run has "
-            "started, and nothing would stop the instance after that many hours",
-            EXIT_USAGE,
-        )
-    if args.max_hours is not None and args.max_hours <= 0:
-        raise LaunchError("--max-hours must be > 0", EXIT_USAGE)
+    check_watch_flags(args)
     for name in ("ssh_timeout", "active_timeout", "poll_interval"):
         if getattr(args, name) <= 0:
             raise LaunchError(f"--{name.replace('_', '-')} must be > 0", EXIT_USAGE)
@@ -148,6 +149,8 @@ def build_parser():
     )
     p.add_argument("id")
     p.add_argument("--dest", default=None, help="local directory (default lambda-results/<id>)")
+    add_resume_parser(sub, common)
+    add_deploy_parser(sub, common)
     p = sub.add_parser("terminate", parents=[common], help="terminate an instance (stops billing)")
     p.add_argument("id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -199,6 +202,88 @@ def node_parent():
         help="remote NANOCHAT_BASE_DIR (default: recorded, else ~/.cache/nanochat)",
     )
     return node
+
+
+def add_resume_budget_flags(p, default):
+    """--auto-resume and --max-cost; `resume` defaults them (None) to what the launch recorded."""
+    p.add_argument(
+        "--auto-resume",
+        action=argparse.BooleanOptionalAction if default is None else "store_true",
+        default=default,
+        help="with --auto-terminate, --filesystem and --max-cost: when the watcher finds the "
+        "instance lost (unreachable, unhealthy, terminated), terminate it and launch a "
+        "replacement that resumes the run (default off)",
+    )
+    p.add_argument(
+        "--max-cost",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="with --auto-terminate: stop (fetch, terminate) once the instances of this launch, "
+        "replacements included, have cost this many dollars",
+    )
+
+
+def add_resume_parser(sub, common):
+    p = sub.add_parser(
+        "resume",
+        parents=[common],
+        help="go on with a run on a new instance (its filesystem keeps what was done)",
+        description="Launch a fresh instance for a run launched with --filesystem whose instance "
+        "is gone: same type, filesystem and command. Done stages are skipped, the interrupted one "
+        "resumes from its last complete checkpoint. Refused while the old instance still runs.",
+    )
+    p.add_argument("target", metavar="RUN|INSTANCE_ID", help="the run name, or its instance id")
+    p.add_argument(
+        "--auto-terminate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="watch, fetch and terminate (default: as launched)",
+    )
+    p.add_argument("--max-hours", type=float, default=None, help="default: as launched")
+    p.add_argument(
+        "--keep-on-failure",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: as launched",
+    )
+    add_resume_budget_flags(p, default=None)
+    p.add_argument("--dest", default=None, help="where results go (default lambda-results/<id>)")
+
+
+def add_deploy_parser(sub, common):
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="start the run on machines you already have (one or several nodes)",
+        description="Ship this checkout to each host, write its .env, and start the orchestrator "
+        "in tmux with its --node-rank, node 0 first. Arguments after -- go to the orchestrator.",
+    )
+    p.add_argument("--hosts", required=True, help="H1,H2,...: node 0 first")
+    p.add_argument("--ssh-user", default="ubuntu", help="remote user (default %(default)s)")
+    p.add_argument("--ssh-port", type=int, default=22, help="sshd port (default %(default)s)")
+    p.add_argument("--ssh-key-file", default=None, help="private key file for ssh -i")
+    p.add_argument("--ssh-timeout", type=float, default=60, help="seconds to wait for each sshd")
+    p.add_argument(
+        "--master-addr",
+        default=None,
+        help="node 0's address as the other nodes reach it (default: the first host)",
+    )
+    p.add_argument("--master-port", type=int, default=29500, help="default %(default)s")
+    p.add_argument(
+        "--remote-dir",
+        default=DEFAULT_REMOTE_DIR,
+        help="checkout dir on each node, relative to home (default %(default)s)",
+    )
+    p.add_argument(
+        "--remote-base-dir",
+        default=None,
+        help="NANOCHAT_BASE_DIR on the nodes: required for several hosts, on storage they share",
+    )
+    p.add_argument("--repo", default=str(REPO_ROOT), help="git checkout to ship")
+    p.add_argument(
+        "--forward-env", action="append", default=[], metavar="KEY", help="as for launch"
+    )
 
 
 def add_launch_parser(sub, common):
@@ -275,6 +360,15 @@ def add_launch_parser(sub, common):
         action="store_true",
         help="do not terminate when something fails (still billed!)",
     )
+    p.add_argument(
+        "--filesystem",
+        default=None,
+        metavar="NAME",
+        help="keep the run (data, checkpoints, report) on this Lambda persistent filesystem, "
+        "created in the region if it does not exist: the run then survives its instance "
+        "(`resume`). See docs/nodes.md",
+    )
+    add_resume_budget_flags(p, default=False)
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan and cost estimate; launch nothing"
     )

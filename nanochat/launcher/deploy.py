@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 from nanochat.driver_check import driver_problem
+from nanochat.launcher.api import ApiError
 from nanochat.launcher.errors import (
     EXIT_CONFIG,
     EXIT_DEPLOY,
     EXIT_NOT_READY,
     EXIT_RUN_FAILED,
+    InstanceLost,
     LaunchError,
 )
 from nanochat.launcher.ssh import home_relative, shown
@@ -24,6 +26,9 @@ from nanochat.launcher.ssh import home_relative, shown
 DEFAULT_REMOTE_DIR = "nanochat-aquarat"  # relative paths are relative to the remote home
 DEFAULT_REMOTE_BASE_DIR = "~/.cache/nanochat"  # the remote NANOCHAT_BASE_DIR
 GONE = ("terminated", "terminating", "preempted")  # instance states with no run left on them
+# what the watcher treats as a lost instance: an unhealthy one may come back, but its run is
+# stuck meanwhile, and a replacement can go on from the filesystem
+LOST = (*GONE, "unhealthy")
 
 
 def tmux_session(instance_id):
@@ -97,11 +102,12 @@ def tree_to_ship(repo):
 # Deploy: three ssh round trips (code, secrets, start)
 
 
-def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session):
+def deploy(remote, repo, remote_dir, command, remote_base_dir, env_text, session, exports=None):
+    """exports: variables (no secrets) for the run script, e.g. NANOCHAT_INSTANCE_ID."""
     rdir = shlex.quote(home_relative(remote_dir))
     ship_tree(remote, repo, remote_dir, rdir)
     write_remote_env(remote, remote_dir, rdir, env_text)
-    start_in_tmux(remote, rdir, run_script(command, remote_base_dir), session)
+    start_in_tmux(remote, rdir, run_script(command, remote_base_dir, exports), session)
     print(
         f"Started `{command}` in tmux session '{session}' "
         f"(log: {shown(remote_dir)}/.launcher/run.log)"
@@ -153,12 +159,13 @@ def start_in_tmux(remote, rdir, script, session):
     )
 
 
-def run_script(command, remote_base_dir):
+def run_script(command, remote_base_dir, exports=None):
     """The script tmux runs. It holds no secret: those are sourced from .env at run time. The exit
     code is written last, through a rename, so a reader that sees it knows the log is complete."""
     base = home_relative(remote_base_dir)
     base_expr = shlex.quote(base) if base.startswith("/") else '"$HOME"/' + shlex.quote(base)
     quoted = shlex.quote(command)
+    exported = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (exports or {}).items())
     return f"""#!/usr/bin/env bash
 # Written by launch_lambda.py. Runs the pipeline, appends its output to run.log,
 # records the exit code.
@@ -167,7 +174,7 @@ log=.launcher/run.log
 rm -f .launcher/exit_code
 if [ -f .env ]; then set -a; . ./.env; set +a; fi
 export NANOCHAT_BASE_DIR={base_expr}
-mkdir -p "$NANOCHAT_BASE_DIR"
+{exported}mkdir -p "$NANOCHAT_BASE_DIR"
 echo "[launcher] $(date -u +%FT%TZ) starting in $PWD: "{quoted} | tee -a "$log"
 (
 {command}
@@ -211,10 +218,12 @@ def follow_run(
     api=None,
     instance_id=None,
     started=None,
+    limit_name=None,
 ):
     """Streams the remote log until the run finishes and returns its exit code. SSH outages up to
-    ssh_timeout are ridden out; with an api, an instance that is gone ends the wait at once.
-    max_seconds counts from `started` (time.monotonic(); default: now)."""
+    ssh_timeout are ridden out; with an api, an instance that is gone or unhealthy ends the wait
+    at once (InstanceLost, as does an instance silent for longer than ssh_timeout). max_seconds
+    counts from `started` (time.monotonic(); default: now); limit_name names that cap."""
     offset = 0
     started = time.monotonic() if started is None else started
     down_since = None
@@ -224,15 +233,11 @@ def follow_run(
             down_since = None
         except (LaunchError, subprocess.TimeoutExpired) as e:
             down_since = down_since or time.monotonic()
-            if api is not None:
-                status = api.instance(instance_id)["status"]
-                if status in GONE:
-                    raise LaunchError(
-                        f"instance {instance_id} is {status}; the run is gone", EXIT_RUN_FAILED
-                    ) from e
+            check_instance(api, instance_id)
             if time.monotonic() - down_since > ssh_timeout:
-                raise LaunchError(
-                    f"lost SSH to the instance for more than {ssh_timeout:.0f}s: {e}",
+                raise InstanceLost(
+                    f"instance {instance_id} stopped answering SSH for more than "
+                    f"{ssh_timeout:.0f}s ({e})",
                     EXIT_NOT_READY,
                 ) from e
             print(f"  ssh hiccup ({e}); retrying")
@@ -245,13 +250,28 @@ def follow_run(
         if code is not None:
             return code
         if not alive:
+            check_instance(api, instance_id)  # a run that vanished with its machine
             raise LaunchError(
                 f"the run stopped without recording an exit code (tmux session '{session}' is "
                 "gone)",
                 EXIT_RUN_FAILED,
             )
         if max_seconds is not None and time.monotonic() - started > max_seconds:
-            raise LaunchError(
-                f"the run exceeded --max-hours ({max_seconds / 3600:g} h)", EXIT_RUN_FAILED
-            )
+            limit = limit_name or f"--max-hours ({max_seconds / 3600:g} h)"
+            raise LaunchError(f"the run exceeded {limit}", EXIT_RUN_FAILED)
         time.sleep(poll)
+
+
+def check_instance(api, instance_id):
+    """Raises InstanceLost when the API reports the instance gone or unhealthy (or no longer
+    knows it); without an api there is nothing to ask."""
+    if api is None:
+        return
+    try:
+        status = api.instance(instance_id)["status"]
+    except ApiError as e:
+        if e.code != "global/object-does-not-exist":
+            return  # the API's own trouble says nothing about the instance: SSH decides
+        status = "unknown to the API"
+    if status in LOST or status == "unknown to the API":
+        raise InstanceLost(f"instance {instance_id} is {status}: its run is gone", EXIT_RUN_FAILED)

@@ -29,3 +29,8 @@ class LaunchError(Exception):
     def __init__(self, message, exit_code=EXIT_ERROR):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class InstanceLost(LaunchError):
+    """The instance under a run died: the API reports it gone or unhealthy, or it stopped
+    answering. What the run wrote to a persistent filesystem survives it (`resume`)."""

@@ -1,10 +1,12 @@
-"""The `launch` subcommand: check, launch, wait, deploy, and (with --auto-terminate) watch, fetch
-and terminate.
+"""The `launch` and `resume` subcommands: check, launch, wait, deploy, and (with
+--auto-terminate) watch, fetch and terminate; with --filesystem the run lives on a persistent
+filesystem, and a lost instance is replaced by `resume` (or, with --auto-resume, by the watcher).
 
 The money rule: once an instance exists, every failure (an error, a bug, Ctrl-C, SIGTERM/SIGHUP)
 terminates it before the launcher exits, unless --keep-on-failure asks to keep it.
 """
 
+import argparse
 import secrets
 import shlex
 import signal
@@ -13,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanochat.launcher import filesystem
 from nanochat.launcher.api import ApiError, LambdaAPI, api_failure
 from nanochat.launcher.cost import duration, money
 from nanochat.launcher.deploy import (
@@ -33,6 +36,7 @@ from nanochat.launcher.errors import (
     EXIT_OK,
     EXIT_RUN_FAILED,
     EXIT_USAGE,
+    InstanceLost,
     LaunchError,
 )
 from nanochat.launcher.fetch import default_dest, fetch_artifacts
@@ -48,27 +52,106 @@ def cmd_launch(args, settings):
     if args.dry_run:
         return dry_run(api, args)
     ssh_key, existing_ids = look_at_account(api, args)
-    state = State()
-    instance_id, region, price = acquire_or_clean_up(api, state, args, ssh_key, existing_ids)
-    command = remote_command(args, price)
-    print(
-        f"Launched {instance_id} ({args.instance_type}, {region}) at {money(price)}/hour. "
-        "Billing has started."
-    )
-    # From here on, any failure terminates the instance (unless --keep-on-failure).
-    try:
-        record_launch(state, args, instance_id, region, price, command)
-        return after_launch(api, state, args, instance_id, price, command, env_text)
-    except KeyboardInterrupt:
-        failure = LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
-    except LaunchError as e:
-        failure = e
-    except ApiError as e:
-        failure = api_failure(e, "API error after launch")
-    except Exception as e:  # a bug must not leave a billed instance behind either
-        failure = LaunchError(f"unexpected error: {type(e).__name__}: {e}", EXIT_ERROR)
-    cleanup_after_failure(api, state, instance_id, args.keep_on_failure, failure)
-    raise failure
+    if args.filesystem:
+        try:
+            types = api.instance_types()
+        except ApiError as e:
+            raise api_failure(e, "listing instance types") from e
+        lookup_type(types, args.instance_type)
+        filesystem.prepare(api, args, types)
+    return launch_and_run(api, State(), args, ssh_key, existing_ids, env_text)
+
+
+class Budget:
+    """--max-hours and --max-cost over every instance of one launcher (the first and the ones
+    --auto-resume adds): what has been spent, and when the current instance must stop."""
+
+    def __init__(self, args):
+        self.args = args
+        self.started = time.monotonic()
+        self.spent_cents = 0.0
+        self.instances = 0
+
+    def add(self, price_cents, launched):
+        self.spent_cents += price_cents * (time.monotonic() - launched) / 3600
+        self.instances += 1
+
+    def limit(self, price_cents, launched):
+        """(seconds after `launched` the instance may run, the cap that sets it) or (None, None)."""
+        limits = []
+        if self.args.max_hours:
+            hours_left = self.started + self.args.max_hours * 3600 - launched
+            limits.append((hours_left, f"--max-hours ({self.args.max_hours:g} h)"))
+        if self.args.max_cost:
+            cents_left = self.args.max_cost * 100 - self.spent_cents
+            limits.append(
+                (cents_left / price_cents * 3600, f"--max-cost (${self.args.max_cost:g})")
+            )
+        return min(limits) if limits else (None, None)
+
+    def exhausted(self):
+        """Why no replacement may be launched, or None."""
+        args = self.args
+        spent = money(self.spent_cents)
+        if args.max_cost and self.spent_cents >= args.max_cost * 100:
+            cap = f"--max-cost ${args.max_cost:g}"
+            return f"{spent} spent on {self.instances} instance(s) reaches {cap}"
+        if args.max_hours and time.monotonic() - self.started >= args.max_hours * 3600:
+            return f"--max-hours ({args.max_hours:g} h) has passed ({spent} spent)"
+        return None
+
+
+def launch_and_run(api, state, args, ssh_key, existing_ids, env_text):
+    """Launches, deploys and (with --auto-terminate) watches; with --auto-resume, an instance
+    that is lost under the run is replaced by a new one on the same filesystem, within the
+    budget."""
+    budget = Budget(args)
+    while True:
+        instance_id, region, price = acquire_or_clean_up(api, state, args, ssh_key, existing_ids)
+        launched = time.monotonic()
+        command = remote_command(args, price)
+        print(
+            f"Launched {instance_id} ({args.instance_type}, {region}) at {money(price)}/hour. "
+            "Billing has started."
+        )
+        args.ssh_key_name = ssh_key  # the one chosen, for a later `resume`
+        # From here on, any failure terminates the instance (unless --keep-on-failure).
+        try:
+            record_launch(state, args, instance_id, region, price, command)
+            return after_launch(
+                api, state, args, instance_id, price, command, env_text, budget, launched
+            )
+        except KeyboardInterrupt:
+            failure = LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
+        except LaunchError as e:
+            failure = e
+        except ApiError as e:
+            failure = api_failure(e, "API error after launch")
+        except Exception as e:  # a bug must not leave a billed instance behind either
+            failure = LaunchError(f"unexpected error: {type(e).__name__}: {e}", EXIT_ERROR)
+        cleanup_after_failure(api, state, instance_id, args.keep_on_failure, failure)
+        budget.add(price, launched)
+        if not (isinstance(failure, InstanceLost) and args.filesystem):
+            raise failure
+        run = filesystem.run_name(command)
+        resume = f"uv run launch_lambda.py resume {run}"
+        if not args.auto_resume:
+            print(
+                f"[launch_lambda] {failure}; the run's files are safe on filesystem "
+                f"{args.filesystem}: go on on a new instance with `{resume}`"
+            )
+            raise failure
+        stop = budget.exhausted()
+        if stop:
+            print(f"[launch_lambda] {failure}; --auto-resume stops: {stop}. Later: `{resume}`")
+            raise LaunchError(f"auto-resume stopped: {stop}", EXIT_RUN_FAILED) from failure
+        print(
+            f"[launch_lambda] {failure}; --auto-resume: launching a replacement on filesystem "
+            f"{args.filesystem} ({money(budget.spent_cents)} spent so far)"
+        )
+        existing_ids.add(instance_id)
+        args.command, args.resumed_from = command, instance_id
+        args.name = f"nanochat-aquarat-{secrets.token_hex(3)}"
 
 
 def check_before_launching(args, settings):
@@ -81,6 +164,8 @@ def check_before_launching(args, settings):
             "offline on the instance; metrics are still mirrored under runs/ and fetched."
         )
     env_text = remote_env_text(settings, args.forward_env)
+    if args.filesystem:
+        filesystem.check_name(args.filesystem)
     if args.ssh_key_file and not Path(args.ssh_key_file).is_file():
         raise LaunchError(f"--ssh-key-file {args.ssh_key_file} does not exist", EXIT_CONFIG)
     if not args.no_deploy:
@@ -187,6 +272,8 @@ def acquire_instance(api, args, ssh_key, known_ids):
     asked to."""
     deadline = time.monotonic() + 60 * (args.wait_capacity or 0)
     body = {"instance_type_name": args.instance_type, "ssh_key_names": [ssh_key], "name": args.name}
+    if args.filesystem:
+        body["file_system_names"] = [args.filesystem]
     while True:
         item = lookup_type(api.instance_types(), args.instance_type)
         available = [r["name"] for r in item["regions_with_capacity_available"]]
@@ -204,6 +291,12 @@ def acquire_instance(api, args, ssh_key, known_ids):
             try:
                 instance_id = api.launch(dict(body, region_name=region), known_ids)
             except ApiError as e:
+                if e.code == LambdaAPI.WRONG_REGION:
+                    raise LaunchError(
+                        f"filesystem {args.filesystem} is not in region {region}, where the "
+                        f"launch asked for it: {e}",
+                        EXIT_CONFIG,
+                    ) from e
                 # Capacity can vanish between the listing and the launch: try the next region.
                 if e.code != LambdaAPI.CAPACITY:
                     raise api_failure(e, "launch failed") from e
@@ -239,7 +332,41 @@ def record_launch(state, args, instance_id, region, price, command):
         remote_base_dir=args.remote_base_dir,
         tmux_session=tmux_session(instance_id),
         command=command,
+        run=filesystem.run_name(command),
+        filesystem=args.filesystem,
+        resumed_from=getattr(args, "resumed_from", None),
+        # what `resume` needs to launch the same run again (no secret: those come from .env)
+        launch={k: json_value(getattr(args, k, None)) for k in RESUMABLE},
     )
+
+
+def json_value(value):
+    return str(value) if isinstance(value, Path) else value
+
+
+# The launch flags a `resume` reuses (the ssh key name is the one chosen at launch).
+RESUMABLE = (
+    "instance_type",
+    "region",
+    "ssh_key_name",
+    "ssh_key_file",
+    "ssh_user",
+    "ssh_port",
+    "ssh_timeout",
+    "active_timeout",
+    "poll_interval",
+    "wait_capacity",
+    "skip_gpu_check",
+    "auto_terminate",
+    "max_hours",
+    "max_cost",
+    "auto_resume",
+    "keep_on_failure",
+    "repo",
+    "remote_dir",
+    "forward_env",
+    "filesystem",
+)
 
 
 def remote_command(args, price_cents=None):
@@ -261,8 +388,7 @@ def remote_command(args, price_cents=None):
 # After the launch: everything here runs under cmd_launch's terminate-on-failure guard
 
 
-def after_launch(api, state, args, instance_id, price, command, env_text):
-    launched = time.monotonic()
+def after_launch(api, state, args, instance_id, price, command, env_text, budget, launched):
     remote = connect_when_active(api, state, args, instance_id, price, launched)
     if args.no_deploy:
         print(
@@ -274,7 +400,22 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
     if not args.skip_gpu_check:
         check_gpus(remote, args.repo)
     session = tmux_session(instance_id)
-    deploy(remote, args.repo, args.remote_dir, command, args.remote_base_dir, env_text, session)
+    exports = {"NANOCHAT_INSTANCE_ID": instance_id}
+    if args.filesystem:
+        run = filesystem.run_name(command)
+        gone = filesystem.lock_to_take_over(api, remote, args.remote_base_dir, run, instance_id)
+        if gone:
+            exports["NANOCHAT_LOCK_TAKEOVER"] = gone
+    deploy(
+        remote,
+        args.repo,
+        args.remote_dir,
+        command,
+        args.remote_base_dir,
+        env_text,
+        session,
+        exports,
+    )
     state.update(instance_id, deployed_at=timestamp())
     if not args.auto_terminate:
         print(
@@ -285,12 +426,19 @@ def after_launch(api, state, args, instance_id, price, command, env_text):
             f"  STOP BILLING when done: uv run launch_lambda.py terminate {instance_id}"
         )
         return EXIT_OK
-    return watch_fetch_terminate(api, state, args, remote, instance_id, price, launched)
+    return watch_fetch_terminate(api, state, args, remote, instance_id, price, launched, budget)
 
 
 def connect_when_active(api, state, args, instance_id, price, launched):
     inst = wait_active(api, instance_id, args.active_timeout, args.poll_interval)
     state.update(instance_id, ip=inst["ip"], status="active")
+    if args.filesystem:
+        fs = filesystem.find(api, args.filesystem)
+        if fs is None:
+            raise LaunchError(f"filesystem {args.filesystem} vanished from the account", EXIT_ERROR)
+        args.remote_base_dir = filesystem.base_dir(fs, inst)
+        state.update(instance_id, remote_base_dir=args.remote_base_dir)
+        print(f"  NANOCHAT_BASE_DIR on the instance: {args.remote_base_dir} (filesystem)")
     remote = Remote(
         inst["ip"],
         args.ssh_user,
@@ -334,14 +482,14 @@ def wait_active(api, instance_id, timeout, poll):
         time.sleep(poll)
 
 
-def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched):
+def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched, budget):
     print(
         "--auto-terminate: watching the run. Ctrl-C, or closing this terminal, fetches what the "
         "run has written so far and then terminates the instance (a second Ctrl-C skips the "
         "fetch). To close the terminal and keep the run going, start the launcher inside tmux "
         "or under nohup."
     )
-    max_seconds = args.max_hours * 3600 if args.max_hours else None
+    max_seconds, limit_name = budget.limit(price, launched)
     dest = args.dest or default_dest(instance_id)
     try:
         code = follow_run(
@@ -354,7 +502,10 @@ def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched
             api,
             instance_id,
             started=launched,  # --max-hours counts from the launch: that is when billing began
+            limit_name=limit_name,
         )
+    except InstanceLost:
+        raise  # nothing to fetch from a lost machine; a filesystem keeps the run's files
     except LaunchError as e:
         if e.exit_code == EXIT_RUN_FAILED:  # bring home whatever exists before terminating
             fetch_what_exists(remote, args, dest)
@@ -444,6 +595,12 @@ def dry_run(api, args):
         price = None
     else:
         price = show_type_and_key(api, args)
+        if args.filesystem:
+            try:
+                types = api.instance_types()
+            except ApiError as e:
+                raise api_failure(e, "dry run") from e
+            filesystem.prepare(api, args, types, create=False)
     command = remote_command(args, price)
     wait = f" (wait up to {args.wait_capacity} min for capacity)" if args.wait_capacity else ""
     print(
@@ -459,7 +616,10 @@ def dry_run(api, args):
             f"  then:      ship {args.repo} (git archive) to {shown(args.remote_dir)}, "
             f"write .env (600), run in tmux: {command}"
         )
-        print(f"  NANOCHAT_BASE_DIR on the instance: {args.remote_base_dir}")
+        where = args.remote_base_dir
+        if args.filesystem:
+            where = f"{{mount point of {args.filesystem}}}/{filesystem.BASE_SUBDIR}"
+        print(f"  NANOCHAT_BASE_DIR on the instance: {where}")
         if args.auto_terminate:
             afterwards = "watch, fetch artifacts, terminate (--auto-terminate)"
         else:
@@ -524,3 +684,117 @@ def show_type_and_key(api, args):
     if key in public_keys and not args.no_deploy:
         check_key_usable(args.ssh_key_file, key, public_keys[key])  # what the launch would refuse
     return item["instance_type"]["price_cents_per_hour"]
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def cmd_resume(args, settings):
+    """A fresh instance for a run whose instance is gone: same type, filesystem (so region) and
+    command. The pipeline skips the stages done, resumes the interrupted one from its last
+    complete checkpoint, and downloads nothing twice: all of that is on the filesystem."""
+    state = State()
+    old_id, rec = find_record(state, args.target)
+    if not rec.get("filesystem") or not rec.get("launch"):
+        raise LaunchError(
+            f"{args.target}: that run lived on instance {old_id}'s own disk (launched without "
+            "--filesystem), which went with the instance: there is nothing to resume from. "
+            "Launch it again with --filesystem NAME, so that the next one survives its instance.",
+            EXIT_USAGE,
+        )
+    api = LambdaAPI(args.api_base, require_api_key(settings))
+    status = filesystem.instance_status(api, old_id)
+    if status not in filesystem.GONE_OR_UNKNOWN:
+        # its pipeline may still run and write the same checkpoints: never two at once
+        raise LaunchError(
+            f"instance {old_id} of run {rec.get('run')} is still {status}: its pipeline may still "
+            f"be running. Follow it (uv run launch_lambda.py logs {old_id} --follow), or terminate "
+            f"it (uv run launch_lambda.py terminate {old_id}) and then resume.",
+            EXIT_USAGE,
+        )
+    if rec.get("status") != "terminated":
+        state.update(old_id, status="terminated")
+    launch = argparse.Namespace(**rec["launch"])
+    for flag in ("auto_terminate", "max_hours", "auto_resume", "max_cost", "keep_on_failure"):
+        if getattr(args, flag) is not None:
+            setattr(launch, flag, getattr(args, flag))
+    launch.command, launch.run_args, launch.resumed_from = rec["command"], [], old_id
+    launch.name = f"nanochat-aquarat-{secrets.token_hex(3)}"
+    launch.dest, launch.remote_base_dir, launch.dry_run, launch.no_deploy = (
+        args.dest,
+        None,
+        False,
+        False,
+    )
+    check_watch_flags(launch)
+    env_text = remote_env_text(settings, launch.forward_env)
+    try:
+        types = api.instance_types()
+        existing = {i["id"] for i in api.instances()}
+    except ApiError as e:
+        raise api_failure(e, "preparing the resume") from e
+    lookup_type(types, launch.instance_type)
+    if filesystem.find(api, launch.filesystem) is None:
+        raise LaunchError(
+            f"filesystem {launch.filesystem} of run {rec.get('run')} is no longer on the account: "
+            "the run's files went with it; launch the run again",
+            EXIT_CONFIG,
+        )
+    filesystem.prepare(api, launch, types)
+    print(
+        f"Resuming run {rec.get('run')} (its instance {old_id} is {status}) on a new "
+        f"{launch.instance_type} in {launch.region} with filesystem {launch.filesystem}: done "
+        "stages are skipped, the interrupted one goes on from its last complete checkpoint."
+    )
+    return launch_and_run(api, state, launch, launch.ssh_key_name, existing, env_text)
+
+
+def find_record(state, target):
+    """(instance id, record) for an instance id, or for the newest launch of a run name."""
+    records = state.load()
+    if target in records:
+        return target, records[target]
+    of_run = [r for r in records.values() if r.get("run") == target]
+    if not of_run:
+        runs = sorted({r["run"] for r in records.values() if r.get("run")})
+        raise LaunchError(
+            f"no instance or run {target!r} launched from here ({state.path}); runs: "
+            f"{', '.join(runs) or 'none'}",
+            EXIT_USAGE,
+        )
+    newest = max(of_run, key=lambda r: r.get("launched_at", ""))
+    return newest["id"], newest
+
+
+def check_watch_flags(args):
+    """--max-hours, --max-cost and --auto-resume act through the watcher (--auto-terminate)."""
+    for flag, value in (("--max-hours", args.max_hours), ("--max-cost", args.max_cost)):
+        if value is not None and not args.auto_terminate:
+            # Without --auto-terminate nothing watches the run, so no cap could be kept: refused
+            # rather than accepted and silently ignored (the node would bill past it).
+            raise LaunchError(
+                f"{flag} needs --auto-terminate: without it the launcher leaves once the run has "
+                "started, and nothing would stop the instance at that cap",
+                EXIT_USAGE,
+            )
+        if value is not None and value <= 0:
+            raise LaunchError(f"{flag} must be > 0", EXIT_USAGE)
+    if args.auto_resume:
+        missing = [
+            need
+            for need, ok in (
+                ("--auto-terminate (the watcher notices the lost instance)", args.auto_terminate),
+                ("--filesystem NAME (where the run outlives its instance)", args.filesystem),
+                ("--max-cost USD (a cap on the dollars of all its instances)", args.max_cost),
+            )
+            if not ok
+        ]
+        if missing:
+            raise LaunchError("--auto-resume needs " + ", ".join(missing), EXIT_USAGE)
+        if args.keep_on_failure:
+            raise LaunchError(
+                "--auto-resume terminates a lost instance before launching its replacement (its "
+                "pipeline could still hold the run); it cannot be combined with --keep-on-failure",
+                EXIT_USAGE,
+            )
