@@ -136,12 +136,14 @@ def reduce_by_name(values: dict[str, float], info: DistInfo, op: str = "sum") ->
 
 
 def gather_by_name(lists: dict[str, list], info: DistInfo) -> dict[str, list]:
-    """{name: list} concatenated over ranks in rank order."""
+    """{name: list} concatenated over ranks in rank order; a name some ranks lack (they had
+    nothing to measure) gathers what the others have."""
     if not info.is_ddp:
         return {name: list(v) for name, v in lists.items()}
     parts = [None] * info.world_size
     dist.all_gather_object(parts, lists)
-    return {name: [v for part in parts for v in part[name]] for name in lists}
+    names = sorted(set().union(*parts))
+    return {name: [v for part in parts for v in part.get(name, [])] for name in names}
 
 
 def get_rank() -> int:

@@ -28,12 +28,16 @@ knows no task.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import AttentionEntropy
 from nanochat.mc_eval import LetterScorer
-from nanochat.tracking import Histogram, Image
+from nanochat.tracking import Histogram, Image, Table
 
 
 def letter_token_ids(tokenizer) -> list[int] | None:
@@ -64,15 +68,71 @@ def answer_letter_position(
     return None
 
 
+def locate(ids: list[int], tokenizer, texts: list[str]) -> list[tuple[int, int] | None]:
+    """Token spans [start, end) of each text in the decoded ids, searched in order (each after the
+    previous one's end), or None for a text not found: where the question, the options and the
+    answer sit in a prompt, for attention shares and heatmap ticks."""
+    pieces = [tokenizer.enc.decode_single_token_bytes(t) for t in ids]
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))  # byte end of each token
+    data = b"".join(pieces)
+    spans, cursor = [], 0
+    for text in texts:
+        start = data.find(text.encode(), cursor) if text else -1
+        if start < 0:
+            spans.append(None)
+            continue
+        cursor = start + len(text.encode())
+        first = bisect.bisect_right(ends, start)  # the token holding byte `start`
+        last = bisect.bisect_left(ends, cursor)  # the token holding the text's last byte
+        spans.append((first, last + 1))
+    return spans
+
+
+class ResidualAt:
+    """A residual_capture that keeps, per layer, only the rows' residual stream at one position
+    each (n, n_embd), fp32: what the logit lens reads, without keeping whole activations."""
+
+    def __init__(self, rows: list[int], positions: list[int], device):
+        self.rows = torch.tensor(rows, device=device)
+        self.positions = torch.tensor(positions, device=device)
+        self.layers: list[torch.Tensor] = []
+
+    def append(self, x: torch.Tensor) -> None:
+        self.layers.append(x[self.rows, self.positions].float())
+
+
+class AttentionShares:
+    """An attn_capture that keeps, per layer, only how the rows' query at one position each splits
+    its attention (mean over heads) among key spans: (n, spans) shares, given span masks
+    (spans, Tk) over the keys (cached ones first). At most one layer's probabilities are alive."""
+
+    def __init__(self, rows: list[int], positions: list[int], span_masks: torch.Tensor):
+        device = span_masks.device
+        self.rows = torch.tensor(rows, device=device)
+        self.positions = torch.tensor(positions, device=device)
+        self.masks = span_masks.float()
+        self.layers: list[torch.Tensor] = []
+
+    def append(self, probs: torch.Tensor) -> None:  # (B, n_head, Tq, Tk)
+        at = probs[self.rows, :, self.positions].mean(1)  # (n, Tk)
+        self.layers.append(at @ self.masks.T)
+
+
 @torch.no_grad()
 def completion_logits(
-    model, prompt: list[int], completions: list[list[int]], pad_id: int
+    model,
+    prompt: list[int],
+    completions: list[list[int]],
+    pad_id: int,
+    attn_capture=None,
+    residual_capture=None,
 ) -> torch.Tensor:
     """Float logits (k, longest, V): row i, position j predicts token j of completions[i] (all of
     them continue the same prompt). The prompt is forwarded once and its keys/values shared by the
     k rows (a KV cache), so a group of samples costs one prompt plus its completions, not k whole
     sequences. Shorter rows are padded at the end; their extra positions are garbage, to be masked
-    by the caller."""
+    by the caller. The captures see the completions' forward only (position j of it predicts
+    token j + 1; its keys are the prompt's, then the completions')."""
     device = next(model.parameters()).device
     longest = max(len(c) for c in completions)
     cache = model.new_kv_cache(1, len(prompt) + longest)
@@ -84,7 +144,10 @@ def completion_logits(
     rest = torch.tensor(
         [c[:-1] + [pad_id] * (longest - len(c)) for c in completions], device=device
     )
-    return torch.cat([first, model(rest, kv_cache=cache)], dim=1).float()
+    logits = model(
+        rest, kv_cache=cache, attn_capture=attn_capture, residual_capture=residual_capture
+    )
+    return torch.cat([first, logits], dim=1).float()
 
 
 def letter_kl(
@@ -163,31 +226,40 @@ def attention_entropy(model, probes: list[list[int]], keep_probs: bool = False):
 
 def save_heatmaps(
     probs_per_layer: list[torch.Tensor],
-    labels: list[str],
+    spans: list[tuple[str, int, int]],
     out_dir,
     step: int,
     prefix: str = "heatmap_rl",
 ) -> list:
-    """One PNG per layer (attention averaged over heads, queries down, keys across) -> the paths."""
+    """One PNG per layer (attention averaged over heads, queries down, keys across) -> the paths.
+
+    spans: (label, start, end) token ranges (the question, each option, the completion, the answer
+    position), marked on both axes: a tick labelled at each span's start and a thin line at its
+    edges, so one can see whether the answer looks at the options."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
+    starts = [start for _, start, _ in spans]
+    labels = [label for label, _, _ in spans]
     for layer, probs in enumerate(probs_per_layer):
-        fig, ax = plt.subplots(figsize=(5, 4.5))
+        fig, ax = plt.subplots(figsize=(6, 5.4))
         # square-root colour scale: most weight sits on a few keys, the rest would all look black
         scale = matplotlib.colors.PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
         image = ax.imshow(probs.float().mean(0).numpy(), cmap="viridis", norm=scale, aspect="auto")
         ax.set_title(
             f"layer {layer} attention, mean over heads, sqrt scale (step {step})", fontsize=9
         )
-        ax.set_xlabel("key position")
-        ax.set_ylabel("query position")
-        if len(labels) <= 48:  # token labels stay readable on short probes only
-            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
-            ax.set_yticks(range(len(labels)), labels, fontsize=5)
+        ax.set_xlabel("key (token position; spans start at the ticks)")
+        ax.set_ylabel("query")
+        ax.set_xticks(starts, labels, rotation=90, fontsize=7)
+        ax.set_yticks(starts, labels, fontsize=7)
+        for _, start, end in spans:
+            for edge in {start, end}:
+                ax.axvline(edge - 0.5, color="white", linewidth=0.4, alpha=0.6)
+                ax.axhline(edge - 0.5, color="white", linewidth=0.4, alpha=0.6)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         path = out_dir / f"{prefix}_layer_{layer}.png"
@@ -197,31 +269,80 @@ def save_heatmaps(
     return paths
 
 
+def weight_drift(model, ref_model) -> dict[str, float]:
+    """Per transformer layer, and for the embeddings and lm_head, the relative distance of the
+    policy's weights from the reference's: ||W - W_ref|| / ||W_ref|| with the Frobenius norms
+    taken over all of the group's matrices together (sqrt of the summed squares), so a layer's
+    figure weighs each matrix by its size. Keys: rl/weight_drift/layer_<i>, .../embedding (the token
+    and value embeddings), .../lm_head."""
+    moved: dict[str, float] = {}
+    ref = dict(ref_model.named_parameters())
+    for name, param in model.named_parameters():
+        if name.startswith("transformer.h."):
+            group = f"rl/weight_drift/layer_{name.split('.')[2]}"
+        elif name.startswith("lm_head"):
+            group = "rl/weight_drift/lm_head"
+        else:  # transformer.wte, value_embeds.*
+            group = "rl/weight_drift/embedding"
+        diff, base = moved.get(group, (0.0, 0.0))
+        r = ref[name].detach().float()
+        step = (param.detach().float() - r).pow(2).sum().item()
+        moved[group] = (diff + step, base + r.pow(2).sum().item())
+    return {group: math.sqrt(d) / max(math.sqrt(b), 1e-12) for group, (d, b) in moved.items()}
+
+
+def entropy_summary(values: list[float], high: float = 1.0) -> dict[str, float]:
+    """mean, median, 90th percentile and the share above `high` nats of token entropies."""
+    if not values:
+        return {}
+    t = torch.tensor(values, dtype=torch.float64)
+    return {
+        "rl/token_entropy_mean": t.mean().item(),
+        "rl/token_entropy_p50": t.quantile(0.5).item(),
+        "rl/token_entropy_p90": t.quantile(0.9).item(),
+        "rl/high_entropy_frac": (t > high).double().mean().item(),
+    }
+
+
 def _every(period: int, step: int) -> bool:
     return period > 0 and step % period == 0
 
 
+# The spans the answer position's attention is split over, and their metrics' names.
+ANSWER_SHARES = {
+    "gold_option": "attn/answer_to/gold_option",
+    "other_options": "attn/answer_to/other_options",
+    "completion": "attn/answer_to/completion",
+    "prompt_rest": "attn/answer_to/prompt_rest",
+}
+SPANS = tuple(ANSWER_SHARES)
+
+
 class Diagnostics:
     """Every RL diagnostic of a run, measured from the models: build once, then per step
-    `measure(model, rollouts)` and `attention(model, step, last, out_dir)`.
+    `measure(model, rollouts, step)`, and `attention(model, step, last, out_dir)`,
+    `weight_drift(model)` and `samples(...)` at their cadences.
 
     cfg: diagnostics (on/off), kl_sample_frac, attn_every, attn_heatmap_every, attn_probes;
     ref_model: the frozen reference (None with diagnostics off); task: the multiple-choice task
-    (letters, answer_prefix, predicted_letter); probe_task: where the attention probes come from."""
+    (letters, answer_prefix, predicted_letter, prompt_parts); probe_task: where the attention
+    probes come from."""
 
     def __init__(self, cfg, ref_model, tokenizer, task, probe_task, max_tokens: int, pad_id: int):
         self.cfg, self.ref_model, self.tokenizer, self.task = cfg, ref_model, tokenizer, task
         self.pad_id = pad_id
         self.letter_ids = letter_token_ids(tokenizer)
         n = min(cfg.attn_probes, len(probe_task))
+        self.probe_convs = [probe_task[i] for i in range(n)]
         render = tokenizer.render_conversation
-        self.probes = [render(probe_task[i], max_tokens=max_tokens)[0] for i in range(n)]
+        self.probes = [render(conv, max_tokens=max_tokens)[0] for conv in self.probe_convs]
 
-    def measure(self, model, rollouts) -> tuple[dict, dict]:
+    def measure(self, model, rollouts, step: int) -> tuple[dict, dict]:
         """(sums, lists), both by name, of this rank's rollouts, the policy before this step's
         update: predicted-letter counts and answered completions (sums) always; with diagnostics
-        on, per completion of the subsample, sequence KL and k3 to the reference, and where there
-        is an answer letter, letter KL and margin (lists)."""
+        on, the sampled tokens' entropies, and per completion of the subsample the KLs to the
+        reference, and where there is an answer letter its margin, letter KL, logit-lens margins
+        per layer (policy and reference) and, every attn_every steps, where it looks (lists)."""
         letters = self.task.letters
         predictions = [
             self.task.predicted_letter(conv, c.text)
@@ -232,17 +353,18 @@ class Diagnostics:
         sums = {f"letter_pred/{k}": float(v) for k, v in counts.items()}
         positions = [[self._letter_position(c) for c in group] for group in rollouts.groups]
         sums["answered"] = float(sum(p is not None for row in positions for p in row))
-        lists = {"kl_seq": [], "kl_seq_k3": [], "kl_letter": [], "margin": []}
         if not self.cfg.diagnostics:
             return sums, {}
+        lists = {"token_entropy": [e for c in rollouts.rows() for e in c.entropies or ()]}
         stride = max(1, round(1.0 / self.cfg.kl_sample_frac))
+        look = _every(self.cfg.attn_every, step)
         for q, conv, group, pos in zip(
             rollouts.questions, rollouts.conversations, rollouts.groups, positions
         ):
             if q % stride == 0:
-                scored = self.score_group(model, group, pos, letters.index(conv["answer"]))
+                scored = self.score_group(model, group, pos, conv, attention=look)
                 for name, values in scored.items():
-                    lists[name] += values
+                    lists.setdefault(name, []).extend(values)
         return sums, lists
 
     def _letter_position(self, c) -> int | None:
@@ -254,21 +376,40 @@ class Diagnostics:
         prefix = self.task.answer_prefix
         return answer_letter_position(body, self.tokenizer, self.letter_ids, prefix)
 
-    def score_group(self, model, group, positions, gold: int) -> dict:
-        """Policy and reference score one group by the same prefill -> per completion, kl_seq and
-        kl_seq_k3, and for those with a letter position (index after the prompt), kl_letter and
-        margin against the gold letter (index into task.letters).
+    def score_group(self, model, group, positions, conv: dict, attention: bool = False) -> dict:
+        """Policy and reference score one group by the same prefill -> lists by name: per
+        completion kl_seq and kl_seq_k3; for those with an answer letter (positions: index in the
+        completion, or None) kl_letter, margin (gold letter: conv["answer"]), and per layer i
+        lens/layer_<i> and lens_ref/layer_<i>, the margin read through the logit lens at the
+        position that emits the letter; with attention, answer_to/<span>/layer_<i>, the policy's
+        attention shares of that position over SPANS.
 
-        Reading the policy's side off the rollout instead (the engine's one-token-at-a-time
-        decode) would be free, but in bf16 the decode and a prefill round differently, and the KLs
-        would show a policy "moving" at step 0 (0.03-0.08 nats of sequence KL at d2). Through one
-        code path, at step 0 policy and reference are the same function of the same weights: both
-        KLs are exactly 0 in any dtype. The sampler vs trainer mismatch stays measured, by
-        rl/logprob_gap_mean (sampler_gap)."""
+        Both sides run the same code path (with attention, both take the explicit attention
+        path), so at step 0 every policy-minus-reference figure is exactly 0 in any dtype. Reading
+        the policy's side off the rollout instead (the engine's one-token-at-a-time decode) would
+        be free, but in bf16 the decode and a prefill round differently, and the KLs would show a
+        policy "moving" at step 0 (0.03-0.08 nats of sequence KL at d2). The sampler vs trainer
+        mismatch stays measured, by rl/logprob_gap_mean (sampler_gap)."""
         prompt = group[0].ids[: group[0].prompt_len]
         completions = [c.ids[c.prompt_len :] for c in group]
-        policy = completion_logits(model, prompt, completions, self.pad_id)
-        ref = completion_logits(self.ref_model, prompt, completions, self.pad_id)
+        gold = self.task.letters.index(conv["answer"])
+        # the lens and the attention shares read the query that emits the letter: completion
+        # position p is predicted by position p - 1 of the completions' forward (p = 0, predicted
+        # by the prompt's last position, is not captured)
+        lettered = [r for r, p in enumerate(positions) if p is not None]
+        probed = [r for r in lettered if positions[r] > 0]
+        queries = [positions[r] - 1 for r in probed]
+        device = next(model.parameters()).device
+        sides = {}
+        for side, m in (("policy", model), ("ref", self.ref_model)):
+            residuals = ResidualAt(probed, queries, device) if probed else None
+            shares = None
+            if attention and probed:
+                masks = self._span_masks(prompt, conv, max(map(len, completions)) - 1, device)
+                shares = AttentionShares(probed, queries, masks)
+            logits = completion_logits(m, prompt, completions, self.pad_id, shares, residuals)
+            sides[side] = (logits, residuals, shares)
+        policy, ref = sides["policy"][0], sides["ref"][0]
         width = ref.size(1)
         targets = torch.tensor(
             [c + [-1] * (width - len(c)) for c in completions], device=ref.device
@@ -279,8 +420,6 @@ class Diagnostics:
             token_logprobs(policy, targets), token_logprobs(ref, targets), targets != -1
         )
         lists = {"kl_seq": seq_kl.tolist(), "kl_seq_k3": seq_k3.tolist()}
-        lists.update(kl_letter=[], margin=[])
-        lettered = [r for r, p in enumerate(positions) if p is not None]
         if not lettered:
             return lists
         # Letter KL: at the one token where the answer is decided, compare the two models' choice
@@ -290,7 +429,35 @@ class Diagnostics:
         golds = torch.full((len(lettered),), gold, device=ref.device)
         lists["kl_letter"] = letter_kl(policy_letters, ref_letters, self.letter_ids).tolist()
         lists["margin"] = letter_margin(policy_letters, self.letter_ids, golds).tolist()
+        if not probed:
+            return lists
+        # The logit lens: each layer's residual stream through the final norm and lm_head, the
+        # five letters only; where along the depth the gold letter pulls ahead of the others.
+        golds = torch.full((len(probed),), gold, device=ref.device)
+        for side, name in (("policy", "lens"), ("ref", "lens_ref")):
+            m = model if side == "policy" else self.ref_model
+            for i, residual in enumerate(sides[side][1].layers):
+                lens = m.lens_logits(residual, self.letter_ids)
+                lists[f"{name}/layer_{i}"] = letter_margin(lens, list(range(5)), golds).tolist()
+        shares = sides["policy"][2]
+        for i, layer in enumerate(shares.layers if shares else []):
+            for k, span in enumerate(SPANS):
+                lists[f"answer_to/{span}/layer_{i}"] = layer[:, k].tolist()
         return lists
+
+    def _span_masks(self, prompt, conv: dict, rest: int, device) -> torch.Tensor:
+        """(len(SPANS), len(prompt) + rest) masks over the keys of the completions' forward: the
+        gold option's text in the prompt, the other options', the completion's tokens, and the
+        rest of the prompt (what no other span covers)."""
+        parts = self.task.prompt_parts(conv)
+        found = locate(prompt, self.tokenizer, [text for _, text in parts])
+        masks = torch.zeros(len(SPANS), len(prompt) + rest, device=device)
+        for (label, _), span in zip(parts, found):
+            if span is not None and label in self.task.letters:
+                masks[0 if label == conv["answer"] else 1, span[0] : span[1]] = 1.0
+        masks[2, len(prompt) :] = 1.0
+        masks[3, : len(prompt)] = 1.0 - masks[:2, : len(prompt)].amax(0)
+        return masks
 
     def attention(self, model, step: int, last: bool, out_dir) -> dict:
         """attn/entropy_mean and attn/entropy/layer_<i> every attn_every steps and at the end; one
@@ -308,24 +475,70 @@ class Diagnostics:
         out = {"attn/entropy_mean": sum(per_layer) / len(per_layer)}
         out.update({f"attn/entropy/layer_{i}": v for i, v in enumerate(per_layer)})
         if heatmaps and probs:
-            labels = [self.tokenizer.id_to_token(t) for t in self.probes[0]]
-            for i, path in enumerate(save_heatmaps(probs, labels, out_dir, step)):
+            spans = self.probe_spans(self.probe_convs[0], self.probes[0])
+            for i, path in enumerate(save_heatmaps(probs, spans, out_dir, step)):
                 out[f"attn/heatmap/layer_{i}"] = Image(path, caption=f"layer {i}, step {step}")
         return out
 
+    def probe_spans(self, conv: dict, ids: list[int]) -> list[tuple[str, int, int]]:
+        """(label, start, end) of the question, each option, the answer (the assistant's text)
+        and its answer letter in a whole rendered conversation."""
+        parts = self.task.prompt_parts(conv) + [("answer", conv["messages"][-1]["content"])]
+        found = locate(ids, self.tokenizer, [text for _, text in parts])
+        spans = [(label, *span) for (label, _), span in zip(parts, found) if span is not None]
+        letter = None
+        if self.letter_ids:
+            prefix = self.task.answer_prefix
+            letter = answer_letter_position(ids, self.tokenizer, self.letter_ids, prefix)
+        if letter is not None:
+            spans.append(("letter", letter, letter + 1))
+        return spans
+
+    def weight_drift(self, model) -> dict:
+        """rl/weight_drift/layer_<i>, /embedding, /lm_head ({} with diagnostics off)."""
+        if not self.cfg.diagnostics or self.ref_model is None:
+            return {}
+        return dict(sorted(weight_drift(model, self.ref_model).items()))
+
+    def samples(self, rollouts, adv: torch.Tensor, step: int, rows: int = 8) -> dict:
+        """rl/samples: a table of this rank's first completions of the step (question, text,
+        letter, reward, advantage), the first groups whole, at most `rows`."""
+        data = []
+        for g, (q, conv, group) in enumerate(
+            zip(rollouts.questions, rollouts.conversations, rollouts.groups)
+        ):
+            for i, c in enumerate(group):
+                letter = self.task.predicted_letter(conv, c.text) or ""
+                data.append([step, q, c.text, letter, c.reward, float(adv[g, i])])
+        columns = ["step", "question", "text", "letter", "reward", "advantage"]
+        return {"rl/samples": Table(columns, data[:rows], file="rl_samples.jsonl")}
+
 
 def step_diagnostics(sums: dict, lists: dict, letters) -> dict:
-    """The rl/* metrics of measure's (reduced) sums and lists."""
+    """The rl/* and attn/answer_to/* metrics of measure's (reduced) sums and lists."""
     n = sum(sums[f"letter_pred/{k}"] for k in (*letters, "none"))
     out = {f"rl/letter_pred_counts/{k}": sums[f"letter_pred/{k}"] for k in (*letters, "none")}
     out["rl/answered_frac"] = sums["answered"] / max(n, 1.0)
-    if lists:
-        out["rl/kl_sequence_mean"] = _mean(lists["kl_seq"])
-        out["rl/kl_sequence_k3_mean"] = _mean(lists["kl_seq_k3"])
-        out["rl/kl_letter_mean"] = _mean(lists["kl_letter"])
-        out["rl/letter_margin_mean"] = _mean(lists["margin"])
-        if lists["margin"]:
-            out["rl/letter_margin_hist"] = Histogram(lists["margin"])
+    if not lists:
+        return out
+    out["rl/kl_sequence_mean"] = _mean(lists.get("kl_seq", []))
+    out["rl/kl_sequence_k3_mean"] = _mean(lists.get("kl_seq_k3", []))
+    out["rl/kl_letter_mean"] = _mean(lists.get("kl_letter", []))
+    out["rl/letter_margin_mean"] = _mean(lists.get("margin", []))
+    if lists.get("margin"):
+        out["rl/letter_margin_hist"] = Histogram(lists["margin"])
+    out.update(entropy_summary(lists.get("token_entropy", [])))
+    for name, values in sorted(lists.items()):
+        if name.startswith("lens/"):
+            out["rl/lens_margin/" + name[5:]] = _mean(values)
+        elif name.startswith("lens_ref/"):
+            out["rl/lens_margin_ref/" + name[9:]] = _mean(values)
+    for span, metric in ANSWER_SHARES.items():  # per layer, and averaged over the layers
+        layers = [k for k in lists if k.startswith(f"answer_to/{span}/layer_")]
+        for key in layers:
+            out[f"{metric}/{key.rsplit('/', 1)[1]}"] = _mean(lists[key])
+        if layers:
+            out[metric] = sum(_mean(lists[k]) for k in layers) / len(layers)
     return out
 
 

@@ -29,9 +29,9 @@ class GenerationResult:
     logprobs: list[list[float]]
     finished: list[bool] = field(default_factory=list)  # stopped on a stop token (not max_tokens)
     prompt_len: int = 0
-    # With watch_ids: per row, per generated token, the logits of the watched ids at the step that
-    # sampled it (at no extra forward; the RL diagnostics now score the letters with a prefill).
-    watched: list[list[list[float]]] | None = None
+    # With entropies=True: per generated token, the entropy (nats) of the distribution it was drawn
+    # from, at temperature 1 before top-k/top-p (the policy's own), from the logits the step has.
+    entropies: list[list[float]] | None = None
 
 
 # Randomness: counter-based. Row r of a batch run with `seed` draws, at decoding step t, one uniform
@@ -200,14 +200,14 @@ def decode_steps(
     top_p: float | None,
     stop_tokens: set[int],
     pad_id: int,
-    watch_ids: list[int] | None = None,
+    entropies: bool = False,
     use_cache: bool = True,
     stats: dict | None = None,
     step_fn=None,
 ):
-    """Yield (rows, next_ids, logprobs, watched, live) once per decoding step, as device tensors
+    """Yield (rows, next_ids, logprobs, entropy, live) once per decoding step, as device tensors
     over the current decode batch: rows (B,) indices into the P * num_samples batch (prompt-major),
-    the sampled ids (B,), their log-probs (B,), the watched logits (B, W) or None, and live (B,)
+    the sampled ids (B,), their log-probs (B,), their entropies (B,) or None, and live (B,)
     bool: the row was still running at this step (a row stops after a stop token; later tokens of a
     stopped row that has not left the batch yet are not its). Nothing waits for the device except
     one transfer per step, the stop flags, after the yield. use_cache=False forwards every row's
@@ -251,16 +251,15 @@ def decode_steps(
     rows = torch.arange(n, device=device)  # batch position -> row
     live = torch.ones(n, dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_tokens) or [-1], device=device)
-    watch = torch.tensor(watch_ids, device=device) if watch_ids else None
     for step in range(max_tokens):
         logits = logits.float()
         logp = F.log_softmax(logits, dim=-1)
         next_ids = sample_next(logits, uniforms[:, step], temperature, top_k, top_p, logp)
         logprobs = logp.gather(1, next_ids[:, None]).squeeze(1)
-        watched = logits.index_select(1, watch) if watch is not None else None
+        entropy = -(logp.exp() * logp).sum(-1) if entropies else None
         if stats is not None:
             stats["steps"] = stats.get("steps", 0) + 1
-        yield rows, next_ids, logprobs, watched, live
+        yield rows, next_ids, logprobs, entropy, live
         live = live & ~torch.isin(next_ids, stops)
         if step + 1 == max_tokens:
             return
@@ -343,7 +342,7 @@ class Engine:
             )
 
     def _decode(
-        self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, watch_ids, fn=None
+        self, prompts, seeds, num_samples, max_tokens, temperature, top_k, top_p, entropies, fn=None
     ):
         return decode_steps(
             self.model,
@@ -356,7 +355,7 @@ class Engine:
             top_p,
             stop_tokens=self.stop_tokens,
             pad_id=self.tokenizer.get_bos_token_id(),
-            watch_ids=watch_ids,
+            entropies=entropies,
             stats=self.stats,
             step_fn=fn,
         )
@@ -370,10 +369,11 @@ class Engine:
         top_k: int | None = None,
         top_p: float | None = None,
         seeds: list[int] | None = None,
-        watch_ids: list[int] | None = None,
+        entropies: bool = False,
     ) -> list[GenerationResult]:
         """num_samples continuations of each prompt, decoded in one batch; one result per prompt.
-        seeds[p] seeds prompt p's rows (default: 42 for every prompt); watch_ids: see `watched`."""
+        seeds[p] seeds prompt p's rows (default: 42 for every prompt); entropies: see the result's
+        `entropies`."""
         seeds = list(seeds) if seeds is not None else [42] * len(prompts)
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -387,7 +387,7 @@ class Engine:
         # (step, row) layout: each step fills one contiguous line.
         ids = torch.zeros(max_tokens, n, dtype=torch.long, device=device)
         lps = torch.zeros(max_tokens, n, device=device)
-        watched = torch.zeros(max_tokens, n, len(watch_ids), device=device) if watch_ids else None
+        ents = torch.zeros(max_tokens, n, device=device) if entropies else None
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         try:
             steps = self._decode(
@@ -398,31 +398,27 @@ class Engine:
                 temperature,
                 top_k,
                 top_p,
-                watch_ids,
+                entropies,
                 self.step_fn,
             )
-            for step, (rows, next_ids, logprobs, watch, live) in enumerate(steps):
+            for step, (rows, next_ids, logprobs, entropy, live) in enumerate(steps):
                 ids[step].index_copy_(0, rows, next_ids)
                 lps[step].index_copy_(0, rows, logprobs)
-                if watched is not None:
-                    watched[step].index_copy_(0, rows, watch)
+                if ents is not None:
+                    ents[step].index_copy_(0, rows, entropy)
                 lengths.index_add_(0, rows, live.long())
         finally:
             self.model.train(was_training)
         # one transfer for everything (fp64 holds the ids, the fp32 log-probs and logits exactly)
         T = max_tokens
         parts = [lengths[:, None], ids.T, lps.T]
-        parts += [watched.transpose(0, 1).flatten(1)] if watched is not None else []
+        parts += [ents.T] if ents is not None else []
         host = torch.cat([part.double() for part in parts], dim=1).tolist()
         lengths = [int(row[0]) for row in host]
         seqs = [[int(t) for t in row[1 : 1 + k]] for row, k in zip(host, lengths)]
         lps = [row[1 + T : 1 + T + k] for row, k in zip(host, lengths)]
-        if watched is not None:
-            W = len(watch_ids)
-            watched = [
-                [row[1 + 2 * T + t * W : 1 + 2 * T + (t + 1) * W] for t in range(k)]
-                for row, k in zip(host, lengths)
-            ]
+        if ents is not None:
+            ents = [row[1 + 2 * T : 1 + 2 * T + k] for row, k in zip(host, lengths)]
         done = [bool(seq) and seq[-1] in self.stop_tokens for seq in seqs]
         results = []
         for p, tokens in enumerate(prompts):
@@ -434,7 +430,7 @@ class Engine:
                     logprobs=[lps[i] for i in rows],
                     finished=[done[i] for i in rows],
                     prompt_len=len(tokens),
-                    watched=[watched[i] for i in rows] if watched is not None else None,
+                    entropies=[ents[i] for i in rows] if ents is not None else None,
                 )
             )
         return results

@@ -486,12 +486,15 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
         attn_capture: list | None = None,
+        residual_capture: list | None = None,
     ):
         """Float32 logits (B, T, vocab) of token ids idx (B, T), or with targets (-1 = ignore) the
         cross-entropy: "mean" (scalar over counted tokens), "sum", or "none" ((B, T), 0 where
         ignored). With kv_cache, idx continues the cached tokens (prefill or decode). With
         attn_capture (a list or an AttentionEntropy), each layer appends its attention
-        probabilities (B, n_head, Tq, Tk), Tk counting cached tokens."""
+        probabilities (B, n_head, Tq, Tk), Tk counting cached tokens. With residual_capture (a
+        list, or anything with append), each layer appends its output, the residual stream
+        (B, T, n_embd) before the final norm: the logit lens reads it."""
         B, T = idx.shape
         # Decoding: the new tokens come after the cached ones, so their rotary angles start at the
         # cache's position. Without a cache they start at 0.
@@ -512,7 +515,7 @@ class GPT(nn.Module):
             attn_mask = attention_mask(pad, pos, T)
         dtype = self.get_compute_dtype(idx.device)
         autocast = self.autocast_args(idx.device)
-        x = self.hidden_states(idx, cos_sin, kv_cache, attn_capture, attn_mask)
+        x = self.hidden_states(idx, cos_sin, kv_cache, attn_capture, attn_mask, residual_capture)
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
             flat_targets = targets.reshape(-1)
             hidden = x.reshape(-1, x.size(-1))
@@ -566,7 +569,9 @@ class GPT(nn.Module):
         dtype = self.get_compute_dtype(device)
         return dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def hidden_states(self, idx, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None):
+    def hidden_states(
+        self, idx, cos_sin, kv_cache=None, attn_capture=None, attn_mask=None, residual_capture=None
+    ):
         """The normed final hidden states (B, T, n_embd) of ids idx at the rotary angles cos_sin:
         the trunk that forward and the engine's compiled decode step share."""
         # Matmuls in bf16 (when that is the compute dtype) while weights, gradients and optimizer
@@ -583,7 +588,21 @@ class GPT(nn.Module):
                 if str(i) in self.value_embeds:
                     ve = self.value_embeds[str(i)](idx).to(dtype)
                 x = block(x, cos_sin, kv_cache, attn_capture, attn_mask, ve)
+                if residual_capture is not None:
+                    residual_capture.append(x)
             return norm(x)
+
+    def lens_logits(self, residual: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """The logit lens: fp32 logits of token_ids (..., len(token_ids)) read from a layer's
+        residual stream (..., n_embd) through the final norm and lm_head, soft-capped like the
+        model's own. The last layer's residual gives exactly the model's logits."""
+        rows = self.lm_head.weight[token_ids]  # only the tokens asked for: no vocabulary matmul
+        with torch.autocast(**self.autocast_args(residual.device)):
+            logits = F.linear(norm(residual), rows)
+        logits = logits.float()
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        return logits
 
     def _head_logits(self, x: torch.Tensor, autocast: dict) -> torch.Tensor:
         """Soft-capped fp32 logits of the final hidden states x (..., n_embd)."""

@@ -55,6 +55,28 @@ def _sum_over_ranks(table: torch.Tensor) -> list[list[int]]:
     return table.long().T.tolist()
 
 
+def letter_recall(gold: list[int], pred: list[int]) -> dict[str, float]:
+    """For each gold letter X, the accuracy on the problems whose gold letter is X (the recall of
+    X). A letter no problem has is left out rather than counted as 0."""
+    recall = {}
+    for index, letter in enumerate(AQUA_LETTERS):
+        mine = [p for g, p in zip(gold, pred) if g == index]
+        if mine:
+            recall[letter] = sum(p == index for p in mine) / len(mine)
+    return recall
+
+
+def recall_std(recall: dict[str, float]) -> float:
+    """Population standard deviation (divide by the number of letters, not n - 1) of the recalls of
+    the letters that have problems: 0 when every letter is answered equally well, large when the
+    model favours some letters. NaN when no letter has a problem."""
+    if not recall:
+        return float("nan")
+    values = list(recall.values())
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
 # ------------------------------------------------------------------------------------------------
 # generative
 
@@ -82,6 +104,16 @@ class GenerativeResult:
     @property
     def sample_acc(self) -> float:
         return sum(self.sample_hits) / max(len(self.gold) * self.k, 1)
+
+    @property
+    def letter_recall(self) -> dict[str, float]:
+        """Greedy accuracy per gold letter, {"A": ..., ...}; letters no problem has are left out."""
+        return letter_recall(self.gold, self.greedy)
+
+    @property
+    def letter_recall_std(self) -> float:
+        """Population std of letter_recall's values (over the letters that have problems)."""
+        return recall_std(self.letter_recall)
 
 
 @torch.no_grad()

@@ -12,6 +12,9 @@ import math
 import platform
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from nanochat.files import atomic_path, write_text_atomic
 from nanochat.tracking import read_jsonl
@@ -69,6 +72,30 @@ PLOTS = [
         "rl",
         ["attn/entropy_mean"],
         "nats",
+        False,
+    ),
+    (
+        "rl_token_entropy",
+        "Entropy of the policy at the sampled completions' tokens",
+        "rl",
+        ["rl/token_entropy_mean", "rl/token_entropy_p90"],
+        "nats",
+        False,
+    ),
+    (
+        "rl_high_entropy",
+        "High-entropy tokens in the sampled completions",
+        "rl",
+        ["rl/high_entropy_frac"],
+        "fraction of tokens",
+        False,
+    ),
+    (
+        "rl_letter_recall",
+        "Greedy recall per gold letter (RL evaluations)",
+        "rl",
+        [f"rl/eval_letter_recall/{letter}" for letter in "ABCDE"],
+        "accuracy on that letter's problems",
         False,
     ),
 ]
@@ -254,6 +281,241 @@ def _plot_entropy_per_layer(out: Path, rows: list[dict]) -> bool:
     return True
 
 
+def _layers(rows: list[dict], prefix: str) -> list[int]:
+    """The layer indices i of the `<prefix><i>` keys that any row logged, ascending."""
+    found = {k[len(prefix) :] for r in rows for k in r if k.startswith(prefix)}
+    return sorted(int(i) for i in found if i.isdigit())
+
+
+def _number(value) -> float:
+    """A logged number as a float; NaN for anything else (absent, a "nan" string, a bool)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+LENS = "rl/lens_margin/layer_"
+LENS_REF = "rl/lens_margin_ref/layer_"
+
+
+def lens_margin_delta(rows: list[dict]) -> tuple[list[int], list[int], np.ndarray] | None:
+    """(steps, layers, delta): delta[l, s] is the letter margin read through the logit lens at
+    layers[l] on steps[s], the policy's minus the reference's (rl/lens_margin/layer_<i> minus
+    rl/lens_margin_ref/layer_<i>): how far RL moved each layer's answer. NaN where a step lacks
+    either side of a layer; None when no layer has both."""
+    layers = sorted(set(_layers(rows, LENS)) & set(_layers(rows, LENS_REF)))
+    rows = [r for r in rows if "step" in r and any(f"{LENS}{i}" in r for i in layers)]
+    if not layers or not rows:
+        return None
+    delta = np.array(
+        [
+            [_number(r.get(f"{LENS}{i}")) - _number(r.get(f"{LENS_REF}{i}")) for r in rows]
+            for i in layers
+        ]
+    )
+    return [r["step"] for r in rows], layers, delta
+
+
+def _step_ticks(ax, steps: list[int]) -> None:
+    """Label at most ~8 of the columns of an image with their steps."""
+    every = max(1, math.ceil(len(steps) / 8))
+    ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
+
+
+def _plot_lens_heatmap(out: Path, rows: list[dict]) -> bool:
+    built = lens_margin_delta(rows)
+    if built is None:
+        return False
+    steps, layers, delta = built
+    plt = _pyplot()
+    # symmetric limits: 0 (no change from the reference) is the white middle of the colour map
+    limit = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 0.0
+    limit = limit or 1.0
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#dddddd")  # grey: a layer not logged
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(layers) + 2))
+    image = ax.imshow(
+        np.ma.masked_invalid(delta),
+        aspect="auto",
+        origin="lower",
+        interpolation="nearest",
+        cmap=cmap,
+        vmin=-limit,
+        vmax=limit,
+    )
+    ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+    _step_ticks(ax, steps)
+    ax.set_xlabel("step")
+    ax.set_ylabel("layer")
+    ax.set_title("Letter margin through the logit lens: policy - reference")
+    fig.colorbar(image, ax=ax, label="margin change (logits; > 0: gold letter gained)")
+    fig.tight_layout()
+    _save_figure(fig, out)
+    return True
+
+
+DRIFT = "rl/weight_drift/"
+
+
+def weight_drift_at_last_step(rows: list[dict]) -> tuple[int, dict[str, float]] | None:
+    """(step, {"layer_0": d, ..., "embedding": d, "lm_head": d}) at the last step that logged
+    rl/weight_drift/*: each part's relative distance from the reference's weights."""
+    last = next(
+        (r for r in reversed(rows) if "step" in r and any(k.startswith(DRIFT) for k in r)), None
+    )
+    if last is None:
+        return None
+    parts = [f"layer_{i}" for i in _layers([last], f"{DRIFT}layer_")] + ["embedding", "lm_head"]
+    return last["step"], {p: _number(last[DRIFT + p]) for p in parts if DRIFT + p in last}
+
+
+def _plot_weight_drift(out: Path, rows: list[dict]) -> bool:
+    built = weight_drift_at_last_step(rows)
+    if built is None:
+        return False
+    step, drift = built
+    plt = _pyplot()
+    over_steps = {
+        name: _series(rows, DRIFT + name) for name in ("embedding", "lm_head") if name in drift
+    }
+    layer_keys = [DRIFT + name for name in drift if name.startswith("layer_")]
+    drift_rows = [r for r in rows if "step" in r and any(k in r for k in layer_keys)]
+    if layer_keys and drift_rows:
+        over_steps["mean over layers"] = (
+            [r["step"] for r in drift_rows],
+            [float(np.nanmean([_number(r.get(k)) for k in layer_keys])) for r in drift_rows],
+        )
+    # the curves only when drift was logged more than once: one point says nothing the bars don't
+    both = any(len(xs) > 1 for xs, _ in over_steps.values())
+    fig, axes = plt.subplots(1, 2 if both else 1, figsize=(11 if both else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
+    names = list(drift)
+    colors = ["#4477aa" if n.startswith("layer_") else "#ee6677" for n in names]
+    ax.bar(range(len(names)), [drift[n] for n in names], color=colors)
+    ax.set_xticks(range(len(names)), [n.removeprefix("layer_") for n in names], rotation=45)
+    ax.set_xlabel("layer (and the embedding, lm_head)")
+    ax.set_ylabel("relative distance from the reference")
+    ax.set_title(f"Weight drift from the reference, step {step}")
+    ax.grid(alpha=0.3, axis="y")
+    if both:
+        ax = axes[0][1]
+        for label, (xs, ys) in over_steps.items():
+            ax.plot(xs, ys, "o-", label=label, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title("Weight drift over steps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, out)
+    return True
+
+
+SPANS = ["gold_option", "other_options", "completion", "prompt_rest"]
+ATTN = "attn/answer_to/"
+
+
+def answer_attention_shares(rows: list[dict]) -> tuple[list[int], list[tuple[int, np.ndarray]]]:
+    """(layers, [(step, shares)] at the first and the last step that logged
+    attn/answer_to/<span>/layer_<i>): shares[k, l] is the share of the answer position's attention
+    that layers[l] puts on SPANS[k] (each column sums to 1). One entry when only one step logged
+    them, none when no step did."""
+    layers = _layers(rows, f"{ATTN}{SPANS[0]}/layer_")
+    logged = [
+        r for r in rows if "step" in r and any(f"{ATTN}{SPANS[0]}/layer_{i}" in r for i in layers)
+    ]
+    picked = logged[:1] + logged[-1:] if len(logged) > 1 else logged
+    return layers, [
+        (
+            r["step"],
+            np.array(
+                [[_number(r.get(f"{ATTN}{span}/layer_{i}")) for i in layers] for span in SPANS]
+            ),
+        )
+        for r in picked
+    ]
+
+
+def _plot_answer_attention(out: Path, rows: list[dict]) -> bool:
+    layers, at_steps = answer_attention_shares(rows)
+    if not at_steps:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(at_steps), figsize=(5.5 * len(at_steps), 3.8), squeeze=False, sharey=True
+    )
+    colors = ["#228833", "#ccbb44", "#4477aa", "#bbbbbb"]
+    for ax, (step, shares) in zip(axes[0], at_steps):
+        bottom = np.zeros(len(layers))
+        for span, share, color in zip(SPANS, np.nan_to_num(shares), colors):
+            ax.bar(range(len(layers)), share, bottom=bottom, label=span, color=color)
+            bottom += share
+        ax.set_xticks(range(len(layers)), [str(i) for i in layers])
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"step {step}")
+    axes[0][0].set_ylabel("share of the answer position's attention")
+    # beside the last panel, not on it: the bars fill the whole height
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle("Where the answer letter's position attends")
+    fig.tight_layout()
+    _save_figure(fig, out)
+    return True
+
+
+SAMPLES_KEY = "rl/samples"
+
+
+class LoggedTable(NamedTuple):
+    step: int
+    file: str  # in <base>/runs/<run>/
+    columns: list[str]
+    rows: list[dict]
+
+
+def last_table(run_dir: Path, rows: list[dict], key: str) -> LoggedTable | None:
+    """The last Table (nanochat.tracking.Table) logged under `key` whose rows went to a file in
+    run_dir, with those rows: the last `rows` of its step in the file, since a resumed run may have
+    logged the same step twice, the redone rows last. None when there is none."""
+    ref = next(
+        (
+            r
+            for r in reversed(rows)
+            if "step" in r and isinstance(r.get(key), dict) and r[key].get("file")
+        ),
+        None,
+    )
+    if ref is None or not (run_dir / ref[key]["file"]).is_file():
+        return None
+    table = ref[key]
+    same_step = [r for r in read_jsonl(run_dir / table["file"]) if r.get("step") == ref["step"]]
+    return LoggedTable(
+        ref["step"],
+        table["file"],
+        table["columns"],
+        same_step[max(0, len(same_step) - table["rows"]) :],
+    )
+
+
+def _markdown_cell(value, max_chars: int) -> str:
+    if value is None:
+        return ""
+    text = f"{value:.3g}" if isinstance(value, float) else str(value)
+    if len(text) > max_chars:
+        text = text[: max_chars - 1] + "…"
+    # a pipe would end the cell and a newline the row: escape the one, mark the other
+    return text.replace("|", "\\|").replace("\r\n", "\n").replace("\n", " ↵ ")
+
+
+def markdown_table(columns: list[str], rows: list[dict], max_chars: int = 200) -> list[str]:
+    """A markdown table of `rows` (dicts) under `columns`; each cell cut to max_chars characters,
+    its pipes escaped and its newlines shown as ↵."""
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(_markdown_cell(row.get(c), max_chars) for c in columns) + " |"
+        )
+    return lines
+
+
 def _environment() -> str:
     try:
         commit = subprocess.run(
@@ -347,9 +609,10 @@ EXPECTED_LOGS = {
 }
 
 
-def _not_in_report(stage_rows: list[dict], logs: dict, missing_plots: list[str]) -> list[str]:
+def _not_in_report(stage_rows: list[dict], logs: dict, missing: list[str]) -> list[str]:
     """What this report lacks and why: stages the orchestrator left out on purpose (it records the
-    reason), stages that have not run (yet), and plots whose metrics were never logged."""
+    reason), stages that have not run (yet), and plots and tables ("plot X: why") whose metrics
+    were never logged."""
     left_out = {}
     for row in stage_rows:
         if "not_run" in row:
@@ -362,7 +625,7 @@ def _not_in_report(stage_rows: list[dict], logs: dict, missing_plots: list[str])
         for log, stage in EXPECTED_LOGS.items()
         if log not in logs and stage not in left_out
     ]
-    lines += [f"- plot {what}" for what in missing_plots]
+    lines += [f"- {what}" for what in missing]
     return ["## Not in this report", ""] + lines + [""] if lines else []
 
 
@@ -440,42 +703,80 @@ def generate_report(base_dir: Path, run: str, hourly_price: float = 0.0) -> Path
             _plot_lines(rdir / f"{stem}.png", title, curves, ylabel, log)
             images.append((title, f"{stem}.png"))
         elif stage in logs:
-            missing.append(f"{title}: the {stage} stage logged none of {', '.join(keys)}")
+            missing.append(f"plot {title}: the {stage} stage logged none of {', '.join(keys)}")
     rl_rows = logs.get("rl", [])
+    diagnostics = "--no-diagnostics, or no step reached its cadence"
     rl_plots = [
         (
             _plot_letter_counts,
             "rl_letter_counts",
             "Predicted-letter distribution over RL steps",
             "rl/letter_pred_counts/*",
+            diagnostics,
         ),
         (
             _plot_margin_histogram,
             "rl_margin_hist",
             "Letter-margin histogram",
             "rl/letter_margin_hist",
+            diagnostics,
         ),
         (
             _plot_entropy_per_layer,
             "attn_entropy_layers",
             "Attention entropy per layer",
             "attn/entropy/layer_*",
+            diagnostics,
+        ),
+        (
+            _plot_lens_heatmap,
+            "rl_lens_margin",
+            "Logit-lens letter margin per layer, policy - reference",
+            f"{LENS}* with {LENS_REF}*",
+            diagnostics,
+        ),
+        (
+            _plot_weight_drift,
+            "rl_weight_drift",
+            "Weight drift from the reference per layer",
+            f"{DRIFT}*",
+            "no step reached --eval-every",
+        ),
+        (
+            _plot_answer_attention,
+            "attn_answer_to",
+            "Answer-position attention per span and layer",
+            f"{ATTN}<span>/layer_*",
+            diagnostics,
         ),
     ]
-    for draw, stem, title, key in rl_plots:
+    for draw, stem, title, key, why in rl_plots:
         if draw(rdir / f"{stem}.png", rl_rows):
             images.append((title, f"{stem}.png"))
         elif rl_rows:
-            missing.append(
-                f"{title}: the rl stage logged no {key} (--no-diagnostics, or no step reached "
-                f"its cadence)"
-            )
+            missing.append(f"plot {title}: the rl stage logged no {key} ({why})")
     images += [(p.stem.replace("_", " "), p.name) for p in sorted(rdir.glob("heatmap_*.png"))]
 
     if images:
         parts += ["## Plots", ""] + [
             f"### {title}\n\n![{title}]({name})\n" for title, name in images
         ]
+    samples = last_table(run_dir, rl_rows, SAMPLES_KEY)
+    if samples:
+        parts += [
+            "## Samples (last logged step)",
+            "",
+            f"Step {samples.step}: {len(samples.rows)} of its sampled completions "
+            f"(`{SAMPLES_KEY}`; the rows of every logged step are in `runs/{run}/{samples.file}`).",
+            "",
+            *markdown_table(samples.columns, samples.rows),
+            "",
+        ]
+    elif rl_rows:
+        missing.append(
+            f"table Samples (last logged step): the rl stage logged no {SAMPLES_KEY} "
+            "(--log-samples-every 0, or no step reached it)"
+        )
     parts += _not_in_report(logs.get("stages", []), logs, missing)
     if not ordered and not images:
         parts += ["_No stage has written results yet._", ""]

@@ -193,6 +193,13 @@ class RLConfig(FineTuningOptimizerKnobs, CheckpointKnobs, TrackingKnobs):
     attn_probes: int = knob(
         4, "validation conversations probed for entropy", group=EVALUATION, resume_safe=True
     )
+    log_samples_every: int = knob(
+        25,
+        "every N steps, a table of a few completions (question, text, letter, reward, advantage) "
+        "to W&B (rl/samples) and <base>/runs/<run>/rl_samples.jsonl (0: never)",
+        group=EVALUATION,
+        resume_safe=True,
+    )
     log_every: int = knob(
         1, "print a line every N steps (all are logged)", group=EVALUATION, resume_safe=True
     )

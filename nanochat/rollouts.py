@@ -25,6 +25,7 @@ class Completion:
     text: str  # the completion as text, stop token left out
     reward: float
     correct: bool
+    entropies: list[float] | None = None  # the sampler's entropy at each token (diagnostics on)
 
     @property
     def length(self) -> int:
@@ -104,16 +105,18 @@ def sample_rollouts(engine, task, step: int, cfg, rank: int, world: int) -> Roll
             top_k=cfg.top_k,
             top_p=cfg.top_p,
             seeds=seeds[i : i + chunk],
+            entropies=cfg.diagnostics,
         )
     bonus = format_bonus(cfg.format_reward, cfg.format_anneal_steps, step)
     groups = []
     for conv, prompt, res in zip(convs, prompts, results):
         group = []
-        for seq, lps, fin in zip(res.sequences, res.logprobs, res.finished):
-            text = tokenizer.decode(
-                engine.without_stop(seq)
-            )  # the stop token trains, but is no text
+        entropies = res.entropies or [None] * len(res.sequences)
+        for seq, lps, fin, ents in zip(res.sequences, res.logprobs, res.finished, entropies):
+            # the stop token is trained on, but it is not text
+            text = tokenizer.decode(engine.without_stop(seq))
             reward, correct = task.reward(conv, text, fin, bonus)
-            group.append(Completion(prompt + seq, len(prompt), lps, fin, text, reward, correct))
+            ids = prompt + seq
+            group.append(Completion(ids, len(prompt), lps, fin, text, reward, correct, ents))
         groups.append(group)
     return Rollouts(questions, convs, groups, seconds=time.time() - t0)

@@ -49,8 +49,8 @@ def add_tracking_args(parser: argparse.ArgumentParser) -> None:
     add_fields(parser, TrackingKnobs)
 
 
-# Media metric values: W&B gets a wandb.Image / wandb.Histogram, the JSON line the image's path /
-# the histogram's count, mean, min, max and bins.
+# Media metric values: W&B gets a wandb.Image / wandb.Histogram / wandb.Table, the JSON line the
+# image's path / the histogram's count, mean, min, max and bins / a reference to the table's rows.
 
 
 @dataclass
@@ -87,11 +87,51 @@ class Histogram:
         }
 
 
+@dataclass
+class Table:
+    """Rows of values under named columns (a few sampled completions, say): W&B gets a wandb.Table.
+    The stage's JSON line holds only a reference, {"_type": "table", "columns": [...], "rows": n,
+    "file": ...}, since texts would bloat it; with `file`, a bare file name, every row is appended
+    as one JSON object {"step": s, column: value, ...} to <base>/runs/<run>/<file>, beside the
+    stage's log."""
+
+    columns: list[str]
+    rows: list[list]
+    file: str | None = None
+
+    def __post_init__(self):
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.columns):
+                raise ValueError(
+                    f"Table row {i} has {len(row)} values for {len(self.columns)} columns "
+                    f"{self.columns}"
+                )
+        if self.file is not None and (
+            Path(self.file).name != self.file or self.file in ("", ".", "..")
+        ):
+            raise ValueError(
+                f"Table file {self.file!r} must be a bare file name: it is written beside the "
+                "stage's log in <base>/runs/<run>/"
+            )
+
+    def cells(self) -> list[list]:
+        return [[_jsonable(v) for v in row] for row in self.rows]
+
+    def reference(self) -> dict:
+        return {"_type": "table", "columns": list(self.columns), "rows": len(self.rows)} | (
+            {"file": self.file} if self.file else {}
+        )
+
+
 def _to_wandb(value):
     import wandb
 
     if isinstance(value, Image):
         return wandb.Image(str(value.path), caption=value.caption)
+    if isinstance(value, Table):
+        # mixed types allowed: a column may hold None ("no letter") or "nan" beside numbers, and
+        # W&B's type check must not take the run down
+        return wandb.Table(columns=list(value.columns), data=value.cells(), allow_mixed_types=True)
     _, counts, edges = value.numpy()
     return wandb.Histogram(np_histogram=(counts, edges)) if counts.size else None
 
@@ -101,6 +141,8 @@ def _jsonable(value):
         return str(value.path)
     if isinstance(value, Histogram):
         return value.summary()
+    if isinstance(value, Table):
+        return value.reference()
     if hasattr(value, "item"):  # torch / numpy scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -138,6 +180,7 @@ class Tracker:
         base = Path(base_dir) if base_dir else get_base_dir()
         run_dir = base / "runs" / run
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.path = run_dir / f"{stage}.jsonl"
         self._file = open(self.path, "a", encoding="utf-8")
         self._write(
@@ -191,13 +234,27 @@ class Tracker:
         if not self.active:
             return
         clean = {k: _jsonable(v) for k, v in metrics.items()}
+        # a table's rows go to its file first: a stage line that references them always has them
+        for key, value in metrics.items():
+            if isinstance(value, Table) and value.file:
+                self._append_table(key, value, int(step))
         self._write({"step": int(step), **clean})
         if self._wandb_run is not None:
             out = {k: v for k, v in clean.items() if not isinstance(v, (str, dict))}
             for k, v in metrics.items():
-                if isinstance(v, (Image, Histogram)) and (media := _to_wandb(v)) is not None:
+                if isinstance(v, (Image, Histogram, Table)) and (media := _to_wandb(v)) is not None:
                     out[k] = media
             self._wandb_run.log(out, step=int(step))
+
+    def _append_table(self, key: str, table: Table, step: int) -> None:
+        path = self.run_dir / table.file
+        if path == self.path:
+            raise ValueError(f"Table {key!r} cannot be written to the stage's own log {path}")
+        with open(path, "a", encoding="utf-8") as fh:
+            for row in table.cells():
+                # a "step" column is the logged step: it is the row's first key either way
+                cells = {c: v for c, v in zip(table.columns, row) if c != "step"}
+                fh.write(json.dumps({"step": step, **cells}) + "\n")
 
     def summary(self, metrics: dict) -> None:
         if not self.active:

@@ -23,7 +23,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint import load_model
 from nanochat.common import DistInfo, autodetect_device, synchronize
-from nanochat.diagnostics import Diagnostics, attention_entropy
+from nanochat.diagnostics import Diagnostics
 from nanochat.engine import Engine, GenerationResult, filter_logits, row_seed
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.rl import group_advantages, policy_update
@@ -263,7 +265,7 @@ def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
     policy, engine, optimizers, cfg, diagnostics = run
     rollouts = sample_rollouts(engine, ctx.task, step, cfg, rank=0, world=1)
     adv, zero = group_advantages(rollouts.rewards(), cfg.adv_std_norm)
-    diagnostics.measure(policy, rollouts)
+    diagnostics.measure(policy, rollouts, step)
     policy_update(policy, ctx.ref, optimizers, rollouts.groups, adv, zero, cfg, ctx.info, ctx.pad)
 
 
@@ -299,10 +301,29 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
             _, dt = timed(functools.partial(rl_step, step, run, ctx), device)
             if step > 0:  # step 0 warms up
                 times[name].append(dt)
-    # attention entropy every --attn-every steps and heatmaps every --attn-heatmap-every, amortised
-    _, t_attn = timed(lambda: attention_entropy(model, probes), device)
-    _, t_heat = timed(lambda: attention_entropy(model, probes[:1], keep_probs=True), device)
-    amortised = t_attn / base.attn_every + t_heat / base.attn_heatmap_every
+    # What runs at a cadence, timed once and amortised over it: attention entropy on the probes
+    # (--attn-every), heatmaps (--attn-heatmap-every), the answer position's attention shares
+    # (the explicit attention path in the diagnostic forwards, --attn-every), weight drift
+    # (--eval-every) and the samples table (--log-samples-every).
+    policy, engine, _, _, diagnostics = runs["on"]
+    rollouts = sample_rollouts(engine, task, args.steps + 1, base, rank=0, world=1)
+    adv, _ = group_advantages(rollouts.rewards(), base.adv_std_norm)
+    with tempfile.TemporaryDirectory() as tmp:
+        step = base.attn_every  # entropy due, heatmaps not (unless the cadences coincide)
+        _, t_entropy = timed(lambda: diagnostics.attention(policy, step, False, Path(tmp)), device)
+        _, t_heat = timed(lambda: diagnostics.attention(policy, 0, True, Path(tmp)), device)
+    _, t_plain = timed(lambda: diagnostics.measure(policy, rollouts, 1), device)
+    _, t_look = timed(lambda: diagnostics.measure(policy, rollouts, 0), device)  # shares too
+    _, t_drift = timed(lambda: diagnostics.weight_drift(policy), device)
+    _, t_samples = timed(lambda: diagnostics.samples(rollouts, adv, 1), device)
+    parts = {
+        "attention entropy": t_entropy / base.attn_every,
+        "heatmaps": max(t_heat - t_entropy, 0.0) / base.attn_heatmap_every,
+        "answer attention shares": max(t_look - t_plain, 0.0) / base.attn_every,
+        "weight drift": t_drift / base.eval_every,
+        "samples table": t_samples / base.log_samples_every,
+    }
+    amortised = sum(parts.values())
     on = sum(times["on"]) / len(times["on"]) + amortised
     off = sum(times["off"]) / len(times["off"])
     print(
@@ -311,12 +332,11 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
     )
     print(f"  diagnostics off (--no-diagnostics, --kl-coef 0): {off:6.3f} s/step")
     print(
-        "  diagnostics on  (reference forward, KL, margins; "
-        f"attention entropy every {base.attn_every} "
-        f"and heatmaps every {base.attn_heatmap_every} steps, "
-        f"{amortised * 1000:.1f} ms/step amortised): "
-        f"{on:6.3f} s/step"
+        "  diagnostics on  (every step: reference forward, KLs, margins, logit lens, token "
+        f"entropy; at their cadences, {amortised * 1000:.1f} ms/step amortised): {on:6.3f} s/step"
     )
+    for name, seconds in parts.items():
+        print(f"    {name:24s} {seconds * 1000:8.2f} ms/step amortised")
     print(f"  ratio on / off: {on / off:.3f}")
 
 

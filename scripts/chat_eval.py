@@ -15,8 +15,10 @@ Two ways to score each multiple-choice problem (nanochat/mc_eval.py, shared with
   without reasoning, the quantity whose letter distribution the RL diagnostics track.
 
 For both: a confusion matrix (gold x predicted, "none" when no letter is found), the predicted
-letter distribution, and two baselines of the split: chance (20%) and always answering its most
-frequent gold letter. Each rank takes problems rank::world_size; counts are summed over ranks.
+letter distribution, the recall of each gold letter (accuracy on the problems whose gold letter it
+is) with the population std of those recalls, and two baselines of the split: chance (20%) and
+always answering its most frequent gold letter. Each rank takes problems rank::world_size; counts
+are summed over ranks.
 
 Output: <base>/runs/<run>/chat_eval.jsonl, one line per (task, mode), e.g.
   {"source": "sft", "task": "aqua", "split": "test", "mode": "generative", "acc": 0.31, ...}
@@ -34,7 +36,13 @@ import time
 from nanochat.checkpoint import load_model
 from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
 from nanochat.engine import Engine
-from nanochat.mc_eval import LetterScorer, categorical_eval, generative_eval
+from nanochat.mc_eval import (
+    LetterScorer,
+    categorical_eval,
+    generative_eval,
+    letter_recall,
+    recall_std,
+)
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, make_tracker
 from tasks.aqua import AQUA_LETTERS
@@ -153,6 +161,7 @@ def result_row(args, task, mode: str, gold: list[int], pred: list[int]) -> dict:
     correct = sum(counts[j][j] for j in range(len(LETTERS)))
     golds = {letter: sum(row) for letter, row in zip(LETTERS, counts)}
     top_letter = max(LETTERS, key=lambda letter: golds[letter])
+    recall = letter_recall(gold, pred)
     return {
         "source": args.source,
         "task": task.name,
@@ -169,6 +178,10 @@ def result_row(args, task, mode: str, gold: list[int], pred: list[int]) -> dict:
         "confusion": {
             g: {lab: v for lab, v in zip(PRED_LABELS, row)} for g, row in zip(LETTERS, counts)
         },
+        # accuracy per gold letter (letters with no problem left out) and the population std of
+        # those recalls: a model that favours some letters has a large one at any accuracy
+        "letter_recall": recall,
+        "letter_recall_std": recall_std(recall),
     }
 
 
@@ -241,6 +254,8 @@ def print_row(row: dict) -> None:
         f"always-{row['most_frequent_letter']} {row['most_frequent_acc']:.3f} | "
         f"predicted {row['pred_counts']}"
     )
+    recall = " ".join(f"{letter} {r:.3f}" for letter, r in row["letter_recall"].items())
+    print0(f"  recall per gold letter: {recall} (std {row['letter_recall_std']:.3f})")
 
 
 def report_markdown(args, tag: str, step, rows: list[dict]) -> str:

@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
         last = step == cfg.num_steps
         if last or step == start_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             last_eval = evaluate(engine, val_task, n_eval, cfg, kept)
-            tracker.log(last_eval, step=step)
+            drift = diagnostics.weight_drift(model) if rank == 0 else {}
+            tracker.log({**last_eval, **drift}, step=step)
             print0(f"step {step:04d}/{cfg.num_steps} | eval " + _format(last_eval))
         if rank == 0 and (
             attn := diagnostics.attention(model, step, last, report_dir(base_dir, cfg.run))
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
         set_lr(optimizers, cfg.init_lr_frac * lrm)
         rollouts = sample_rollouts(engine, train_task, step, cfg, rank, world)  # 1, 2 (rewards)
         adv, zero_signal = rl.group_advantages(rollouts.rewards(), cfg.adv_std_norm)  # 3
-        moved = diagnostics.measure(model, rollouts)  # 5: the policy before the update
+        moved = diagnostics.measure(model, rollouts, step)  # 5: the policy before the update
         update = rl.policy_update(  # 4
             model, ref_model, optimizers, rollouts.groups, adv, zero_signal, cfg, info, pad_id
         )
@@ -147,6 +148,8 @@ def main(argv=None) -> dict:
         metrics = step_metrics(rollouts, zero_signal, update, moved, train_task, cfg, info)
         metrics.update({"rl/lr": cfg.matrix_lr * cfg.init_lr_frac * lrm, "rl/lrm": lrm})
         metrics["rl/step_time_s"] = timer.last
+        if rank == 0 and cfg.log_samples_every > 0 and step % cfg.log_samples_every == 0:
+            metrics.update(diagnostics.samples(rollouts, adv, step))
         metrics["rl/format_bonus"] = format_bonus(
             cfg.format_reward, cfg.format_anneal_steps, step - 1
         )
@@ -295,6 +298,9 @@ def evaluate(engine, task, n: int, cfg, kept: dict) -> dict:
         seed=cfg.seed * 7,
     )
     out = {"rl/acc": res.acc}
+    # per-letter recall: a bias toward some letters shows as spread, whatever the gold mix
+    out.update({f"rl/eval_letter_recall/{k}": v for k, v in res.letter_recall.items()})
+    out["rl/eval_letter_recall_std"] = res.letter_recall_std
     if cfg.eval_samples > 1:
         out[f"rl/pass@{cfg.eval_samples}"] = res.pass_at_k
         out["rl/eval_sample_acc"] = res.sample_acc

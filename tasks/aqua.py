@@ -476,9 +476,13 @@ def clean_rationale(rationale: str) -> str:
     return head.rstrip()
 
 
+def option_line(letter: str, value: str) -> str:
+    return f"{letter}) {value}"
+
+
 def render_aqua_prompt(question: str, values: list[str], letters=AQUA_LETTERS) -> str:
     """The user message shared by AquaRat and SyntheticAqua."""
-    opts = "\n".join(f"{letter}) {v}" for letter, v in zip(letters, values))
+    opts = "\n".join(option_line(letter, v) for letter, v in zip(letters, values))
     return f"{question.strip()}\n\n{opts}\n\n{AQUA_INSTRUCTION}"
 
 
@@ -511,6 +515,14 @@ class AquaStyleTask(Task):
 
     def predicted_letter(self, conversation: dict, completion: str) -> str | None:
         return extract_letter(completion, conversation.get("options"))
+
+    def prompt_parts(self, conversation: dict) -> list[tuple[str, str]]:
+        """The labelled pieces of the user message, in order, as its text has them: ("question",
+        the question), then (letter, that option's line) for each option."""
+        lines = [option_line(o[0], o[2:]) for o in conversation["options"]]
+        content = conversation["messages"][0]["content"]
+        question = content[: content.find(lines[0])].rstrip()
+        return [("question", question), *zip(self.letters, lines)]
 
     def reward(
         self, conversation: dict, completion: str, finished: bool, format_bonus: float = 0.0

@@ -428,6 +428,29 @@ def test_chat_eval_writes_jsonl_and_report(base_dir):
     assert cat["scoring"] == "single-token logits" and cat["pred_counts"]["none"] == 0
     assert rows == lines or len(rows) == 2
     assert "synthetic_aqua" in (base_dir / "report" / "local" / "chat_eval_sft.md").read_text()
+    for r in lines:  # recall per gold letter present, from the same gold and predicted letters
+        assert set(r["letter_recall"]) == {g for g, n in r["gold_counts"].items() if n}
+        assert r["letter_recall"] == {
+            g: r["confusion"][g][g] / r["gold_counts"][g] for g in r["letter_recall"]
+        }
+
+
+def test_letter_recall_by_hand():
+    from nanochat.mc_eval import GenerativeResult
+
+    # gold A A B C C C, greedy A none B C A B: A 1/2, B 1/1, C 1/3; D and E have no problems
+    res = GenerativeResult(
+        gold=[0, 0, 1, 2, 2, 2],
+        greedy=[0, 5, 1, 2, 0, 1],
+        greedy_tokens=[1] * 6,
+        sample_hits=[0] * 6,
+        k=1,
+        texts={},
+    )
+    assert res.letter_recall == pytest.approx({"A": 0.5, "B": 1.0, "C": 1 / 3})
+    mean = (0.5 + 1.0 + 1 / 3) / 3
+    std = (((0.5 - mean) ** 2 + (1.0 - mean) ** 2 + (1 / 3 - mean) ** 2) / 3) ** 0.5
+    assert res.letter_recall_std == pytest.approx(std) and std == pytest.approx(0.2832, abs=1e-4)
 
 
 def tiny_gpt(vocab_size: int, seed: int, sequence_len: int = 64) -> GPT:

@@ -73,23 +73,23 @@ def test_greedy_equals_argmax_of_full_forwards(tok):
     assert res.masks[0] == [1] * len(seq)
 
 
-def test_logprobs_and_watched_logits_match_full_forward(tok):
+def test_logprobs_and_entropies_match_full_forward(tok):
     model = make_model(tok)
     ids = prompt(tok)
-    watch = [3, 65, 200]
     res = Engine(model, tok).generate_multi(
-        [ids], num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seeds=[3], watch_ids=watch
+        [ids], num_samples=3, max_tokens=12, temperature=1.3, top_k=20, seeds=[3], entropies=True
     )[0]
-    for seq, lps, watched in zip(res.sequences, res.logprobs, res.watched):
-        assert len(seq) == len(lps) == len(watched)
+    for seq, lps, ents in zip(res.sequences, res.logprobs, res.entropies):
+        assert len(seq) == len(lps) == len(ents)
         full = torch.tensor([ids + seq])
         with torch.no_grad():
             logits = model(full)[0].float()
         logp = F.log_softmax(logits, dim=-1)
         expected = [float(logp[len(ids) - 1 + t, tok_id]) for t, tok_id in enumerate(seq)]
         assert lps == pytest.approx(expected, abs=1e-4)
-        for t, row in enumerate(watched):
-            assert row == pytest.approx(logits[len(ids) - 1 + t, watch].tolist(), abs=1e-4)
+        # the entropy of the temperature-1 distribution, -sum p log p, before top-k
+        at = logp[len(ids) - 1 : len(ids) - 1 + len(seq)]
+        assert ents == pytest.approx((-(at.exp() * at).sum(-1)).tolist(), abs=1e-4)
 
 
 def test_counter_based_sampling_draws_the_filtered_distribution():
@@ -301,7 +301,7 @@ def test_static_decode_step_eager_and_compiled_match_the_engine(tok):
 
     model = make_model(tok, stop_boost=3.0)
     prompts = [prompt(tok, "Hi"), prompt(tok, "What is 7 times 8?")]
-    kw = dict(num_samples=3, max_tokens=12, temperature=1.0, seeds=[3, 4], watch_ids=[3, 65])
+    kw = dict(num_samples=3, max_tokens=12, temperature=1.0, seeds=[3, 4], entropies=True)
     plain = Engine(model, tok, compile_decode=False).generate_multi(prompts, **kw)
     assert len({len(s) for r in plain for s in r.sequences}) > 1
     static = Engine(model, tok, compile_decode=False)
@@ -313,5 +313,5 @@ def test_static_decode_step_eager_and_compiled_match_the_engine(tok):
             assert a.sequences == b.sequences and a.finished == b.finished
             for x, y in zip(a.logprobs, b.logprobs):
                 assert x == pytest.approx(y, abs=1e-4)
-            for x, y in zip(a.watched, b.watched):
+            for x, y in zip(a.entropies, b.entropies):
                 assert torch.tensor(x) == pytest.approx(torch.tensor(y), abs=1e-4)

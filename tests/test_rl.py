@@ -325,6 +325,125 @@ def test_answer_letter_position_finds_the_last_answer():
     assert diag.answer_letter_position(tok.encode("Answer: 42"), tok, letter_ids) is None
 
 
+def test_locate_finds_prompt_parts_and_heatmap_spans():
+    tok = tiny_tokenizer()
+    task = SyntheticAqua("validation", num_examples=1)
+    conv = task[0]
+    ids = tok.render_conversation(conv, max_tokens=512)[0]
+    parts = task.prompt_parts(conv)
+    found = diag.locate(ids, tok, [text for _, text in parts])
+    for (label, text), (start, end) in zip(parts, found):
+        decoded = tok.decode(ids[start:end])
+        assert text in decoded and len(decoded) < len(text) + 8, (label, decoded)
+    assert [span[0] for span in found] == sorted(span[0] for span in found)
+    assert diag.locate(ids, tok, ["not in there"]) == [None]
+    cfg = _rl_args(attn_probes=1)
+    spans = diag.Diagnostics(cfg, None, tok, task, task, 512, 0).probe_spans(conv, ids)
+    labels = [label for label, _, _ in spans]
+    assert labels == ["question", "A", "B", "C", "D", "E", "answer", "letter"]
+    letter = spans[-1][1]
+    assert tok.decode([ids[letter]]).strip() == conv["answer"]
+
+
+def test_logit_lens_by_hand_and_at_the_last_layer():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(tiny_config(tok))
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight.normal_(0.0, 0.2)
+    x = torch.randint(0, tok.get_vocab_size(), (1, 7))
+    residuals = []
+    with torch.no_grad():
+        logits = model(x, residual_capture=residuals)
+    assert len(residuals) == 2
+    ids = [5, 9, 11]
+    # by hand: RMS norm, the three rows of lm_head, the soft cap
+    r = residuals[0][0, 3]
+    normed = r / r.pow(2).mean().add(torch.finfo(r.dtype).eps).sqrt()
+    raw = model.lm_head.weight[ids] @ normed
+    cap = model.config.softcap
+    expected = cap * torch.tanh(raw / cap) if cap else raw
+    lens = model.lens_logits(residuals[0][0, 3], ids)
+    assert lens.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    # the last layer's lens is the model's own logits
+    last = model.lens_logits(residuals[-1][0], ids)
+    torch.testing.assert_close(last, logits[0][:, ids], atol=1e-5, rtol=0)
+
+
+def test_answer_attention_shares_by_hand(monkeypatch):
+    """The shares of the answer position's attention over the gold option, the other options, the
+    completion and the rest of the prompt, against a plain forward's attention probabilities;
+    the policy-minus-reference lens margins and the KLs are exactly 0 at step 0."""
+    tok = tiny_tokenizer()
+    model, ref = _tiny_policy(tok)
+    with torch.no_grad():
+        for m in (model, ref):
+            for block in m.transformer.h:
+                block.attn.c_q.weight.mul_(4)  # not the near-uniform attention of the init
+    task = SyntheticAqua("train", num_examples=1)
+    conv = task[0]
+    prompt = tok.render_for_completion(conv)
+    end = tok.encode_special("<|assistant_end|>")
+    group = []
+    for text in ("so Answer: B", "Answer: " + conv["answer"]):
+        ids = prompt + tok.encode(text) + [end]
+        group.append(
+            Completion(ids, len(prompt), [0.0] * (len(ids) - len(prompt)), True, text, 0, 0)
+        )
+    diagnostics = Diagnostics(_rl_args(num_samples=2), ref, tok, task, task, 512, end)
+    positions = [diagnostics._letter_position(c) for c in group]
+    out = diagnostics.score_group(model, group, positions, conv, attention=True)
+    for key in ("kl_seq", "kl_letter"):
+        assert max(abs(v) for v in out[key]) <= 1e-6
+    for i in (0, 1):
+        assert out[f"lens/layer_{i}"] == out[f"lens_ref/layer_{i}"]
+    assert out["lens/layer_1"] == pytest.approx(out["margin"], abs=1e-4)  # the last layer
+    parts = task.prompt_parts(conv)
+    spans = dict(
+        zip([label for label, _ in parts], diag.locate(prompt, tok, [t for _, t in parts]))
+    )
+    for r, c in enumerate(group):
+        probs = []
+        with torch.no_grad():
+            model(torch.tensor([c.ids]), attn_capture=probs)
+        query = c.prompt_len + positions[r] - 1  # the position that emits the letter
+        for i, layer in enumerate(probs):
+            p = layer[0, :, query].mean(0)
+            gold = sum(p[slice(*spans[conv["answer"]])].tolist())
+            others = sum(sum(p[slice(*spans[k])].tolist()) for k in "ABCDE" if k != conv["answer"])
+            completion = sum(p[c.prompt_len :].tolist())
+            by_hand = [gold, others, completion, 1.0 - gold - others - completion]
+            got = [out[f"answer_to/{s}/layer_{i}"][r] for s in diag.SPANS]
+            assert got == pytest.approx(by_hand, abs=1e-5)
+            assert sum(got) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_token_entropy_summary_and_weight_drift_by_hand():
+    summary = diag.entropy_summary([0.0, 0.5, 1.0, 2.0, 4.0])
+    assert summary["rl/token_entropy_mean"] == pytest.approx(1.5)
+    assert summary["rl/token_entropy_p50"] == pytest.approx(1.0)
+    assert summary["rl/token_entropy_p90"] == pytest.approx(3.2)  # linear between 2 and 4
+    assert summary["rl/high_entropy_frac"] == pytest.approx(0.4)  # 2 and 4 nats are above 1
+    tok = tiny_tokenizer()
+    model, ref = _tiny_policy(tok)
+    drift = diag.weight_drift(model, ref)
+    assert set(drift) == {
+        f"rl/weight_drift/{g}" for g in ("layer_0", "layer_1", "embedding", "lm_head")
+    }
+    assert all(v == 0.0 for v in drift.values())  # step 0: the policy is the reference
+    block = model.transformer.h[1]
+    with torch.no_grad():
+        block.mlp.c_fc.weight.add_(0.01)
+    layer = [p for n, p in ref.named_parameters() if n.startswith("transformer.h.1.")]
+    base = math.sqrt(sum(p.pow(2).sum().item() for p in layer))
+    change = 0.01 * math.sqrt(block.mlp.c_fc.weight.numel())
+    drift = diag.weight_drift(model, ref)
+    assert drift["rl/weight_drift/layer_1"] == pytest.approx(change / base, rel=1e-4)
+    assert drift["rl/weight_drift/layer_0"] == 0.0 == drift["rl/weight_drift/lm_head"]
+
+
 def test_attention_entropy_reduces_inside_attention():
     torch.manual_seed(0)
     model = GPT(
@@ -391,7 +510,7 @@ def _diagnose_and_train(model, ref, optimizers, rollouts, adv, zero, cfg, tok) -
     """What one step of chat_rl's loop does with a rollout: diagnose it, then train on it."""
     pad = tok.encode_special("<|assistant_end|>")
     task = SyntheticAqua("train", num_examples=1)
-    _, moved = Diagnostics(cfg, ref, tok, task, task, 512, pad).measure(model, rollouts)
+    _, moved = Diagnostics(cfg, ref, tok, task, task, 512, pad).measure(model, rollouts, 1)
     groups = rollouts.groups
     return {**moved, **policy_update(model, ref, optimizers, groups, adv, zero, cfg, CPU, pad)}
 
@@ -458,7 +577,7 @@ def test_kl_is_zero_at_step_zero_on_engine_rollouts(dtype, monkeypatch):
     pad = tok.encode_special("<|assistant_end|>")
     diagnostics = Diagnostics(_rl_args(num_samples=4), ref, tok, task, task, 512, pad)
     positions = [len(seq) // 2 for seq in res.sequences]  # any position: the letter KL reads it
-    moved = diagnostics.score_group(model, group, positions, gold=0)
+    moved = diagnostics.score_group(model, group, positions, task[0], attention=True)
     assert len(moved["kl_seq"]) == 4 and len(moved["kl_letter"]) == 4
     for key in ("kl_seq", "kl_seq_k3", "kl_letter"):
         assert max(abs(v) for v in moved[key]) <= 1e-6, (key, moved[key])
@@ -605,7 +724,8 @@ def rl(args):
 def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     use_checkpoint(answering_sft, base_dir)
-    out = rl(TINY_RL + ["--num-steps", "4", "--save-every", "2", "--run", "e2e"])
+    flags = ["--num-steps", "4", "--save-every", "2", "--run", "e2e", "--log-samples-every", "2"]
+    out = rl(TINY_RL + flags)
     assert 0.0 <= out["acc"] <= 1.0
     rows = read_jsonl(base_dir / "runs" / "e2e" / "rl.jsonl")
     logged = [r for r in rows if "step" in r]
@@ -635,8 +755,21 @@ def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, m
         }
         | {f"rl/letter_pred_counts/{k}" for k in "ABCDE"}
         | {"rl/letter_pred_counts/none"}
+        | {f"rl/lens_margin/layer_{i}" for i in (0, 1)}
+        | {f"rl/lens_margin_ref/layer_{i}" for i in (0, 1)}
+        | {f"attn/answer_to/{s}/layer_{i}" for s in diag.SPANS for i in (0, 1)}
+        | {f"attn/answer_to/{s}" for s in diag.SPANS}
+        | {"rl/token_entropy_mean", "rl/token_entropy_p50", "rl/token_entropy_p90"}
+        | {"rl/high_entropy_frac", "rl/eval_letter_recall_std", "rl/samples"}
+        | {f"rl/weight_drift/{g}" for g in ("layer_0", "layer_1", "embedding", "lm_head")}
     )
     assert required <= keys, required - keys
+    assert any(k.startswith("rl/eval_letter_recall/") for k in keys)
+    samples = read_jsonl(base_dir / "runs" / "e2e" / "rl_samples.jsonl")
+    assert {r["step"] for r in samples} == {2, 4} and {"text", "advantage"} <= set(samples[0])
+    drift = [r for r in logged if "rl/weight_drift/layer_0" in r]
+    assert drift[0]["step"] == 0 and drift[0]["rl/weight_drift/layer_0"] == 0.0
+    assert drift[-1]["rl/weight_drift/layer_0"] > 0.0  # it moved
     steps = [r for r in logged if "rl/mean_reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:  # the counts cover every completion of the step
@@ -645,6 +778,9 @@ def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, m
         0.0, abs=1e-6
     )  # step 0: policy == reference
     assert steps[0]["rl/kl_letter_mean"] == pytest.approx(0.0, abs=1e-6)
+    for i in (0, 1):  # the same weights read through the same forward: the lens agrees exactly
+        lens = steps[0][f"rl/lens_margin/layer_{i}"]
+        assert lens == steps[0][f"rl/lens_margin_ref/layer_{i}"]
     # it moved
     assert steps[-1]["rl/kl_sequence_k3_mean"] > 0 and steps[-1]["rl/kl_letter_mean"] > 0
     assert any(
@@ -655,7 +791,9 @@ def test_chat_rl_logs_every_metric_to_jsonl_and_wandb(answering_sft, base_dir, m
     ).exists()
     history = read_offline_wandb(base_dir / "runs" / "e2e")
     wandb_keys = set().union(*history)
-    assert required <= wandb_keys, required - wandb_keys  # every dashboard name reached W&B too
+    # every dashboard name reached W&B too (a table as rl/samples/_type, /path, ...)
+    wandb_keys |= {k.rsplit("/", 1)[0] for k in wandb_keys if k.endswith("/_type")}
+    assert required <= wandb_keys, required - wandb_keys
     assert any(k.startswith("rl/letter_margin_hist") for k in wandb_keys)
     assert any(k.startswith("attn/heatmap/layer_0") for k in wandb_keys)
     assert find_last_step(checkpoint_dir("rl", "d2")) == 4

@@ -2,12 +2,15 @@
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 
+import pytest
+
 from nanochat import tracking
 from nanochat.report import generate_report, write_section
-from nanochat.tracking import Tracker, read_jsonl, wandb_mode
+from nanochat.tracking import Table, Tracker, read_jsonl, wandb_mode
 
 
 def test_wandb_mode_follows_wandb_variables(monkeypatch):
@@ -38,6 +41,55 @@ def test_tracker_offline_wandb_and_jsonl(base_dir, monkeypatch, capsys):
     assert any(r.get("event") == "summary" and r["final_loss"] == 1.0 for r in rows)
     offline_runs = list((base_dir / "runs" / "t1" / "wandb").glob("offline-run-*"))
     assert offline_runs, "a real offline W&B run directory should exist for `wandb sync`"
+
+
+def test_tracker_logs_tables_to_wandb_and_a_jsonl_beside_the_stage_log(base_dir, monkeypatch):
+    """A Table reaches the offline W&B run's history as a table, the stage's line holds a
+    reference to it, and its rows land one JSON object each in the file it names."""
+    from test_rl import read_offline_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    columns = ["step", "question", "text", "letter", "reward", "advantage"]
+    tracker = Tracker("rl", run="tab", config={})
+    for step in (2, 4):
+        rows = [
+            [step, "q1", "x | y\nAnswer: B", "B", 1.0, 0.5],
+            [step, "q2", "no idea", None, 0.0, -0.5],
+        ]
+        tracker.log(
+            {"rl/acc": 0.5, "rl/samples": Table(columns, rows, file="rl_samples.jsonl")}, step
+        )
+    tracker.finish()
+    run_dir = base_dir / "runs" / "tab"
+    logged = [r for r in read_jsonl(run_dir / "rl.jsonl") if "step" in r]
+    assert logged[-1]["rl/samples"] == {
+        "_type": "table",
+        "columns": columns,
+        "rows": 2,
+        "file": "rl_samples.jsonl",
+    }
+    samples = read_jsonl(run_dir / "rl_samples.jsonl")
+    assert [(r["step"], r["question"], r["letter"]) for r in samples] == [
+        (2, "q1", "B"),
+        (2, "q2", None),
+        (4, "q1", "B"),
+        (4, "q2", None),
+    ]
+    assert samples[0] == dict(zip(columns, [2, "q1", "x | y\nAnswer: B", "B", 1.0, 0.5]))
+    history = read_offline_wandb(run_dir)
+    tables = [row for row in history if row.get("rl/samples/_type") == '"table-file"']
+    assert [(row["_step"], row["rl/samples/nrows"]) for row in tables] == [("2", "2"), ("4", "2")]
+    # the table's data as W&B stored it, in the offline run's media folder
+    (files,) = run_dir.glob("wandb/offline-run-*/files")
+    stored = json.loads((files / json.loads(tables[-1]["rl/samples/path"])).read_text())
+    assert stored == {"columns": columns, "data": rows}
+
+
+def test_table_rejects_ragged_rows_and_paths():
+    with pytest.raises(ValueError, match="row 1 has 1 values for 2 columns"):
+        Table(["a", "b"], [[1, 2], [3]])
+    with pytest.raises(ValueError, match="bare file name"):
+        Table(["a"], [[1]], file="../elsewhere.jsonl")
 
 
 def test_tracker_survives_broken_wandb(base_dir, monkeypatch, capsys):
@@ -221,3 +273,136 @@ def test_report_reads_the_latest_run_of_a_stage_log():
     ]  # started over
     assert [r.get("x") for r in current_rows(rows[:5])] == [None, 1, None, 20]
     assert [r.get("x") for r in current_rows(rows)] == [None, 100]
+
+
+# ------------------------------------------------------------------ issue 28's RL plots and samples
+
+
+def diagnostic_rows(steps=(0, 10, 20), layers=2) -> list[dict]:
+    """rl.jsonl rows with every issue-28 diagnostic, values made from (step, layer) so that each
+    plotted number can be checked by hand."""
+    rows = []
+    for step in steps:
+        row = {
+            "step": step,
+            "rl/token_entropy_mean": 1.0 - step / 100,
+            "rl/token_entropy_p50": 0.8,
+            "rl/token_entropy_p90": 2.0,
+            "rl/high_entropy_frac": 0.2,
+        }
+        for i in range(layers):
+            row[f"rl/lens_margin/layer_{i}"] = step + 10 * i + 0.5
+            row[f"rl/lens_margin_ref/layer_{i}"] = 10 * i
+            shares = [0.1 + step / 100, 0.2, 0.3, 0.4 - step / 100]
+            for span, share in zip(
+                ["gold_option", "other_options", "completion", "prompt_rest"], shares
+            ):
+                row[f"attn/answer_to/{span}/layer_{i}"] = share
+        if step % 20 == 0:  # every --eval-every steps
+            row.update({f"rl/weight_drift/layer_{i}": step / 1000 * (i + 1) for i in range(layers)})
+            row.update({"rl/weight_drift/embedding": 0.001, "rl/weight_drift/lm_head": 0.002})
+            row.update({f"rl/eval_letter_recall/{x}": 0.5 for x in "ABCDE"})
+            row["rl/eval_letter_recall_std"] = 0.0
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_lens_margin_delta_is_policy_minus_reference():
+    from nanochat.report import lens_margin_delta
+
+    rows = diagnostic_rows(steps=(0, 10), layers=3)
+    del rows[1]["rl/lens_margin_ref/layer_2"]  # a step that lacks one side of a layer
+    rows.insert(1, {"step": 5, "rl/mean_reward": 0.5})  # a step with no lens at all
+    steps, layers, delta = lens_margin_delta(rows)
+    assert steps == [0, 10] and layers == [0, 1, 2]
+    assert delta.shape == (3, 2)  # layers on the rows (the heatmap's y axis), steps on columns
+    assert delta[:, 0].tolist() == [0.5, 0.5, 0.5] and delta[:2, 1].tolist() == [10.5, 10.5]
+    assert math.isnan(delta[2, 1])
+    assert lens_margin_delta([{"step": 0, "rl/lens_margin/layer_0": 1.0}]) is None  # no reference
+
+
+def test_report_draws_the_rl_diagnostics_and_the_last_samples(base_dir):
+    run_dir = base_dir / "runs" / "d"
+    columns = ["step", "question", "text", "letter", "reward", "advantage"]
+    rows = diagnostic_rows()
+    samples = []
+    for step in (10, 20, 20):  # step 20 twice: a resumed run redid it, the redone rows count
+        rows[step // 10]["rl/samples"] = {
+            "_type": "table",
+            "columns": columns,
+            "rows": 2,
+            "file": "rl_samples.jsonl",
+        }
+        samples += [
+            {
+                "step": step,
+                "question": f"q{step}",
+                "text": "a | b\nAnswer: C",
+                "letter": "C",
+                "reward": 1.0,
+                "advantage": 0.25,
+            },
+            {
+                "step": step,
+                "question": "long",
+                "text": "x" * 500,
+                "letter": None,
+                "reward": 0.0,
+                "advantage": -0.25,
+            },
+        ]
+    samples[-1]["question"] = "redone"
+    write_jsonl(run_dir / "rl.jsonl", rows)
+    write_jsonl(run_dir / "rl_samples.jsonl", samples)
+    report = generate_report(base_dir, "d").read_text()
+    rdir = base_dir / "report" / "d"
+    for png in [
+        "rl_lens_margin.png",
+        "rl_weight_drift.png",
+        "attn_answer_to.png",
+        "rl_token_entropy.png",
+        "rl_high_entropy.png",
+        "rl_letter_recall.png",
+    ]:
+        assert (rdir / png).stat().st_size > 1000, png
+        assert f"({png})" in report, png
+    section = report[report.index("## Samples (last logged step)") :]
+    section = section[: section.index("\n## ")]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    assert table[0] == "| step | question | text | letter | reward | advantage |"
+    # the last logged step's rows only, once: the two rows the redone step 20 wrote last
+    assert [line.split(" | ")[1] for line in table[2:]] == ["q20", "redone"]
+    assert table[2] == "| 20 | q20 | a \\| b ↵ Answer: C | C | 1 | 0.25 |"
+    assert "x" * 199 + "…" in table[3] and "x" * 200 not in table[3]
+    assert "rl_samples.jsonl" in section
+    missing = report[report.index("## Not in this report") :]
+    assert "Samples" not in missing and "Logit-lens" not in missing and "recall" not in missing
+
+
+def test_report_says_which_rl_diagnostics_are_missing(base_dir):
+    write_jsonl(base_dir / "runs" / "m" / "rl.jsonl", [{"step": 0, "rl/mean_reward": 0.5}])
+    report = generate_report(base_dir, "m").read_text()
+    missing = report[report.index("## Not in this report") :]
+    for line in [
+        "plot Logit-lens letter margin per layer, policy - reference: the rl stage logged no "
+        "rl/lens_margin/layer_* with rl/lens_margin_ref/layer_*",
+        "plot Weight drift from the reference per layer: the rl stage logged no rl/weight_drift/*",
+        "plot Answer-position attention per span and layer: the rl stage logged no "
+        "attn/answer_to/<span>/layer_*",
+        "plot Entropy of the policy at the sampled completions' tokens: the rl stage logged none "
+        "of rl/token_entropy_mean",
+        "plot High-entropy tokens in the sampled completions: the rl stage logged none of "
+        "rl/high_entropy_frac",
+        "plot Greedy recall per gold letter (RL evaluations): the rl stage logged none of "
+        "rl/eval_letter_recall/A",
+        "table Samples (last logged step): the rl stage logged no rl/samples",
+    ]:
+        assert f"- {line}" in missing, line
+    assert "## Samples" not in report
+    rdir = base_dir / "report" / "m"
+    assert not (rdir / "rl_lens_margin.png").exists() and not (rdir / "attn_answer_to.png").exists()
