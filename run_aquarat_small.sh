@@ -35,7 +35,7 @@ Usage: bash run_aquarat_small.sh [options]
                            and halved by base_train itself if a step still runs out of memory)
   --max-seq-len N          gpu profile: context of pretraining, mid-training and SFT (default 2048)
   --shards N               FineWeb-Edu shards to download for the gpu profile (default: enough for
-                           the depth's budget of 20 tokens per parameter, estimated: 38 at d8)
+                           the depth's budget of 20 tokens per parameter, estimated: 67 at d8)
   --aqua-data-dir DIR      local AQuA-RAT directory (original JSON-lines or prepared JSONL) instead of Hugging Face
   --seed N                 seed of the training stages (weight init, data order; default 42)
   --from STAGE             redo STAGE and every later one (training stages start over with --fresh):
@@ -563,16 +563,16 @@ elif [ "$PROFILE" = cpu ]; then
     # Tiny everything: the offline synthetic AQuA set is the data and the oracle (learnable in minutes).
     # 3-digit chunks: the synthetic corpus then holds its numbers (< 1000) as single tokens (~1700 ids).
     TOK=(--source synthetic --vocab-size 2048 --max-digits 3 --max-chars 2000000)
-    # 2 heads of 64: the shape of the runs measured in the README ("What the CPU profile shows").
+    # 2 heads of 64: the shape of the runs measured in docs/performance.md and docs/experiments.md.
     # No value embeddings here: with them pretraining reaches a lower loss, but mid-training and
-    # SFT score lower on the synthetic test problems (two seeds, README, Performance; issue 16).
+    # SFT score lower on the synthetic test problems (two seeds, docs/experiments.md; issue 16).
     BASE=(--value-embed-every 0 --depth 4 --aspect-ratio 32 --head-dim 64 --max-seq-len 256
           --source synthetic --device-batch-size 16 --total-batch-size 4096 --num-iterations 300
           --eval-every 100 --sample-every 150 --save-every 100)
     BASE_LOSS=(--source synthetic --device-batch-size 16 --split-tokens 131072)
     # Mid-training and SFT are easy synthetic problems; their rationales end by checking the options in
-    # order ("B) 12 yes"), which a tiny model learns in a few hundred steps (README, "What the CPU profile
-    # shows"). Mid-training: 32,000 problems = 1,000 steps; SFT: 500 steps over 8,000 of them.
+    # order ("B) 12 yes"), which a tiny model learns in a few hundred steps (docs/experiments.md, "The
+    # answer format"). Mid-training: 32,000 problems = 1,000 steps; SFT: 500 steps over 8,000 of them.
     MID=(--aqua-source synthetic --synthetic-examples 32000 --synthetic-difficulty easy
          --max-seq-len 256 --device-batch-size 32 --total-batch-size 32 --init-lr-frac 0.3
          --eval-every 250 --save-every 250)
@@ -580,7 +580,7 @@ elif [ "$PROFILE" = cpu ]; then
          --max-seq-len 256 --device-batch-size 16 --total-batch-size 16 --init-lr-frac 0.3
          --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
-    # RL: the README's measured setting ("What RL does to the CPU profile's model"): 240 steps of 32
+    # RL: the measured setting of docs/rl.md ("What RL does to the CPU profile's model"): 240 steps of 32
     # questions x 8 samples on fresh synthetic train problems, ~7 min on 2 cores.
     RL=(--aqua-source synthetic --synthetic-difficulty easy --examples-per-step 32 --num-samples 8
         --max-new-tokens 128 --num-steps 240 --init-lr-frac 0.05 --eval-every 80 --eval-problems 200

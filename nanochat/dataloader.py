@@ -11,7 +11,8 @@ packings:
   document is cropped to the space left and its tail is dropped. On documents of web-text lengths
   at 2048-token rows that discards 45% of the tokenised text (scripts/bench_dataloader.py), but at
   equal FLOPs it trained to a 0.08-0.10 nats/token lower loss than "continue" in the CPU benchmark
-  (README, Performance): the text it drops costs download and CPU, not GPU time.
+  (docs/performance.md, "Pretraining data loader"): the text it drops costs download and CPU,
+  not GPU time.
 
 Rank r reads every world_size-th unit (parquet row group, text block or synthetic seed:
 dataset.shard_units); a small corpus is looped over, one pass over this rank's units per epoch.
@@ -48,7 +49,7 @@ DEFAULT_BUFFER = {"continue": 1024, "legacy": 32}
 # the token budget by the pretraining packing's (dataset.shards_needed).
 KEPT_FRACTION = {"continue": 1.0, "legacy": 0.546}
 # The packing pretraining uses unless --packing says otherwise: the one that reached the lower loss
-# per FLOP in bench_pretrain_quality (two seeds, paired; README, Performance).
+# per FLOP in bench_pretrain_quality (two seeds, paired; docs/experiments.md, "Packing quality").
 PRETRAINING_PACKING = "legacy"
 
 

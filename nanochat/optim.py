@@ -236,7 +236,7 @@ class _Bucket:
             )
         else:
             # Old gloo: all-reduce everything and keep one's own part. Twice the bytes, the same
-            # result, state and checkpoints (the bytes in README's figures are reduce-scatter's).
+            # result, state and checkpoints (docs/performance.md's bytes are reduce-scatter's).
             self.handle = dist.all_reduce(send, op=dist.ReduceOp.SUM, async_op=True)
         self.send = send  # referenced until the collective finishes
 

@@ -724,8 +724,8 @@ def option_checks(values: list[str], position: int) -> list[str]:
 
     Why: naming the letter of the option that holds a computed value is a backward lookup (the
     letter comes before the value in "B) 12"), and tiny models did not learn it -- not from
-    problems, nor from 100,000+ lookup drills (README, "What the CPU profile shows"). Walking the
-    options forward needs only copying (letter -> its value, what induction heads do) and a
+    problems, nor from 100,000+ lookup drills (docs/experiments.md, "The answer format"). Walking
+    the options forward needs only copying (letter -> its value, what induction heads do) and a
     same-number test, which is learned in a few hundred steps. Each option is cut after its number
     ("C) 90 no" for "90 sq cm") so that the yes/no comes right after the number it judges; options
     the cut would make alike are shown whole."""
