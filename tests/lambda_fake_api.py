@@ -13,6 +13,8 @@ Scripted behaviour for failure tests:
   fake.no_capacity_launches = N   the next N launches answer insufficient-capacity
   fake.capacity = {type: [regions]}   what instance-types reports as available
   fake.boot_polls = N             GETs of an instance before it turns active (with fake.ip)
+  fake.ips = [IP, ...]            the public IPs of the instances in launch order (then fake.ip);
+                                  the k-th launched gets private IP 10.0.0.<k+2>
   fake.never_active = True        instances stay "booting" forever
   fake.launch_window = S          launches closer than S seconds apart get 429 (the documented
                                   limit)
@@ -189,6 +191,7 @@ class FakeLambda:
             "gpu_1x_h100_pcie": [],
         }
         self.instances = {}
+        self.ips = []
         self.boot_polls = 1
         self.never_active = False
         self.no_capacity_launches = 0
@@ -280,10 +283,11 @@ class FakeLambda:
             return
         self._polls[inst["id"]] = self._polls.get(inst["id"], 0) + 1
         if self._polls[inst["id"]] >= self.boot_polls:
+            k = list(self.instances).index(inst["id"])  # launch order
             inst.update(
                 status="active",
-                ip=self.ip,
-                private_ip="10.0.0.2",
+                ip=self.ips[k] if k < len(self.ips) else self.ip,
+                private_ip=f"10.0.0.{k + 2}",
                 hostname="fake-" + inst["id"][:8],
             )
             if self.on_active:

@@ -399,3 +399,130 @@ def test_deploy_hosts_starts_every_node_with_its_rank_node_0_first(
     ]
     assert sorted(started) == expected, started
     assert not fake.requests  # machines the user has: the Lambda API is not involved
+
+
+# -----------------------------------------------------------------------------
+# launch --nodes N: N new instances with one filesystem, started as `deploy --hosts` starts hosts
+
+
+def test_the_launchers_parameter_count_is_the_models():
+    """The launcher counts the orchestrator's parameters without torch; here, against the model."""
+    import torch
+
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.launcher.interconnect import VOCAB, model_params
+
+    for depth in (1, 7, 8, 11, 20):
+        with torch.device("meta"):
+            model = GPT(config_from_depth(depth, VOCAB))
+        assert model_params(depth) == (model.num_params(), model.num_budget_params()), depth
+
+
+def ethernet_figures():
+    """Depth 20 on two 8x H100 instances, by hand (docs/nodes.md's table)."""
+    # width 1280, 10 heads of 128; 12 x 1280^2 per layer; value embeddings on 10 of the 20 layers
+    # (a 32 x 10 gate each, a 65,536 x 1280 table each); embedding and lm_head 65,536 x 1280
+    tables = 10 * 65536 * 1280
+    budget = 20 * 12 * 1280**2 + 10 * 32 * 10 + 2 * 65536 * 1280
+    gradients = 4 * (budget + tables)  # fp32 bytes: 5.6 GB
+    exchange = 2 * (2 - 1) / 2 * gradients / (100e9 / 8)  # ring all-reduce at 100 Gbit/s
+    one = 6 * budget * 524288 / (8 * 989e12 * 0.35)  # one instance at 35% of an H100's peak
+    assert (f"{gradients / 1e9:.1f}", f"{exchange:.2f}", f"{one:.2f}") == ("5.6", "0.45", "0.64")
+    return [
+        "2 instances x $23.92/hour = $47.84/hour",
+        "no InfiniBand between them: the nodes exchange their gradients over ethernet",
+        "Depth 20 has 1.40 B parameters, 5.6 GB of fp32 gradients",
+        "2 x (2-1)/2, 5.6 GB, over each node's link every optimizer step: 0.45 s at an assumed "
+        "100 Gbit/s",
+        "561 M parameters x 6 FLOPs x 524,288 tokens",
+        f"takes {one / 2:.2f} s, so a step takes about {one / 2 + exchange:.2f} s against "
+        f"{one:.2f} s on one instance: {(one / 2 + exchange) / one:.1f}x slower",
+    ]
+
+
+def test_launch_nodes_refusals_and_dry_run(env, fake, project):
+    for flags, message in (
+        (["--nodes", "2"], "--nodes 2 needs --filesystem NAME"),
+        (["--nodes", "0"], "--nodes must be 1 or more"),
+        (["--nodes", "2", "--filesystem", "runs", "--command", "true"], "instead of --command"),
+    ):
+        proc, out = launcher(env, *launch_args(*flags))
+        assert proc.returncode == errors.EXIT_USAGE and message in out, out
+    flags = ["--nodes", "2", "--dry-run", "--repo", str(project), "--", "--depth", "20"]
+    proc, out = launcher(env, *fs_args(*flags))
+    assert proc.returncode == 0, out
+    assert "launch 2 x gpu_8x_h100_sxm5 in region us-west-1" in out
+    assert "--nnodes 2 --node-rank R --master-addr <node 0's private IP>" in out
+    assert "cost:      $47.84/hour; 1 h = $47.84" in out
+    for figure in ethernet_figures():
+        assert figure in out, figure
+    assert not fake.launches() and not fake.filesystems
+
+
+# The loopback "machines" share one disk, so both nodes' runs write one .launcher/ of the checkout:
+# like torchrun's rendezvous, node 0 waits for node 1 to join (through the shared base dir), so
+# that node 1's start never clears an exit code node 0 already wrote.
+NODES_PIPELINE = r"""#!/usr/bin/env bash
+args="$*"
+while [ $# -gt 0 ]; do
+  case "$1" in --node-rank) rank=$2; shift ;; --master-addr) master=$2; shift ;; esac; shift
+done
+echo "pipeline running with base $NANOCHAT_BASE_DIR, args: $args"
+joined="$NANOCHAT_BASE_DIR/joined_$master" done="$NANOCHAT_BASE_DIR/done_$master"
+[ "$rank" = 1 ] && touch "$joined"
+wait_for() { for _ in $(seq 300); do [ -e "$1" ] && return; sleep 0.05; done; exit 1; }
+if [ "$rank" = 0 ]; then
+  wait_for "$joined"; mkdir -p "$NANOCHAT_BASE_DIR/report"; touch "$done"
+else
+  wait_for "$done"
+fi
+echo "pipeline done"
+"""
+
+
+def test_launch_nodes_starts_node_0_first_terminates_all_and_resumes_on_as_many(
+    env, fake, sshd, project, tmp_path
+):
+    (project / "run_aquarat_small.sh").write_text(NODES_PIPELINE)
+    nfs = tmp_path / "nfs"
+    fake.nfs_root = str(nfs)
+    fake.ips = ["127.0.0.1", "127.0.0.2"] * 2  # the launch's two instances, then resume's two
+    remote = tmp_path / "remote_home"
+    flags = ["--nodes", "2", "--repo", str(project), *ssh_flags(sshd, remote), "--auto-terminate"]
+    flags += ["--dest", str(tmp_path / "results"), "--", "--depth", "20", "--run", "two"]
+    second = extra_sshd(sshd, "127.0.0.2")
+    try:
+        proc, out = launcher(env, *fs_args(*flags))
+        assert proc.returncode == 0, out
+        first = fake.launches()
+        resumed, out2 = launcher(env, "resume", "two", "--dest", str(tmp_path / "results2"))
+    finally:
+        second.kill()
+    for figure in ethernet_figures():
+        assert figure in out, figure
+    assert out.index("$47.84/hour") < out.index("Launching gpu_8x_h100_sxm5")  # said first
+    assert len(first) == 2 and not fake.running()
+    for r in first:
+        assert (
+            r["body"]["file_system_names"] == ["runs"] and r["body"]["region_name"] == "us-west-1"
+        )
+    assert out.index("node 0 of 2: 127.0.0.1") < out.index("node 1 of 2: 127.0.0.2")
+    ids = [i["id"] for i in fake.instances.values()]
+    assert f"Terminated {ids[0]}, {ids[1]} after" in out
+    records = state_of(env)
+    assert [records[i]["node_rank"] for i in ids[:2]] == [0, 1]
+    assert all(records[i]["nodes"] == ids[:2] for i in ids[:2])
+    log = (remote / "nanochat-aquarat" / ".launcher" / "run.log").read_text()
+    node = (
+        f"pipeline running with base {nfs / 'runs' / 'nanochat'}, args: --depth 20 --run two "
+        "--profile gpu --gpu-hourly-price 47.84 --nnodes 2 --node-rank {} "
+        "--master-addr 10.0.0.{} --master-port 29500"
+    )
+    started = [line for line in log.splitlines() if "args:" in line]
+    # master: node 0's private address as the API reports it (10.0.0.2; resume's node 0: .4)
+    assert started == [node.format(r, m) for m in (2, 4) for r in (0, 1)], started
+    # resume: two new instances in the filesystem's region, the same run, terminated after it
+    assert resumed.returncode == 0, out2
+    assert "on 2 new gpu_8x_h100_sxm5 in us-west-1 with filesystem runs" in out2
+    assert len(fake.launches()) == 4 and not fake.running()
+    assert f"Terminated {ids[2]}, {ids[3]} after" in out2

@@ -25,11 +25,12 @@ from nanochat.launcher.errors import (
 )
 from nanochat.launcher.launch import (
     DEFAULT_COMMAND,
+    check_nodes_flags,
     check_watch_flags,
     cmd_launch,
     cmd_resume,
 )
-from nanochat.launcher.nodes import cmd_deploy
+from nanochat.launcher.nodes import DEFAULT_MASTER_PORT, cmd_deploy
 from nanochat.launcher.settings import FORWARDED_ENV, REPO_ROOT, load_settings
 
 COMMANDS = {
@@ -100,6 +101,7 @@ def check_launch_args(args, remote_args):
             EXIT_USAGE,
         )
     check_watch_flags(args)
+    check_nodes_flags(args)
     for name in ("ssh_timeout", "active_timeout", "poll_interval"):
         if getattr(args, name) <= 0:
             raise LaunchError(f"--{name.replace('_', '-')} must be > 0", EXIT_USAGE)
@@ -269,7 +271,9 @@ def add_deploy_parser(sub, common):
         default=None,
         help="node 0's address as the other nodes reach it (default: the first host)",
     )
-    p.add_argument("--master-port", type=int, default=29500, help="default %(default)s")
+    p.add_argument(
+        "--master-port", type=int, default=DEFAULT_MASTER_PORT, help="default %(default)s"
+    )
     p.add_argument(
         "--remote-dir",
         default=DEFAULT_REMOTE_DIR,
@@ -284,6 +288,7 @@ def add_deploy_parser(sub, common):
     p.add_argument(
         "--forward-env", action="append", default=[], metavar="KEY", help="as for launch"
     )
+    p.set_defaults(command=None)  # deploy always runs the orchestrator (launch's --command)
 
 
 def add_launch_parser(sub, common):
@@ -367,6 +372,15 @@ def add_launch_parser(sub, common):
         help="keep the run (data, checkpoints, report) on this Lambda persistent filesystem, "
         "created in the region if it does not exist: the run then survives its instance "
         "(`resume`). See docs/nodes.md",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="launch N instances of the type in one region, all with --filesystem, and run the "
+        "pipeline across them (node 0 first); without InfiniBand they talk over ethernet: the "
+        "launcher prints the expected cost of that first. See docs/nodes.md (default 1)",
     )
     add_resume_budget_flags(p, default=False)
     p.add_argument(

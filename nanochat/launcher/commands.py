@@ -76,6 +76,8 @@ def status_line(inst, rec):
         f"{inst['id']}  {inst.get('name', '')}  {inst['instance_type']['name']}  "
         f"{inst['region']['name']}  {inst['status']}  ip={inst.get('ip', '-')}  {money(price)}/h"
     )
+    if rec.get("nodes"):
+        line += f"  node {rec['node_rank']} of {len(rec['nodes'])}"
     if rec.get("launched_at") and inst["status"] != "terminated":
         hours = hours_since(rec["launched_at"])
         line += f"  up {duration(hours)} ~{money(price * hours)}"

@@ -108,11 +108,14 @@ def instance_status(api, instance_id):
         raise api_failure(e, f"looking up instance {instance_id}") from e
 
 
-def lock_to_take_over(api, remote, base, run, this_instance):
+def lock_to_take_over(api, remote, base, run, this_instance, node_rank=0):
     """The instance id recorded with the run's lock on the filesystem, when the API reports that
     instance gone: the pipeline may then set its lock aside (a network filesystem can keep a dead
-    machine's lock). Never one the API still lists as running: that pipeline may be alive."""
-    owner_file = f"{shlex.quote(home_relative(base))}/runs/{shlex.quote(run)}/.lock_owner"
+    machine's lock). Never one the API still lists as running: that pipeline may be alive. Node
+    R > 0 of a run on several holds a lock of its own (the orchestrator's `.lock_node<R>`)."""
+    suffix = f"_node{node_rank}" if node_rank else ""
+    owner = f"runs/{shlex.quote(run)}/.lock_owner{suffix}"
+    owner_file = f"{shlex.quote(home_relative(base))}/{owner}"
     proc = remote.run(f"cat {owner_file} 2>/dev/null; true")
     match = re.search(r" instance (\S+) ", proc.stdout.decode(errors="replace"))
     if not match or match.group(1) in ("none", this_instance):

@@ -40,6 +40,7 @@ from nanochat.launcher.errors import (
     LaunchError,
 )
 from nanochat.launcher.fetch import default_dest, fetch_artifacts
+from nanochat.launcher.interconnect import ethernet_paragraph
 from nanochat.launcher.settings import remote_env_text, require_api_key
 from nanochat.launcher.ssh import Remote, check_key_usable, shown
 from nanochat.launcher.state import State, timestamp
@@ -59,7 +60,16 @@ def cmd_launch(args, settings):
             raise api_failure(e, "listing instance types") from e
         lookup_type(types, args.instance_type)
         filesystem.prepare(api, args, types)
-    return launch_and_run(api, State(), args, ssh_key, existing_ids, env_text)
+    return run_launch(api, State(), args, ssh_key, existing_ids, env_text)
+
+
+def run_launch(api, state, args, ssh_key, existing_ids, env_text):
+    if args.nodes > 1:
+        # nodes.py builds on this module (and `deploy --hosts`), so it is imported here
+        from nanochat.launcher.nodes import launch_nodes
+
+        return launch_nodes(api, state, args, ssh_key, existing_ids, env_text)
+    return launch_and_run(api, state, args, ssh_key, existing_ids, env_text)
 
 
 class Budget:
@@ -121,14 +131,8 @@ def launch_and_run(api, state, args, ssh_key, existing_ids, env_text):
             return after_launch(
                 api, state, args, instance_id, price, command, env_text, budget, launched
             )
-        except KeyboardInterrupt:
-            failure = LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
-        except LaunchError as e:
-            failure = e
-        except ApiError as e:
-            failure = api_failure(e, "API error after launch")
-        except Exception as e:  # a bug must not leave a billed instance behind either
-            failure = LaunchError(f"unexpected error: {type(e).__name__}: {e}", EXIT_ERROR)
+        except (KeyboardInterrupt, Exception) as e:
+            failure = failure_of(e)
         cleanup_after_failure(api, state, instance_id, args.keep_on_failure, failure)
         budget.add(price, launched)
         if not (isinstance(failure, InstanceLost) and args.filesystem):
@@ -152,6 +156,18 @@ def launch_and_run(api, state, args, ssh_key, existing_ids, env_text):
         existing_ids.add(instance_id)
         args.command, args.resumed_from = command, instance_id
         args.name = f"nanochat-aquarat-{secrets.token_hex(3)}"
+
+
+def failure_of(error):
+    """The LaunchError that ends a launch after `error`, once instances exist. Any exception
+    counts: a bug must not leave a billed instance behind either."""
+    if isinstance(error, KeyboardInterrupt):
+        return LaunchError("interrupted (Ctrl-C or signal)", EXIT_INTERRUPTED)
+    if isinstance(error, LaunchError):
+        return error
+    if isinstance(error, ApiError):
+        return api_failure(error, "API error after launch")
+    return LaunchError(f"unexpected error: {type(error).__name__}: {error}", EXIT_ERROR)
 
 
 def check_before_launching(args, settings):
@@ -366,6 +382,8 @@ RESUMABLE = (
     "remote_dir",
     "forward_env",
     "filesystem",
+    "nodes",
+    "run_args",  # a run on several nodes gets its node flags added to these at each start
 )
 
 
@@ -389,7 +407,7 @@ def remote_command(args, price_cents=None):
 
 
 def after_launch(api, state, args, instance_id, price, command, env_text, budget, launched):
-    remote = connect_when_active(api, state, args, instance_id, price, launched)
+    remote, _ = connect_when_active(api, state, args, instance_id, price, launched)
     if args.no_deploy:
         print(
             f"--no-deploy: nothing started. The instance keeps billing until "
@@ -430,6 +448,7 @@ def after_launch(api, state, args, instance_id, price, command, env_text, budget
 
 
 def connect_when_active(api, state, args, instance_id, price, launched):
+    """(a Remote for the instance once it is active, the API's view of it)."""
     inst = wait_active(api, instance_id, args.active_timeout, args.poll_interval)
     state.update(instance_id, ip=inst["ip"], status="active")
     if args.filesystem:
@@ -454,7 +473,7 @@ def connect_when_active(api, state, args, instance_id, price, launched):
         f"  SSH:  {remote.human_command()}   (or: uv run launch_lambda.py ssh {instance_id})\n"
         f"  Cost: {money(price)}/hour, ~{money(so_far)} so far"
     )
-    return remote
+    return remote, inst
 
 
 def wait_active(api, instance_id, timeout, poll):
@@ -482,7 +501,11 @@ def wait_active(api, instance_id, timeout, poll):
         time.sleep(poll)
 
 
-def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched, budget):
+def watch_fetch_terminate(
+    api, state, args, remote, instance_id, price, launched, budget, others=()
+):
+    """Follows the run on instance_id; when it ends well, fetches and terminates it and `others`
+    (the other nodes of a run on several; price is then all of theirs)."""
     print(
         "--auto-terminate: watching the run. Ctrl-C, or closing this terminal, fetches what the "
         "run has written so far and then terminates the instance (a second Ctrl-C skips the "
@@ -524,10 +547,12 @@ def watch_fetch_terminate(api, state, args, remote, instance_id, price, launched
             f"the remote command exited with code {code}; log and artifacts are in {dest}",
             EXIT_RUN_FAILED,
         )
-    print(f"Run finished OK. Terminating {instance_id} ...")
-    terminate_instance(api, state, instance_id)
+    ids = [instance_id, *others]
+    print(f"Run finished OK. Terminating {', '.join(ids)} ...")
+    for iid in ids:
+        terminate_instance(api, state, iid)
     print(
-        f"Terminated {instance_id} after {duration(hours)} (~{money(price * hours)}). "
+        f"Terminated {', '.join(ids)} after {duration(hours)} (~{money(price * hours)}). "
         f"Results in {dest}"
     )
     return EXIT_OK
@@ -601,11 +626,18 @@ def dry_run(api, args):
             except ApiError as e:
                 raise api_failure(e, "dry run") from e
             filesystem.prepare(api, args, types, create=False)
-    command = remote_command(args, price)
+    command = remote_command(args, None if price is None else price * args.nodes)
     wait = f" (wait up to {args.wait_capacity} min for capacity)" if args.wait_capacity else ""
+    count = f"{args.nodes} x " if args.nodes > 1 else ""
     print(
-        f"  plan:      launch {args.instance_type} in region {args.region} named {args.name}{wait}"
+        f"  plan:      launch {count}{args.instance_type} in region {args.region} named "
+        f"{args.name}{wait}"
     )
+    if args.nodes > 1:
+        print(
+            f"  nodes:     each runs the orchestrator with --nnodes {args.nodes} --node-rank R "
+            "--master-addr <node 0's private IP>, node 0 first"
+        )
     if args.no_deploy:
         print(
             "  then:      nothing (--no-deploy): print the SSH command "
@@ -627,8 +659,11 @@ def dry_run(api, args):
         print(f"  finally:   {afterwards}")
     if price is not None:
         hours = [args.max_hours] if args.max_hours else [1, 4, 8]
-        estimates = ", ".join(f"{h:g} h = {money(price * h)}" for h in hours)
-        print(f"  cost:      {money(price)}/hour; {estimates}")
+        total = price * args.nodes
+        estimates = ", ".join(f"{h:g} h = {money(total * h)}" for h in hours)
+        print(f"  cost:      {money(total)}/hour; {estimates}")
+        if args.nodes > 1:
+            print(ethernet_paragraph(args.nodes, args.gpus, price, args.run_args))
     if args.command is None:
         show_stage_plan(args, price)
     return EXIT_OK
@@ -704,22 +739,28 @@ def cmd_resume(args, settings):
             EXIT_USAGE,
         )
     api = LambdaAPI(args.api_base, require_api_key(settings))
-    status = filesystem.instance_status(api, old_id)
-    if status not in filesystem.GONE_OR_UNKNOWN:
-        # its pipeline may still run and write the same checkpoints: never two at once
-        raise LaunchError(
-            f"instance {old_id} of run {rec.get('run')} is still {status}: its pipeline may still "
-            f"be running. Follow it (uv run launch_lambda.py logs {old_id} --follow), or terminate "
-            f"it (uv run launch_lambda.py terminate {old_id}) and then resume.",
-            EXIT_USAGE,
-        )
-    if rec.get("status") != "terminated":
-        state.update(old_id, status="terminated")
+    for node_id in rec.get("nodes") or [old_id]:  # every node of a run on several
+        status = filesystem.instance_status(api, node_id)
+        if node_id == old_id:
+            old_status = status
+        if status not in filesystem.GONE_OR_UNKNOWN:
+            # its pipeline may still run and write the same checkpoints: never two at once
+            raise LaunchError(
+                f"instance {node_id} of run {rec.get('run')} is still {status}: its pipeline may "
+                f"still be running. Follow it (uv run launch_lambda.py logs {node_id} --follow), "
+                f"or terminate it (uv run launch_lambda.py terminate {node_id}) and then resume.",
+                EXIT_USAGE,
+            )
+        if (state.get(node_id) or {}).get("status") != "terminated":
+            state.update(node_id, status="terminated")
     launch = argparse.Namespace(**rec["launch"])
     for flag in ("auto_terminate", "max_hours", "auto_resume", "max_cost", "keep_on_failure"):
         if getattr(args, flag) is not None:
             setattr(launch, flag, getattr(args, flag))
+    launch.nodes = rec["launch"].get("nodes") or 1  # launches from before --nodes existed: 1
     launch.command, launch.run_args, launch.resumed_from = rec["command"], [], old_id
+    if launch.nodes > 1:  # each node's command is the run's flags plus its own node flags
+        launch.command, launch.run_args = None, rec["launch"]["run_args"]
     launch.name = f"nanochat-aquarat-{secrets.token_hex(3)}"
     launch.dest, launch.remote_base_dir, launch.dry_run, launch.no_deploy = (
         args.dest,
@@ -728,6 +769,7 @@ def cmd_resume(args, settings):
         False,
     )
     check_watch_flags(launch)
+    check_nodes_flags(launch)
     env_text = remote_env_text(settings, launch.forward_env)
     try:
         types = api.instance_types()
@@ -742,12 +784,13 @@ def cmd_resume(args, settings):
             EXIT_CONFIG,
         )
     filesystem.prepare(api, launch, types)
+    instances = f"{launch.nodes} new" if launch.nodes > 1 else "a new"
     print(
-        f"Resuming run {rec.get('run')} (its instance {old_id} is {status}) on a new "
+        f"Resuming run {rec.get('run')} (its instance {old_id} is {old_status}) on {instances} "
         f"{launch.instance_type} in {launch.region} with filesystem {launch.filesystem}: done "
         "stages are skipped, the interrupted one goes on from its last complete checkpoint."
     )
-    return launch_and_run(api, state, launch, launch.ssh_key_name, existing, env_text)
+    return run_launch(api, state, launch, launch.ssh_key_name, existing, env_text)
 
 
 def find_record(state, target):
@@ -798,3 +841,30 @@ def check_watch_flags(args):
                 "pipeline could still hold the run); it cannot be combined with --keep-on-failure",
                 EXIT_USAGE,
             )
+
+
+def check_nodes_flags(args):
+    """--nodes N: N instances, one run, the orchestrator on each with its --node-rank."""
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes must be 1 or more (got {args.nodes})", EXIT_USAGE)
+    if args.nodes == 1:
+        return
+    if not args.filesystem:
+        # each instance's own disk would scatter the checkpoint shards over the nodes
+        raise LaunchError(
+            f"--nodes {args.nodes} needs --filesystem NAME: the nodes keep the run (data, "
+            "checkpoints, report) in one base dir on a persistent filesystem they all mount",
+            EXIT_USAGE,
+        )
+    if args.command is not None:
+        raise LaunchError(
+            "--nodes starts the orchestrator on every node with its own --node-rank: give its "
+            "flags after -- instead of --command",
+            EXIT_USAGE,
+        )
+    if args.auto_resume:
+        raise LaunchError(
+            "--auto-resume replaces one lost instance; with --nodes, terminate the nodes and "
+            "`resume` the run (it relaunches every node)",
+            EXIT_USAGE,
+        )
