@@ -110,15 +110,13 @@ def sample_next(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    logp: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next ids (N,) from float logits (N, V), row i at uniform uniforms[i]: one batched op set.
-    logp: log_softmax(logits) when the caller has it (plain sampling then reuses it)."""
+    probs: softmax(logits) when the caller has it (plain sampling then reuses it)."""
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1)
-    if logp is not None and temperature == 1.0 and top_k is None and top_p is None:
-        probs = logp.exp()
-    else:
+    if probs is None or not (temperature == 1.0 and top_k is None and top_p is None):
         probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     # Inverse CDF: token j owns [cdf[j-1], cdf[j]); filtered tokens own empty intervals. The sum in
     # fp64 keeps each interval's length the token's fp32 probability (an fp32 cumsum over a 65k
@@ -251,12 +249,16 @@ def decode_steps(
     rows = torch.arange(n, device=device)  # batch position -> row
     live = torch.ones(n, dtype=torch.bool, device=device)
     stops = torch.tensor(sorted(stop_tokens) or [-1], device=device)
+    plain = temperature == 1.0 and top_k is None and top_p is None
     for step in range(max_tokens):
         logits = logits.float()
         logp = F.log_softmax(logits, dim=-1)
-        next_ids = sample_next(logits, uniforms[:, step], temperature, top_k, top_p, logp)
+        # the plain sampler draws from these, and the entropy reads them
+        probs = logp.exp() if plain or entropies else None
+        next_ids = sample_next(logits, uniforms[:, step], temperature, top_k, top_p, probs)
         logprobs = logp.gather(1, next_ids[:, None]).squeeze(1)
-        entropy = -(logp.exp() * logp).sum(-1) if entropies else None
+        # a dot product per row: no second (rows, vocab) temporary (fresh pages cost more than math)
+        entropy = -torch.linalg.vecdot(probs, logp) if entropies else None
         if stats is not None:
             stats["steps"] = stats.get("steps", 0) + 1
         yield rows, next_ids, logprobs, entropy, live
