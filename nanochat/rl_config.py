@@ -177,7 +177,7 @@ class RLConfig(FineTuningOptimizerKnobs, CheckpointKnobs, TrackingKnobs):
         resume_safe=True,
     )
     kl_sample_frac: float = knob(
-        0.125,
+        0.0625,
         "policy and reference score the groups of every round(1 / frac)-th question (the same "
         "ones on any number of ranks) with one prefill each: tracked KL and margins come from "
         "that subsample (those two forwards are the diagnostics' main cost; 1: every completion)",

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -93,6 +94,19 @@ def timed(fn, device):
     out = fn()
     synchronize(device)
     return out, time.time() - t0
+
+
+def trimmed_mean(values: list[float], cut: float = 0.1) -> float:
+    """The mean without the `cut` share of the largest and of the smallest values."""
+    values = sorted(values)
+    k = int(len(values) * cut)
+    return statistics.mean(values[k : len(values) - k])
+
+
+def best_of(fn, device, repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls after one untimed warm-up call."""
+    fn()
+    return min(timed(fn, device)[1] for _ in range(repeats))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,16 +274,35 @@ def bench_rollouts(engine, tokenizer, task, args, device):
     return figures
 
 
-def rl_step(step: int, run: tuple, ctx: SimpleNamespace) -> None:
-    """One chat_rl step of one setting: rollouts, advantages, diagnostics, update."""
-    policy, engine, optimizers, cfg, diagnostics = run
-    rollouts = sample_rollouts(engine, ctx.task, step, cfg, rank=0, world=1)
-    adv, zero = group_advantages(rollouts.rewards(), cfg.adv_std_norm)
-    diagnostics.measure(policy, rollouts, step)
-    policy_update(policy, ctx.ref, optimizers, rollouts.groups, adv, zero, cfg, ctx.info, ctx.pad)
+def rl_step(step: int, ctx: SimpleNamespace, device) -> dict:
+    """One chat_rl step, each diagnostics-dependent phase run in both settings on the same policy
+    (alternating which goes first) -> seconds per (setting, phase). The rollouts of the two
+    settings are the same tokens (the same seeds; only the entropies differ), so the update, run
+    once, is the same work in both."""
+    timings = {}
+    order = ["on", "off"] if step % 2 else ["off", "on"]
+    for name in order:
+        rollout = functools.partial(sample_rollouts, ctx.engine, ctx.task, step, ctx.settings[name])
+        timings[name, "rollout"] = timed(lambda f=rollout: f(0, 1), device)
+    rollouts = timings["on", "rollout"][0]
+    for name in order:
+        measure = functools.partial(ctx.diagnostics[name].measure, ctx.policy, rollouts, step)
+        timings[name, "measure"] = timed(measure, device)
+    adv, zero = group_advantages(rollouts.rewards(), ctx.settings["on"].adv_std_norm)
+    cfg, info, pad = ctx.settings["off"], ctx.info, ctx.pad
+    groups = rollouts.groups
+    _, t_update = timed(
+        lambda: policy_update(
+            ctx.policy, ctx.ref, ctx.optimizers, groups, adv, zero, cfg, info, pad
+        ),
+        device,
+    )
+    seconds = {key: t for key, (_, t) in timings.items()}
+    seconds["on", "update"] = seconds["off", "update"] = t_update
+    return seconds
 
 
-def bench_diagnostics(model, tokenizer, task, probes, args, device):
+def bench_diagnostics(model, tokenizer, task, args, device):
     flags = [
         "--num-samples",
         str(args.samples),
@@ -284,38 +317,41 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
         flags += ["--kl-sample-frac", str(args.kl_sample_frac)]
     base = parse_config(flags)
     settings = {"on": base, "off": dataclasses.replace(base, diagnostics=False, kl_coef=0.0)}
-    # what every step of both settings shares
     pad = tokenizer.encode_special("<|assistant_end|>")
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ctx = SimpleNamespace(task=task, info=DistInfo(False, 0, 0, 1, device), pad=pad, ref=ref)
-    runs = {}
-    for name, cfg in settings.items():
-        policy = copy.deepcopy(model).train()
+    policy = copy.deepcopy(model).train()
+    length = model.config.sequence_len
+    ctx = SimpleNamespace(
+        task=task,
+        info=DistInfo(False, 0, 0, 1, device),
+        pad=pad,
+        ref=ref,
+        policy=policy,
+        engine=Engine(policy, tokenizer),
         # as chat_rl does: the value-embedding tables frozen unless its flag says otherwise
-        optimizers = policy.setup_optimizers(value_embed_lr=cfg.value_embed_lr)
-        diagnostics = Diagnostics(cfg, ref, tokenizer, task, task, model.config.sequence_len, pad)
-        runs[name] = (policy, Engine(policy, tokenizer), optimizers, cfg, diagnostics)
-    times = {name: [] for name in settings}
-    for step in range(args.steps + 1):
-        for name, run in runs.items():
-            _, dt = timed(functools.partial(rl_step, step, run, ctx), device)
-            if step > 0:  # step 0 warms up
-                times[name].append(dt)
+        optimizers=policy.setup_optimizers(value_embed_lr=base.value_embed_lr),
+        settings=settings,
+        diagnostics={
+            n: Diagnostics(c, ref, tokenizer, task, task, length, pad) for n, c in settings.items()
+        },
+    )
+    steps = [rl_step(step, ctx, device) for step in range(args.steps + 1)][1:]  # step 0 warms up
     # What runs at a cadence, timed once and amortised over it: attention entropy on the probes
     # (--attn-every), heatmaps (--attn-heatmap-every), the answer position's attention shares
     # (the explicit attention path in the diagnostic forwards, --attn-every), weight drift
     # (--eval-every) and the samples table (--log-samples-every).
-    policy, engine, _, _, diagnostics = runs["on"]
-    rollouts = sample_rollouts(engine, task, args.steps + 1, base, rank=0, world=1)
+    diagnostics = ctx.diagnostics["on"]
+    rollouts = sample_rollouts(ctx.engine, task, args.steps + 1, base, rank=0, world=1)
     adv, _ = group_advantages(rollouts.rewards(), base.adv_std_norm)
     with tempfile.TemporaryDirectory() as tmp:
         step = base.attn_every  # entropy due, heatmaps not (unless the cadences coincide)
-        _, t_entropy = timed(lambda: diagnostics.attention(policy, step, False, Path(tmp)), device)
-        _, t_heat = timed(lambda: diagnostics.attention(policy, 0, True, Path(tmp)), device)
-    _, t_plain = timed(lambda: diagnostics.measure(policy, rollouts, 1), device)
-    _, t_look = timed(lambda: diagnostics.measure(policy, rollouts, 0), device)  # shares too
-    _, t_drift = timed(lambda: diagnostics.weight_drift(policy), device)
-    _, t_samples = timed(lambda: diagnostics.samples(rollouts, adv, 1), device)
+        t_entropy = best_of(lambda: diagnostics.attention(policy, step, False, Path(tmp)), device)
+        # (matplotlib's import and font cache, once per run, are left out by best_of's warm-up)
+        t_heat = best_of(lambda: diagnostics.attention(policy, 0, True, Path(tmp)), device)
+    t_plain = best_of(lambda: diagnostics.measure(policy, rollouts, 1), device)
+    t_look = best_of(lambda: diagnostics.measure(policy, rollouts, 0), device)  # shares too
+    t_drift = best_of(lambda: diagnostics.weight_drift(policy), device)
+    t_samples = best_of(lambda: diagnostics.samples(rollouts, adv, 1), device)
     parts = {
         "attention entropy": t_entropy / base.attn_every,
         "heatmaps": max(t_heat - t_entropy, 0.0) / base.attn_heatmap_every,
@@ -324,17 +360,24 @@ def bench_diagnostics(model, tokenizer, task, probes, args, device):
         "samples table": t_samples / base.log_samples_every,
     }
     amortised = sum(parts.values())
-    on = sum(times["on"]) / len(times["on"]) + amortised
-    off = sum(times["off"]) / len(times["off"])
-    print(
-        f"RL step time, {args.steps} steps each, interleaved "
-        f"(kl-sample-frac {base.kl_sample_frac}):"
-    )
+    # Step times swing by several percent on a shared machine, about what the diagnostics cost;
+    # the pairs above share the model, the step and the moment, so the mean of their per-step
+    # differences is the steadier figure (the 10% largest and smallest left out: a spike in one of
+    # a pair is not the diagnostics).
+    extra = {
+        phase: trimmed_mean([s["on", phase] - s["off", phase] for s in steps])
+        for phase in ("rollout", "measure", "update")
+    }
+    off = statistics.mean(sum(t for (name, _), t in s.items() if name == "off") for s in steps)
+    on = off + sum(extra.values()) + amortised
+    print(f"RL step time, {args.steps} steps (kl-sample-frac {base.kl_sample_frac}):")
     print(f"  diagnostics off (--no-diagnostics, --kl-coef 0): {off:6.3f} s/step")
     print(
         "  diagnostics on  (every step: reference forward, KLs, margins, logit lens, token "
         f"entropy; at their cadences, {amortised * 1000:.1f} ms/step amortised): {on:6.3f} s/step"
     )
+    for name, seconds in extra.items():
+        print(f"    {name:24s} {seconds * 1000:8.2f} ms/step more, paired on the same policy")
     for name, seconds in parts.items():
         print(f"    {name:24s} {seconds * 1000:8.2f} ms/step amortised")
     print(f"  ratio on / off: {on / off:.3f}")
@@ -373,14 +416,10 @@ def main(argv=None):
         synthetic_difficulty="easy", synthetic_seed=1, aqua_data_dir=args.aqua_data_dir
     )
     task = load_split(source_args, args.aqua_source, "train", 2000)
-    val = load_split(source_args, args.aqua_source, "validation", 8)
-    probes = [
-        tokenizer.render_conversation(val[i], max_tokens=cfg.sequence_len)[0] for i in range(4)
-    ]
     if args.only in (None, "rollouts"):
         bench_rollouts(Engine(model, tokenizer), tokenizer, task, args, device)
     if args.only in (None, "diagnostics"):
-        bench_diagnostics(model, tokenizer, task, probes, args, device)
+        bench_diagnostics(model, tokenizer, task, args, device)
 
 
 if __name__ == "__main__":
