@@ -256,10 +256,12 @@ def save_heatmaps(
         ax.set_ylabel("query")
         ax.set_xticks(starts, labels, rotation=90, fontsize=7)
         ax.set_yticks(starts, labels, fontsize=7)
-        for _, start, end in spans:
-            for edge in {start, end}:
-                ax.axvline(edge - 0.5, color="white", linewidth=0.4, alpha=0.6)
-                ax.axhline(edge - 0.5, color="white", linewidth=0.4, alpha=0.6)
+        # the span edges: thin lines across the whole map, one collection per axis
+        edges = sorted({edge - 0.5 for _, start, end in spans for edge in (start, end)})
+        size = probs.size(-1) - 0.5
+        style = dict(colors="white", linewidth=0.4, alpha=0.6)
+        ax.vlines(edges, -0.5, size, **style)
+        ax.hlines(edges, -0.5, size, **style)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         path = out_dir / f"{prefix}_layer_{layer}.png"
@@ -501,13 +503,18 @@ class Diagnostics:
         return dict(sorted(weight_drift(model, self.ref_model).items()))
 
     def samples(self, rollouts, adv: torch.Tensor, step: int, rows: int = 8) -> dict:
-        """rl/samples: a table of this rank's first completions of the step (question, text,
-        letter, reward, advantage), the first groups whole, at most `rows`."""
+        """rl/samples: a table of a few of this rank's completions of the step (question, text,
+        letter, reward, advantage): groups with a learning signal first (what the update pushes
+        up and down), at most 4 distinct texts of each, `rows` in all."""
+        order = sorted(range(len(rollouts.groups)), key=lambda g: not bool(adv[g].abs().sum()))
         data = []
-        for g, (q, conv, group) in enumerate(
-            zip(rollouts.questions, rollouts.conversations, rollouts.groups)
-        ):
+        for g in order:
+            q, conv, group = rollouts.questions[g], rollouts.conversations[g], rollouts.groups[g]
+            seen = set()
             for i, c in enumerate(group):
+                if c.text in seen or len(seen) == 4:
+                    continue
+                seen.add(c.text)
                 letter = self.task.predicted_letter(conv, c.text) or ""
                 data.append([step, q, c.text, letter, c.reward, float(adv[g, i])])
         columns = ["step", "question", "text", "letter", "reward", "advantage"]

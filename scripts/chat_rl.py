@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
         metrics = step_metrics(rollouts, zero_signal, update, moved, train_task, cfg, info)
         metrics.update({"rl/lr": cfg.matrix_lr * cfg.init_lr_frac * lrm, "rl/lrm": lrm})
         metrics["rl/step_time_s"] = timer.last
-        if rank == 0 and cfg.log_samples_every > 0 and step % cfg.log_samples_every == 0:
+        samples_due = cfg.log_samples_every > 0 and step % cfg.log_samples_every == 0
+        if rank == 0 and (samples_due or step == cfg.num_steps):
             metrics.update(diagnostics.samples(rollouts, adv, step))
         metrics["rl/format_bonus"] = format_bonus(
             cfg.format_reward, cfg.format_anneal_steps, step - 1

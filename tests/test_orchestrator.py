@@ -144,6 +144,23 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
         "heatmap_rl_layer_0.png",
     ]:
         assert (report_dir / png).is_file() and f"({png})" in report, png
+    # issue 28's diagnostics reach the stage log and its offline W&B run (the smoke model states
+    # no answer letter, so the lens and the answer's attention shares have nothing to read here;
+    # tests/test_rl.py checks those on a model that answers)
+    rl_rows = [json.loads(line) for line in (run_dir / "rl.jsonl").read_text().splitlines()]
+    rl_keys = set().union(*rl_rows)
+    diagnostics = {"rl/token_entropy_mean", "rl/token_entropy_p50", "rl/token_entropy_p90"}
+    diagnostics |= {"rl/high_entropy_frac", "rl/eval_letter_recall_std", "rl/samples"}
+    diagnostics |= {f"rl/weight_drift/{g}" for g in ("layer_0", "layer_1", "embedding", "lm_head")}
+    assert diagnostics <= rl_keys, diagnostics - rl_keys
+    assert (run_dir / "rl_samples.jsonl").is_file()
+    from test_rl import read_wandb_file
+
+    histories = [read_wandb_file(p) for p in run_dir.glob("wandb/offline-run-*/run-*.wandb")]
+    (rl_history,) = [h for h in histories if any("rl/mean_reward" in row for row in h)]
+    wandb_keys = set().union(*rl_history)
+    wandb_keys |= {k.rsplit("/", 1)[0] for k in wandb_keys if k.endswith("/_type")}  # tables
+    assert diagnostics <= wandb_keys, diagnostics - wandb_keys
     log = (run_dir / "pipeline.log").read_text()
     assert "[pipeline] rl:" in log and "finished" in log
     # each chat checkpoint is evaluated right after its stage (a failed RL keeps mid and SFT's)

@@ -420,6 +420,29 @@ def test_answer_attention_shares_by_hand(monkeypatch):
             assert sum(got) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_samples_table_shows_groups_with_a_signal_first_and_distinct_texts():
+    tok = tiny_tokenizer()
+    task = SyntheticAqua("train", num_examples=2)
+    gold = [task[i]["answer"] for i in (0, 1)]
+    wrong = "A" if gold[1] != "A" else "B"
+
+    def completion(text, reward):
+        return Completion([1, 2, 3], 2, [0.0], True, text, reward, reward > 0)
+
+    solved = [completion(f"Answer: {gold[0]}", 1.0) for _ in range(3)]  # no signal
+    mixed = [completion(f"Answer: {gold[1]}", 1.0), completion(f"Answer: {wrong}", 0.0)] * 2
+    rollouts = Rollouts([10, 11], [task[0], task[1]], [solved + [solved[0]], mixed])
+    adv, _ = group_advantages(rollouts.rewards(), std_norm=False)
+    diagnostics = Diagnostics(_rl_args(), None, tok, task, task, 512, 0)
+    table = diagnostics.samples(rollouts, adv, step=7, rows=3)["rl/samples"]
+    assert table.file == "rl_samples.jsonl"
+    assert table.rows == [
+        [7, 11, f"Answer: {gold[1]}", gold[1], 1.0, 0.5],
+        [7, 11, f"Answer: {wrong}", wrong, 0.0, -0.5],
+        [7, 10, f"Answer: {gold[0]}", gold[0], 1.0, 0.0],
+    ]
+
+
 def test_token_entropy_summary_and_weight_drift_by_hand():
     summary = diag.entropy_summary([0.0, 0.5, 1.0, 2.0, 4.0])
     assert summary["rl/token_entropy_mean"] == pytest.approx(1.5)
@@ -644,15 +667,23 @@ def read_offline_wandb(run_dir: Path) -> list[dict]:
     7-byte header, 32 KiB blocks of records with a 7-byte crc/length/type header, payloads are
     protobufs)."""
     import wandb
-    from wandb.proto import wandb_internal_pb2 as pb
 
     # run.finish() returns once the run's exit is acknowledged; the service process writes the
     # file out when it closes the run's stream, which can come later on a loaded machine (one CI
     # run read no history at all). Teardown waits for the service to close every stream.
     wandb.teardown()
     (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    data = Path(path).read_bytes()
-    pos, block, buf, rows, kinds = 7, 32768, b"", [], []
+    rows = read_wandb_file(Path(path))
+    assert rows, f"no history records in {path}"
+    return rows
+
+
+def read_wandb_file(path: Path) -> list[dict]:
+    """History rows of one run-*.wandb record log (see read_offline_wandb)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    pos, block, buf, rows = 7, 32768, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
@@ -667,15 +698,13 @@ def read_offline_wandb(run_dir: Path) -> list[dict]:
             record = pb.Record()
             record.ParseFromString(buf)
             buf = b""
-            kinds.append(record.WhichOneof("record_type"))
-            if kinds[-1] == "history":
+            if record.WhichOneof("record_type") == "history":
                 rows.append(
                     {
                         item.key or "/".join(item.nested_key): item.value_json
                         for item in record.history.item
                     }
                 )
-    assert rows, f"no history records in {path} ({len(data)} bytes); records: {kinds}"
     return rows
 
 
