@@ -133,7 +133,9 @@ def test_auto_resume_replaces_lost_instances_until_the_cost_cap(env, fake, sshd,
     """Every instance dies a moment after it turns active: --auto-resume launches replacements,
     and --max-cost (over all of them) ends the loop."""
     fake.nfs_root = str(tmp_path / "nfs")
-    fake.prices["gpu_8x_h100_sxm5"] = 3_600_000  # $10 a second: the cap is reached in seconds
+    # $3 a second: the cap is reached in seconds, after more than one instance even when a loaded
+    # machine takes 10 s to bring the first one up (at $10 a second one CI run never replaced it)
+    fake.prices["gpu_8x_h100_sxm5"] = 1_080_000
 
     def die_once_running(inst):
         def watch():
@@ -155,7 +157,7 @@ def test_auto_resume_replaces_lost_instances_until_the_cost_cap(env, fake, sshd,
     assert proc.returncode == errors.EXIT_RUN_FAILED, out
     assert "--auto-resume: launching a replacement on filesystem runs" in out
     assert "reaches --max-cost $60" in out or "exceeded --max-cost ($60)" in out
-    assert 2 <= len(fake.launches()) <= 6 and not fake.running()
+    assert 2 <= len(fake.launches()) <= 12 and not fake.running()
     assert all(r["body"]["file_system_names"] == ["runs"] for r in fake.launches())
 
 
