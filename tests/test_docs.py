@@ -244,6 +244,7 @@ FOREIGN_FLAGS = {
     "--manifest-path",  # cargo test
     "--check",  # ruff format
     "--nproc_per_node",  # torchrun
+    "--standalone",
     "--data",  # curl (LAMBDA_MANUAL_SETUP.md)
     "--exclude",  # rsync, tar
     "--format",  # nvidia-smi
