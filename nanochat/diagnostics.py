@@ -509,6 +509,8 @@ class Diagnostics:
         order = sorted(range(len(rollouts.groups)), key=lambda g: not bool(adv[g].abs().sum()))
         data = []
         for g in order:
+            if len(data) >= rows:  # the letters of the groups left out are not worth reading
+                break
             q, conv, group = rollouts.questions[g], rollouts.conversations[g], rollouts.groups[g]
             seen = set()
             for i, c in enumerate(group):
