@@ -282,8 +282,9 @@ def rl_step(step: int, ctx: SimpleNamespace, device) -> dict:
     timings = {}
     order = ["on", "off"] if step % 2 else ["off", "on"]
     for name in order:
-        rollout = functools.partial(sample_rollouts, ctx.engine, ctx.task, step, ctx.settings[name])
-        timings[name, "rollout"] = timed(lambda f=rollout: f(0, 1), device)
+        cfg = ctx.settings[name]
+        rollout = functools.partial(sample_rollouts, ctx.engine, ctx.task, step, cfg, 0, 1)
+        timings[name, "rollout"] = timed(rollout, device)
     rollouts = timings["on", "rollout"][0]
     for name in order:
         measure = functools.partial(ctx.diagnostics[name].measure, ctx.policy, rollouts, step)
