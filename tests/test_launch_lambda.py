@@ -1049,3 +1049,36 @@ def test_uv_runs_the_launcher_in_its_own_small_environment(tmp_path):
     ran_with = re.findall(r"Using Python \S+ interpreter at: (\S+)", proc.stderr)
     assert ran_with, proc.stderr[-2000:]
     assert str(REPO_ROOT / ".venv") not in ran_with[-1], ran_with
+
+
+class ShellHere:
+    """A stand-in for Remote that runs the poll's shell command here, in `home`."""
+
+    connect_timeout = 1
+
+    def __init__(self, home, path):
+        self.home, self.path = home, path
+
+    def run(self, command, timeout=None, **_):
+        env = {**os.environ, "PATH": self.path}
+        return subprocess.run(
+            ["bash", "-c", command], cwd=self.home, env=env, capture_output=True, check=True
+        )
+
+
+def test_a_run_finishing_between_the_polls_two_looks_is_seen_as_finished(tmp_path):
+    """The run writes its exit code and its tmux session ends in the instant between the poll's
+    reads. Here tmux itself finishes the run when asked: a poll that reads the exit code before
+    asking tmux sees no code and no session, and calls a clean run lost (CI saw this once)."""
+    from nanochat.launcher import deploy
+
+    run_dir = tmp_path / "home" / "proj"
+    (run_dir / ".launcher").mkdir(parents=True)
+    (run_dir / ".launcher" / "run.log").write_text("done\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tmux = bin_dir / "tmux"
+    fake_tmux.write_text("#!/bin/bash\necho 0 > .launcher/exit_code\nexit 1\n")
+    fake_tmux.chmod(0o755)
+    remote = ShellHere(tmp_path / "home", f"{bin_dir}:{os.environ['PATH']}")
+    assert deploy.follow_run(remote, "proj", "s", 0.01, 1) == 0

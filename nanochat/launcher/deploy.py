@@ -192,12 +192,14 @@ echo "$code" > .launcher/exit_code.tmp && mv .launcher/exit_code.tmp .launcher/e
 def poll_run(remote, remote_dir, session, offset):
     """One look at the run: (exit code or None, tmux session alive, log bytes after offset)."""
     rdir = shlex.quote(home_relative(remote_dir))
-    # The exit code is read before the log size: once the exit code exists the log is complete,
-    # so a run seen as finished never loses its last lines.
+    # Order matters. tmux is asked first: the script writes its exit code before its session
+    # ends, so a session seen gone has left its code for the next read (asked last, a run ending
+    # between the reads looked lost). The exit code is read before the log size: once the exit
+    # code exists the log is complete, so a run seen as finished never loses its last lines.
     cmd = (
-        f"cd {rdir} && e=$(cat .launcher/exit_code 2>/dev/null || echo -); "
+        f"cd {rdir} && if tmux has-session -t ={session} 2>/dev/null; then a=1; else a=0; fi; "
+        "e=$(cat .launcher/exit_code 2>/dev/null || echo -); "
         "s=$(stat -c %s .launcher/run.log 2>/dev/null || echo 0); "
-        f"if tmux has-session -t ={session} 2>/dev/null; then a=1; else a=0; fi; "
         'echo "$e $s $a"; '
         f'if [ "$s" -gt {offset} ]; then '
         f"tail -c +{offset + 1} .launcher/run.log | head -c $((s - {offset})); fi"
