@@ -519,6 +519,15 @@ class GPT(nn.Module):
         if targets is not None and loss_reduction in ("mean", "sum") and self.chunked_loss:
             flat_targets = targets.reshape(-1)
             hidden = x.reshape(-1, x.size(-1))
+            if _eager_cpu(hidden):
+                # Only rows with a target go through the head: in mid-training and SFT three rows
+                # in four are prompt or padding, and the head is a quarter of a CPU step. Not on
+                # a GPU (a boolean index waits for the device to count the rows: a host sync),
+                # under torch.compile (shapes would depend on data), nor on the fake tensors of
+                # scripts.plan_memory, which stand for a GPU's.
+                keep = flat_targets != -1
+                if not bool(keep.all()):
+                    hidden, flat_targets = hidden[keep], flat_targets[keep]
             softcap = self.config.softcap
             total = chunked_head_loss(hidden, self.lm_head.weight, flat_targets, softcap, dtype)
             if loss_reduction == "sum":
@@ -620,6 +629,13 @@ class GPT(nn.Module):
         decay, betas, momentum) and defaults these are. Under torchrun do NOT wrap the model in DDP:
         step() averages the gradients; clip with optim.clip_grad_norm_(optimizers, max_norm)."""
         return build_optimizers(self, **settings)
+
+
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """A real CPU tensor outside torch.compile: there, data-dependent shapes cost nothing."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

@@ -454,3 +454,26 @@ def test_checkpoints_from_before_value_embeddings_still_load(base_dir):
     )
     model, _, _ = ck.load_model("base", "old", device="cpu")
     assert model.config.value_embed_every == 0 and not model.value_embeds
+
+
+def test_the_training_loss_sends_only_rows_with_a_target_through_the_head(monkeypatch):
+    """Mid-training and SFT rows are mostly prompt and padding (targets -1): on CPU those rows
+    skip the lm_head matmuls. Loss and gradients are those of the plain path (test above)."""
+    from nanochat import gpt
+
+    rows_seen = []
+    real = gpt.chunked_head_loss
+
+    def spy(h, *args, **kwargs):
+        rows_seen.append(h.size(0))
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(gpt, "chunked_head_loss", spy)
+    model = tiny_model().train()
+    x, y = torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12))
+    y[0, :9] = -1
+    y[1, 3:] = -1
+    model(x, y).backward()
+    assert rows_seen == [6]
+    model(x, torch.randint(0, 256, (2, 12))).backward()  # pretraining: every row has a target
+    assert rows_seen == [6, 24]
