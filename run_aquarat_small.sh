@@ -277,7 +277,13 @@ stopped() {
 trap 'stopped SIGINT 130' INT
 trap 'stopped SIGTERM 143' TERM
 
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+# The GPUs torch can use; the cpu and smoke profiles never use one, so they skip the question (a
+# torch import: seconds on a laptop).
+if [[ "$PROFILE" == cpu || "$PROFILE" == smoke ]]; then
+    NGPU=0
+else
+    NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+fi
 # GPUs that torch cannot use (typically a driver older than the CUDA torch was built for): stop, rather
 # than run the CPU profile for hours on a billed GPU node. nvidia-smi's output is read whole before it
 # is searched: `nvidia-smi | grep -q` or `| head` may close the pipe while nvidia-smi still writes,

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.common import get_base_dir, get_rank
 from nanochat.config import add_fields, knob
 from nanochat.wandb_login import stored_api_key
 
@@ -170,6 +169,9 @@ class Tracker:
         use_wandb: bool = True,
         base_dir: Path | None = None,
     ):
+        # imported here: the pipeline's `--check-wandb` (below) then starts without torch
+        from nanochat.common import get_base_dir, get_rank
+
         self.stage = stage
         self.run = run
         self.active = get_rank() == 0
