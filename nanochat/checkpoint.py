@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autodetect_device, free_space, get_base_dir
-from nanochat.files import atomic_path, write_text_atomic
+from nanochat.common import autodetect_device
+from nanochat.files import atomic_path, free_space, get_base_dir, write_text_atomic
 
 # the stages that write checkpoints a later script can load, in pipeline order
 CHECKPOINT_STAGES = ["base", "mid", "sft", "rl"]

@@ -7,37 +7,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-
-def get_base_dir() -> Path:
-    """Root for data, tokenizer, checkpoints, runs and the report (NANOCHAT_BASE_DIR)."""
-    # expanduser: a "~/..." that no shell expanded (a quoted export, a .env read by python-dotenv)
-    # would otherwise make a directory literally named "~"
-    base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
-    base = base.expanduser()
-    base.mkdir(parents=True, exist_ok=True)
-    return base
-
-
-def free_space(path: str | Path) -> str:
-    """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for
-    the messages of writes that failed: a full disk should say so, and how full."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        free = shutil.disk_usage(path).free
-    except OSError:
-        return "free space unknown"
-    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"
 
 
 def autodetect_device() -> torch.device:

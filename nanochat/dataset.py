@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 
 VAL_EVERY = 20  # single-file corpora: every 20th document is val
 TEXT_UNIT_DOCS = 256  # documents per unit of a text file

@@ -1,10 +1,12 @@
-"""Writing files so that a crash or a full disk never leaves half of one, and hashing them."""
+"""Where the run's files go (the base dir), writing them so that a crash or a full disk never leaves
+half of one, and hashing them. No torch here: the tokenizer stages and the report start faster."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -61,3 +63,26 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def get_base_dir() -> Path:
+    """Root for data, tokenizer, checkpoints, runs and the report (NANOCHAT_BASE_DIR)."""
+    # expanduser: a "~/..." that no shell expanded (a quoted export, a .env read by python-dotenv)
+    # would otherwise make a directory literally named "~"
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+    base = base.expanduser()
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def free_space(path: str | Path) -> str:
+    """'1.2 GB free' (or MB) on the filesystem holding path (or its nearest existing parent), for
+    the messages of writes that failed: a full disk should say so, and how full."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "free space unknown"
+    return f"{free / 1e9:.1f} GB free" if free >= 1e9 else f"{free / 1e6:.1f} MB free"

@@ -26,10 +26,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tiktoken
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from nanochat.files import atomic_path, write_bytes_atomic, write_text_atomic
 
@@ -219,6 +222,8 @@ class Tokenizer:
         raw = self._ranks_file_bytes()
         write_bytes_atomic(directory / RANKS_FILE, raw)
         with atomic_path(directory / TOKEN_BYTES_FILE) as tmp:
+            import torch  # torch is imported where used: tok_eval starts seconds faster
+
             torch.save(self.token_bytes(), tmp)
         config = {
             "format": FORMAT_NAME,
@@ -264,6 +269,8 @@ class Tokenizer:
 
     def token_bytes(self) -> torch.Tensor:
         """int32 [vocab]: UTF-8 bytes each id stands for, 0 for specials (they are not text)."""
+        import torch
+
         out = torch.zeros(self.get_vocab_size(), dtype=torch.int32)
         for tok, rank in self.mergeable_ranks.items():
             out[rank] = len(tok)
@@ -480,7 +487,7 @@ def _validated_messages(conversation) -> list[dict]:
 def tokenizer_dir() -> Path:
     """NANOCHAT_TOKENIZER_DIR when set (run_aquarat_small.sh sets one per run), else
     <base>/tokenizer."""
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     return Path(os.environ.get("NANOCHAT_TOKENIZER_DIR") or get_base_dir() / "tokenizer")
 
@@ -499,6 +506,8 @@ def get_tokenizer(directory=None) -> Tokenizer:
 
 def get_token_bytes(device="cpu", directory=None) -> torch.Tensor:
     """1-D int32 tensor [vocab]: bytes per token id (0 for specials), for bits-per-byte."""
+    import torch
+
     directory = Path(directory) if directory is not None else tokenizer_dir()
     path = directory / TOKEN_BYTES_FILE
     if path.is_file():
@@ -511,7 +520,7 @@ def get_token_bytes(device="cpu", directory=None) -> torch.Tensor:
 def tokenizer_record(tokenizer: Tokenizer) -> dict:
     """For checkpoint meta: where the tokenizer lives (relative to the base dir when inside it, so
     a base dir fetched from a GPU node to a laptop still resolves) and its fingerprint."""
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     directory = Path(tokenizer.directory or tokenizer_dir()).resolve()
     try:

@@ -170,7 +170,8 @@ class Tracker:
         base_dir: Path | None = None,
     ):
         # imported here: the pipeline's `--check-wandb` (below) then starts without torch
-        from nanochat.common import get_base_dir, get_rank
+        from nanochat.common import get_rank
+        from nanochat.files import get_base_dir
 
         self.stage = stage
         self.run = run

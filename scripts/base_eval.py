@@ -18,8 +18,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat.checkpoint import add_load_args, load_model
-from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
+from nanochat.common import cleanup_distributed, init_distributed, print0
 from nanochat.core_eval import BUNDLE_URL, download_bundle, evaluate_core
+from nanochat.files import get_base_dir
 from nanochat.report import write_section
 from nanochat.tracking import add_tracking_args, log_results
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 from nanochat.checkpoint import add_load_args, load_model
-from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
+from nanochat.common import cleanup_distributed, init_distributed, print0
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_section
 from nanochat.tokenizer import get_token_bytes

@@ -48,7 +48,6 @@ from nanochat.checkpoint import check_tokenizer, checkpoint_dir
 from nanochat.common import (
     autodetect_dtype,
     cleanup_distributed,
-    get_base_dir,
     init_distributed,
     peak_flops,
     print0,
@@ -57,6 +56,7 @@ from nanochat.common import (
 from nanochat.compile import maybe_compile
 from nanochat.dataloader import PRETRAINING_PACKING, DataLoader
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import clip_grad_norm_, overlap_grad_sync

@@ -47,8 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.common import get_base_dir
 from nanochat.dataloader import DataLoader
+from nanochat.files import get_base_dir
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import CONFIG_FILE, Tokenizer, split_pattern
 

@@ -34,8 +34,9 @@ import json
 import time
 
 from nanochat.checkpoint import load_model
-from nanochat.common import cleanup_distributed, get_base_dir, init_distributed, print0
+from nanochat.common import cleanup_distributed, init_distributed, print0
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.mc_eval import (
     LetterScorer,
     categorical_eval,

@@ -43,13 +43,13 @@ from nanochat.common import (
     autodetect_dtype,
     cleanup_distributed,
     gather_by_name,
-    get_base_dir,
     init_distributed,
     print0,
     reduce_by_name,
 )
 from nanochat.diagnostics import Diagnostics, step_diagnostics
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.mc_eval import generative_eval
 from nanochat.report import report_dir, write_section
 from nanochat.rl_config import RESUME_SAFE, parse_config

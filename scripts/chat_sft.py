@@ -33,12 +33,12 @@ from nanochat.checkpoint import checkpoint_dir, find_last_step, load_model
 from nanochat.common import (
     autodetect_dtype,
     cleanup_distributed,
-    get_base_dir,
     init_distributed,
     print0,
     seed_everything,
 )
 from nanochat.compile import maybe_compile
+from nanochat.files import get_base_dir
 from nanochat.optim import clip_grad_norm_, overlap_grad_sync
 from nanochat.report import write_section
 from nanochat.tokenizer import tokenizer_record

@@ -7,7 +7,7 @@ uv run python -m scripts.report --run myrun --reset  # old report set aside (kep
 import argparse
 import shutil
 
-from nanochat.common import free_space, get_base_dir
+from nanochat.files import free_space, get_base_dir
 from nanochat.report import generate_report, report_dir
 from nanochat.tracking import add_tracking_args
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import get_tokenizer
 from nanochat.tracking import add_tracking_args, log_results

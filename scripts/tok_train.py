@@ -15,7 +15,7 @@ import itertools
 import time
 from pathlib import Path
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.report import write_section
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, split_pattern, tokenizer_dir
 from nanochat.tracking import add_tracking_args, log_results

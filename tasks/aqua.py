@@ -156,7 +156,7 @@ def read_jsonl_rows(path: Path):
 
 def default_data_dir() -> Path:
     """<base>/data/aqua_rat: where scripts.prepare_aqua writes and AquaRat looks first."""
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     return get_base_dir() / "data" / "aqua_rat"
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from nanochat import common
+from nanochat import common, files
 
 
 def test_base_dir_follows_env(base_dir):
-    assert common.get_base_dir() == base_dir
+    assert files.get_base_dir() == base_dir
 
 
 def test_dtype_fp32_on_cpu_and_env_override(monkeypatch):

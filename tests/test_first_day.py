@@ -250,7 +250,7 @@ def test_env_file_expands_home(tmp_path, monkeypatch):
 
 
 def test_base_dir_from_the_environment_expands_home(monkeypatch, tmp_path):
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", "~/base-here")

@@ -259,10 +259,11 @@ def test_check_wandb_is_quick_and_quiet_when_offline(tmp_path, monkeypatch):
     assert "k" * 40 not in line
 
 
-def test_the_pipelines_wandb_check_starts_without_torch():
-    """run_aquarat_small.sh asks `--check-wandb` once per run: it must not pay torch's import
-    (seconds on a laptop, and every pipeline run of the test suite pays it too)."""
-    probe = "import sys, nanochat.tracking; print(sorted(m for m in sys.modules if m == 'torch'))"
+@pytest.mark.parametrize("module", ["nanochat.tracking", "scripts.tok_eval", "scripts.report"])
+def test_the_pipelines_light_steps_start_without_torch(module):
+    """The pipeline's W&B check, the tokenizer evaluation and the report need no tensor: they must
+    not pay torch's import (seconds on a laptop, in every run of the pipeline and of the suite)."""
+    probe = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'torch'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
