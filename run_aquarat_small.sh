@@ -586,12 +586,10 @@ elif [ "$PROFILE" = cpu ]; then
          --max-seq-len 256 --device-batch-size 16 --total-batch-size 16 --init-lr-frac 0.3
          --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
-    # RL: 120 steps of 32 questions x 8 samples on fresh synthetic train problems. 240 steps (docs/rl.md,
-    # "What RL does to the CPU profile's model") scored no better on the test problems: 90.9% against
-    # 90.5%, two seeds (docs/experiments.md, "The laptop run in less time"). rl/acc on 100 validation
-    # problems at steps 0, 60 and 120: a trend only; the eval stages score the 400 test problems.
+    # RL: the measured setting of docs/rl.md ("What RL does to the CPU profile's model"): 240 steps of 32
+    # questions x 8 samples on fresh synthetic train problems, ~7 min on 2 cores.
     RL=(--aqua-source synthetic --synthetic-difficulty easy --examples-per-step 32 --num-samples 8
-        --max-new-tokens 128 --num-steps 120 --init-lr-frac 0.05 --eval-every 60 --eval-problems 100
+        --max-new-tokens 128 --num-steps 240 --init-lr-frac 0.05 --eval-every 80 --eval-problems 200
         --eval-samples 1 --save-every 40)
     EVAL=(-a SYNTH --synthetic-difficulty easy --split test --max-problems 400 --synthetic-examples 400
           --max-tokens 128)
