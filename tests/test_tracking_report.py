@@ -263,9 +263,9 @@ def test_check_wandb_is_quick_and_quiet_when_offline(tmp_path, monkeypatch):
 def test_the_pipelines_light_steps_start_without_torch(module):
     """The pipeline's W&B check, the tokenizer evaluation and the report need no tensor: they must
     not pay torch's import (seconds on a laptop, in every run of the pipeline and of the suite)."""
-    probe = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'torch'))"
+    probe = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "False"
 
 
 def test_report_reads_the_latest_run_of_a_stage_log():
