@@ -1082,3 +1082,36 @@ def test_a_run_finishing_between_the_polls_two_looks_is_seen_as_finished(tmp_pat
     fake_tmux.chmod(0o755)
     remote = ShellHere(tmp_path / "home", f"{bin_dir}:{os.environ['PATH']}")
     assert deploy.follow_run(remote, "proj", "s", 0.01, 1) == 0
+
+
+def test_a_machine_dying_under_a_poll_is_lost_not_failed(tmp_path):
+    """The machine dies while a poll is on it: that poll sees the run's session gone with no exit
+    code, the next cannot connect, and the API says the instance is terminated only a few looks
+    later. The run is lost with its instance (resume it elsewhere), not failed (CI saw this)."""
+    from nanochat.launcher import deploy
+
+    (tmp_path / "home" / "proj" / ".launcher").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tmux").write_text("#!/bin/bash\nexit 1\n")  # no session: its processes are gone
+    (bin_dir / "tmux").chmod(0o755)
+
+    class DyingMachine(ShellHere):
+        looks = 0
+
+        def run(self, command, timeout=None, **_):
+            self.looks += 1
+            if self.looks > 1:
+                raise errors.LaunchError("ssh: connect to host port 22: Connection refused")
+            return super().run(command)
+
+    class LaggingApi:
+        asked = 0
+
+        def instance(self, instance_id):
+            self.asked += 1
+            return {"status": "active" if self.asked < 3 else "terminated"}
+
+    remote = DyingMachine(tmp_path / "home", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(errors.InstanceLost, match="is terminated: its run is gone"):
+        deploy.follow_run(remote, "proj", "s", 0.01, 30, api=LaggingApi(), instance_id="i1")

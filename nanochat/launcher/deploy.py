@@ -229,6 +229,7 @@ def follow_run(
     offset = 0
     started = time.monotonic() if started is None else started
     down_since = None
+    seen_gone = False
     while True:
         try:
             code, alive, chunk = poll_run(remote, remote_dir, session, offset)
@@ -251,7 +252,12 @@ def follow_run(
             offset += len(chunk)
         if code is not None:
             return code
-        if not alive:
+        if not alive and not seen_gone:
+            # Looked at once more before it is called failed: a dying machine may answer one last
+            # poll after its processes are gone and before its API knows; the next look then
+            # meets an SSH outage, where the API is asked until it says the instance is lost.
+            seen_gone = True
+        elif not alive:
             check_instance(api, instance_id)  # a run that vanished with its machine
             raise LaunchError(
                 f"the run stopped without recording an exit code (tmux session '{session}' is "
