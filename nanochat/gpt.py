@@ -624,7 +624,7 @@ class GPT(nn.Module):
             logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
         return logits
 
-    def setup_optimizers(self, **settings) -> list[torch.optim.Optimizer]:
+    def setup_optimizers(self, **settings) -> list:
         """[AdamW, Muon] for this model: optim.build_optimizers, whose keyword settings (lrs, weight
         decay, betas, momentum) and defaults these are. Under torchrun do NOT wrap the model in DDP:
         step() averages the gradients; clip with optim.clip_grad_norm_(optimizers, max_norm)."""

@@ -108,6 +108,35 @@ class _NoHook:
         pass
 
 
+def _count_optimizer_state(mt, optimizers):
+    """MemTracker learns of optimizer state from torch.optim.Optimizer: its states up front, and
+    what a step allocates through torch's global step hooks. nanochat's optimizers are not
+    torch.optim.Optimizers (nanochat/optim.py says why), so the same is done here: their states
+    now, and each step wrapped as those hooks wrap it. Returns the function that unwraps them."""
+    from torch.distributed._tools.mem_tracker import _MemRefType
+
+    def hooked(opt, step):
+        def run(*args, **kwargs):
+            mt._in_opt = True  # what the step allocates is optimizer state
+            try:
+                return step(*args, **kwargs)
+            finally:
+                mt._track_optimizer_states(_MemRefType.OPT, opt)
+                mt._in_opt = False
+
+        return run
+
+    for opt in optimizers:
+        mt._track_optimizer_states(_MemRefType.OPT, opt)
+        opt.step = hooked(opt, opt.step)  # an instance attribute: the class's step stays
+
+    def restore():
+        for opt in optimizers:
+            del opt.step
+
+    return restore
+
+
 def track(models, optimizers, fn) -> Peak:
     """Run fn(tracker) under a MemTracker; the bytes at its peak, by category."""
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -120,9 +149,13 @@ def track(models, optimizers, fn) -> Peak:
         for p in model.parameters():
             if not p.requires_grad:
                 mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    mt.track_external(*models, *optimizers)
-    with mt:
-        fn(mt)
+    mt.track_external(*models)
+    restore = _count_optimizer_state(mt, optimizers)
+    try:
+        with mt:
+            fn(mt)
+    finally:
+        restore()
     snap = mt.get_tracker_snapshot("peak")
     (device_snap,) = [v for k, v in snap.items() if str(k) != "meta"] or list(snap.values())
     by = {str(k).split(".")[-1]: v for k, v in device_snap.items()}

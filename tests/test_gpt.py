@@ -404,7 +404,7 @@ def test_value_embedding_rows_of_tokens_never_seen_stay_zero():
         model(x, x).backward()
         for opt in opts:
             opt.step()
-            opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
     seen = torch.zeros(256, dtype=torch.bool)
     seen[x.unique()] = True
     for table in model.value_embeds.values():

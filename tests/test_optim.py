@@ -399,6 +399,76 @@ def test_optimizer_state_dict_resume_is_exact():
         assert torch.equal(a, b), name
 
 
+def test_state_saved_by_a_torch_optimizer_loads_and_resumes_the_same():
+    """Checkpoints written before these optimizers left torch.optim.Optimizer hold its state_dict
+    format: such a state loads into ours and the next steps are those of the torch-based one."""
+    from nanochat.optim import _adamw_update
+
+    class TorchBasedAdamW(torch.optim.Optimizer):  # the AdamW of those checkpoints
+        def __init__(self, params, lr, betas, eps, weight_decay):
+            super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    _adamw_update(p, p.grad, self.state[p], group)
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    grads = [[torch.randn(p.shape) for p in params] for _ in range(4)]
+    settings = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+
+    def groups(ps):
+        return [dict(params=ps[:1], initial_lr=0.01), dict(params=ps[1:], lr=0.002)]
+
+    old_params = [p.detach().clone().requires_grad_(True) for p in params]
+    old = TorchBasedAdamW(groups(old_params), **settings)
+    ours = AdamW(groups(params), **settings)
+    for k, step_grads in enumerate(grads):
+        for p, q, g in zip(old_params, params, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        old.step()
+        if k == 1:  # ours takes over from the torch-based one's saved state
+            buffer = io.BytesIO()
+            torch.save(old.state_dict(), buffer)
+            buffer.seek(0)
+            with torch.no_grad():
+                for p, q in zip(old_params, params):
+                    q.copy_(p)
+            ours.load_state_dict(torch.load(buffer, weights_only=True))
+        elif k > 1:
+            ours.step()
+    for p, q in zip(old_params, params):
+        assert torch.equal(p, q)
+    assert ours.param_groups[0]["initial_lr"] == 0.01 and ours.param_groups[1]["lr"] == 0.002
+    assert ours.state_dict().keys() == old.state_dict().keys()
+    with pytest.raises(
+        ValueError, match=r"parameter groups of sizes \[1, 1\], the optimizer \[2\]"
+    ):
+        AdamW(params, **settings).load_state_dict(old.state_dict())
+
+
+def test_building_and_stepping_the_optimizers_does_not_import_dynamo():
+    """torch.optim.Optimizer imports torch._dynamo when built (2-3 s of every training process's
+    start on 2 cores); ours do not, and nothing else of a training step does."""
+    probe = (
+        "import sys, torch\n"
+        "from nanochat.gpt import GPT, GPTConfig\n"
+        f"model = GPT(GPTConfig(**{TINY!r}))\n"
+        "optimizers = model.setup_optimizers()\n"
+        "x = torch.randint(0, 256, (2, 16))\n"
+        "model(x, x).backward()\n"
+        "[opt.step() for opt in optimizers]\n"
+        "[opt.load_state_dict(opt.state_dict()) for opt in optimizers]\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False", out.stdout + out.stderr[-2000:]
+
+
 def test_bench_optim_sharding_figures_add_up():
     from scripts.bench_optim_sharding import figures
 
