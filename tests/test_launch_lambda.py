@@ -140,6 +140,10 @@ done
 """)
     (d / "bin" / "nvidia-smi").chmod(0o755)
     port = free_port()
+    # SHLVL=1: the sessions' bash then skips ~/.bashrc, as bash does in any shell below the top
+    # level. The machine's own ~/.bashrc is not the instance's: here it runs pyenv's rehash, whose
+    # lock a session SIGKILLed inside it (the tests kill "machines") leaves behind, and every later
+    # session would wait 60 s for it.
     (d / "sshd_config").write_text(f"""Port {port}
 ListenAddress 127.0.0.1
 HostKey {d}/host_key
@@ -151,7 +155,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 StrictModes no
 LogLevel VERBOSE
-SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+SetEnv PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin SHLVL=1
 """)
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
