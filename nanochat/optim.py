@@ -46,19 +46,18 @@ class ParamGroupOptimizer:
             seen |= {id(p) for p in group["params"]}
             self.param_groups.append(group)
 
-    def _params(self) -> list:
+    def parameters(self) -> list:
+        """Every parameter, group after group: the order of the indices in state_dict."""
         return [p for group in self.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict:
-        index = {id(p): i for i, p in enumerate(self._params())}
-        groups, start = [], 0
-        for group in self.param_groups:
-            n = len(group["params"])
-            groups.append({**group, "params": list(range(start, start + n))})
-            start += n
+        index = {id(p): i for i, p in enumerate(self.parameters())}
         return {
             "state": {index[id(p)]: entry for p, entry in self.state.items()},
-            "param_groups": groups,
+            "param_groups": [
+                {**group, "params": [index[id(p)] for p in group["params"]]}
+                for group in self.param_groups
+            ],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -70,7 +69,7 @@ class ParamGroupOptimizer:
                 f"this optimizer state has parameter groups of sizes {theirs}, the optimizer "
                 f"{ours}: it belongs to another model or another optimizer setup"
             )
-        params = self._params()
+        params = self.parameters()
         self.state = defaultdict(dict)
         for index, entry in state_dict["state"].items():
             p = params[int(index)]
@@ -411,8 +410,7 @@ def clip_grad_norm_(optimizers: list, max_norm: float | None) -> torch.Tensor:
     """Global grad norm over every param of `optimizers`, clipped to max_norm when it is set."""
     syncs = {id(s): s for s in (getattr(o, "grad_sync", None) for o in optimizers) if s}
     if not syncs:
-        params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
-        params = [p for p in params if p.grad is not None]
+        params = [p for opt in optimizers for p in opt.parameters() if p.grad is not None]
         if max_norm is None or max_norm <= 0:
             return torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
@@ -440,8 +438,10 @@ class DistAdamW(AdamW):
     parameter (shard_range), then an all-gather puts the whole parameters back on every rank."""
 
     def _buckets(self, order, rank, world_size) -> list:
-        params = [p for group in self.param_groups for p in group["params"]]
-        return [_Bucket("slice", [p], order.get(id(p), 0.0), rank, world_size) for p in params]
+        return [
+            _Bucket("slice", [p], order.get(id(p), 0.0), rank, world_size)
+            for p in self.parameters()
+        ]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -541,7 +541,7 @@ class DistMuon(Muon):
 
 
 def _tag_shards(state_dict: dict, opt, layout: str) -> dict:
-    params = [p for group in opt.param_groups for p in group["params"]]
+    params = opt.parameters()
     state_dict["sharding"] = {
         "layout": layout,
         "world_size": dist.get_world_size(),
@@ -566,7 +566,7 @@ def _own_part(state_dict: dict, opt, layout: str) -> dict:
         return state_dict
     # A single-process state_dict (or one from before sharding: AdamW states whole on every rank,
     # Muon states only on their owners, which are the owners here too)
-    params = [p for group in opt.param_groups for p in group["params"]]
+    params = opt.parameters()
     owned, start = set(), 0  # DistMuon's owners: index i of a group belongs to rank i % world_size
     for group in opt.param_groups:
         owned |= {start + i for i in range(rank, len(group["params"]), world_size)}

@@ -34,7 +34,7 @@ def figures(depth: int, vocab_size: int, world_size: int) -> dict:
         model = GPT(config_from_depth(depth, vocab_size))
     adamw, muon = build_optimizers(model)  # single process: the plain classes, the same groups
     n = world_size
-    adam = [p for g in adamw.param_groups for p in g["params"]]
+    adam = adamw.parameters()
     muon_groups = [g["params"] for g in muon.param_groups]
 
     def nbytes(p, numel=None):

@@ -332,7 +332,7 @@ def test_merged_shards_are_the_state_and_reshard_exactly(monkeypatch):
         },
         "param_groups": [{"params": [0, 1], "lr": 0.1}, {"params": [2, 3], "lr": 0.2}],
     }
-    opt = types.SimpleNamespace(param_groups=[{"params": params[:2]}, {"params": params[2:]}])
+    opt = optim.ParamGroupOptimizer([{"params": params[:2]}, {"params": params[2:]}], {})
     shapes = [list(p.shape) for p in params]
     for world in (1, 2, 3, 8):
         parts = []

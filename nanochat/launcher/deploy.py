@@ -252,18 +252,18 @@ def follow_run(
             offset += len(chunk)
         if code is not None:
             return code
-        if not alive and not seen_gone:
+        if not alive:
+            if seen_gone:
+                check_instance(api, instance_id)  # a run that vanished with its machine
+                raise LaunchError(
+                    f"the run stopped without recording an exit code (tmux session '{session}' "
+                    "is gone)",
+                    EXIT_RUN_FAILED,
+                )
             # Looked at once more before it is called failed: a dying machine may answer one last
             # poll after its processes are gone and before its API knows; the next look then
             # meets an SSH outage, where the API is asked until it says the instance is lost.
             seen_gone = True
-        elif not alive:
-            check_instance(api, instance_id)  # a run that vanished with its machine
-            raise LaunchError(
-                f"the run stopped without recording an exit code (tmux session '{session}' is "
-                "gone)",
-                EXIT_RUN_FAILED,
-            )
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             limit = limit_name or f"--max-hours ({max_seconds / 3600:g} h)"
             raise LaunchError(f"the run exceeded {limit}", EXIT_RUN_FAILED)
