@@ -587,7 +587,8 @@ elif [ "$PROFILE" = cpu ]; then
          --warmdown-ratio 0.3
          --eval-every 250 --save-every 250)
     # RL: the measured setting of docs/rl.md ("What RL does to the CPU profile's model"): 240 steps of 32
-    # questions x 8 samples on fresh synthetic train problems, ~6 min on 2 cores (docs/experiments.md).
+    # questions x 8 samples on fresh synthetic train problems, ~6 min on 2 cores
+    # (docs/experiments.md, "The profile end to end").
     RL=(--aqua-source synthetic --synthetic-difficulty easy --examples-per-step 32 --num-samples 8
         --max-new-tokens 128 --num-steps 240 --init-lr-frac 0.05 --eval-every 80 --eval-problems 200
         --eval-samples 1 --save-every 40)
