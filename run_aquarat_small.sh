@@ -277,9 +277,9 @@ stopped() {
 trap 'stopped SIGINT 130' INT
 trap 'stopped SIGTERM 143' TERM
 
-# The GPUs torch can use; the cpu and smoke profiles never use one, so they skip the question (a
-# torch import: seconds on a laptop).
-if [[ "$PROFILE" == cpu || "$PROFILE" == smoke ]]; then
+# The GPUs torch can use; the cpu and smoke profiles and a --cpu-rehearsal never use one, so they
+# skip the question (a torch import: seconds on a laptop).
+if [[ "$PROFILE" == cpu || "$PROFILE" == smoke || "$REHEARSAL" == 1 ]]; then
     NGPU=0
 else
     NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")

@@ -8,9 +8,13 @@ stage logs in `<base>/runs/<run>/<stage>.jsonl`, only for metrics that were logg
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import math
 import platform
+import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -516,6 +520,35 @@ def markdown_table(columns: list[str], rows: list[dict], max_chars: int = 200) -
     return lines
 
 
+def _nvidia_present() -> bool:
+    """Whether this machine may have an NVIDIA GPU (its driver's device node or tool)."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/dxg")) or bool(
+        shutil.which("nvidia-smi")
+    )
+
+
+def _torch_line() -> str:
+    """The report's torch line. torch is imported only where a GPU may be there to name: on a
+    CPU machine its version is read from its files (the import costs seconds per report)."""
+    if "torch" in sys.modules or _nvidia_present():
+        try:
+            import torch
+        except ImportError:
+            return "- torch: not installed"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = torch.cuda.get_device_name(0) if count else "CPU only"
+        return f"- torch: {torch.__version__}; device: {device} (x{max(count, 1)})"
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "- torch: not installed"
+    found = re.search(
+        r"^__version__\s*=\s*['\"]([^'\"]+)['\"]",
+        (Path(spec.submodule_search_locations[0]) / "version.py").read_text(),
+        re.M,
+    )
+    return f"- torch: {found.group(1) if found else 'unknown'}; device: CPU only (x1)"
+
+
 def _environment() -> str:
     try:
         commit = subprocess.run(
@@ -532,15 +565,7 @@ def _environment() -> str:
         f"- git commit: {commit or 'unknown'}",
         f"- python: {platform.python_version()} on {platform.platform()}",
     ]
-    try:
-        import torch
-
-        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-        lines.append(
-            f"- torch: {torch.__version__}; device: {device} (x{max(torch.cuda.device_count(), 1)})"
-        )
-    except ImportError:
-        pass
+    lines.append(_torch_line())
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,14 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def _rank() -> int:
+    """This process's rank, without importing torch: a process that never imported
+    torch.distributed has no process group, so it is rank 0 (the tokenizer stages and the report
+    then start without torch's seconds of import)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_rank() if dist and dist.is_available() and dist.is_initialized() else 0
+
+
 class Tracker:
     def __init__(
         self,
@@ -169,13 +178,11 @@ class Tracker:
         use_wandb: bool = True,
         base_dir: Path | None = None,
     ):
-        # imported here: the pipeline's `--check-wandb` (below) then starts without torch
-        from nanochat.common import get_rank
         from nanochat.files import get_base_dir
 
         self.stage = stage
         self.run = run
-        self.active = get_rank() == 0
+        self.active = _rank() == 0
         self._wandb_run = None
         self.path = None
         if not self.active:

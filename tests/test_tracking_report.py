@@ -268,6 +268,26 @@ def test_the_pipelines_light_steps_start_without_torch(module):
     assert out.stdout.strip() == "False"
 
 
+def test_a_tracker_and_the_report_header_run_without_torch(tmp_path):
+    """Running them, not only importing them: the tokenizer stages log through a Tracker and the
+    report writes its header; neither imports torch unless a GPU may be there to name (its version
+    is then read from its files, and must be the version torch itself reports)."""
+    import torch
+
+    from nanochat.report import _nvidia_present
+
+    probe = (
+        "import sys; from nanochat.tracking import Tracker; from nanochat.report import "
+        f"_environment; Tracker('probe', use_wandb=False, base_dir={str(tmp_path)!r}); "
+        "header = _environment(); print('torch' in sys.modules); print(header)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    imported, header = out.stdout.split("\n", 1)
+    assert imported == str(_nvidia_present())
+    assert f"- torch: {torch.__version__}; device: " in header
+    assert (tmp_path / "runs" / "local" / "probe.jsonl").exists()
+
+
 def test_report_reads_the_latest_run_of_a_stage_log():
     from nanochat.report import current_rows
 
