@@ -194,8 +194,9 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     assert "another --run NAME" in other_seed.stderr and "--force" in other_seed.stderr
     assert "[pipeline] tokenizer" not in other_seed.stdout and rl_marker.stat().st_mtime_ns == stamp
 
-    # --from eval redoes the three evaluations (and the report) only.
-    redo = run(cmd[2:] + ["--from", "eval"])
+    # --from eval redoes the three evaluations (and the report) only. (--no-wandb changes no
+    # result: the redone evaluations need no W&B, whose start costs seconds a stage.)
+    redo = run(cmd[2:] + ["--from", "eval", "--no-wandb"])
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert "[pipeline] rl: done earlier, skipping" in redo.stdout
     assert all(
@@ -206,10 +207,10 @@ def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     )  # appended by the re-run
 
     # Another run (another seed) in the same base dir trains its own checkpoints and writes its own
-    # report; the first run's state is untouched.
+    # report; the first run's state is untouched. (Without W&B: the smk run covers it.)
     sft_meta = sorted((base_dir / "checkpoints" / "sft" / "smk").glob("step_*/meta.json"))[-1]
     sft_stamp = sft_meta.stat().st_mtime_ns
-    other = run(["--profile", "smoke", "--no-sync", "--run", "smk2", "--seed", "8"])
+    other = run(["--profile", "smoke", "--no-sync", "--no-wandb", "--run", "smk2", "--seed", "8"])
     assert other.returncode == 0, other.stdout[-3000:] + other.stderr[-3000:]
     assert "done earlier" not in other.stdout
     for stage in ["base", "mid", "sft", "rl"]:
@@ -422,9 +423,12 @@ def test_gpu_profile_rehearsed_on_cpu_under_torchrun(base_dir, tmp_path):
                 *sizes,
             ],
             base_dir,
+            # no W&B: this test asserts none of it (the smoke run covers it), and each stage's
+            # start of it costs seconds while the other rank waits
             extra_env={
                 "NANOCHAT_DATASET_BASE_URL": f"http://127.0.0.1:{hub.server_port}",
                 "OMP_NUM_THREADS": "",
+                "WANDB_MODE": "disabled",
             },
         )
     finally:
