@@ -107,6 +107,14 @@ SMOKE_ARGS = [
     "base=--num-iterations 200 --save-every 20",
     "--stage-args",
     "mid=--num-iterations 60 --save-every 10",
+    # W&B (offline: its server is unreachable) in the training stages and the evaluations; the
+    # tokenizer stages and base_loss, which log a few numbers through the same Tracker, skip its
+    # seconds of start-up
+    *[
+        a
+        for s in ("tokenizer", "tok_eval", "base_loss")
+        for a in ("--stage-args", f"{s}=--no-wandb")
+    ],
 ]
 
 

@@ -79,7 +79,7 @@ STAGES = [
 @pytest.mark.xdist_group("smoke_run")  # the worker that builds the shared run
 def test_smoke_profile_runs_every_stage_then_resumes_by_skipping(smoke_run):
     # conftest's smoke_run: interrupted twice, then finished by the same command. Its W&B key has no
-    # server behind it: found out once, up front, and every stage logged offline.
+    # server behind it: found out once, up front, and the stages logged offline.
     base_dir, tree, env, cmd = (
         smoke_run["base"],
         smoke_run["tree"],
