@@ -829,7 +829,9 @@ def _render_doc_problem(conv: dict, rng) -> str:
         )
     if style == 3:
         return f"{question} {rationale.replace(chr(10), ' ')} The answer is {value}."
-    return f"{question}\n" + "\n".join(opts) + f"\n{rationale}\n{answer_line}"
+    # the chat prompt's own text, instruction and all: the tokenizer, trained on this corpus,
+    # then spends a few tokens on the instruction every prompt repeats, not ~30
+    return f"{conv['messages'][0]['content']}\n{rationale}\n{answer_line}"
 
 
 def synthetic_texts(num_docs: int, seed: int = 0, difficulty: str = "mixed") -> Iterator[str]:

@@ -177,3 +177,17 @@ def test_synthetic_texts():
     test_qs = {question_of(c) for c in SyntheticAqua("test", 2000, "mixed")}
     blob = "\n".join(synthetic_texts(300, seed=0))
     assert not [q for q in test_qs if q in blob]
+
+
+def test_a_tokenizer_of_the_corpus_spends_a_token_a_word_on_the_prompts_instruction():
+    """Every chat prompt ends with the same instruction, and the cpu profile's tokenizer is trained
+    on this corpus: were the instruction absent from it, each prompt would spend ~33 tokens on it
+    (a quarter of a mid-training row) instead of one per word and mark."""
+    import re
+
+    from nanochat.tokenizer import Tokenizer
+    from tasks.aqua import AQUA_INSTRUCTION
+
+    tok = Tokenizer.train_from_iterator(synthetic_texts(2000, seed=0), 2048)
+    words_and_marks = re.findall(r"\w+|[^\w\s]", AQUA_INSTRUCTION)
+    assert len(tok.encode(AQUA_INSTRUCTION)) <= len(words_and_marks)
