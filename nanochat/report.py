@@ -541,11 +541,11 @@ def _torch_line() -> str:
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         return "- torch: not installed"
-    found = re.search(
-        r"^__version__\s*=\s*['\"]([^'\"]+)['\"]",
-        (Path(spec.submodule_search_locations[0]) / "version.py").read_text(),
-        re.M,
-    )
+    try:
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
+    except OSError:  # an unusual install: the header says so rather than the report failing
+        text = ""
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
     return f"- torch: {found.group(1) if found else 'unknown'}; device: CPU only (x1)"
 
 
