@@ -16,6 +16,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Started in the background of a non-interactive shell (`cmd &`, nohup), the suite inherits SIGINT
+# ignored, and so would every pipeline it starts: the Ctrl-C tests would then wait for processes
+# that cannot hear it. A terminal's Ctrl-C is what they test, so the default handling comes back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
