@@ -6,10 +6,8 @@ Nothing here knows about models or data; it only answers "where am I running and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import random
-import sys
 import zlib
 from dataclasses import dataclass
 
@@ -72,11 +70,13 @@ class DistInfo:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 CPU_HEAP_KEEP_BYTES = 1 << 30
+GLIBC_MMAP_CAP_BEFORE_2_35 = 32 << 20  # older glibc refuses a larger mmap threshold
 
 
 def keep_freed_memory_for_reuse() -> bool:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back to
-    the kernel. True where that was set (Linux with glibc), False elsewhere (nothing changes).
+    the kernel. True where both thresholds are now 1 GiB (glibc >= 2.35); False elsewhere: older
+    glibc gets what it accepts (an mmap threshold of 32 MiB), other C libraries nothing.
 
     Why: a CPU training step allocates and frees the same large tensors every step (activations,
     the head's logits: 32 MiB at 4,096 rows x a 2,048 vocabulary). By default glibc serves
@@ -84,17 +84,21 @@ def keep_freed_memory_for_reuse() -> bool:
     and trims the heap's free top, so each step the kernel maps and zeroes those pages again:
     ~90,000 page faults a step at the cpu profile's pretraining shape, a quarter of its time
     (docs/experiments.md, "Page faults"). With both thresholds at 1 GiB the memory stays with the
-    process at its peak and is reused. GPU runs allocate their tensors on the device; there this
-    is not called."""
-    if not sys.platform.startswith("linux"):
+    process at its peak and is reused; the cost is that a process keeps its peak heap (plus up to
+    1 GiB free) until it exits. It overrides MALLOC_* / GLIBC_TUNABLES malloc settings. GPU runs
+    allocate their tensors on the device; there this is not called."""
+    try:  # glibc answers this (no subprocess, unlike ctypes.util.find_library); others raise
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (AttributeError, ValueError, OSError):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries without mallopt
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, CPU_HEAP_KEEP_BYTES)
-    return bool(ok and mallopt(_M_TRIM_THRESHOLD, CPU_HEAP_KEEP_BYTES))
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trimmed = mallopt(_M_TRIM_THRESHOLD, CPU_HEAP_KEEP_BYTES)
+    if mallopt(_M_MMAP_THRESHOLD, CPU_HEAP_KEEP_BYTES):
+        return bool(trimmed)
+    mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_CAP_BEFORE_2_35)
+    return False
 
 
 def init_distributed() -> DistInfo:

@@ -16,9 +16,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-# Started in the background of a non-interactive shell (`cmd &`, nohup), the suite inherits SIGINT
-# ignored, and so would every pipeline it starts: the Ctrl-C tests would then wait for processes
-# that cannot hear it. A terminal's Ctrl-C is what they test, so the default handling comes back.
+# Started with `&` from a non-interactive shell (a script, `nohup cmd &`), the suite inherits
+# SIGINT ignored, and so would every pipeline it starts: the Ctrl-C tests would then wait for
+# processes that cannot hear it. A terminal's Ctrl-C is what they test, so Python's default
+# handling comes back (a Ctrl-C at that script then stops the suite too, as in a terminal).
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
