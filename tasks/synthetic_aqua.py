@@ -811,7 +811,8 @@ _INTROS = [
 
 
 def _render_doc_problem(conv: dict, rng) -> str:
-    question = conv["messages"][0]["content"].split("\n\n")[0]
+    prompt = conv["messages"][0]["content"]
+    question = prompt.split("\n\n")[0]
     rationale, answer_line = conv["messages"][1]["content"].rsplit("\n", 1)
     letter = conv["answer"]
     value = conv["options"][AQUA_LETTERS.index(letter)].split(")", 1)[1]
@@ -831,7 +832,7 @@ def _render_doc_problem(conv: dict, rng) -> str:
         return f"{question} {rationale.replace(chr(10), ' ')} The answer is {value}."
     # the chat prompt's own text, instruction and all: the tokenizer, trained on this corpus,
     # then spends a few tokens on the instruction every prompt repeats, not ~30
-    return f"{conv['messages'][0]['content']}\n{rationale}\n{answer_line}"
+    return f"{prompt}\n{rationale}\n{answer_line}"
 
 
 def synthetic_texts(num_docs: int, seed: int = 0, difficulty: str = "mixed") -> Iterator[str]:
